@@ -1,0 +1,61 @@
+"""The ``fastweights`` command. Thin: each subcommand lives in ``fastweights.commands.<name>``
+and exposes ``main(argv) -> int``; experiments live in ``fastweights.experiments.<name>``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from fastweights.errors import FastWeightsError
+
+COMMANDS = {
+    "main": "the README's main job on the embedded default corpus",
+    "experiment": "run a named experiment (fastweights experiment --help lists them)",
+}
+
+
+def _experiments() -> list[str]:
+    import fastweights.experiments as pkg
+
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def _run_experiment(argv: list[str]) -> int:
+    names = _experiments()
+    parser = argparse.ArgumentParser(prog="fastweights experiment", description="Run a named experiment.")
+    parser.add_argument("name", choices=names, help="one of: " + ", ".join(names))
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    args, rest = parser.parse_known_args(argv[:1])
+    mod = importlib.import_module("fastweights.experiments." + args.name.replace("-", "_"))
+    return int(mod.main(argv[1:]) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    available = {name: help for name, help in COMMANDS.items()}
+    parser = argparse.ArgumentParser(prog="fastweights", description="Fast weights for language models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help in available.items():
+        sub.add_parser(name, help=help, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    if argv[0] not in available:
+        parser.parse_args(argv[:1])  # prints the usage error and exits 2
+    try:
+        if argv[0] == "experiment":
+            return _run_experiment(argv[1:])
+        mod = importlib.import_module("fastweights.commands." + argv[0])
+        return int(mod.main(argv[1:]) or 0)
+    except (FastWeightsError, FileNotFoundError, ValueError, KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"fastweights {argv[0]}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, loss by position, retrieval."""

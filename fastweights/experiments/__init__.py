@@ -1,0 +1,1 @@
+"""Experiments reproducing the papers; each module exposes ``main(argv) -> int``."""

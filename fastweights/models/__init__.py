@@ -1,0 +1,1 @@
+"""Model glue and Hugging Face integration."""

@@ -1,0 +1,332 @@
+"""In-Place Test-Time Training: the functional op (SPEC §1, docs/inplace_ttt.md).
+
+One gated MLP's down-projection ``W0`` (d, f) is treated as fast weights. Within a document,
+tokens are cut into chunks of ``C`` tokens aligned to the document start. With
+``z`` (B, N, f) the MLP hidden and ``s`` (B, N, d) the target source:
+
+    t = Conv_K(s)            depthwise, kernel 5, offsets -2..+2, zero outside the chunk
+    v = t @ P                (P used without transpose, as the official code does)
+    ΔW_i = v_iᵀ z_i          (d, f), the update of chunk i
+    W_i = W0 + η Σ_{j<i} ΔW_j      (exclusive prefix: chunk 0 reads W0)
+    o_i = z_i W_iᵀ
+
+Two implementations compute the same function:
+
+* :func:`inplace_ttt_reference`: the sequential semantics that generation uses. Token by
+  token it applies the current weights and buffers the chunk; when the chunk completes it
+  adds the chunk's update.
+* :func:`inplace_ttt_chunked`: the parallel training form. It never builds per-chunk
+  weights. Sequences are cut into blocks of ``block_size`` tokens. Inside a block the
+  update is block-causal linear attention, ``η Σ_j (z_i·z_j) v_j`` over earlier chunks of
+  the same document; between blocks a float32 (d, f) state is carried. Gradients come from
+  autograd.
+
+Document boundaries are given either as ``cu_seqlens`` (K+1,) over the N tokens of a single
+row (B must be 1, the flash-attention convention) or as ``position_ids`` (B, N) that restart
+at 0 at each document start. Position 0 of every row always starts a document.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "KERNEL_SIZE",
+    "chunk_ids",
+    "doc_starts",
+    "inplace_ttt",
+    "inplace_ttt_chunked",
+    "inplace_ttt_reference",
+    "ttt_target",
+]
+
+KERNEL_SIZE = 5
+_HALF = KERNEL_SIZE // 2
+
+
+# --------------------------------------------------------------------------- validation
+def _check_chunk(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    return chunk_size
+
+
+def _conv_2d(conv_weight: torch.Tensor, d: int) -> torch.Tensor:
+    """Accept the conv kernel as (d, 5) or as the Conv1d weight (d, 1, 5); return (d, 5)."""
+    if conv_weight.dim() == 3 and conv_weight.shape[1] == 1:
+        conv_weight = conv_weight[:, 0]
+    if tuple(conv_weight.shape) != (d, KERNEL_SIZE):
+        raise ValueError(
+            f"conv_weight must have shape ({d}, {KERNEL_SIZE}) or ({d}, 1, {KERNEL_SIZE}), "
+            f"got {tuple(conv_weight.shape)}"
+        )
+    return conv_weight
+
+
+def _check_inputs(z, s, w0, conv_weight, proj, lr):
+    if z.dim() != 3 or s.dim() != 3:
+        raise ValueError(f"z and s must be (B, N, f) and (B, N, d), got {tuple(z.shape)} and {tuple(s.shape)}")
+    B, N, f = z.shape
+    if s.shape[:2] != (B, N):
+        raise ValueError(f"z {tuple(z.shape)} and s {tuple(s.shape)} must share (B, N)")
+    d = s.shape[2]
+    if tuple(w0.shape) != (d, f):
+        raise ValueError(f"w0 must have shape (d, f) = ({d}, {f}), got {tuple(w0.shape)}")
+    if proj is not None and tuple(proj.shape) != (d, d):
+        raise ValueError(f"proj must have shape ({d}, {d}), got {tuple(proj.shape)}")
+    if not torch.is_tensor(lr) and not math.isfinite(float(lr)):
+        raise ValueError(f"lr must be finite, got {lr!r}")
+    return B, N, d, f, _conv_2d(conv_weight, d)
+
+
+# --------------------------------------------------------------------------- documents
+def doc_starts(
+    batch: int,
+    seqlen: int,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Boolean (B, N) mask of document starts; column 0 is always a start.
+
+    ``cu_seqlens`` (K+1,) int: cumulative document lengths of one row (requires B == 1),
+    starting at 0 and ending at N. ``position_ids`` (B, N) or (1, N): a document starts
+    wherever the position is 0.
+    """
+    if cu_seqlens is not None and position_ids is not None:
+        raise ValueError("give document boundaries as cu_seqlens or position_ids, not both")
+    starts = torch.zeros(batch, seqlen, dtype=torch.bool, device=device)
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.long).flatten()
+        if batch != 1:
+            raise ValueError(f"cu_seqlens needs batch size 1 (packed into one row), got batch {batch}")
+        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != seqlen or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing, start at 0 and end at N={seqlen}, got {cu.tolist()}"
+            )
+        inner = cu[:-1][cu[:-1] < seqlen]
+        starts[0, inner] = True
+    elif position_ids is not None:
+        pos = position_ids.to(device)
+        if pos.dim() == 1:
+            pos = pos.unsqueeze(0)
+        if pos.shape[-1] != seqlen or pos.shape[0] not in (1, batch):
+            raise ValueError(f"position_ids must be (B, N) = ({batch}, {seqlen}), got {tuple(position_ids.shape)}")
+        starts |= (pos == 0).expand(batch, seqlen)
+    if seqlen:
+        starts[:, 0] = True
+    return starts
+
+
+def chunk_ids(starts: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token chunk ids from a (B, N) document-start mask.
+
+    Returns ``(g, g0)``, both (B, N) long: ``g`` numbers the chunks of a row in order (chunks
+    are aligned to their document's start), ``g0`` is the id of the first chunk of the
+    token's document. Token k feeds the update seen by token q iff ``g0[q] <= g[k] < g[q]``.
+    """
+    B, N = starts.shape
+    ar = torch.arange(N, device=starts.device).expand(B, N)
+    start_pos = torch.cummax(torch.where(starts, ar, torch.zeros_like(ar)), dim=1).values
+    in_doc = ar - start_pos
+    new_chunk = starts | (in_doc % chunk_size == 0)
+    g = torch.cumsum(new_chunk.long(), dim=1) - 1
+    g0 = torch.cummax(torch.where(starts, g, torch.zeros_like(g)), dim=1).values
+    return g, g0
+
+
+# --------------------------------------------------------------------------- target
+def ttt_target(s: torch.Tensor, conv_weight: torch.Tensor, proj: torch.Tensor | None, g: torch.Tensor):
+    """The next-token aligned target ``v = Conv_K(s) @ P`` (B, N, d).
+
+    The depthwise conv (kernel 5, centred) sees only tokens of the same chunk (``g`` equal);
+    everything outside the chunk counts as zero.
+    """
+    B, N, d = s.shape
+    w = _conv_2d(conv_weight, d).to(s.dtype)
+    t = s * w[:, _HALF]
+    for off in range(-_HALF, _HALF + 1):
+        if off == 0 or abs(off) >= N:
+            continue
+        if off > 0:  # token n reads n + off
+            shifted = F.pad(s[:, off:], (0, 0, 0, off))
+            same = F.pad(g[:, off:] == g[:, :-off], (0, off), value=False)
+        else:
+            shifted = F.pad(s[:, :off], (0, 0, -off, 0))
+            same = F.pad(g[:, -off:] == g[:, :off], (-off, 0), value=False)
+        t = t + shifted * same.unsqueeze(-1).to(s.dtype) * w[:, off + _HALF]
+    return t if proj is None else t @ proj.to(t.dtype)
+
+
+# --------------------------------------------------------------------------- reference
+def inplace_ttt_reference(
+    z: torch.Tensor,
+    s: torch.Tensor,
+    w0: torch.Tensor,
+    conv_weight: torch.Tensor,
+    proj: torch.Tensor | None,
+    lr,
+    chunk_size: int,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sequential In-Place TTT, one token at a time, as in generation. Returns o (B, N, d).
+
+    Each row keeps one (d, f) state (float64 for float64 inputs, else float32). A token is
+    multiplied by the current weights on arrival; its ``z`` and ``s`` are buffered; when the
+    chunk is full, or the document ends, the chunk's target is computed from the buffer and
+    ``W += η vᵀ z``. A document start resets the state to ``W0``.
+    """
+    chunk_size = _check_chunk(chunk_size)
+    B, N, d, f, w = _check_inputs(z, s, w0, conv_weight, proj, lr)
+    starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=z.device)
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    w0a, wa = w0.to(acc), w.to(acc)
+    pa = None if proj is None else proj.to(acc)
+    rows = []
+    for b in range(B):
+        outs = []
+        W = w0a
+        buf_z, buf_s = [], []
+        for n in range(N):
+            if starts[b, n]:
+                W, buf_z, buf_s = w0a, [], []
+            zt, st = z[b, n].to(acc), s[b, n].to(acc)
+            outs.append(W @ zt)
+            buf_z.append(zt)
+            buf_s.append(st)
+            doc_ends = n + 1 == N or bool(starts[b, n + 1])
+            if len(buf_z) == chunk_size or doc_ends:
+                L = len(buf_s)
+                t_rows = []
+                for c in range(L):  # centred conv, zero outside the chunk
+                    tc = torch.zeros(d, dtype=acc, device=z.device)
+                    for k in range(KERNEL_SIZE):
+                        j = c + k - _HALF
+                        if 0 <= j < L:
+                            tc = tc + wa[:, k] * buf_s[j]
+                    t_rows.append(tc)
+                t = torch.stack(t_rows)
+                v = t if pa is None else t @ pa
+                W = W + lr * (v.T @ torch.stack(buf_z))
+                buf_z, buf_s = [], []
+        rows.append(torch.stack(outs) if outs else z.new_zeros(0, d, dtype=acc))
+    return torch.stack(rows).to(z.dtype)
+
+
+# --------------------------------------------------------------------------- chunked
+def default_block_size(d: int, f: int, chunk_size: int) -> int:
+    """Tokens per block: ~sqrt(2·d·f) balances the (L, L) attention and the (d, f) states."""
+    return max(chunk_size, int(math.sqrt(2 * d * f)))
+
+
+def inplace_ttt_chunked(
+    z: torch.Tensor,
+    s: torch.Tensor,
+    w0: torch.Tensor,
+    conv_weight: torch.Tensor,
+    proj: torch.Tensor | None,
+    lr,
+    chunk_size: int,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Parallel In-Place TTT for training; autograd gives every gradient. Returns o (B, N, d).
+
+    ``o = z W0ᵀ + η · u`` where ``u`` is accumulated in float32 (float64 for float64
+    inputs). Per block of ``block_size`` tokens, ``u`` is block-causal linear attention over
+    the block plus the carried states of the block's open document:
+
+        S_full: the sum of vᵀz over chunks of that document that end before the block's
+                first chunk; S_open: the part of the straddling chunk read so far.
+
+    Memory: two (B, d, f) states per block and one (B, L, L) score matrix, never per chunk.
+    """
+    chunk_size = _check_chunk(chunk_size)
+    B, N, d, f, w = _check_inputs(z, s, w0, conv_weight, proj, lr)
+    starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=z.device)
+    g, g0 = chunk_ids(starts, chunk_size)
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+
+    base = F.linear(z, w0.to(z.dtype))
+    if N == 0:
+        return base
+    v = ttt_target(s.to(acc), w.to(acc), None if proj is None else proj.to(acc), g)
+    za = z.to(acc)
+    L = default_block_size(d, f, chunk_size) if block_size is None else int(block_size)
+    if L < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size!r}")
+
+    outs = []
+    s_full = s_open = None  # (B, d, f) carried states
+    g_last = g0_last = None  # (B,) chunk id and doc-start id of the last token before the block
+    for lo in range(0, N, L):
+        hi = min(lo + L, N)
+        zb, vb, gb, g0b = za[:, lo:hi], v[:, lo:hi], g[:, lo:hi], g0[:, lo:hi]
+        # intra-block: token k feeds q iff g0[q] <= g[k] < g[q]
+        mask = (gb.unsqueeze(1) < gb.unsqueeze(2)) & (gb.unsqueeze(1) >= g0b.unsqueeze(2))
+        scores = torch.matmul(zb, zb.transpose(1, 2)) * mask.to(acc)
+        u = torch.matmul(scores, vb)
+        if s_full is not None:
+            same_doc = (g0b == g0_last.unsqueeze(1)).to(acc).unsqueeze(-1)  # (B, l, 1)
+            later = (gb > g_last.unsqueeze(1)).to(acc).unsqueeze(-1)
+            u = u + same_doc * torch.matmul(zb, s_full.transpose(1, 2))
+            u = u + same_doc * later * torch.matmul(zb, s_open.transpose(1, 2))
+        if hi < N:  # carry the state of the document open at the block's end
+            g_new, g0_new = gb[:, -1], g0b[:, -1]
+            m_full = ((gb >= g0_new.unsqueeze(1)) & (gb < g_new.unsqueeze(1))).to(acc).unsqueeze(-1)
+            m_open = (gb == g_new.unsqueeze(1)).to(acc).unsqueeze(-1)
+            new_full = torch.matmul((vb * m_full).transpose(1, 2), zb)
+            new_open = torch.matmul((vb * m_open).transpose(1, 2), zb)
+            if s_full is not None:
+                same = (g0_new == g0_last).to(acc).view(B, 1, 1)
+                adv = (g_new > g_last).to(acc).view(B, 1, 1)
+                new_full = new_full + same * (s_full + adv * s_open)
+                new_open = new_open + same * (1 - adv) * s_open
+            s_full, s_open, g_last, g0_last = new_full, new_open, g_new, g0_new
+        outs.append(u)
+    u = torch.cat(outs, dim=1)
+    return (base.to(acc) + lr * u).to(z.dtype)
+
+
+# --------------------------------------------------------------------------- dispatch
+def inplace_ttt(
+    z: torch.Tensor,
+    s: torch.Tensor,
+    w0: torch.Tensor,
+    conv_weight: torch.Tensor,
+    proj: torch.Tensor | None,
+    lr,
+    chunk_size: int,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """In-Place TTT MLP output o (B, N, d); see the module docstring for the equations.
+
+    Args:
+        z: (B, N, f) MLP hidden ``act(x W_gateᵀ) * (x W_upᵀ)``.
+        s: (B, N, d) target source (token embeddings or the MLP input).
+        w0: (d, f) slow down-projection (``down_proj.weight``).
+        conv_weight: (d, 5) or (d, 1, 5) depthwise conv kernel.
+        proj: (d, d) target projection P, or None for the identity.
+        lr: inner learning rate η (float or 0-d tensor).
+        chunk_size: C >= 1.
+        cu_seqlens / position_ids: optional document boundaries (module docstring).
+        impl: ``"auto"`` | ``"chunked"`` | ``"reference"``.
+    """
+    if impl in ("auto", "chunked"):
+        fn = inplace_ttt_chunked
+    elif impl == "reference":
+        fn = inplace_ttt_reference
+    else:
+        raise ValueError(f"impl must be 'auto', 'chunked' or 'reference', got {impl!r}")
+    return fn(z, s, w0, conv_weight, proj, lr, chunk_size, cu_seqlens=cu_seqlens, position_ids=position_ids)

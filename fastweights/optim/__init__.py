@@ -1,0 +1,1 @@
+"""Optimisers for slow and fast weights."""
