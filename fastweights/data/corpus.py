@@ -99,7 +99,8 @@ def _python_documents() -> list[tuple[str, Path, list[Path]]]:
     return units
 
 
-def _read_python_doc(root: Path, files: list[Path], max_doc_bytes: int) -> str:
+def _read_python_doc(root: Path, files: list[Path], max_doc_bytes: int) -> tuple[str, int]:
+    """The document text and the number of files in it."""
     parts, size = [], 0
     for f in files:
         text = f.read_bytes().decode("utf-8", errors="replace")
@@ -110,7 +111,11 @@ def _read_python_doc(root: Path, files: list[Path], max_doc_bytes: int) -> str:
             break
         parts.append(part)
         size += len(part.encode())
-    return "".join(parts)
+    return "".join(parts), len(parts)
+
+
+def _sample_key(name: str) -> bytes:
+    return hashlib.sha256(b"sample:" + name.encode()).digest()
 
 
 def _user_documents(root: Path, text_field: str) -> list[Document]:
@@ -164,7 +169,8 @@ def build_corpus(
         max_doc_bytes: if > 0, a default-corpus document stops before the file that would
             take it past this many bytes (it keeps at least one file).
         max_bytes: if > 0, keep documents in order of a hash of their name (independent of
-            the split hash) until this many bytes:
+            the split hash) until this many bytes (for the default corpus, counted from file
+            sizes before reading):
             a deterministic sample of the corpus.
         text_field: the JSONL field / parquet column holding the text.
     """
@@ -172,10 +178,19 @@ def build_corpus(
         raise FastWeightsError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if source == "python":
         units = _python_documents()
-        docs = [
-            Document(name, _read_python_doc(root, files, max_doc_bytes), len(files))
-            for name, root, files in tqdm(units, desc="reading Python sources", unit="doc")
-        ]
+        if max_bytes:  # choose the sample from file sizes, then read only what it keeps
+            keep, total = set(), 0
+            for name, _, files in sorted(units, key=lambda u: _sample_key(u[0])):
+                if total >= max_bytes:
+                    break
+                keep.add(name)
+                size = sum(f.stat().st_size for f in files)
+                total += min(size, max_doc_bytes) if max_doc_bytes else size
+            units = [u for u in units if u[0] in keep]
+        docs = []
+        for name, root, files in tqdm(units, desc="reading Python sources", unit="doc"):
+            text, nfiles = _read_python_doc(root, files, max_doc_bytes)
+            docs.append(Document(name, text, nfiles))
     else:
         root = Path(source)
         if not root.exists():
@@ -184,8 +199,8 @@ def build_corpus(
             raise FastWeightsError(f"corpus source must be 'python' or a directory, got the file {source}")
         docs = _user_documents(root, text_field)
     docs = [d for d in docs if d.text]
-    if max_bytes:
-        by_hash = sorted(docs, key=lambda d: hashlib.sha256(b"sample:" + d.name.encode()).digest())
+    if max_bytes and source != "python":
+        by_hash = sorted(docs, key=lambda d: _sample_key(d.name))
         keep, total = set(), 0
         for d in by_hash:
             if total >= max_bytes:

@@ -203,7 +203,8 @@ def train(cfg: TrainConfig) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     emb = model.get_input_embeddings().weight.numel()
     c = model.config
-    flops_per_token = 6 * (n_params - emb + c.vocab_size * c.hidden_size) + 12 * c.num_hidden_layers * c.hidden_size * cfg.seq_len
+    flops_per_token = 6 * (n_params - emb + c.vocab_size * c.hidden_size)  # matmuls, lm_head included
+    flops_per_token += 12 * c.num_hidden_layers * c.hidden_size * cfg.seq_len  # attention scores
     peak = peak_flops(device)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.accum
     tb = None
@@ -227,7 +228,8 @@ def train(cfg: TrainConfig) -> dict:
                 batch = {k: v.to(device) for k, v in rows.batch(rows_done, cfg.batch_size).items()}
                 rows_done += cfg.batch_size
                 with autocast:
-                    logits = fwd(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+                    ids, pos = batch["input_ids"], batch["position_ids"]
+                    logits = fwd(input_ids=ids, position_ids=pos, use_cache=False).logits
                 loss = causal_lm_loss(logits, batch["targets"])
                 if not torch.isfinite(loss):
                     bar.close()
@@ -275,6 +277,9 @@ def train(cfg: TrainConfig) -> dict:
     bar.close()
     if tb is not None:
         tb.close()
+    if math.isnan(loss_value) and metrics_path.exists():  # resumed a finished run
+        lines = metrics_path.read_text().splitlines()
+        loss_value = json.loads(lines[-1])["loss"] if lines else loss_value
     model.save_pretrained(out / "model")
     ds.tokenizer().save_pretrained(out / "model")
     return {"out": str(out), "model": str(out / "model"), "steps": step, "loss": loss_value,
