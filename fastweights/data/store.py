@@ -66,6 +66,8 @@ class Dataset:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if not self.path.exists():
+            raise FastWeightsError(f"dataset directory not found: {self.path}")
         if not (self.path / "meta.json").exists():
             raise FastWeightsError(f"not a prepared dataset (no meta.json): {self.path}; run `fastweights prepare`")
         self.meta = json.loads((self.path / "meta.json").read_text())

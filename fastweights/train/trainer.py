@@ -168,6 +168,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg.device)
+    resolve_model(cfg.model)  # a bad model name fails before any work
     ds = Dataset(cfg.data)
     rows = PackedRows(ds.split("train"), cfg.seq_len, seed=cfg.seed)
     out = Path(cfg.out)

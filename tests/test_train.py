@@ -1,0 +1,158 @@
+"""fastweights.train: exact resume after a killed subprocess, non-finite loss, checkpoints,
+fast-weight-only training; and packed rows in transformers attention + In-Place TTT."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pipeline_helpers import prepare_args, train_args, write_corpus
+
+from fastweights.commands.prepare import PrepareConfig, prepare
+from fastweights.config import parse
+from fastweights.data.packing import row_fields
+from fastweights.errors import FastWeightsError
+from fastweights.models import convert, ttt_parameters
+from fastweights.models.presets import build_model
+from fastweights.train.trainer import TrainConfig, train, warmup_cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FASTWEIGHTS_CACHE", str(root / "cache"))
+    ds = prepare(parse(PrepareConfig, prepare_args(write_corpus(root / "corpus"), root / "data"), "t", ""))
+    yield ds.path
+    mp.undo()
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def _train(argv):
+    threads = torch.get_num_threads()
+    try:
+        return train(parse(TrainConfig, argv, "t", ""))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_resume_after_kill_is_bitwise_exact(data, tmp_path):
+    steps = 16
+    args = train_args(data, tmp_path / "killed", steps=steps, save_every=3)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FASTWEIGHTS_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-m", "fastweights", "train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "killed" / "checkpoints" / "step-00000006"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    done = max(_losses(tmp_path / "killed"))
+    assert 6 <= done < steps
+    resumed = subprocess.run([sys.executable, "-m", "fastweights", "train", *args, "--resume"], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref = _train(train_args(data, tmp_path / "ref", steps=steps, save_every=3))
+    a, b = _losses(tmp_path / "killed"), _losses(tmp_path / "ref")
+    assert sorted(a) == list(range(1, steps + 1)) == sorted(b)
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]][:3]
+    assert ref["loss"] == a[steps]
+
+
+def test_checkpoints_are_safetensors_and_json_and_pruned(data, tmp_path):
+    run = tmp_path / "run"
+    _train(train_args(data, run, steps=6, save_every=2, keep=2))
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step-00000004", "step-00000006"]
+    files = sorted(p.name for p in (run / "checkpoints" / ckpts[-1]).iterdir())
+    assert files == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    state = json.loads((run / "checkpoints" / ckpts[-1] / "state.json").read_text())
+    assert state["step"] == 6 and state["rows"] == 6 * 2
+    assert (run / "model" / "config.json").exists() and (run / "model" / "tokenizer.json").exists()
+    with pytest.raises(FastWeightsError, match="already has checkpoints"):
+        _train(train_args(data, run, steps=8))
+
+
+def test_non_finite_loss_stops_naming_the_step(data, tmp_path):
+    run = tmp_path / "nan"
+    with pytest.raises(FastWeightsError, match=r"non-finite .* at step (\d+)") as err:
+        _train(train_args(data, run, steps=20, save_every=1, lr=1e30, warmup=1, clip=0))
+    step = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir()) if step > 1 else []
+    if step > 1:
+        assert ckpts[-1] == f"step-{step - 1:08d}"
+        assert f"step-{step - 1:08d}" in err.value.args[0]
+    assert not (run / "model").exists()
+
+
+def test_train_only_fast_weights(data, tmp_path):
+    run = tmp_path / "fast"
+    _train(train_args(data, run, steps=3, trainable="fast", lr=1e-2, ttt_chunk=16))
+    from fastweights.models.presets import load_model
+
+    trained = load_model(run / "model")
+    init = build_model("tiny", trained.config.vocab_size, max_position_embeddings=4096, seed=0)
+    convert(init, layers=[0, 2], chunk_size=16, lr=3.0, target="embed")
+    a, b = dict(trained.named_parameters()), dict(init.named_parameters())
+    fast = {n for n, _ in ttt_parameters(trained)}
+    assert fast
+    for n, p in a.items():
+        if n in fast and "ttt_conv" in n:
+            assert not torch.equal(p, b[n]), n
+        elif n not in fast:
+            assert torch.equal(p, b[n]), n
+
+
+def test_warmup_cosine():
+    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def _packed_vs_separate(model, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in lengths]
+    toks = torch.cat(docs + [torch.zeros(1, dtype=torch.long)]).numpy()
+    ids = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)] + [np.array([len(lengths)])])
+    f = {k: torch.from_numpy(v)[None] for k, v in row_fields(toks, ids).items()}
+    with torch.no_grad():
+        packed = model(input_ids=f["input_ids"], position_ids=f["position_ids"], use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=d[None], use_cache=False).logits[0] for d in docs])
+    return ((packed - alone).norm() / alone.norm()).item()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("ttt", [False, True])
+def test_packed_rows_equal_documents_alone(attn, ttt):
+    """transformers resets attention at position_ids == 0 (attention_mask None, no cache), and
+    converted layers reset their fast weights there: a packed row equals its documents."""
+    model = build_model("tiny", 101, seed=1).eval()
+    model.config._attn_implementation = attn
+    if ttt:
+        convert(model, layers=[0, 2], chunk_size=8, lr=1.0, target="embed")
+        with torch.no_grad():
+            for n, p in ttt_parameters(model):
+                if "ttt_conv" in n:
+                    p.normal_(0, 0.5)
+    assert _packed_vs_separate(model, [13, 1, 30, 22]) < 1e-5
+    # a sanity check that the comparison can fail: without resets the documents mix
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 101, (1, 40), generator=g)
+    with torch.no_grad():
+        whole = model(input_ids=x, use_cache=False).logits[0, 20:]
+        tail = model(input_ids=x[:, 20:], use_cache=False).logits[0]
+    assert ((whole - tail).norm() / tail.norm()).item() > 1e-3
