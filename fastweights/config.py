@@ -65,7 +65,8 @@ def _coerce(name: str, value, field_type, source: str):
             raise TypeError
         return elem(value)
     except (TypeError, ValueError):
-        raise FastWeightsError(f"{source}: option {name!r} must be {getattr(elem, '__name__', elem)}, got {value!r}") from None
+        kind = getattr(elem, "__name__", elem)
+        raise FastWeightsError(f"{source}: option {name!r} must be {kind}, got {value!r}") from None
 
 
 def parse(cls, argv: list[str], prog: str, description: str):

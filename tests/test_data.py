@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 from pipeline_helpers import write_corpus
 
-from fastweights.data import IGNORE, Dataset, PackedRows, build_corpus, long_rows, row_fields, tokenize_corpus, train_bpe
+from fastweights.data import (
+    IGNORE,
+    Dataset,
+    PackedRows,
+    build_corpus,
+    long_rows,
+    row_fields,
+    tokenize_corpus,
+    train_bpe,
+)
 from fastweights.data.corpus import python_sources, split_of
 from fastweights.errors import FastWeightsError
 

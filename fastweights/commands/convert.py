@@ -39,5 +39,6 @@ def main(argv: list[str]) -> int:
         from fastweights.data.tokenizer import load_tokenizer
 
         load_tokenizer(src).save_pretrained(cfg.out)
-    print(f"converted layers {model.config.ttt_layers} (chunk {cfg.chunk_size}, lr {cfg.lr}, target {cfg.target}) -> {cfg.out}")
+    print(f"converted layers {model.config.ttt_layers} (chunk {cfg.chunk_size}, lr {cfg.lr}, "
+          f"target {cfg.target}) -> {cfg.out}")
     return 0

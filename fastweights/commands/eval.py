@@ -15,7 +15,7 @@ from fastweights.eval.lm import loss_by_position, perplexity
 from fastweights.eval.passkey import passkey_eval
 from fastweights.eval.plot import plot_passkey
 from fastweights.models.presets import load_model
-from fastweights.train.trainer import _device
+from fastweights.train.trainer import pick_device, set_threads
 
 
 def _opt(help: str, default=None, factory=None):
@@ -41,6 +41,7 @@ class EvalConfig:
     png: str = _opt("passkey heatmap PNG (default: next to --out)", "")
     device: str = _opt("auto, cpu or cuda[:i]", "auto")
     seed: int = _opt("seed for passkey sampling", 0)
+    threads: int = _opt("torch CPU threads (0: auto, see `fastweights train --help`)", 0)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -48,7 +49,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not cfg.model or not cfg.data:
         raise FastWeightsError("pass --model DIR and --data DIR")
     ds = Dataset(cfg.data)
-    model = load_model(cfg.model).to(_device(cfg.device))
+    device = pick_device(cfg.device)
+    set_threads(cfg.threads, device)
+    model = load_model(cfg.model).to(device)
     val = ds.split("val")
     res: dict = {"model": str(cfg.model), "data": str(cfg.data)}
     res["perplexity"] = perplexity(model, val, cfg.seq_len, cfg.batch_size, cfg.ppl_rows or None)
@@ -73,7 +76,8 @@ def main(argv: list[str]) -> int:
     p = res["perplexity"]
     print(f"perplexity {p['perplexity']:.3f} (loss {p['loss']:.4f}, {p['tokens']} tokens)")
     for b in res["loss_by_position"]["buckets"]:
-        print(f"  positions {b['start']:>6}-{b['end']:<6} loss {b['loss'] if b['loss'] is None else round(b['loss'], 4)}")
+        loss = "-" if b["loss"] is None else f"{b['loss']:.4f}"
+        print(f"  positions {b['start']:>6}-{b['end']:<6} loss {loss}")
     if "passkey" in res:
         print(f"passkey accuracy {res['passkey']['accuracy']} -> {res['passkey']['png']}")
     print(f"wrote {res['out']}")

@@ -10,7 +10,7 @@ from fastweights.config import parse
 from fastweights.data.tokenizer import load_tokenizer
 from fastweights.errors import FastWeightsError
 from fastweights.models.presets import load_model
-from fastweights.train.trainer import _device
+from fastweights.train.trainer import pick_device
 
 
 def _opt(help: str, default):
@@ -34,7 +34,7 @@ def generate(cfg: GenerateConfig) -> str:
 
     if not cfg.model:
         raise FastWeightsError("pass --model DIR")
-    model = load_model(cfg.model).to(_device(cfg.device)).eval()
+    model = load_model(cfg.model).to(pick_device(cfg.device)).eval()
     tok = load_tokenizer(cfg.model)
     ids = tok(cfg.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
     if ids.shape[1] == 0:

@@ -33,7 +33,8 @@ DEFAULTS = {
     "tiny": dict(max_mb=12, max_doc_kb=128, vocab_size=2048, seq_len=1024, batch_size=4, steps=150, lr=3e-3,
                  warmup=15, eval_length=2048, first_bucket=256, max_docs=8, ppl_rows=32, passkey_lengths=[]),
     "20m": dict(max_mb=0, max_doc_kb=0, vocab_size=16384, seq_len=2048, batch_size=16, steps=1000, lr=1.5e-3,
-                warmup=50, eval_length=8192, first_bucket=1024, max_docs=32, ppl_rows=256, passkey_lengths=[1024, 2048, 4096]),
+                warmup=50, eval_length=8192, first_bucket=1024, max_docs=32, ppl_rows=256,
+                passkey_lengths=[1024, 2048, 4096]),
     "60m": dict(max_mb=0, max_doc_kb=0, vocab_size=16384, seq_len=4096, batch_size=16, steps=3000, lr=1e-3,
                 warmup=100, eval_length=16384, first_bucket=1024, max_docs=64, ppl_rows=256,
                 passkey_lengths=[1024, 2048, 4096, 8192]),
@@ -68,7 +69,7 @@ class MainConfig:
     passkey_lengths: list[int] | None = _opt("passkey context lengths (default: the size's; tiny: none)", None)
     device: str = _opt("auto, cpu or cuda[:i]", "auto")
     compile: bool = _opt("torch.compile the models", False)
-    threads: int = _opt("torch CPU threads (0: torch's default)", 0)
+    threads: int = _opt("torch CPU threads (0: auto, see `fastweights train --help`)", 0)
     seed: int = _opt("seed (model init and data order, shared by both runs)", 0)
     progress: bool = _opt("progress bars", True)
 
@@ -108,10 +109,12 @@ def run(cfg: MainConfig) -> dict:
         ec = EvalConfig(model=summary["model"], data=str(ds.path), out=str(out / name / "eval.json"),
                         seq_len=s["seq_len"], ppl_rows=s["ppl_rows"], length=s["eval_length"],
                         first_bucket=s["first_bucket"], max_docs=s["max_docs"],
-                        passkey_lengths=s["passkey_lengths"], device=cfg.device, seed=cfg.seed)
+                        passkey_lengths=s["passkey_lengths"], device=cfg.device, seed=cfg.seed,
+                        threads=cfg.threads)
         with torch.inference_mode():
             runs[name] = {"train": summary, "eval": evaluate(ec)}
-    png = plot_position_losses([(k, v["eval"]["loss_by_position"]) for k, v in runs.items()], out / "loss_by_position.png",
+    curves = [(k, v["eval"]["loss_by_position"]) for k, v in runs.items()]
+    png = plot_position_losses(curves, out / "loss_by_position.png",
                                title=f"{cfg.size}: loss by position, with and without In-Place TTT")
     result = {"config": asdict(cfg), "settings": s, "plot": str(png), "seconds": time.perf_counter() - t0, "runs": runs}
     (out / "summary.json").write_text(json.dumps(result, indent=2))
@@ -128,7 +131,8 @@ def table(result: dict) -> str:
         r = result["runs"][n]
         rows.append([n, f"{r['train']['parameters'] / 1e6:.2f}M", f"{r['train']['loss']:.3f}",
                      f"{r['eval']['perplexity']['perplexity']:.2f}"]
-                    + ["-" if b["loss"] is None else f"{b['loss']:.3f}" for b in r["eval"]["loss_by_position"]["buckets"]])
+                    + ["-" if b["loss"] is None else f"{b['loss']:.3f}"
+                       for b in r["eval"]["loss_by_position"]["buckets"]])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)) for line in [head, *rows]]
     return "\n".join(lines)

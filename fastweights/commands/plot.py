@@ -41,6 +41,7 @@ def main(argv: list[str]) -> int:
     if cfg.labels and len(cfg.labels) != len(cfg.inputs):
         raise FastWeightsError(f"got {len(cfg.labels)} labels for {len(cfg.inputs)} inputs")
     labels = cfg.labels or [Path(p).parent.name + "/" + Path(p).stem for p in cfg.inputs]
-    out = plot_position_losses([(lab, load_result(p)) for lab, p in zip(labels, cfg.inputs, strict=True)], cfg.out, cfg.title)
+    curves = [(lab, load_result(p)) for lab, p in zip(labels, cfg.inputs, strict=True)]
+    out = plot_position_losses(curves, cfg.out, cfg.title)
     print(f"wrote {out}")
     return 0

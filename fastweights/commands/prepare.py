@@ -18,7 +18,8 @@ def _opt(help: str, default):
 
 @dataclass
 class PrepareConfig:
-    corpus: str = _opt("'python' (the interpreter's stdlib + site-packages) or a directory of .txt/.jsonl/.parquet", "python")
+    corpus: str = _opt("'python' (the interpreter's stdlib + site-packages) or a directory of "
+                       ".txt/.jsonl/.parquet files", "python")
     out: str = _opt("dataset directory (default: <cache>/datasets/<corpus>-<tokenizer> key)", "")
     tokenizer: str = _opt("'bpe' (train a byte-level BPE) or a local Hugging Face model/tokenizer directory", "bpe")
     vocab_size: int = _opt("BPE vocabulary size", 4096)
@@ -47,5 +48,6 @@ def main(argv: list[str]) -> int:
     ds = prepare(cfg)
     m = ds.meta
     print(f"dataset: {ds.path}")
-    print(json.dumps({"manifest": m["manifest"], "vocab_size": m["tokenizer"]["vocab_size"], "splits": m["splits"]}, indent=2))
+    info = {"manifest": m["manifest"], "vocab_size": m["tokenizer"]["vocab_size"], "splits": m["splits"]}
+    print(json.dumps(info, indent=2))
     return 0

@@ -89,7 +89,8 @@ def _python_documents() -> list[tuple[str, Path, list[Path]]]:
     units = []
     for label, root in python_sources():
         for entry in sorted(root.iterdir()):
-            if entry.name in _SKIP_DIRS or entry.name.startswith(".") or entry.name.endswith((".dist-info", ".egg-info")):
+            skip = entry.name.startswith(".") or entry.name.endswith((".dist-info", ".egg-info"))
+            if skip or entry.name in _SKIP_DIRS:
                 continue
             if entry.is_file() and entry.suffix != ".py":
                 continue

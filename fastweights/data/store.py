@@ -156,7 +156,9 @@ def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tok
         ds = Dataset(out)
         if ds.meta.get("key") == key:
             return ds
-        raise FastWeightsError(f"{out} holds another dataset (key {ds.meta.get('key')}, want {key}); pick another --out")
+        raise FastWeightsError(
+            f"{out} holds another dataset (key {ds.meta.get('key')}, want {key}); pick another --out"
+        )
     vocab = len(tokenizer)
     dtype = "uint16" if vocab <= 1 << 16 else "uint32"
     tmp = out.with_name(out.name + ".tmp")

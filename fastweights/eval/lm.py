@@ -23,7 +23,8 @@ def token_losses(model, fields: dict[str, torch.Tensor]) -> torch.Tensor:
 
     device = next(model.parameters()).device
     f = {k: v.to(device) for k, v in fields.items()}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    on_gpu = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
     with autocast:
         logits = model(input_ids=f["input_ids"], position_ids=f["position_ids"], use_cache=False).logits
     return causal_lm_loss(logits, f["targets"], reduction="none")
@@ -86,7 +87,8 @@ def loss_by_position(model, store: TokenStore, length: int, first_bucket: int = 
         ndocs += 1
     if ndocs == 0:
         raise FastWeightsError(
-            f"no validation document has {min_length or length} tokens: lower --length or use a corpus with longer documents"
+            f"no validation document has {min_length or length} tokens: "
+            "lower --length or use a corpus with longer documents"
         )
     buckets = [
         {"start": edges[b], "end": edges[b + 1], "loss": (sums[b] / counts[b]).item() if counts[b] else None,

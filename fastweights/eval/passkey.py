@@ -80,7 +80,9 @@ def passkey_eval(model, tokenizer, store: TokenStore, lengths: list[int], depths
                 hits = 0
                 for _ in range(trials):
                     s = passkey_sample(tokenizer, hay, length, depth, rng)
-                    ids = s["input_ids"][None, :-1].to(device)
+                    # the whole prompt, answer included: a causal model's logits before the
+                    # last token do not see it, and one forward scores every answer token
+                    ids = s["input_ids"][None].to(device)
                     pos = torch.arange(ids.shape[1], device=device)[None]
                     logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
                     a = s["answer_start"]

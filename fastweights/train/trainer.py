@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -62,7 +63,8 @@ class TrainConfig:
     keep: int = _opt("checkpoints to keep", 3)
     resume: bool = _opt("resume from the latest checkpoint in --out", False)
     progress: bool = _opt("show a progress bar", True)
-    threads: int = _opt("torch CPU threads (0: torch's default)", 0)
+    threads: int = _opt("torch CPU threads (0: auto, 1 when the load average exceeds the core count, "
+                        "else torch's default)", 0)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -80,7 +82,8 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str =
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
-_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "L4": 121e12, "A10": 125e12,
+              "4090": 165e12}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -91,7 +94,7 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in _PEAK_BF16.items() if k in name), None)
 
 
-def _device(name: str) -> torch.device:
+def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -101,6 +104,15 @@ def _device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FastWeightsError("device cuda requested but CUDA is not available")
     return dev
+
+
+def set_threads(threads: int, device: torch.device) -> None:
+    """Set torch's CPU threads: ``threads`` if > 0; else, on a CPU whose load average exceeds
+    its core count (a shared machine), 1, since oversubscribed threads slow every step."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    elif device.type == "cpu" and os.getloadavg()[0] >= (os.cpu_count() or 1):
+        torch.set_num_threads(1)
 
 
 def make_model(cfg: TrainConfig, vocab_size: int):
@@ -165,9 +177,8 @@ def train(cfg: TrainConfig) -> dict:
     for name in ("steps", "batch_size", "seq_len", "accum", "save_every"):
         if getattr(cfg, name) < 1:
             raise FastWeightsError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
+    device = pick_device(cfg.device)
+    set_threads(cfg.threads, device)
     resolve_model(cfg.model)  # a bad model name fails before any work
     ds = Dataset(cfg.data)
     rows = PackedRows(ds.split("train"), cfg.seq_len, seed=cfg.seed)
