@@ -9,12 +9,14 @@ from fastweights.data import (
     Dataset,
     PackedRows,
     build_corpus,
+    load_tokenizer,
     long_rows,
     row_fields,
     tokenize_corpus,
     train_bpe,
 )
 from fastweights.data.corpus import python_sources, split_of
+from fastweights.data.store import dataset_key
 from fastweights.errors import FastWeightsError
 
 
@@ -84,6 +86,8 @@ def test_tokenised_once_and_cached(dataset, corpus_dir):
     tok = train_bpe(corpus, 300)  # from the cache
     again = tokenize_corpus(corpus, tok, ds.path)
     assert shard.stat().st_mtime_ns == mtime and again.meta["key"] == ds.meta["key"]
+    # the saved tokenizer directory (the "local Hugging Face tokenizer" path) is the same tokenizer
+    assert dataset_key(corpus, load_tokenizer(ds.path / "tokenizer")) == ds.meta["key"]
     train = ds.split("train")
     assert len(train) == ds.meta["splits"]["train"]["documents"]
     docs = {d.name: d for d in corpus.split("train")}
@@ -158,3 +162,15 @@ def test_long_rows(dataset):
 def test_dataset_errors(tmp_path):
     with pytest.raises(FastWeightsError, match="not a prepared dataset"):
         Dataset(tmp_path)
+
+
+def test_sharded_store_reads_back_the_same_documents(dataset, tmp_path):
+    corpus, ds = dataset
+    tok = ds.tokenizer()
+    sharded = tokenize_corpus(corpus, tok, tmp_path / "sharded", shard_tokens=1500)
+    assert sharded.meta["splits"]["train"]["shards"] > 1
+    a, b = ds.split("train"), sharded.split("train")
+    assert len({int(s) for s in b.index[:, 0]}) == sharded.meta["splits"]["train"]["shards"]
+    assert b.names == a.names
+    for i in range(len(a)):
+        assert np.array_equal(np.asarray(a.doc(i)), np.asarray(b.doc(i)))
