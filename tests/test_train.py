@@ -85,14 +85,30 @@ def test_checkpoints_are_safetensors_and_json_and_pruned(data, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step(data, tmp_path):
+    from safetensors.torch import load_file, save_file
+
     run = tmp_path / "nan"
+    _train(train_args(data, run, steps=2, save_every=1))
+    ckpt = run / "checkpoints" / "step-00000002" / "model.safetensors"
+    weights = load_file(ckpt)
+    name = next(n for n in weights if "layers.1.mlp.up_proj" in n)
+    weights[name][0, 0] = float("nan")  # the weights after step 2 now make the loss NaN
+    save_file(weights, ckpt)
+    with pytest.raises(FastWeightsError) as err:
+        _train([*train_args(data, run, steps=6, save_every=1), "--resume"])
+    assert err.value.args[0] == (f"non-finite loss (nan) at step 3; training stopped, last good checkpoint: "
+                                 f"{run / 'checkpoints' / 'step-00000002'}")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+
+def test_non_finite_gradient_stops_naming_the_step(data, tmp_path):
+    run = tmp_path / "inf"
     with pytest.raises(FastWeightsError, match=r"non-finite .* at step (\d+)") as err:
         _train(train_args(data, run, steps=20, save_every=1, lr=1e30, warmup=1, clip=0))
     step = int(err.value.args[0].split("at step ")[1].split(";")[0])
-    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir()) if step > 1 else []
-    if step > 1:
-        assert ckpts[-1] == f"step-{step - 1:08d}"
-        assert f"step-{step - 1:08d}" in err.value.args[0]
+    assert step >= 2
+    assert err.value.args[0].endswith(str(run / "checkpoints" / f"step-{step - 1:08d}"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == f"step-{step - 1:08d}"
     assert not (run / "model").exists()
 
 
