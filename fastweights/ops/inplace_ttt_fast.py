@@ -1,0 +1,232 @@
+"""Fast In-Place TTT: a chunk scan over GEMMs with a hand-written backward (DESIGN-inplace-ttt.md).
+
+For one document with chunks ``i = 0..T-1`` (``z_i`` (C, f), target ``v_i`` (C, d)):
+
+    forward    S_0 = 0,  S_{i+1} = S_i + v_iᵀ z_i          (d, f) float32 state
+               o_i = z_i W_iᵀ,  W_i = W0 + η S_i            (one GEMM per chunk)
+    backward   U_T = 0,  U_i = U_{i+1} + g_iᵀ z_i           (d, f) float32, G_i = η U_i
+               ∂z_i = g_i W_i + η v_i U_{i+1}
+               ∂v_i = η z_i U_{i+1}ᵀ
+               ∂W0  = U_0 (summed over documents and rows)
+               ∂η   = Σ_i ⟨S_i, g_iᵀ z_i⟩ = Σ_i ⟨v_i, z_i U_{i+1}ᵀ⟩
+
+The backward pass is one reverse scan. ``S_i`` is recovered by stepping back,
+``S_i = S_{i+1} − v_iᵀ z_i``, from the last chunk's state: the forward pass saves it for the
+last document of each row (``save_state=True``) or the backward recomputes it with one GEMM.
+No per-chunk weight tensor is ever built: the only (d, f) buffers are the float32 states and
+one low-precision copy of ``W_i`` (and ``U``) for the tensor cores. The backward walks the f
+axis in tiles of ``tile_f`` columns, so its float32 states are (d, tile_f).
+
+The target ``v = Conv_K(s) @ P`` stays in autograd (:func:`ttt_target`): it costs O(N·d²).
+The Function itself runs on any device; CUDA GEMMs accumulate low-precision products straight
+into the float32 state (``out_dtype``), other devices upcast the operands.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastweights.ops.inplace_ttt import _check_chunk, _check_inputs, chunk_ids, doc_starts, ttt_target
+
+__all__ = ["InplaceTTTScan", "chunk_layout", "inplace_ttt_fast"]
+
+Layout = tuple[tuple[tuple[int, int], ...], ...]  # per row: documents (start, end)
+
+
+def chunk_layout(
+    batch: int,
+    seqlen: int,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> Layout:
+    """Documents of each row as ``(start, end)`` token ranges, on the host.
+
+    Without boundaries every row is one document and nothing is read from the device;
+    with boundaries the start mask is copied to the host once.
+    """
+    if cu_seqlens is None and position_ids is None:
+        return tuple(((0, seqlen),) for _ in range(batch)) if seqlen else tuple(() for _ in range(batch))
+    starts = doc_starts(batch, seqlen, cu_seqlens=cu_seqlens, position_ids=position_ids, device="cpu")
+    rows = []
+    for b in range(batch):
+        idx = starts[b].nonzero().flatten().tolist() + [seqlen]
+        rows.append(tuple((idx[k], idx[k + 1]) for k in range(len(idx) - 1) if idx[k] < idx[k + 1]))
+    return tuple(rows)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float = 1.0):
+    """``out = beta·out + alpha·(a @ b)`` in place; out may be wider (float32) than a and b."""
+    if a.dtype == out.dtype:
+        torch.addmm(out, a, b, beta=beta, alpha=alpha, out=out)
+    elif a.is_cuda:
+        torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
+    else:
+        torch.addmm(out, a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha, out=out)
+
+
+def _chunks(start: int, end: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + chunk_size, end)) for a in range(start, end, chunk_size)]
+
+
+def _tiles(f: int, tile_f: int) -> list[tuple[int, int]]:
+    return [(a, min(a + tile_f, f)) for a in range(0, f, tile_f)]
+
+
+def default_tile_f(n_tokens: int, d: int, f: int) -> int:
+    """Columns of the backward's float32 state tiles.
+
+    The tiles (two float32 states, their low-precision copies and the ∂W0 accumulator, about
+    16·d·tile_f bytes) are kept near 3% of the MLP's own (N, f) activations (≈ 8·N·f bytes in
+    half precision), but no narrower than 1024 columns, where the GEMMs start to lose speed.
+    """
+    tile = int(0.03 * 8 * n_tokens * f / (16 * d))
+    tile = max(1024, -(-tile // 128) * 128)
+    return min(f, tile)
+
+
+class InplaceTTTScan(torch.autograd.Function):
+    """``o = InplaceTTTScan.apply(z, v, w0, lr, chunk_size, layout, tile_f, save_state)``.
+
+    z (B, N, f), v (B, N, d), w0 (d, f), lr a float or 0-d tensor; returns o (B, N, d) in
+    z's dtype. ``layout`` is :func:`chunk_layout`'s answer; chunks are aligned to each
+    document's start. Gradients flow to z, v, w0 and (if it is a tensor) lr.
+    """
+
+    @staticmethod
+    def forward(ctx, z, v, w0, lr, chunk_size, layout, tile_f, save_state):
+        B, N, f = z.shape
+        d = v.shape[2]
+        eta = float(lr)
+        acc = _acc_dtype(z.dtype)
+        w0c = w0.to(z.dtype)
+        v_dtype = v.dtype
+        v = v.to(z.dtype)
+        o = torch.empty(B, N, d, dtype=z.dtype, device=z.device)
+        state = torch.empty(d, f, dtype=acc, device=z.device)
+        w_eff = torch.empty(d, f, dtype=z.dtype, device=z.device)
+        last_states = torch.empty(B if save_state else 0, d, f, dtype=acc, device=z.device)
+        for b in range(B):
+            for k, (ds, de) in enumerate(layout[b]):
+                chunks = _chunks(ds, de, chunk_size)
+                for i, (a, e) in enumerate(chunks):
+                    zi = z[b, a:e]
+                    if i == 0:
+                        torch.mm(zi, w0c.t(), out=o[b, a:e])
+                    else:
+                        torch.add(w0c, state, alpha=eta, out=w_eff)
+                        torch.mm(zi, w_eff.t(), out=o[b, a:e])
+                    if i + 1 < len(chunks):  # the last chunk's update is never read
+                        _addmm_into(state, v[b, a:e].t(), zi, beta=0.0 if i == 0 else 1.0)
+                if save_state and k == len(layout[b]) - 1 and len(chunks) > 1:
+                    last_states[b].copy_(state)
+        ctx.save_for_backward(z, v, w0c, last_states)
+        ctx.eta, ctx.chunk_size, ctx.layout, ctx.tile_f = eta, chunk_size, layout, tile_f
+        ctx.lr_is_tensor = torch.is_tensor(lr)
+        ctx.w0_dtype, ctx.v_dtype = w0.dtype, v_dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_o):
+        z, v, w0c, last_states = ctx.saved_tensors
+        eta, C, layout = ctx.eta, ctx.chunk_size, ctx.layout
+        B, N, f = z.shape
+        d = v.shape[2]
+        acc = _acc_dtype(z.dtype)
+        dev = z.device
+        g = grad_o.to(z.dtype)
+        tile_f = min(f, ctx.tile_f) if f else 1
+        saved = last_states.shape[0] > 0
+
+        dz = torch.empty_like(z)
+        w = torch.zeros(B, N, d, dtype=z.dtype, device=dev)  # z_i U_{i+1}ᵀ, summed over tiles
+        dw0 = torch.empty(d, f, dtype=w0c.dtype, device=dev)
+        S = torch.empty(d, tile_f, dtype=acc, device=dev)
+        U = torch.empty(d, tile_f, dtype=acc, device=dev)
+        dw0_acc = torch.empty(d, tile_f, dtype=acc, device=dev)
+        w_low = torch.empty(d, tile_f, dtype=z.dtype, device=dev)
+        u_low = torch.empty(d, tile_f, dtype=z.dtype, device=dev)
+
+        for t0, t1 in _tiles(f, tile_f):
+            ft = t1 - t0
+            St, Ut, Dt, Wl, Ul = S[:, :ft], U[:, :ft], dw0_acc[:, :ft], w_low[:, :ft], u_low[:, :ft]
+            w0t = w0c[:, t0:t1]
+            Dt.zero_()
+            for b in range(B):
+                docs = layout[b]
+                for k in range(len(docs) - 1, -1, -1):
+                    chunks = _chunks(docs[k][0], docs[k][1], C)
+                    T = len(chunks)
+                    ls = chunks[-1][0]  # start of the last chunk
+                    if T > 1:  # S_{T-1}: saved, or one GEMM over the chunks before the last
+                        if saved and k == len(docs) - 1:
+                            St.copy_(last_states[b, :, t0:t1])
+                        else:
+                            _addmm_into(St, v[b, docs[k][0] : ls].t(), z[b, docs[k][0] : ls, t0:t1], 0.0)
+                    for i in range(T - 1, -1, -1):
+                        a, e = chunks[i]
+                        zi, gi, vi = z[b, a:e, t0:t1], g[b, a:e], v[b, a:e]
+                        if i == 0:
+                            Wi = w0t
+                        else:
+                            torch.add(w0t, St, alpha=eta, out=Wl)
+                            Wi = Wl
+                        torch.mm(gi, Wi, out=dz[b, a:e, t0:t1])
+                        if i < T - 1:  # U holds U_{i+1}
+                            Ul.copy_(Ut)
+                            dz[b, a:e, t0:t1].addmm_(vi, Ul, alpha=eta)
+                            w[b, a:e].addmm_(zi, Ul.t())
+                        _addmm_into(Ut, gi.t(), zi, beta=0.0 if i == T - 1 else 1.0)
+                        if i >= 2:  # step back to S_{i-1}
+                            ap, ep = chunks[i - 1]
+                            _addmm_into(St, v[b, ap:ep].t(), z[b, ap:ep, t0:t1], beta=1.0, alpha=-1.0)
+                    Dt.add_(Ut)
+            dw0[:, t0:t1].copy_(Dt)
+
+        dlr = None
+        if ctx.lr_is_tensor and ctx.needs_input_grad[3]:
+            dlr = torch.zeros((), dtype=acc, device=dev)
+            for a in range(0, N, max(C, 1)):  # ⟨v, w⟩ in float32, a chunk of rows at a time
+                dlr += (v[:, a : a + C].to(acc) * w[:, a : a + C].to(acc)).sum()
+        dv = w.mul_(eta).to(ctx.v_dtype)
+        return dz, dv, dw0.to(ctx.w0_dtype), dlr, None, None, None, None
+
+
+def inplace_ttt_fast(
+    z: torch.Tensor,
+    s: torch.Tensor,
+    w0: torch.Tensor,
+    conv_weight: torch.Tensor,
+    proj: torch.Tensor | None,
+    lr,
+    chunk_size: int,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    tile_f: int | None = None,
+    save_state: bool = True,
+) -> torch.Tensor:
+    """In-Place TTT with the scan :class:`InplaceTTTScan`; same arguments and result (B, N, d)
+    as :func:`fastweights.ops.inplace_ttt.inplace_ttt`.
+
+    ``tile_f``: columns of the backward's float32 state tiles (default
+    :func:`default_tile_f`). ``save_state``: keep the last chunk's float32 state (B, d, f)
+    from the forward pass instead of recomputing it in the backward (one extra GEMM pass).
+    """
+    chunk_size = _check_chunk(chunk_size)
+    B, N, d, f, w = _check_inputs(z, s, w0, conv_weight, proj, lr)
+    if tile_f is not None and (isinstance(tile_f, bool) or not isinstance(tile_f, int) or tile_f < 1):
+        raise ValueError(f"tile_f must be an integer >= 1, got {tile_f!r}")
+    starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=z.device)
+    g, _ = chunk_ids(starts, chunk_size)
+    v = ttt_target(s.to(z.dtype), w.to(z.dtype), None if proj is None else proj.to(z.dtype), g)
+    layout = chunk_layout(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids)
+    tile = default_tile_f(B * N, d, f) if tile_f is None else tile_f
+    grads = torch.is_grad_enabled() and any(
+        torch.is_tensor(x) and x.requires_grad for x in (z, v, w0, lr)
+    )
+    return InplaceTTTScan.apply(z, v, w0, lr, chunk_size, layout, tile, save_state and grads)
