@@ -138,8 +138,13 @@ def _compare(B, N, d, f, C, cu, tile, dtype, device, gen, ref_dtype=torch.float6
     conv = torch.randn(d, 5, generator=gen, device=device) * 0.3
     proj = torch.randn(d, d, generator=gen, device=device) * d**-0.5
     lr = torch.tensor(0.5 / (N**0.5 * f**0.5), device=device)
-    go = torch.randn(B, N, d, generator=gen, device=device)
     kw = {} if cu is None else {"cu_seqlens": torch.tensor(cu, device=device)}
+    # ∂L/∂o: noise plus the fast-weight part u of o, so that ∂L/∂η is not a sum that cancels
+    with torch.no_grad():
+        ref = [t.to(ref_dtype) for t in (z, s, w0, conv, proj)]
+        u = inplace_ttt_chunked(*ref, lr.to(ref_dtype), C, **kw) - inplace_ttt_chunked(*ref, 0.0, C, **kw)
+        go = torch.randn(B, N, d, generator=gen, device=device)
+        go += (u * (go.norm() / u.norm())).float()
     res = []
     for dt, fn in ((ref_dtype, inplace_ttt_chunked), (dtype, inplace_ttt_fast)):
         xs = [t.to(dt).requires_grad_() for t in (z, s, w0, conv, proj, lr)]

@@ -6,7 +6,7 @@ For one document with chunks ``i = 0..T-1`` (``z_i`` (C, f), target ``v_i`` (C, 
                o_i = z_i W_iᵀ,  W_i = W0 + η S_i            (one GEMM per chunk)
     backward   U_T = 0,  U_i = U_{i+1} + g_iᵀ z_i           (d, f) float32, G_i = η U_i
                ∂z_i = g_i W_i + η v_i U_{i+1}
-               ∂v_i = η z_i U_{i+1}ᵀ
+               ∂v_i = η z_i U_{i+1}ᵀ                             (= z_i G_{i+1}ᵀ)
                ∂W0  = U_0 (summed over documents and rows)
                ∂η   = Σ_i ⟨S_i, g_iᵀ z_i⟩ = Σ_i ⟨v_i, z_i U_{i+1}ᵀ⟩
 
@@ -141,9 +141,12 @@ class InplaceTTTScan(torch.autograd.Function):
         g = grad_o.to(z.dtype)
         tile_f = min(f, ctx.tile_f) if f else 1
         saved = last_states.shape[0] > 0
+        # The low-precision copy of U holds σ·U with σ = η (that is G = ∂L/∂S, whose size is that of
+        # the weight change, so half precision does not overflow); σ = 1 only when η = 0.
+        sigma = eta if eta != 0.0 else 1.0
 
         dz = torch.empty_like(z)
-        w = torch.zeros(B, N, d, dtype=z.dtype, device=dev)  # z_i U_{i+1}ᵀ, summed over tiles
+        w = torch.zeros(B, N, d, dtype=z.dtype, device=dev)  # σ z_i U_{i+1}ᵀ, summed over tiles
         dw0 = torch.empty(d, f, dtype=w0c.dtype, device=dev)
         S = torch.empty(d, tile_f, dtype=acc, device=dev)
         U = torch.empty(d, tile_f, dtype=acc, device=dev)
@@ -177,8 +180,9 @@ class InplaceTTTScan(torch.autograd.Function):
                             Wi = Wl
                         torch.mm(gi, Wi, out=dz[b, a:e, t0:t1])
                         if i < T - 1:  # U holds U_{i+1}
-                            Ul.copy_(Ut)
-                            dz[b, a:e, t0:t1].addmm_(vi, Ul, alpha=eta)
+                            torch.mul(Ut, sigma, out=Ul)
+                            if eta != 0.0:
+                                dz[b, a:e, t0:t1].addmm_(vi, Ul, alpha=eta / sigma)
                             w[b, a:e].addmm_(zi, Ul.t())
                         _addmm_into(Ut, gi.t(), zi, beta=0.0 if i == T - 1 else 1.0)
                         if i >= 2:  # step back to S_{i-1}
@@ -190,9 +194,11 @@ class InplaceTTTScan(torch.autograd.Function):
         dlr = None
         if ctx.lr_is_tensor and ctx.needs_input_grad[3]:
             dlr = torch.zeros((), dtype=acc, device=dev)
-            for a in range(0, N, max(C, 1)):  # ⟨v, w⟩ in float32, a chunk of rows at a time
+            for a in range(0, N, max(C, 1)):  # ⟨v, w⟩ / σ in float32, a chunk of rows at a time
                 dlr += (v[:, a : a + C].to(acc) * w[:, a : a + C].to(acc)).sum()
-        dv = w.mul_(eta).to(ctx.v_dtype)
+            dlr /= sigma
+        dv = w if eta == sigma else w.mul_(eta / sigma)
+        dv = dv.to(ctx.v_dtype)
         return dz, dv, dw0.to(ctx.w0_dtype), dlr, None, None, None, None
 
 
