@@ -17,7 +17,8 @@ No per-chunk weight tensor is ever built: the only (d, f) buffers are the float3
 one low-precision copy of ``W_i`` (and ``U``) for the tensor cores. The backward walks the f
 axis in tiles of ``tile_f`` columns, so its float32 states are (d, tile_f).
 
-The target ``v = Conv_K(s) @ P`` stays in autograd (:func:`ttt_target`): it costs O(N·d²).
+The target ``v = Conv_K(s) @ P`` is its own Function (:class:`ChunkConvProj`): a few fused
+passes over (N, d) and one GEMM; it saves only its inputs.
 The Function itself runs on any device; CUDA GEMMs accumulate low-precision products straight
 into the float32 state (``out_dtype``), other devices upcast the operands.
 """
@@ -26,9 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from fastweights.ops.inplace_ttt import _check_chunk, _check_inputs, chunk_ids, doc_starts, ttt_target
+from fastweights.ops.inplace_ttt import _check_chunk, _check_inputs, doc_starts
 
-__all__ = ["InplaceTTTScan", "chunk_layout", "inplace_ttt_fast"]
+__all__ = ["ChunkConvProj", "InplaceTTTScan", "chunk_layout", "inplace_ttt_fast"]
 
 Layout = tuple[tuple[tuple[int, int], ...], ...]  # per row: documents (start, end)
 
@@ -89,6 +90,103 @@ def default_tile_f(n_tokens: int, d: int, f: int) -> int:
     return min(f, tile)
 
 
+def _chunk_starts(layout: Layout, chunk_size: int) -> list[list[int]]:
+    return [[a for ds, de in docs for a in range(ds, de, chunk_size)] for docs in layout]
+
+
+def _cross_pairs(layout: Layout, chunk_size: int, seqlen: int, device) -> dict[int, tuple]:
+    """For each conv offset, the (row, token) pairs whose neighbour ``token + off`` lies in
+    another chunk (or outside the row): the conv must not read across them. Built on the host
+    from the chunk starts; only tokens within 2 of a chunk start qualify."""
+    out = {}
+    for off in (-2, -1, 1, 2):
+        rows, toks = [], []
+        for b, starts in enumerate(_chunk_starts(layout, chunk_size)):
+            bounds = starts + [seqlen]
+            for j, a in enumerate(starts):
+                e = bounds[j + 1]
+                # tokens of chunk [a, e) whose neighbour n + off falls outside [a, e) but inside the row
+                cand = range(max(a, e - off), e) if off > 0 else range(a, min(e, a - off))
+                for n in cand:
+                    if 0 <= n + off < seqlen:
+                        rows.append(b)
+                        toks.append(n)
+        if rows:
+            out[off] = (torch.tensor(rows, device=device), torch.tensor(toks, device=device))
+    return out
+
+
+def _conv_apply(x: torch.Tensor, w: torch.Tensor, pairs: dict, transpose: bool) -> torch.Tensor:
+    """Chunk-local depthwise conv of x (B, N, d) with w (d, 5): out[n] = Σ_off w[off] x[n+off]
+    (``transpose``: out[n+off] += w[off] x[n], the adjoint), never across a chunk edge."""
+    N = x.shape[1]
+    out = x * w[:, 2]
+    for off in (-2, -1, 1, 2):
+        if abs(off) >= N:
+            continue
+        sgn = -off if transpose else off
+        wk = w[:, off + 2]
+        if sgn > 0:
+            out[:, : N - sgn].addcmul_(x[:, sgn:], wk)
+        else:
+            out[:, -sgn:].addcmul_(x[:, : N + sgn], wk)
+        if off in pairs:  # take back the terms that crossed a chunk edge
+            rb, n = pairs[off]
+            if transpose:
+                out.index_put_((rb, n + off), -x[rb, n] * wk, accumulate=True)
+            else:
+                out.index_put_((rb, n), -x[rb, n + off] * wk, accumulate=True)
+    return out
+
+
+class ChunkConvProj(torch.autograd.Function):
+    """``v = ChunkConvProj.apply(s, w, proj, pairs)``: v = Conv_K(s) @ P (B, N, d).
+
+    The same function as :func:`fastweights.ops.inplace_ttt.ttt_target`, in a few fused passes;
+    it saves only s, w and P and recomputes the conv output in the backward pass. ``pairs``
+    is :func:`_cross_pairs`'s answer; ``proj`` may be None (identity).
+    """
+
+    @staticmethod
+    def forward(ctx, s, w, proj, pairs):
+        t = _conv_apply(s, w, pairs, transpose=False)
+        ctx.save_for_backward(s, w, proj)
+        ctx.pairs = pairs
+        return t if proj is None else t @ proj
+
+    @staticmethod
+    def backward(ctx, dv):
+        s, w, proj = ctx.saved_tensors
+        pairs = ctx.pairs
+        dproj = None
+        if proj is not None:
+            if ctx.needs_input_grad[2]:
+                t = _conv_apply(s, w, pairs, transpose=False)
+                dproj = t.reshape(-1, t.shape[-1]).t() @ dv.reshape(-1, dv.shape[-1])
+                del t
+            dt = dv @ proj.t()
+        else:
+            dt = dv
+        ds = _conv_apply(dt, w, pairs, transpose=True) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            N = s.shape[1]
+            acc = _acc_dtype(s.dtype)
+            cols = []
+            for off in (-2, -1, 0, 1, 2):
+                if abs(off) >= N:
+                    cols.append(torch.zeros(s.shape[2], dtype=acc, device=s.device))
+                    continue
+                a, b = (dt[:, : N - off], s[:, off:]) if off >= 0 else (dt[:, -off:], s[:, : N + off])
+                col = (a * b).sum(dim=(0, 1), dtype=acc)
+                if off in pairs:
+                    rb, n = pairs[off]
+                    col = col - (dt[rb, n] * s[rb, n + off]).sum(dim=0, dtype=acc)
+                cols.append(col)
+            dw = torch.stack(cols, dim=1).to(w.dtype)
+        return ds, dw, dproj, None
+
+
 class InplaceTTTScan(torch.autograd.Function):
     """``o = InplaceTTTScan.apply(z, v, w0, lr, chunk_size, layout, tile_f, save_state)``.
 
@@ -147,10 +245,11 @@ class InplaceTTTScan(torch.autograd.Function):
 
         dz = torch.empty_like(z)
         w = torch.zeros(B, N, d, dtype=z.dtype, device=dev)  # σ z_i U_{i+1}ᵀ, summed over tiles
-        dw0 = torch.empty(d, f, dtype=w0c.dtype, device=dev)
+        n_docs = sum(len(docs) for docs in layout)
+        dw0 = (torch.zeros if n_docs == 0 else torch.empty)(d, f, dtype=w0c.dtype, device=dev)
         S = torch.empty(d, tile_f, dtype=acc, device=dev)
         U = torch.empty(d, tile_f, dtype=acc, device=dev)
-        dw0_acc = torch.empty(d, tile_f, dtype=acc, device=dev)
+        dw0_acc = torch.empty(d, tile_f if n_docs > 1 else 0, dtype=acc, device=dev)  # Σ over documents
         w_low = torch.empty(d, tile_f, dtype=z.dtype, device=dev)
         u_low = torch.empty(d, tile_f, dtype=z.dtype, device=dev)
 
@@ -158,7 +257,8 @@ class InplaceTTTScan(torch.autograd.Function):
             ft = t1 - t0
             St, Ut, Dt, Wl, Ul = S[:, :ft], U[:, :ft], dw0_acc[:, :ft], w_low[:, :ft], u_low[:, :ft]
             w0t = w0c[:, t0:t1]
-            Dt.zero_()
+            if n_docs > 1:
+                Dt.zero_()
             for b in range(B):
                 docs = layout[b]
                 for k in range(len(docs) - 1, -1, -1):
@@ -188,8 +288,12 @@ class InplaceTTTScan(torch.autograd.Function):
                         if i >= 2:  # step back to S_{i-1}
                             ap, ep = chunks[i - 1]
                             _addmm_into(St, v[b, ap:ep].t(), z[b, ap:ep, t0:t1], beta=1.0, alpha=-1.0)
-                    Dt.add_(Ut)
-            dw0[:, t0:t1].copy_(Dt)
+                    if n_docs > 1:
+                        Dt.add_(Ut)
+                    else:
+                        dw0[:, t0:t1].copy_(Ut)
+            if n_docs > 1:
+                dw0[:, t0:t1].copy_(Dt)
 
         dlr = None
         if ctx.lr_is_tensor and ctx.needs_input_grad[3]:
@@ -227,10 +331,9 @@ def inplace_ttt_fast(
     B, N, d, f, w = _check_inputs(z, s, w0, conv_weight, proj, lr)
     if tile_f is not None and (isinstance(tile_f, bool) or not isinstance(tile_f, int) or tile_f < 1):
         raise ValueError(f"tile_f must be an integer >= 1, got {tile_f!r}")
-    starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=z.device)
-    g, _ = chunk_ids(starts, chunk_size)
-    v = ttt_target(s.to(z.dtype), w.to(z.dtype), None if proj is None else proj.to(z.dtype), g)
     layout = chunk_layout(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids)
+    pairs = _cross_pairs(layout, chunk_size, N, z.device)
+    v = ChunkConvProj.apply(s.to(z.dtype), w.to(z.dtype), None if proj is None else proj.to(z.dtype), pairs)
     tile = default_tile_f(B * N, d, f) if tile_f is None else tile_f
     grads = torch.is_grad_enabled() and any(
         torch.is_tensor(x) and x.requires_grad for x in (z, v, w0, lr)
