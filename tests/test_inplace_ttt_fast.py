@@ -169,7 +169,7 @@ def test_conv_proj_matches_ttt_target(poison):
     gv = torch.randn(B, N, d, generator=gen, dtype=torch.float64)
     for proj in (P, None):
         ref = ttt_target(s, w, proj, g)
-        out = ChunkConvProj.apply(s, w, proj, _cross_pairs(layout, C, N, "cpu"))
+        out = ChunkConvProj.apply(s, w, proj, ("torch", _cross_pairs(layout, C, N, "cpu")))
         assert rel(out, ref) < 1e-12
         wrt = [s, w] + ([P] if proj is not None else [])
         for a, b in zip(torch.autograd.grad(out, wrt, gv), torch.autograd.grad(ref, wrt, gv), strict=True):
@@ -225,3 +225,50 @@ def test_gpu_fast_matches_chunked(dtype, B, N, d, f, C, docs, poison):
     for name, a, b in zip(NAMES, out, ref, strict=True):
         assert not a.isnan().any(), name
         assert rel(a, b) < GPU_TOL[dtype], (name, rel(a, b))
+
+
+# --------------------------------------------------------------------------- Triton, interpreted
+TRITON_CHECK = r"""
+import torch
+from fastweights.ops import inplace_ttt_triton
+from fastweights.ops.inplace_ttt import chunk_ids, doc_starts, ttt_target
+from fastweights.ops.inplace_ttt_fast import ChunkConvProj, chunk_layout, conv_plan
+
+assert inplace_ttt_triton.usable(torch.zeros(1))
+gen = torch.Generator().manual_seed(0)
+B, N, d, C = 2, 45, 130, 4  # d spans two column blocks, N two token blocks
+s = torch.randn(B, N, d, generator=gen, requires_grad=True)
+w = torch.randn(d, 5, generator=gen, requires_grad=True)
+P = torch.randn(d, d, generator=gen, requires_grad=True)
+pos = torch.cat([torch.arange(9), torch.arange(36)]).expand(B, N)
+starts, layout = doc_starts(B, N, position_ids=pos), chunk_layout(B, N, position_ids=pos)
+g, _ = chunk_ids(starts, C)
+gv = torch.randn(B, N, d, generator=gen)
+plan = conv_plan(s, layout, starts, C)
+assert plan[0] == "triton"
+empty = torch.empty_like
+torch.empty_like = lambda *a, **k: empty(*a, **k).fill_(float("nan"))  # unwritten -> NaN
+out = ChunkConvProj.apply(s, w, P, plan)
+got = torch.autograd.grad(out, [s, w, P], gv)
+torch.empty_like = empty
+ref = ttt_target(s.double(), w.double(), P.double(), g)
+want = torch.autograd.grad(ref, [s, w, P], gv.double())
+for a, b in zip([out, *got], [ref, *want], strict=True):
+    err = ((a.double() - b).norm() / b.norm()).item()
+    assert err < 1e-5, err
+print("ok")
+"""
+
+
+def test_triton_conv_kernels_interpreted():
+    """The Triton conv kernels on CPU under TRITON_INTERPRET=1 (set before triton is imported,
+    hence a fresh interpreter), forward and both gradients against ttt_target in float64."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

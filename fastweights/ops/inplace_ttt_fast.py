@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import torch
 
-from fastweights.ops.inplace_ttt import _check_chunk, _check_inputs, doc_starts
+from fastweights.ops import inplace_ttt_triton
+from fastweights.ops.inplace_ttt import _check_chunk, _check_inputs, chunk_ids, doc_starts
 
-__all__ = ["ChunkConvProj", "InplaceTTTScan", "chunk_layout", "inplace_ttt_fast"]
+__all__ = ["ChunkConvProj", "InplaceTTTScan", "chunk_layout", "conv_plan", "inplace_ttt_fast"]
 
 Layout = tuple[tuple[tuple[int, int], ...], ...]  # per row: documents (start, end)
 
@@ -79,15 +80,13 @@ def _tiles(f: int, tile_f: int) -> list[tuple[int, int]]:
 
 
 def default_tile_f(n_tokens: int, d: int, f: int) -> int:
-    """Columns of the backward's float32 state tiles.
+    """Columns of the backward's float32 state tiles (measured on an H100, docs/benchmarks.md).
 
-    The tiles (two float32 states, their low-precision copies and the ∂W0 accumulator, about
-    16·d·tile_f bytes) are kept near 3% of the MLP's own (N, f) activations (≈ 8·N·f bytes in
-    half precision), but no narrower than 1024 columns, where the GEMMs start to lose speed.
+    Full width is fastest. Only for short inputs (fewer than 4·d tokens), where the MLP's own
+    activations are small next to the (d, f) states, the f axis is cut into 2048-column
+    tiles, which keeps the peak memory near the plain MLP's at some cost in time.
     """
-    tile = int(0.03 * 8 * n_tokens * f / (16 * d))
-    tile = max(1024, -(-tile // 128) * 128)
-    return min(f, tile)
+    return f if n_tokens >= 4 * d else min(f, 2048)
 
 
 def _chunk_starts(layout: Layout, chunk_size: int) -> list[list[int]]:
@@ -140,36 +139,43 @@ def _conv_apply(x: torch.Tensor, w: torch.Tensor, pairs: dict, transpose: bool) 
 
 
 class ChunkConvProj(torch.autograd.Function):
-    """``v = ChunkConvProj.apply(s, w, proj, pairs)``: v = Conv_K(s) @ P (B, N, d).
+    """``v = ChunkConvProj.apply(s, w, proj, plan)``: v = Conv_K(s) @ P (B, N, d).
 
-    The same function as :func:`fastweights.ops.inplace_ttt.ttt_target`, in a few fused passes;
-    it saves only s, w and P and recomputes the conv output in the backward pass. ``pairs``
-    is :func:`_cross_pairs`'s answer; ``proj`` may be None (identity).
+    The same function as :func:`fastweights.ops.inplace_ttt.ttt_target`, in a few fused passes
+    (one Triton pass each way where :func:`inplace_ttt_triton.usable`); it saves only s, w and
+    P and recomputes the conv output in the backward pass. ``plan`` is ``("triton", g)`` with
+    the chunk ids g (B, N), or ``("torch", pairs)`` with :func:`_cross_pairs`'s answer.
+    ``proj`` may be None (identity).
     """
 
     @staticmethod
-    def forward(ctx, s, w, proj, pairs):
-        t = _conv_apply(s, w, pairs, transpose=False)
+    def forward(ctx, s, w, proj, plan):
+        t = _conv(s, w, plan)
         ctx.save_for_backward(s, w, proj)
-        ctx.pairs = pairs
+        ctx.plan = plan
         return t if proj is None else t @ proj
 
     @staticmethod
     def backward(ctx, dv):
         s, w, proj = ctx.saved_tensors
-        pairs = ctx.pairs
+        plan = ctx.plan
         dproj = None
         if proj is not None:
             if ctx.needs_input_grad[2]:
-                t = _conv_apply(s, w, pairs, transpose=False)
+                t = _conv(s, w, plan)
                 dproj = t.reshape(-1, t.shape[-1]).t() @ dv.reshape(-1, dv.shape[-1])
                 del t
             dt = dv @ proj.t()
         else:
             dt = dv
-        ds = _conv_apply(dt, w, pairs, transpose=True) if ctx.needs_input_grad[0] else None
+        need_ds, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if plan[0] == "triton":
+            ds, dw = inplace_ttt_triton.chunk_conv_backward(dt, s, w, plan[1], need_dw)
+            return ds, (dw.to(w.dtype) if need_dw else None), dproj, None
+        pairs = plan[1]
+        ds = _conv_apply(dt, w, pairs, transpose=True) if need_ds else None
         dw = None
-        if ctx.needs_input_grad[1]:
+        if need_dw:
             N = s.shape[1]
             acc = _acc_dtype(s.dtype)
             cols = []
@@ -185,6 +191,22 @@ class ChunkConvProj(torch.autograd.Function):
                 cols.append(col)
             dw = torch.stack(cols, dim=1).to(w.dtype)
         return ds, dw, dproj, None
+
+
+def _conv(s, w, plan):
+    if plan[0] == "triton":
+        return inplace_ttt_triton.chunk_conv(s, w, plan[1])
+    return _conv_apply(s, w, plan[1], transpose=False)
+
+
+def conv_plan(s: torch.Tensor, layout: Layout, starts: torch.Tensor, chunk_size: int, use_triton=None):
+    """How :class:`ChunkConvProj` handles chunk edges: Triton kernels reading the chunk ids,
+    or PyTorch passes corrected at the (host-known) edge tokens."""
+    if use_triton is None:  # float64 stays in PyTorch: the kernels accumulate in float32
+        use_triton = inplace_ttt_triton.usable(s) and s.dtype != torch.float64
+    if use_triton:
+        return ("triton", chunk_ids(starts, chunk_size)[0])
+    return ("torch", _cross_pairs(layout, chunk_size, s.shape[1], s.device))
 
 
 class InplaceTTTScan(torch.autograd.Function):
@@ -332,8 +354,9 @@ def inplace_ttt_fast(
     if tile_f is not None and (isinstance(tile_f, bool) or not isinstance(tile_f, int) or tile_f < 1):
         raise ValueError(f"tile_f must be an integer >= 1, got {tile_f!r}")
     layout = chunk_layout(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids)
-    pairs = _cross_pairs(layout, chunk_size, N, z.device)
-    v = ChunkConvProj.apply(s.to(z.dtype), w.to(z.dtype), None if proj is None else proj.to(z.dtype), pairs)
+    starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=z.device)
+    plan = conv_plan(s, layout, starts, chunk_size)
+    v = ChunkConvProj.apply(s.to(z.dtype), w.to(z.dtype), None if proj is None else proj.to(z.dtype), plan)
     tile = default_tile_f(B * N, d, f) if tile_f is None else tile_f
     grads = torch.is_grad_enabled() and any(
         torch.is_tensor(x) and x.requires_grad for x in (z, v, w0, lr)
