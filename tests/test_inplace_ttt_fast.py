@@ -256,6 +256,28 @@ want = torch.autograd.grad(ref, [s, w, P], gv.double())
 for a, b in zip([out, *got], [ref, *want], strict=True):
     err = ((a.double() - b).norm() / b.norm()).item()
     assert err < 1e-5, err
+
+# the whole fast path in float32, so the scan's weight kernel runs too (tiles: strided views)
+from fastweights.ops.inplace_ttt import inplace_ttt_chunked
+from fastweights.ops.inplace_ttt_fast import inplace_ttt_fast
+
+z = torch.randn(1, 50, 300, generator=gen)
+w0 = torch.randn(d, 300, generator=gen) * 0.05
+lr = torch.tensor(0.01, requires_grad=True)
+s2 = torch.randn(1, 50, d, generator=gen)
+xs = [t.clone().requires_grad_() for t in (z, s2, w0, w.detach(), P.detach())]
+cu = torch.tensor([0, 23, 50])
+go = torch.randn(1, 50, d, generator=gen)
+torch.empty_like = lambda *a, **k: empty(*a, **k).fill_(float("nan"))
+out = inplace_ttt_fast(*xs, lr, 8, cu_seqlens=cu, tile_f=257)
+got = torch.autograd.grad(out, [*xs, lr], go)
+torch.empty_like = empty
+xd = [t.detach().double().requires_grad_() for t in (*xs, lr)]
+ref = inplace_ttt_chunked(*xd[:5], xd[5], 8, cu_seqlens=cu)
+want = torch.autograd.grad(ref, xd, go.double())
+for a, b in zip([out, *got], [ref, *want], strict=True):
+    err = ((a.double() - b).norm() / b.norm()).item()
+    assert err < 1e-4, err
 print("ok")
 """
 

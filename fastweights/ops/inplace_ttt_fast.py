@@ -71,6 +71,21 @@ def _addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float
         torch.addmm(out, a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha, out=out)
 
 
+def _use_triton(x: torch.Tensor) -> bool:
+    """Triton kernels for the elementwise passes: CUDA (or the interpreter), not float64."""
+    return inplace_ttt_triton.usable(x) and x.dtype != torch.float64
+
+
+def _weights(fused: bool, w0, s, eta: float, out_w, u=None, sigma: float = 1.0, out_u=None) -> None:
+    """out_w = w0 + η·s (and out_u = σ·u) in out_w's (low) precision."""
+    if fused:
+        inplace_ttt_triton.build_weights(w0, s, eta, out_w, u, sigma, out_u)
+        return
+    torch.add(w0, s, alpha=eta, out=out_w)
+    if u is not None:
+        torch.mul(u, sigma, out=out_u)
+
+
 def _chunks(start: int, end: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk_size, end)) for a in range(start, end, chunk_size)]
 
@@ -203,7 +218,7 @@ def conv_plan(s: torch.Tensor, layout: Layout, starts: torch.Tensor, chunk_size:
     """How :class:`ChunkConvProj` handles chunk edges: Triton kernels reading the chunk ids,
     or PyTorch passes corrected at the (host-known) edge tokens."""
     if use_triton is None:  # float64 stays in PyTorch: the kernels accumulate in float32
-        use_triton = inplace_ttt_triton.usable(s) and s.dtype != torch.float64
+        use_triton = _use_triton(s)
     if use_triton:
         return ("triton", chunk_ids(starts, chunk_size)[0])
     return ("torch", _cross_pairs(layout, chunk_size, s.shape[1], s.device))
@@ -227,6 +242,7 @@ class InplaceTTTScan(torch.autograd.Function):
         v_dtype = v.dtype
         v = v.to(z.dtype)
         o = torch.empty(B, N, d, dtype=z.dtype, device=z.device)
+        fused = _use_triton(z)
         state = torch.empty(d, f, dtype=acc, device=z.device)
         w_eff = torch.empty(d, f, dtype=z.dtype, device=z.device)
         last_states = torch.empty(B if save_state else 0, d, f, dtype=acc, device=z.device)
@@ -238,7 +254,7 @@ class InplaceTTTScan(torch.autograd.Function):
                     if i == 0:
                         torch.mm(zi, w0c.t(), out=o[b, a:e])
                     else:
-                        torch.add(w0c, state, alpha=eta, out=w_eff)
+                        _weights(fused, w0c, state, eta, w_eff)
                         torch.mm(zi, w_eff.t(), out=o[b, a:e])
                     if i + 1 < len(chunks):  # the last chunk's update is never read
                         _addmm_into(state, v[b, a:e].t(), zi, beta=0.0 if i == 0 else 1.0)
@@ -261,6 +277,7 @@ class InplaceTTTScan(torch.autograd.Function):
         g = grad_o.to(z.dtype)
         tile_f = min(f, ctx.tile_f) if f else 1
         saved = last_states.shape[0] > 0
+        fused = _use_triton(z)
         # The low-precision copy of U holds σ·U with σ = η (that is G = ∂L/∂S, whose size is that of
         # the weight change, so half precision does not overflow); σ = 1 only when η = 0.
         sigma = eta if eta != 0.0 else 1.0
@@ -295,14 +312,16 @@ class InplaceTTTScan(torch.autograd.Function):
                     for i in range(T - 1, -1, -1):
                         a, e = chunks[i]
                         zi, gi, vi = z[b, a:e, t0:t1], g[b, a:e], v[b, a:e]
+                        has_u = i < T - 1  # U holds U_{i+1}
                         if i == 0:
                             Wi = w0t
+                            if has_u:
+                                torch.mul(Ut, sigma, out=Ul)
                         else:
-                            torch.add(w0t, St, alpha=eta, out=Wl)
+                            _weights(fused, w0t, St, eta, Wl, *((Ut, sigma, Ul) if has_u else ()))
                             Wi = Wl
                         torch.mm(gi, Wi, out=dz[b, a:e, t0:t1])
-                        if i < T - 1:  # U holds U_{i+1}
-                            torch.mul(Ut, sigma, out=Ul)
+                        if has_u:
                             if eta != 0.0:
                                 dz[b, a:e, t0:t1].addmm_(vi, Ul, alpha=eta / sigma)
                             w[b, a:e].addmm_(zi, Ul.t())

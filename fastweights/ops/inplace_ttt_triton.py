@@ -1,7 +1,12 @@
-"""Triton kernels for the In-Place TTT target: the chunk-local depthwise conv (kernel 5).
+"""Triton kernels for fast In-Place TTT: the target's chunk-local conv and the weight casts.
 
-One pass over (B, N, d) for the conv and one for its backward (∂s and ∂w together), instead
-of a handful of PyTorch passes. Token ``n`` reads ``n + off`` (offsets -2..2) only inside its
+* :func:`chunk_conv` / :func:`chunk_conv_backward`: the depthwise conv (kernel 5) in one pass
+  over (B, N, d), and its backward (∂s and ∂w together) in one more, instead of a handful of
+  PyTorch passes.
+* :func:`build_weights`: the scan's per-chunk ``W_i = W0 + η S_i`` (and ``G = η U``) from the
+  float32 states to half precision, in one pass (PyTorch's mixed-dtype add is not vectorised).
+
+For the conv: Token ``n`` reads ``n + off`` (offsets -2..2) only inside its
 own chunk, given by the chunk ids ``g`` (B, N) of :func:`fastweights.ops.inplace_ttt.chunk_ids`.
 
 Triton is optional: :data:`HAVE_TRITON` says whether it imports. The kernels also run on CPU
@@ -22,7 +27,7 @@ try:
 except ImportError:  # the `triton` extra is not installed
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "chunk_conv", "chunk_conv_backward", "usable"]
+__all__ = ["HAVE_TRITON", "build_weights", "chunk_conv", "chunk_conv_backward", "usable"]
 
 BLOCK_N = 32
 BLOCK_D = 128
@@ -106,3 +111,42 @@ def chunk_conv_backward(dt: torch.Tensor, s: torch.Tensor, w: torch.Tensor, g: t
     elif need_dw:
         dw_part.zero_()
     return ds, (dw_part.sum(0).t() if need_dw else None)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _weights_kernel(
+        w0_ptr, s_ptr, w_ptr, u_ptr, ul_ptr,
+        R, Cn, ld_w0, ld_s, ld_w, ld_u, ld_ul, eta, sigma,
+        WITH_U: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    ):
+        """w = low(w0 + eta·s) and, WITH_U, ul = low(sigma·u); all (R, Cn) with row strides ld_*."""
+        r = tl.program_id(0) * BR + tl.arange(0, BR)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        m = (r < R)[:, None] & (c < Cn)[None, :]
+        r64 = r.to(tl.int64)[:, None]
+        w0 = tl.load(w0_ptr + r64 * ld_w0 + c[None, :], mask=m, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + r64 * ld_s + c[None, :], mask=m, other=0.0)
+        tl.store(w_ptr + r64 * ld_w + c[None, :], (w0 + eta * s).to(w_ptr.dtype.element_ty), mask=m)
+        if WITH_U:
+            u = tl.load(u_ptr + r64 * ld_u + c[None, :], mask=m, other=0.0)
+            tl.store(ul_ptr + r64 * ld_ul + c[None, :], (sigma * u).to(ul_ptr.dtype.element_ty), mask=m)
+
+
+def build_weights(w0, s, eta: float, out_w, u=None, sigma: float = 1.0, out_u=None) -> None:
+    """``out_w = w0 + eta·s`` and, if u is given, ``out_u = sigma·u``, in one pass (out_w and
+    out_u in low precision). All are (R, C) matrices whose columns are contiguous."""
+    R, Cn = s.shape
+    if not R * Cn:
+        return
+    for t in (w0, s, out_w) + (() if u is None else (u, out_u)):
+        assert t.stride(1) == 1, "columns must be contiguous"
+    grid = (triton.cdiv(R, 32), triton.cdiv(Cn, 256))
+    with_u = u is not None
+    _weights_kernel[grid](
+        w0, s, out_w, u if with_u else s, out_u if with_u else out_w,
+        R, Cn, w0.stride(0), s.stride(0), out_w.stride(0),
+        u.stride(0) if with_u else 0, out_u.stride(0) if with_u else 0, float(eta), float(sigma),
+        WITH_U=with_u, BR=32, BC=256,
+    )
