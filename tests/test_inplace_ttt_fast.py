@@ -244,8 +244,10 @@ pos = torch.cat([torch.arange(9), torch.arange(36)]).expand(B, N)
 starts, layout = doc_starts(B, N, position_ids=pos), chunk_layout(B, N, position_ids=pos)
 g, _ = chunk_ids(starts, C)
 gv = torch.randn(B, N, d, generator=gen)
-plan = conv_plan(s, layout, starts, C)
+plan = conv_plan(s, layout, C, position_ids=pos)
 assert plan[0] == "triton"
+plain_plan = conv_plan(s, chunk_layout(B, N), C)  # no documents: ids by arithmetic
+assert torch.equal(plain_plan[1], chunk_ids(doc_starts(B, N), C)[0])
 empty = torch.empty_like
 torch.empty_like = lambda *a, **k: empty(*a, **k).fill_(float("nan"))  # unwritten -> NaN
 out = ChunkConvProj.apply(s, w, P, plan)

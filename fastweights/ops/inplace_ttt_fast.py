@@ -10,11 +10,12 @@ For one document with chunks ``i = 0..T-1`` (``z_i`` (C, f), target ``v_i`` (C, 
                ∂W0  = U_0 (summed over documents and rows)
                ∂η   = Σ_i ⟨S_i, g_iᵀ z_i⟩ = Σ_i ⟨v_i, z_i U_{i+1}ᵀ⟩
 
-The backward pass is one reverse scan. ``S_i`` is recovered by stepping back,
-``S_i = S_{i+1} − v_iᵀ z_i``, from the last chunk's state: the forward pass saves it for the
-last document of each row (``save_state=True``) or the backward recomputes it with one GEMM.
+The float32 state kept is ``W0 + η S_i`` itself, so each chunk's low-precision weights are
+one cast of it. The backward pass is one reverse scan; it recovers ``W0 + η S_i`` by stepping
+back, ``− η v_iᵀ z_i``, from the last chunk's state: the forward pass saves it for the last
+document of each row (``save_state=True``) or the backward recomputes it with one GEMM.
 No per-chunk weight tensor is ever built: the only (d, f) buffers are the float32 states and
-one low-precision copy of ``W_i`` (and ``U``) for the tensor cores. The backward walks the f
+one low-precision copy of ``W_i`` (and ``G``) for the tensor cores. The backward walks the f
 axis in tiles of ``tile_f`` columns, so its float32 states are (d, tile_f).
 
 The target ``v = Conv_K(s) @ P`` is its own Function (:class:`ChunkConvProj`): a few fused
@@ -76,12 +77,12 @@ def _use_triton(x: torch.Tensor) -> bool:
     return inplace_ttt_triton.usable(x) and x.dtype != torch.float64
 
 
-def _weights(fused: bool, w0, s, eta: float, out_w, u=None, sigma: float = 1.0, out_u=None) -> None:
-    """out_w = w0 + η·s (and out_u = σ·u) in out_w's (low) precision."""
-    if fused:
-        inplace_ttt_triton.build_weights(w0, s, eta, out_w, u, sigma, out_u)
+def _weights(fused: bool, s, out_w, u=None, sigma: float = 1.0, out_u=None) -> None:
+    """out_w = s (and out_u = σ·u) in low precision, from float32 states."""
+    if fused and u is not None:
+        inplace_ttt_triton.build_weights(s, out_w, u, sigma, out_u)
         return
-    torch.add(w0, s, alpha=eta, out=out_w)
+    out_w.copy_(s)
     if u is not None:
         torch.mul(u, sigma, out=out_u)
 
@@ -214,14 +215,19 @@ def _conv(s, w, plan):
     return _conv_apply(s, w, plan[1], transpose=False)
 
 
-def conv_plan(s: torch.Tensor, layout: Layout, starts: torch.Tensor, chunk_size: int, use_triton=None):
+def conv_plan(s: torch.Tensor, layout: Layout, chunk_size: int, *, cu_seqlens=None, position_ids=None,
+              use_triton=None):
     """How :class:`ChunkConvProj` handles chunk edges: Triton kernels reading the chunk ids,
     or PyTorch passes corrected at the (host-known) edge tokens."""
     if use_triton is None:  # float64 stays in PyTorch: the kernels accumulate in float32
         use_triton = _use_triton(s)
-    if use_triton:
-        return ("triton", chunk_ids(starts, chunk_size)[0])
-    return ("torch", _cross_pairs(layout, chunk_size, s.shape[1], s.device))
+    if not use_triton:
+        return ("torch", _cross_pairs(layout, chunk_size, s.shape[1], s.device))
+    B, N = s.shape[:2]
+    if cu_seqlens is None and position_ids is None:
+        return ("triton", (torch.arange(N, device=s.device) // chunk_size).expand(B, N))
+    starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=s.device)
+    return ("triton", chunk_ids(starts, chunk_size)[0])
 
 
 class InplaceTTTScan(torch.autograd.Function):
@@ -242,8 +248,7 @@ class InplaceTTTScan(torch.autograd.Function):
         v_dtype = v.dtype
         v = v.to(z.dtype)
         o = torch.empty(B, N, d, dtype=z.dtype, device=z.device)
-        fused = _use_triton(z)
-        state = torch.empty(d, f, dtype=acc, device=z.device)
+        state = torch.empty(d, f, dtype=acc, device=z.device)  # W0 + η S_i
         w_eff = torch.empty(d, f, dtype=z.dtype, device=z.device)
         last_states = torch.empty(B if save_state else 0, d, f, dtype=acc, device=z.device)
         for b in range(B):
@@ -254,10 +259,12 @@ class InplaceTTTScan(torch.autograd.Function):
                     if i == 0:
                         torch.mm(zi, w0c.t(), out=o[b, a:e])
                     else:
-                        _weights(fused, w0c, state, eta, w_eff)
+                        w_eff.copy_(state)
                         torch.mm(zi, w_eff.t(), out=o[b, a:e])
                     if i + 1 < len(chunks):  # the last chunk's update is never read
-                        _addmm_into(state, v[b, a:e].t(), zi, beta=0.0 if i == 0 else 1.0)
+                        if i == 0:
+                            state.copy_(w0c)
+                        _addmm_into(state, v[b, a:e].t(), zi, beta=1.0, alpha=eta)
                 if save_state and k == len(layout[b]) - 1 and len(chunks) > 1:
                     last_states[b].copy_(state)
         ctx.save_for_backward(z, v, w0c, last_states)
@@ -304,11 +311,12 @@ class InplaceTTTScan(torch.autograd.Function):
                     chunks = _chunks(docs[k][0], docs[k][1], C)
                     T = len(chunks)
                     ls = chunks[-1][0]  # start of the last chunk
-                    if T > 1:  # S_{T-1}: saved, or one GEMM over the chunks before the last
+                    if T > 1:  # W0 + η S_{T-1}: saved, or one GEMM over the chunks before the last
                         if saved and k == len(docs) - 1:
                             St.copy_(last_states[b, :, t0:t1])
                         else:
-                            _addmm_into(St, v[b, docs[k][0] : ls].t(), z[b, docs[k][0] : ls, t0:t1], 0.0)
+                            St.copy_(w0t)
+                            _addmm_into(St, v[b, docs[k][0] : ls].t(), z[b, docs[k][0] : ls, t0:t1], 1.0, eta)
                     for i in range(T - 1, -1, -1):
                         a, e = chunks[i]
                         zi, gi, vi = z[b, a:e, t0:t1], g[b, a:e], v[b, a:e]
@@ -318,7 +326,7 @@ class InplaceTTTScan(torch.autograd.Function):
                             if has_u:
                                 torch.mul(Ut, sigma, out=Ul)
                         else:
-                            _weights(fused, w0t, St, eta, Wl, *((Ut, sigma, Ul) if has_u else ()))
+                            _weights(fused, St, Wl, *((Ut, sigma, Ul) if has_u else ()))
                             Wi = Wl
                         torch.mm(gi, Wi, out=dz[b, a:e, t0:t1])
                         if has_u:
@@ -326,9 +334,9 @@ class InplaceTTTScan(torch.autograd.Function):
                                 dz[b, a:e, t0:t1].addmm_(vi, Ul, alpha=eta / sigma)
                             w[b, a:e].addmm_(zi, Ul.t())
                         _addmm_into(Ut, gi.t(), zi, beta=0.0 if i == T - 1 else 1.0)
-                        if i >= 2:  # step back to S_{i-1}
+                        if i >= 2:  # step back to W0 + η S_{i-1}
                             ap, ep = chunks[i - 1]
-                            _addmm_into(St, v[b, ap:ep].t(), z[b, ap:ep, t0:t1], beta=1.0, alpha=-1.0)
+                            _addmm_into(St, v[b, ap:ep].t(), z[b, ap:ep, t0:t1], beta=1.0, alpha=-eta)
                     if n_docs > 1:
                         Dt.add_(Ut)
                     else:
@@ -373,8 +381,7 @@ def inplace_ttt_fast(
     if tile_f is not None and (isinstance(tile_f, bool) or not isinstance(tile_f, int) or tile_f < 1):
         raise ValueError(f"tile_f must be an integer >= 1, got {tile_f!r}")
     layout = chunk_layout(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids)
-    starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=z.device)
-    plan = conv_plan(s, layout, starts, chunk_size)
+    plan = conv_plan(s, layout, chunk_size, cu_seqlens=cu_seqlens, position_ids=position_ids)
     v = ChunkConvProj.apply(s.to(z.dtype), w.to(z.dtype), None if proj is None else proj.to(z.dtype), plan)
     tile = default_tile_f(B * N, d, f) if tile_f is None else tile_f
     grads = torch.is_grad_enabled() and any(

@@ -3,8 +3,8 @@
 * :func:`chunk_conv` / :func:`chunk_conv_backward`: the depthwise conv (kernel 5) in one pass
   over (B, N, d), and its backward (∂s and ∂w together) in one more, instead of a handful of
   PyTorch passes.
-* :func:`build_weights`: the scan's per-chunk ``W_i = W0 + η S_i`` (and ``G = η U``) from the
-  float32 states to half precision, in one pass (PyTorch's mixed-dtype add is not vectorised).
+* :func:`build_weights`: the backward scan's per-chunk casts of its two float32 states,
+  ``W0 + η S_i`` and ``G = η U``, to half precision, in one pass.
 
 For the conv: Token ``n`` reads ``n + off`` (offsets -2..2) only inside its
 own chunk, given by the chunk ids ``g`` (B, N) of :func:`fastweights.ops.inplace_ttt.chunk_ids`.
@@ -117,36 +117,30 @@ if HAVE_TRITON:
 
     @triton.jit
     def _weights_kernel(
-        w0_ptr, s_ptr, w_ptr, u_ptr, ul_ptr,
-        R, Cn, ld_w0, ld_s, ld_w, ld_u, ld_ul, eta, sigma,
-        WITH_U: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+        s_ptr, w_ptr, u_ptr, ul_ptr, R, Cn, ld_s, ld_w, ld_u, ld_ul, sigma,
+        BR: tl.constexpr, BC: tl.constexpr,
     ):
-        """w = low(w0 + eta·s) and, WITH_U, ul = low(sigma·u); all (R, Cn) with row strides ld_*."""
+        """w = low(s) and ul = low(sigma·u); all (R, Cn) with row strides ld_*."""
         r = tl.program_id(0) * BR + tl.arange(0, BR)
         c = tl.program_id(1) * BC + tl.arange(0, BC)
         m = (r < R)[:, None] & (c < Cn)[None, :]
         r64 = r.to(tl.int64)[:, None]
-        w0 = tl.load(w0_ptr + r64 * ld_w0 + c[None, :], mask=m, other=0.0).to(tl.float32)
         s = tl.load(s_ptr + r64 * ld_s + c[None, :], mask=m, other=0.0)
-        tl.store(w_ptr + r64 * ld_w + c[None, :], (w0 + eta * s).to(w_ptr.dtype.element_ty), mask=m)
-        if WITH_U:
-            u = tl.load(u_ptr + r64 * ld_u + c[None, :], mask=m, other=0.0)
-            tl.store(ul_ptr + r64 * ld_ul + c[None, :], (sigma * u).to(ul_ptr.dtype.element_ty), mask=m)
+        tl.store(w_ptr + r64 * ld_w + c[None, :], s.to(w_ptr.dtype.element_ty), mask=m)
+        u = tl.load(u_ptr + r64 * ld_u + c[None, :], mask=m, other=0.0)
+        tl.store(ul_ptr + r64 * ld_ul + c[None, :], (sigma * u).to(ul_ptr.dtype.element_ty), mask=m)
 
 
-def build_weights(w0, s, eta: float, out_w, u=None, sigma: float = 1.0, out_u=None) -> None:
-    """``out_w = w0 + eta·s`` and, if u is given, ``out_u = sigma·u``, in one pass (out_w and
-    out_u in low precision). All are (R, C) matrices whose columns are contiguous."""
+def build_weights(s, out_w, u, sigma: float, out_u) -> None:
+    """``out_w = s`` and ``out_u = sigma·u`` in one pass (float32 states to low precision).
+    All are (R, C) matrices whose columns are contiguous."""
     R, Cn = s.shape
     if not R * Cn:
         return
-    for t in (w0, s, out_w) + (() if u is None else (u, out_u)):
+    for t in (s, out_w, u, out_u):
         assert t.stride(1) == 1, "columns must be contiguous"
     grid = (triton.cdiv(R, 32), triton.cdiv(Cn, 256))
-    with_u = u is not None
     _weights_kernel[grid](
-        w0, s, out_w, u if with_u else s, out_u if with_u else out_w,
-        R, Cn, w0.stride(0), s.stride(0), out_w.stride(0),
-        u.stride(0) if with_u else 0, out_u.stride(0) if with_u else 0, float(eta), float(sigma),
-        WITH_U=with_u, BR=32, BC=256,
+        s, out_w, u, out_u, R, Cn, s.stride(0), out_w.stride(0), u.stride(0), out_u.stride(0), float(sigma),
+        BR=32, BC=256,
     )
