@@ -236,7 +236,7 @@ from fastweights.ops.inplace_ttt_fast import ChunkConvProj, chunk_layout, conv_p
 
 assert inplace_ttt_triton.usable(torch.zeros(1))
 gen = torch.Generator().manual_seed(0)
-B, N, d, C = 2, 45, 130, 4  # d spans two column blocks, N two token blocks
+B, N, d, C = 2, 45, 130, 4  # several token and channel blocks (forward), ragged edges
 s = torch.randn(B, N, d, generator=gen, requires_grad=True)
 w = torch.randn(d, 5, generator=gen, requires_grad=True)
 P = torch.randn(d, d, generator=gen, requires_grad=True)

@@ -290,7 +290,7 @@ class InplaceTTTScan(torch.autograd.Function):
         sigma = eta if eta != 0.0 else 1.0
 
         dz = torch.empty_like(z)
-        w = torch.zeros(B, N, d, dtype=z.dtype, device=dev)  # σ z_i U_{i+1}ᵀ, summed over tiles
+        w = torch.empty(B, N, d, dtype=z.dtype, device=dev)  # σ z_i U_{i+1}ᵀ, summed over tiles
         n_docs = sum(len(docs) for docs in layout)
         dw0 = (torch.zeros if n_docs == 0 else torch.empty)(d, f, dtype=w0c.dtype, device=dev)
         S = torch.empty(d, tile_f, dtype=acc, device=dev)
@@ -332,7 +332,12 @@ class InplaceTTTScan(torch.autograd.Function):
                         if has_u:
                             if eta != 0.0:
                                 dz[b, a:e, t0:t1].addmm_(vi, Ul, alpha=eta / sigma)
-                            w[b, a:e].addmm_(zi, Ul.t())
+                            if t0 == 0:
+                                torch.mm(zi, Ul.t(), out=w[b, a:e])
+                            else:
+                                w[b, a:e].addmm_(zi, Ul.t())
+                        elif t0 == 0:  # G_T = 0: the last chunk's target gets no gradient
+                            w[b, a:e].zero_()
                         _addmm_into(Ut, gi.t(), zi, beta=0.0 if i == T - 1 else 1.0)
                         if i >= 2:  # step back to W0 + η S_{i-1}
                             ap, ep = chunks[i - 1]
