@@ -31,8 +31,9 @@ def prepare_args(corpus: Path, out: Path) -> list[str]:
 
 
 def train_args(data: Path, out: Path, steps: int = 4, **extra) -> list[str]:
-    args = ["--data", str(data), "--out", str(out), "--model", "tiny", "--steps", str(steps), "--seq-len", "48",
+    args = ["--data", str(data), "--out", str(out), "--steps", str(steps), "--seq-len", "48",
             "--batch-size", "2", "--warmup", "2", "--save-every", "2", "--no-progress", "--threads", "1"]
+    extra.setdefault("model", "tiny")
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args

@@ -59,6 +59,13 @@ def test_pipeline_end_to_end(workdir, capsys):
         assert [(b["start"], b["end"]) for b in res["loss_by_position"]["buckets"]] == [(0, 16), (16, 32), (32, 64)]
         assert len(res["passkey"]["accuracy"]) == 2 and (workdir / name / "eval-passkey.png").stat().st_size > 1000
         evals.append(str(ev))
+    # continual training from a local Hugging Face directory: converted with target "hidden"
+    cont = workdir / "continued"
+    code, out, err = run(["train", *train_args(data, cont, steps=1, model=workdir / "base" / "model"),
+                          "--ttt-chunk", "16"], capsys)
+    assert code == 0, err
+    cfg = json.loads((cont / "model" / "config.json").read_text())
+    assert cfg["ttt_layers"] == [0] and cfg["ttt_target"] in ("hidden", "hidden_states")
     png = workdir / "both.png"
     code, out, err = run(["plot", "--inputs", *evals, "--labels", "base", "ttt", "--out", str(png)], capsys)
     assert code == 0, err
