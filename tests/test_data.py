@@ -174,3 +174,17 @@ def test_sharded_store_reads_back_the_same_documents(dataset, tmp_path):
     assert b.names == a.names
     for i in range(len(a)):
         assert np.array_equal(np.asarray(a.doc(i)), np.asarray(b.doc(i)))
+
+
+def test_parquet_reads_with_pyarrow_or_names_it(tmp_path):
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        (tmp_path / "t.parquet").write_bytes(b"PAR1")
+        with pytest.raises(FastWeightsError, match="pip install pyarrow"):
+            build_corpus(str(tmp_path))
+        return
+    pq.write_table(pa.table({"text": ["first doc", "second doc"]}), tmp_path / "t.parquet")
+    corpus = build_corpus(str(tmp_path), val_fraction=0.5)
+    assert [(d.name, d.text) for d in corpus.documents] == [("t.parquet:0", "first doc"), ("t.parquet:1", "second doc")]
