@@ -60,6 +60,7 @@ class MainConfig:
     lr: float = _opt("peak learning rate (0: default)", 0.0)
     warmup: int = _opt("warmup steps (0: default)", 0)
     vocab_size: int = _opt("BPE vocabulary (0: default)", 0)
+    ttt_lr: float = _opt("In-Place TTT inner learning rate eta of the TTT run", 3.0)
     max_mb: int = _opt("corpus sample in MB (0: the size's default; -1: the whole corpus)", 0)
     max_doc_kb: int = _opt("per-document cap in KB (0: default; -1: none)", 0)
     eval_length: int = _opt("document length for loss by position (0: default)", 0)
@@ -99,7 +100,8 @@ def run(cfg: MainConfig) -> dict:
           f"tokens: train {m['splits']['train']['tokens']}, val {m['splits']['val']['tokens']}")
     runs = {}
     for name, ttt in (("baseline", False), ("inplace-ttt", True)):
-        tc = TrainConfig(data=str(ds.path), out=str(out / name), model=cfg.size, ttt=ttt, steps=s["steps"],
+        tc = TrainConfig(data=str(ds.path), out=str(out / name), model=cfg.size, ttt=ttt, ttt_lr=cfg.ttt_lr,
+                         steps=s["steps"],
                          batch_size=s["batch_size"], seq_len=s["seq_len"], lr=s["lr"], warmup=s["warmup"],
                          seed=cfg.seed, device=cfg.device, compile=cfg.compile, save_every=max(1, s["steps"] // 2),
                          resume=True, progress=cfg.progress, threads=cfg.threads)
