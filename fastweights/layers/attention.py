@@ -12,7 +12,8 @@ Backends: ``sdpa`` (a dense boolean mask; CPU, decoding, small sizes), ``causal`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ class TokenLayout:
     key_index: torch.Tensor
     key_valid: torch.Tensor
     single_doc: bool = False
+    block_masks: dict = field(default_factory=dict, repr=False)  # flex block masks by window
 
     def dense_mask(self, window: int | None) -> torch.Tensor:
         """(B, 1, N, M) boolean mask."""
@@ -60,21 +62,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
 
 
+@functools.cache
+def _flex_fn(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention) if compiled else flex_attention
+
+
 def _flex(q, k, v, layout: TokenLayout, window: int | None):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    doc, kdoc, qidx, kidx, kval = layout.doc, layout.key_doc, layout.index, layout.key_index, layout.key_valid
-
-    def mask_mod(b, h, i, j):
-        m = (doc[b, i] == kdoc[b, j]) & (kidx[b, j] <= qidx[b, i]) & kval[b, j]
-        if window is not None:
-            m = m & (qidx[b, i] - kidx[b, j] < window)
-        return m
+    """flex_attention with the layout's mask; the block mask is built once per layout and window
+    (all layers of a forward pass share it), compiled on CUDA."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     B, _, N, _ = q.shape
-    bm = create_block_mask(mask_mod, B, None, N, k.shape[2], device=q.device)
-    fn = torch.compile(flex_attention) if q.is_cuda else flex_attention
-    return fn(q, k, v, block_mask=bm, enable_gqa=k.shape[1] != q.shape[1])
+    M = k.shape[2]
+    key = (window, N, M)
+    if key not in layout.block_masks:
+        doc, kdoc, qidx, kidx, kval = layout.doc, layout.key_doc, layout.index, layout.key_index, layout.key_valid
+
+        def mask_mod(b, h, i, j):
+            m = (doc[b, i] == kdoc[b, j]) & (kidx[b, j] <= qidx[b, i]) & kval[b, j]
+            if window is not None:
+                m = m & (qidx[b, i] - kidx[b, j] < window)
+            return m
+
+        layout.block_masks[key] = create_block_mask(mask_mod, B, None, N, M, device=q.device, _compile=q.is_cuda)
+    return _flex_fn(q.is_cuda)(q, k, v, block_mask=layout.block_masks[key], enable_gqa=k.shape[1] != q.shape[1])
 
 
 def attend(q, k, v, layout: TokenLayout, window: int | None = None, backend: str = "auto") -> torch.Tensor:
