@@ -210,14 +210,16 @@ class HybridModel(HybridPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
         """input_ids (B, N) or inputs_embeds (B, N, d); attention_mask (B, M) with M = cached + N;
-        position_ids (B, N). Returns last_hidden_state (B, N, d) and, with use_cache, the cache."""
+        position_ids (B, N). Returns last_hidden_state (B, N, d) and, with use_cache, the cache
+        (``use_cache`` defaults to ``config.use_cache`` in eval mode and to False in training)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if past_key_values is not None and not isinstance(past_key_values, HybridCache):
             raise ValueError(f"past_key_values must be a HybridCache, got {type(past_key_values).__name__}")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, N, _ = x.shape
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # no cache while training unless asked for
+            use_cache = self.config.use_cache and not self.training
         use_cache = bool(use_cache) or past_key_values is not None
         cache = past_key_values
         if cache is None and use_cache:
