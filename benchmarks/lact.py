@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--output", default=None, help="also write the markdown table here")
     args = p.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
     if args.seqlen:
         shape["seqlen"] = args.seqlen
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
     if not args.tiny and device.type != "cuda":
         print("no CUDA device: the 760M benchmark needs a GPU (use --tiny for a CPU smoke test)", file=sys.stderr)
         return 2
