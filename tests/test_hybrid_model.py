@@ -202,3 +202,15 @@ def test_attention_backends_agree(window):
     one.single_doc = True
     if window is None:
         assert rel(attend(q, k, v, one, None), attend(q, k, v, one, None, backend="sdpa")) < 1e-5
+
+
+def test_beam_search_with_cache_equals_without():
+    """Beam search reorders the cache (fast weights included): cached equals uncached."""
+    model = tiny(["lact", "swa"], "inplace_ttt")
+    _perturb_fast_params(model)
+    torch.manual_seed(4)
+    prompt = torch.randint(0, VOCAB, (2, 7))
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False)
+    assert torch.equal(model.generate(prompt, **kw), model.generate(prompt, use_cache=False, **kw))
