@@ -150,6 +150,10 @@ def test_config_errors():
         HybridConfig(num_hidden_layers=2, mixers=["lact", "mamba"])
     with pytest.raises(ValueError, match="mlps"):
         HybridConfig(num_hidden_layers=2, mlps=["swiglu"])
+    with pytest.raises(ValueError, match="lact_update"):
+        HybridConfig(lact_update="adam")
+    with pytest.raises(ValueError, match="attn_backend"):
+        HybridConfig(attn_backend="flash")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="gla"):
             tiny(["gla", "swa"])
@@ -214,3 +218,23 @@ def test_beam_search_with_cache_equals_without():
     mask[0, :2] = 0
     kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False)
     assert torch.equal(model.generate(prompt, **kw), model.generate(prompt, use_cache=False, **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mixer", ["lact", "swa", "attention"])
+def test_cuda_bf16_block_matches_cpu_float32(mixer):
+    """On CUDA (bf16, compiled flex attention) a mixer agrees with the float32 CPU path."""
+    from fastweights.models.hybrid.modeling import HybridBlock, _layout
+
+    cfg = HybridConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=4, mixers=mixer, sliding_window=128,
+                       lact_heads=2, lact_chunk_size=128, lact_update="momentum")
+    torch.manual_seed(0)
+    mix = HybridBlock(cfg, 0).mixer
+    _perturb_fast_params(mix)
+    x = torch.randn(1, 700, 256)
+    pos = torch.cat([torch.arange(300), torch.arange(400)]).unsqueeze(0)
+    ref, _ = mix(x, _layout(pos, None, None, 1, 700, x.device))
+    dev = torch.device("cuda")
+    out, _ = mix.to(dev, torch.bfloat16)(x.to(dev, torch.bfloat16), _layout(pos.to(dev), None, None, 1, 700, dev))
+    assert rel(out.float().cpu(), ref) < 3e-2

@@ -8,12 +8,20 @@ One config expresses every row of the fast-weight comparison: each layer picks a
 
 from __future__ import annotations
 
+from fastweights.layers.inplace_ttt import TARGETS
 from fastweights.models.hybrid.compat import PreTrainedConfig
+from fastweights.ops.lact import ORDERS, UPDATES
 
 __all__ = ["MIXERS", "MLPS", "HybridConfig"]
 
 MIXERS = ("attention", "swa", "lact", "gla", "deltanet")
 MLPS = ("swiglu", "inplace_ttt")
+
+
+def _one_of(value, allowed, name):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
 
 
 def _per_layer(value, allowed, n, name):
@@ -85,14 +93,14 @@ class HybridConfig(PreTrainedConfig):
         self.sliding_window = sliding_window
         self.lact_heads = lact_heads
         self.lact_chunk_size = lact_chunk_size
-        self.lact_update = lact_update
-        self.lact_order = lact_order
+        self.lact_update = _one_of(lact_update, UPDATES, "lact_update")
+        self.lact_order = _one_of(lact_order, ORDERS, "lact_order")
         self.lact_lr_init = lact_lr_init
         self.lact_init_rank = lact_init_rank
         self.ttt_chunk = ttt_chunk
         self.ttt_lr = ttt_lr
-        self.ttt_target = ttt_target
+        self.ttt_target = _one_of(ttt_target, TARGETS, "ttt_target")
         self.ttt_proj = ttt_proj
-        self.attn_backend = attn_backend
+        self.attn_backend = _one_of(attn_backend, ("auto", "sdpa", "flex"), "attn_backend")
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
