@@ -91,13 +91,17 @@ def time_variant(name, shape, layers, dtype, device, warmup, iters):
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+        step()
+        sync()
+        mem = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        mem = float("nan")
+    times = []  # steps of 10s of ms or more: host timing around a synchronised step is accurate
     for _ in range(iters):
         t0 = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     med = statistics.median(times)
     return {"name": name, "ms": med * 1e3, "tok_s": N / med, "mem_gib": mem}
 
