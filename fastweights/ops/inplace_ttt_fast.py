@@ -33,7 +33,7 @@ separate pass after the reverse scan (recomputing the (L−C)² products, never 
     ∂z[C:] += dA Z[:m],  ∂z[:m] += dAᵀ Z[C:],  ∂v[:m] += η Pᵀ g[C:]
 
 and ∂η = ⟨v, ∂v⟩/η still holds (o depends on η and v only through η·v). The state form costs
-≈ 16·d·f bytes of float32 traffic per state step, the attention ≈ 2·C·(K−1)·(d+f) FLOPs per
+≈ 16·d·f bytes of float32 traffic per state step, the attention 2·C·(K−1)²/K·(d+f) FLOPs per
 token forward; :func:`default_block` picks K from that trade-off.
 
 The target ``v = Conv_K(s) @ P`` is its own Function (:class:`ChunkConvProj`): a few fused
@@ -136,10 +136,10 @@ BLOCK_SCALE = 40.0  # fitted on an H100 (docs/benchmarks.md): K = 6 at C = 256, 
 def default_block(chunk_size: int, d: int, f: int) -> int:
     """Chunks per block K (measured on an H100, docs/benchmarks.md).
 
-    Per token, the state form moves ≈ 16·d·f/(K·C) bytes and the in-block attention costs
-    ≈ 2·C·(K−1)·(d+f) FLOPs; their sum is smallest near a block length that does not depend
-    on C, ``K·C ≈ L* = BLOCK_SCALE · sqrt(d·f/(d+f))`` tokens (BLOCK_SCALE² ≈ 8·FLOP/byte
-    with the GEMMs' real efficiencies). K = round(L*/C), at least 1.
+    Per token, the state form moves ≈ 16·d·f/L bytes (L = K·C) and the in-block attention
+    costs ≈ 2·L·(d+f) FLOPs (for K ≫ 1); their sum is smallest near a block length that does
+    not depend on C, ``L* ∝ sqrt(d·f/(d+f))`` tokens. The constant BLOCK_SCALE was measured:
+    ``L* = BLOCK_SCALE · sqrt(d·f/(d+f))``, K = round(L*/C), at least 1.
     """
     target = BLOCK_SCALE * (d * f / max(d + f, 1)) ** 0.5
     return max(1, round(target / chunk_size))
