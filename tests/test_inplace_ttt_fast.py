@@ -143,6 +143,7 @@ def test_default_block_follows_the_cost_model():
     assert fast.default_block(1024, 2560, 9728) >= 2
     assert fast.default_block(256, 2048, 8192) > fast.default_block(1024, 2048, 8192)
     assert fast.default_block(10**6, 8, 8) == 1
+    assert fast.default_block(256, 2048, 8192, torch.float16) == 1  # scores could overflow float16
 
 
 @pytest.mark.parametrize("tile_f", [None, 16, 7])

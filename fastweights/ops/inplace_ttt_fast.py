@@ -133,14 +133,18 @@ def default_tile_f(n_tokens: int, d: int, f: int) -> int:
 BLOCK_SCALE = 40.0  # fitted on an H100 (docs/benchmarks.md): K = 6 at C = 256, 2 at C = 1024, 1 at 4096
 
 
-def default_block(chunk_size: int, d: int, f: int) -> int:
-    """Chunks per block K (measured on an H100, docs/benchmarks.md).
+def default_block(chunk_size: int, d: int, f: int, dtype: torch.dtype | None = None) -> int:
+    """Chunks per block K (measured on an H100, docs/benchmarks.md); 1 for float16, whose range
+    the attention scores z·zᵀ (not bounded by the weights' scale, unlike the state form's
+    W0 + ηS) could overflow.
 
     Per token, the state form moves ≈ 16·d·f/L bytes (L = K·C) and the in-block attention
     costs ≈ 2·L·(d+f) FLOPs (for K ≫ 1); their sum is smallest near a block length that does
     not depend on C, ``L* ∝ sqrt(d·f/(d+f))`` tokens. The constant BLOCK_SCALE was measured:
     ``L* = BLOCK_SCALE · sqrt(d·f/(d+f))``, K = round(L*/C), at least 1.
     """
+    if dtype == torch.float16:
+        return 1
     target = BLOCK_SCALE * (d * f / max(d + f, 1)) ** 0.5
     return max(1, round(target / chunk_size))
 
@@ -487,7 +491,7 @@ def inplace_ttt_fast(
     :func:`default_tile_f`). ``save_state``: keep the last chunk's float32 state (B, d, f)
     from the forward pass instead of recomputing it in the backward (one extra GEMM pass).
     ``block``: chunks per block K of the two-level form (default :func:`default_block`;
-    1 = a state step per chunk).
+    1 = a state step per chunk; float16 defaults to 1).
     """
     chunk_size = _check_chunk(chunk_size)
     B, N, d, f, w = _check_inputs(z, s, w0, conv_weight, proj, lr)
@@ -502,5 +506,5 @@ def inplace_ttt_fast(
     grads = torch.is_grad_enabled() and any(
         torch.is_tensor(x) and x.requires_grad for x in (z, v, w0, lr)
     )
-    K = default_block(chunk_size, d, f) if block is None else block
+    K = default_block(chunk_size, d, f, z.dtype) if block is None else block
     return InplaceTTTScan.apply(z, v, w0, lr, chunk_size, layout, tile, save_state and grads, K)
