@@ -302,8 +302,9 @@ def main(argv=None) -> int:
     for d, f, N, C in rows:
         print(f"row d={d} f={f} N={N} C={C} {args.dtype}", flush=True)
         r = bench_row(d, f, N, C, DTYPES[args.dtype], variants, args.rep_ms)
-        floor, alg = flop_ratios(d, f, N, C, default_block(C, d, f))
-        entry = {"d": d, "f": f, "N": N, "C": C, "K": default_block(C, d, f), "times": r,
+        K = default_block(C, d, f, DTYPES[args.dtype])
+        floor, alg = flop_ratios(d, f, N, C, K)
+        entry = {"d": d, "f": f, "N": N, "C": C, "K": K, "times": r,
                  "flop_floor": floor, "flop_ours": alg}
         if args.breakdown:
             entry["breakdown"] = breakdown(d, f, N, C, DTYPES[args.dtype], {})
