@@ -77,7 +77,11 @@ class StepPlan:
         B = len(before)
         self.batch, self.length = B, length
         self.before = list(before)
-        real_h = None if real is None else real.detach().to("cpu", torch.bool)
+        # one device-to-host transfer for both masks
+        both = [t.to(torch.bool).expand(B, length) for t in (real, starts) if t is not None]
+        host = torch.stack(both).cpu() if both else None
+        real_h = None if real is None else host[0]
+        starts_h = None if starts is None else host[-1]
         if real_h is not None and bool(real_h.all()):
             real_h = None
         # real columns per row (None: all of them)
@@ -87,15 +91,14 @@ class StepPlan:
         self.counts = [length] * B if self.cols is None else [len(c) for c in self.cols]
         # resets[b]: indices into row b's real tokens that start a document
         self.resets: list[list[int]] = [[] for _ in range(B)]
-        if starts is not None:
-            st = starts.detach().to("cpu", torch.bool).expand(B, length)
-            if real_h is not None:
-                st = st & real_h
+        if starts_h is not None:
+            st = starts_h if real_h is None else starts_h & real_h
+            rank = None if real_h is None else real_h.long().cumsum(1) - 1  # column -> index among real tokens
             for b, j in torch.nonzero(st).tolist():
-                self.resets[b].append(j if self.cols is None else self.cols[b].index(j))
+                self.resets[b].append(j if rank is None else int(rank[b, j]))
         # rows whose first real token starts a new document: their old state is dropped
         self.fresh = [bool(r and r[0] == 0) for r in self.resets]
-        self.effective = [0 if f else n for f, n in zip(self.fresh, self.before)]
+        self.effective = [0 if f else n for f, n in zip(self.fresh, self.before, strict=True)]
         self.after = []
         for b in range(B):
             inner = [j for j in self.resets[b] if j > 0]
@@ -109,7 +112,7 @@ class StepPlan:
             return self._layouts[chunk_size]
         C = chunk_size
         buf = [n % C for n in self.effective]
-        full = [n - r for n, r in zip(self.effective, buf)]
+        full = [n - r for n, r in zip(self.effective, buf, strict=True)]
         length, starts, cont_end, last, done, new_full = [], [], [], [], [], []
         for b in range(self.batch):
             L = buf[b] + self.counts[b]
