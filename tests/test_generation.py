@@ -241,3 +241,15 @@ def test_cache_mismatch_raises():
             ttt_cache.crop(3)
         with pytest.raises(FastWeightsError, match="cannot carry"):
             model.generate(ids, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
+
+
+def test_default_caches():
+    """use_cache=True (or the config default) gives an InPlaceTTTCache; training mode gives none by default."""
+    model = ttt_model(chunk=4)
+    ids = torch.randint(1, VOCAB, (2, 6))
+    with torch.no_grad():
+        assert isinstance(model(input_ids=ids).past_key_values, InPlaceTTTCache)
+        assert model(input_ids=ids, use_cache=False).past_key_values is None
+        model.train()
+        assert model(input_ids=ids).past_key_values is None
+        assert isinstance(model(input_ids=ids, use_cache=True).past_key_values, InPlaceTTTCache)

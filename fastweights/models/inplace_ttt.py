@@ -134,8 +134,10 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
     """Base-model pre-hook: embeddings, padding, and the fast-weight cache of this call.
 
     Without a cache and with ``use_cache`` on, it creates the :class:`InPlaceTTTCache` that the
-    base model would otherwise create as a plain ``DynamicCache``. A cache that is not an
-    ``InPlaceTTTCache`` raises: it cannot hold the fast weights.
+    base model would otherwise create as a plain ``DynamicCache`` (in training mode only when
+    ``use_cache=True`` is passed explicitly: the state would cost time and hold the graph). A cache
+    that is not an ``InPlaceTTTCache`` raises: it cannot hold the fast weights. A 2-D
+    ``attention_mask`` marks padding, which the fast weights skip (with or without a cache).
     """
     ctx: TTTContext = module._ttt_ctx
     ctx.embeds = kwargs.get("inputs_embeds")
@@ -147,6 +149,8 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
         return None  # the model's own forward reports the missing input
     B, N = x.shape[:2]
     cache = kwargs.get("past_key_values")
+    if cache is None and module.training and kwargs.get("use_cache") is None:
+        kwargs["use_cache"] = False  # a training forward carries no cache unless asked to
     if cache is None and resolve_use_cache(module, kwargs):
         cache = kwargs["past_key_values"] = InPlaceTTTCache(config=module.config)
     if cache is not None and not isinstance(cache, InPlaceTTTCache):
