@@ -264,12 +264,16 @@ class InPlaceTTTState:
         if u is not None:
             o = (o.to(u.dtype) + lr * u).to(z.dtype)
         self._ensure_buffer(B, max(lay.buf) + 1, f, d, z)
-        key = ("decode", z.device)
-        if key not in lay.tensors:
-            lay.tensors[key] = (torch.arange(B, device=z.device), torch.tensor(lay.buf, device=z.device))
-        ar, pos = lay.tensors[key]
-        self.buf_z[ar, pos] = z[:, 0]
-        self.buf_s[ar, pos] = s[:, 0]
+        if min(lay.buf) == max(lay.buf):  # rows in step (no left-padding differences)
+            self.buf_z[:, lay.buf[0]] = z[:, 0]
+            self.buf_s[:, lay.buf[0]] = s[:, 0]
+        else:
+            key = ("decode", z.device)
+            if key not in lay.tensors:
+                lay.tensors[key] = (torch.arange(B, device=z.device), torch.tensor(lay.buf, device=z.device))
+            ar, pos = lay.tensors[key]
+            self.buf_z[ar, pos] = z[:, 0]
+            self.buf_s[ar, pos] = s[:, 0]
         done = [b for b in range(B) if lay.buf[b] + 1 == C]
         if done:
             acc = _acc(z.dtype)
