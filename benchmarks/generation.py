@@ -80,6 +80,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -184,7 +188,7 @@ def main(argv=None) -> int:
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:]))
     for kind, batch, b, c, r, goal, note in rows:
         ok = "ok" if r >= goal else "BELOW"
-        line = f"| {kind:8} | {batch:>5} | {b:>11,.0f} | {c:>15,.0f} | {r:>6.3f} | {goal:>5} | {ok}; {note}"
+        line = f"| {kind:8} | {batch:>5} | {num(b):>11} | {num(c):>15} | {r:>6.3f} | {goal:>5} | {ok}; {note}"
         print(line.rstrip("; "))
     return 0
 

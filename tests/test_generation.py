@@ -6,28 +6,13 @@ n = d·f/(d+f) = 15 tokens) whose conv and P are non-zero, so the fast weights c
 
 import pytest
 import torch
-from transformers import (
-    DynamicCache,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from tiny_models import FAMILIES, VOCAB, tiny_model
+from transformers import DynamicCache
 
 from fastweights.errors import FastWeightsError
 from fastweights.models import InPlaceTTTCache, convert, ttt_modules
 
-FAMILIES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-}
-VOCAB, D, F = 97, 24, 40
+D, F = 24, 40  # tiny_model's widths
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,12 +25,7 @@ def one_thread():
 
 
 def base_model(family="qwen3", layers=3, seed=0):
-    cfg_cls, model_cls = FAMILIES[family]
-    torch.manual_seed(seed)
-    cfg = cfg_cls(vocab_size=VOCAB, hidden_size=D, intermediate_size=F, num_hidden_layers=layers,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=12, max_position_embeddings=32768,
-                  tie_word_embeddings=False, pad_token_id=0)
-    return model_cls(cfg).eval()
+    return tiny_model(family, layers=layers, seed=seed, max_position_embeddings=32768, pad_token_id=0)
 
 
 def ttt_model(family="qwen3", chunk=5, target="hidden", seed=0, layers=3, ttt_layers=(0, 2)):
