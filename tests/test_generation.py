@@ -117,6 +117,32 @@ def test_padding_never_enters_the_fast_weights():
         assert rel(no_pos[b, p:], alone) < 1e-5  # RoPE is relative: only the mask matters
 
 
+def test_padding_inside_streamed_pieces_is_skipped():
+    """Gaps of padding inside and across streamed pieces: each row equals its real tokens alone."""
+    model = ttt_model("llama", chunk=4)
+    ids = torch.randint(1, VOCAB, (2, 30), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, 7:10] = 0  # inside the first piece
+    mask[0, 16:21] = 0  # across the second and third pieces
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    cuts = [0, 10, 18, 19, 30]
+    with torch.no_grad():
+        cache, outs = None, []
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            out = model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b],
+                        past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            outs.append(out.logits)
+        step = torch.cat(outs, 1)
+        full = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        for r in range(2):
+            keep = mask[r].bool()
+            alone = model(input_ids=ids[r:r + 1, keep], use_cache=False).logits[0]
+            assert rel(step[r, keep], alone) < 1e-5
+            assert rel(full[r, keep], alone) < 1e-5
+    assert cache.ttt_tokens == [25, 27]
+
+
 def test_embed_target_and_document_restart():
     """target='embed' through the cache; position_ids restarting at 0 start a new fast-weight document."""
     model = ttt_model(chunk=3, target="embed")
