@@ -259,3 +259,20 @@ def test_default_caches():
         model.train()
         assert model(input_ids=ids).past_key_values is None
         assert isinstance(model(input_ids=ids, use_cache=True).past_key_values, InPlaceTTTCache)
+
+
+def test_padded_training_with_gradient_checkpointing():
+    """The recomputation in backward sees the same padding (hooks do not re-run on transformers 5.23)."""
+    ids, mask, _ = left_padded(2, 17, [0, 4], seed=1)
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = []
+    for checkpointing in (False, True):
+        model = ttt_model(chunk=4).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        if checkpointing:
+            with pytest.raises(FastWeightsError, match="gradient checkpointing"):
+                model(input_ids=ids, past_key_values=InPlaceTTTCache(model.config), use_cache=True)
+    assert rel(grads[1], grads[0]) < 1e-6

@@ -129,13 +129,15 @@ class InPlaceTTTMLP(nn.Module):
         hooks hand over a fast-weight state: the output is then computed by advancing that state
         (``InPlaceTTTState.step``), which skips padding and continues from earlier calls."""
         explicit = target_source is not None or position_ids is not None or cu_seqlens is not None
-        if self.ctx is not None and self.ctx.state is not None and not explicit:
+        if self.ctx is not None and self.ctx.plan is not None and not explicit:
             if self.ctx.cu_seqlens is not None:
                 raise ValueError("packed sequences (cu_seqlens) cannot be combined with a cache or padding")
+            # the cache's state of this layer, or (padding without a cache) one for this call only
+            state = self.ctx.state if self.ctx.state is not None else InPlaceTTTState(self.chunk_size)
             s = self.target_source(x, None)
             z = self.hidden(x)
             proj = None if self.ttt_proj is None else self.ttt_proj.weight
-            o = self.ctx.state.step(z, s, self.down_proj.weight, self.ttt_conv.weight, proj, self.lr, self.ctx.plan)
+            o = state.step(z, s, self.down_proj.weight, self.ttt_conv.weight, proj, self.lr, self.ctx.plan)
             return o if self.down_proj.bias is None else o + self.down_proj.bias
         if position_ids is None and cu_seqlens is None and self.ctx is not None:
             position_ids, cu_seqlens = self.ctx.position_ids, self.ctx.cu_seqlens

@@ -8,6 +8,12 @@ For the In-Place TTT cache, the two agree on everything used here: ``DynamicCach
 resolve ``use_cache`` inside the decorated ``forward`` (``merge_with_config_defaults``), i.e. after
 forward pre-hooks run, so :func:`resolve_use_cache` repeats that rule. Should a later release
 change any of this, adapt it here.
+
+One difference matters: gradient checkpointing (``GradientCheckpointingLayer``) wraps a decoder
+layer's ``__call__`` in 5.17, so its forward pre-hooks run again in the backward recomputation,
+but only its ``forward`` in 5.23, so they do not. The TTT MLP therefore reads what it needs for a
+recomputation (the padding plan) from state that outlives the hooks; see
+``fastweights.models.inplace_ttt._release_model_inputs``.
 """
 
 from __future__ import annotations

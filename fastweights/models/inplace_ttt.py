@@ -28,7 +28,7 @@ from fastweights.errors import FastWeightsError
 from fastweights.layers.inplace_ttt import OFFICIAL_TARGET, InPlaceTTTMLP, TTTContext, normalize_target
 from fastweights.models.cache import InPlaceTTTCache
 from fastweights.models.compat import cache_implementation, resolve_use_cache
-from fastweights.ops.inplace_ttt_decode import InPlaceTTTState, StepPlan
+from fastweights.ops.inplace_ttt_decode import StepPlan
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -122,12 +122,7 @@ def _capture_layer_inputs(module: nn.Module, args, kwargs, *, layer_idx: int):
     ctx: TTTContext = module.mlp.ctx
     ctx.position_ids = kwargs.get("position_ids")
     ctx.cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if ctx.cache is not None:
-        ctx.state = ctx.cache.ttt_layer(layer_idx, module.mlp.chunk_size)
-    elif ctx.plan is not None:  # padding without a cache: a state that lives for this call only
-        ctx.state = InPlaceTTTState(module.mlp.chunk_size)
-    else:
-        ctx.state = None
+    ctx.state = None if ctx.cache is None else ctx.cache.ttt_layer(layer_idx, module.mlp.chunk_size)
 
 
 def _capture_model_inputs(module: nn.Module, args, kwargs):
@@ -153,6 +148,11 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
         kwargs["use_cache"] = False  # a training forward carries no cache unless asked to
     if cache is None and resolve_use_cache(module, kwargs):
         cache = kwargs["past_key_values"] = InPlaceTTTCache(config=module.config)
+    if cache is not None and module.training and getattr(module, "gradient_checkpointing", False):
+        raise FastWeightsError(
+            "gradient checkpointing cannot be combined with a cache on an In-Place TTT model: the recomputation "
+            "would update the fast weights twice (transformers drops the attention cache here instead)"
+        )
     if cache is not None and not isinstance(cache, InPlaceTTTCache):
         raise FastWeightsError(
             f"an In-Place TTT model needs an InPlaceTTTCache to carry its fast weights, got {type(cache).__name__} "
@@ -172,9 +172,16 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
 
 
 def _release_model_inputs(module: nn.Module, args, kwargs, output):
-    """Base-model forward hook (always called): forget this call's cache and plan."""
+    """Base-model forward hook (always called): forget this call's cache and its plan.
+
+    A padding plan without a cache stays until the next call: gradient checkpointing re-runs the
+    decoder layers during backward (without their hooks on transformers >= 5.23, see compat.py)
+    and must see the same padding.
+    """
     ctx: TTTContext = module._ttt_ctx
-    ctx.plan = ctx.state = ctx.cache = None
+    ctx.state = None
+    if ctx.cache is not None:
+        ctx.cache = ctx.plan = None
 
 
 def _capture_embeddings(module: nn.Module, args, output):
