@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev]'
+	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev,triton]'
 	touch $@
 
 setup: $(VENV)/.installed
