@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fastweights.ops.inplace_ttt import chunk_ids, inplace_ttt, ttt_target
+from fastweights.ops.inplace_ttt_fast import _addmm_into
 
 __all__ = ["STATE_FORMS", "InPlaceTTTState", "StepPlan"]
 
@@ -40,6 +41,22 @@ STATE_FORMS = ("auto", "dense", "factored")
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _sum_vz(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per row Σ_t v_tᵀ z_t: v (R, L, d) float32, z (R, L, f) → (R, d, f) float32 (float64 for float64).
+
+    As in the CUDA fast path, half-precision operands on CUDA accumulate straight into float32
+    (tensor cores); elsewhere the operands are upcast.
+    """
+    acc = _acc(z.dtype)
+    if not (z.is_cuda and z.dtype in (torch.float16, torch.bfloat16)):
+        return torch.bmm(v.to(acc).transpose(1, 2), z.to(acc))
+    out = torch.zeros(z.shape[0], v.shape[2], z.shape[2], dtype=acc, device=z.device)
+    vl = v.to(z.dtype)
+    for r in range(z.shape[0]):
+        _addmm_into(out[r], vl[r].t(), z[r], beta=1.0)
+    return out
 
 
 # --------------------------------------------------------------------------- plan
@@ -278,17 +295,16 @@ class InPlaceTTTState:
         if done:
             acc = _acc(z.dtype)
             rows = torch.tensor(done, device=z.device)
-            zc = self.buf_z[rows, :C].to(acc)
+            zc = self.buf_z[rows, :C]
             v = self._targets(self.buf_s[rows, :C], conv_weight, proj,
                               torch.zeros(len(done), C, dtype=torch.long, device=z.device))
 
             def entries():
                 dst = torch.tensor([lay.full[b] + i for b in done for i in range(C)], device=z.device)
-                return rows.repeat_interleave(C), dst, zc.reshape(-1, f), v.reshape(-1, d)
+                return rows.repeat_interleave(C), dst, zc.reshape(-1, f).to(acc), v.reshape(-1, d)
 
             def delta():
-                return torch.zeros(B, d, f, dtype=acc, device=z.device).index_add_(
-                    0, rows, torch.bmm(v.transpose(1, 2), zc))
+                return torch.zeros(B, d, f, dtype=acc, device=z.device).index_add_(0, rows, _sum_vz(v, zc))
 
             new_full = [lay.full[b] + (C if b in done else 0) for b in range(B)]
             self._add(entries, delta, new_full, [True] * B, d, f)
@@ -355,7 +371,7 @@ class InPlaceTTTState:
                 lo = torch.tensor(lay.last, device=dev).unsqueeze(1)
                 hi = lo + torch.tensor(lay.done, device=dev).unsqueeze(1)
                 m = ((col >= lo) & (col < hi)).unsqueeze(-1).to(acc)
-                return torch.bmm((v * m).transpose(1, 2), zc.to(acc))
+                return _sum_vz(v * m, zc)
 
             self._add(entries, delta, lay.new_full, keep, d, f)
 
