@@ -269,7 +269,7 @@ def test_padded_training_with_gradient_checkpointing():
     for checkpointing in (False, True):
         model = ttt_model(chunk=4).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         if checkpointing:
