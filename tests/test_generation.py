@@ -215,8 +215,9 @@ def test_generate_greedy_and_beam_match_uncached(family):
     assert torch.equal(out.sequences, seq)
 
 
-def test_generate_sampling_matches_uncached():
-    model = ttt_model("llama", chunk=3)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_generate_sampling_matches_uncached(family):
+    model = ttt_model(family, chunk=3)
     ids, mask, _ = left_padded(2, 8, [0, 2], seed=4)
     kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, pad_token_id=0, do_sample=True, top_k=0)
     with torch.no_grad():
