@@ -122,3 +122,19 @@ def test_quick_experiment_writes_curves_and_plot(tmp_path):
         for key in forgetting.METRICS:
             assert len(curves[key]) == 4 and all(0.0 <= v <= 1.0 for v in curves[key])
     assert (tmp_path / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_combine_merges_single_method_runs(tmp_path):
+    curves = {"step": [10], "loss": [1.0], "resets": 0, **{k: [0.5] for k in forgetting.METRICS}}
+    settings = {"vocab": 10_000, "zipf": 1.0, "layers": 1, "hidden": 32, "every": 10, "until": 20, "steps": 10}
+    for method, seed in (("vanilla", 0), ("active", 0), ("temporary", 1)):
+        d = tmp_path / method
+        d.mkdir()
+        rec = {"settings": {**settings, "seed": seed, "methods": [method]}, "hardware": "cpu", "seconds": 2.0}
+        (d / "forgetting.json").write_text(json.dumps({**rec, "results": {method: curves}}))
+    out = tmp_path / "all"
+    assert forgetting.main(["--combine", str(tmp_path / "vanilla"), str(tmp_path / "active"), "--out", str(out)]) == 0
+    record = json.loads((out / "forgetting.json").read_text())
+    assert list(record["results"]) == ["vanilla", "active"] and record["seconds"] == 4.0
+    with pytest.raises(ValueError, match="seed"):
+        forgetting.main(["--combine", str(tmp_path / "vanilla"), str(tmp_path / "temporary"), "--out", str(out)])

@@ -9,7 +9,8 @@ plus ``switch_iwl``: the fraction that follows the memorised roles on ``switch``
     fastweights experiment forgetting [--quick] [--out DIR]
 
 Writes ``DIR/forgetting.json`` (curves and settings), ``DIR/forgetting.png`` and prints a
-summary table (peak and final value per method and set).
+summary table (peak and final value per method and set). To use several processes, run
+each method alone (``--methods M --out DIR_M``), then ``--combine DIR_A DIR_B ... --out DIR``.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--combine", type=Path, nargs="+", help="merge the outputs of these single-method runs into --out")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.batch_size, args.hidden, args.layers, args.heads = 40, 32, 32, 1, 2
@@ -174,30 +176,49 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def write_outputs(results: dict, settings: dict, hardware: str, seconds: float, out: Path) -> None:
+    """Write ``forgetting.json`` and ``forgetting.png`` to ``out`` and print the summary table."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"settings": settings, "hardware": hardware, "seconds": round(seconds, 1), "results": results}
+    (out / "forgetting.json").write_text(json.dumps(record, indent=1))
+    s = settings
+    title = (
+        f"dual-process task: V={s['vocab']}, zipf={s['zipf']}, BERT {s['layers']}x{s['hidden']}, "
+        f"reset every {s['every']} (temporary: until {s['until']}), {s['steps']} steps, seed {s['seed']}"
+    )
+    plot(results, out / "forgetting.png", title)
+    print(summary_table(results))
+    print(f"wrote {out / 'forgetting.json'} and {out / 'forgetting.png'} ({seconds:.0f} s of training)")
+
+
+def combine(dirs: list[Path], out: Path) -> int:
+    """Merge runs of single methods (``--methods M`` run in parallel) into one record and plot."""
+    records = [json.loads((d / "forgetting.json").read_text()) for d in dirs]
+    ignore = {"methods", "out", "combine", "quiet"}
+    first = {k: v for k, v in records[0]["settings"].items() if k not in ignore}
+    results: dict = {}
+    for d, rec in zip(dirs, records, strict=True):
+        other = {k: v for k, v in rec["settings"].items() if k not in ignore}
+        if other != first:
+            diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+            raise ValueError(f"{d} was run with different settings ({', '.join(diff)}); cannot combine")
+        results.update(rec["results"])
+    settings = {**first, "methods": list(results)}
+    write_outputs(results, settings, records[0]["hardware"], sum(r["seconds"] for r in records), out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(argv or []))
+    if args.combine:
+        return combine(args.combine, args.out)
     torch.set_num_threads(args.threads)
     task = DualProcessTask(vocab=args.vocab, zipf=args.zipf, ambiguous=args.ambiguous, seed=args.seed)
     eval_gen = torch.Generator().manual_seed(10_000 + args.seed)
     sets = {name: task.sample(name, args.eval_size, eval_gen) for name in EVAL_SETS}
     start = time.time()
     results = {method: train_run(method, task, sets, args) for method in args.methods}
-    elapsed = time.time() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    record = {
-        "settings": settings,
-        "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} thread(s)",
-        "seconds": round(elapsed, 1),
-        "results": results,
-    }
-    (args.out / "forgetting.json").write_text(json.dumps(record, indent=1))
-    title = (
-        f"dual-process task: V={args.vocab}, zipf={args.zipf}, BERT {args.layers}x{args.hidden}, "
-        f"reset every {args.every} (temporary: until {args.until}), {args.steps} steps, seed {args.seed}"
-    )
-    plot(results, args.out / "forgetting.png", title)
-    print(summary_table(results))
-    print(f"wrote {args.out / 'forgetting.json'} and {args.out / 'forgetting.png'} ({elapsed:.0f} s)")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "combine"}
+    hardware = f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)"
+    write_outputs(results, settings, hardware, time.time() - start, args.out)
     return 0

@@ -247,7 +247,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=None, help="default: 5e-4 (digits), 0.1 (lm)")
     p.add_argument("--epochs", type=int, default=30, help="digits: epochs")
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 (digits), 32 (lm)")
-    p.add_argument("--steps", type=int, default=6000, help="lm: optimiser steps (tokens = steps x batch x seq-len)")
+    p.add_argument(
+        "--steps", type=int, default=1800, help="lm: optimiser steps; tokens = steps x batch x seq-len (29.5M)"
+    )
     p.add_argument("--seq-len", type=int, default=512, help="lm: sequence length")
     p.add_argument("--hidden", type=int, default=384, help="lm: width")
     p.add_argument("--layers", type=int, default=12, help="lm: layers")
