@@ -116,3 +116,21 @@ def test_bad_arguments():
         EmbeddingForgetting(model.embed, opt, every=1, rows=torch.tensor([23]))
     with pytest.raises(ValueError, match="nn.Embedding"):
         EmbeddingForgetting(model.head, opt, every=1)
+
+
+def test_build_forgetting_from_a_config_name():
+    from transformers import BertConfig, BertForMaskedLM
+
+    from fastweights.train.forgetting import build_forgetting
+
+    cfg = BertConfig(vocab_size=31, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    model = BertForMaskedLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    assert build_forgetting("none", model, opt) is None
+    cb = build_forgetting("temporary", model, opt, every=5, until=50)
+    assert cb.tied and cb.output_bias is model.cls.predictions.bias and cb.until == 50
+    assert cb.init_std == cfg.initializer_range
+    with pytest.raises(ValueError, match="needs until"):
+        build_forgetting("temporary", model, opt, every=5)
+    with pytest.raises(ValueError, match="unknown forgetting"):
+        build_forgetting("sometimes", model, opt)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from transformers import BertConfig, BertForMaskedLM
 
 from fastweights.data.dual_process import COP, N_TARGETS, PAD, DualProcessTask
-from fastweights.train.forgetting import EmbeddingForgetting
+from fastweights.train.forgetting import build_forgetting
 
 METHODS = ("vanilla", "active", "temporary")
 EVAL_SETS = ("val", "switch", "tail", "holdout")
@@ -85,10 +85,9 @@ def train_run(method: str, task: DualProcessTask, sets, args) -> dict:
     """Train one model with ``method``; returns ``{"step": [...], metric: [...], "loss": [...]}``."""
     model = build_model(task, args.hidden, args.layers, args.heads, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    forgetting = None
-    if method != "vanilla":
-        until = args.until if method == "temporary" else None
-        forgetting = EmbeddingForgetting.from_model(model, opt, every=args.every, until=until, seed=args.seed)
+    until = args.until if method == "temporary" else None
+    kind = "none" if method == "vanilla" else method
+    forgetting = build_forgetting(kind, model, opt, every=args.every, until=until, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
     curves: dict[str, list] = {"step": [], "loss": [], **{m: [] for m in METRICS}}
     running = 0.0

@@ -22,20 +22,10 @@ new values, so the next synchronisation does not pull the old rows back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from fastweights.optim.lookahead import Lookahead
-
-
-def _normal_init(std: float) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:
-    def init(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        out = torch.empty(like.shape, dtype=torch.float32, device="cpu")
-        return out.normal_(0.0, std, generator=generator).to(like)
-
-    return init
 
 
 class EmbeddingForgetting:
@@ -86,7 +76,7 @@ class EmbeddingForgetting:
         self.rows = rows
         self.tied = output is not None and getattr(output, "weight", None) is weight
         self.output_bias = output.bias if self.tied and getattr(output, "bias", None) is not None else None
-        self.init = _normal_init(init_std)
+        self.init_std = float(init_std)
         self.padding_idx = embedding.padding_idx if padding_idx_zero else None
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.resets = 0
@@ -97,6 +87,11 @@ class EmbeddingForgetting:
         config = getattr(model, "config", None)
         kwargs.setdefault("init_std", getattr(config, "initializer_range", 0.02))
         return cls(model.get_input_embeddings(), optimizer, every, output=model.get_output_embeddings(), **kwargs)
+
+    def _draw(self, like: torch.Tensor) -> torch.Tensor:
+        """Fresh values ``N(0, init_std²)`` of ``like``'s shape, dtype and device."""
+        out = torch.empty(like.shape, dtype=torch.float32).normal_(0.0, self.init_std, generator=self.generator)
+        return out.to(like)
 
     def active(self, step: int) -> bool:
         """Whether a reset happens after completed step ``step``."""
@@ -115,9 +110,9 @@ class EmbeddingForgetting:
         weight = self.embedding.weight
         rows = self.rows
         if rows is None:
-            weight.copy_(self.init(weight, self.generator))
+            weight.copy_(self._draw(weight))
         else:
-            weight[rows] = self.init(weight[rows], self.generator)
+            weight[rows] = self._draw(weight[rows])
         if self.padding_idx is not None and (rows is None or bool((rows == self.padding_idx).any())):
             weight[self.padding_idx].zero_()
         self._reset_state(weight, rows)
@@ -147,3 +142,22 @@ class EmbeddingForgetting:
         for value in state.values():
             if torch.is_tensor(value) and value.shape == param.shape:
                 value[rows] = 0.0
+
+
+FORGETTING = ("none", "active", "temporary")
+
+
+def build_forgetting(
+    kind: str, model: nn.Module, optimizer: torch.optim.Optimizer, every: int = 1000, until: int | None = None, **kwargs
+) -> EmbeddingForgetting | None:
+    """The callback a training config names: ``none`` (returns ``None``), ``active`` (reset every
+    ``every`` steps) or ``temporary`` (also needs ``until``). ``model`` is a Hugging Face model."""
+    if kind not in FORGETTING:
+        raise ValueError(f"unknown forgetting {kind!r}; choose one of {', '.join(FORGETTING)}")
+    if kind == "none":
+        return None
+    if kind == "temporary" and until is None:
+        raise ValueError("temporary forgetting needs until (the last step with resets)")
+    if kind == "active" and until is not None:
+        raise ValueError(f"active forgetting resets forever; got until={until} (use kind='temporary')")
+    return EmbeddingForgetting.from_model(model, optimizer, every, until=until, **kwargs)
