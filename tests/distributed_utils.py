@@ -1,0 +1,52 @@
+"""Run a function on a gloo process group of W CPU processes, from inside a test."""
+
+import json
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        err = None
+    except Exception:
+        result, err = None, traceback.format_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump({"result": result, "error": err}, fh)
+    if err is None:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_world(world: int, fn, *args, timeout: float = 120.0) -> list:
+    """Spawn ``world`` processes running ``fn(rank, world, *args)`` (a module-level function
+    returning JSON-able data) on a gloo group; return the per-rank results, raising on error."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_worker, args=(world, free_port(), fn, args, out_dir), nprocs=world,
+                                 join=False, start_method="fork")
+        while not ctx.join(timeout):
+            pass
+        results = []
+        for r in range(world):
+            with open(os.path.join(out_dir, f"rank{r}.json")) as fh:
+                data = json.load(fh)
+            if data["error"]:
+                raise AssertionError(f"rank {r} failed:\n{data['error']}")
+            results.append(data["result"])
+    return results
