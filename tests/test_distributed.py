@@ -81,3 +81,76 @@ def test_op_context_parallel_matches_one_process(world, dtype, tol):
     for case, errs in results.items():
         for what, err in errs.items():
             assert err <= tol, f"{case}: {what} rel err {err:.2e} > {tol}"
+
+
+# --------------------------------------------------------------------------- model
+MODEL_CASES = {
+    # B, N, documents per row (None: one per row), target, shard lengths (None: even)
+    "one-doc": (2, 29, None, "hidden", None),
+    "packed-embed": (1, 31, [[7, 16]], "embed", "uneven"),
+}
+
+
+def _tiny_converted(target):
+    from tiny_models import tiny_model
+
+    from fastweights.models import convert, ttt_modules
+
+    model = convert(tiny_model("qwen3", layers=3), layers=[0, 2], chunk_size=5, lr=3.0, target=target).train()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in ttt_modules(model):
+            m.ttt_conv.weight.copy_(torch.randn(m.ttt_conv.weight.shape, generator=g))
+            m.ttt_proj.weight.add_(torch.randn(m.ttt_proj.weight.shape, generator=g) * 0.3)
+    return model
+
+
+def _model_worker(rank, world):
+    import copy
+
+    import torch.nn.functional as F
+    from tiny_models import VOCAB
+
+    from fastweights.distributed import all_reduce_gradients, apply_context_parallel, cp_batch, cp_loss
+
+    out = {}
+    for name, (B, N, docs, target, split) in MODEL_CASES.items():
+        model = _tiny_converted(target)
+        ids = torch.randint(0, VOCAB, (B, N), generator=torch.Generator().manual_seed(11))
+        pos = None if docs is None else _positions(B, N, docs)
+        # one process: the whole sequence, HF's packed-sequence handling from position_ids
+        ref_model = copy.deepcopy(model)
+        logits = ref_model(ids, position_ids=pos, use_cache=False).logits
+        ref_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        ref_loss.backward()
+        # context parallel
+        handle = apply_context_parallel(model)
+        lengths = None if split is None else [N // world + (r - world // 2) for r in range(world)]
+        if lengths is not None:
+            lengths[-1] += N - sum(lengths)
+        batch = cp_batch(ids, labels=ids, position_ids=pos, lengths=lengths)
+        logits = model(batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+        loss = cp_loss(logits, batch.targets)
+        loss.backward()
+        all_reduce_gradients(model)
+        loss_mean = loss.detach().clone()
+        dist.all_reduce(loss_mean)
+        loss_mean /= world
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        errs = {n: rel(grads[n], p.grad, 1e-6) for n, p in ref_model.named_parameters()}
+        handle.remove()
+        out[name] = {"loss": abs(loss_mean.item() - ref_loss.item()) / ref_loss.item(),
+                     "grad": max(errs.values()), "worst": max(errs, key=errs.get),
+                     "conv_grad_norm": grads["model.layers.2.mlp.ttt_conv.weight"].norm().item(),
+                     "restored": model.config._attn_implementation}
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_model_step_context_parallel_matches_one_process(world):
+    results = run_world(world, _model_worker)[0]
+    for case, r in results.items():
+        assert r["loss"] <= 1e-6, (case, r)
+        assert r["grad"] <= 1e-5, (case, r)
+        assert r["conv_grad_norm"] > 0, (case, r)
+        assert r["restored"] != "fastweights_cp_allgather", (case, r)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 
 from fastweights.ops.inplace_ttt import (
@@ -50,11 +50,19 @@ from fastweights.ops.inplace_ttt import (
     ttt_target,
 )
 
-__all__ = ["carry_bytes", "inplace_ttt_cp"]
+__all__ = ["all_gather_autograd", "carry_bytes", "inplace_ttt_cp"]
 
 
 def _rank_world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def all_gather_autograd(x: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """All-gather ``x`` (same shape on every rank) as a list in rank order; the backward
+    reduce-scatters the gradients back to their owners (PyTorch functional collectives)."""
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd  # torch < 2.13
+    out = gather(x.unsqueeze(0).contiguous(), 0, group if group is not None else dist.group.WORLD)
+    return list(out.unbind(0))
 
 
 class _CarryScan(torch.autograd.Function):
@@ -100,7 +108,7 @@ def _halo(s: torch.Tensor, cs: torch.Tensor, group) -> tuple[torch.Tensor, torch
     h = _HALF
     edges = torch.cat([s[:, :h], s[:, -h:]], dim=1)  # (B, 2h, d)
     flags = torch.cat([cs[:, :h], cs[:, -h:]], dim=1).to(s.dtype).unsqueeze(-1)  # (B, 2h, 1)
-    parts = dist_fn.all_gather(torch.cat([edges, flags], dim=-1), group=group)
+    parts = all_gather_autograd(torch.cat([edges, flags], dim=-1), group)
     B, _, d = s.shape
     none = (s.new_zeros(B, h, d), torch.ones(B, h, dtype=torch.bool, device=s.device))
     left = (parts[rank - 1][:, h:, :d], parts[rank - 1][:, h:, d] > 0.5) if rank > 0 else none
