@@ -36,8 +36,11 @@ OP_CASES = {
 }
 
 
-def _op_worker(rank, world, dtype_name):
-    dtype = getattr(torch, dtype_name)
+def _op_worker(rank, world):
+    return {dtype: _op_errors(rank, world, getattr(torch, dtype)) for dtype in ("float32", "float64")}
+
+
+def _op_errors(rank, world, dtype):
     out = {}
     for name, (B, N, d, f, C, doc_starts) in OP_CASES.items():
         g = torch.Generator().manual_seed(hash(name) % 1000)
@@ -75,12 +78,12 @@ def _op_worker(rank, world, dtype_name):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float64", 1e-12)])
-def test_op_context_parallel_matches_one_process(world, dtype, tol):
-    results = run_world(world, _op_worker, dtype)[0]
-    for case, errs in results.items():
-        for what, err in errs.items():
-            assert err <= tol, f"{case}: {what} rel err {err:.2e} > {tol}"
+def test_op_context_parallel_matches_one_process(world):
+    results = run_world(world, _op_worker)[0]
+    for dtype, tol in (("float32", 1e-5), ("float64", 1e-12)):
+        for case, errs in results[dtype].items():
+            for what, err in errs.items():
+                assert err <= tol, f"{dtype} {case}: {what} rel err {err:.2e} > {tol}"
 
 
 # --------------------------------------------------------------------------- model
@@ -154,3 +157,113 @@ def test_model_step_context_parallel_matches_one_process(world):
         assert r["grad"] <= 1e-5, (case, r)
         assert r["conv_grad_norm"] > 0, (case, r)
         assert r["restored"] != "fastweights_cp_allgather", (case, r)
+
+
+# --------------------------------------------------------------------------- data parallel
+ROWS, SEQ = 4, 17  # global batch of every step; each rank takes ROWS / world rows
+
+
+def _global_batch(step):
+    from tiny_models import VOCAB
+
+    return torch.randint(0, VOCAB, (ROWS, SEQ), generator=torch.Generator().manual_seed(100 + step))
+
+
+def _train(model, opt, steps, start, rank, world):
+    """AdamW steps on this rank's rows of each global batch; returns the losses."""
+    losses = []
+    for step in range(start, start + steps):
+        rows = _global_batch(step).chunk(world)[rank]
+        loss = model(rows, labels=rows, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _dp_model(mode, seed=0, dropout=0.0):
+    from fastweights.distributed.data_parallel import wrap_model
+
+    torch.manual_seed(seed)
+    model = _tiny_converted("hidden")
+    model.config.attention_dropout = dropout
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = dropout
+    model = wrap_model(model, mode)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def _dp_worker(rank, world, ckpt_dir):
+    from fastweights.distributed.data_parallel import full_state_dict, load_checkpoint, save_checkpoint
+
+    out = {}
+    for mode in ("ddp", "fsdp"):
+        # data parallel equals one process on the global batch
+        model, opt = _dp_model(mode)
+        ref = _tiny_converted("hidden")
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+        _train(model, opt, 3, 0, rank, world)
+        _train(ref, ref_opt, 3, 0, 0, 1)
+        got = full_state_dict(model)
+        if rank == 0:
+            out[f"{mode}-vs-one"] = max(rel(got[n], p.detach(), 1e-6) for n, p in ref.named_parameters())
+            out[f"{mode}-moved"] = max(rel(got[n], p.detach(), 1e-6)
+                                       for n, p in _tiny_converted("hidden").named_parameters())
+        # resume is exact: 4 steps straight == 2 steps, save, load into a fresh model, 2 steps
+        torch.manual_seed(7 + rank)
+        model, opt = _dp_model(mode, dropout=0.2)
+        straight = _train(model, opt, 4, 0, rank, world)
+        final = full_state_dict(model)
+        torch.manual_seed(7 + rank)
+        model, opt = _dp_model(mode, dropout=0.2)
+        first = _train(model, opt, 2, 0, rank, world)
+        path = f"{ckpt_dir}/{mode}"
+        save_checkpoint(path, model, opt, {"step": 2})
+        model, opt = _dp_model(mode, seed=1, dropout=0.2)  # reseeds: the load must restore the RNG
+        state = load_checkpoint(path, model, opt)
+        resumed = first + _train(model, opt, 2, state["step"], rank, world)
+        again = full_state_dict(model)
+        if rank == 0:
+            out[f"{mode}-resume-equal"] = all(torch.equal(final[n], again[n]) for n in final)
+            out[f"{mode}-loss-equal"] = straight == resumed
+    return out
+
+
+def _dp_other_world_worker(rank, world, ckpt_dir):
+    """Load the checkpoints written at another world size; one more step equals the step of
+    one process that loads the same checkpoint (so the optimizer state came through too)."""
+    from safetensors.torch import load_file
+
+    from fastweights.distributed.data_parallel import full_state_dict, load_checkpoint
+
+    out = {}
+    for mode in ("ddp", "fsdp"):
+        path = f"{ckpt_dir}/{mode}"
+        model, opt = _dp_model(mode, seed=5)
+        state = load_checkpoint(path, model, opt)
+        saved = load_file(f"{path}/model.safetensors")
+        loaded = full_state_dict(model)
+        torch.manual_seed(5)
+        ref = _tiny_converted("hidden")  # a plain model: the loader handles it too
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+        load_checkpoint(path, ref, ref_opt)
+        _train(model, opt, 1, state["step"], rank, world)
+        _train(ref, ref_opt, 1, state["step"], 0, 1)
+        stepped = full_state_dict(model)
+        if rank == 0:
+            out[f"{mode}-loaded-equal"] = all(torch.equal(loaded[n], saved[n]) for n in saved)
+            out[f"{mode}-step-vs-one"] = max(rel(stepped[n], p.detach(), 1e-6) for n, p in ref.named_parameters())
+    return out
+
+
+def test_data_parallel_training_resume_and_other_world_size(tmp_path):
+    r2 = run_world(2, _dp_worker, str(tmp_path))[0]
+    for mode in ("ddp", "fsdp"):
+        assert r2[f"{mode}-vs-one"] <= 1e-5, r2
+        assert r2[f"{mode}-moved"] > 1e-3, r2  # training did change the weights
+        assert r2[f"{mode}-resume-equal"] and r2[f"{mode}-loss-equal"], r2
+    r4 = run_world(4, _dp_other_world_worker, str(tmp_path))[0]
+    for mode in ("ddp", "fsdp"):
+        assert r4[f"{mode}-loaded-equal"], r4
+        assert r4[f"{mode}-step-vs-one"] <= 1e-5, r4
