@@ -17,11 +17,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, out_dir):
+def _worker(rank, world, port, fn, args, out_dir, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         result = fn(rank, world, *args)
         err = None
@@ -34,12 +36,13 @@ def _worker(rank, world, port, fn, args, out_dir):
     dist.destroy_process_group()
 
 
-def run_world(world: int, fn, *args, timeout: float = 120.0) -> list:
-    """Spawn ``world`` processes running ``fn(rank, world, *args)`` (a module-level function
-    returning JSON-able data) on a gloo group; return the per-rank results, raising on error."""
+def run_world(world: int, fn, *args, backend: str = "gloo", timeout: float = 120.0) -> list:
+    """Start ``world`` processes running ``fn(rank, world, *args)`` (a module-level function
+    returning JSON-able data) on a ``backend`` group (gloo: forked CPU processes; nccl: spawned,
+    one GPU each); return the per-rank results, raising on error."""
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(world, free_port(), fn, args, out_dir), nprocs=world,
-                                 join=False, start_method="fork")
+        ctx = mp.start_processes(_worker, args=(world, free_port(), fn, args, out_dir, backend), nprocs=world,
+                                 join=False, start_method="fork" if backend == "gloo" else "spawn")
         while not ctx.join(timeout):
             pass
         results = []

@@ -159,6 +159,49 @@ def test_model_step_context_parallel_matches_one_process(world):
         assert r["restored"] != "fastweights_cp_allgather", (case, r)
 
 
+def _ring_worker(rank, world):
+    """The one-document model step with PyTorch's ring attention, on CUDA."""
+    import copy
+
+    import torch.nn.functional as F
+    from tiny_models import VOCAB
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fastweights.distributed import all_reduce_gradients, apply_context_parallel, cp_loss, ring_attention_context
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.device("cuda", rank)
+    model = _tiny_converted("hidden").to(dev)
+    N = 32
+    ids = torch.randint(0, VOCAB, (2, N), generator=torch.Generator().manual_seed(11)).to(dev)
+    ref = copy.deepcopy(model)
+    logits = ref(ids, use_cache=False).logits
+    ref_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    ref_loss.backward()
+    handle = apply_context_parallel(model, attention="ring")
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    buffers = [ids.clone(), torch.arange(N, device=dev).expand(2, N).clone(), targets]
+    with ring_attention_context(init_device_mesh("cuda", (world,)), buffers, [1, 1, 1]):
+        logits = model(buffers[0], position_ids=buffers[1], use_cache=False).logits
+        loss = cp_loss(logits, buffers[2])
+        loss.backward()
+    all_reduce_gradients(model)
+    handle.remove()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    errs = {n: rel(dict(model.named_parameters())[n].grad, p.grad, 1e-6) for n, p in ref.named_parameters()}
+    return {"loss": abs(total.item() / world - ref_loss.item()) / ref_loss.item(), "grad": max(errs.values())}
+
+
+@pytest.mark.gpu
+def test_model_step_ring_attention_matches_one_process_on_two_gpus():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    r = run_world(2, _ring_worker, backend="nccl")[0]
+    assert r["loss"] <= 1e-5 and r["grad"] <= 1e-4, r
+
+
 # --------------------------------------------------------------------------- data parallel
 ROWS, SEQ = 4, 17  # global batch of every step; each rank takes ROWS / world rows
 

@@ -9,6 +9,14 @@ from fastweights.distributed.context_parallel import (
     cp_loss,
     ring_attention_context,
 )
+from fastweights.distributed.data_parallel import (
+    full_state_dict,
+    init_distributed,
+    load_checkpoint,
+    load_full_state_dict,
+    save_checkpoint,
+    wrap_model,
+)
 from fastweights.distributed.inplace_ttt_cp import carry_bytes, inplace_ttt_cp
 
 __all__ = [
@@ -19,6 +27,12 @@ __all__ = [
     "carry_bytes",
     "cp_batch",
     "cp_loss",
+    "full_state_dict",
+    "init_distributed",
     "inplace_ttt_cp",
+    "load_checkpoint",
+    "load_full_state_dict",
     "ring_attention_context",
+    "save_checkpoint",
+    "wrap_model",
 ]

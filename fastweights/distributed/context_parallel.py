@@ -48,6 +48,7 @@ from fastweights.layers.inplace_ttt import InPlaceTTTMLP
 __all__ = [
     "ATTN_NAME",
     "CPBatch",
+    "RING_ATTN_NAME",
     "ContextParallel",
     "all_reduce_gradients",
     "apply_context_parallel",
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 ATTN_NAME = "fastweights_cp_allgather"
+RING_ATTN_NAME = "fastweights_cp_ring"
 IGNORE = -100
 
 
@@ -195,13 +197,27 @@ def _allgather_attention(module, query, key, value, attention_mask, dropout=0.0,
     return out.transpose(1, 2).contiguous(), None
 
 
+def _ring_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The attention function registered as :data:`RING_ATTN_NAME`: plain causal SDPA with the
+    K/V heads repeated, which ``torch.distributed.tensor.experimental.context_parallel``
+    replaces with ring attention inside :func:`ring_attention_context`."""
+    rep = query.shape[1] // key.shape[1]
+    if rep > 1:
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                         dropout_p=dropout if module.training else 0.0, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def _no_mask(*args, **kwargs):
-    """Mask function for :data:`ATTN_NAME`: the attention function builds its own."""
+    """Mask function of our attention functions: they build their own."""
     return None
 
 
 AttentionInterface.register(ATTN_NAME, _allgather_attention)
 AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+AttentionInterface.register(RING_ATTN_NAME, _ring_attention)
+AttentionMaskInterface.register(RING_ATTN_NAME, _no_mask)
 
 
 def _shard_layout(state: _CPState, module, args, kwargs):
@@ -265,8 +281,9 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None = N
 
     Each rank then calls the model on its shard with ``position_ids`` (from :func:`cp_batch`)
     and ``use_cache=False``. ``attention``: ``"allgather"`` (any device and backend, packed
-    rows) or ``"ring"`` (keep the model's SDPA attention, for use inside
-    :func:`ring_attention_context`; CUDA, unpacked rows, equal shard lengths).
+    rows, uneven shards) or ``"ring"`` (causal SDPA that PyTorch's context parallelism turns
+    into ring attention; call the model inside :func:`ring_attention_context`; CUDA only,
+    one document per row, equal shard lengths).
     """
     if attention not in ("allgather", "ring"):
         raise ValueError(f"attention must be 'allgather' or 'ring', got {attention!r}")
@@ -286,6 +303,8 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None = N
             layer.self_attn._fw_cp_state = state
             modules.append(layer.self_attn)
         model.set_attn_implementation(ATTN_NAME)
+    else:
+        model.set_attn_implementation(RING_ATTN_NAME)
     return ContextParallel(model, group, attn_before, hooks, modules)
 
 
