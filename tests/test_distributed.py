@@ -86,6 +86,18 @@ def test_op_context_parallel_matches_one_process(world):
                 assert err <= tol, f"{dtype} {case}: {what} rel err {err:.2e} > {tol}"
 
 
+def test_op_context_parallel_rejects_bad_input():
+    z, s, w0, conv = torch.randn(1, 6, 5), torch.randn(1, 6, 3), torch.randn(3, 5), torch.zeros(3, 5)
+    with pytest.raises(ValueError, match="needs position_ids"):
+        inplace_ttt_cp(z, s, w0, conv, None, 1.0, 4, position_ids=None)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        inplace_ttt_cp(z[:, :1], s[:, :1], w0, conv, None, 1.0, 4, position_ids=torch.zeros(1, 1))
+    with pytest.raises(ValueError, match="position_ids must be"):
+        inplace_ttt_cp(z, s, w0, conv, None, 1.0, 4, position_ids=torch.arange(5))
+    with pytest.raises(ValueError, match="chunk_size"):
+        inplace_ttt_cp(z, s, w0, conv, None, 1.0, 0, position_ids=torch.arange(6))
+
+
 # --------------------------------------------------------------------------- model
 MODEL_CASES = {
     # B, N, documents per row (None: one per row), target, shard lengths (None: even)
@@ -141,11 +153,17 @@ def _model_worker(rank, world):
         loss_mean /= world
         grads = {n: p.grad for n, p in model.named_parameters()}
         errs = {n: rel(grads[n], p.grad, 1e-6) for n, p in ref_model.named_parameters()}
+        refused = []
+        for kw in ({}, {"position_ids": batch.position_ids, "attention_mask": torch.zeros_like(batch.input_ids)}):
+            try:
+                model(batch.input_ids, use_cache=False, **kw)
+            except ValueError as err:
+                refused.append(str(err).split(":")[0])
         handle.remove()
         out[name] = {"loss": abs(loss_mean.item() - ref_loss.item()) / ref_loss.item(),
                      "grad": max(errs.values()), "worst": max(errs, key=errs.get),
                      "conv_grad_norm": grads["model.layers.2.mlp.ttt_conv.weight"].norm().item(),
-                     "restored": model.config._attn_implementation}
+                     "restored": model.config._attn_implementation, "refused": refused}
     return out
 
 
@@ -157,6 +175,8 @@ def test_model_step_context_parallel_matches_one_process(world):
         assert r["grad"] <= 1e-5, (case, r)
         assert r["conv_grad_norm"] > 0, (case, r)
         assert r["restored"] != "fastweights_cp_allgather", (case, r)
+        assert r["refused"] == ["under context parallelism pass position_ids (see fastweights.distributed.cp_batch)",
+                                "context parallelism does not take padding masks"], (case, r)
 
 
 def _ring_worker(rank, world):

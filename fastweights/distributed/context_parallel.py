@@ -184,6 +184,9 @@ def _allgather_attention(module, query, key, value, attention_mask, dropout=0.0,
     """The attention function registered as :data:`ATTN_NAME`: ``query`` (B, H, n, D) of this
     shard, ``key``/``value`` (B, H_kv, n, D); returns (B, n, H, D) and no weights."""
     state: _CPState = module._fw_cp_state
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise ValueError("context-parallel attention supports full causal attention only (no sliding window, "
+                         "no softcap)")
     n = query.shape[2]
     upto = state.start + n
     k = _gather_seq(key, state.lengths, upto, state.group)
@@ -225,6 +228,10 @@ def _shard_layout(state: _CPState, module, args, kwargs):
     pos = kwargs.get("position_ids")
     if pos is None:
         raise ValueError("under context parallelism pass position_ids (see fastweights.distributed.cp_batch)")
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise ValueError("context parallelism does not take padding masks: pack documents and mark them with "
+                         "position_ids (cp_batch)")
     group = state.group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     n = pos.shape[-1]
