@@ -10,7 +10,8 @@ Functions the trainer calls under ``torchrun``:
   ``model.safetensors`` + ``config.json`` (a Hugging Face model directory),
   ``optimizer.safetensors`` (state per parameter name) + ``optimizer.json`` (param groups),
   ``rng-<rank>.safetensors`` (per-rank RNG, restored only at the same world size: resume is
-  then exact) and ``state.json`` (step, world size and what the caller adds). Nothing is
+  then exact, bit for bit with FSDP2; with DDP at > 2 ranks up to the order of the gradient
+  all-reduce sums in the first step, as DDP rebuilds its buckets) and ``state.json`` (step, world size and what the caller adds). Nothing is
   pickled.
 """
 
