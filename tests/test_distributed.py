@@ -179,6 +179,34 @@ def test_model_step_context_parallel_matches_one_process(world):
                                 "context parallelism does not take padding masks"], (case, r)
 
 
+def _dp_cp_worker(rank, world, mode):
+    """2 data-parallel replicas × 2 context-parallel ranks: the averaged gradient is the one
+    of the mean loss over the two sequences."""
+    from tiny_models import VOCAB
+
+    from fastweights.distributed import cp_batch, cp_loss, parallelize
+
+    N = 26
+    ids = torch.randint(0, VOCAB, (2, N), generator=torch.Generator().manual_seed(5))
+    pos = _positions(2, N, [[], [9, 14]])
+    ref = _tiny_converted("hidden")
+    ref(ids, labels=ids, position_ids=pos, use_cache=False).loss.backward()
+    model, cp_group, dp_rank = parallelize(_tiny_converted("hidden"), dp_mode=mode, cp_size=2)
+    batch = cp_batch(ids[dp_rank:dp_rank + 1], labels=ids[dp_rank:dp_rank + 1], position_ids=pos[dp_rank:dp_rank + 1],
+                     group=cp_group)
+    logits = model(batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    cp_loss(logits, batch.targets, cp_group).backward()
+    grads = {n.removeprefix("module."): p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+             for n, p in model.named_parameters()}  # FSDP2: sharded DTensors
+    return max(rel(grads[n], p.grad, 1e-6) for n, p in ref.named_parameters())
+
+
+def test_data_and_context_parallel_together():
+    for mode in ("fsdp", "ddp"):
+        errs = run_world(4, _dp_cp_worker, mode)
+        assert max(errs) <= 1e-5, (mode, errs)
+
+
 def _ring_worker(rank, world):
     """The one-document model step with PyTorch's ring attention, on CUDA."""
     import copy

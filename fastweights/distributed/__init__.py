@@ -14,6 +14,7 @@ from fastweights.distributed.data_parallel import (
     init_distributed,
     load_checkpoint,
     load_full_state_dict,
+    parallelize,
     save_checkpoint,
     wrap_model,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "inplace_ttt_cp",
     "load_checkpoint",
     "load_full_state_dict",
+    "parallelize",
     "ring_attention_context",
     "save_checkpoint",
     "wrap_model",

@@ -5,14 +5,15 @@ Functions the trainer calls under ``torchrun``:
 * :func:`init_distributed`: the process group from torchrun's environment (NCCL on CUDA,
   gloo on CPU) and this rank's device;
 * :func:`wrap_model`: ``fully_shard`` (FSDP2) on every decoder layer and the root, or DDP;
+* :func:`parallelize`: data parallelism and context parallelism together on a 2-D mesh;
 * :func:`save_checkpoint` / :func:`load_checkpoint`: full (unsharded) tensors in safetensors,
   keyed by parameter name, so a checkpoint written at one world size loads at any other:
   ``model.safetensors`` + ``config.json`` (a Hugging Face model directory),
   ``optimizer.safetensors`` (state per parameter name) + ``optimizer.json`` (param groups),
   ``rng-<rank>.safetensors`` (per-rank RNG, restored only at the same world size: resume is
   then exact, bit for bit with FSDP2; with DDP at > 2 ranks up to the order of the gradient
-  all-reduce sums in the first step, as DDP rebuilds its buckets) and ``state.json`` (step, world size and what the caller adds). Nothing is
-  pickled.
+  all-reduce sums in the first step, as DDP rebuilds its buckets) and ``state.json`` (step,
+  world size and what the caller adds). Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
+
+from fastweights.distributed.context_parallel import apply_context_parallel
 
 __all__ = [
     "MODES",
@@ -39,6 +43,7 @@ __all__ = [
     "init_distributed",
     "load_checkpoint",
     "load_full_state_dict",
+    "parallelize",
     "save_checkpoint",
     "wrap_model",
 ]
@@ -99,8 +104,6 @@ def wrap_model(model: nn.Module, mode: str = "fsdp", *, mesh=None, group: dist.P
 
 
 def _world_mesh(device_type: str):
-    from torch.distributed.device_mesh import init_device_mesh
-
     return init_device_mesh(device_type, (dist.get_world_size(),))
 
 
@@ -200,3 +203,28 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def parallelize(model: nn.Module, *, dp_mode: str = "fsdp", cp_size: int = 1, attention: str = "allgather",
+                mp_dtype: torch.dtype | None = None):
+    """Data parallelism over the whole world and context parallelism over groups of
+    ``cp_size`` consecutive ranks (a (world/cp_size) × cp_size mesh, dims ``dp`` and ``cp``).
+
+    Ranks of one ``cp`` group share one batch of sequences, each rank a contiguous shard
+    (:func:`~fastweights.distributed.cp_batch` with ``group=cp_group``); ``dp`` replicas
+    (``dp_rank = rank // cp_size``) take different batches. Gradients are averaged over all
+    ranks by FSDP2/DDP, which with :func:`~fastweights.distributed.cp_loss` gives the mean
+    over the data-parallel batches of the whole sequences' gradients.
+
+    Returns ``(model, cp_group, dp_rank)``; ``cp_group`` is None when ``cp_size == 1``.
+    """
+    world = dist.get_world_size()
+    if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1 or world % cp_size:
+        raise ValueError(f"cp_size must be a positive divisor of the world size {world}, got {cp_size!r}")
+    device = next(model.parameters()).device
+    cp_group = None
+    if cp_size > 1:
+        mesh = init_device_mesh(device.type, (world // cp_size, cp_size), mesh_dim_names=("dp", "cp"))
+        cp_group = mesh.get_group("cp")
+        apply_context_parallel(model, cp_group, attention=attention)
+    return wrap_model(model, dp_mode, mp_dtype=mp_dtype), cp_group, dist.get_rank() // cp_size
