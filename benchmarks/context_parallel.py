@@ -13,7 +13,8 @@ context parallelism):
   SDPA attention); the other ranks wait;
 * on all ranks, the same model under :func:`fastweights.distributed.apply_context_parallel`
   (exact cross-rank In-Place TTT prefix, all-gather K/V attention), contiguous shards with
-  lengths from :func:`~fastweights.distributed.balanced_split`.
+  lengths from :func:`~fastweights.distributed.balanced_split`: the step's cost is modelled
+  as ``a·n + b·n²`` (``b``: causal attention), fitted from 1-GPU steps at N and N/2.
 
 It reports tokens/s per GPU, the speedup of W GPUs over one on the same sequence, the peak
 memory per GPU, and the bytes each rank receives per step (from the shapes, see
@@ -152,34 +153,37 @@ def measure(N: int, shape: dict, chunk: int, dtype, device, recompute: bool, arg
     targets[:, :-1] = ids[:, 1:]
     pos = torch.arange(N, device=device).unsqueeze(0)
 
-    def one_step():
-        loss = loss_sum(model, ids, pos, targets) / (N - 1)
+    def one_step(n=N):
+        loss = loss_sum(model, ids[:, :n], pos[:, :n], targets[:, :n]) / (n - 1)
         loss.backward()
         model.zero_grad(set_to_none=True)
         return loss.item()
 
     t1 = loss1 = mem1 = None
+    n_params = sum(p.numel() for p in model.parameters())
+    share = [attention_share(model.config, n_params, N) if args.attention_share is None else args.attention_share]
     if rank == 0:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
             t1, loss1 = timed_steps(one_step, args.steps, args.warmup, device, all_ranks=False)
             mem1 = peak_mem(device)
+            if args.attention_share is None:
+                # measured cost model t(n) = a·n + b·n²: the quadratic share from t(N) and t(N/2)
+                t_half, _ = timed_steps(lambda: one_step(N // 2), 1, 1, device, all_ranks=False)
+                share[0] = min(1.0, max(0.0, 2 * (t1 - 2 * t_half) / t1))
         except torch.OutOfMemoryError:
             model.zero_grad(set_to_none=True)
             t1 = "OOM"
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    dist.barrier()  # the other ranks wait for the baseline
+    dist.broadcast_object_list(share, 0)  # the other ranks wait here for the baseline
+    row["attention_share"] = share[0]
 
     # W GPUs: context parallel
     handle = apply_context_parallel(model, attention=args.attention)
-    n_params = sum(p.numel() for p in model.parameters())
-    if args.attention == "ring":  # torch's context_parallel shards evenly
-        lengths = balanced_split(N, world, 0.0)
-    else:
-        share = attention_share(model.config, n_params, N) if args.attention_share is None else args.attention_share
-        lengths = balanced_split(N, world, share)
+    # torch's context_parallel shards evenly
+    lengths = balanced_split(N, world, 0.0 if args.attention == "ring" else share[0])
     batch = cp_batch(ids, labels=ids, lengths=lengths)
     mesh = init_device_mesh(device.type, (world,)) if args.attention == "ring" else None
 
@@ -233,8 +237,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--attention-share", type=float, default=None,
-                    help="share of causal attention in the step, to balance the shard lengths "
-                         "(0: even; default: estimated from the FLOPs)")
+                    help="share of the step that grows with the square of the length (causal attention), "
+                         "to balance the shard lengths (0: even; default: measured from 1-GPU steps at N and "
+                         "N/2, or estimated from the FLOPs if N does not fit)")
     ap.add_argument("--attention", choices=["allgather", "ring"], default="allgather",
                     help="CP attention: all-gather K/V (uneven shards), or PyTorch's ring attention "
                          "(CUDA, even shards, no load balancing)")
