@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import tempfile
 import traceback
 
@@ -11,19 +10,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank, world, port, fn, args, out_dir, backend):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _worker(rank, world, fn, args, out_dir, backend):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    # a file store: no port to race for
+    dist.init_process_group(backend, init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     try:
         result = fn(rank, world, *args)
         err = None
@@ -41,7 +34,7 @@ def run_world(world: int, fn, *args, backend: str = "gloo", timeout: float = 120
     returning JSON-able data) on a ``backend`` group (gloo: forked CPU processes; nccl: spawned,
     one GPU each); return the per-rank results, raising on error."""
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(world, free_port(), fn, args, out_dir, backend), nprocs=world,
+        ctx = mp.start_processes(_worker, args=(world, fn, args, out_dir, backend), nprocs=world,
                                  join=False, start_method="fork" if backend == "gloo" else "spawn")
         while not ctx.join(timeout):
             pass
