@@ -10,7 +10,8 @@ the gradient all-reduce; no optimiser update, which costs the same per GPU with 
 context parallelism):
 
 * on rank 0 alone, the plain converted model on the whole sequence (the 1-GPU baseline,
-  SDPA attention); the other ranks wait;
+  SDPA attention, and by default the chunked In-Place TTT op, which is the CP path's local
+  scan: ``--baseline-impl auto`` times issue 3's fast path instead); the other ranks wait;
 * on all ranks, the same model under :func:`fastweights.distributed.apply_context_parallel`
   (exact cross-rank In-Place TTT prefix, all-gather K/V attention), contiguous shards with
   lengths from :func:`~fastweights.distributed.balanced_split`: the step's cost is modelled
@@ -28,6 +29,7 @@ import argparse
 import json
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -46,6 +48,7 @@ from fastweights.distributed import (
 )
 from fastweights.distributed.data_parallel import init_distributed
 from fastweights.models import convert, ttt_modules
+from fastweights.ops.inplace_ttt import inplace_ttt
 
 # Qwen3-0.6B's shape (0.6B parameters with tied embeddings, 0.44B without).
 QWEN3_05B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -146,12 +149,18 @@ def measure(N: int, shape: dict, chunk: int, dtype, device, recompute: bool, arg
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(0, shape["vocab_size"], (1, N), generator=torch.Generator().manual_seed(N)).to(device)
     row = {"seq": N, "world": world, "device": name, "dtype": str(dtype).removeprefix("torch."),
-           "params": sum(p.numel() for p in model.parameters()), "chunk": chunk}
+           "params": sum(p.numel() for p in model.parameters()), "chunk": chunk,
+           "baseline_impl": args.baseline_impl, "attention": args.attention}
 
     # 1 GPU: rank 0 alone, whole sequence
     targets = torch.full_like(ids, -100)
     targets[:, :-1] = ids[:, 1:]
     pos = torch.arange(N, device=device).unsqueeze(0)
+
+    # the same local In-Place TTT algorithm as the CP path (its local scan is the chunked form),
+    # unless --baseline-impl names another (e.g. auto: issue 3's fast path on CUDA)
+    for m in ttt_modules(model):
+        m.ttt_op = partial(inplace_ttt, impl=args.baseline_impl)
 
     def one_step(n=N):
         loss = loss_sum(model, ids[:, :n], pos[:, :n], targets[:, :n]) / (n - 1)
@@ -181,6 +190,8 @@ def measure(N: int, shape: dict, chunk: int, dtype, device, recompute: bool, arg
     row["attention_share"] = share[0]
 
     # W GPUs: context parallel
+    for m in ttt_modules(model):
+        m.ttt_op = None
     handle = apply_context_parallel(model, attention=args.attention)
     # torch's context_parallel shards evenly
     lengths = balanced_split(N, world, 0.0 if args.attention == "ring" else share[0])
@@ -243,6 +254,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", choices=["allgather", "ring"], default="allgather",
                     help="CP attention: all-gather K/V (uneven shards), or PyTorch's ring attention "
                          "(CUDA, even shards, no load balancing)")
+    ap.add_argument("--baseline-impl", choices=["chunked", "auto", "fast"], default="chunked",
+                    help="In-Place TTT op of the 1-GPU baseline (chunked: the CP path's local algorithm)")
     ap.add_argument("--no-checkpoint", action="store_true", help="no activation checkpointing")
     ap.add_argument("--json", help="write the results to this JSON file (rank 0)")
     args = ap.parse_args(argv)
