@@ -1,5 +1,6 @@
 """Model glue and Hugging Face integration."""
 
+from fastweights.models.fwl import FWLCache, add_fwl, fwl_layer, has_fwl
 from fastweights.models.inplace_ttt import (
     SUPPORTED_FAMILIES,
     convert,
@@ -12,8 +13,12 @@ from fastweights.models.inplace_ttt import (
 )
 
 __all__ = [
+    "FWLCache",
     "SUPPORTED_FAMILIES",
+    "add_fwl",
     "convert",
+    "fwl_layer",
+    "has_fwl",
     "default_layers",
     "is_converted",
     "load_pretrained",
