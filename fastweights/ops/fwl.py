@@ -248,7 +248,8 @@ def fwl_slow_pass(h, targets, params: FWLParams, unembed_weight, unembed_bias=No
     u = n * params.ln_weight + params.ln_bias
     logits = F.linear(u, unembed_weight, unembed_bias)
     valid = targets != IGNORE
-    g_logits = torch.softmax(logits.float() if logits.dtype == torch.float16 else logits, -1).to(logits.dtype)
+    half = logits.dtype in (torch.float16, torch.bfloat16)  # softmax in float32 for half inputs
+    g_logits = torch.softmax(logits.float() if half else logits, -1).to(logits.dtype)
     g_logits = g_logits - F.one_hot(targets.clamp_min(0), logits.shape[-1]).to(logits.dtype)
     g_logits = g_logits * valid.unsqueeze(-1).to(logits.dtype)
     g_u = g_logits @ unembed_weight
