@@ -17,7 +17,7 @@ def test_quick_run(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "loss_by_position.png").stat().st_size > 0
     rows = {r["method"].split(" (")[0]: r for r in res["rows"]}
-    assert set(rows) == {"static", "dynamic evaluation", "FWL", "In-Place TTT"}
+    assert set(rows) == {"static", "dynamic evaluation", "FWL", "FWL, residual variant", "In-Place TTT"}
     seg = res["scale"]["segment"]
     static, dyn = rows["static"], rows["dynamic evaluation"]
     # the first segment is scored before any update: the same losses as plain evaluation

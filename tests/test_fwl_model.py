@@ -86,6 +86,28 @@ def test_save_load_round_trip(tmp_path):
     assert m2.lm_head.weight is m2.model.embed_tokens.weight
 
 
+def test_residual_variant_is_drop_in(tmp_path):
+    cfg = tiny().config
+    ids = torch.randint(1, V, (2, 9))
+    torch.manual_seed(3)
+    base = Qwen3ForCausalLM(Qwen3ForCausalLM.config_class(**{k: v for k, v in cfg.to_dict().items()
+                                                             if not k.startswith("fwl_")})).eval()
+    before = base(ids, use_cache=False).logits
+    m = add_fwl(base, residual=True, step_size=0.0)
+    assert torch.equal(m(ids, use_cache=False).logits, before)  # gain 0 and no steps: an identity
+    with torch.no_grad():
+        fwl_layer(m).step_sizes.fill_(0.01)
+    near = m(ids, use_cache=False).logits  # the fast gain and bias now move away from 0
+    assert 0 < rel(near, before) < 0.05
+    with torch.no_grad():
+        fwl_layer(m).ln_weight.normal_()
+    changed = m(ids, use_cache=False).logits
+    m.save_pretrained(tmp_path)
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert m2.config.fwl_residual is True and fwl_layer(m2).residual
+    assert torch.equal(m2(ids, use_cache=False).logits, changed)
+
+
 def test_training_reaches_step_sizes_and_body():
     m = tiny().train()
     ids = torch.randint(1, V, (2, 10))

@@ -46,6 +46,21 @@ def test_forward_and_state_match_reference(block, bias):
     assert rel(out, zero) > 1e-3
 
 
+def test_residual_variant_matches_reference():
+    h, y, p, eta, E, eb = make(2, 12, 6, 6, 11, seed=9, requires_grad=True)
+    ref, _ = fwl_reference(h, y, p, eta, E, eb, residual=True)
+    out, _ = fwl_chunked(h, y, p, eta, E, eb, block_size=5, residual=True)
+    assert rel(out, ref) < 1e-12
+    w = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), [h, *p, eta]),
+                    torch.autograd.grad((ref * w).sum(), [h, *p, eta]), strict=True):
+        assert rel(a, b) < 1e-10
+    plain, _ = fwl_chunked(h, y, p, eta, E, eb, block_size=5)
+    assert rel(out, plain) > 1e-2
+    with pytest.raises(ValueError, match="residual"):
+        fwl_chunked(*make(1, 4, 7, 5, 11)[:5], residual=True)
+
+
 def test_gradients_match_reference_second_order():
     h, y, p, eta, E, eb = make(2, 11, 6, 3, 9, seed=3, requires_grad=True)
     leaves = [h, *p, eta, E, eb]

@@ -126,6 +126,8 @@ def build(kind: str, sc: Scale, seed: int):
     m = base_model(sc, seed)
     if kind == "fwl":
         add_fwl(m)
+    elif kind == "fwl_residual":
+        add_fwl(m, residual=True)
     elif kind == "inplace_ttt":
         convert(m, layers=list(range(1, sc.layers, 2)), chunk_size=sc.ttt_chunk, lr=sc.ttt_lr, target="embed")
     return m
@@ -235,15 +237,21 @@ def plot(res: dict, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- main
-def run(sc: Scale, seed: int, out: Path | None, progress: bool) -> dict:
+METHODS = ("dynamic", "fwl", "fwl_residual", "inplace_ttt")  # static (the base model) always runs
+LABELS = {"base": "static (base)", "fwl": "FWL (trained from the start)",
+          "fwl_residual": "FWL, residual variant (trained from the start)",
+          "inplace_ttt": "In-Place TTT (trained from the start)"}
+
+
+def run(sc: Scale, seed: int, out: Path | None, progress: bool, methods=METHODS) -> dict:
     torch.manual_seed(seed)
     docs = stdlib_documents(max(sc.eval_len, sc.seq + 2))
     train_docs, tune, test, calib = split(docs, sc)
     res = {"scale": asdict(sc), "seed": seed, "train_tokens": sc.steps * sc.batch * sc.seq,
            "corpus": f"Python {sysconfig.get_python_version()} stdlib .py files (no site-packages), bytes",
-           "documents": {"train": len(train_docs), "tune": len(tune), "test": len(test)}}
+           "documents": {"train": len(train_docs), "tune": len(tune), "test": len(test)}, "methods": list(methods)}
     models, training = {}, {}
-    for kind in ("base", "fwl", "inplace_ttt"):
+    for kind in ["base"] + [m for m in methods if m != "dynamic"]:
         models[kind] = build(kind, sc, seed)
         training[kind] = train(models[kind], train_docs, sc, seed, kind)
     res["training"] = {k: {"final_loss": statistics.fmean(v["losses"][-max(1, sc.steps // 20):]),
@@ -260,37 +268,16 @@ def run(sc: Scale, seed: int, out: Path | None, progress: bool) -> dict:
             secs[k].append(static_seconds(m, test))
     secs = {k: min(v) for k, v in secs.items()}
 
-    # dynamic evaluation of the base model: η on tuning documents, then test
-    tuning = {}
-    for lr in sc.lr_grid:
-        cfg = DynamicEvalConfig(rule="rms", segment_length=sc.segment, lr=lr, decay=0.0, params="all")
-        r = dynamic_eval(models["base"], tune, cfg, calibration=calib, count_flops=False, progress=progress)
-        tuning[lr] = r.dynamic.loss
-    best = min(tuning, key=tuning.get)
-    cfg = DynamicEvalConfig(rule="rms", segment_length=sc.segment, lr=best, decay=0.0, params="all")
-    dyn = dynamic_eval(models["base"], test, cfg, calibration=calib, progress=progress)
-    res["dynamic_eval"] = {"tuning_loss_by_lr": {str(k): v for k, v in tuning.items()}, "lr": best,
-                           "segment": sc.segment, "rule": "rms", "params": "all",
-                           "windowed_static_loss": dyn.static.loss,
-                           "time_overhead_vs_windowed_static": dyn.time_overhead,
-                           "flop_overhead_vs_windowed_static": dyn.flop_overhead}
-
-    def row(method, loss_list, t, fl):
-        flat = torch.cat(loss_list)
+    def row(kind, t, fl):
+        flat = torch.cat(losses[kind])
         mean = flat.double().mean().item()
-        return {"method": method, "loss": mean, "perplexity": math.exp(mean), "tokens": flat.numel(),
-                "loss_by_position": mean_by_position(loss_list), "seconds": t,
+        return {"method": LABELS[kind], "loss": mean, "perplexity": math.exp(mean), "tokens": flat.numel(),
+                "loss_by_position": mean_by_position(losses[kind]), "seconds": t,
                 "time_ratio": t / secs["base"], "flops_per_token": fl, "flop_ratio": fl / flops["base"]}
 
-    dyn_row = {"method": "dynamic evaluation (base)", "loss": dyn.dynamic.loss, "perplexity": dyn.dynamic.perplexity,
-               "tokens": dyn.dynamic.tokens, "loss_by_position": dyn.dynamic.loss_by_position,
-               "seconds": dyn.dynamic.seconds, "time_ratio": dyn.dynamic.seconds / secs["base"],
-               "flops_per_token": dyn.dynamic.flops_per_token,
-               "flop_ratio": dyn.dynamic.flops_per_token / flops["base"]}
-    res["rows"] = [row("static (base)", losses["base"], secs["base"], flops["base"]), dyn_row,
-                   row("FWL (trained from the start)", losses["fwl"], secs["fwl"], flops["fwl"]),
-                   row("In-Place TTT (trained from the start)", losses["inplace_ttt"], secs["inplace_ttt"],
-                       flops["inplace_ttt"])]
+    res["rows"] = [row(k, secs[k], flops[k]) for k in models]
+    if "dynamic" in methods:
+        res["rows"].insert(1, dynamic_row(models["base"], tune, test, calib, sc, secs, flops, res, progress))
     res["table"] = markdown(res)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -298,6 +285,29 @@ def run(sc: Scale, seed: int, out: Path | None, progress: bool) -> dict:
         (out / "table.md").write_text(res["table"] + "\n")
         plot(res, out / "loss_by_position.png")
     return res
+
+
+def dynamic_row(base, tune, test, calib, sc: Scale, secs, flops, res, progress) -> dict:
+    """Dynamic evaluation of the base model: η picked on the tuning documents, then test."""
+    tuning = {}
+    for lr in sc.lr_grid:
+        cfg = DynamicEvalConfig(rule="rms", segment_length=sc.segment, lr=lr, decay=0.0, params="all")
+        r = dynamic_eval(base, tune, cfg, calibration=calib, count_flops=False, progress=progress)
+        tuning[lr] = r.dynamic.loss
+    best = min(tuning, key=tuning.get)
+    cfg = DynamicEvalConfig(rule="rms", segment_length=sc.segment, lr=best, decay=0.0, params="all")
+    dyn = dynamic_eval(base, test, cfg, calibration=calib, progress=progress)
+    res["dynamic_eval"] = {"tuning_loss_by_lr": {str(k): v for k, v in tuning.items()}, "lr": best,
+                           "segment": sc.segment, "rule": "rms", "params": "all",
+                           "windowed_static_loss": dyn.static.loss,
+                           "time_overhead_vs_windowed_static": dyn.time_overhead,
+                           "flop_overhead_vs_windowed_static": dyn.flop_overhead}
+
+    return {"method": "dynamic evaluation (base)", "loss": dyn.dynamic.loss, "perplexity": dyn.dynamic.perplexity,
+            "tokens": dyn.dynamic.tokens, "loss_by_position": dyn.dynamic.loss_by_position,
+            "seconds": dyn.dynamic.seconds, "time_ratio": dyn.dynamic.seconds / secs["base"],
+            "flops_per_token": dyn.dynamic.flops_per_token,
+            "flop_ratio": dyn.dynamic.flops_per_token / flops["base"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,11 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write results.json, table.md and loss_by_position.png here")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: steadier timings on a shared machine)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated subset of {','.join(METHODS)} (static always runs)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"--methods: unknown {bad}; choose from {list(METHODS)}")
     sc = replace(QUICK if args.quick else Scale())
     if args.steps is not None:
         if args.steps < 1:
@@ -323,8 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.test_docs < 1:
             raise ValueError(f"--test-docs must be >= 1, got {args.test_docs}")
         sc.test_docs = args.test_docs
-    res = run(sc, args.seed, args.out, progress=not args.no_progress)
-    print(f"scale: {res['scale']}\ntrain tokens per model: {res['train_tokens']}; "
-          f"dynamic eval lr {res['dynamic_eval']['lr']}")
+    res = run(sc, args.seed, args.out, progress=not args.no_progress, methods=methods)
+    print(f"scale: {res['scale']}\ntrain tokens per model: {res['train_tokens']}")
     print(res["table"])
     return 0

@@ -6,8 +6,8 @@
 targets), the attention mask, the position ids and the cache, and the instance's class and
 its config's class become registered subclasses (``FWLQwen3ForCausalLM``, model_type
 ``fwl_qwen3``). No modeling file is copied and no class is patched. ``save_pretrained``
-writes safetensors plus the config keys ``fwl_expansion``, ``fwl_step_size``, ``fwl_eps``
-and ``fwl_block_size``; ``AutoModelForCausalLM.from_pretrained`` loads it after
+writes safetensors plus the config keys ``fwl_expansion``, ``fwl_step_size``, ``fwl_eps``,
+``fwl_block_size`` and ``fwl_residual``; ``AutoModelForCausalLM.from_pretrained`` loads it after
 ``import fastweights``.
 
 **Generation.** The FWL state of a sequence is the summed per-token gradients of its
@@ -214,7 +214,8 @@ def _options_from_config(config) -> dict:
     if getattr(config, "fwl_expansion", None) is None:
         raise FastWeightsError(f"config of type {config.model_type!r} has no fwl_expansion: not an FWL model")
     return {"expansion": int(config.fwl_expansion), "step_size": float(config.fwl_step_size),
-            "eps": float(config.fwl_eps), "block_size": int(config.fwl_block_size)}
+            "eps": float(config.fwl_eps), "block_size": int(config.fwl_block_size),
+            "residual": bool(getattr(config, "fwl_residual", False))}
 
 
 def _install(model: PreTrainedModel, options: dict) -> None:
@@ -242,7 +243,7 @@ def fwl_layer(model: nn.Module) -> FastWeightLayer:
 
 
 def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DEFAULT_STEP_SIZE,
-            eps: float = 1e-5, block_size: int = 256) -> PreTrainedModel:
+            eps: float = 1e-5, block_size: int = 256, residual: bool = False) -> PreTrainedModel:
     """Put a Fast Weight Layer between the body and ``lm_head`` of a causal LM, in place.
 
     Args:
@@ -251,15 +252,20 @@ def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DE
         step_size: initial per-tensor step size (0.01 in the paper); learnable.
         eps: LayerNorm epsilon of the block.
         block_size: chunk length of the parallel form.
+        residual: our variant (not in the paper): the unembedding reads ``h + block(h)`` and
+            the block's LayerNorm gain starts at 0. With ``step_size=0`` too, the converted
+            model equals the base model until trained; with steps > 0 the fast gain and bias
+            move it by O(step size).
 
-    The block is freshly initialised (it is not an identity), so a pretrained model needs
-    training after the conversion; FWL is meant to be trained with the model.
+    Without ``residual`` the block is freshly initialised and is not an identity, so a
+    pretrained model needs training after the conversion.
     """
     if not isinstance(model, PreTrainedModel):
         raise FastWeightsError(f"add_fwl needs a transformers PreTrainedModel, got {type(model).__name__}")
     if has_fwl(model):
         raise FastWeightsError("model already has an FWL head")
-    options = {"expansion": expansion, "step_size": float(step_size), "eps": float(eps), "block_size": block_size}
+    options = {"expansion": expansion, "step_size": float(step_size), "eps": float(eps), "block_size": block_size,
+               "residual": bool(residual)}
     cfg_cls, model_cls = register_fwl_family(model.config.model_type)
     _install(model, options)
     model.config.__class__ = cfg_cls

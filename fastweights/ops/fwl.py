@@ -6,7 +6,7 @@ An FWL block sits between an LM body and its unembedding ``E`` (V, s):
     r = relu(c)²
     a = W2 r + b2        (s)
     u = γ ⊙ norm(a) + β  (s)       norm: LayerNorm without affine, eps
-    logits = E u + e
+    logits = E u + e                (residual variant: logits = E (h + u) + e, needs s = d)
 
 All six tensors θ = (W1, b1, W2, b2, γ, β) are fast. Token t is read with
 
@@ -85,7 +85,7 @@ class FWLState(NamedTuple):
 
 
 # --------------------------------------------------------------------------- validation
-def _check(h, targets, p: FWLParams, step_sizes, unembed_weight, unembed_bias, state):
+def _check(h, targets, p: FWLParams, step_sizes, unembed_weight, unembed_bias, state, residual=False):
     if h.dim() != 3:
         raise ValueError(f"h must be (B, N, d), got shape {tuple(h.shape)}")
     B, N, d = h.shape
@@ -93,6 +93,8 @@ def _check(h, targets, p: FWLParams, step_sizes, unembed_weight, unembed_bias, s
         raise ValueError(f"targets must be a (B, N) = ({B}, {N}) long tensor, got {tuple(targets.shape)} "
                          f"{targets.dtype}")
     f, s = p.w1.shape[0], p.w2.shape[0]
+    if residual and s != d:
+        raise ValueError(f"the residual variant needs the block width s = d = {d}, got s = {s}")
     shapes = {"w1": (f, d), "b1": (f,), "w2": (s, f), "b2": (s,), "ln_weight": (s,), "ln_bias": (s,)}
     for name, shape in shapes.items():
         got = tuple(getattr(p, name).shape)
@@ -131,12 +133,12 @@ def _layer_norm(a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
     return (a - mu) * rstd, rstd
 
 
-def _block(h, p: FWLParams, unembed_weight, unembed_bias, eps):
+def _block(h, p: FWLParams, unembed_weight, unembed_bias, eps, residual):
     """The FWL block at weights p for h (..., d): returns logits (..., V)."""
     c = F.linear(h, p.w1, p.b1)
     a = F.linear(F.relu(c).square(), p.w2, p.b2)
     u = _layer_norm(a, eps)[0] * p.ln_weight + p.ln_bias
-    return F.linear(u, unembed_weight, unembed_bias)
+    return F.linear(h + u if residual else u, unembed_weight, unembed_bias)
 
 
 # --------------------------------------------------------------------------- reference
@@ -152,6 +154,7 @@ def fwl_reference(
     cu_seqlens: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     state: FWLState | None = None,
+    residual: bool = False,
 ) -> tuple[torch.Tensor, FWLState]:
     """Explicit per-token gradient steps (the definition). Returns logits (B, N, V) and state.
 
@@ -159,11 +162,11 @@ def fwl_reference(
     tokens s of t's document (each from ``torch.func.grad``); logits_t = block(h_t; θ_t).
     Differentiable end to end (the per-token gradients keep their graph).
     """
-    B, N = _check(h, targets, params, step_sizes, unembed_weight, unembed_bias, state)
+    B, N = _check(h, targets, params, step_sizes, unembed_weight, unembed_bias, state, residual)
     starts = _starts(B, N, cu_seqlens, position_ids, state is not None, h.device)
 
     def token_loss(theta: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = _block(x, FWLParams(*theta), unembed_weight, unembed_bias, eps)
+        logits = _block(x, FWLParams(*theta), unembed_weight, unembed_bias, eps, residual)
         return F.cross_entropy(logits.unsqueeze(0), y.unsqueeze(0))
 
     grad_fn = torch.func.grad(token_loss)
@@ -176,7 +179,7 @@ def fwl_reference(
             if starts[b, n]:
                 G = zeros
             theta = tuple(t - step_sizes[i] * g for i, (t, g) in enumerate(zip(params, G, strict=True)))
-            outs.append(_block(h[b, n], FWLParams(*theta), unembed_weight, unembed_bias, eps))
+            outs.append(_block(h[b, n], FWLParams(*theta), unembed_weight, unembed_bias, eps, residual))
             if int(targets[b, n]) != IGNORE:
                 g_n = grad_fn(tuple(params), h[b, n], targets[b, n])
                 G = tuple(a + g for a, g in zip(G, g_n, strict=True))
@@ -234,7 +237,8 @@ def causal_linear_attention(
     return out, S
 
 
-def fwl_slow_pass(h, targets, params: FWLParams, unembed_weight, unembed_bias=None, eps: float = 1e-5):
+def fwl_slow_pass(h, targets, params: FWLParams, unembed_weight, unembed_bias=None, eps: float = 1e-5,
+                  residual: bool = False):
     """Slow forward and analytic per-token backward of ``Σ_s ℓ_s`` (differentiable).
 
     Returns a dict of keys and values, all (B, N, ·): ``r`` (4s) and ``n`` (s) the slow
@@ -246,7 +250,7 @@ def fwl_slow_pass(h, targets, params: FWLParams, unembed_weight, unembed_bias=No
     a = F.linear(r, params.w2, params.b2)
     n, rstd = _layer_norm(a, eps)
     u = n * params.ln_weight + params.ln_bias
-    logits = F.linear(u, unembed_weight, unembed_bias)
+    logits = F.linear(h + u if residual else u, unembed_weight, unembed_bias)
     valid = targets != IGNORE
     half = logits.dtype in (torch.float16, torch.bfloat16)  # softmax in float32 for half inputs
     g_logits = torch.softmax(logits.float() if half else logits, -1).to(logits.dtype)
@@ -272,6 +276,7 @@ def fwl_chunked(
     position_ids: torch.Tensor | None = None,
     state: FWLState | None = None,
     block_size: int = 256,
+    residual: bool = False,
 ) -> tuple[torch.Tensor, FWLState]:
     """Parallel FWL: one slow pass, then the fast pass as causal linear attention.
 
@@ -279,10 +284,10 @@ def fwl_chunked(
     :func:`causal_linear_attention`. Cost beyond the plain block: one more unembedding
     (slow logits), its backward product ``g_logits E``, and the linear attention.
     """
-    B, N = _check(h, targets, params, step_sizes, unembed_weight, unembed_bias, state)
+    B, N = _check(h, targets, params, step_sizes, unembed_weight, unembed_bias, state, residual)
     starts = _starts(B, N, cu_seqlens, position_ids, state is not None, h.device)
     doc = torch.cumsum(starts.long(), dim=1)
-    slow = fwl_slow_pass(h, targets, params, unembed_weight, unembed_bias, eps)
+    slow = fwl_slow_pass(h, targets, params, unembed_weight, unembed_bias, eps, residual)
     ones = h.new_ones(B, N, 1)
     st = state if state is not None else FWLState(*(None,) * len(FAST_TENSORS))
 
@@ -303,7 +308,7 @@ def fwl_chunked(
     ag, s_g = attend(ones, ones, slow["g_u"] * slow["n"], st.ln_weight, "ln_weight")
     ab, s_b = attend(ones, ones, slow["g_u"], st.ln_bias, "ln_bias")
     u = (params.ln_weight - eta[4] * ag) * n + params.ln_bias - eta[5] * ab
-    logits = F.linear(u, unembed_weight, unembed_bias)
+    logits = F.linear(h + u if residual else u, unembed_weight, unembed_bias)
     return logits, FWLState(s_w1, s_b1, s_w2, s_b2, s_g, s_b)
 
 
