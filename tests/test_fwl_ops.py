@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from fastweights.ops.fwl import FWLParams, FWLState, causal_linear_attention, fwl_chunked, fwl_reference
+from fastweights.ops.fwl import (
+    FWLParams,
+    FWLState,
+    causal_linear_attention,
+    causal_sum,
+    fwl_chunked,
+    fwl_reference,
+)
 
 DT = torch.float64
 
@@ -142,6 +149,18 @@ def test_linear_attention_matches_loop():
             assert rel(out[b, t], St @ q[b, t]) < 1e-12
             St = St + torch.outer(v[b, t], k[b, t])
         assert rel(S[b], St) < 1e-12
+
+
+def test_causal_sum_matches_linear_attention_with_unit_keys():
+    g = torch.Generator().manual_seed(8)
+    v = torch.randn(2, 11, 4, generator=g, dtype=DT)
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 3], [1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]])
+    s0 = torch.randn(2, 4, generator=g, dtype=DT)
+    ones = torch.ones(2, 11, 1, dtype=DT)
+    ref, ref_s = causal_linear_attention(ones, ones, v, doc, s0.unsqueeze(-1), block_size=3)
+    for block in (1, 3, 4, 20):
+        out, S = causal_sum(v, doc, s0, block_size=block)
+        assert rel(out, ref) < 1e-12 and rel(S, ref_s.squeeze(-1)) < 1e-12
 
 
 def test_bad_inputs_raise():

@@ -27,7 +27,8 @@ Two implementations compute the same function:
   with θ_t. Slow; it is the definition.
 * :func:`fwl_chunked`: one slow pass (forward plus an analytic per-token backward), then the
   fast pass as causal linear attention, chunked into blocks (quadratic inside a block, a
-  carried (out, in) state between blocks). Differentiable: training backpropagates through
+  carried (out, in) state between blocks); the bias, gain and LayerNorm-bias updates are
+  per-document exclusive cumulative sums (:func:`causal_sum`). Differentiable: training backpropagates through
   the inner gradient (second order).
 
 Targets are next tokens (B, N) long, ``-100`` where a token has no target (its gradient is
@@ -52,6 +53,7 @@ __all__ = [
     "FWLParams",
     "FWLState",
     "causal_linear_attention",
+    "causal_sum",
     "fwl",
     "fwl_chunked",
     "fwl_reference",
@@ -237,6 +239,39 @@ def causal_linear_attention(
     return out, S
 
 
+def causal_sum(v: torch.Tensor, doc: torch.Tensor, state: torch.Tensor | None = None,
+               block_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strictly causal per-document sum: ``out_t = Σ_{s<t, doc_s = doc_t} v_s + [doc_t = 0] · S0``.
+
+    The bias, gain and LayerNorm-bias updates of FWL (linear attention with unit keys and
+    queries), computed as an exclusive cumulative sum per block with a carried (B, D) state.
+    v: (B, N, D); doc: (B, N) as in :func:`causal_linear_attention`; state: (B, D) or None.
+    Returns out (B, N, D) and the final state (B, D) of the document open at the end.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size!r}")
+    B, N, D = v.shape
+    S = v.new_zeros(B, D) if state is None else state
+    cur = torch.zeros(B, dtype=torch.long, device=v.device)
+    outs = []
+    for lo in range(0, N, block_size):
+        vb, db = v[:, lo:lo + block_size], doc[:, lo:lo + block_size]
+        L = vb.shape[1]
+        excl = torch.cumsum(vb, dim=1) - vb  # Σ_{s<t} within the block
+        ar = torch.arange(L, device=v.device).expand(B, L)
+        first = torch.ones_like(db, dtype=torch.bool)
+        first[:, 1:] = db[:, 1:] != db[:, :-1]
+        start = torch.cummax(torch.where(first, ar, torch.zeros_like(ar)), dim=1).values  # doc's first index
+        out = excl - torch.gather(excl, 1, start.unsqueeze(-1).expand(B, L, D))
+        carried = (db == cur.unsqueeze(1)).to(v.dtype).unsqueeze(-1)
+        outs.append(out + carried * S.unsqueeze(1))
+        new = db[:, -1]
+        in_last = (db == new.unsqueeze(1)).to(v.dtype).unsqueeze(-1)
+        S = (vb * in_last).sum(1) + (new == cur).to(v.dtype).unsqueeze(-1) * S
+        cur = new
+    return (torch.cat(outs, dim=1) if outs else v.new_zeros(B, 0, D)), S
+
+
 def fwl_slow_pass(h, targets, params: FWLParams, unembed_weight, unembed_bias=None, eps: float = 1e-5,
                   residual: bool = False):
     """Slow forward and analytic per-token backward of ``Σ_s ℓ_s`` (differentiable).
@@ -288,25 +323,25 @@ def fwl_chunked(
     starts = _starts(B, N, cu_seqlens, position_ids, state is not None, h.device)
     doc = torch.cumsum(starts.long(), dim=1)
     slow = fwl_slow_pass(h, targets, params, unembed_weight, unembed_bias, eps, residual)
-    ones = h.new_ones(B, N, 1)
     st = state if state is not None else FWLState(*(None,) * len(FAST_TENSORS))
 
-    def attend(q, k, v, s0, name):
-        s0 = None if s0 is None else (s0 if s0.dim() == 3 and name.startswith("w") else s0.unsqueeze(-1))
-        out, s_end = causal_linear_attention(q, k, v, doc, s0, block_size)
-        return out, (s_end if name.startswith("w") else s_end.squeeze(-1))
+    def attend(q, k, v, s0):
+        return causal_linear_attention(q, k, v, doc, s0, block_size)
+
+    def accumulate(v, s0):
+        return causal_sum(v, doc, s0, block_size)
 
     eta = step_sizes.to(h.dtype)
-    aw1, s_w1 = attend(h, h, slow["g_c"], st.w1, "w1")
-    ab1, s_b1 = attend(ones, ones, slow["g_c"], st.b1, "b1")
+    aw1, s_w1 = attend(h, h, slow["g_c"], st.w1)
+    ab1, s_b1 = accumulate(slow["g_c"], st.b1)
     c = F.linear(h, params.w1, params.b1) - eta[0] * aw1 - eta[1] * ab1
     r = F.relu(c).square()
-    aw2, s_w2 = attend(r, slow["r"], slow["g_a"], st.w2, "w2")
-    ab2, s_b2 = attend(ones, ones, slow["g_a"], st.b2, "b2")
+    aw2, s_w2 = attend(r, slow["r"], slow["g_a"], st.w2)
+    ab2, s_b2 = accumulate(slow["g_a"], st.b2)
     a = F.linear(r, params.w2, params.b2) - eta[2] * aw2 - eta[3] * ab2
     n = _layer_norm(a, eps)[0]
-    ag, s_g = attend(ones, ones, slow["g_u"] * slow["n"], st.ln_weight, "ln_weight")
-    ab, s_b = attend(ones, ones, slow["g_u"], st.ln_bias, "ln_bias")
+    ag, s_g = accumulate(slow["g_u"] * slow["n"], st.ln_weight)
+    ab, s_b = accumulate(slow["g_u"], st.ln_bias)
     u = (params.ln_weight - eta[4] * ag) * n + params.ln_bias - eta[5] * ab
     logits = F.linear(h + u if residual else u, unembed_weight, unembed_bias)
     return logits, FWLState(s_w1, s_b1, s_w2, s_b2, s_g, s_b)
