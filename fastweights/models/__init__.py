@@ -1,5 +1,6 @@
 """Model glue and Hugging Face integration."""
 
+from fastweights.models.cache import InPlaceTTTCache
 from fastweights.models.fwl import FWLCache, add_fwl, fwl_layer, has_fwl
 from fastweights.models.inplace_ttt import (
     SUPPORTED_FAMILIES,
@@ -14,6 +15,7 @@ from fastweights.models.inplace_ttt import (
 
 __all__ = [
     "FWLCache",
+    "InPlaceTTTCache",
     "SUPPORTED_FAMILIES",
     "add_fwl",
     "convert",
