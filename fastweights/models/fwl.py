@@ -17,8 +17,8 @@ lives in :class:`FWLCache`, a ``DynamicCache`` subclass that the pre-hook puts i
 empty cache, so ``generate()`` carries it without changes. Cached logits equal the full
 forward's.
 
-The differences between transformers releases that matter here (how ``logits_to_keep``
-slices the hidden states) are handled in :func:`_keep_positions` only.
+Differences between transformers releases (how ``logits_to_keep`` slices, how ``use_cache``
+resolves) are handled in :mod:`fastweights.models.compat`.
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ import sys
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from fastweights.errors import FastWeightsError
 from fastweights.layers.fwl import DEFAULT_STEP_SIZE, FastWeightLayer
+from fastweights.models.compat import DynamicCache, keep_positions, resolve_use_cache
 from fastweights.ops.fwl import IGNORE, FWLState
 
 __all__ = ["FWLCache", "FWLHead", "add_fwl", "fwl_layer", "has_fwl", "register_fwl_family"]
@@ -80,14 +81,6 @@ class FWLCache(DynamicCache):
 
 
 # --------------------------------------------------------------------------- head
-def _keep_positions(x: torch.Tensor, keep) -> torch.Tensor:
-    """Slice (B, N, ·) as the model's ``logits_to_keep`` would (int: the last ``keep``, 0: all;
-    tensor: those positions). The one place that mirrors transformers' slicing."""
-    if isinstance(keep, int):
-        return x if keep == 0 else x[:, -keep:]
-    return x[:, keep]
-
-
 class _Context:
     """What the model pre-hook hands the head for one forward."""
 
@@ -143,7 +136,7 @@ class FWLHead(nn.Module):
         if cache is not None:
             cache.fwl_state = new_state
             cache.fwl_last, cache.fwl_last_valid = hidden[:, -1], mask[:, -1]
-        return _keep_positions(logits, ctx.keep)
+        return keep_positions(logits, ctx.keep)
 
 
 def _capture_inputs(model: PreTrainedModel, args, kwargs):
@@ -153,8 +146,7 @@ def _capture_inputs(model: PreTrainedModel, args, kwargs):
         raise FastWeightsError("an FWL model needs input_ids (its fast weights learn from the next tokens), "
                                "not only inputs_embeds")
     cache = kwargs.get("past_key_values")
-    use_cache = kwargs.get("use_cache")
-    use_cache = model.config.use_cache if use_cache is None else use_cache
+    use_cache = resolve_use_cache(getattr(model, "model", model), kwargs)
     if isinstance(cache, Cache) and not isinstance(cache, FWLCache):
         if cache.get_seq_length() > 0:
             raise FastWeightsError(f"an FWL model needs an FWLCache, got a filled {type(cache).__name__}")
