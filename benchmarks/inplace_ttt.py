@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fastweights.ops.inplace_ttt import chunk_ids, doc_starts, inplace_ttt, inplace_ttt_chunked, ttt_target
-from fastweights.ops.inplace_ttt_fast import inplace_ttt_fast
+from fastweights.ops.inplace_ttt_fast import default_block, inplace_ttt_fast
 
 ROWS = [  # (d, f, N, C)
     (2560, 9728, 8192, 1024),
@@ -231,14 +231,20 @@ def breakdown(d, f, N, C, dtype, kw):
     return {"gemm_ms": cats.get("gemm", 0.0), "other_ms": cats.get("other", 0.0), "top": top}
 
 
-def flop_ratios(d, f, N, C):
-    """(issue's floor, our algorithm) FLOPs of the TTT MLP over the plain MLP, fwd+bwd."""
-    T = -(-N // C)
+def flop_ratios(d, f, N, C, K=1):
+    """(issue's floor, our algorithm) FLOPs of the TTT MLP over the plain MLP, fwd+bwd, with
+    K chunks per block (one document of N tokens)."""
+    L = K * C
+    T = -(-N // L)
     plain = 18 * N * d * f
     proj = 6 * N * d * d
     floor = 24 * N * d * f + proj
-    unit = 2 * C * d * f  # one chunk GEMM of (d, f) size
+    unit = 2 * L * d * f  # one block GEMM of (d, f) size
     ours = 12 * N * d * f + (7 * T - 5) * unit + proj  # gate/up fwd+bwd, the scan (saved state), P
+    for a in range(0, N, L):  # in-block attention: rectangle (n−C) × m, forward 2, backward 6 GEMMs
+        n = min(L, N - a)
+        m = (-(-n // C) - 1) * C
+        ours += max(n - C, 0) * m * (8 * f + 6 * d)
     return floor / plain, ours / plain
 
 
@@ -255,6 +261,8 @@ def parse_variants(text):
                 kw["tile_f"] = None if val == "auto" else (10**9 if val == "full" else int(val))
             elif key == "save":
                 kw["save_state"] = val == "1"
+            elif key == "K":
+                kw["block"] = int(val)
             else:
                 raise ValueError(f"unknown variant key {key!r}")
         out.append((item, kw))
@@ -265,7 +273,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="*", default=list(range(len(ROWS))))
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    ap.add_argument("--variants", default="auto", help="comma list: auto | tf=N|full|auto+save=0|1")
+    ap.add_argument("--variants", default="auto",
+                    help="comma list: auto | tf=N|full|auto+save=0|1+K=chunks per block")
     ap.add_argument("--rep-ms", type=int, default=400)
     ap.add_argument("--check-dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--no-full-check", action="store_true")
@@ -293,8 +302,10 @@ def main(argv=None) -> int:
     for d, f, N, C in rows:
         print(f"row d={d} f={f} N={N} C={C} {args.dtype}", flush=True)
         r = bench_row(d, f, N, C, DTYPES[args.dtype], variants, args.rep_ms)
-        floor, alg = flop_ratios(d, f, N, C)
-        entry = {"d": d, "f": f, "N": N, "C": C, "times": r, "flop_floor": floor, "flop_ours": alg}
+        K = default_block(C, d, f, DTYPES[args.dtype])
+        floor, alg = flop_ratios(d, f, N, C, K)
+        entry = {"d": d, "f": f, "N": N, "C": C, "K": K, "times": r,
+                 "flop_floor": floor, "flop_ours": alg}
         if args.breakdown:
             entry["breakdown"] = breakdown(d, f, N, C, DTYPES[args.dtype], {})
             print("  breakdown", entry["breakdown"], flush=True)

@@ -109,6 +109,43 @@ def test_fast_matches_reference_float64(B, N, d, f, C, docs, tile_f, save, poiso
         assert rel(a, b) < 1e-10, (name, rel(a, b))
 
 
+@pytest.mark.parametrize(
+    "B,N,d,f,C,docs,tile_f,save,block,lr0",
+    [
+        (1, 23, 5, 11, 4, None, None, True, 2, False),  # N % C != 0, unmasked rectangles (K = 2)
+        (2, 31, 3, 7, 3, None, 3, False, 4, False),  # batch, f tiles, recomputed state, masked
+        (1, 41, 4, 9, 3, "cu", 4, True, 3, False),  # packed documents: blocks restart per document
+        (2, 26, 3, 6, 2, "pos", 5, True, 5, False),  # position_ids, a partial last block
+        (1, 9, 3, 5, 4, None, None, True, 8, False),  # the whole input is one block
+        (1, 13, 2, 3, 1, "cu", 2, False, 3, False),  # C = 1
+        (1, 22, 4, 7, 3, "cu", None, True, 3, True),  # η = 0: ∂η comes from the attention too
+    ],
+)
+def test_blocks_match_reference_float64(B, N, d, f, C, docs, tile_f, save, block, lr0, poison):
+    """The two-level form (state once per K chunks, attention inside) against the sequential
+    reference: forward and every gradient."""
+    gen = torch.Generator().manual_seed(N * 17 + f + block)
+    x = make_inputs(B, N, d, f, gen)
+    if lr0:
+        x["lr"] = torch.zeros((), dtype=torch.float64)
+    kw = docs_kw(docs, B, N)
+    go = grad_out(x, C, kw, gen, ref=inplace_ttt_reference)
+    ref = run(inplace_ttt_reference, x, C, go, torch.float64, kw)
+    out = run(inplace_ttt_fast, x, C, go, torch.float64, kw, tile_f=tile_f, save_state=save, block=block)
+    for name, a, b in zip(NAMES, out, ref, strict=True):
+        assert not a.isnan().any(), name
+        assert rel(a, b) < 1e-10, (name, rel(a, b))
+
+
+def test_default_block_follows_the_cost_model():
+    """K = 1 at large C, more chunks per block as C shrinks, never below 1."""
+    assert fast.default_block(4096, 4096, 12288) == 1
+    assert fast.default_block(1024, 2560, 9728) >= 2
+    assert fast.default_block(256, 2048, 8192) > fast.default_block(1024, 2048, 8192)
+    assert fast.default_block(10**6, 8, 8) == 1
+    assert fast.default_block(256, 2048, 8192, torch.float16) == 1  # scores could overflow float16
+
+
 @pytest.mark.parametrize("tile_f", [None, 16, 7])
 def test_fast_matches_chunked_larger_odd_sizes(tile_f, poison):
     gen = torch.Generator().manual_seed(5)
@@ -129,9 +166,10 @@ def test_fast_bfloat16_within_rounding():
     kw = docs_kw("cu", B, N)
     go = grad_out(x, C, kw, gen)
     ref = run(inplace_ttt_chunked, x, C, go, torch.float64, kw)
-    out = run(inplace_ttt_fast, x, C, go, torch.bfloat16, kw, tile_f=20)
-    for name, a, b in zip(NAMES, out, ref, strict=True):
-        assert rel(a, b) < 2e-2, (name, rel(a, b))
+    for block in (1, 3):
+        out = run(inplace_ttt_fast, x, C, go, torch.bfloat16, kw, tile_f=20, block=block)
+        for name, a, b in zip(NAMES, out, ref, strict=True):
+            assert rel(a, b) < 2e-2, (block, name, rel(a, b))
 
 
 def test_packed_rows_equal_separate_documents():
@@ -151,10 +189,13 @@ def test_gradcheck_float64():
     x = make_inputs(1, 11, 3, 5, gen)
     args = [x[k].clone().requires_grad_() for k in ("z", "s", "w0", "conv", "proj", "lr")]
 
-    def fn(z, s, w0, conv, proj, lr):
-        return inplace_ttt_fast(z, s, w0, conv, proj, lr, 3, cu_seqlens=torch.tensor([0, 8, 11]), tile_f=2)
+    for block in (1, 2):
 
-    assert torch.autograd.gradcheck(fn, args)
+        def fn(z, s, w0, conv, proj, lr, block=block):
+            return inplace_ttt_fast(z, s, w0, conv, proj, lr, 3, cu_seqlens=torch.tensor([0, 8, 11]), tile_f=2,
+                                    block=block)
+
+        assert torch.autograd.gradcheck(fn, args)
 
 
 def test_conv_proj_matches_ttt_target(poison):
@@ -197,6 +238,9 @@ def test_bad_arguments():
     args = [x[k] for k in ("z", "s", "w0", "conv", "proj", "lr")]
     with pytest.raises(ValueError, match="tile_f"):
         inplace_ttt_fast(*args, 4, tile_f=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="block"):
+            inplace_ttt_fast(*args, 4, block=bad)
     with pytest.raises(ValueError, match="impl"):
         inplace_ttt(*args, 4, impl="fastest")
     with pytest.raises(ValueError, match="chunk_size"):
@@ -222,6 +266,27 @@ def test_gpu_fast_matches_chunked(dtype, B, N, d, f, C, docs, poison):
     go = grad_out(x, C, kw, gen)
     ref = run(inplace_ttt_chunked, x, C, go, torch.float32, kw)
     out = run(inplace_ttt, x, C, go, dtype, kw)  # impl="auto": the fast path on CUDA
+    for name, a, b in zip(NAMES, out, ref, strict=True):
+        assert not a.isnan().any(), name
+        assert rel(a, b) < GPU_TOL[dtype], (name, rel(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "B,N,d,f,C,docs,block",
+    [(1, 16384, 2048, 8192, 256, None, 6), (2, 3001, 1024, 2731, 256, "pos", 5), (1, 5000, 768, 2050, 700, "cu", 3)],
+)
+def test_gpu_blocks_match_chunked(dtype, B, N, d, f, C, docs, block, poison):
+    """The two-level form at full size, explicit K, against the float32 chunked form."""
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(N + f + block)
+    x = {k: v.float() for k, v in make_inputs(B, N, d, f, gen, device=dev).items()}
+    kw = docs_kw(docs, B, N, device=dev)
+    go = grad_out(x, C, kw, gen)
+    ref = run(inplace_ttt_chunked, x, C, go, torch.float32, kw)
+    out = run(inplace_ttt_fast, x, C, go, dtype, kw, block=block)
     for name, a, b in zip(NAMES, out, ref, strict=True):
         assert not a.isnan().any(), name
         assert rel(a, b) < GPU_TOL[dtype], (name, rel(a, b))
@@ -271,7 +336,7 @@ xs = [t.clone().requires_grad_() for t in (z, s2, w0, w.detach(), P.detach())]
 cu = torch.tensor([0, 23, 50])
 go = torch.randn(1, 50, d, generator=gen)
 torch.empty_like = lambda *a, **k: empty(*a, **k).fill_(float("nan"))
-out = inplace_ttt_fast(*xs, lr, 8, cu_seqlens=cu, tile_f=257)
+out = inplace_ttt_fast(*xs, lr, 8, cu_seqlens=cu, tile_f=257, block=2)  # 2 blocks per document
 got = torch.autograd.grad(out, [*xs, lr], go)
 torch.empty_like = empty
 xd = [t.detach().double().requires_grad_() for t in (*xs, lr)]

@@ -18,6 +18,24 @@ No per-chunk weight tensor is ever built: the only (d, f) buffers are the float3
 one low-precision copy of ``W_i`` (and ``G``) for the tensor cores. The backward walks the f
 axis in tiles of ``tile_f`` columns, so its float32 states are (d, tile_f).
 
+**Blocks (two-level form).** At small C the per-chunk (d, f) state traffic dominates. With
+``block = K > 1`` the scan runs over blocks of ``L = K·C`` tokens (K consecutive chunks of one
+document, starting at its first token) and materialises the state once per block; inside a
+block the chunk-causal part is the attention form
+
+    o_B += η · M ∘ (Z_B Z_Bᵀ) V_B,      M[i, j] = 1 iff chunk(j) < chunk(i) within the block
+
+computed as one rectangle ``Z[C:] Z[:L-C]ᵀ`` per block (chunk 0 has no earlier chunk, the
+last chunk is no one's past), masked. It does not involve the state, so its backward is a
+separate pass after the reverse scan (recomputing the (L−C)² products, never storing them):
+
+    P = M ∘ (Z[C:] Z[:m]ᵀ),  dA = η M ∘ (g[C:] V[:m]ᵀ)
+    ∂z[C:] += dA Z[:m],  ∂z[:m] += dAᵀ Z[C:],  ∂v[:m] += η Pᵀ g[C:]
+
+and ∂η = ⟨v, ∂v⟩/η still holds (o depends on η and v only through η·v). The state form costs
+≈ 16·d·f bytes of float32 traffic per state step, the attention 2·C·(K−1)²/K·(d+f) FLOPs per
+token forward; :func:`default_block` picks K from that trade-off.
+
 The target ``v = Conv_K(s) @ P`` is its own Function (:class:`ChunkConvProj`): a few fused
 passes over (N, d) and one GEMM; it saves only its inputs.
 The Function itself runs on any device; CUDA GEMMs accumulate low-precision products straight
@@ -31,7 +49,14 @@ import torch
 from fastweights.ops import inplace_ttt_triton
 from fastweights.ops.inplace_ttt import _check_chunk, _check_inputs, chunk_ids, doc_starts
 
-__all__ = ["ChunkConvProj", "InplaceTTTScan", "chunk_layout", "conv_plan", "inplace_ttt_fast"]
+__all__ = [
+    "ChunkConvProj",
+    "InplaceTTTScan",
+    "chunk_layout",
+    "conv_plan",
+    "default_block",
+    "inplace_ttt_fast",
+]
 
 Layout = tuple[tuple[tuple[int, int], ...], ...]  # per row: documents (start, end)
 
@@ -103,6 +128,74 @@ def default_tile_f(n_tokens: int, d: int, f: int) -> int:
     tiles, which keeps the peak memory near the plain MLP's at some cost in time.
     """
     return f if n_tokens >= 4 * d else min(f, 2048)
+
+
+BLOCK_SCALE = 40.0  # fitted on an H100 (docs/benchmarks.md): K = 6 at C = 256, 2 at C = 1024, 1 at 4096
+
+
+def default_block(chunk_size: int, d: int, f: int, dtype: torch.dtype | None = None) -> int:
+    """Chunks per block K (measured on an H100, docs/benchmarks.md); 1 for float16, whose range
+    the attention scores z·zᵀ (not bounded by the weights' scale, unlike the state form's
+    W0 + ηS) could overflow.
+
+    Per token, the state form moves ≈ 16·d·f/L bytes (L = K·C) and the in-block attention
+    costs ≈ 2·L·(d+f) FLOPs (for K ≫ 1); their sum is smallest near a block length that does
+    not depend on C, ``L* ∝ sqrt(d·f/(d+f))`` tokens. The constant BLOCK_SCALE was measured:
+    ``L* = BLOCK_SCALE · sqrt(d·f/(d+f))``, K = round(L*/C), at least 1.
+    """
+    if dtype == torch.float16:
+        return 1
+    target = BLOCK_SCALE * (d * f / max(d + f, 1)) ** 0.5
+    return max(1, round(target / chunk_size))
+
+
+def _att_mask(n: int, C: int, cache: dict) -> torch.Tensor | None:
+    """Boolean (n−C, m) mask of the pairs to drop in a block of n tokens: token C+r may only see
+    tokens of strictly earlier chunks, j < ((C+r)//C)·C; None when nothing is dropped (K = 2)."""
+    key = (n, C)
+    if key not in cache:
+        m = (-(-n // C) - 1) * C
+        if m == C:
+            cache[key] = None
+        else:
+            lim = (torch.arange(C, n, device=cache["device"]) // C) * C
+            cache[key] = torch.arange(m, device=cache["device"])[None, :] >= lim[:, None]
+    return cache[key]
+
+
+def _att_forward(o: torch.Tensor, z: torch.Tensor, v: torch.Tensor, C: int, eta: float, cache: dict):
+    """o (n, d) += η M∘(z zᵀ) v for one block of n tokens (z (n, f), v (n, d))."""
+    n = z.shape[0]
+    if n <= C or eta == 0.0:
+        return
+    m = (-(-n // C) - 1) * C
+    p = z[C:] @ z[:m].t()
+    drop = _att_mask(n, C, cache)
+    if drop is not None:
+        p.masked_fill_(drop, 0)
+    o[C:].addmm_(p, v[:m], alpha=eta)
+
+
+def _att_backward(dz, w, z, v, g, C: int, eta: float, sigma: float, cache: dict):
+    """The in-block attention's gradients for one block: dz (n, f) += ∂z, w (n, d) += σ ∂v/η."""
+    n = z.shape[0]
+    if n <= C:
+        return
+    m = (-(-n // C) - 1) * C
+    drop = _att_mask(n, C, cache)
+    zr, zc, gr = z[C:], z[:m], g[C:]
+    p = zr @ zc.t()
+    if drop is not None:
+        p.masked_fill_(drop, 0)
+    w[:m].addmm_(p.t(), gr, alpha=sigma)
+    del p
+    if eta == 0.0:
+        return
+    da = gr @ v[:m].t()
+    if drop is not None:
+        da.masked_fill_(drop, 0)
+    dz[C:].addmm_(da, zc, alpha=eta)
+    dz[:m].addmm_(da.t(), zr, alpha=eta)
 
 
 def _chunk_starts(layout: Layout, chunk_size: int) -> list[list[int]]:
@@ -231,15 +324,20 @@ def conv_plan(s: torch.Tensor, layout: Layout, chunk_size: int, *, cu_seqlens=No
 
 
 class InplaceTTTScan(torch.autograd.Function):
-    """``o = InplaceTTTScan.apply(z, v, w0, lr, chunk_size, layout, tile_f, save_state)``.
+    """``o = InplaceTTTScan.apply(z, v, w0, lr, chunk_size, layout, tile_f, save_state, block)``.
 
     z (B, N, f), v (B, N, d), w0 (d, f), lr a float or 0-d tensor; returns o (B, N, d) in
     z's dtype. ``layout`` is :func:`chunk_layout`'s answer; chunks are aligned to each
-    document's start. Gradients flow to z, v, w0 and (if it is a tensor) lr.
+    document's start. ``block`` K: the state is stepped once per K chunks, with the in-block
+    attention form in between (module docstring). Gradients flow to z, v, w0 and (if it is a
+    tensor) lr.
     """
 
     @staticmethod
-    def forward(ctx, z, v, w0, lr, chunk_size, layout, tile_f, save_state):
+    def forward(ctx, z, v, w0, lr, chunk_size, layout, tile_f, save_state, block=1):
+        inner = chunk_size
+        chunk_size = chunk_size * block  # the state scan's step: one block
+        att = {"device": z.device}
         B, N, f = z.shape
         d = v.shape[2]
         eta = float(lr)
@@ -261,6 +359,8 @@ class InplaceTTTScan(torch.autograd.Function):
                     else:
                         w_eff.copy_(state)
                         torch.mm(zi, w_eff.t(), out=o[b, a:e])
+                    if block > 1:
+                        _att_forward(o[b, a:e], zi, v[b, a:e], inner, eta, att)
                     if i + 1 < len(chunks):  # the last chunk's update is never read
                         if i == 0:
                             state.copy_(w0c)
@@ -269,6 +369,7 @@ class InplaceTTTScan(torch.autograd.Function):
                     last_states[b].copy_(state)
         ctx.save_for_backward(z, v, w0c, last_states)
         ctx.eta, ctx.chunk_size, ctx.layout, ctx.tile_f = eta, chunk_size, layout, tile_f
+        ctx.inner = inner
         ctx.lr_is_tensor = torch.is_tensor(lr)
         ctx.w0_dtype, ctx.v_dtype = w0.dtype, v_dtype
         return o
@@ -349,6 +450,14 @@ class InplaceTTTScan(torch.autograd.Function):
             if n_docs > 1:
                 dw0[:, t0:t1].copy_(Dt)
 
+        if ctx.inner < C:  # the in-block attention's share, independent of the state
+            att = {"device": dev}
+            for b in range(B):
+                for ds, de in layout[b]:
+                    for a, e in _chunks(ds, de, C):
+                        _att_backward(dz[b, a:e], w[b, a:e], z[b, a:e], v[b, a:e], g[b, a:e],
+                                      ctx.inner, eta, sigma, att)
+
         dlr = None
         if ctx.lr_is_tensor and ctx.needs_input_grad[3]:
             dlr = torch.zeros((), dtype=acc, device=dev)
@@ -357,7 +466,7 @@ class InplaceTTTScan(torch.autograd.Function):
             dlr /= sigma
         dv = w if eta == sigma else w.mul_(eta / sigma)
         dv = dv.to(ctx.v_dtype)
-        return dz, dv, dw0.to(ctx.w0_dtype), dlr, None, None, None, None
+        return dz, dv, dw0.to(ctx.w0_dtype), dlr, None, None, None, None, None
 
 
 def inplace_ttt_fast(
@@ -373,6 +482,7 @@ def inplace_ttt_fast(
     position_ids: torch.Tensor | None = None,
     tile_f: int | None = None,
     save_state: bool = True,
+    block: int | None = None,
 ) -> torch.Tensor:
     """In-Place TTT with the scan :class:`InplaceTTTScan`; same arguments and result (B, N, d)
     as :func:`fastweights.ops.inplace_ttt.inplace_ttt`.
@@ -380,11 +490,15 @@ def inplace_ttt_fast(
     ``tile_f``: columns of the backward's float32 state tiles (default
     :func:`default_tile_f`). ``save_state``: keep the last chunk's float32 state (B, d, f)
     from the forward pass instead of recomputing it in the backward (one extra GEMM pass).
+    ``block``: chunks per block K of the two-level form (default :func:`default_block`;
+    1 = a state step per chunk; float16 defaults to 1).
     """
     chunk_size = _check_chunk(chunk_size)
     B, N, d, f, w = _check_inputs(z, s, w0, conv_weight, proj, lr)
     if tile_f is not None and (isinstance(tile_f, bool) or not isinstance(tile_f, int) or tile_f < 1):
         raise ValueError(f"tile_f must be an integer >= 1, got {tile_f!r}")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ValueError(f"block must be an integer >= 1 (chunks per block), got {block!r}")
     layout = chunk_layout(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids)
     plan = conv_plan(s, layout, chunk_size, cu_seqlens=cu_seqlens, position_ids=position_ids)
     v = ChunkConvProj.apply(s.to(z.dtype), w.to(z.dtype), None if proj is None else proj.to(z.dtype), plan)
@@ -392,4 +506,5 @@ def inplace_ttt_fast(
     grads = torch.is_grad_enabled() and any(
         torch.is_tensor(x) and x.requires_grad for x in (z, v, w0, lr)
     )
-    return InplaceTTTScan.apply(z, v, w0, lr, chunk_size, layout, tile, save_state and grads)
+    K = default_block(chunk_size, d, f, z.dtype) if block is None else block
+    return InplaceTTTScan.apply(z, v, w0, lr, chunk_size, layout, tile, save_state and grads, K)
