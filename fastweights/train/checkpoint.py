@@ -1,10 +1,11 @@
 """Training checkpoints without pickle: tensors in safetensors files, the rest in JSON.
 
 A checkpoint is a directory ``<run>/checkpoints/step-XXXXXXXX/`` holding
-``model.safetensors``, ``optimizer.safetensors``, ``rng.safetensors`` and ``state.json``
-(step, data position, scheduler, optimizer hyper-parameters, Python/NumPy RNG states and
-anything else the trainer records). It is written under a temporary name and renamed into
-place, so a killed run never leaves a half-written checkpoint.
+``model.safetensors``, ``optimizer.safetensors`` (optimizer and scheduler state through
+:mod:`fastweights.optim.state`), ``rng.safetensors`` and ``state.json`` (step, data
+position, Python/NumPy RNG states and anything else the trainer records). It is written
+under a temporary name and renamed into place, so a killed run never leaves a half-written
+checkpoint.
 """
 
 from __future__ import annotations
@@ -19,35 +20,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from fastweights.optim.state import load_state, save_state
+
 __all__ = ["latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
-
-
-def _optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
-    tensors, other = {}, {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().contiguous()
-            else:
-                other.setdefault(str(idx), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "state": other}
-
-
-def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
-    for idx, st in meta["state"].items():
-        state.setdefault(int(idx), {}).update(st)
-    groups = []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    return {"state": state, "param_groups": groups}
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -95,14 +70,12 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, state: dict
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
-    opt_tensors, opt_meta = _optimizer_split(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    save_state(tmp / "optimizer.safetensors", {"optimizer": optimizer.state_dict(), "scheduler": sched})
     rng_tensors, rng_meta = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     payload = {
         "step": step,
-        "optimizer": opt_meta,
-        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
         "rng": rng_meta,
         **state,
     }
@@ -122,9 +95,9 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     payload = json.loads((path / "state.json").read_text())
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
     device = next(model.parameters()).device
-    tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
-    optimizer.load_state_dict(_optimizer_join(tensors, payload["optimizer"]))
-    sched = dict(payload["scheduler"])
+    state = load_state(path / "optimizer.safetensors", device=device)
+    optimizer.load_state_dict(state["optimizer"])
+    sched = dict(state["scheduler"])
     sched["lr_lambdas"] = [None] * len(optimizer.param_groups)
     scheduler.load_state_dict(sched)
     _set_rng_state(load_file(str(path / "rng.safetensors")), payload["rng"])
