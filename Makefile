@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build from local disk on the project's machines; override, e.g. TORCH=torch, elsewhere.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-compat lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,18 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-compat
+
+# The GPU machines run transformers 5.17: the Hugging Face integration is also tested against it.
+COMPAT := .cache/transformers-5.17
+$(COMPAT)/.installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q --target $(COMPAT) --no-deps "transformers==5.17.0" "huggingface-hub>=1.5,<2"
+	$(BIN)/python -m pip install -q --target $(COMPAT) httpx
+	touch $@
+
+test-compat: $(COMPAT)/.installed
+	PYTHONPATH=$(COMPAT) $(BIN)/python -c "import transformers as t; assert t.__version__ == '5.17.0', t.__version__"
+	PYTHONPATH=$(COMPAT) $(BIN)/python -m pytest -q -m "not gpu" tests/test_convert.py $(wildcard tests/test_generation.py)
 
 lint: setup
 	$(BIN)/ruff check fastweights tests benchmarks

@@ -1,0 +1,134 @@
+"""The In-Place TTT MLP: a gated MLP whose down-projection is a fast weight (SPEC §1).
+
+:class:`InPlaceTTTMLP` wraps an existing gated MLP (``gate_proj``/``up_proj``/``down_proj``
+and an activation) without copying its weights, and adds the two parameters of the official
+release, with their names, shapes and initialisation:
+
+* ``ttt_conv``: depthwise ``Conv1d(d, d, 5, groups=d, bias=False)``, weight (d, 1, 5), zero,
+  so that a freshly converted MLP computes exactly what it did before;
+* ``ttt_proj``: ``Linear(d, d, bias=False)``, weight P (d, d) diagonal with N(0, 0.02²)
+  entries, applied as ``t @ P`` (no transpose).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fastweights.ops.inplace_ttt import inplace_ttt
+
+__all__ = ["TARGETS", "InPlaceTTTMLP", "TTTContext", "normalize_target"]
+
+# Our names and the official config's names for the target source.
+TARGETS = {"hidden": "hidden", "embed": "embed", "hidden_states": "hidden", "input_embed": "embed"}
+OFFICIAL_TARGET = {"hidden": "hidden_states", "embed": "input_embed"}
+
+
+def normalize_target(target: str) -> str:
+    """Map ``hidden``/``hidden_states`` → ``hidden`` and ``embed``/``input_embed`` → ``embed``."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+    return TARGETS[target]
+
+
+class TTTContext:
+    """Per-forward inputs that a converted model's TTT MLPs share.
+
+    Filled by instance hooks (see ``fastweights.models.inplace_ttt``): the token
+    embeddings (B, N, d) for ``target="embed"``, and the ``position_ids`` (B, N) or
+    ``cu_seqlens`` (K+1,) that mark document starts.
+    """
+
+    def __init__(self):
+        self.embeds: torch.Tensor | None = None
+        self.position_ids: torch.Tensor | None = None
+        self.cu_seqlens: torch.Tensor | None = None
+
+
+class InPlaceTTTMLP(nn.Module):
+    """Gated MLP with In-Place TTT on its down-projection.
+
+    Args:
+        mlp: a module with ``gate_proj``, ``up_proj``, ``down_proj`` (nn.Linear) and an
+            activation (``act_fn``, ``activation_fn`` or ``act``). Its submodules are reused,
+            so parameter names stay ``gate_proj.weight`` etc.
+        chunk_size: C, tokens per fast-weight update.
+        lr: inner learning rate η.
+        target: ``"hidden"`` (the MLP input) or ``"embed"`` (token embeddings).
+        proj: whether the target has the projection P (else P = I).
+    """
+
+    def __init__(self, mlp: nn.Module, chunk_size: int = 4096, lr: float = 3.0, target: str = "hidden",
+                 proj: bool = True):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        act = next((getattr(mlp, n) for n in ("act_fn", "activation_fn", "act") if hasattr(mlp, n)), None)
+        if act is None:
+            raise ValueError(f"{type(mlp).__name__} has no activation attribute (act_fn, activation_fn or act)")
+        self.act_fn = act
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        if not math.isfinite(float(lr)):
+            raise ValueError(f"lr must be a finite number, got {lr!r}")
+        self.chunk_size, self.lr, self.target = chunk_size, float(lr), normalize_target(target)
+        d = self.down_proj.out_features
+        w = self.down_proj.weight
+        self.ttt_conv = nn.Conv1d(d, d, 5, padding=2, groups=d, bias=False, device=w.device, dtype=w.dtype)
+        self.ttt_proj = nn.Linear(d, d, bias=False, device=w.device, dtype=w.dtype) if proj else None
+        self.ctx: TTTContext | None = None
+        self.reset_ttt_parameters()
+
+    def reset_ttt_parameters(self) -> None:
+        """Official init: zero conv; P diagonal with N(0, 0.02²) entries."""
+        with torch.no_grad():
+            self.ttt_conv.weight.zero_()
+            if self.ttt_proj is not None:
+                diag = torch.randn(self.ttt_proj.weight.shape[0], device=self.ttt_proj.weight.device) * 0.02
+                self.ttt_proj.weight.copy_(torch.diag(diag).to(self.ttt_proj.weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}, lr={self.lr}, target={self.target!r}"
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """z = act(x W_gateᵀ) * (x W_upᵀ): (B, N, d) → (B, N, f)."""
+        return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+
+    def target_source(self, x: torch.Tensor, target_source: torch.Tensor | None) -> torch.Tensor:
+        if target_source is not None:
+            return target_source
+        if self.target == "hidden":
+            return x
+        embeds = None if self.ctx is None else self.ctx.embeds
+        if embeds is None or embeds.shape[:2] != x.shape[:2]:
+            raise ValueError(
+                "target='embed' needs the token embeddings: run the MLP inside its converted model "
+                "or pass target_source=(B, N, d) embeddings"
+            )
+        return embeds
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        target_source: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, N, d) → o (B, N, d). Documents start where ``position_ids`` is 0, or at
+        ``cu_seqlens``; without either, each row is one document. Explicit arguments win over
+        what the model's hooks captured in ``self.ctx``."""
+        if position_ids is None and cu_seqlens is None and self.ctx is not None:
+            position_ids, cu_seqlens = self.ctx.position_ids, self.ctx.cu_seqlens
+            if position_ids is not None and position_ids.shape[-1] != x.shape[1]:
+                position_ids = None
+        if cu_seqlens is not None:
+            position_ids = None
+        s = self.target_source(x, target_source)
+        z = self.hidden(x)
+        proj = None if self.ttt_proj is None else self.ttt_proj.weight
+        o = inplace_ttt(z, s, self.down_proj.weight, self.ttt_conv.weight, proj, self.lr, self.chunk_size,
+                        cu_seqlens=cu_seqlens, position_ids=position_ids)
+        if self.down_proj.bias is not None:
+            o = o + self.down_proj.bias
+        return o

@@ -1,0 +1,285 @@
+"""Drop-in In-Place TTT for Hugging Face causal LMs: ``convert``, save and load.
+
+``convert(model, ...)`` changes one model instance: the chosen decoder layers' MLPs become
+:class:`~fastweights.layers.inplace_ttt.InPlaceTTTMLP`, instance hooks feed them the token
+embeddings and document boundaries, and the instance's class (and its config's class)
+become registered subclasses, e.g. ``InPlaceTTTQwen3ForCausalLM`` with model_type
+``inplace_ttt_qwen3``. No modeling file is copied and no class is patched.
+
+``save_pretrained`` then writes safetensors plus the official config keys ``ttt_layers``,
+``ttt_lr``, ``ttt_chunk``, ``ttt_proj``, ``ttt_target``; ``AutoModelForCausalLM`` loads it
+after ``import fastweights``. :func:`load_pretrained` also reads checkpoints laid out like
+the official release (a base model_type plus those keys).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from fastweights.errors import FastWeightsError
+from fastweights.layers.inplace_ttt import OFFICIAL_TARGET, InPlaceTTTMLP, TTTContext, normalize_target
+
+__all__ = [
+    "DEFAULT_CHUNK",
+    "DEFAULT_LR",
+    "SUPPORTED_FAMILIES",
+    "convert",
+    "default_layers",
+    "is_converted",
+    "load_pretrained",
+    "register_family",
+    "ttt_modules",
+    "ttt_parameters",
+]
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Official recommended configs: lr 3, chunk 4096 (the paper's ablation finds 512–1024 best).
+DEFAULT_LR = 3.0
+DEFAULT_CHUNK = 4096
+PREFIX = "inplace_ttt_"
+
+
+# --------------------------------------------------------------------------- registry
+def _family_classes(model_type: str):
+    """The transformers config and causal-LM classes of a base model_type."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cfg_cls = CONFIG_MAPPING[model_type]
+        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[cfg_cls]
+    except KeyError as err:
+        raise FastWeightsError(f"model type {model_type!r} has no causal-LM class in transformers") from err
+    return cfg_cls, model_cls
+
+
+_REGISTERED: dict[str, tuple[type, type]] = {}
+
+
+def register_family(model_type: str) -> tuple[type, type]:
+    """Create and register ``inplace_ttt_<model_type>`` config and causal-LM subclasses."""
+    if model_type.startswith(PREFIX):
+        model_type = model_type[len(PREFIX):]
+    if model_type in _REGISTERED:
+        return _REGISTERED[model_type]
+    base_cfg, base_model = _family_classes(model_type)
+    mod = sys.modules[__name__]
+    cfg_name = "InPlaceTTT" + base_cfg.__name__
+    cfg_cls = type(cfg_name, (base_cfg,), {"model_type": PREFIX + model_type, "__module__": __name__})
+    model_name = "InPlaceTTT" + base_model.__name__
+
+    def __init__(self, config, *args, **kwargs):
+        base_model.__init__(self, config, *args, **kwargs)
+        _convert_from_config(self, config)
+
+    model_cls = type(model_name, (base_model,), {
+        "config_class": cfg_cls, "__init__": __init__, "__module__": __name__,
+        "__doc__": f"{base_model.__name__} with In-Place TTT MLPs (created by fastweights.convert).",
+    })
+    setattr(mod, cfg_name, cfg_cls)
+    setattr(mod, model_name, model_cls)
+    AutoConfig.register(PREFIX + model_type, cfg_cls, exist_ok=True)
+    AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
+    _REGISTERED[model_type] = (cfg_cls, model_cls)
+    return cfg_cls, model_cls
+
+
+# --------------------------------------------------------------------------- hooks
+def _capture_layer_inputs(module: nn.Module, args, kwargs):
+    """Decoder-layer pre-hook: share position_ids / cu_seqlens with the TTT MLP."""
+    ctx: TTTContext = module.mlp.ctx
+    ctx.position_ids = kwargs.get("position_ids")
+    ctx.cu_seqlens = kwargs.get("cu_seq_lens_q")
+    cache = kwargs.get("past_key_values")
+    layer_idx = getattr(getattr(module, "self_attn", None), "layer_idx", 0)
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length(layer_idx) > 0:
+        raise NotImplementedError(
+            "cached decoding of an In-Place TTT model needs the fast-weight state in the cache; "
+            "call the model with use_cache=False (full forward) for now"
+        )
+
+
+def _capture_model_inputs(module: nn.Module, args, kwargs):
+    """Base-model pre-hook: remember inputs_embeds when the caller passes them."""
+    module._ttt_ctx.embeds = kwargs.get("inputs_embeds")
+
+
+def _capture_embeddings(module: nn.Module, args, output):
+    """Embedding forward hook: the token embeddings are the ``embed`` target source."""
+    module._ttt_ctx.embeds = output
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise FastWeightsError(
+            f"model type {_model_type(model)!r} is not supported: no decoder `layers` ModuleList found"
+        )
+    return layers
+
+
+def _model_type(model) -> str:
+    return getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+
+
+# --------------------------------------------------------------------------- convert
+def default_layers(num_layers: int) -> list[int]:
+    """Every 6th layer from 0, as in the official release."""
+    return list(range(0, num_layers, 6))
+
+
+def _validate(model, layers, chunk_size, lr, target):
+    layers_list = _decoder_layers(model)
+    n = len(layers_list)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    try:
+        lr_f = float(lr)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"lr must be a finite number, got {lr!r}") from err
+    if not math.isfinite(lr_f):
+        raise ValueError(f"lr must be a finite number, got {lr!r}")
+    target = normalize_target(target)
+    chosen = default_layers(n) if layers is None else list(layers)
+    for i in chosen:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+            raise ValueError(f"layer index {i!r} is out of range: the model has {n} layers (0..{n - 1})")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"layer indices must be distinct, got {chosen}")
+    for i in chosen:
+        mlp = getattr(layers_list[i], "mlp", None)
+        missing = [a for a in ("gate_proj", "up_proj", "down_proj") if not hasattr(mlp, a)]
+        if mlp is None or missing:
+            what = "an `mlp`" if mlp is None else "/".join(missing) + " in its MLP"
+            raise FastWeightsError(
+                f"model type {_model_type(model)!r} is not supported: decoder layer {i} lacks {what} "
+                "(In-Place TTT needs a gated MLP with gate_proj/up_proj/down_proj)"
+            )
+    return sorted(chosen), chunk_size, lr_f, target
+
+
+def _install(model: PreTrainedModel, layers: list[int], chunk_size: int, lr: float, target: str,
+             proj: bool) -> None:
+    layers_list = _decoder_layers(model)
+    ctx = TTTContext()
+    for i in layers:
+        layer = layers_list[i]
+        layer.mlp = InPlaceTTTMLP(layer.mlp, chunk_size=chunk_size, lr=lr, target=target, proj=proj)
+        layer.mlp.ctx = ctx
+        layer.register_forward_pre_hook(_capture_layer_inputs, with_kwargs=True)
+    if target == "embed":
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        emb = model.get_input_embeddings()
+        base._ttt_ctx = emb._ttt_ctx = ctx
+        base.register_forward_pre_hook(_capture_model_inputs, with_kwargs=True)
+        emb.register_forward_hook(_capture_embeddings)
+
+
+def _write_config(config, layers, chunk_size, lr, target, proj):
+    config.ttt_layers = list(layers)
+    config.ttt_lr = lr
+    config.ttt_chunk = chunk_size
+    config.ttt_proj = bool(proj)
+    config.ttt_target = OFFICIAL_TARGET[target]
+
+
+def _convert_from_config(model: PreTrainedModel, config) -> None:
+    """Install TTT MLPs as a checkpoint's config describes (used when loading)."""
+    if getattr(config, "ttt_layers", None) is None:
+        raise FastWeightsError(f"config of type {config.model_type!r} has no ttt_layers: not an In-Place TTT model")
+    layers, chunk, lr, target = _validate(
+        model, config.ttt_layers, int(config.ttt_chunk), config.ttt_lr, getattr(config, "ttt_target", "hidden")
+    )
+    _install(model, layers, chunk, lr, target, bool(getattr(config, "ttt_proj", True)))
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether the model holds In-Place TTT MLPs."""
+    return any(isinstance(m, InPlaceTTTMLP) for m in model.modules())
+
+
+def ttt_modules(model: nn.Module) -> list[InPlaceTTTMLP]:
+    """The In-Place TTT MLPs of a model, in layer order."""
+    return [m for m in model.modules() if isinstance(m, InPlaceTTTMLP)]
+
+
+def ttt_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters that In-Place TTT adds (``ttt_conv`` and ``ttt_proj`` weights)."""
+    return [(n, p) for n, p in model.named_parameters() if ".ttt_conv." in n or ".ttt_proj." in n]
+
+
+def convert(
+    model: PreTrainedModel,
+    layers: list[int] | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    lr: float = DEFAULT_LR,
+    target: str = "hidden",
+    proj: bool = True,
+) -> PreTrainedModel:
+    """Switch In-Place TTT on in a Hugging Face causal LM, in place, and return it.
+
+    Args:
+        model: a causal LM whose decoder layers have a gated MLP (``gate_proj``, ``up_proj``,
+            ``down_proj``): Llama, Qwen2, Qwen3, Mistral and alike.
+        layers: decoder layer indices to convert; default every 6th layer from 0.
+        chunk_size: tokens per fast-weight update (official default 4096; the paper's
+            ablation finds 512–1024 best).
+        lr: inner learning rate η (official recommended configs: 3).
+        target: ``"hidden"`` (the MLP input; for continual training of a pretrained model)
+            or ``"embed"`` (the token embeddings; for pretraining from scratch).
+        proj: learn the target projection P (official default True).
+
+    The conv starts at zero, so the converted model's outputs equal the base model's.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise FastWeightsError(f"convert needs a transformers PreTrainedModel, got {type(model).__name__}")
+    if is_converted(model):
+        raise FastWeightsError("model is already converted to In-Place TTT")
+    layers, chunk_size, lr, target = _validate(model, layers, chunk_size, lr, target)
+    cfg_cls, model_cls = register_family(model.config.model_type)
+    _install(model, layers, chunk_size, lr, target, proj)
+    model.config.__class__ = cfg_cls
+    _write_config(model.config, layers, chunk_size, lr, target, proj)
+    model.__class__ = model_cls
+    return model
+
+
+# --------------------------------------------------------------------------- load
+def load_pretrained(path: str | Path, **kwargs) -> PreTrainedModel:
+    """Load an In-Place TTT checkpoint from a local directory.
+
+    Reads both our layout (model_type ``inplace_ttt_<family>``) and the official release's
+    (a base model_type plus ``ttt_*`` config keys and ``mlp.ttt_conv``/``mlp.ttt_proj``
+    weights). Only safetensors are read and no remote code runs.
+    """
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"no config.json in {str(path)!r}")
+    raw = json.loads(cfg_file.read_text())
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str):
+        raise FastWeightsError(f"{cfg_file} has no model_type")
+    if raw.get("ttt_layers") is None:
+        raise FastWeightsError(f"{cfg_file} has no ttt_layers: not an In-Place TTT checkpoint")
+    cfg_cls, model_cls = register_family(model_type)
+    raw.pop("model_type", None)
+    config = cfg_cls.from_dict(raw)
+    kwargs.setdefault("use_safetensors", True)
+    kwargs["trust_remote_code"] = False
+    return model_cls.from_pretrained(path, config=config, **kwargs)
+
+
+def _register_supported() -> None:
+    for family in SUPPORTED_FAMILIES:
+        register_family(family)
+
+
+_register_supported()

@@ -1,0 +1,199 @@
+"""Drop-in conversion of Hugging Face causal LMs to In-Place TTT (issue 2)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import FAMILIES, VOCAB, tiny_model
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import fastweights
+from fastweights.errors import FastWeightsError
+from fastweights.models import convert, default_layers, load_pretrained, ttt_modules, ttt_parameters
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def ids(B=2, N=40, seed=0):
+    return torch.randint(0, VOCAB, (B, N), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x, **kw):
+    with torch.no_grad():
+        return model(x, use_cache=False, **kw).logits
+
+
+def perturb(model, seed=1, conv=0.3):
+    """Non-zero conv (and a fresh P) so that TTT changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in ttt_modules(model):
+            m.ttt_conv.weight.copy_(torch.randn(m.ttt_conv.weight.shape, generator=g) * conv)
+            m.ttt_proj.weight.add_(torch.randn(m.ttt_proj.weight.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("target", ["hidden", "embed"])
+def test_conversion_leaves_logits_unchanged(family, target):
+    model = tiny_model(family)
+    x = ids()
+    before = logits(model, x)
+    convert(model, chunk_size=8, lr=1.0, target=target)
+    assert [i for i, layer in enumerate(model.model.layers) if layer.mlp in ttt_modules(model)] == [0, 6]
+    assert rel(logits(model, x), before) <= 1e-6
+    assert type(model).__name__ == "InPlaceTTT" + type(tiny_model(family, layers=1)).__name__
+    assert model.config.model_type == f"inplace_ttt_{family}"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_conv_gets_gradient_and_a_step_changes_the_loss(family):
+    model = convert(tiny_model(family).train(), layers=[0, 3], chunk_size=8, lr=3.0)
+    x = ids(N=48)
+    loss = model(x, labels=x, use_cache=False).loss
+    loss.backward()
+    for name, p in ttt_parameters(model):
+        if "ttt_conv" in name:
+            assert p.grad is not None and p.grad.abs().max() > 0, name
+    opt = torch.optim.AdamW([p for _, p in ttt_parameters(model)], lr=1e-2)
+    opt.step()
+    with torch.no_grad():
+        loss2 = model(x, labels=x, use_cache=False).loss
+    assert abs(loss2.item() - loss.item()) > 1e-6
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ttt_changes_outputs_only_after_the_first_chunk(family):
+    model = tiny_model(family)
+    x = ids(N=30)
+    base = logits(model, x)
+    convert(model, layers=[0, 2], chunk_size=8, lr=3.0)
+    perturb(model)
+    out = logits(model, x)
+    assert torch.equal(out[:, :8], base[:, :8])  # chunk 0 reads W0 in every TTT layer
+    assert (out[:, 8:] - base[:, 8:]).abs().amax(dim=-1).min() > 0  # every later position changes
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("target", ["hidden", "embed"])
+def test_save_and_reload_round_trip(family, target, tmp_path):
+    model = convert(tiny_model(family), layers=[1, 4], chunk_size=6, lr=0.7, target=target)
+    perturb(model)
+    x = ids()
+    ref = logits(model, x)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["ttt_layers"] == [1, 4] and cfg["ttt_chunk"] == 6 and cfg["ttt_lr"] == 0.7
+    assert cfg["ttt_target"] == {"hidden": "hidden_states", "embed": "input_embed"}[target]
+    assert (tmp_path / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("*.bin"))
+    for loaded in (load_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
+        assert torch.equal(logits(loaded.eval(), x), ref)
+
+
+def test_official_checkpoint_layout_loads(tmp_path):
+    """A base checkpoint plus mlp.ttt_conv/ttt_proj weights and the official config keys."""
+    base = tiny_model("qwen3")
+    base.save_pretrained(tmp_path)
+    ours = convert(tiny_model("qwen3"), layers=[0, 5], chunk_size=8, lr=3.0, target="embed")
+    perturb(ours)
+    weights = load_file(tmp_path / "model.safetensors")
+    for i in (0, 5):
+        mlp = ours.model.layers[i].mlp
+        weights[f"model.layers.{i}.mlp.ttt_conv.weight"] = mlp.ttt_conv.weight.detach().clone()
+        weights[f"model.layers.{i}.mlp.ttt_proj.weight"] = mlp.ttt_proj.weight.detach().clone()
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3"
+    cfg.update(ttt_layers=[0, 5], ttt_lr=3.0, ttt_chunk=8, ttt_proj=True, ttt_target="input_embed")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = load_pretrained(tmp_path)
+    x = ids()
+    assert torch.equal(logits(loaded, x), logits(ours, x))
+
+
+def test_loading_never_unpickles(tmp_path):
+    model = convert(tiny_model("llama", layers=2), chunk_size=4)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(chunk_size=0), "chunk_size must be a positive integer, got 0"),
+        (dict(chunk_size=-4), "chunk_size must be a positive integer, got -4"),
+        (dict(layers=[0, 7]), r"layer index 7 is out of range: the model has 7 layers \(0..6\)"),
+        (dict(layers=[-1]), "layer index -1 is out of range"),
+        (dict(target="logits"), "target must be one of"),
+        (dict(lr=float("nan")), "lr must be a finite number, got nan"),
+        (dict(lr=float("inf")), "lr must be a finite number, got inf"),
+    ],
+)
+def test_bad_settings_are_rejected(kwargs, match):
+    model = tiny_model("qwen3")
+    with pytest.raises(ValueError, match=match):
+        convert(model, **kwargs)
+    assert not ttt_modules(model)
+
+
+def test_unsupported_model_names_type_and_what_is_missing():
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(FastWeightsError, match="'gpt2'.*no decoder `layers`"):
+        convert(gpt2)
+
+
+def test_converting_twice_is_an_error():
+    model = convert(tiny_model("qwen2", layers=2))
+    with pytest.raises(FastWeightsError, match="already converted"):
+        convert(model)
+
+
+def test_defaults_follow_the_official_release():
+    model = convert(tiny_model("qwen3", layers=13))
+    assert default_layers(13) == [0, 6, 12]
+    assert model.config.ttt_layers == [0, 6, 12]
+    m = ttt_modules(model)[0]
+    assert (m.chunk_size, m.lr, m.target) == (4096, 3.0, "hidden")
+    assert tuple(m.ttt_conv.weight.shape) == (24, 1, 5) and m.ttt_conv.weight.abs().max() == 0
+    P = m.ttt_proj.weight
+    assert torch.equal(P, torch.diag(torch.diagonal(P))) and 0.005 < P.diagonal().std() < 0.05
+
+
+@pytest.mark.parametrize("target", ["hidden", "embed"])
+def test_packed_rows_equal_documents_one_at_a_time(target):
+    """Attention (through position_ids) and the fast weights both restart at each document."""
+    model = convert(tiny_model("qwen3"), layers=[0, 3], chunk_size=5, lr=2.0, target=target)
+    perturb(model)
+    lengths = [13, 4, 17]
+    docs = [ids(1, n, seed=i) for i, n in enumerate(lengths)]
+    packed = torch.cat(docs, dim=1)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    out = logits(model, packed, position_ids=pos)
+    singles = torch.cat([logits(model, d) for d in docs], dim=1)
+    assert rel(out, singles) < 1e-5
+
+
+def test_inputs_embeds_feed_the_embed_target():
+    model = convert(tiny_model("llama"), layers=[0], chunk_size=4, target="embed")
+    perturb(model)
+    x = ids(N=20)
+    with torch.no_grad():
+        a = model(x, use_cache=False).logits
+        b = model(inputs_embeds=model.get_input_embeddings()(x), use_cache=False).logits
+    assert torch.equal(a, b)
+
+
+def test_package_import_registers_auto_classes():
+    from transformers import AutoConfig
+
+    for family in FAMILIES:
+        assert AutoConfig.for_model(f"inplace_ttt_{family}").model_type == f"inplace_ttt_{family}"
+    assert fastweights.convert is convert
