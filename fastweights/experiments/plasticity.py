@@ -208,11 +208,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--report-from", nargs="+", type=Path, metavar="JSON",
                    help="train nothing: merge these plasticity.json files into one report")
     p.add_argument("--quick", action="store_true",
-                   help="tiny smoke run: one seed, 3 steps of 8 episodes, d 32, 32 test episodes")
+                   help="tiny smoke run: one seed, 2 steps of 4 episodes, d 16, 16 test episodes")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.steps, args.batch_size, args.test_size = [0], 3, 8, 32
-        args.d_model, args.d_ff = 32, 64
+        args.seeds, args.steps, args.batch_size, args.test_size = [0], 2, 4, 16
+        args.d_model, args.d_ff, args.n_heads = 16, 32, 2
     for name in ("steps", "batch_size", "test_size", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
