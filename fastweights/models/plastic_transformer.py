@@ -18,7 +18,7 @@ from the task loss through the unrolled updates.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -61,7 +61,6 @@ class PlasticState:
     values: list[torch.Tensor]
     fast: list[list[tuple[torch.Tensor, ...]]]
     position: int = 0
-    etas: list[torch.Tensor] = field(default_factory=list)  # (B,) η0·σ(η̃_t) of each step
 
 
 class Block(nn.Module):
@@ -127,7 +126,6 @@ class PlasticTransformer(nn.Module):
                 records.append(rec)
             y = self.head(self.ln_f(h))
             fast = state.fast
-            etas = state.etas
             if cfg.rule != "none":
                 eta = cfg.eta0 * torch.sigmoid(y[:, cfg.output_size])
                 qs = [q for rec in records for _, q in rec]
@@ -139,13 +137,11 @@ class PlasticTransformer(nn.Module):
                 us = [us[2 * i : 2 * i + 2] for i in range(len(self.blocks))]
                 fast = [blk.ffn.update(f, rec, u, eta, cfg.max_norm)
                         for blk, f, rec, u in zip(self.blocks, state.fast, records, us, strict=True)]
-                etas = [*etas, eta]
         out = y[:, : cfg.output_size]
         if not outer_grad:
             out, keys, values = out.detach(), [k.detach() for k in keys], [v.detach() for v in values]
             fast = [[tuple(s.detach() for s in lin) for lin in f] for f in fast]
-            etas = [e.detach() for e in etas]
-        return out, PlasticState(keys, values, fast, state.position + 1, etas)
+        return out, PlasticState(keys, values, fast, state.position + 1)
 
     def forward(self, inputs: torch.Tensor, return_state: bool = False):
         """inputs (B, T, input_size) -> outputs (B, T, output_size), run step by step from a
