@@ -164,18 +164,18 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
         lines.append(f"| {MODELS[k]} | " + " | ".join(f"{row[h]:.2f}" for h in (20, 50, 100)) + " |")
     lines += ["", "## Goal check (computed from the measured table)", ""]
     if 20 in hs and errs("fw", 20):
-        fw = float(torch.tensor(errs("fw", 20)).mean())
+        fw = sum(errs("fw", 20)) / len(errs("fw", 20))
         lines.append(f"- Fast weights at R=20 ≤ 5% error: measured {fw:.2f}% → "
                      f"{'met' if fw <= 5 else 'NOT met'}.")
         for k in ("lstm", "irnn"):
             if errs(k, 20):
-                e = float(torch.tensor(errs(k, 20)).mean())
+                e = sum(errs(k, 20)) / len(errs(k, 20))
                 lines.append(f"- {MODELS[k]} at R=20 > 50% error: measured {e:.2f}% → "
                              f"{'met' if e > 50 else 'NOT met'}.")
     if 100 in hs:
         for k in kinds:
             if errs(k, 100):
-                e = float(torch.tensor(errs(k, 100)).mean())
+                e = sum(errs(k, 100)) / len(errs(k, 100))
                 lines.append(f"- {MODELS[k]} at R=100 ~0% (≤ 1%): measured {e:.2f}% → "
                              f"{'met' if e <= 1 else 'NOT met'}.")
     secs = sum(r["seconds"] for r in results)
@@ -272,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.report_from:
         runs = [json.loads(path.read_text()) for path in args.report_from]
-        results = [r for run in runs for r in run["results"]]
+        # A run present in several files (same configuration and seed) is counted once.
+        unique: dict[tuple, dict] = {}
+        for r in (r for run in runs for r in run["results"]):
+            unique.setdefault((r["model"], r["hidden"], r["seed"]), r)
+        results = list(unique.values())
         first = argparse.Namespace(**{**vars(args), **runs[0]["args"]})
         commands = [c for run in runs for c in run.get("commands", [run["argv"]])]
         write_report(results, first, [*commands, argv], args.out_dir)

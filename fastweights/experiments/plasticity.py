@@ -144,7 +144,7 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
               "Means only: a gap smaller than the seed-to-seed std (or with one seed) is not evidence "
               "of a difference.", ""]
     for t in tasks:
-        means = {r: float(torch.tensor(vals(t, r)).mean()) for r in rules if vals(t, r)}
+        means = {r: sum(vals(t, r)) / len(vals(t, r)) for r in rules if vals(t, r)}
         if len(means) == 3:
             lines.append(f"- {t}: measured {_order(means, TASKS[t][3])}; published "
                          f"{_order(PUBLISHED[t], TASKS[t][3])} (better first).")
@@ -241,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.report_from:
         runs = [json.loads(path.read_text()) for path in args.report_from]
-        results = [r for run in runs for r in run["results"]]
+        # A run present in several files (same configuration and seed) is counted once.
+        unique: dict[tuple, dict] = {}
+        for r in (r for run in runs for r in run["results"]):
+            unique.setdefault((r["task"], r["rule"], r["seed"]), r)
+        results = list(unique.values())
         first = argparse.Namespace(**{**vars(args), **runs[0]["args"]})
         commands = [c for run in runs for c in run.get("commands", [run["argv"]])]
         write_report(results, first, [*commands, argv], args.out_dir)
