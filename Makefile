@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev]'
+	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev,triton]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -31,7 +31,7 @@ $(COMPAT)/.installed: $(VENV)/.installed
 
 test-compat: $(COMPAT)/.installed
 	PYTHONPATH=$(COMPAT) $(BIN)/python -c "import transformers as t; assert t.__version__ == '5.17.0', t.__version__"
-	PYTHONPATH=$(COMPAT) $(BIN)/python -m pytest -q -m "not gpu" tests/test_convert.py $(wildcard tests/test_generation.py)
+	PYTHONPATH=$(COMPAT) $(BIN)/python -m pytest -q -m "not gpu" tests/test_convert.py tests/test_hybrid_model.py $(wildcard tests/test_generation.py)
 
 lint: setup
 	$(BIN)/ruff check fastweights tests benchmarks

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fastweights.ops.inplace_ttt import inplace_ttt
+from fastweights.ops.inplace_ttt_decode import InPlaceTTTState, StepPlan
 
 __all__ = ["TARGETS", "InPlaceTTTMLP", "TTTContext", "normalize_target"]
 
@@ -38,13 +39,18 @@ class TTTContext:
 
     Filled by instance hooks (see ``fastweights.models.inplace_ttt``): the token
     embeddings (B, N, d) for ``target="embed"``, and the ``position_ids`` (B, N) or
-    ``cu_seqlens`` (K+1,) that mark document starts.
+    ``cu_seqlens`` (K+1,) that mark document starts. For a call through a cache, or with
+    padding, also the call's :class:`~fastweights.ops.inplace_ttt_decode.StepPlan` and, for the
+    layer running now, its :class:`~fastweights.ops.inplace_ttt_decode.InPlaceTTTState`.
     """
 
     def __init__(self):
         self.embeds: torch.Tensor | None = None
         self.position_ids: torch.Tensor | None = None
         self.cu_seqlens: torch.Tensor | None = None
+        self.plan: StepPlan | None = None
+        self.state: InPlaceTTTState | None = None
+        self.cache = None  # the model's InPlaceTTTCache during a cached call
 
 
 class InPlaceTTTMLP(nn.Module):
@@ -117,7 +123,22 @@ class InPlaceTTTMLP(nn.Module):
     ) -> torch.Tensor:
         """x (B, N, d) → o (B, N, d). Documents start where ``position_ids`` is 0, or at
         ``cu_seqlens``; without either, each row is one document. Explicit arguments win over
-        what the model's hooks captured in ``self.ctx``."""
+        what the model's hooks captured in ``self.ctx``.
+
+        Inside a converted model called with a cache (or with padding in ``attention_mask``), the
+        hooks hand over a fast-weight state: the output is then computed by advancing that state
+        (``InPlaceTTTState.step``), which skips padding and continues from earlier calls."""
+        explicit = target_source is not None or position_ids is not None or cu_seqlens is not None
+        if self.ctx is not None and self.ctx.plan is not None and not explicit:
+            if self.ctx.cu_seqlens is not None:
+                raise ValueError("packed sequences (cu_seqlens) cannot be combined with a cache or padding")
+            # the cache's state of this layer, or (padding without a cache) one for this call only
+            state = self.ctx.state if self.ctx.state is not None else InPlaceTTTState(self.chunk_size)
+            s = self.target_source(x, None)
+            z = self.hidden(x)
+            proj = None if self.ttt_proj is None else self.ttt_proj.weight
+            o = state.step(z, s, self.down_proj.weight, self.ttt_conv.weight, proj, self.lr, self.ctx.plan)
+            return o if self.down_proj.bias is None else o + self.down_proj.bias
         if position_ids is None and cu_seqlens is None and self.ctx is not None:
             position_ids, cu_seqlens = self.ctx.position_ids, self.ctx.cu_seqlens
             if position_ids is not None and position_ids.shape[-1] != x.shape[1]:

@@ -1,5 +1,6 @@
 """Model glue and Hugging Face integration."""
 
+from fastweights.models.cache import InPlaceTTTCache
 from fastweights.models.inplace_ttt import (
     SUPPORTED_FAMILIES,
     convert,
@@ -12,6 +13,7 @@ from fastweights.models.inplace_ttt import (
 )
 
 __all__ = [
+    "InPlaceTTTCache",
     "SUPPORTED_FAMILIES",
     "convert",
     "default_layers",

@@ -17,13 +17,18 @@ from __future__ import annotations
 import json
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from fastweights.errors import FastWeightsError
 from fastweights.layers.inplace_ttt import OFFICIAL_TARGET, InPlaceTTTMLP, TTTContext, normalize_target
+from fastweights.models.cache import InPlaceTTTCache
+from fastweights.models.compat import cache_implementation, resolve_use_cache
+from fastweights.ops.inplace_ttt_decode import StepPlan
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -78,8 +83,13 @@ def register_family(model_type: str) -> tuple[type, type]:
         base_model.__init__(self, config, *args, **kwargs)
         _convert_from_config(self, config)
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if not _generation_cache(self, generation_config, model_kwargs):
+            base_model._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+
     model_cls = type(model_name, (base_model,), {
         "config_class": cfg_cls, "__init__": __init__, "__module__": __name__,
+        "_prepare_cache_for_generation": _prepare_cache_for_generation,
         "__doc__": f"{base_model.__name__} with In-Place TTT MLPs (created by fastweights.convert).",
     })
     setattr(mod, cfg_name, cfg_cls)
@@ -90,24 +100,88 @@ def register_family(model_type: str) -> tuple[type, type]:
     return cfg_cls, model_cls
 
 
+def _generation_cache(model, generation_config, model_kwargs) -> bool:
+    """For ``generate``: put an InPlaceTTTCache in ``model_kwargs`` where the default cache would go.
+
+    Returns False when generate's own logic should run (a user's cache, or no cache at all).
+    """
+    impl = cache_implementation(generation_config)
+    if impl not in (None, "dynamic"):
+        raise FastWeightsError(
+            f"cache_implementation={impl!r} cannot carry In-Place TTT fast weights; use the default (dynamic) cache"
+        )
+    if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+        return False
+    model_kwargs["past_key_values"] = InPlaceTTTCache(config=model.config.get_text_config(decoder=True))
+    return True
+
+
 # --------------------------------------------------------------------------- hooks
-def _capture_layer_inputs(module: nn.Module, args, kwargs):
-    """Decoder-layer pre-hook: share position_ids / cu_seqlens with the TTT MLP."""
+def _capture_layer_inputs(module: nn.Module, args, kwargs, *, layer_idx: int):
+    """Decoder-layer pre-hook: share position_ids / cu_seqlens and this layer's fast-weight state."""
     ctx: TTTContext = module.mlp.ctx
     ctx.position_ids = kwargs.get("position_ids")
     ctx.cu_seqlens = kwargs.get("cu_seq_lens_q")
-    cache = kwargs.get("past_key_values")
-    layer_idx = getattr(getattr(module, "self_attn", None), "layer_idx", 0)
-    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length(layer_idx) > 0:
-        raise NotImplementedError(
-            "cached decoding of an In-Place TTT model needs the fast-weight state in the cache; "
-            "call the model with use_cache=False (full forward) for now"
-        )
+    ctx.state = None if ctx.cache is None else ctx.cache.ttt_layer(layer_idx, module.mlp.chunk_size)
 
 
 def _capture_model_inputs(module: nn.Module, args, kwargs):
-    """Base-model pre-hook: remember inputs_embeds when the caller passes them."""
-    module._ttt_ctx.embeds = kwargs.get("inputs_embeds")
+    """Base-model pre-hook: embeddings, padding, and the fast-weight cache of this call.
+
+    Without a cache and with ``use_cache`` on, it creates the :class:`InPlaceTTTCache` that the
+    base model would otherwise create as a plain ``DynamicCache`` (in training mode only when
+    ``use_cache=True`` is passed explicitly: the state would cost time and hold the graph). A cache
+    that is not an ``InPlaceTTTCache`` raises: it cannot hold the fast weights. A 2-D
+    ``attention_mask`` marks padding, which the fast weights skip (with or without a cache).
+    """
+    ctx: TTTContext = module._ttt_ctx
+    ctx.embeds = kwargs.get("inputs_embeds")
+    ctx.plan = ctx.state = ctx.cache = None
+    x = kwargs.get("input_ids", args[0] if args else None)
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None:
+        return None  # the model's own forward reports the missing input
+    B, N = x.shape[:2]
+    cache = kwargs.get("past_key_values")
+    if cache is None and module.training and kwargs.get("use_cache") is None:
+        kwargs["use_cache"] = False  # a training forward carries no cache unless asked to
+    if cache is None and resolve_use_cache(module, kwargs):
+        cache = kwargs["past_key_values"] = InPlaceTTTCache(config=module.config)
+    if cache is not None and module.training and getattr(module, "gradient_checkpointing", False):
+        raise FastWeightsError(
+            "gradient checkpointing cannot be combined with a cache on an In-Place TTT model: the recomputation "
+            "would update the fast weights twice (transformers drops the attention cache here instead)"
+        )
+    if cache is not None and not isinstance(cache, InPlaceTTTCache):
+        raise FastWeightsError(
+            f"an In-Place TTT model needs an InPlaceTTTCache to carry its fast weights, got {type(cache).__name__} "
+            "(a cache from an unconverted model?). Pass past_key_values=None to have one created, or "
+            "fastweights.models.InPlaceTTTCache(model.config)"
+        )
+    mask = kwargs.get("attention_mask")
+    real = mask[:, -N:] != 0 if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == B else None
+    pos = kwargs.get("position_ids")
+    starts = pos == 0 if torch.is_tensor(pos) and pos.dim() == 2 and pos.shape[-1] == N else None
+    if cache is not None:
+        ctx.cache = cache
+        ctx.plan = cache.ttt_begin(B, N, real, starts, module._ttt_layers)
+    elif real is not None and not bool(real.all()):
+        ctx.plan = StepPlan([0] * B, N, real, starts)
+    return args, kwargs
+
+
+def _release_model_inputs(module: nn.Module, args, kwargs, output):
+    """Base-model forward hook (always called): forget this call's cache and its plan.
+
+    A padding plan without a cache stays until the next call: gradient checkpointing re-runs the
+    decoder layers during backward (without their hooks on transformers >= 5.23, see compat.py)
+    and must see the same padding.
+    """
+    ctx: TTTContext = module._ttt_ctx
+    ctx.state = None
+    if ctx.cache is not None:
+        ctx.cache = ctx.plan = None
 
 
 def _capture_embeddings(module: nn.Module, args, output):
@@ -173,12 +247,15 @@ def _install(model: PreTrainedModel, layers: list[int], chunk_size: int, lr: flo
         layer = layers_list[i]
         layer.mlp = InPlaceTTTMLP(layer.mlp, chunk_size=chunk_size, lr=lr, target=target, proj=proj)
         layer.mlp.ctx = ctx
-        layer.register_forward_pre_hook(_capture_layer_inputs, with_kwargs=True)
+        layer.register_forward_pre_hook(partial(_capture_layer_inputs, layer_idx=i), with_kwargs=True)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    base._ttt_ctx = ctx
+    base._ttt_layers = tuple(layers)
+    base.register_forward_pre_hook(_capture_model_inputs, with_kwargs=True)
+    base.register_forward_hook(_release_model_inputs, with_kwargs=True, always_call=True)
     if target == "embed":
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         emb = model.get_input_embeddings()
-        base._ttt_ctx = emb._ttt_ctx = ctx
-        base.register_forward_pre_hook(_capture_model_inputs, with_kwargs=True)
+        emb._ttt_ctx = ctx
         emb.register_forward_hook(_capture_embeddings)
 
 

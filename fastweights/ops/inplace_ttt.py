@@ -321,12 +321,18 @@ def inplace_ttt(
         lr: inner learning rate η (float or 0-d tensor).
         chunk_size: C >= 1.
         cu_seqlens / position_ids: optional document boundaries (module docstring).
-        impl: ``"auto"`` | ``"chunked"`` | ``"reference"``.
+        impl: ``"auto"`` (CUDA tensors: ``"fast"``, else ``"chunked"``) | ``"fast"``
+            (:func:`fastweights.ops.inplace_ttt_fast.inplace_ttt_fast`) | ``"chunked"`` |
+            ``"reference"``.
     """
-    if impl in ("auto", "chunked"):
+    if impl == "auto":
+        impl = "fast" if z.is_cuda else "chunked"
+    if impl == "fast":
+        from fastweights.ops.inplace_ttt_fast import inplace_ttt_fast as fn
+    elif impl == "chunked":
         fn = inplace_ttt_chunked
     elif impl == "reference":
         fn = inplace_ttt_reference
     else:
-        raise ValueError(f"impl must be 'auto', 'chunked' or 'reference', got {impl!r}")
+        raise ValueError(f"impl must be 'auto', 'fast', 'chunked' or 'reference', got {impl!r}")
     return fn(z, s, w0, conv_weight, proj, lr, chunk_size, cu_seqlens=cu_seqlens, position_ids=position_ids)

@@ -1,0 +1,143 @@
+"""Softmax attention (full or sliding-window) with Qwen3 conventions: GQA, per-head q/k RMSNorm,
+RoPE. Packed documents and padding are handled through a :class:`TokenLayout`.
+
+Mask of query i over key j: ``doc[j] == doc[i]`` and ``index[j] <= index[i]`` and
+``index[i] - index[j] < window`` (when a window is set) and ``valid[j]``. ``index`` counts
+tokens of a row in stream order (prefix plus new tokens), ``doc`` numbers documents.
+
+Backends: ``sdpa`` (a dense boolean mask; CPU, decoding, small sizes), ``causal`` (SDPA
+``is_causal``, for one document per row without a window or padding), ``flex``
+(``torch.nn.attention.flex_attention`` with a block mask; the CUDA training path).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Attention", "TokenLayout", "apply_rope", "attend", "rope_cos_sin"]
+
+
+@dataclass
+class TokenLayout:
+    """Where the tokens of one forward pass sit. Query side (B, N): ``position_ids`` (RoPE
+    positions, restart at 0 per document), ``doc`` (document ids), ``index`` (stream index).
+    Key side (B, M), prefix plus new tokens: ``key_doc``, ``key_index``, ``key_valid``.
+    ``single_doc``: True when every row is one document with no padding (enables fast paths)."""
+
+    position_ids: torch.Tensor
+    doc: torch.Tensor
+    index: torch.Tensor
+    key_doc: torch.Tensor
+    key_index: torch.Tensor
+    key_valid: torch.Tensor
+    single_doc: bool = False
+    block_masks: dict = field(default_factory=dict, repr=False)  # flex block masks by window
+
+    def dense_mask(self, window: int | None) -> torch.Tensor:
+        """(B, 1, N, M) boolean mask."""
+        qi, ki = self.index.unsqueeze(-1), self.key_index.unsqueeze(-2)
+        m = (self.doc.unsqueeze(-1) == self.key_doc.unsqueeze(-2)) & (ki <= qi) & self.key_valid.unsqueeze(-2)
+        if window is not None:
+            m &= qi - ki < window
+        return m.unsqueeze(1)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, dim: int, base: float, dtype: torch.dtype):
+    """cos, sin (B, N, dim) for positions (B, N) (half-split layout, as Qwen3)."""
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim))
+    ang = position_ids.float().unsqueeze(-1) * inv
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, N, dim) with cos, sin (B, N, dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rot = torch.cat([-x2, x1], dim=-1)
+    return x * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
+
+
+@functools.cache
+def _flex_fn(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention) if compiled else flex_attention
+
+
+def _flex(q, k, v, layout: TokenLayout, window: int | None):
+    """flex_attention with the layout's mask; the block mask is built once per layout and window
+    (all layers of a forward pass share it), compiled on CUDA."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, _, N, _ = q.shape
+    M = k.shape[2]
+    key = (window, N, M)
+    if key not in layout.block_masks:
+        doc, kdoc, qidx, kidx, kval = layout.doc, layout.key_doc, layout.index, layout.key_index, layout.key_valid
+
+        def mask_mod(b, h, i, j):
+            m = (doc[b, i] == kdoc[b, j]) & (kidx[b, j] <= qidx[b, i]) & kval[b, j]
+            if window is not None:
+                m = m & (qidx[b, i] - kidx[b, j] < window)
+            return m
+
+        layout.block_masks[key] = create_block_mask(mask_mod, B, None, N, M, device=q.device, _compile=q.is_cuda)
+    return _flex_fn(q.is_cuda)(q, k, v, block_mask=layout.block_masks[key], enable_gqa=k.shape[1] != q.shape[1])
+
+
+def attend(q, k, v, layout: TokenLayout, window: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """Masked softmax attention. q (B, Hq, N, dh), k, v (B, Hkv, M, dh); Hq % Hkv == 0.
+    Returns (B, Hq, N, dh). ``backend``: ``auto`` | ``sdpa`` | ``flex``."""
+    if backend not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'flex', got {backend!r}")
+    N, M = q.shape[2], k.shape[2]
+    gqa = k.shape[1] != q.shape[1]
+    if backend == "auto":
+        if layout.single_doc and window is None and N == M:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        backend = "flex" if (q.is_cuda and N > 1) else "sdpa"
+    if backend == "flex":
+        return _flex(q, k, v, layout, window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask(window), enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    """Qwen3-style attention: q/k/v/o projections without bias, GQA, per-head RMSNorm on q and
+    k, RoPE; full causal (``window=None``) or sliding-window.
+
+    ``forward(x (B, N, d), cos, sin, layout, past=None) -> (y (B, N, d), (k, v))`` where
+    ``past`` is the (k, v) (B, Hkv, M0, dh) of earlier tokens and the returned pair includes
+    the new ones.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 window: int | None = None, eps: float = 1e-6, backend: str = "auto"):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be None or >= 1, got {window}")
+        self.num_heads, self.num_kv_heads, self.head_dim, self.window = num_heads, num_kv_heads, head_dim, window
+        self.backend = backend
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_norm = nn.RMSNorm(head_dim, eps=eps)
+        self.k_norm = nn.RMSNorm(head_dim, eps=eps)
+
+    def forward(self, x, cos, sin, layout: TokenLayout, past=None):
+        B, N, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, N, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        o = attend(q, k, v, layout, self.window, self.backend)
+        return self.o_proj(o.transpose(1, 2).reshape(B, N, -1)), (k, v)

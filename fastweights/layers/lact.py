@@ -1,0 +1,157 @@
+"""The LaCT layer (SPEC §2, docs/lact.md): sliding-window attention plus a large-chunk
+test-time-training branch, sharing one q/k/v projection.
+
+    q, k, v = x W_qkv                                    (B, N, d) each
+    a = SWA(RoPE(RMSNorm(q)), RoPE(RMSNorm(k)), v)       n_attn heads, window w
+    q_f, k_f = scale * RoPE(L2norm(SiLU(q|k))) + shift   n_h fast heads of width D = d / n_h
+    v_f = SiLU(v)
+    η_t = softplus(W_η x_t + b)  (3 per head);  β_t = sigmoid(w_βᵀ x_t)  (per head)
+    f = LaCT(q_f, k_f, v_f, η, β; W1, W2, W3)          fastweights.ops.lact
+    o = o_proj( a + SiLU(W_s x) * RMSNorm_head(f) )
+
+Initialisation (:meth:`LaCTLayer.reset_fast_parameters`): ``W1, W3 = L R + 0.5 I`` with
+``L`` (D, r) ~ N(0, 1/D) and ``R`` (r, D) ~ N(0, 1/r), rank r = 32 (min(r, D)), so the
+low-rank part has entries of variance 1/D; ``W2 ~ N(0, 1/D)`` (1/fan_in); the learning-rate
+bias is softplus⁻¹(lr_init) with lr_init = 1e-3; scales 1, shifts 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastweights.layers.attention import TokenLayout, apply_rope, attend, rope_cos_sin
+from fastweights.ops.lact import ORDERS, UPDATES, lact_chunked, lact_reference
+
+__all__ = ["LaCTLayer"]
+
+
+def _inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class LaCTLayer(nn.Module):
+    """SWA + LaCT fast-weight branch. ``forward(x (B, N, d), layout, past=None, use_cache=False)
+    -> (y (B, N, d), present)``; ``past``/``present`` = (k, v, LaCTState) of earlier tokens.
+
+    Args:
+        hidden_size: d. num_heads: SWA heads (d % num_heads == 0). fw_heads: n_h (d % n_h == 0).
+        window: SWA window (>= chunk_size keeps the chunk causal). chunk_size: C.
+        update: ``gd`` | ``momentum`` | ``muon``. order: ``apply_update`` | ``update_apply``.
+        lr_init: initial per-token learning rate. init_rank: rank r of W1, W3's init.
+        rope_base: RoPE base for both paths. impl: ``chunked`` | ``reference`` (the op).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, fw_heads: int = 4, window: int = 2048,
+                 chunk_size: int = 2048, update: str = "muon", order: str = "apply_update",
+                 lr_init: float = 1e-3, init_rank: int = 32, rope_base: float = 1e6, eps: float = 1e-6,
+                 impl: str = "chunked", attn_backend: str = "auto"):
+        super().__init__()
+        if hidden_size % num_heads or hidden_size % fw_heads:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads} "
+                             f"and fw_heads {fw_heads}")
+        if update not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if impl not in ("chunked", "reference"):
+            raise ValueError(f"impl must be 'chunked' or 'reference', got {impl!r}")
+        if not lr_init > 0:
+            raise ValueError(f"lr_init must be > 0, got {lr_init}")
+        d = hidden_size
+        self.d, self.num_heads, self.head_dim = d, num_heads, d // num_heads
+        self.fw_heads, self.fw_dim = fw_heads, d // fw_heads
+        self.window, self.chunk_size, self.update, self.order = window, chunk_size, update, order
+        self.lr_init, self.init_rank, self.rope_base, self.impl = lr_init, init_rank, rope_base, impl
+        self.attn_backend = attn_backend
+        self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
+        self.gate_proj = nn.Linear(d, d, bias=False)  # W_s
+        self.lr_proj = nn.Linear(d, 3 * fw_heads, bias=True)
+        self.beta_proj = nn.Linear(d, fw_heads, bias=False) if update != "gd" else None
+        self.qk_scale = nn.Parameter(torch.ones(2, d))
+        self.qk_shift = nn.Parameter(torch.zeros(2, d))
+        self.fw_norm = nn.RMSNorm(self.fw_dim, eps=eps)
+        D = self.fw_dim
+        self.w1 = nn.Parameter(torch.empty(fw_heads, D, D))
+        self.w2 = nn.Parameter(torch.empty(fw_heads, D, D))
+        self.w3 = nn.Parameter(torch.empty(fw_heads, D, D))
+        self.reset_fast_parameters()
+
+    def extra_repr(self) -> str:
+        return (f"fw_heads={self.fw_heads}, window={self.window}, chunk_size={self.chunk_size}, "
+                f"update={self.update!r}, order={self.order!r}")
+
+    def fast_init(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The documented initial values of the layer's own parameters (module docstring)."""
+        H, D = self.fw_heads, self.fw_dim
+        r = min(self.init_rank, D)
+        dev = self.w1.device
+
+        def lr_plus_half_i():
+            left = torch.randn(H, D, r, generator=generator, device=dev) / math.sqrt(D)
+            right = torch.randn(H, r, D, generator=generator, device=dev) / math.sqrt(r)
+            return left @ right + 0.5 * torch.eye(D, device=dev)
+
+        return {
+            "w1": lr_plus_half_i(),
+            "w3": lr_plus_half_i(),
+            "w2": torch.randn(H, D, D, generator=generator, device=dev) / math.sqrt(D),
+            "lr_proj.bias": torch.full((3 * H,), _inv_softplus(self.lr_init), device=dev),
+            "qk_scale": torch.ones(2, self.d, device=dev),
+            "qk_shift": torch.zeros(2, self.d, device=dev),
+        }
+
+    @torch.no_grad()
+    def reset_fast_parameters(self) -> None:
+        params = dict(self.named_parameters())
+        for name, value in self.fast_init().items():
+            params[name].copy_(value)
+
+    def _fast_qk(self, x, which, cos, sin):
+        B, N, _ = x.shape
+        x = F.normalize(F.silu(x).view(B, N, self.fw_heads, self.fw_dim), dim=-1).transpose(1, 2)
+        x = apply_rope(x, cos, sin)
+        scale = self.qk_scale[which].view(self.fw_heads, 1, self.fw_dim)
+        shift = self.qk_shift[which].view(self.fw_heads, 1, self.fw_dim)
+        return x * scale + shift
+
+    def forward(self, x: torch.Tensor, layout: TokenLayout, past=None, use_cache: bool = False):
+        B, N, d = x.shape
+        H, D = self.fw_heads, self.fw_dim
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        pos = layout.position_ids
+        # sliding-window attention path
+        cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_base, x.dtype)
+        qa = apply_rope(self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2), cos, sin)
+        ka = apply_rope(self.k_norm(k.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2), cos, sin)
+        va = v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        if past is not None:
+            ka, va = torch.cat([past[0], ka], dim=2), torch.cat([past[1], va], dim=2)
+        a = attend(qa, ka, va, layout, self.window, self.attn_backend).transpose(1, 2).reshape(B, N, d)
+        # fast-weight path
+        cos_f, sin_f = rope_cos_sin(pos, D, self.rope_base, x.dtype)
+        qf, kf = self._fast_qk(q, 0, cos_f, sin_f), self._fast_qk(k, 1, cos_f, sin_f)
+        vf = F.silu(v).view(B, N, H, D).transpose(1, 2)
+        lr = F.softplus(self.lr_proj(x).float()).view(B, N, H, 3).transpose(1, 2).to(x.dtype)
+        beta = None
+        if self.beta_proj is not None:
+            beta = torch.sigmoid(self.beta_proj(x).float()).transpose(1, 2).to(x.dtype)
+        args = (qf, kf, vf, lr, beta, self.w1, self.w2, self.w3)
+        kw = dict(chunk_size=self.chunk_size, update=self.update, order=self.order, position_ids=pos)
+        state = None
+        if past is not None or use_cache:
+            if self.impl != "chunked":
+                raise ValueError("cached decoding needs impl='chunked'")
+            f, state = lact_chunked(*args, **kw, state=None if past is None else past[2], output_final_state=True)
+        else:
+            f = (lact_chunked if self.impl == "chunked" else lact_reference)(*args, **kw)
+        f = self.fw_norm(f).transpose(1, 2).reshape(B, N, d)
+        o = self.o_proj(a + F.silu(self.gate_proj(x)) * f)
+        return o, ((ka, va, state) if use_cache else None)
+

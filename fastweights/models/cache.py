@@ -1,0 +1,135 @@
+"""``InPlaceTTTCache``: a Hugging Face ``DynamicCache`` that also carries the fast weights.
+
+Converted models create it by themselves, in ``generate()`` and in a plain forward with
+``use_cache=True``; pass ``outputs.past_key_values`` back to continue a sequence (decoding, or
+streaming a long document piece by piece). Next to the attention keys and values, it holds for each
+In-Place TTT layer an :class:`~fastweights.ops.inplace_ttt_decode.InPlaceTTTState` (the completed
+chunks of the open document, factored or dense, plus the open chunk's buffer) and, per row, the
+number of real tokens of its open document. Beam search's ``reorder_cache`` and the batch
+``select``/``repeat`` operations of transformers act on both, so they stay consistent.
+
+Misuse fails loudly: a plain cache (e.g. from an unconverted model) given to a converted model, this
+cache given to an unconverted model, a batch-size change in the middle of a cache, and a rollback
+(``crop``) that would have to undo fast-weight updates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastweights.errors import FastWeightsError
+from fastweights.models.compat import DynamicCache
+from fastweights.ops.inplace_ttt_decode import STATE_FORMS, InPlaceTTTState, StepPlan
+
+__all__ = ["InPlaceTTTCache"]
+
+
+class InPlaceTTTCache(DynamicCache):
+    """Attention KV cache plus the fast-weight state of every In-Place TTT layer.
+
+    Args:
+        config: the converted model's config (it names the TTT layers in ``ttt_layers``).
+        state_form: ``"auto"`` (factored while smaller than dense, then dense), ``"dense"`` or
+            ``"factored"``; all three give the same outputs.
+        **kwargs: passed on to ``DynamicCache`` (e.g. ``offloading``).
+    """
+
+    def __init__(self, config, state_form: str = "auto", **kwargs):
+        layers = getattr(config, "ttt_layers", None)
+        if not layers:
+            raise FastWeightsError(
+                f"InPlaceTTTCache needs the config of an In-Place TTT model (with ttt_layers); got a "
+                f"{getattr(config, 'model_type', type(config).__name__)!r} config without them"
+            )
+        if state_form not in STATE_FORMS:
+            raise ValueError(f"state_form must be one of {STATE_FORMS}, got {state_form!r}")
+        super().__init__(config=config, **kwargs)
+        self.ttt_layers = tuple(int(i) for i in layers)
+        self.state_form = state_form
+        self.ttt_states: dict[int, InPlaceTTTState] = {}
+        self.ttt_tokens: list[int] | None = None  # per row: real tokens of its open document
+        self._ttt_expect: int | None = None
+
+    # ------------------------------------------------------------------ use by the model
+    def ttt_begin(self, batch: int, length: int, real: torch.Tensor | None, starts: torch.Tensor | None,
+                  layers: tuple[int, ...]) -> StepPlan:
+        """Start one model call of ``length`` tokens per row; returns the plan shared by its TTT layers.
+
+        ``real`` (B, N) is False on padding, ``starts`` (B, N) True where a document starts.
+        """
+        if tuple(layers) != self.ttt_layers:
+            raise FastWeightsError(
+                f"this InPlaceTTTCache holds fast weights for layers {list(self.ttt_layers)}, "
+                f"but the model's In-Place TTT layers are {list(layers)}"
+            )
+        if self.ttt_tokens is None:
+            if self.get_seq_length() > 0:
+                raise FastWeightsError("this InPlaceTTTCache holds attention states but no fast weights")
+            before = [0] * batch
+        else:
+            if len(self.ttt_tokens) != batch:
+                raise ValueError(
+                    f"batch size changed in the middle of a cache: the cache holds {len(self.ttt_tokens)} "
+                    f"sequences, the input has {batch}; start a new cache for a new batch"
+                )
+            before = self.ttt_tokens
+        plan = StepPlan(before, length, real, starts)
+        self.ttt_tokens = plan.after
+        return plan
+
+    def ttt_layer(self, layer_idx: int, chunk_size: int) -> InPlaceTTTState:
+        """The state of TTT layer ``layer_idx``; arms the check in :meth:`update` for that layer."""
+        state = self.ttt_states.get(layer_idx)
+        if state is None:
+            state = self.ttt_states[layer_idx] = InPlaceTTTState(chunk_size, self.state_form)
+        self._ttt_expect = layer_idx
+        return state
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Attention update; for a TTT layer, only a converted model (which armed it) may call it."""
+        if layer_idx in self.ttt_layers:
+            if self._ttt_expect != layer_idx:
+                raise FastWeightsError(
+                    f"an InPlaceTTTCache was used by a model whose layer {layer_idx} is not an In-Place TTT "
+                    "layer (an unconverted model?); its fast weights would be silently dropped. Use a "
+                    "plain DynamicCache with unconverted models"
+                )
+            self._ttt_expect = None
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    # ------------------------------------------------------------------ transformers' batch ops
+    def _ttt_select(self, index: torch.Tensor) -> None:
+        index = index.to(torch.long).flatten()
+        if self.ttt_tokens is not None:
+            self.ttt_tokens = [self.ttt_tokens[i] for i in index.tolist()]
+        for state in self.ttt_states.values():
+            state.select(index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._ttt_select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._ttt_select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.ttt_tokens is not None:
+            self._ttt_select(torch.arange(len(self.ttt_tokens)).repeat_interleave(repeats))
+
+    def reset(self) -> None:
+        super().reset()
+        self.ttt_states.clear()
+        self.ttt_tokens = None
+
+    def crop(self, max_length: int) -> None:
+        """Only a no-op crop is possible: fast-weight updates cannot be undone."""
+        seen = self.get_seq_length()
+        keep = seen + max_length if max_length < 0 else max_length
+        if keep < seen and self.ttt_tokens is not None:
+            raise FastWeightsError(
+                f"cannot crop an InPlaceTTTCache from {seen} to {keep} tokens: fast-weight updates cannot be "
+                "rolled back (assisted or speculative decoding is not supported with In-Place TTT)"
+            )
+        super().crop(max_length)

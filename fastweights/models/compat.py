@@ -1,0 +1,49 @@
+"""The one place where fastweights meets transformers internals that differ between versions.
+
+Supported: transformers 5.17 (the GPU machines) up to the newest 5.x (checked: 5.17 and 5.23).
+For the In-Place TTT cache, the two agree on everything used here: ``DynamicCache(config=...)``,
+``Cache.update(key, value, layer_idx, *args, **kwargs)``, ``reorder_cache`` / ``crop`` /
+``batch_repeat_interleave`` / ``batch_select_indices`` / ``reset``, and
+``GenerationMixin._prepare_cache_for_generation(generation_config, model_kwargs, ...)``. Both
+resolve ``use_cache`` inside the decorated ``forward`` (``merge_with_config_defaults``), i.e. after
+forward pre-hooks run, so :func:`resolve_use_cache` repeats that rule. Should a later release
+change any of this, adapt it here.
+
+One difference matters: gradient checkpointing (``GradientCheckpointingLayer``) wraps a decoder
+layer's ``__call__`` in 5.17, so its forward pre-hooks run again in the backward recomputation,
+but only its ``forward`` in 5.23, so they do not. The TTT MLP therefore reads what it needs for a
+recomputation (the padding plan) from state that outlives the hooks; see
+``fastweights.models.inplace_ttt._release_model_inputs``.
+"""
+
+from __future__ import annotations
+
+import transformers
+from packaging.version import Version
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+__all__ = ["TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "resolve_use_cache"]
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+if TRANSFORMERS_VERSION < Version("5.17"):
+    raise ImportError(f"fastweights needs transformers >= 5.17, found {transformers.__version__}")
+
+
+def resolve_use_cache(base_model: nn.Module, kwargs: dict) -> bool:
+    """The ``use_cache`` a base model's forward will use, as seen from a forward pre-hook.
+
+    ``use_cache=None`` falls back to ``config.use_cache``; gradient checkpointing in training
+    switches it off (transformers' ``merge_with_config_defaults``).
+    """
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(base_model.config, "use_cache", False)
+    if use_cache and base_model.training and getattr(base_model, "gradient_checkpointing", False):
+        return False
+    return bool(use_cache)
+
+
+def cache_implementation(generation_config) -> str | None:
+    """The cache kind ``generate`` was asked for (None: the default dynamic cache)."""
+    return getattr(generation_config, "cache_implementation", None)

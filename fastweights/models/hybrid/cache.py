@@ -1,0 +1,68 @@
+"""The single generation cache of the hybrid model: per layer whatever its mixer and MLP need
+to continue exactly where the last forward stopped.
+
+Per layer ``states[i] = {"mixer": ..., "mlp": ...}``:
+* ``attention`` / ``swa``: (k, v) of all earlier tokens (B, Hkv, M, dh);
+* ``lact``: (k, v, LaCTState): the SWA keys and values plus the fast weights W1..W3, the
+  momentum and the partial-chunk buffer (``fastweights.ops.lact.LaCTState``);
+* ``inplace_ttt`` MLP: (x, s, position_ids) of all earlier tokens; each step recomputes the
+  MLP over the history (exact; the dense streaming state of DESIGN-inplace-ttt.md is left to
+  the In-Place TTT op).
+Shared across layers: ``key_doc`` (B, M) document ids and ``key_valid`` (B, M) padding mask of
+all earlier tokens, and ``seen`` (M).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastweights.models.hybrid.compat import Cache, empty_cache_base
+from fastweights.ops.lact import LaCTState
+
+__all__ = ["HybridCache"]
+
+
+def _select(obj, index):
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return obj.index_select(0, index.to(obj.device))
+    if isinstance(obj, LaCTState):
+        return obj.select(index.to(obj.w1.device))
+    if isinstance(obj, dict):
+        return {k: _select(v, index) for k, v in obj.items()}
+    return type(obj)(_select(v, index) for v in obj)
+
+
+class HybridCache(Cache):
+    """Generation cache for :class:`HybridForCausalLM`; see the module docstring."""
+
+    def __init__(self, num_layers: int):
+        empty_cache_base(self)
+        self.states: list[dict | None] = [None] * num_layers
+        self.key_doc: torch.Tensor | None = None
+        self.key_valid: torch.Tensor | None = None
+        self.seen = 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self.seen
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Keep rows ``beam_idx`` (beam search)."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.states = [_select(s, indices) for s in self.states]
+        self.key_doc, self.key_valid = _select(self.key_doc, indices), _select(self.key_valid, indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.key_doc is not None:
+            idx = torch.arange(self.key_doc.shape[0], device=self.key_doc.device).repeat_interleave(repeats)
+            self.batch_select_indices(idx)

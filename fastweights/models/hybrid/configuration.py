@@ -1,0 +1,106 @@
+"""Configuration of the hybrid model family (docs/hybrid.md).
+
+One config expresses every row of the fast-weight comparison: each layer picks a token mixer
+(``attention`` | ``swa`` | ``lact`` | ``gla`` | ``deltanet``) and an MLP (``swiglu`` |
+``inplace_ttt``). ``mixers`` and ``mlps`` are one name for all layers or a list of
+``num_hidden_layers`` names.
+"""
+
+from __future__ import annotations
+
+from fastweights.layers.inplace_ttt import TARGETS
+from fastweights.models.hybrid.compat import PreTrainedConfig
+from fastweights.ops.lact import ORDERS, UPDATES
+
+__all__ = ["MIXERS", "MLPS", "HybridConfig"]
+
+MIXERS = ("attention", "swa", "lact", "gla", "deltanet")
+MLPS = ("swiglu", "inplace_ttt")
+
+
+def _one_of(value, allowed, name):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+def _per_layer(value, allowed, n, name):
+    names = [value] * n if isinstance(value, str) else list(value)
+    if len(names) != n:
+        raise ValueError(f"{name} must name one value or {n} (num_hidden_layers), got {len(names)}")
+    bad = [v for v in names if v not in allowed]
+    if bad:
+        raise ValueError(f"{name} entries must be in {allowed}, got {bad}")
+    return names
+
+
+class HybridConfig(PreTrainedConfig):
+    """Qwen3-style decoder (RMSNorm, RoPE, GQA, SwiGLU) with per-layer mixers and MLPs.
+
+    LaCT keys: ``lact_heads`` (n_h), ``lact_chunk_size`` (C), ``lact_update`` (gd | momentum |
+    muon), ``lact_order``, ``lact_lr_init``, ``lact_init_rank``. ``sliding_window`` serves
+    ``swa`` and LaCT's SWA. In-Place TTT keys (``inplace_ttt`` MLPs): ``ttt_chunk``,
+    ``ttt_lr``, ``ttt_target`` (``embed`` | ``hidden``), ``ttt_proj``.
+    """
+
+    model_type = "fastweights_hybrid"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 1536,
+        intermediate_size: int = 4096,
+        num_hidden_layers: int = 24,
+        num_attention_heads: int = 12,
+        num_key_value_heads: int = 12,
+        head_dim: int | None = None,
+        rms_norm_eps: float = 1e-6,
+        rope_base: float = 1e6,
+        max_position_embeddings: int = 32768,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = False,
+        mixers="lact",
+        mlps="swiglu",
+        sliding_window: int = 2048,
+        lact_heads: int = 4,
+        lact_chunk_size: int = 2048,
+        lact_update: str = "muon",
+        lact_order: str = "apply_update",
+        lact_lr_init: float = 1e-3,
+        lact_init_rank: int = 32,
+        ttt_chunk: int = 1024,
+        ttt_lr: float = 3.0,
+        ttt_target: str = "embed",
+        ttt_proj: bool = True,
+        attn_backend: str = "auto",
+        use_cache: bool = True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_base = rope_base
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.mixers = _per_layer(mixers, MIXERS, num_hidden_layers, "mixers")
+        self.mlps = _per_layer(mlps, MLPS, num_hidden_layers, "mlps")
+        self.sliding_window = sliding_window
+        self.lact_heads = lact_heads
+        self.lact_chunk_size = lact_chunk_size
+        self.lact_update = _one_of(lact_update, UPDATES, "lact_update")
+        self.lact_order = _one_of(lact_order, ORDERS, "lact_order")
+        self.lact_lr_init = lact_lr_init
+        self.lact_init_rank = lact_init_rank
+        self.ttt_chunk = ttt_chunk
+        self.ttt_lr = ttt_lr
+        self.ttt_target = _one_of(ttt_target, TARGETS, "ttt_target")
+        self.ttt_proj = ttt_proj
+        self.attn_backend = _one_of(attn_backend, ("auto", "sdpa", "flex"), "attn_backend")
+        self.use_cache = use_cache
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

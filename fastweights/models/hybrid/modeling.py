@@ -1,0 +1,276 @@
+"""The hybrid model family: a Qwen3-style decoder whose layers pick their token mixer and MLP
+(docs/hybrid.md). Blocks are ``x + mixer(RMSNorm(x))`` then ``x + mlp(RMSNorm(x))``.
+
+Documents: ``position_ids`` (B, N) restart at 0 at each document start (packed training); a
+document never sees another's tokens, in attention, LaCT or In-Place TTT. ``attention_mask``
+(B, M) marks padding (left padding for generation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+
+from fastweights.layers.attention import Attention, TokenLayout, rope_cos_sin
+from fastweights.layers.inplace_ttt import InPlaceTTTMLP
+from fastweights.layers.lact import LaCTLayer
+from fastweights.models.hybrid.cache import HybridCache
+from fastweights.models.hybrid.compat import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    GenerationMixin,
+    PreTrainedModel,
+)
+from fastweights.models.hybrid.configuration import HybridConfig
+
+__all__ = ["HybridForCausalLM", "HybridModel", "HybridPreTrainedModel"]
+
+
+class SwiGLUMLP(nn.Module):
+    """``down(SiLU(gate x) * up x)``, no bias (Qwen3)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class AttentionMixer(nn.Module):
+    """Adapts :class:`Attention` (full or sliding window) to the block interface."""
+
+    def __init__(self, config: HybridConfig, window: int | None):
+        super().__init__()
+        self.rope_base = config.rope_base
+        self.attn = Attention(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                              config.head_dim, window=window, eps=config.rms_norm_eps,
+                              backend=config.attn_backend)
+
+    def forward(self, x, layout, past=None, use_cache=False):
+        cos, sin = rope_cos_sin(layout.position_ids, self.attn.head_dim, self.rope_base, x.dtype)
+        y, kv = self.attn(x, cos, sin, layout, past)
+        return y, (kv if use_cache else None)
+
+
+class FlaMixer(nn.Module):
+    """GLA or DeltaNet from flash-linear-attention (``fla-core``), training forward only."""
+
+    def __init__(self, config: HybridConfig, kind: str, layer_idx: int):
+        super().__init__()
+        try:
+            from fla.layers import DeltaNet, GatedLinearAttention
+        except ImportError as err:
+            raise ValueError(f"mixer {kind!r} needs flash-linear-attention: pip install fla-core") from err
+        if not torch.cuda.is_available():
+            raise ValueError(f"mixer {kind!r} (flash-linear-attention) needs CUDA")
+        cls = GatedLinearAttention if kind == "gla" else DeltaNet
+        self.layer = cls(hidden_size=config.hidden_size, num_heads=config.num_attention_heads, layer_idx=layer_idx)
+
+    def forward(self, x, layout, past=None, use_cache=False):
+        if past is not None or use_cache:
+            raise ValueError("cached generation with gla/deltanet mixers is not supported; pass use_cache=False")
+        kwargs = {}
+        if not layout.single_doc:
+            if x.shape[0] != 1:
+                raise ValueError("gla/deltanet with several documents per row need the batch packed into one row")
+            starts = torch.nonzero(layout.position_ids[0] == 0).flatten()
+            if starts.numel() == 0 or int(starts[0]) != 0:
+                starts = torch.cat([starts.new_zeros(1), starts])
+            kwargs["cu_seqlens"] = torch.cat([starts, starts.new_tensor([x.shape[1]])]).to(torch.int32)
+        return self.layer(x, **kwargs)[0], None
+
+
+def make_mixer(config: HybridConfig, kind: str, layer_idx: int) -> nn.Module:
+    if kind == "attention":
+        return AttentionMixer(config, None)
+    if kind == "swa":
+        return AttentionMixer(config, config.sliding_window)
+    if kind == "lact":
+        return LaCTLayer(config.hidden_size, config.num_attention_heads, fw_heads=config.lact_heads,
+                         window=config.sliding_window, chunk_size=config.lact_chunk_size,
+                         update=config.lact_update, order=config.lact_order, lr_init=config.lact_lr_init,
+                         init_rank=config.lact_init_rank, rope_base=config.rope_base, eps=config.rms_norm_eps,
+                         attn_backend=config.attn_backend)
+    return FlaMixer(config, kind, layer_idx)
+
+
+class HybridBlock(nn.Module):
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_type, self.mlp_type = config.mixers[layer_idx], config.mlps[layer_idx]
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = make_mixer(config, self.mixer_type, layer_idx)
+        mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        if self.mlp_type == "inplace_ttt":
+            mlp = InPlaceTTTMLP(mlp, chunk_size=config.ttt_chunk, lr=config.ttt_lr, target=config.ttt_target,
+                                proj=config.ttt_proj)
+        self.mlp = mlp
+
+    def forward(self, x, layout, embeds, past=None, use_cache=False):
+        past = past or {}
+        y, mixer_state = self.mixer(self.input_layernorm(x), layout, past.get("mixer"), use_cache)
+        x = x + y
+        h = self.post_attention_layernorm(x)
+        mlp_state = None
+        if self.mlp_type == "inplace_ttt":
+            s = embeds if self.mlp.target == "embed" else h
+            pos = layout.position_ids
+            n = h.shape[1]
+            if past.get("mlp") is not None:  # recompute over the history (cache.py)
+                hx, hs, hp = past["mlp"]
+                h, s, pos = torch.cat([hx, h], 1), torch.cat([hs, s], 1), torch.cat([hp, pos], 1)
+            y = self.mlp(h, target_source=s, position_ids=pos)[:, -n:]
+            mlp_state = (h, s, pos) if use_cache else None
+        else:
+            y = self.mlp(h)
+        state = {"mixer": mixer_state, "mlp": mlp_state} if use_cache else None
+        return x + y, state
+
+
+class HybridPreTrainedModel(PreTrainedModel):
+    config_class = HybridConfig
+    config: HybridConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["HybridBlock"]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model builds its own HybridCache (compat.py)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LaCTLayer):
+            for name, value in module.fast_init().items():
+                obj = module
+                *path, leaf = name.split(".")
+                for p in path:
+                    obj = getattr(obj, p)
+                init.copy_(getattr(obj, leaf), value.to(getattr(obj, leaf).dtype))
+        elif isinstance(module, InPlaceTTTMLP):
+            init.zeros_(module.ttt_conv.weight)
+            if module.ttt_proj is not None:
+                w = module.ttt_proj.weight
+                init.copy_(w, torch.diag(torch.randn(w.shape[0], device=w.device) * 0.02).to(w.dtype))
+
+
+def _layout(position_ids, attention_mask, cache: HybridCache | None, B, N, device) -> TokenLayout:
+    past = 0 if cache is None else cache.seen
+    valid_new = torch.ones(B, N, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < N:
+            raise ValueError(f"attention_mask must be (B, M) with M >= N={N}, got {tuple(attention_mask.shape)}")
+        valid_new = attention_mask[:, -N:].bool()
+    if position_ids is None:
+        if attention_mask is not None:
+            pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+            position_ids = pos[:, -N:]
+        else:
+            position_ids = torch.arange(past, past + N, device=device).expand(B, N)
+    position_ids = position_ids.to(device).expand(B, N)
+    starts = position_ids == 0
+    if cache is None or cache.key_doc is None:
+        starts = starts.clone()
+        starts[:, 0] = True
+        doc = torch.cumsum(starts.long(), 1) - 1
+        key_doc, key_valid = doc, valid_new
+    else:
+        doc = cache.key_doc[:, -1:] + torch.cumsum(starts.long(), 1)
+        key_doc = torch.cat([cache.key_doc, doc], 1)
+        key_valid = torch.cat([cache.key_valid, valid_new], 1)
+    index = torch.arange(past, past + N, device=device).expand(B, N)
+    single = cache is None and not bool(starts[:, 1:].any()) and bool(valid_new.all())
+    return TokenLayout(position_ids=position_ids, doc=doc, index=index, key_doc=key_doc,
+                       key_index=torch.arange(past + N, device=device).expand(B, past + N),
+                       key_valid=key_valid, single_doc=single)
+
+
+class HybridModel(HybridPreTrainedModel):
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(HybridBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        """input_ids (B, N) or inputs_embeds (B, N, d); attention_mask (B, M) with M = cached + N;
+        position_ids (B, N). Returns last_hidden_state (B, N, d) and, with use_cache, the cache
+        (``use_cache`` defaults to ``config.use_cache`` in eval mode and to False in training)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if past_key_values is not None and not isinstance(past_key_values, HybridCache):
+            raise ValueError(f"past_key_values must be a HybridCache, got {type(past_key_values).__name__}")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, N, _ = x.shape
+        if use_cache is None:  # no cache while training unless asked for
+            use_cache = self.config.use_cache and not self.training
+        use_cache = bool(use_cache) or past_key_values is not None
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = HybridCache(len(self.layers))
+        layout = _layout(position_ids, attention_mask, cache if (cache is not None and cache.seen) else None,
+                         B, N, x.device)
+        embeds = x
+        for i, layer in enumerate(self.layers):
+            past = cache.states[i] if cache is not None else None
+            x, state = layer(x, layout, embeds, past, use_cache)
+            if cache is not None:
+                cache.states[i] = state
+        if cache is not None:
+            cache.key_doc, cache.key_valid, cache.seen = layout.key_doc, layout.key_valid, cache.seen + N
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=cache)
+
+
+class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.model = HybridModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0,
+                **kwargs) -> CausalLMOutputWithPast:
+        """Logits (B, N, V) (the last ``logits_to_keep`` positions when > 0); with ``labels``
+        (B, N) the mean next-token cross-entropy (labels are shifted inside; -100 ignored)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

@@ -1,0 +1,387 @@
+"""LaCT, large-chunk test-time training: the functional op (SPEC §2, docs/lact.md).
+
+Per fast-weight head, a SwiGLU fast network with three matrices
+
+    f_W(x) = W2 [SiLU(W1 x) * (W3 x)]       W1, W3 (Dh, D), W2 (D, Dh)
+
+is trained while the model reads, one chunk of ``C`` tokens at a time. For chunk ``i`` with
+keys ``k_t``, values ``v_t`` and per-token learning rates ``η_t = (η1_t, η2_t, η3_t)``:
+
+    g_m = ∇_{W_m} ( -Σ_t η_{m,t} f_W(k_t)ᵀ v_t )        one gradient per matrix m = 1, 2, 3
+    M_m ← β̄ M_m + g_m                                   β̄ = mean of β_t over the chunk
+    U_m = g_m (gd) | M_m (momentum) | NS5(M_m) (muon)
+    W_m ← RowNorm(W_m − U_m)                            rows rescaled to their initial norms
+
+``NS5`` is Newton–Schulz orthogonalisation: ``X = M/‖M‖_F``, then five steps of
+``X ← aX + (bA + cA²)X`` with ``A = XXᵀ`` and (a, b, c) = (3.4445, −4.7750, 2.0315). Rows are
+those of the stored matrices (one per output unit): each row is renormalised to the norm of
+the same row of the initial weights.
+
+Order ``"apply_update"`` (default, causal) reads chunk i with the weights before its own
+update: ``o_t = f_W(q_t)``. ``"update_apply"`` reads it with the updated weights; it sees the
+whole chunk and is therefore not causal inside a chunk, and cannot be used for decoding.
+
+Chunks are aligned to document starts. A document start resets the weights to their initial
+values and the momentum to zero. A chunk that is cut short by the end of its document never
+updates the state (nothing later in the document reads it); the partial last chunk of a
+sequence is returned as a buffer in the final state, so that streaming, one piece at a time,
+gives exactly the full forward pass. Document boundaries come as ``cu_seqlens`` (K+1,) over a
+single row (B must be 1) or as ``position_ids`` (B, N) restarting at 0 at each document start.
+
+Two implementations compute the same function:
+
+* :func:`lact_reference`: plain loops over rows, heads, documents and chunks, in float32
+  (float64 for float64 inputs). It uses the hand-derived gradients of
+  :func:`lact_inner_grads`, which a test checks against autograd.
+* :func:`lact_chunked`: the training form. Tokens are laid out on a (chunk, slot) grid per row,
+  then one loop over chunks runs batched over batch and heads. Matmuls run in the input dtype
+  (bf16 in training), the state (weights, momentum) stays float32. Any chunk length up to
+  the sequence length. Outer gradients come from autograd; it can carry a :class:`LaCTState`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from fastweights.ops.inplace_ttt import doc_starts
+
+__all__ = [
+    "NS_COEFFS",
+    "ORDERS",
+    "UPDATES",
+    "LaCTState",
+    "lact",
+    "lact_chunked",
+    "lact_inner_grads",
+    "lact_reference",
+    "newton_schulz5",
+    "swiglu_fast",
+]
+
+UPDATES = ("gd", "momentum", "muon")
+ORDERS = ("apply_update", "update_apply")
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NORM_EPS = 1e-5
+
+
+# --------------------------------------------------------------------------- building blocks
+def swiglu_fast(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The fast network on rows: ``x`` (..., L, D) -> (..., L, D2) with
+    ``W2 [SiLU(W1 x) * (W3 x)]``; w1, w3 (..., Dh, D), w2 (..., D2, Dh)."""
+    return (F.silu(x @ w1.mT) * (x @ w3.mT)) @ w2.mT
+
+
+def lact_inner_grads(w1, w2, w3, k, v, lr):
+    """Hand-derived gradients of the chunk loss, one per fast matrix.
+
+    Args: w1, w3 (..., Dh, D); w2 (..., D2, Dh); k (..., L, D); v (..., L, D2); lr (..., L, 3).
+    Returns ``(g1, g2, g3)`` shaped like the weights, with
+    ``g_m = ∇_{W_m} ( -Σ_t lr[t, m] f_W(k_t)ᵀ v_t )``:
+
+        h1 = k W1ᵀ, h3 = k W3ᵀ, a = SiLU(h1), z = a*h3, dz = -v W2
+        g2 = -(η2 v)ᵀ z,  g1 = (η1 dz*h3*SiLU'(h1))ᵀ k,  g3 = (η3 dz*a)ᵀ k
+    """
+    h1 = k @ w1.mT
+    h3 = k @ w3.mT
+    sig = torch.sigmoid(h1)
+    a = h1 * sig
+    z = a * h3
+    dz = -(v @ w2)
+    dh1 = dz * h3 * (sig * (1 + h1 * (1 - sig)))
+    dh3 = dz * a
+    g1 = (dh1 * lr[..., 0:1]).mT @ k
+    g2 = -((v * lr[..., 1:2]).mT @ z)
+    g3 = (dh3 * lr[..., 2:3]).mT @ k
+    return g1, g2, g3
+
+
+def newton_schulz5(m: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Muon's orthogonalisation of (..., R, S) matrices: Frobenius-normalise, then ``steps``
+    iterations ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``, with :data:`NS_COEFFS`. Matmuls run in
+    ``m.dtype``."""
+    a, b, c = NS_COEFFS
+    wide = m.shape[-2] > m.shape[-1]
+    x = m.mT if wide else m
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
+    for _ in range(steps):
+        A = x @ x.mT
+        x = a * x + (b * A + c * (A @ A)) @ x
+    return x.mT if wide else x
+
+
+def _row_norms(w: torch.Tensor) -> torch.Tensor:
+    return w.norm(dim=-1, keepdim=True)
+
+
+def _step(ws, ms, grads, beta_bar, update, norms0, mm_dtype):
+    """One update of the three fast matrices. ws, ms, grads: tuples of (..., R, S) float
+    tensors (ms None for gd); beta_bar broadcastable to (..., 1, 1) or None; returns (ws, ms)."""
+    new_w, new_m = [], []
+    for i, (w, g) in enumerate(zip(ws, grads, strict=True)):
+        if update == "gd":
+            u, m = g, None
+        else:
+            m = g if (ms is None or beta_bar is None) else beta_bar * ms[i] + g
+            u = m if update == "momentum" else newton_schulz5(m.to(mm_dtype)).to(w.dtype)
+        w = w - u
+        new_w.append(w / (_row_norms(w) + NORM_EPS) * norms0[i])
+        new_m.append(m)
+    return tuple(new_w), (None if update == "gd" else tuple(new_m))
+
+
+def _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order):
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, H, N, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, H, N, D = q.shape
+    if N < 1:
+        raise ValueError("LaCT needs at least one token (N >= 1)")
+    if w1.dim() != 3 or w1.shape[0] != H or w1.shape[2] != D or w3.shape != w1.shape:
+        raise ValueError(
+            f"w1 and w3 must be (H, Dh, D) with H={H}, D={D}, got {tuple(w1.shape)}, {tuple(w3.shape)}"
+        )
+    Dh = w1.shape[1]
+    if w2.dim() != 3 or w2.shape[0] != H or w2.shape[2] != Dh:
+        raise ValueError(f"w2 must be (H, D2, Dh) with H={H}, Dh={Dh}, got {tuple(w2.shape)}")
+    if v.shape != (B, H, N, w2.shape[1]):
+        raise ValueError(f"v must be (B, H, N, D2) = {(B, H, N, w2.shape[1])}, got {tuple(v.shape)}")
+    if lr.shape != (B, H, N, 3):
+        raise ValueError(f"lr must be (B, H, N, 3) = {(B, H, N, 3)}, got {tuple(lr.shape)}")
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if update == "momentum" and beta is None:
+        raise ValueError("update='momentum' needs beta (B, H, N)")
+    if beta is not None and beta.shape != (B, H, N):
+        raise ValueError(f"beta must be (B, H, N) = {(B, H, N)}, got {tuple(beta.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    return B, H, N, D
+
+
+# --------------------------------------------------------------------------- reference
+def lact_reference(
+    q, k, v, lr, beta, w1, w2, w3, *, chunk_size: int, update: str = "gd", order: str = "apply_update",
+    cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sequential LaCT: for each row and head, documents in order, chunks in order.
+
+    Args: q, k (B, H, N, D); v (B, H, N, D2); lr (B, H, N, 3) learning rates (η1, η2, η3);
+    beta (B, H, N) momentum coefficients or None; w1, w3 (H, Dh, D), w2 (H, D2, Dh) initial
+    fast weights. Returns o (B, H, N, D2) in q's dtype.
+    """
+    B, H, N, _ = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
+    starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=q.device)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rows = []
+    for b in range(B):
+        bounds = [n for n in range(N) if starts[b, n]] + [N]
+        chunks = []
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            chunks += [(c, min(c + chunk_size, hi), c == lo) for c in range(lo, hi, chunk_size)]
+        heads = []
+        for h in range(H):
+            init = tuple(w[h].to(acc) for w in (w1, w2, w3))
+            norms0 = tuple(_row_norms(w) for w in init)
+            outs = []
+            for lo, hi, first in chunks:
+                if first:
+                    ws, ms = init, (None if update == "gd" else tuple(torch.zeros_like(w) for w in init))
+                qc, kc, vc, lc = (t[b, h, lo:hi].to(acc) for t in (q, k, v, lr))
+                beta_bar = None if beta is None else beta[b, h, lo:hi].to(acc).mean()
+                grads = lact_inner_grads(*ws, kc, vc, lc)
+                new_ws, new_ms = _step(ws, ms, grads, beta_bar, update, norms0, acc)
+                outs.append(swiglu_fast(*(ws if order == "apply_update" else new_ws), qc))
+                if hi - lo == chunk_size:
+                    ws, ms = new_ws, new_ms
+            heads.append(torch.cat(outs))
+        rows.append(torch.stack(heads))
+    return torch.stack(rows).to(q.dtype)
+
+
+# --------------------------------------------------------------------------- state
+@dataclass
+class LaCTState:
+    """Streaming state of one LaCT op, batch ``B``, heads ``H``, chunk ``C``.
+
+    w1, w2, w3: (B, H, ., .) float32 fast weights after the last complete chunk;
+    m1, m2, m3: the momentum, same shapes (None for ``gd``);
+    buf_k (B, H, C, D), buf_v (B, H, C, D2), buf_lr (B, H, C, 3), buf_beta (B, H, C) or None:
+    the tokens of the open (partial) chunk, the first ``buf_len`` (B,) slots of each row valid.
+    """
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    w3: torch.Tensor
+    m1: torch.Tensor | None
+    m2: torch.Tensor | None
+    m3: torch.Tensor | None
+    buf_k: torch.Tensor
+    buf_v: torch.Tensor
+    buf_lr: torch.Tensor
+    buf_beta: torch.Tensor | None
+    buf_len: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> LaCTState:
+        """The state of rows ``index`` (for beam search and batch reordering)."""
+        return LaCTState(**{
+            f.name: None if getattr(self, f.name) is None else getattr(self, f.name).index_select(0, index)
+            for f in fields(self)
+        })
+
+
+# --------------------------------------------------------------------------- training form
+def _grid(starts_f, cont, buf_len, chunk_size):
+    """Slot layout: per token its flat grid slot (B, N); per slot its source index (B, S)
+    into [buffer (C if a state is given), tokens (N), pad (1)]; G chunks per row."""
+    B, N = starts_f.shape
+    dev = starts_f.device
+    ar = torch.arange(N, device=dev).expand(B, N)
+    start_pos = torch.cummax(torch.where(starts_f, ar, torch.zeros_like(ar)), dim=1).values
+    held = torch.zeros(B, dtype=torch.long, device=dev) if buf_len is None else buf_len * cont
+    offset = torch.where(start_pos == 0, held.unsqueeze(1), torch.zeros_like(ar))
+    in_doc = ar - start_pos + offset
+    new_chunk = starts_f | (in_doc % chunk_size == 0)
+    g = torch.cumsum(new_chunk.long(), dim=1) - 1
+    flat = g * chunk_size + in_doc % chunk_size
+    G = int(g.max()) + 1
+    S = G * chunk_size
+    nbuf = chunk_size if buf_len is not None else 0
+    pad = nbuf + N
+    inv = torch.full((B, S), pad, dtype=torch.long, device=dev)
+    inv.scatter_(1, flat, ar + nbuf)
+    if nbuf:
+        j = torch.arange(chunk_size, device=dev)
+        in_buf = j.unsqueeze(0) < held.unsqueeze(1)
+        inv[:, :chunk_size] = torch.where(in_buf, j.expand(B, -1), inv[:, :chunk_size])
+    reset = torch.zeros(B, G, dtype=torch.bool, device=dev)
+    is_reset = starts_f.clone()
+    is_reset[:, 0] &= ~cont
+    bi, ni = is_reset.nonzero(as_tuple=True)
+    reset[bi, g[bi, ni]] = True
+    valid = inv != pad
+    return flat, inv, valid, reset, G, g[:, -1]
+
+
+def lact_chunked(
+    q, k, v, lr, beta, w1, w2, w3, *, chunk_size: int, update: str = "gd", order: str = "apply_update",
+    cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+    state: LaCTState | None = None, output_final_state: bool = False,
+):
+    """LaCT training form; same arguments as :func:`lact_reference`, plus streaming.
+
+    ``state``: a :class:`LaCTState` to continue from. Row b continues it unless
+    ``position_ids[b, 0] == 0`` (a new document). ``output_final_state``: also return the
+    state after the last token. Returns o (B, H, N, D2), or ``(o, state)``.
+    """
+    B, H, N, D = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
+    C = chunk_size
+    dev = q.device
+    streaming = state is not None or output_final_state
+    if streaming and order != "apply_update":
+        raise ValueError("order='update_apply' is not causal inside a chunk; it cannot stream or decode")
+    if state is not None and cu_seqlens is not None:
+        raise ValueError("continuing a state needs position_ids (cu_seqlens always starts a document at 0)")
+    if state is not None and (beta is None) != (state.buf_beta is None):
+        raise ValueError("beta must be given iff the state was built with beta")
+    starts_f = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=dev)
+    if state is not None:
+        explicit0 = torch.zeros(B, dtype=torch.bool, device=dev)
+        if position_ids is not None:
+            explicit0 = (position_ids.reshape(-1, N)[:, 0] == 0).expand(B).to(dev)
+        cont = ~explicit0
+        buf_len = state.buf_len.to(dev)
+    else:
+        cont = torch.zeros(B, dtype=torch.bool, device=dev)
+        buf_len = None
+    flat, inv, valid, reset, G, g_last = _grid(starts_f, cont, buf_len, C)
+
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mm = q.dtype
+    S = G * C
+
+    def grid(x, buf, width):  # (B, H, N, F) -> (B, H, G, C, F)
+        parts = ([buf.to(x.dtype)] if state is not None else []) + [x, x.new_zeros(B, H, 1, width)]
+        src = torch.cat(parts, dim=2)
+        return src.gather(2, inv.view(B, 1, S, 1).expand(B, H, S, width)).view(B, H, G, C, width)
+
+    D2 = v.shape[-1]
+    kg = grid(k, None if state is None else state.buf_k, D)
+    vg = grid(v, None if state is None else state.buf_v, D2)
+    lg = grid(lr, None if state is None else state.buf_lr, 3)
+    bg = None if beta is None else grid(
+        beta.unsqueeze(-1), None if state is None else state.buf_beta.unsqueeze(-1), 1
+    )[..., 0]
+    qg = torch.cat([q, q.new_zeros(B, H, 1, D)], 2)  # queries only for tokens, not the buffer
+    q_inv = (inv - (C if state is not None else 0)).clamp(min=0, max=N)
+    q_inv = torch.where(valid & (inv >= (C if state is not None else 0)), q_inv, torch.full_like(q_inv, N))
+    qg = qg.gather(2, q_inv.view(B, 1, S, 1).expand(B, H, S, D)).view(B, H, G, C, D)
+    count = valid.view(B, G, C).sum(-1).to(acc)  # (B, G)
+    full = count == C
+
+    init = tuple(w.to(acc).unsqueeze(0) for w in (w1, w2, w3))  # (1, H, ., .)
+    norms0 = tuple(_row_norms(w) for w in init)
+    has_m = update != "gd"
+    if state is not None:
+        c4 = cont.view(B, 1, 1, 1)
+        prev = (state.w1, state.w2, state.w3)
+        ws = tuple(torch.where(c4, s.to(acc), i) for s, i in zip(prev, init, strict=True))
+        ms = None if not has_m else tuple(
+            torch.where(c4, s.to(acc), torch.zeros_like(s, dtype=acc)) for s in (state.m1, state.m2, state.m3)
+        )
+    else:
+        ws = tuple(i.expand(B, -1, -1, -1) for i in init)
+        ms = None if not has_m else tuple(torch.zeros_like(w) for w in ws)
+
+    outs = []
+    for j in range(G):
+        r = reset[:, j].view(B, 1, 1, 1)
+        ws = tuple(torch.where(r, i, w) for w, i in zip(ws, init, strict=True))
+        if has_m:
+            ms = tuple(torch.where(r, torch.zeros_like(m), m) for m in ms)
+        w_mm = tuple(w.to(mm) for w in ws)
+        grads = tuple(g.to(acc) for g in lact_inner_grads(*w_mm, kg[:, :, j], vg[:, :, j], lg[:, :, j]))
+        beta_bar = None
+        if bg is not None:
+            beta_bar = (bg[:, :, j].to(acc).sum(-1) / count[:, j].clamp(min=1).view(B, 1)).view(B, H, 1, 1)
+        new_ws, new_ms = _step(ws, ms, grads, beta_bar, update, norms0, mm)
+        read = w_mm if order == "apply_update" else tuple(w.to(mm) for w in new_ws)
+        outs.append(swiglu_fast(*read, qg[:, :, j]))
+        u = full[:, j].view(B, 1, 1, 1)
+        ws = tuple(torch.where(u, n, w) for n, w in zip(new_ws, ws, strict=True))
+        if has_m:
+            ms = tuple(torch.where(u, n, m) for n, m in zip(new_ms, ms, strict=True))
+    o = torch.stack(outs, dim=2).reshape(B, H, S, D2)
+    o = o.gather(2, flat.view(B, 1, N, 1).expand(B, H, N, D2)).to(q.dtype)
+    if not output_final_state:
+        return o
+    # the open chunk: the last chunk of each row, unless it is complete
+    last = (g_last * C).view(B, 1) + torch.arange(C, device=dev)  # (B, C) slots
+    n_open = torch.where(full.gather(1, g_last.view(B, 1))[:, 0], 0, count.gather(1, g_last.view(B, 1))[:, 0])
+
+    def take(xg, width):
+        x = xg.reshape(B, H, S, width)
+        return x.gather(2, last.view(B, 1, C, 1).expand(B, H, C, width))
+
+    new_state = LaCTState(
+        w1=ws[0], w2=ws[1], w3=ws[2],
+        m1=ms[0] if has_m else None, m2=ms[1] if has_m else None, m3=ms[2] if has_m else None,
+        buf_k=take(kg, D), buf_v=take(vg, D2), buf_lr=take(lg, 3),
+        buf_beta=None if bg is None else take(bg.unsqueeze(-1), 1)[..., 0],
+        buf_len=n_open.long(),
+    )
+    return o, new_state
+
+
+# --------------------------------------------------------------------------- dispatch
+def lact(q, k, v, lr, beta, w1, w2, w3, *, chunk_size: int, update: str = "gd", order: str = "apply_update",
+         cu_seqlens=None, position_ids=None, impl: str = "chunked"):
+    """LaCT output o (B, H, N, D2); ``impl`` is ``"chunked"`` (training form) or ``"reference"``."""
+    if impl not in ("chunked", "reference"):
+        raise ValueError(f"impl must be 'chunked' or 'reference', got {impl!r}")
+    fn = lact_chunked if impl == "chunked" else lact_reference
+    return fn(q, k, v, lr, beta, w1, w2, w3, chunk_size=chunk_size, update=update, order=order,
+              cu_seqlens=cu_seqlens, position_ids=position_ids)

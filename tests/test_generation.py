@@ -1,0 +1,279 @@
+"""Generation with fast weights: cached decoding equals a full forward pass (issue 4).
+
+Every test uses a tiny random model (d = 24, f = 40, so the factored state turns dense at
+n = d·f/(d+f) = 15 tokens) whose conv and P are non-zero, so the fast weights change the logits.
+"""
+
+import pytest
+import torch
+from tiny_models import FAMILIES, VOCAB, tiny_model
+from transformers import DynamicCache
+
+from fastweights.errors import FastWeightsError
+from fastweights.models import InPlaceTTTCache, convert, ttt_modules
+
+D, F = 24, 40  # tiny_model's widths
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: extra threads only add overhead (and the CI machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def base_model(family="qwen3", layers=3, seed=0):
+    return tiny_model(family, layers=layers, seed=seed, max_position_embeddings=32768, pad_token_id=0)
+
+
+def ttt_model(family="qwen3", chunk=5, target="hidden", seed=0, layers=3, ttt_layers=(0, 2)):
+    """A converted model with non-zero conv and P (a fresh conversion has a zero conv)."""
+    model = convert(base_model(family, layers, seed), layers=list(ttt_layers), chunk_size=chunk, lr=0.5,
+                    target=target)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in ttt_modules(model):
+            m.ttt_conv.weight.copy_(torch.randn(m.ttt_conv.weight.shape, generator=g) * 0.5)
+            m.ttt_proj.weight.copy_(torch.randn(m.ttt_proj.weight.shape, generator=g) * 0.3)
+    return model
+
+
+def left_padded(batch, length, pads, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b, p in enumerate(pads):
+        ids[b, :p], mask[b, :p] = 0, 0
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # what generate passes
+    return ids, mask, pos
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@torch.no_grad()
+def stepwise(model, ids, mask, pos, prefill, **cache_kw):
+    """Prefill ``prefill`` columns through a new cache, then one token at a time."""
+    cache = InPlaceTTTCache(model.config, **cache_kw)
+    out = model(input_ids=ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=pos[:, :prefill],
+                past_key_values=cache, use_cache=True)
+    logits = [out.logits]
+    for t in range(prefill, ids.shape[1]):
+        out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                    past_key_values=out.past_key_values, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, 1), out.past_key_values
+
+
+# --------------------------------------------------------------------------- exactness
+# (batch, left pads, prefill columns): with C = 5, the 10-token prefill of row 0 ends exactly on a
+# chunk boundary; the other rows (and row 0 later) complete chunks in the middle of decoding.
+CASES = {"batch1": (1, [0], 10), "batch3-left-padded": (3, [0, 2, 6], 10)}
+
+
+@pytest.mark.parametrize("form", ["auto", "dense", "factored"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_stepwise_decoding_equals_full_forward(case, form):
+    batch, pads, prefill = CASES[case]
+    model = ttt_model(chunk=5)
+    ids, mask, pos = left_padded(batch, 27, pads)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        frozen = ttt_model(chunk=5)
+        for m in ttt_modules(frozen):
+            m.ttt_conv.weight.zero_()
+        plain = frozen(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    step, cache = stepwise(model, ids, mask, pos, prefill, state_form=form)
+    real = mask.bool()
+    assert rel(step[real], full[real]) < 1e-5
+    assert rel(plain[real], full[real]) > 1e-3  # the fast weights do change the logits
+    assert isinstance(cache, InPlaceTTTCache)
+    assert cache.ttt_tokens == [27 - p for p in pads]
+    for state in cache.ttt_states.values():
+        if form in ("auto", "dense"):
+            assert state.dense is not None and state.past_z is None  # 20 > 15 completed tokens
+        else:
+            assert state.dense is None and state.past_z.shape == (batch, 25, F)  # row 0: 25 completed
+
+
+def test_padding_never_enters_the_fast_weights():
+    """Each left-padded row equals the same tokens run alone, unpadded, through cache and full forward."""
+    model = ttt_model(chunk=4)
+    pads = [0, 3, 7]
+    ids, mask, pos = left_padded(3, 19, pads, seed=3)
+    ids[1, :3] = torch.tensor([5, 6, 7])  # padding content must not matter either
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        no_pos = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # arange positions
+    step, _ = stepwise(model, ids, mask, pos, 9)
+    for b, p in enumerate(pads):
+        with torch.no_grad():
+            alone = model(input_ids=ids[b:b + 1, p:], use_cache=False).logits[0]
+        assert rel(full[b, p:], alone) < 1e-5
+        assert rel(step[b, p:], alone) < 1e-5
+        assert rel(no_pos[b, p:], alone) < 1e-5  # RoPE is relative: only the mask matters
+
+
+def test_padding_inside_streamed_pieces_is_skipped():
+    """Gaps of padding inside and across streamed pieces: each row equals its real tokens alone."""
+    model = ttt_model("llama", chunk=4)
+    ids = torch.randint(1, VOCAB, (2, 30), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, 7:10] = 0  # inside the first piece
+    mask[0, 16:21] = 0  # across the second and third pieces
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    cuts = [0, 10, 18, 19, 30]
+    with torch.no_grad():
+        cache, outs = None, []
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            out = model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b],
+                        past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            outs.append(out.logits)
+        step = torch.cat(outs, 1)
+        full = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        for r in range(2):
+            keep = mask[r].bool()
+            alone = model(input_ids=ids[r:r + 1, keep], use_cache=False).logits[0]
+            assert rel(step[r, keep], alone) < 1e-5
+            assert rel(full[r, keep], alone) < 1e-5
+    assert cache.ttt_tokens == [25, 27]
+
+
+def test_embed_target_and_document_restart():
+    """target='embed' through the cache; position_ids restarting at 0 start a new fast-weight document."""
+    model = ttt_model(chunk=3, target="embed")
+    ids, mask, _ = left_padded(2, 22, [0, 0], seed=5)
+    pos = torch.cat([torch.arange(13), torch.arange(9)]).expand(2, 22).clone()
+    with torch.no_grad():  # with a mask, transformers keeps attention causal across the restart, as cached
+        full = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    for prefill in (7, 14):  # the restart inside the prefill, or during decoding
+        step, _ = stepwise(model, ids, mask, pos, prefill)
+        assert rel(step, full) < 1e-5
+
+
+def test_state_switches_to_dense_exactly_when_smaller():
+    """Factored while n·(d+f) < d·f (n < 15), dense from then on; at most d·f numbers per row."""
+    model = ttt_model(chunk=4)
+    ids, mask, pos = left_padded(1, 21, [0], seed=7)
+    cache = InPlaceTTTCache(model.config)
+    seen = []
+    with torch.no_grad():
+        for t in range(21):
+            model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            state = cache.ttt_states[0]
+            n = (t + 1) // 4 * 4
+            seen.append((n, state.dense is not None, state.numel()))
+    for n, dense, numel in seen:
+        assert dense == (n * (D + F) >= D * F)
+        assert numel == (D * F if dense else n * (D + F))
+        assert numel <= D * F
+        assert cache.ttt_states[0].buf_z.shape[1] <= 4  # one chunk of buffered activations
+
+
+def test_streaming_pieces_equal_one_forward():
+    """64 pieces of 256 tokens, each call continuing the cache, equal one pass over 16384 tokens."""
+    model = ttt_model(chunk=200, layers=1, ttt_layers=(0,))  # one layer: full attention over 16k is the cost
+    g = torch.Generator().manual_seed(11)
+    doc = torch.randint(1, VOCAB, (1, 64 * 256), generator=g)
+    with torch.no_grad():
+        full = model(input_ids=doc, use_cache=False).logits
+        cache, pieces = None, []
+        for i in range(64):
+            out = model(input_ids=doc[:, 256 * i:256 * (i + 1)], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            pieces.append(out.logits)
+    assert rel(torch.cat(pieces, 1), full) < 1e-5
+    assert cache.ttt_tokens == [64 * 256]
+
+
+# --------------------------------------------------------------------------- generate
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_generate_greedy_and_beam_match_uncached(family):
+    """Left-padded batch, prompts of several chunks, generation across chunk boundaries."""
+    model = ttt_model(family, chunk=4)
+    ids, mask, _ = left_padded(3, 14, [0, 3, 5], seed=2)
+    kw = dict(attention_mask=mask, max_new_tokens=9, min_new_tokens=9, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, return_dict_in_generate=True, **kw)
+        ref = model.generate(ids, do_sample=False, use_cache=False, **kw)
+        beam = model.generate(ids, num_beams=3, do_sample=False, **kw)
+        beam_ref = model.generate(ids, num_beams=3, do_sample=False, use_cache=False, **kw)
+    assert isinstance(out.past_key_values, InPlaceTTTCache)
+    assert torch.equal(out.sequences, ref)
+    assert torch.equal(beam, beam_ref)
+    # greedy by hand, full forward each step: the same tokens
+    seq, m = ids, mask
+    for _ in range(9):
+        with torch.no_grad():
+            logits = model(input_ids=seq, attention_mask=m, use_cache=False).logits[:, -1]
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+        m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+    assert torch.equal(out.sequences, seq)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_generate_sampling_matches_uncached(family):
+    model = ttt_model(family, chunk=3)
+    ids, mask, _ = left_padded(2, 8, [0, 2], seed=4)
+    kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, pad_token_id=0, do_sample=True, top_k=0)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        cached = model.generate(ids, **kw)
+        torch.manual_seed(0)
+        uncached = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_cache_mismatch_raises():
+    model = ttt_model(chunk=4)
+    plain = base_model()
+    ids = torch.randint(1, VOCAB, (2, 6))
+    with torch.no_grad():
+        plain_cache = plain(input_ids=ids, use_cache=True).past_key_values
+        assert type(plain_cache) is DynamicCache
+        with pytest.raises(FastWeightsError, match="needs an InPlaceTTTCache"):
+            model(input_ids=ids[:, :1], past_key_values=plain_cache, use_cache=True)
+        ttt_cache = model(input_ids=ids, use_cache=True).past_key_values
+        with pytest.raises(FastWeightsError, match="not an In-Place TTT layer"):
+            plain(input_ids=ids[:, :1], past_key_values=ttt_cache, use_cache=True)
+        ttt_cache = model(input_ids=ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="batch size changed"):
+            model(input_ids=ids[:1, :1], past_key_values=ttt_cache, use_cache=True)
+        with pytest.raises(FastWeightsError, match="cannot crop"):
+            ttt_cache.crop(3)
+        with pytest.raises(FastWeightsError, match="cannot carry"):
+            model.generate(ids, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
+
+
+def test_default_caches():
+    """use_cache=True (or the config default) gives an InPlaceTTTCache; training mode gives none by default."""
+    model = ttt_model(chunk=4)
+    ids = torch.randint(1, VOCAB, (2, 6))
+    with torch.no_grad():
+        assert isinstance(model(input_ids=ids).past_key_values, InPlaceTTTCache)
+        assert model(input_ids=ids, use_cache=False).past_key_values is None
+        model.train()
+        assert model(input_ids=ids).past_key_values is None
+        assert isinstance(model(input_ids=ids, use_cache=True).past_key_values, InPlaceTTTCache)
+
+
+def test_padded_training_with_gradient_checkpointing():
+    """The recomputation in backward sees the same padding (hooks do not re-run on transformers 5.23)."""
+    ids, mask, _ = left_padded(2, 17, [0, 4], seed=1)
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = []
+    for checkpointing in (False, True):
+        model = ttt_model(chunk=4).train()
+        if checkpointing:
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        if checkpointing:
+            with pytest.raises(FastWeightsError, match="gradient checkpointing"):
+                model(input_ids=ids, past_key_values=InPlaceTTTCache(model.config), use_cache=True)
+    assert rel(grads[1], grads[0]) < 1e-6
