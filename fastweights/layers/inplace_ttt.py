@@ -84,6 +84,9 @@ class InPlaceTTTMLP(nn.Module):
         self.ttt_conv = nn.Conv1d(d, d, 5, padding=2, groups=d, bias=False, device=w.device, dtype=w.dtype)
         self.ttt_proj = nn.Linear(d, d, bias=False, device=w.device, dtype=w.dtype) if proj else None
         self.ctx: TTTContext | None = None
+        # Optional replacement of ``inplace_ttt`` with its signature, set per instance by wrappers
+        # such as ``fastweights.distributed.apply_context_parallel``.
+        self.ttt_op = None
         self.reset_ttt_parameters()
 
     def reset_ttt_parameters(self) -> None:
@@ -148,8 +151,9 @@ class InPlaceTTTMLP(nn.Module):
         s = self.target_source(x, target_source)
         z = self.hidden(x)
         proj = None if self.ttt_proj is None else self.ttt_proj.weight
-        o = inplace_ttt(z, s, self.down_proj.weight, self.ttt_conv.weight, proj, self.lr, self.chunk_size,
-                        cu_seqlens=cu_seqlens, position_ids=position_ids)
+        op = inplace_ttt if self.ttt_op is None else self.ttt_op
+        o = op(z, s, self.down_proj.weight, self.ttt_conv.weight, proj, self.lr, self.chunk_size,
+               cu_seqlens=cu_seqlens, position_ids=position_ids)
         if self.down_proj.bias is not None:
             o = o + self.down_proj.bias
         return o

@@ -23,7 +23,7 @@ from packaging.version import Version
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-__all__ = ["TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "resolve_use_cache"]
+__all__ = ["TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "keep_positions", "resolve_use_cache"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):
@@ -47,3 +47,13 @@ def resolve_use_cache(base_model: nn.Module, kwargs: dict) -> bool:
 def cache_implementation(generation_config) -> str | None:
     """The cache kind ``generate`` was asked for (None: the default dynamic cache)."""
     return getattr(generation_config, "cache_implementation", None)
+
+
+def keep_positions(x, keep):
+    """Slice (B, N, ...) as a causal LM's ``logits_to_keep`` does: an int keeps the last ``keep``
+    positions (0: all), a tensor selects positions. 5.17 slices inline with ``slice(-keep, None)``;
+    5.23 calls ``modeling_utils.slice_logits_to_keep``; both mean this (used by the FWL head,
+    which makes the model compute every position and slices afterwards)."""
+    if isinstance(keep, int):
+        return x if keep == 0 else x[:, -keep:]
+    return x[:, keep]

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 __all__ = [
     "KERNEL_SIZE",
     "chunk_ids",
+    "chunked_scan",
     "doc_starts",
     "inplace_ttt",
     "inplace_ttt_chunked",
@@ -225,6 +226,52 @@ def default_block_size(d: int, f: int, chunk_size: int) -> int:
     return max(chunk_size, int(math.sqrt(2 * d * f)))
 
 
+def chunked_scan(
+    za: torch.Tensor, v: torch.Tensor, g: torch.Tensor, g0: torch.Tensor, block_size: int, *, final_state: bool = False
+):
+    """The fast-weight term of :func:`inplace_ttt_chunked`, with the chunk ids given.
+
+    ``za`` (B, N, f) and ``v`` (B, N, d) in the accumulation dtype; ``g``, ``g0`` (B, N) from
+    :func:`chunk_ids` (token k feeds q iff ``g0[q] <= g[k] < g[q]``). Returns ``(u, s_full,
+    s_open)``: ``u`` (B, N, d) = Σ over the earlier chunks of each token's document of
+    ``(z_q·z_k) v_k``; with ``final_state`` the (B, d, f) carry of the document open at the
+    last token (its completed chunks, and its open chunk so far), else ``None, None``.
+    """
+    B, N = g.shape
+    acc, L = za.dtype, block_size
+    if N == 0:
+        return v.new_zeros(v.shape), None, None
+    outs = []
+    s_full = s_open = None  # (B, d, f) carried states
+    g_last = g0_last = None  # (B,) chunk id and doc-start id of the last token before the block
+    for lo in range(0, N, L):
+        hi = min(lo + L, N)
+        zb, vb, gb, g0b = za[:, lo:hi], v[:, lo:hi], g[:, lo:hi], g0[:, lo:hi]
+        # intra-block: token k feeds q iff g0[q] <= g[k] < g[q]
+        mask = (gb.unsqueeze(1) < gb.unsqueeze(2)) & (gb.unsqueeze(1) >= g0b.unsqueeze(2))
+        scores = torch.matmul(zb, zb.transpose(1, 2)) * mask.to(acc)
+        u = torch.matmul(scores, vb)
+        if s_full is not None:
+            same_doc = (g0b == g0_last.unsqueeze(1)).to(acc).unsqueeze(-1)  # (B, l, 1)
+            later = (gb > g_last.unsqueeze(1)).to(acc).unsqueeze(-1)
+            u = u + same_doc * torch.matmul(zb, s_full.transpose(1, 2))
+            u = u + same_doc * later * torch.matmul(zb, s_open.transpose(1, 2))
+        if hi < N or final_state:  # carry the state of the document open at the block's end
+            g_new, g0_new = gb[:, -1], g0b[:, -1]
+            m_full = ((gb >= g0_new.unsqueeze(1)) & (gb < g_new.unsqueeze(1))).to(acc).unsqueeze(-1)
+            m_open = (gb == g_new.unsqueeze(1)).to(acc).unsqueeze(-1)
+            new_full = torch.matmul((vb * m_full).transpose(1, 2), zb)
+            new_open = torch.matmul((vb * m_open).transpose(1, 2), zb)
+            if s_full is not None:
+                same = (g0_new == g0_last).to(acc).view(B, 1, 1)
+                adv = (g_new > g_last).to(acc).view(B, 1, 1)
+                new_full = new_full + same * (s_full + adv * s_open)
+                new_open = new_open + same * (1 - adv) * s_open
+            s_full, s_open, g_last, g0_last = new_full, new_open, g_new, g0_new
+        outs.append(u)
+    return torch.cat(outs, dim=1), s_full, s_open
+
+
 def inplace_ttt_chunked(
     z: torch.Tensor,
     s: torch.Tensor,
@@ -264,35 +311,7 @@ def inplace_ttt_chunked(
     if L < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size!r}")
 
-    outs = []
-    s_full = s_open = None  # (B, d, f) carried states
-    g_last = g0_last = None  # (B,) chunk id and doc-start id of the last token before the block
-    for lo in range(0, N, L):
-        hi = min(lo + L, N)
-        zb, vb, gb, g0b = za[:, lo:hi], v[:, lo:hi], g[:, lo:hi], g0[:, lo:hi]
-        # intra-block: token k feeds q iff g0[q] <= g[k] < g[q]
-        mask = (gb.unsqueeze(1) < gb.unsqueeze(2)) & (gb.unsqueeze(1) >= g0b.unsqueeze(2))
-        scores = torch.matmul(zb, zb.transpose(1, 2)) * mask.to(acc)
-        u = torch.matmul(scores, vb)
-        if s_full is not None:
-            same_doc = (g0b == g0_last.unsqueeze(1)).to(acc).unsqueeze(-1)  # (B, l, 1)
-            later = (gb > g_last.unsqueeze(1)).to(acc).unsqueeze(-1)
-            u = u + same_doc * torch.matmul(zb, s_full.transpose(1, 2))
-            u = u + same_doc * later * torch.matmul(zb, s_open.transpose(1, 2))
-        if hi < N:  # carry the state of the document open at the block's end
-            g_new, g0_new = gb[:, -1], g0b[:, -1]
-            m_full = ((gb >= g0_new.unsqueeze(1)) & (gb < g_new.unsqueeze(1))).to(acc).unsqueeze(-1)
-            m_open = (gb == g_new.unsqueeze(1)).to(acc).unsqueeze(-1)
-            new_full = torch.matmul((vb * m_full).transpose(1, 2), zb)
-            new_open = torch.matmul((vb * m_open).transpose(1, 2), zb)
-            if s_full is not None:
-                same = (g0_new == g0_last).to(acc).view(B, 1, 1)
-                adv = (g_new > g_last).to(acc).view(B, 1, 1)
-                new_full = new_full + same * (s_full + adv * s_open)
-                new_open = new_open + same * (1 - adv) * s_open
-            s_full, s_open, g_last, g0_last = new_full, new_open, g_new, g0_new
-        outs.append(u)
-    u = torch.cat(outs, dim=1)
+    u, _, _ = chunked_scan(za, v, g, g0, L)
     return (base.to(acc) + lr * u).to(z.dtype)
 
 

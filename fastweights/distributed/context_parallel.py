@@ -1,0 +1,338 @@
+"""Context parallelism for a converted Hugging Face causal LM (docs/distributed.md).
+
+Applied to a plain model instance, torchtitan-style, without touching modeling code:
+
+* each In-Place TTT MLP runs :func:`~fastweights.distributed.inplace_ttt_cp.inplace_ttt_cp`
+  (the exact cross-rank fast-weight prefix) through the layer's ``ttt_op`` slot;
+* attention goes through an attention function registered with transformers'
+  ``AttentionInterface`` under :data:`ATTN_NAME` and selected on this instance only. It
+  all-gathers K and V over the group (PyTorch functional collectives, whose backward
+  reduce-scatters the key/value gradients to their owners) and runs SDPA over the keys up to
+  the shard's end: a lower-right causal mask (``causal_lower_right``, not materialised) for
+  one document per row, or an explicit (B, 1, n, ≤N) boolean causal-and-same-document mask for
+  packed rows. Memory per rank and layer: the gathered K and V, ``2·B·N·H_kv·D`` elements
+  (kept for backward), repeated to the query heads for grouped-query attention while SDPA
+  runs; plus the packed-row mask (``B·n·N`` bytes, built once per forward and shared by all
+  layers).
+* shards are contiguous and may have different lengths (:func:`balanced_split` evens out the
+  causal-attention work).
+
+PyTorch's ring attention (``torch.distributed.tensor.experimental.context_parallel``) can
+replace the all-gather for unpacked rows on CUDA: see :func:`ring_attention_context`.
+
+A step on rank r::
+
+    batch = cp_batch(input_ids, labels=input_ids, group=group)
+    logits = model(batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    loss = cp_loss(logits, batch.targets, group)      # mean over ranks = the global mean loss
+    loss.backward(); all_reduce_gradients(model, group)  # or DDP/FSDP over the group
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from fastweights.distributed.inplace_ttt_cp import all_gather_autograd, inplace_ttt_cp
+from fastweights.layers.inplace_ttt import InPlaceTTTMLP
+
+__all__ = [
+    "ATTN_NAME",
+    "CPBatch",
+    "RING_ATTN_NAME",
+    "ContextParallel",
+    "all_reduce_gradients",
+    "apply_context_parallel",
+    "balanced_split",
+    "cp_batch",
+    "cp_loss",
+    "ring_attention_context",
+]
+
+ATTN_NAME = "fastweights_cp_allgather"
+RING_ATTN_NAME = "fastweights_cp_ring"
+IGNORE = -100
+
+
+# --------------------------------------------------------------------------- inputs and loss
+def balanced_split(seqlen: int, world: int, attention_share: float = 0.5) -> list[int]:
+    """Contiguous shard lengths whose estimated work is even: a fraction ``attention_share``
+    of the single-process step is causal attention (work ∝ the square of the prefix), the
+    rest is linear in tokens. ``attention_share=0`` gives even lengths."""
+    if world < 1 or seqlen < world:
+        raise ValueError(f"need 1 <= world <= seqlen, got world={world}, seqlen={seqlen}")
+    if not 0.0 <= attention_share <= 1.0:
+        raise ValueError(f"attention_share must be in [0, 1], got {attention_share}")
+    x = torch.linspace(0, 1, 4097, dtype=torch.float64)
+    work = (1 - attention_share) * x + attention_share * x**2  # cumulative work of a prefix
+    cuts = [0]
+    for r in range(1, world):
+        cuts.append(int(round(float(x[torch.searchsorted(work, torch.tensor(r / world, dtype=torch.float64))])
+                              * seqlen)))
+    cuts.append(seqlen)
+    lengths = [b - a for a, b in zip(cuts, cuts[1:])]
+    if min(lengths) < 2:
+        raise ValueError(f"sequence of {seqlen} tokens is too short for {world} shards: {lengths}")
+    return lengths
+
+
+@dataclass
+class CPBatch:
+    """This rank's shard: ``input_ids`` (B, n), ``position_ids`` (B, n) in-document positions,
+    ``targets`` (B, n) next-token labels (already shifted, -100 where ignored), and the
+    shard's ``start`` in the full row."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor | None
+    start: int
+
+
+def cp_batch(
+    input_ids: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    lengths: list[int] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> CPBatch:
+    """Cut a full batch (every rank holds the same one) into this rank's contiguous shard.
+
+    ``input_ids``/``labels`` (B, N); documents as ``position_ids`` (B, N) restarting at 0, or
+    ``cu_seqlens`` (K+1,) for B = 1; default one document per row. ``labels`` are shifted
+    here (as HF's loss does) so that the last token of a shard keeps its target on the next
+    rank. ``lengths``: shard lengths (default :func:`balanced_split` with ``attention_share=0``).
+    """
+    B, N = input_ids.shape
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if position_ids is not None and cu_seqlens is not None:
+        raise ValueError("give documents as position_ids or cu_seqlens, not both")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs batch size 1, got {B}")
+        cu = cu_seqlens.long().flatten().tolist()
+        if cu[0] != 0 or cu[-1] != N or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens must be non-decreasing from 0 to N={N}, got {cu}")
+        position_ids = torch.cat([torch.arange(b - a) for a, b in zip(cu, cu[1:])]).unsqueeze(0)
+    if position_ids is None:
+        position_ids = torch.arange(N).unsqueeze(0)
+    position_ids = position_ids.to(input_ids.device).expand(B, N)
+    lengths = balanced_split(N, world, 0.0) if lengths is None else list(lengths)
+    if len(lengths) != world or sum(lengths) != N or min(lengths) < 2:
+        raise ValueError(f"lengths must be {world} shard lengths >= 2 summing to N={N}, got {lengths}")
+    lo = sum(lengths[:rank])
+    hi = lo + lengths[rank]
+    targets = None
+    if labels is not None:
+        targets = torch.full_like(labels, IGNORE)
+        targets[:, :-1] = labels[:, 1:]
+        targets = targets[:, lo:hi]
+    return CPBatch(input_ids[:, lo:hi], position_ids[:, lo:hi].contiguous(), targets, lo)
+
+
+def cp_loss(logits: torch.Tensor, targets: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """This rank's share of the global mean next-token loss, scaled so that the mean over the
+    group's ranks (what DDP/FSDP or :func:`all_reduce_gradients` average) is the loss of the
+    whole sequence. ``logits`` (B, n, V), ``targets`` (B, n) from :func:`cp_batch`."""
+    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    count = (targets != IGNORE).sum().to(torch.float64)
+    dist.all_reduce(count, group=group)
+    return total * dist.get_world_size(group) / count.clamp(min=1).to(total.dtype)
+
+
+def all_reduce_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Average every parameter gradient over the group (context parallelism without a
+    data-parallel wrapper)."""
+    world = dist.get_world_size(group)
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)  # SUM: gloo has no AVG
+            p.grad.div_(world)
+
+
+# --------------------------------------------------------------------------- attention
+class _CPState:
+    """Per-forward layout of the shards, shared by the attention layers of one model."""
+
+    def __init__(self, group):
+        self.group = group
+        self.lengths: list[int] = []
+        self.start = 0
+        self.mask: torch.Tensor | None = None  # (B, 1, n, start + n) bool for packed rows
+
+
+def _gather_seq(x: torch.Tensor, lengths: list[int], upto: int, group) -> torch.Tensor:
+    """All-gather ``x`` (B, H, n_r, D) along the sequence (shards may differ in length) and
+    keep the first ``upto`` positions. Differentiable."""
+    pad = max(lengths) - x.shape[2]
+    parts = all_gather_autograd(F.pad(x, (0, 0, 0, pad)), group)
+    full = torch.cat([p[:, :, :n] for p, n in zip(parts, lengths)], dim=2)
+    return full[:, :, :upto]
+
+
+def _allgather_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The attention function registered as :data:`ATTN_NAME`: ``query`` (B, H, n, D) of this
+    shard, ``key``/``value`` (B, H_kv, n, D); returns (B, n, H, D) and no weights."""
+    state: _CPState = module._fw_cp_state
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise ValueError("context-parallel attention supports full causal attention only (no sliding window, "
+                         "no softcap)")
+    n = query.shape[2]
+    upto = state.start + n
+    k = _gather_seq(key, state.lengths, upto, state.group)
+    v = _gather_seq(value, state.lengths, upto, state.group)
+    rep = query.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    mask = causal_lower_right(n, upto) if state.mask is None else state.mask
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, dropout_p=dropout if module.training else 0.0,
+                                         scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _ring_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The attention function registered as :data:`RING_ATTN_NAME`: plain causal SDPA with the
+    K/V heads repeated, which ``torch.distributed.tensor.experimental.context_parallel``
+    replaces with ring attention inside :func:`ring_attention_context`."""
+    rep = query.shape[1] // key.shape[1]
+    if rep > 1:
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                         dropout_p=dropout if module.training else 0.0, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    """Mask function of our attention functions: they build their own."""
+    return None
+
+
+AttentionInterface.register(ATTN_NAME, _allgather_attention)
+AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+AttentionInterface.register(RING_ATTN_NAME, _ring_attention)
+AttentionMaskInterface.register(RING_ATTN_NAME, _no_mask)
+
+
+def _shard_layout(state: _CPState, module, args, kwargs):
+    """Base-model pre-hook: learn the shard lengths and, for packed rows, build the mask."""
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        raise ValueError("under context parallelism pass position_ids (see fastweights.distributed.cp_batch)")
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise ValueError("context parallelism does not take padding masks: pack documents and mark them with "
+                         "position_ids (cp_batch)")
+    group = state.group
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    n = pos.shape[-1]
+    pos = pos if pos.dim() == 2 else pos.unsqueeze(0)
+    lengths = [torch.zeros(1, dtype=torch.long, device=pos.device) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([n], device=pos.device), group=group)
+    state.lengths = [int(x) for x in lengths]
+    state.start = sum(state.lengths[:rank])
+    # gather the positions of all shards to find document boundaries
+    pad = max(state.lengths) - n
+    parts = [torch.zeros(pos.shape[0], max(state.lengths), dtype=torch.long, device=pos.device) for _ in range(world)]
+    dist.all_gather(parts, F.pad(pos.long(), (0, pad), value=0).contiguous(), group=group)
+    full = torch.cat([p[:, :m] for p, m in zip(parts, state.lengths)], dim=1)  # (B or 1, N)
+    upto = state.start + n
+    full = full[:, :upto]
+    if bool((full[:, 1:] == 0).any()):
+        doc = torch.cumsum((full == 0).long(), dim=1)  # (B, upto) document index
+        q = torch.arange(state.start, upto, device=pos.device)
+        k = torch.arange(upto, device=pos.device)
+        causal = k.unsqueeze(0) <= q.unsqueeze(1)  # (n, upto)
+        state.mask = (causal & (doc[:, state.start:upto].unsqueeze(2) == doc.unsqueeze(1))).unsqueeze(1)
+    else:
+        state.mask = None
+
+
+# --------------------------------------------------------------------------- apply
+def _ttt_op(group, z, s, w0, conv_weight, proj, lr, chunk_size, *, cu_seqlens=None, position_ids=None):
+    if cu_seqlens is not None:
+        raise ValueError("under context parallelism give documents as position_ids (cp_batch converts cu_seqlens)")
+    return inplace_ttt_cp(z, s, w0, conv_weight, proj, lr, chunk_size, position_ids=position_ids, group=group)
+
+
+class ContextParallel:
+    """Handle returned by :func:`apply_context_parallel`; ``remove()`` restores the model."""
+
+    def __init__(self, model, group, attn_before, hooks, modules):
+        self.model, self.group = model, group
+        self._attn_before, self._hooks, self._modules = attn_before, hooks, modules
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        for m in self._modules:
+            if isinstance(m, InPlaceTTTMLP):
+                m.ttt_op = None
+            else:
+                del m._fw_cp_state
+        self.model.set_attn_implementation(self._attn_before)
+
+
+def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None = None,
+                           attention: str = "allgather") -> ContextParallel:
+    """Make a (converted) HF causal LM run context-parallel over ``group``, in place.
+
+    Each rank then calls the model on its shard with ``position_ids`` (from :func:`cp_batch`)
+    and ``use_cache=False``. ``attention``: ``"allgather"`` (any device and backend, packed
+    rows, uneven shards) or ``"ring"`` (causal SDPA that PyTorch's context parallelism turns
+    into ring attention; call the model inside :func:`ring_attention_context`; CUDA only,
+    one document per row, equal shard lengths).
+    """
+    if attention not in ("allgather", "ring"):
+        raise ValueError(f"attention must be 'allgather' or 'ring', got {attention!r}")
+    if not dist.is_initialized():
+        raise ValueError("context parallelism needs an initialised torch.distributed process group")
+    modules, hooks = [], []
+    for m in model.modules():
+        if isinstance(m, InPlaceTTTMLP):
+            m.ttt_op = partial(_ttt_op, group)
+            modules.append(m)
+    attn_before = model.config._attn_implementation
+    if attention == "allgather":
+        state = _CPState(group)
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        hooks.append(base.register_forward_pre_hook(partial(_shard_layout, state), with_kwargs=True))
+        for layer in base.layers:
+            layer.self_attn._fw_cp_state = state
+            modules.append(layer.self_attn)
+        model.set_attn_implementation(ATTN_NAME)
+    else:
+        model.set_attn_implementation(RING_ATTN_NAME)
+    return ContextParallel(model, group, attn_before, hooks, modules)
+
+
+@contextmanager
+def ring_attention_context(mesh, buffers: list[torch.Tensor], seq_dims: list[int]):
+    """PyTorch's context-parallel SDPA (ring attention) with contiguous shards.
+
+    Wraps ``torch.distributed.tensor.experimental.context_parallel``: it shards ``buffers``
+    (full-sequence tensors, e.g. input_ids, position_ids and targets) in place along
+    ``seq_dims`` and replaces SDPA with ring attention inside the block. Its head-tail load
+    balancer is switched off, because the In-Place TTT prefix needs each rank's tokens to be
+    one contiguous piece in rank order; causal attention is then uneven across ranks (rank r
+    does about (2r+1)/W² of it). CUDA SDPA kernels only; rows must be one document each.
+    """
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental._attention import _cp_options
+
+    before = _cp_options.enable_load_balance
+    _cp_options.enable_load_balance = False
+    try:
+        with context_parallel(mesh, buffers=buffers, buffer_seq_dims=seq_dims):
+            yield
+    finally:
+        _cp_options.enable_load_balance = before

@@ -1,0 +1,144 @@
+"""Dynamic evaluation: score-then-update order, update rules against hand-written loops, restore."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from fastweights.eval.dynamic import DynamicEvalConfig, dynamic_eval, select_parameters
+
+V = 37
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64)
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def docs(seed=1, lens=(23, 17)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=g) for n in lens]
+
+
+def manual(model, doc, seg, step, context=10**9):
+    """Independent loop: for each segment, loss of its targets from the full window, then step."""
+    m = copy.deepcopy(model)
+    theta0 = {n: p.detach().clone() for n, p in m.named_parameters()}
+    out = []
+    for s in range(1, doc.numel(), seg):
+        e = min(s + seg, doc.numel())
+        lo = max(0, s - 1 - context)
+        logits = m(input_ids=doc[lo:e - 1][None]).logits[0]
+        loss = F.cross_entropy(logits[s - 1 - lo:], doc[s:e], reduction="none")
+        out.append(loss.detach())
+        m.zero_grad()
+        loss.mean().backward()
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                step(n, p, theta0[n])
+    return torch.cat(out)
+
+
+def test_sgd_matches_hand_written_loop_and_restores_weights():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d = docs()
+    cfg = DynamicEvalConfig(rule="sgd", segment_length=6, lr=0.5, decay=0.1, context=7)
+    res = dynamic_eval(model, d, cfg, count_flops=False, progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+    def sgd(n, p, p0):
+        p.sub_(0.5 * p.grad + 0.1 * (p - p0))
+
+    exp = [manual(model, doc, 6, sgd, context=7) for doc in d]
+    n0 = exp[0].numel()
+    got0 = torch.tensor(res.dynamic.loss_by_position[:n0])
+    # loss_by_position averages over documents: position t < len(doc 1) mixes both
+    n1 = exp[1].numel()
+    mean = torch.cat([(exp[0][:n1] + exp[1]) / 2, exp[0][n1:]])
+    assert torch.allclose(got0, mean, atol=1e-5)
+    assert abs(res.dynamic.loss - torch.cat(exp).mean().item()) < 1e-5
+    assert res.dynamic.tokens == res.static.tokens == sum(x.numel() - 1 for x in d)
+
+
+def test_rms_rule_with_calibration_matches_formula():
+    model = tiny(2)
+    d = docs(3, lens=(13,))
+    cal = docs(4, lens=(11,))
+    cfg = DynamicEvalConfig(rule="rms", segment_length=5, lr=0.01, decay=0.02, eps=1e-6, params="last:1")
+    res = dynamic_eval(model, d, cfg, calibration=cal, count_flops=False, progress=False)
+    names = {n for n, _ in select_parameters(model, "last:1")}
+    # mean squared gradient over the calibration segments, computed here by hand
+    ms = {n: torch.zeros_like(p) for n, p in model.named_parameters() if n in names}
+    count = 0
+    for doc in cal:
+        for s in range(1, doc.numel(), 5):
+            e = min(s + 5, doc.numel())
+            model.zero_grad()
+            F.cross_entropy(model(input_ids=doc[:e - 1][None]).logits[0, s - 1:], doc[s:e]).backward()
+            for n, p in model.named_parameters():
+                if n in names:
+                    ms[n] += p.grad.square()
+            count += 1
+    model.zero_grad()
+
+    def rms(n, p, p0):
+        if n in names:
+            r = (ms[n] / count).sqrt()
+            p.sub_(0.01 * p.grad / (r + 1e-6) + 0.02 * r * (p - p0))
+
+    exp = manual(model, d[0], 5, rms)
+    assert torch.allclose(torch.tensor(res.dynamic.loss_by_position), exp, atol=1e-5)
+    assert res.adapted_parameters == sum(p.numel() for n, p in model.named_parameters() if n in names)
+
+
+def test_scored_before_update_and_static_is_the_same_windows():
+    model = tiny(5)
+    seg = torch.randint(0, V, (12,), generator=torch.Generator().manual_seed(6))
+    doc = torch.cat([seg, seg, seg])  # repeated text: updating on it must help later copies
+    cfg = DynamicEvalConfig(rule="sgd", segment_length=12, lr=1.0)
+    res = dynamic_eval(model, [doc], cfg, progress=False)
+    st, dy = torch.tensor(res.static.loss_by_position), torch.tensor(res.dynamic.loss_by_position)
+    assert torch.equal(st[:12], dy[:12])  # the first segment: no update has happened yet
+    assert dy[12:].mean() < st[12:].mean() - 0.1
+    with torch.no_grad():  # static equals a plain forward over the whole document
+        plain = F.cross_entropy(model(input_ids=doc[:-1][None]).logits[0], doc[1:], reduction="none")
+    assert torch.allclose(st, plain, atol=1e-5)
+    assert res.flop_overhead > 2.5 and res.time_overhead > 1.0
+    zero = dynamic_eval(model, [doc], DynamicEvalConfig(rule="sgd", segment_length=12, lr=0.0),
+                        count_flops=False, progress=False)
+    assert torch.allclose(torch.tensor(zero.dynamic.loss_by_position), st, atol=1e-6)
+
+
+def test_documents_are_independent():
+    model = tiny(7)
+    a, b = docs(8)
+    cfg = DynamicEvalConfig(rule="rms", segment_length=4, lr=0.05)
+    both = dynamic_eval(model, [a, b], cfg, count_flops=False, progress=False)
+    alone = dynamic_eval(model, [b], cfg, count_flops=False, progress=False)
+    pos_b = torch.tensor(alone.dynamic.loss_by_position)
+    pos_ab = torch.tensor(both.dynamic.loss_by_position)
+    pos_a = torch.tensor(dynamic_eval(model, [a], cfg, count_flops=False, progress=False).dynamic.loss_by_position)
+    n = pos_b.numel()
+    assert torch.allclose(pos_ab[:n], (pos_a[:n] + pos_b) / 2, atol=1e-6)
+
+
+def test_parameter_subsets_and_errors():
+    model = tiny()
+    down = select_parameters(model, "mlp_down")
+    assert [n for n, _ in down] == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    last = [n for n, _ in select_parameters(model, "last:1")]
+    assert last and all(n.startswith("model.layers.1.") for n in last)
+    with pytest.raises(ValueError, match="K must be"):
+        select_parameters(model, "last:3")
+    with pytest.raises(ValueError, match="params"):
+        select_parameters(model, "attention")
+    with pytest.raises(ValueError, match="rule"):
+        dynamic_eval(model, docs(), DynamicEvalConfig(rule="adam"))
+    with pytest.raises(ValueError, match="at least 2"):
+        dynamic_eval(model, [torch.tensor([3])])

@@ -1,0 +1,145 @@
+"""add_fwl on a tiny Qwen3: glue, cached generation, padding, save/load, training."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, Qwen3Config, Qwen3ForCausalLM
+
+import fastweights  # noqa: F401  (registers the model types)
+from fastweights.errors import FastWeightsError
+from fastweights.models.fwl import FWLCache, add_fwl, fwl_layer
+from fastweights.ops.fwl import FWLParams, FWLState, fwl_reference
+
+V = 53
+
+
+def tiny(step_size=0.3, seed=0):
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=V, hidden_size=20, intermediate_size=36, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=10, max_position_embeddings=64,
+                      tie_word_embeddings=True, pad_token_id=0)
+    return add_fwl(Qwen3ForCausalLM(cfg), step_size=step_size, block_size=5).eval()
+
+
+def rel(a, b):
+    return ((a - b).norm() / (b.norm() + 1e-12)).item()
+
+
+def test_logits_are_the_fwl_block_on_the_body_output():
+    m = tiny()
+    ids = torch.randint(1, V, (2, 11))
+    h = m.model(ids).last_hidden_state
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
+    fw = fwl_layer(m)
+    ref, _ = fwl_reference(h.double(), targets, FWLParams(*(t.double() for t in fw.params())), fw.step_sizes.double(),
+                           m.lm_head.weight.double())
+    got = m(ids, use_cache=False).logits
+    assert rel(got.double(), ref) < 1e-5
+    with torch.no_grad():
+        fw.step_sizes.zero_()
+    assert rel(m(ids, use_cache=False).logits, got) > 1e-3  # the fast weights change the logits
+
+
+def test_generate_cached_logits_equal_full_forward():
+    m = tiny()
+    ids = torch.randint(1, V, (2, 7))
+    out = m.generate(ids, max_new_tokens=9, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                     pad_token_id=0)
+    assert isinstance(out.past_key_values, FWLCache)
+    full = m(out.sequences, use_cache=False).logits
+    assert rel(torch.stack(out.logits, 1), full[:, 6:-1]) < 1e-5
+    # chunked prefill then several tokens at once through the same cache
+    cache = FWLCache(config=m.config)
+    a = m(out.sequences[:, :5], past_key_values=cache, use_cache=True).logits
+    b = m(out.sequences[:, 5:9], past_key_values=cache, use_cache=True).logits
+    c = m(out.sequences[:, 9:], past_key_values=cache, use_cache=True).logits
+    assert rel(torch.cat([a, b, c], 1), full) < 1e-5
+
+
+def test_left_padded_batch_equals_rows_alone():
+    m = tiny(seed=1)
+    rows = [torch.randint(1, V, (n,)) for n in (8, 5)]
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    mask = torch.zeros(2, 8, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 8 - len(r):] = r
+        mask[i, 8 - len(r):] = 1
+    out = m.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                     output_logits=True, pad_token_id=0)
+    for i, r in enumerate(rows):
+        alone = m.generate(r[None], max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                           output_logits=True, pad_token_id=0)
+        assert torch.equal(out.sequences[i, 8:], alone.sequences[0, len(r):])
+        assert rel(torch.stack(out.logits, 1)[i], torch.stack(alone.logits, 1)[0]) < 1e-4
+
+
+def test_save_load_round_trip(tmp_path):
+    m = tiny()
+    with torch.no_grad():
+        fwl_layer(m).step_sizes.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
+    ids = torch.randint(1, V, (2, 9))
+    m.save_pretrained(tmp_path)
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(m2).__name__ == "FWLQwen3ForCausalLM"
+    assert m2.config.fwl_expansion == 4 and m2.config.fwl_block_size == 5
+    assert torch.equal(fwl_layer(m2).step_sizes, fwl_layer(m).step_sizes)
+    assert torch.equal(m2(ids, use_cache=False).logits, m(ids, use_cache=False).logits)
+    assert m2.lm_head.weight is m2.model.embed_tokens.weight
+
+
+def test_residual_variant_is_drop_in(tmp_path):
+    cfg = tiny().config
+    ids = torch.randint(1, V, (2, 9))
+    torch.manual_seed(3)
+    base = Qwen3ForCausalLM(Qwen3ForCausalLM.config_class(**{k: v for k, v in cfg.to_dict().items()
+                                                             if not k.startswith("fwl_")})).eval()
+    before = base(ids, use_cache=False).logits
+    m = add_fwl(base, residual=True, step_size=0.0)
+    assert torch.equal(m(ids, use_cache=False).logits, before)  # gain 0 and no steps: an identity
+    with torch.no_grad():
+        fwl_layer(m).step_sizes.fill_(0.01)
+    near = m(ids, use_cache=False).logits  # the fast gain and bias now move away from 0
+    assert 0 < rel(near, before) < 0.05
+    with torch.no_grad():
+        fwl_layer(m).ln_weight.normal_()
+    changed = m(ids, use_cache=False).logits
+    m.save_pretrained(tmp_path)
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert m2.config.fwl_residual is True and fwl_layer(m2).residual
+    assert torch.equal(m2(ids, use_cache=False).logits, changed)
+
+
+def test_training_reaches_step_sizes_and_body():
+    m = tiny().train()
+    ids = torch.randint(1, V, (2, 10))
+    loss = m(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    fw = fwl_layer(m)
+    assert fw.step_sizes.grad.abs().min() > 0
+    assert m.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_cache_reorder_indexes_the_fwl_state():
+    m = tiny()
+    cache = FWLCache(config=m.config)
+    m(torch.randint(1, V, (3, 6)), past_key_values=cache, use_cache=True)
+    before = FWLState(*(t.clone() for t in cache.fwl_state))
+    idx = torch.tensor([2, 0, 0])
+    cache.reorder_cache(idx)
+    for a, b in zip(cache.fwl_state, before, strict=True):
+        assert torch.equal(a, b[idx])
+    with pytest.raises(NotImplementedError):
+        cache.crop(2)
+
+
+def test_errors():
+    m = tiny()
+    with pytest.raises(FastWeightsError, match="input_ids"):
+        m(inputs_embeds=torch.randn(1, 3, 20))
+    with pytest.raises(FastWeightsError, match="already"):
+        add_fwl(m)
+    filled = DynamicCache(config=m.config)
+    m.model(torch.randint(1, V, (1, 3)), past_key_values=filled, use_cache=True)  # the body alone fills it
+    with pytest.raises(FastWeightsError, match="FWLCache"):
+        m(torch.randint(1, V, (1, 2)), past_key_values=filled, use_cache=True)
+    with pytest.raises(FastWeightsError, match="not supported"):
+        add_fwl(type("NoHead", (Qwen3ForCausalLM,), {"get_output_embeddings": lambda self: None})(m.config))
