@@ -1,0 +1,260 @@
+"""Hebbian and gradient plasticity in a decoder-only Transformer (Chaudhary 2025, SPEC §5).
+
+``fastweights experiment plasticity [--quick]`` trains the step-by-step Transformer of
+:mod:`fastweights.models.plastic_transformer` with each plasticity rule (none, Hebbian,
+gradient) on each task (copy, in-context linear regression, 5-way 1-shot digits) and seed,
+evaluates on held-out episodes, and writes ``<out-dir>/plasticity.md`` (mean ± std next to the
+published table), ``plasticity.json`` and ``plasticity.png`` (training-loss curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fastweights.data.plasticity_tasks import TaskBatch, copy_task, digits_few_shot, regression_task
+from fastweights.experiments.associative_retrieval import cpu_name
+from fastweights.models.plastic_transformer import RULES, PlasticConfig, PlasticTransformer
+
+TASKS = {  # name: (input size, output size, metric, higher is better)
+    "copy": (10, 8, "recall accuracy", True),
+    "regression": (5, 1, "query MSE", False),
+    "digits": (70, 5, "5-way 1-shot query accuracy", True),
+}
+PUBLISHED = {  # Chaudhary 2025 via SPEC §5, mean over 3 seeds; the few-shot row is CIFAR-FS
+    "copy": {"gradient": 0.745, "hebbian": 0.727, "none": 0.721},
+    "regression": {"gradient": 1.589, "hebbian": 1.546, "none": 1.997},
+    "digits": {"gradient": 0.274, "hebbian": 0.319, "none": 0.289},
+}
+
+
+def make_batch(task: str, n: int, seed: int, split: str) -> TaskBatch:
+    """Episodes of ``task``; train and test episodes come from disjoint seed ranges (and, for
+    digits, disjoint image pools)."""
+    seed = seed if split == "train" else 10**9 + seed
+    if task == "copy":
+        return copy_task(n, seed)
+    if task == "regression":
+        return regression_task(n, seed)
+    if task == "digits":
+        return digits_few_shot(n, seed, split=split)
+    raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+
+
+def task_loss(task: str, out: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """Cross-entropy (copy, digits) or MSE (regression) over the scored steps."""
+    if task == "regression":
+        return F.mse_loss(out[..., 0][batch.mask], batch.targets[batch.mask])
+    return F.cross_entropy(out[batch.mask], batch.targets[batch.mask])
+
+
+@torch.no_grad()
+def evaluate(model: PlasticTransformer, task: str, batch: TaskBatch, chunk: int = 256) -> float:
+    """The task metric over ``batch``: accuracy on scored steps, or MSE for regression."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(batch.inputs), chunk):
+        part = TaskBatch(*(t[i : i + chunk] for t in batch))
+        out = model(part.inputs)
+        if task == "regression":
+            total += (out[..., 0][part.mask] - part.targets[part.mask]).pow(2).sum().item()
+        else:
+            total += (out[part.mask].argmax(-1) == part.targets[part.mask]).sum().item()
+        count += int(part.mask.sum())
+    model.train()
+    return total / count
+
+
+def train_one(task: str, rule: str, seed: int, test: TaskBatch, args: argparse.Namespace) -> dict:
+    """Train one model on fresh episodes each step; return its test metric and loss curve."""
+    torch.manual_seed(seed)
+    n_in, n_out, _, _ = TASKS[task]
+    cfg = PlasticConfig(n_in, n_out, rule=rule, d_model=args.d_model, d_ff=args.d_ff, n_heads=args.n_heads,
+                        n_layers=args.n_layers, eta0=args.eta0, max_norm=args.max_norm)
+    model = PlasticTransformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    curve, t0 = [], time.time()
+    for step in range(args.steps):
+        batch = make_batch(task, args.batch_size, seed * 1_000_003 + step, "train")
+        loss = task_loss(task, model(batch.inputs), batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        curve.append(loss.item())
+    return {"task": task, "rule": rule, "seed": seed, "test": evaluate(model, task, test),
+            "curve": curve, "seconds": time.time() - t0}
+
+
+def _mean_std(xs: list[float], n_seeds: int) -> str:
+    """``mean ± std`` (sample std); marks cells with fewer runs than there are seeds."""
+    t = torch.tensor(xs, dtype=torch.float64)
+    std = t.std().item() if len(xs) > 1 else float("nan")
+    cell = f"{t.mean().item():.3f} ± {std:.3f}"
+    return cell if len(xs) == n_seeds else f"{cell} (n={len(xs)})"
+
+
+def _order(means: dict[str, float], higher_better: bool) -> str:
+    """Rules from better to worse, e.g. ``gradient > hebbian = none``."""
+    order = sorted(means, key=means.get, reverse=higher_better)
+    out = order[0]
+    for prev, cur in zip(order, order[1:], strict=False):
+        out += (" = " if means[prev] == means[cur] else " > ") + cur
+    return out
+
+
+def write_report(results: list[dict], args: argparse.Namespace, commands: list[list[str]], out: Path) -> None:
+    """Write the JSON, markdown and PNG; ``commands`` are the argv lists that produced it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plasticity.json").write_text(json.dumps(
+        {"argv": commands[-1], "commands": commands, "args": vars(args), "results": results},
+        indent=1, default=str))
+    tasks = [t for t in TASKS if any(r["task"] == t for r in results)]
+    rules = ["gradient", "hebbian", "none"]
+    seeds = sorted({r["seed"] for r in results})
+    n_seeds = len(seeds)
+
+    def vals(t: str, r: str) -> list[float]:
+        return [x["test"] for x in results if x["task"] == t and x["rule"] == r]
+
+    lines = [
+        "# Hebbian and gradient plasticity in a Transformer (Chaudhary 2025, SPEC §5)", "",
+        "Generated by `fastweights/experiments/plasticity.py`.", "",
+        "## Measured (held-out episodes)", "",
+        f"Mean ± std over seeds {seeds}. A cell marked (n=k) holds only k finished runs (std nan "
+        "when k = 1).", "",
+        "| task (metric) | Gradient | Hebbian | None |", "|---|---|---|---|",
+    ]
+    for t in tasks:
+        lines.append(f"| {t} ({TASKS[t][2]}) | " + " | ".join(
+            _mean_std(vals(t, r), n_seeds) if vals(t, r) else "–" for r in rules) + " |")
+    lines += ["", "## Published (Chaudhary 2025, mean over 3 seeds, as quoted in SPEC §5)", "",
+              "| task | Gradient | Hebbian | None |", "|---|---|---|---|",
+              "| copy recall | 0.745 | 0.727 | 0.721 |", "| regression MSE | 1.589 | 1.546 | 1.997 |",
+              "| CIFAR-FS 5-way 1-shot | 0.274 | 0.319 | 0.289 |",
+              "", "## Ordering check (computed from the measured table)", "",
+              "Means only: a gap smaller than the seed-to-seed std (or with one seed) is not evidence "
+              "of a difference.", ""]
+    for t in tasks:
+        means = {r: sum(vals(t, r)) / len(vals(t, r)) for r in rules if vals(t, r)}
+        if len(means) == 3:
+            lines.append(f"- {t}: measured {_order(means, TASKS[t][3])}; published "
+                         f"{_order(PUBLISHED[t], TASKS[t][3])} (better first).")
+    secs = sum(r["seconds"] for r in results)
+    lines += [
+        "", "## How this was run", "",
+        "```", *("fastweights experiment plasticity " + shlex.join(c) for c in commands), "```", "",
+        f"- Hardware: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s) per run; "
+        f"summed wall-clock training time {secs / 60:.1f} min (on a CPU shared with other jobs).",
+        "- Scale: AdamW steps per run: " + ", ".join(
+            f"{t} {sorted({len(r['curve']) for r in results if r['task'] == t})}" for t in tasks)
+        + f" (lr {args.lr}, grad-norm clip 1), each of {args.batch_size} fresh "
+        f"episodes per run; test on {args.test_size} held-out episodes. Model d {args.d_model}, "
+        f"f {args.d_ff}, {args.n_heads} heads, {args.n_layers} layers; η0 {args.eta0}, max_norm "
+        f"{args.max_norm}, α = β = 0.02 at init.",
+        "", "## Differences from the paper's setup", "",
+        "- Few-shot data: CIFAR-FS and Omniglot cannot be downloaded here, so the 5-way 1-shot task uses "
+        "scikit-learn's 8×8 digits (1797 images, 10 classes): 70% of the images feed training episodes "
+        "and 30% test episodes, with the classes shared (only 10 exist) and labels permuted per "
+        "episode. Its numbers are not comparable with the CIFAR-FS row.",
+        "- Regression: y = wᵀx with w, x ~ N(0, I₃) and no noise, so predicting 0 scores MSE ≈ 3; the "
+        "paper's data distribution may differ, which moves the absolute MSE.",
+        "- Training length: far fewer outer steps than the paper (chosen to fit a shared 2-core CPU), "
+        "so the absolute numbers are those of under-trained models.",
+        "- Plasticity parameters: α, β, the η̃ head and W_int are trained by the outer loop, as the paper "
+        "intends (the official code detaches them).",
+        "- The published numbers are quoted from SPEC §5.",
+        "", "![training loss](plasticity.png)",
+    ]
+    (out / "plasticity.md").write_text("\n".join(lines) + "\n")
+    _plot(results, tasks, rules, out / "plasticity.png")
+
+
+def _plot(results: list[dict], tasks: list[str], rules: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, t in zip(axes[0], tasks, strict=True):
+        for i, rule in enumerate(rules):
+            runs = [r for r in results if r["task"] == t and r["rule"] == rule]
+            for j, r in enumerate(runs):
+                y = torch.tensor(r["curve"])
+                k = max(1, len(y) // 20)  # running mean over ~5% of the run
+                y = torch.nn.functional.avg_pool1d(y.view(1, 1, -1), k, 1).view(-1) if len(y) >= k else y
+                ax.plot(range(k, k + len(y)), y.tolist(), color=f"C{i}", alpha=0.8,
+                        label=rule if j == 0 else None)
+        ax.set_title(t)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("training loss (MSE)" if t == "regression" else "training loss (cross-entropy)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fastweights experiment plasticity", description=__doc__)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--d-ff", type=int, default=256)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--n-layers", type=int, default=2)
+    p.add_argument("--eta0", type=float, default=0.2)
+    p.add_argument("--max-norm", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    p.add_argument("--report-from", nargs="+", type=Path, metavar="JSON",
+                   help="train nothing: merge these plasticity.json files into one report")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny smoke run: one seed, 2 steps of 4 episodes, d 16, 16 test episodes")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps, args.batch_size, args.test_size = [0], 2, 4, 16
+        args.d_model, args.d_ff, args.n_heads = 16, 32, 2
+    for name in ("steps", "batch_size", "test_size", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.report_from:
+        runs = [json.loads(path.read_text()) for path in args.report_from]
+        # A run present in several files (same configuration and seed) is counted once.
+        unique: dict[tuple, dict] = {}
+        for r in (r for run in runs for r in run["results"]):
+            unique.setdefault((r["task"], r["rule"], r["seed"]), r)
+        results = list(unique.values())
+        first = argparse.Namespace(**{**vars(args), **runs[0]["args"]})
+        commands = [c for run in runs for c in run.get("commands", [run["argv"]])]
+        write_report(results, first, [*commands, argv], args.out_dir)
+        return 0
+    tests = {t: make_batch(t, args.test_size, 0, "test") for t in args.tasks}
+    jobs = [(t, r, s) for t in args.tasks for s in args.seeds for r in args.rules]
+    results = []
+    for t, r, s in tqdm(jobs, desc="plasticity", disable=args.quick):
+        results.append(train_one(t, r, s, tests[t], args))
+        write_report(results, args, [argv], args.out_dir)  # partial results survive an interrupt
+        tqdm.write(f"{t} {r} seed={s}: test {results[-1]['test']:.4f} ({results[-1]['seconds']:.0f}s)")
+    return 0
