@@ -31,7 +31,8 @@ $(COMPAT)/.installed: $(VENV)/.installed
 
 test-compat: $(COMPAT)/.installed
 	PYTHONPATH=$(COMPAT) $(BIN)/python -c "import transformers as t; assert t.__version__ == '5.17.0', t.__version__"
-	PYTHONPATH=$(COMPAT) $(BIN)/python -m pytest -q -m "not gpu" tests/test_convert.py tests/test_hybrid_model.py $(wildcard tests/test_generation.py)
+	PYTHONPATH=$(COMPAT) $(BIN)/python -m pytest -q -m "not gpu" tests/test_convert.py tests/test_hybrid_model.py \
+		tests/test_packed_attention.py $(wildcard tests/test_generation.py)
 
 lint: setup
 	$(BIN)/ruff check fastweights tests benchmarks

@@ -12,6 +12,12 @@ from fastweights.errors import FastWeightsError
 
 COMMANDS = {
     "main": "the README's main job on the embedded default corpus",
+    "prepare": "build a corpus and tokenise it into a dataset directory",
+    "train": "train a preset or a local Hugging Face model (optionally with In-Place TTT)",
+    "eval": "perplexity, loss by position and passkey retrieval of a local model",
+    "convert": "convert a local Hugging Face causal LM to In-Place TTT",
+    "generate": "continue a prompt with a local model",
+    "plot": "draw the loss by position of several runs on one PNG",
     "experiment": "run a named experiment (fastweights experiment --help lists them)",
 }
 

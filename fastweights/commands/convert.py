@@ -1,0 +1,44 @@
+"""``fastweights convert``: convert a local Hugging Face causal LM to In-Place TTT and save it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastweights.config import parse
+from fastweights.errors import FastWeightsError
+from fastweights.models.presets import load_model
+
+
+def _opt(help: str, default):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ConvertConfig:
+    model: str = _opt("local Hugging Face model directory (Llama, Qwen2, Qwen3, Mistral, ...)", "")
+    out: str = _opt("output directory", "")
+    layers: list[int] | None = _opt("decoder layers to convert (default: every 6th from 0)", None)
+    chunk_size: int = _opt("tokens per fast-weight update (official 4096; the paper finds 512-1024 best)", 4096)
+    lr: float = _opt("inner learning rate eta", 3.0)
+    target: str = _opt("target source: hidden (continual training) or embed (from scratch)", "hidden")
+    proj: bool = _opt("learn the target projection P", True)
+
+
+def main(argv: list[str]) -> int:
+    from fastweights.models import convert
+
+    cfg = parse(ConvertConfig, argv, "fastweights convert", __doc__)
+    if not cfg.model or not cfg.out:
+        raise FastWeightsError("pass --model DIR and --out DIR")
+    model = load_model(cfg.model)
+    convert(model, layers=cfg.layers, chunk_size=cfg.chunk_size, lr=cfg.lr, target=cfg.target, proj=cfg.proj)
+    model.save_pretrained(cfg.out)
+    src = Path(cfg.model)
+    if (src / "tokenizer.json").exists() or (src / "tokenizer_config.json").exists():
+        from fastweights.data.tokenizer import load_tokenizer
+
+        load_tokenizer(src).save_pretrained(cfg.out)
+    print(f"converted layers {model.config.ttt_layers} (chunk {cfg.chunk_size}, lr {cfg.lr}, "
+          f"target {cfg.target}) -> {cfg.out}")
+    return 0

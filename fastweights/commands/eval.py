@@ -1,0 +1,84 @@
+"""``fastweights eval``: perplexity, loss by position and passkey retrieval for a local model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastweights.config import parse
+from fastweights.data.store import Dataset
+from fastweights.errors import FastWeightsError
+from fastweights.eval.lm import loss_by_position, perplexity
+from fastweights.eval.passkey import passkey_eval
+from fastweights.eval.plot import plot_passkey
+from fastweights.models.presets import load_model
+from fastweights.train.trainer import pick_device, set_threads
+
+
+def _opt(help: str, default=None, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class EvalConfig:
+    model: str = _opt("local Hugging Face model directory (converted or not)", "")
+    data: str = _opt("prepared dataset directory; its validation split is evaluated", "")
+    out: str = _opt("result JSON (default: <model>/eval.json)", "")
+    seq_len: int = _opt("row length for perplexity", 512)
+    ppl_rows: int = _opt("rows for perplexity (0: the whole split)", 64)
+    batch_size: int = _opt("rows per batch for perplexity", 8)
+    length: int = _opt("document length for loss by position", 4096)
+    first_bucket: int = _opt("end of the first position bucket; buckets double after it", 1024)
+    max_docs: int = _opt("documents for loss by position (0: all long enough)", 16)
+    passkey_lengths: list[int] = _opt("context lengths for passkey retrieval (none: skip it)", factory=list)
+    passkey_depths: list[float] = _opt("needle depths in [0, 1]", factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = _opt("trials per (length, depth)", 4)
+    png: str = _opt("passkey heatmap PNG (default: next to --out)", "")
+    device: str = _opt("auto, cpu or cuda[:i]", "auto")
+    seed: int = _opt("seed for passkey sampling", 0)
+    threads: int = _opt("torch CPU threads (0: auto, see `fastweights train --help`)", 0)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run the evaluations of ``cfg`` and write the JSON (and heatmap); return the results."""
+    if not cfg.model or not cfg.data:
+        raise FastWeightsError("pass --model DIR and --data DIR")
+    ds = Dataset(cfg.data)
+    device = pick_device(cfg.device)
+    set_threads(cfg.threads, device)
+    model = load_model(cfg.model).to(device)
+    val = ds.split("val")
+    res: dict = {"model": str(cfg.model), "data": str(cfg.data)}
+    res["perplexity"] = perplexity(model, val, cfg.seq_len, cfg.batch_size, cfg.ppl_rows or None)
+    res["loss_by_position"] = loss_by_position(model, val, cfg.length, cfg.first_bucket, cfg.max_docs or None)
+    out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
+    if cfg.passkey_lengths:
+        tok = ds.tokenizer()
+        res["passkey"] = passkey_eval(model, tok, val, cfg.passkey_lengths, cfg.passkey_depths,
+                                      cfg.passkey_trials, cfg.seed)
+        png = Path(cfg.png) if cfg.png else out.with_name(out.stem + "-passkey.png")
+        res["passkey"]["png"] = str(plot_passkey(res["passkey"], png))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    res["out"] = str(out)
+    return res
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse(EvalConfig, argv, "fastweights eval", __doc__)
+    with torch.inference_mode():
+        res = evaluate(cfg)
+    p = res["perplexity"]
+    print(f"perplexity {p['perplexity']:.3f} (loss {p['loss']:.4f}, {p['tokens']} tokens)")
+    for b in res["loss_by_position"]["buckets"]:
+        loss = "-" if b["loss"] is None else f"{b['loss']:.4f}"
+        print(f"  positions {b['start']:>6}-{b['end']:<6} loss {loss}")
+    if "passkey" in res:
+        print(f"passkey accuracy {res['passkey']['accuracy']} -> {res['passkey']['png']}")
+    print(f"wrote {res['out']}")
+    return 0

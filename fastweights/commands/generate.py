@@ -1,0 +1,57 @@
+"""``fastweights generate``: continue a prompt with a local model (converted or not)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fastweights.config import parse
+from fastweights.data.tokenizer import load_tokenizer
+from fastweights.errors import FastWeightsError
+from fastweights.models.presets import load_model
+from fastweights.train.trainer import pick_device
+
+
+def _opt(help: str, default):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class GenerateConfig:
+    model: str = _opt("local model directory holding a tokenizer too", "")
+    prompt: str = _opt("text to continue", "def ")
+    max_new_tokens: int = _opt("tokens to generate", 64)
+    temperature: float = _opt("sampling temperature (0: greedy)", 0.0)
+    top_k: int = _opt("sample from the k most likely tokens (0: all)", 0)
+    seed: int = _opt("sampling seed", 0)
+    device: str = _opt("auto, cpu or cuda[:i]", "auto")
+
+
+def generate(cfg: GenerateConfig) -> str:
+    """The generated continuation (prompt excluded)."""
+    from fastweights.models import is_converted
+
+    if not cfg.model:
+        raise FastWeightsError("pass --model DIR")
+    model = load_model(cfg.model).to(pick_device(cfg.device)).eval()
+    tok = load_tokenizer(cfg.model)
+    ids = tok(cfg.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+    if ids.shape[1] == 0:
+        raise FastWeightsError("the prompt is empty")
+    torch.manual_seed(cfg.seed)
+    kwargs = {"do_sample": cfg.temperature > 0, "max_new_tokens": cfg.max_new_tokens, "pad_token_id": tok.eos_token_id}
+    if cfg.temperature > 0:
+        kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None)
+    # A converted model decodes with full forward passes (use_cache=False) so that the fast
+    # weights are always rebuilt from the whole context.
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), use_cache=not is_converted(model), **kwargs)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse(GenerateConfig, argv, "fastweights generate", __doc__)
+    with torch.inference_mode():
+        text = generate(cfg)
+    print(cfg.prompt + text)
+    return 0

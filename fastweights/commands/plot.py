@@ -1,0 +1,47 @@
+"""``fastweights plot``: draw the loss by position of several runs on one PNG."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastweights.config import parse
+from fastweights.errors import FastWeightsError
+from fastweights.eval.plot import plot_position_losses
+
+
+@dataclass
+class PlotConfig:
+    inputs: list[str] = field(default_factory=list, metadata={"help": "eval JSON files (from `fastweights eval`)"})
+    labels: list[str] = field(default_factory=list, metadata={"help": "one label per input (default: file names)"})
+    out: str = field(default="loss_by_position.png", metadata={"help": "PNG to write"})
+    title: str = field(default="", metadata={"help": "chart title"})
+
+
+def load_result(path: str) -> dict:
+    """The loss-by-position result in an eval JSON (or a bare loss-by-position JSON)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FastWeightsError(f"file not found: {path}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise FastWeightsError(f"{path}: not JSON ({err.msg})") from None
+    data = data.get("loss_by_position", data)
+    if "buckets" not in data:
+        raise FastWeightsError(f"{path}: no loss-by-position result (expected a 'buckets' list)")
+    return data
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse(PlotConfig, argv, "fastweights plot", __doc__)
+    if not cfg.inputs:
+        raise FastWeightsError("pass --inputs FILE [FILE ...]")
+    if cfg.labels and len(cfg.labels) != len(cfg.inputs):
+        raise FastWeightsError(f"got {len(cfg.labels)} labels for {len(cfg.inputs)} inputs")
+    labels = cfg.labels or [Path(p).parent.name + "/" + Path(p).stem for p in cfg.inputs]
+    curves = [(lab, load_result(p)) for lab, p in zip(labels, cfg.inputs, strict=True)]
+    out = plot_position_losses(curves, cfg.out, cfg.title)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,53 @@
+"""``fastweights prepare``: build a corpus, get a tokenizer, tokenise once into a dataset dir."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastweights.config import parse
+from fastweights.data.corpus import build_corpus
+from fastweights.data.store import Dataset, dataset_key, tokenize_corpus
+from fastweights.data.tokenizer import cache_dir, load_tokenizer, train_bpe
+
+
+def _opt(help: str, default):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PrepareConfig:
+    corpus: str = _opt("'python' (the interpreter's stdlib + site-packages) or a directory of "
+                       ".txt/.jsonl/.parquet files", "python")
+    out: str = _opt("dataset directory (default: <cache>/datasets/<corpus>-<tokenizer> key)", "")
+    tokenizer: str = _opt("'bpe' (train a byte-level BPE) or a local Hugging Face model/tokenizer directory", "bpe")
+    vocab_size: int = _opt("BPE vocabulary size", 4096)
+    tokenizer_sample_mb: int = _opt("MB of training text the BPE learns from", 8)
+    val_fraction: float = _opt("fraction of documents (by name hash) in the validation split", 0.05)
+    max_doc_kb: int = _opt("cap each default-corpus document at this many KB (0: no cap)", 0)
+    max_mb: int = _opt("keep a deterministic sample of documents up to this many MB (0: all)", 0)
+    text_field: str = _opt("JSONL field / parquet column holding the text", "text")
+    shard_tokens: int = _opt("tokens per shard file", 1 << 28)
+
+
+def prepare(cfg: PrepareConfig) -> Dataset:
+    """Build, tokenise (unless already done) and return the dataset."""
+    corpus = build_corpus(cfg.corpus, cfg.val_fraction, max_doc_bytes=cfg.max_doc_kb << 10,
+                          max_bytes=cfg.max_mb << 20, text_field=cfg.text_field)
+    if cfg.tokenizer == "bpe":
+        tok = train_bpe(corpus, cfg.vocab_size, sample_bytes=cfg.tokenizer_sample_mb << 20)
+    else:
+        tok = load_tokenizer(cfg.tokenizer)
+    out = Path(cfg.out) if cfg.out else cache_dir() / "datasets" / dataset_key(corpus, tok)
+    return tokenize_corpus(corpus, tok, out, shard_tokens=cfg.shard_tokens)
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse(PrepareConfig, argv, "fastweights prepare", __doc__)
+    ds = prepare(cfg)
+    m = ds.meta
+    print(f"dataset: {ds.path}")
+    info = {"manifest": m["manifest"], "vocab_size": m["tokenizer"]["vocab_size"], "splits": m["splits"]}
+    print(json.dumps(info, indent=2))
+    return 0

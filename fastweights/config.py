@@ -1,0 +1,110 @@
+"""Command-line options and config files from one dataclass per command.
+
+Each command declares its options once, as a dataclass whose fields carry defaults and a
+``help`` metadata string. :func:`parse` builds an ``argparse`` parser from it (``--field-name``
+per field, booleans as ``--flag/--no-flag``), reads ``--config FILE`` (YAML or JSON, through
+PyYAML) and applies, lowest to highest precedence: field defaults, the config file, the
+command line. A config key that is not a field is a one-line error naming the key and its
+close matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+
+from fastweights.errors import FastWeightsError
+
+__all__ = ["load_config_file", "parse"]
+
+
+def _base_type(tp):
+    """(element type, is_list, optional) of a field annotation like ``int | None`` or ``list[int]``."""
+    optional = False
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+    if typing.get_origin(tp) in (list, tuple):
+        return typing.get_args(tp)[0], True, optional
+    return tp, False, optional
+
+
+def load_config_file(path: str) -> dict:
+    """A YAML or JSON mapping from ``path``."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FastWeightsError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise FastWeightsError(f"{path}: not valid YAML/JSON ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FastWeightsError(f"{path}: a config must be a mapping of option names to values")
+    return data
+
+
+def _coerce(name: str, value, field_type, source: str):
+    elem, is_list, optional = _base_type(field_type)
+    if value is None and optional:
+        return None
+    try:
+        if is_list:
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            return [elem(v) for v in value]
+        if elem is bool and not isinstance(value, bool):
+            raise TypeError
+        return elem(value)
+    except (TypeError, ValueError):
+        kind = getattr(elem, "__name__", elem)
+        raise FastWeightsError(f"{source}: option {name!r} must be {kind}, got {value!r}") from None
+
+
+def parse(cls, argv: list[str], prog: str, description: str):
+    """Parse ``argv`` into an instance of dataclass ``cls`` (see the module docstring)."""
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; the command line overrides it")
+    for f in fields:
+        elem, is_list, _ = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = {"dest": f.name, "help": f.metadata.get("help", ""), "default": default}
+        if elem is bool and not is_list:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif is_list:
+            parser.add_argument(flag, type=elem, nargs="+", metavar=elem.__name__.upper(), **kwargs)
+        else:
+            parser.add_argument(flag, type=elem, metavar=elem.__name__.upper(), **kwargs)
+    config_path = None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            config_path = argv[i + 1]
+        elif a.startswith("--config="):
+            config_path = a.split("=", 1)[1]
+    if config_path is not None and not any(a in ("-h", "--help") for a in argv):
+        names = {f.name for f in fields}
+        overrides = {}
+        for key, value in load_config_file(config_path).items():
+            norm = str(key).replace("-", "_")
+            if norm not in names:
+                close = difflib.get_close_matches(norm, sorted(names), n=3)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise FastWeightsError(f"{config_path}: unknown config key {key!r}{hint}")
+            overrides[norm] = _coerce(norm, value, hints[norm], config_path)
+        parser.set_defaults(**overrides)
+    ns = parser.parse_args(argv)
+    values = {f.name: getattr(ns, f.name) for f in fields}
+    return cls(**values)

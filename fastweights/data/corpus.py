@@ -1,0 +1,233 @@
+"""Corpora: the built-in Python-source corpus and user directories of text.
+
+A corpus is a list of :class:`Document` (name, text) in a fixed order, a deterministic
+train/validation split by a hash of each name, and a manifest (file, byte and document
+counts plus a SHA-256 checksum) that makes a run reproducible.
+
+The default corpus (``source="python"``) is the Python source of the running interpreter:
+the standard library plus site-packages. Each top-level package or stdlib module is one
+document, its ``.py`` files concatenated in sorted path order, each preceded by a line
+``# file: <relative path>``. This gives long, repository-level documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from fastweights.errors import FastWeightsError
+
+__all__ = ["Corpus", "Document", "build_corpus", "python_sources", "split_of"]
+
+_SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages"}
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: a unique ``name``, its ``text`` and the number of source files in it."""
+
+    name: str
+    text: str
+    files: int = 1
+
+
+@dataclass
+class Corpus:
+    """Documents in a fixed order, split into train and validation by a hash of the name."""
+
+    documents: list[Document]
+    source: str
+    val_fraction: float
+    manifest: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> list[Document]:
+        """The documents of split ``name`` ("train" or "val"), in corpus order."""
+        if name not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {name!r}")
+        return [d for d in self.documents if split_of(d.name, self.val_fraction) == name]
+
+
+def split_of(name: str, val_fraction: float) -> str:
+    """Deterministic split of a document: "val" if the SHA-256 of its name, read as a
+    fraction in [0, 1), is below ``val_fraction``, else "train"."""
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+    return "val" if h < val_fraction else "train"
+
+
+def _py_files(path: Path) -> list[Path]:
+    """Sorted ``.py`` files under ``path`` (or ``[path]`` for a module file)."""
+    if path.is_file():
+        return [path]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.endswith((".dist-info", ".egg-info")))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
+    return sorted(out)
+
+
+def python_sources() -> list[tuple[str, Path]]:
+    """The roots of the default corpus: ``[("stdlib", dir), ("site-packages", dir), ...]``."""
+    paths = sysconfig.get_paths()
+    roots = [("stdlib", Path(paths["stdlib"]))]
+    seen = {roots[0][1].resolve()}
+    for key in ("purelib", "platlib"):
+        p = Path(paths[key])
+        if p.is_dir() and p.resolve() not in seen:
+            seen.add(p.resolve())
+            roots.append(("site-packages" if len(roots) == 1 else f"site-packages-{len(roots) - 1}", p))
+    return roots
+
+
+def _python_documents() -> list[tuple[str, Path, list[Path]]]:
+    units = []
+    for label, root in python_sources():
+        for entry in sorted(root.iterdir()):
+            skip = entry.name.startswith(".") or entry.name.endswith((".dist-info", ".egg-info"))
+            if skip or entry.name in _SKIP_DIRS:
+                continue
+            if entry.is_file() and entry.suffix != ".py":
+                continue
+            files = _py_files(entry)
+            if files:
+                units.append((f"{label}/{entry.stem if entry.is_file() else entry.name}", root, files))
+    return units
+
+
+def _read_python_doc(root: Path, files: list[Path], max_doc_bytes: int) -> tuple[str, int]:
+    """The document text and the number of files in it."""
+    parts, size = [], 0
+    for f in files:
+        text = f.read_bytes().decode("utf-8", errors="replace")
+        part = f"# file: {f.relative_to(root).as_posix()}\n{text}"
+        if not part.endswith("\n"):
+            part += "\n"
+        if max_doc_bytes and parts and size + len(part.encode()) > max_doc_bytes:
+            break
+        parts.append(part)
+        size += len(part.encode())
+    return "".join(parts), len(parts)
+
+
+def _sample_key(name: str) -> bytes:
+    return hashlib.sha256(b"sample:" + name.encode()).digest()
+
+
+def _user_documents(root: Path, text_field: str) -> list[Document]:
+    """Documents from a directory of ``.txt``, ``.jsonl`` (one document per line, field
+    ``text_field``) and, with pyarrow installed, ``.parquet`` files."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".parquet"))
+    if not files:
+        raise FastWeightsError(f"no .txt, .jsonl or .parquet files under {root}")
+    docs = []
+    for f in tqdm(files, desc="reading corpus", unit="file", disable=len(files) < 20):
+        rel = f.relative_to(root).as_posix()
+        if f.suffix == ".txt":
+            docs.append(Document(rel, f.read_text(encoding="utf-8", errors="replace")))
+        elif f.suffix == ".jsonl":
+            with f.open(encoding="utf-8") as fh:
+                for i, line in enumerate(fh):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise FastWeightsError(f"{f}:{i + 1}: invalid JSON ({err.msg})") from None
+                    if text_field not in row:
+                        raise FastWeightsError(f"{f}:{i + 1}: no field {text_field!r} (fields: {sorted(row)})")
+                    docs.append(Document(f"{rel}:{i}", str(row[text_field])))
+        else:
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise FastWeightsError(f"{f}: reading parquet needs pyarrow (pip install pyarrow)") from None
+            table = pq.read_table(f)
+            if text_field not in table.column_names:
+                raise FastWeightsError(f"{f}: no column {text_field!r} (columns: {table.column_names})")
+            docs.extend(Document(f"{rel}:{i}", str(t)) for i, t in enumerate(table.column(text_field).to_pylist()))
+    return docs
+
+
+def build_corpus(
+    source: str = "python",
+    val_fraction: float = 0.05,
+    max_doc_bytes: int = 0,
+    max_bytes: int = 0,
+    text_field: str = "text",
+) -> Corpus:
+    """Build a corpus.
+
+    Args:
+        source: ``"python"`` for the default corpus, or a directory of ``.txt``/``.jsonl``/
+            ``.parquet`` files.
+        val_fraction: fraction of documents (by name hash) in the validation split.
+        max_doc_bytes: if > 0, a default-corpus document stops before the file that would
+            take it past this many bytes (it keeps at least one file).
+        max_bytes: if > 0, keep documents in order of a hash of their name (independent of
+            the split hash) until this many bytes (for the default corpus, counted from file
+            sizes before reading):
+            a deterministic sample of the corpus.
+        text_field: the JSONL field / parquet column holding the text.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise FastWeightsError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if source == "python":
+        units = _python_documents()
+        if max_bytes:  # choose the sample from file sizes, then read only what it keeps
+            keep, total = set(), 0
+            for name, _, files in sorted(units, key=lambda u: _sample_key(u[0])):
+                if total >= max_bytes:
+                    break
+                keep.add(name)
+                size = sum(f.stat().st_size for f in files)
+                total += min(size, max_doc_bytes) if max_doc_bytes else size
+            units = [u for u in units if u[0] in keep]
+        docs = []
+        for name, root, files in tqdm(units, desc="reading Python sources", unit="doc"):
+            text, nfiles = _read_python_doc(root, files, max_doc_bytes)
+            docs.append(Document(name, text, nfiles))
+    else:
+        root = Path(source)
+        if not root.exists():
+            raise FastWeightsError(f"corpus directory not found: {source}")
+        if not root.is_dir():
+            raise FastWeightsError(f"corpus source must be 'python' or a directory, got the file {source}")
+        docs = _user_documents(root, text_field)
+    docs = [d for d in docs if d.text]
+    if max_bytes and source != "python":
+        by_hash = sorted(docs, key=lambda d: _sample_key(d.name))
+        keep, total = set(), 0
+        for d in by_hash:
+            if total >= max_bytes:
+                break
+            keep.add(d.name)
+            total += len(d.text.encode())
+        docs = [d for d in docs if d.name in keep]
+    names = [d.name for d in docs]
+    if len(set(names)) != len(names):
+        raise FastWeightsError("corpus has duplicate document names")
+    digest = hashlib.sha256()
+    for d in docs:
+        digest.update(d.name.encode() + b"\0" + d.text.encode() + b"\0")
+    corpus = Corpus(docs, source, val_fraction)
+    n_val = sum(split_of(d.name, val_fraction) == "val" for d in docs)
+    corpus.manifest = {
+        "source": source if source == "python" else str(Path(source).resolve()),
+        "python": sys.version.split()[0] if source == "python" else None,
+        "documents": len(docs),
+        "train_documents": len(docs) - n_val,
+        "val_documents": n_val,
+        "files": sum(d.files for d in docs),
+        "bytes": sum(len(d.text.encode()) for d in docs),
+        "val_fraction": val_fraction,
+        "max_doc_bytes": max_doc_bytes,
+        "max_bytes": max_bytes,
+        "sha256": digest.hexdigest(),
+    }
+    return corpus

@@ -1,0 +1,183 @@
+"""Tokenised datasets on disk: per split, memory-mapped token shards plus document offsets.
+
+Layout of a prepared dataset directory::
+
+    meta.json            key, corpus manifest, tokenizer, dtype, per-split counts
+    tokenizer/           the tokenizer (``AutoTokenizer.from_pretrained`` loads it)
+    train/shard-00000.bin  raw token ids (uint16 if the vocabulary fits, else uint32)
+    train/docs.npy       (K, 3) int64: shard, start, length of each document
+    train/names.json     document names
+    val/...
+
+Each document's tokens end with the EOS id. The key is a hash of the corpus checksum and
+the tokenizer, so the same corpus and tokenizer are never tokenised twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fastweights.data.corpus import Corpus
+from fastweights.data.tokenizer import load_tokenizer
+from fastweights.errors import FastWeightsError
+
+__all__ = ["Dataset", "TokenStore", "dataset_key", "tokenize_corpus"]
+
+_PIECE = 1 << 16  # characters per tokenised piece (pieces are cut after a newline)
+
+
+class TokenStore:
+    """The tokens of one split: ``doc(i)`` is a read-only (L_i,) array of document i."""
+
+    def __init__(self, path: str | os.PathLike, dtype: str):
+        self.path = Path(path)
+        self.index = np.load(self.path / "docs.npy", allow_pickle=False)
+        self.names = json.loads((self.path / "names.json").read_text())
+        self.dtype = np.dtype(dtype)
+        self._shards: dict[int, np.memmap] = {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.index[:, 2]
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def doc(self, i: int) -> np.ndarray:
+        shard, start, length = (int(v) for v in self.index[i])
+        if shard not in self._shards:
+            self._shards[shard] = np.memmap(self.path / f"shard-{shard:05d}.bin", dtype=self.dtype, mode="r")
+        return self._shards[shard][start : start + length]
+
+
+class Dataset:
+    """A prepared dataset directory (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FastWeightsError(f"dataset directory not found: {self.path}")
+        if not (self.path / "meta.json").exists():
+            raise FastWeightsError(f"not a prepared dataset (no meta.json): {self.path}; run `fastweights prepare`")
+        self.meta = json.loads((self.path / "meta.json").read_text())
+
+    def split(self, name: str) -> TokenStore:
+        if name not in self.meta["splits"]:
+            raise FastWeightsError(f"dataset {self.path} has no split {name!r} (has {sorted(self.meta['splits'])})")
+        return TokenStore(self.path / name, self.meta["dtype"])
+
+    def tokenizer(self):
+        return load_tokenizer(self.path / "tokenizer")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["tokenizer"]["vocab_size"])
+
+
+def _tokenizer_hash(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def dataset_key(corpus: Corpus, tokenizer) -> str:
+    """``<corpus sha256[:16]>-<tokenizer sha256[:16]>``."""
+    return f"{corpus.manifest['sha256'][:16]}-{_tokenizer_hash(tokenizer)[:16]}"
+
+
+def _pieces(text: str) -> list[str]:
+    out, i = [], 0
+    while i < len(text):
+        j = text.find("\n", i + _PIECE)
+        j = len(text) if j < 0 else j + 1
+        out.append(text[i:j])
+        i = j
+    return out
+
+
+def _groups(docs, group_bytes: int = 4 << 20):
+    """Consecutive documents in groups of about ``group_bytes``, tokenised in one batch."""
+    group, size = [], 0
+    for doc in docs:
+        group.append(doc)
+        size += len(doc.text)
+        if size >= group_bytes:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def _write_split(docs, tokenizer, dtype, out: Path, shard_tokens: int, bar) -> dict:
+    out.mkdir(parents=True)
+    eos = np.asarray([tokenizer.eos_token_id])
+    index, names, shard, pos, total = [], [], 0, 0, 0
+    fh = open(out / f"shard-{shard:05d}.bin", "wb")
+    try:
+        for group in _groups(docs):
+            pieces = [_pieces(doc.text) for doc in group]
+            flat = [p for ps in pieces for p in ps]
+            ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+            for doc, ps in zip(group, pieces, strict=True):
+                arr = np.concatenate([np.asarray(next(ids), dtype=np.int64) for _ in ps] + [eos]).astype(dtype)
+                if pos and pos + len(arr) > shard_tokens:
+                    fh.close()
+                    shard, pos = shard + 1, 0
+                    fh = open(out / f"shard-{shard:05d}.bin", "wb")
+                fh.write(arr.tobytes())
+                index.append((shard, pos, len(arr)))
+                names.append(doc.name)
+                pos += len(arr)
+                total += len(arr)
+                bar.update(len(doc.text.encode()))
+    finally:
+        fh.close()
+    np.save(out / "docs.npy", np.asarray(index, dtype=np.int64).reshape(-1, 3), allow_pickle=False)
+    (out / "names.json").write_text(json.dumps(names))
+    return {"documents": len(index), "tokens": total, "shards": shard + 1}
+
+
+def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tokens: int = 1 << 28) -> Dataset:
+    """Tokenise ``corpus`` into the dataset directory ``out`` and return it. If ``out``
+    already holds this corpus tokenised with this tokenizer, nothing is redone. The
+    directory is built under a temporary name and renamed into place when complete."""
+    out = Path(out)
+    key = dataset_key(corpus, tokenizer)
+    if (out / "meta.json").exists():
+        ds = Dataset(out)
+        if ds.meta.get("key") == key:
+            return ds
+        raise FastWeightsError(
+            f"{out} holds another dataset (key {ds.meta.get('key')}, want {key}); pick another --out"
+        )
+    vocab = len(tokenizer)
+    dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    splits = {}
+    with tqdm(total=corpus.manifest["bytes"], desc="tokenising", unit="B", unit_scale=True) as bar:
+        for name in ("train", "val"):
+            splits[name] = _write_split(corpus.split(name), tokenizer, dtype, tmp / name, shard_tokens, bar)
+    meta = {
+        "key": key,
+        "manifest": corpus.manifest,
+        "tokenizer": {"name": tokenizer.name_or_path, "vocab_size": vocab, "eos_token_id": tokenizer.eos_token_id},
+        "dtype": dtype,
+        "splits": splits,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return Dataset(out)

@@ -1,0 +1,83 @@
+"""Tokenizers: a byte-level BPE trained with the ``tokenizers`` library (cached by corpus
+checksum and vocabulary size), or the tokenizer of a local Hugging Face model directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from fastweights.data.corpus import Corpus
+from fastweights.errors import FastWeightsError
+
+__all__ = ["EOS", "cache_dir", "load_tokenizer", "train_bpe"]
+
+EOS = "<|endoftext|>"
+
+
+def cache_dir() -> Path:
+    """The fastweights cache: ``$FASTWEIGHTS_CACHE``, else ``~/.cache/fastweights``."""
+    return Path(os.environ.get("FASTWEIGHTS_CACHE", Path.home() / ".cache" / "fastweights"))
+
+
+def _sample(corpus: Corpus, sample_bytes: int):
+    """Training text for the BPE: train documents in corpus order, cut into ~1 MB pieces,
+    up to ``sample_bytes`` in all."""
+    total = 0
+    for doc in corpus.split("train"):
+        for i in range(0, len(doc.text), 1 << 20):
+            piece = doc.text[i : i + (1 << 20)]
+            yield piece
+            total += len(piece)
+            if total >= sample_bytes:
+                return
+
+
+def train_bpe(corpus: Corpus, vocab_size: int, sample_bytes: int = 8 << 20):
+    """A byte-level BPE tokenizer for ``corpus`` with ``vocab_size`` entries (``EOS``
+    included), trained on up to ``sample_bytes`` of its train split. Cached under
+    ``cache_dir()/tokenizers/<corpus sha256[:16]>-v<vocab>-s<sample>``: the same corpus and
+    size load the cached one. Returns a ``transformers.PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 257 + 1:
+        raise FastWeightsError(f"vocab_size must be >= 258 (256 bytes + EOS + 1 merge), got {vocab_size}")
+    key = f"{corpus.manifest['sha256'][:16]}-v{vocab_size}-s{sample_bytes}"
+    path = cache_dir() / "tokenizers" / key
+    if not (path / "tokenizer.json").exists():
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=True,
+        )
+        tok.train_from_iterator(_sample(corpus, sample_bytes), trainer=trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=key + ".tmp"))
+        fast.save_pretrained(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_tokenizer(path)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in a local directory (a model or a prepared dataset)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise FastWeightsError(f"tokenizer directory not found: {path}")
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise FastWeightsError(f"no tokenizer files (tokenizer.json, tokenizer_config.json) in {path}")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if tok.eos_token_id is None:
+        raise FastWeightsError(f"the tokenizer in {path} has no EOS token")
+    return tok

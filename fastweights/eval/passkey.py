@@ -1,0 +1,94 @@
+"""Passkey (needle) retrieval: a random number hidden at a chosen depth in haystack text
+from the corpus, followed by a question. A trial is correct when greedy decoding would
+produce the whole number (every answer token is the argmax under teacher forcing)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fastweights.data.store import TokenStore
+
+__all__ = ["haystack", "passkey_eval", "passkey_sample"]
+
+NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\nWhat is the pass key? The pass key is"
+ANSWER = " {key}"
+
+
+def haystack(store: TokenStore, tokens: int) -> np.ndarray:
+    """At least ``tokens`` haystack token ids: the split's documents concatenated in order
+    (repeated if the split is shorter)."""
+    parts, n = [], 0
+    while n < tokens:
+        for i in range(len(store)):
+            parts.append(np.asarray(store.doc(i)))
+            n += len(parts[-1])
+            if n >= tokens:
+                break
+    return np.concatenate(parts)[:tokens]
+
+
+def passkey_sample(tokenizer, hay: np.ndarray, length: int, depth: float, rng: np.random.Generator) -> dict:
+    """One retrieval prompt of exactly ``length`` tokens, answer included.
+
+    The needle starts at token ``needle_start = round(depth · H)`` of the ``H`` haystack
+    tokens (depth 0 = start, 1 = just before the question). Returns ``input_ids`` (length,)
+    int64, ``needle_start``, ``needle_len``, ``answer_start``, ``answer_ids``, ``key``."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    key = int(rng.integers(10000, 100000))
+
+    def enc(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    needle, question, answer = enc(NEEDLE.format(key=key)), enc(QUESTION), enc(ANSWER.format(key=key))
+    h = length - len(needle) - len(question) - len(answer)
+    if h < 1:
+        raise ValueError(f"length {length} is too short for a passkey prompt (needs > {length - h})")
+    if len(hay) < h:
+        raise ValueError(f"haystack has {len(hay)} tokens, fewer than the {h} needed")
+    start = int(rng.integers(0, len(hay) - h + 1))
+    filler = [int(t) for t in hay[start : start + h]]
+    pos = round(depth * h)
+    ids = filler[:pos] + needle + filler[pos:] + question + answer
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "needle_start": pos,
+        "needle_len": len(needle),
+        "answer_start": len(ids) - len(answer),
+        "answer_ids": torch.tensor(answer, dtype=torch.long),
+        "key": key,
+    }
+
+
+@torch.no_grad()
+def passkey_eval(model, tokenizer, store: TokenStore, lengths: list[int], depths: list[float],
+                 trials: int = 5, seed: int = 0, progress: bool = True) -> dict:
+    """Retrieval accuracy for each (length, depth). Returns ``{"lengths", "depths",
+    "trials", "accuracy"}`` with ``accuracy[i][j]`` for ``lengths[i]``, ``depths[j]``."""
+    rng = np.random.default_rng(seed)
+    hay = haystack(store, max(lengths))
+    device = next(model.parameters()).device
+    model.eval()
+    acc = []
+    with tqdm(total=len(lengths) * len(depths) * trials, desc="passkey", unit="trial", disable=not progress) as bar:
+        for length in lengths:
+            row = []
+            for depth in depths:
+                hits = 0
+                for _ in range(trials):
+                    s = passkey_sample(tokenizer, hay, length, depth, rng)
+                    # the whole prompt, answer included: a causal model's logits before the
+                    # last token do not see it, and one forward scores every answer token
+                    ids = s["input_ids"][None].to(device)
+                    pos = torch.arange(ids.shape[1], device=device)[None]
+                    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+                    a = s["answer_start"]
+                    pred = logits[a - 1 : a - 1 + len(s["answer_ids"])].argmax(-1).cpu()
+                    hits += bool((pred == s["answer_ids"]).all())
+                    bar.update(1)
+                row.append(hits / trials)
+            acc.append(row)
+    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "accuracy": acc}

@@ -1,0 +1,75 @@
+"""PNG charts (matplotlib, Agg backend): loss by position for several runs, and the
+passkey accuracy heatmap."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["plot_passkey", "plot_position_losses"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bucket_label(start: int, end: int) -> str:
+    def k(n):
+        return f"{n // 1024}k" if n and n % 1024 == 0 else str(n)
+
+    return f"{k(start)}–{k(end)}"
+
+
+def plot_position_losses(runs: list[tuple[str, dict]], out: str | os.PathLike, title: str = "") -> Path:
+    """One line per run: mean next-token loss in each position bucket.
+
+    ``runs``: (label, result of :func:`fastweights.eval.lm.loss_by_position`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for label, res in runs:
+        b = [x for x in res["buckets"] if x["loss"] is not None]
+        ax.plot(range(len(b)), [x["loss"] for x in b], marker="o", label=label)
+    longest = max((r for _, r in runs), key=lambda r: len(r["buckets"]))
+    ax.set_xticks(range(len(longest["buckets"])))
+    ax.set_xticklabels([_bucket_label(x["start"], x["end"]) for x in longest["buckets"]])
+    ax.set_xlabel("token position")
+    ax.set_ylabel("mean next-token loss (nats)")
+    ax.set_title(title or "Loss by position")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_passkey(result: dict, out: str | os.PathLike, title: str = "") -> Path:
+    """Heatmap of passkey accuracy: context length (rows) by needle depth (columns)."""
+    plt = _pyplot()
+    acc = result["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(result["depths"]), 1.2 + 0.6 * len(result["lengths"])), dpi=120)
+    im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(result["depths"])))
+    ax.set_xticklabels([f"{d:.0%}" for d in result["depths"]])
+    ax.set_yticks(range(len(result["lengths"])))
+    ax.set_yticklabels([str(n) for n in result["lengths"]])
+    ax.set_xlabel("needle depth")
+    ax.set_ylabel("context length (tokens)")
+    for i, row in enumerate(acc):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.0%}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    ax.set_title(title or "Passkey retrieval")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,105 @@
+"""Model presets for pretraining from scratch (Qwen3 architecture) and loading local models.
+
+Sizes (parameters with tied embeddings; ``tiny`` counted with a 2k vocabulary, the others
+with 32k): ``tiny`` ≈ 1M (the CPU demo), ``20m``, ``60m``, ``150m``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from difflib import get_close_matches
+from pathlib import Path
+
+import torch
+
+from fastweights.errors import FastWeightsError
+
+__all__ = ["SIZES", "ModelSize", "build_model", "load_model", "resolve_model"]
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A Qwen3 shape plus the In-Place TTT settings used when converting at init."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    head_dim: int
+    ttt_layers: tuple[int, ...]
+    ttt_chunk: int
+
+
+SIZES = {
+    "tiny": ModelSize(128, 4, 4, 2, 384, 32, ttt_layers=(0, 2), ttt_chunk=128),
+    "20m": ModelSize(384, 8, 6, 2, 1024, 64, ttt_layers=(0, 3, 6), ttt_chunk=256),
+    "60m": ModelSize(512, 12, 8, 4, 1536, 64, ttt_layers=(0, 6), ttt_chunk=512),
+    "150m": ModelSize(768, 18, 12, 4, 2304, 64, ttt_layers=(0, 6, 12), ttt_chunk=1024),
+}
+
+
+def resolve_model(name: str) -> str:
+    """``"preset"`` if ``name`` is a size in :data:`SIZES`, ``"local"`` if it is a local model
+    directory; otherwise a :class:`FastWeightsError` naming the sizes and close matches."""
+    if name in SIZES:
+        return "preset"
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").exists():
+            raise FastWeightsError(f"no config.json in model directory {name}")
+        return "local"
+    close = get_close_matches(name, list(SIZES), n=2)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise FastWeightsError(
+        f"unknown model {name!r}{hint}: expected a size ({', '.join(SIZES)}) or a local Hugging Face model directory"
+    )
+
+
+def build_model(size: str, vocab_size: int, max_position_embeddings: int = 32768, seed: int = 0):
+    """A freshly initialised ``Qwen3ForCausalLM`` of preset ``size`` (tied embeddings),
+    initialised under ``torch.manual_seed(seed)``."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    s = SIZES[size]
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_hidden_layers,
+        num_attention_heads=s.num_attention_heads,
+        num_key_value_heads=s.num_key_value_heads,
+        head_dim=s.head_dim,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    )
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config)
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """A causal LM from a local Hugging Face directory, converted or not. Never runs remote
+    code. An unknown ``model_type`` raises a one-line :class:`FastWeightsError`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FastWeightsError(f"model directory not found: {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FastWeightsError(f"no config.json in model directory {path}")
+    import fastweights.models  # noqa: F401  (registers the inplace_ttt_* model types)
+
+    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        close = get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise FastWeightsError(f"unknown model family {model_type!r} in {cfg_file}{hint}")
+    if json.loads(cfg_file.read_text()).get("ttt_layers") is not None:
+        from fastweights.models import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, local_files_only=True)

@@ -1,0 +1,298 @@
+"""The training loop: AdamW with warmup + cosine decay, clipping, accumulation, exact resume.
+
+One plain loop (nanoGPT-style). Rows come from :class:`~fastweights.data.packing.PackedRows`,
+so the data position is a row count and resuming needs no data-loader state. Metrics go to
+``<out>/metrics.jsonl`` (one line per optimiser step) and to TensorBoard if installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fastweights.data.packing import IGNORE, PackedRows
+from fastweights.data.store import Dataset
+from fastweights.errors import FastWeightsError
+from fastweights.models.presets import SIZES, build_model, load_model, resolve_model
+from fastweights.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = ["TrainConfig", "causal_lm_loss", "peak_flops", "train", "warmup_cosine"]
+
+
+def _opt(help: str, default=None, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``fastweights train`` (each is also a ``--flag`` and a config-file key)."""
+
+    data: str = _opt("prepared dataset directory (from `fastweights prepare`)", "")
+    out: str = _opt("run directory: checkpoints, metrics.jsonl, model/", "runs/run")
+    model: str = _opt("a size (tiny, 20m, 60m, 150m) or a local Hugging Face model directory", "tiny")
+    ttt: bool = _opt("convert to In-Place TTT before training", True)
+    ttt_target: str = _opt("TTT target: embed, hidden, or auto (embed for a size, hidden for a local model)", "auto")
+    ttt_layers: list[int] | None = _opt("TTT layer indices (default: the size's, or every 6th from 0)", None)
+    ttt_chunk: int = _opt("TTT chunk length (0: the size's default, or 1024 for a local model)", 0)
+    ttt_lr: float = _opt("TTT inner learning rate eta", 3.0)
+    trainable: str = _opt("parameters to train: all, or fast (only the fast-weight parameters)", "all")
+    steps: int = _opt("optimiser steps", 200)
+    batch_size: int = _opt("rows per micro-batch", 8)
+    seq_len: int = _opt("tokens per row", 512)
+    accum: int = _opt("gradient accumulation micro-batches per step", 1)
+    lr: float = _opt("peak learning rate", 3e-3)
+    min_lr_ratio: float = _opt("final learning rate as a fraction of the peak", 0.1)
+    warmup: int = _opt("linear warmup steps", 20)
+    weight_decay: float = _opt("AdamW weight decay (matrices only)", 0.1)
+    clip: float = _opt("gradient-norm clipping threshold (0: off)", 1.0)
+    seed: int = _opt("seed for the model init and the data order", 0)
+    device: str = _opt("auto, cpu or cuda[:i]", "auto")
+    compile: bool = _opt("torch.compile the model", False)
+    save_every: int = _opt("checkpoint every K steps (and at the end)", 100)
+    keep: int = _opt("checkpoints to keep", 3)
+    resume: bool = _opt("resume from the latest checkpoint in --out", False)
+    progress: bool = _opt("show a progress bar", True)
+    threads: int = _opt("torch CPU threads (0: auto, 1 when the load average exceeds the core count, "
+                        "else torch's default)", 0)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier after ``step`` scheduler steps: linear warmup to 1, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy. ``logits`` (B, L, V); ``targets`` (B, L), already shifted,
+    -100 where ignored. ``reduction="none"`` gives (B, L) with 0 at ignored positions."""
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "L4": 121e12, "A10": 125e12,
+              "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of a known GPU, else None (MFU is then not reported)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_BF16.items() if k in name), None)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise FastWeightsError(f"unknown device {name!r}: use auto, cpu or cuda[:i]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FastWeightsError("device cuda requested but CUDA is not available")
+    return dev
+
+
+def set_threads(threads: int, device: torch.device) -> None:
+    """Set torch's CPU threads: ``threads`` if > 0; else, on a CPU whose load average exceeds
+    its core count (a shared machine), 1, since oversubscribed threads slow every step."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    elif device.type == "cpu" and os.getloadavg()[0] >= (os.cpu_count() or 1):
+        torch.set_num_threads(1)
+
+
+def make_model(cfg: TrainConfig, vocab_size: int):
+    """The model to train: a preset (optionally converted, target embed) or a local model
+    (optionally converted, target hidden)."""
+    kind = resolve_model(cfg.model)
+    if cfg.ttt_target not in ("auto", "embed", "hidden"):
+        raise FastWeightsError(f"ttt_target must be auto, embed or hidden, got {cfg.ttt_target!r}")
+    if kind == "preset":
+        model = build_model(cfg.model, vocab_size, max_position_embeddings=max(4096, cfg.seq_len), seed=cfg.seed)
+        size = SIZES[cfg.model]
+        layers, chunk, target = list(size.ttt_layers), size.ttt_chunk, "embed"
+    else:
+        torch.manual_seed(cfg.seed)
+        model = load_model(cfg.model)
+        if model.config.vocab_size < vocab_size:
+            raise FastWeightsError(
+                f"the dataset's tokenizer has {vocab_size} tokens but {cfg.model} has vocab_size "
+                f"{model.config.vocab_size}: prepare the data with --tokenizer {cfg.model}"
+            )
+        layers, chunk, target = None, 1024, "hidden"
+    if cfg.ttt:
+        from fastweights.models import convert, is_converted
+
+        if not is_converted(model):
+            convert(
+                model,
+                layers=cfg.ttt_layers if cfg.ttt_layers is not None else layers,
+                chunk_size=cfg.ttt_chunk or chunk,
+                lr=cfg.ttt_lr,
+                target=target if cfg.ttt_target == "auto" else cfg.ttt_target,
+            )
+    return model
+
+
+def _trainable(model, mode: str) -> list[torch.nn.Parameter]:
+    if mode == "all":
+        return [p for p in model.parameters() if p.requires_grad]
+    if mode != "fast":
+        raise FastWeightsError(f"trainable must be 'all' or 'fast', got {mode!r}")
+    from fastweights.models import ttt_parameters
+
+    fast = [p for _, p in ttt_parameters(model)]
+    if not fast:
+        raise FastWeightsError("trainable=fast needs a converted model (--ttt), but it has no fast-weight parameters")
+    ids = {id(p) for p in fast}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    return fast
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training as configured; return a summary (final loss, steps, tokens, paths)."""
+    if not cfg.data:
+        raise FastWeightsError("no dataset given: pass --data DIR (from `fastweights prepare`)")
+    for name in ("steps", "batch_size", "seq_len", "accum", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise FastWeightsError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    device = pick_device(cfg.device)
+    set_threads(cfg.threads, device)
+    resolve_model(cfg.model)  # a bad model name fails before any work
+    ds = Dataset(cfg.data)
+    rows = PackedRows(ds.split("train"), cfg.seq_len, seed=cfg.seed)
+    out = Path(cfg.out)
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not cfg.resume:
+        raise FastWeightsError(f"{out} already has checkpoints ({ckpt.name}): pass --resume or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    model = make_model(cfg, ds.vocab_size).to(device)
+    params = _trainable(model, cfg.trainable)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+    )
+    step, rows_done = 0, 0
+    metrics_path = out / "metrics.jsonl"
+    if cfg.resume and ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        step, rows_done = state["step"], state["rows"]
+        _truncate_metrics(metrics_path, step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    fwd = torch.compile(model) if cfg.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    n_params = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight.numel()
+    c = model.config
+    flops_per_token = 6 * (n_params - emb + c.vocab_size * c.hidden_size)  # matmuls, lm_head included
+    flops_per_token += 12 * c.num_hidden_layers * c.hidden_size * cfg.seq_len  # attention scores
+    peak = peak_flops(device)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.accum
+    tb = None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tensorboard"))
+    except ImportError:
+        pass
+
+    model.train()
+    last_good = ckpt if cfg.resume else None
+    loss_value = float("nan")
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {out.name}", unit="step", disable=not cfg.progress)
+    with metrics_path.open("a") as log:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            step += 1
+            total = 0.0
+            for _ in range(cfg.accum):
+                batch = {k: v.to(device) for k, v in rows.batch(rows_done, cfg.batch_size).items()}
+                rows_done += cfg.batch_size
+                with autocast:
+                    ids, pos = batch["input_ids"], batch["position_ids"]
+                    logits = fwd(input_ids=ids, position_ids=pos, use_cache=False).logits
+                loss = causal_lm_loss(logits, batch["targets"])
+                if not torch.isfinite(loss):
+                    bar.close()
+                    raise FastWeightsError(
+                        f"non-finite loss ({loss.item()}) at step {step}; training stopped, "
+                        f"last good checkpoint: {last_good if last_good else 'none'}"
+                    )
+                (loss / cfg.accum).backward()
+                total += loss.item() / cfg.accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+            if not torch.isfinite(grad_norm):
+                bar.close()
+                raise FastWeightsError(
+                    f"non-finite gradient norm at step {step}; training stopped, "
+                    f"last good checkpoint: {last_good if last_good else 'none'}"
+                )
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            loss_value = total
+            rec = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "tokens": step * tokens_per_step,
+                "tokens_per_s": tokens_per_step / dt,
+            }
+            if peak:
+                rec["mfu"] = flops_per_token * tokens_per_step / dt / peak
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if tb is not None:
+                for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+                    if k in rec:
+                        tb.add_scalar(f"train/{k}", rec[k], step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                last_good = save_checkpoint(out, step, model, optimizer, scheduler, {"rows": rows_done}, keep=cfg.keep)
+    bar.close()
+    if tb is not None:
+        tb.close()
+    if math.isnan(loss_value) and metrics_path.exists():  # resumed a finished run
+        lines = metrics_path.read_text().splitlines()
+        loss_value = json.loads(lines[-1])["loss"] if lines else loss_value
+    model.save_pretrained(out / "model")
+    ds.tokenizer().save_pretrained(out / "model")
+    return {"out": str(out), "model": str(out / "model"), "steps": step, "loss": loss_value,
+            "tokens": step * tokens_per_step, "parameters": n_params}

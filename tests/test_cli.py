@@ -1,0 +1,148 @@
+"""The CLI: every subcommand end to end on tiny settings, --help, one-line errors."""
+
+import json
+
+import pytest
+import torch
+from pipeline_helpers import prepare_args, train_args, write_corpus
+
+from fastweights import cli
+
+SUBCOMMANDS = ["prepare", "train", "eval", "convert", "generate", "plot", "main"]
+
+
+def run(argv, capsys):
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FASTWEIGHTS_CACHE", str(root / "cache"))
+    yield root
+    mp.undo()
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([name, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: fastweights {name}") and "--config" in out
+
+
+def test_pipeline_end_to_end(workdir, capsys):
+    corpus, data = write_corpus(workdir / "corpus"), workdir / "data"
+    code, out, err = run(["prepare", *prepare_args(corpus, data)], capsys)
+    assert code == 0, err
+    assert json.loads((data / "manifest.json").read_text())["documents"] == 24
+    evals = []
+    for name, ttt in (("base", "--no-ttt"), ("ttt", "--ttt")):
+        code, out, err = run(["train", *train_args(data, workdir / name, steps=2), ttt, "--ttt-chunk", "16"], capsys)
+        assert code == 0, err
+        assert json.loads(out)["steps"] == 2
+        ev = workdir / name / "eval.json"
+        code, out, err = run(["eval", "--model", str(workdir / name / "model"), "--data", str(data), "--out", str(ev),
+                              "--seq-len", "32", "--ppl-rows", "2", "--length", "64", "--first-bucket", "16",
+                              "--max-docs", "2", "--passkey-lengths", "128", "160", "--passkey-depths", "0", "1",
+                              "--passkey-trials", "1"], capsys)
+        assert code == 0, err
+        res = json.loads(ev.read_text())
+        assert [(b["start"], b["end"]) for b in res["loss_by_position"]["buckets"]] == [(0, 16), (16, 32), (32, 64)]
+        assert len(res["passkey"]["accuracy"]) == 2 and (workdir / name / "eval-passkey.png").stat().st_size > 1000
+        evals.append(str(ev))
+    # continual training from a local Hugging Face directory: converted with target "hidden"
+    cont = workdir / "continued"
+    code, out, err = run(["train", *train_args(data, cont, steps=1, model=workdir / "base" / "model"),
+                          "--ttt-chunk", "16"], capsys)
+    assert code == 0, err
+    cfg = json.loads((cont / "model" / "config.json").read_text())
+    assert cfg["ttt_layers"] == [0] and cfg["ttt_target"] in ("hidden", "hidden_states")
+    png = workdir / "both.png"
+    code, out, err = run(["plot", "--inputs", *evals, "--labels", "base", "ttt", "--out", str(png)], capsys)
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    conv = workdir / "converted"
+    code, out, err = run(["convert", "--model", str(workdir / "base" / "model"), "--out", str(conv),
+                          "--layers", "1", "3", "--chunk-size", "8"], capsys)
+    assert code == 0, err
+    cfg = json.loads((conv / "config.json").read_text())
+    assert cfg["ttt_layers"] == [1, 3] and cfg["ttt_chunk"] == 8 and (conv / "tokenizer.json").exists()
+    for model in (workdir / "base" / "model", conv):
+        code, out, err = run(["generate", "--model", str(model), "--prompt", "def train", "--max-new-tokens", "5"],
+                             capsys)
+        assert code == 0, err
+        assert out.startswith("def train") and len(out.strip()) > len("def train")
+
+
+def test_main_job_tiny(workdir, capsys):
+    out_dir = workdir / "main"
+    code, out, err = run(["main", "--out", str(out_dir), "--steps", "2", "--max-mb", "1", "--max-doc-kb", "24",
+                          "--vocab-size", "300", "--seq-len", "64", "--batch-size", "2", "--eval-length", "128",
+                          "--first-bucket", "32", "--max-docs", "2", "--ppl-rows", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert set(summary["runs"]) == {"baseline", "inplace-ttt"}
+    assert summary["runs"]["inplace-ttt"]["train"]["parameters"] > summary["runs"]["baseline"]["train"]["parameters"]
+    assert (out_dir / "loss_by_position.png").stat().st_size > 1000
+    assert "baseline" in out and "inplace-ttt" in out and "32-64" in out
+
+
+def _one_line_error(code, err):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    return lines[0]
+
+
+def test_missing_paths(workdir, capsys):
+    line = _one_line_error(*run(["train", "--data", str(workdir / "nope")], capsys)[::2])
+    assert "dataset directory not found" in line and "nope" in line
+    line = _one_line_error(*run(["prepare", "--corpus", str(workdir / "nodir")], capsys)[::2])
+    assert "not found" in line and "nodir" in line
+    line = _one_line_error(*run(["eval", "--model", str(workdir / "nomodel"), "--data", str(workdir / "data")],
+                                capsys)[::2])
+    assert "not found" in line
+    line = _one_line_error(*run(["train", "--config", str(workdir / "none.yaml")], capsys)[::2])
+    assert "config file not found" in line
+
+
+def test_bad_config_key_names_close_matches(workdir, capsys):
+    cfg = workdir / "bad.yaml"
+    cfg.write_text("stpes: 3\nseq_len: 64\n")
+    line = _one_line_error(*run(["train", "--config", str(cfg)], capsys)[::2])
+    assert "unknown config key 'stpes'" in line and "'steps'" in line
+    cfg = workdir / "bad.json"
+    cfg.write_text(json.dumps({"batch_size": "many"}))
+    line = _one_line_error(*run(["train", "--config", str(cfg)], capsys)[::2])
+    assert "'batch_size' must be int" in line
+
+
+def test_config_file_with_command_line_override(workdir, capsys):
+    data = workdir / "data"
+    if not (data / "meta.json").exists():
+        run(["prepare", *prepare_args(write_corpus(workdir / "corpus"), data)], capsys)
+    cfg = workdir / "train.yaml"
+    cfg.write_text(f"data: {data}\nsteps: 5\nseq-len: 32\nbatch_size: 2\nttt: false\nprogress: false\nthreads: 1\n")
+    code, out, err = run(["train", "--config", str(cfg), "--out", str(workdir / "cfgrun"), "--steps", "1"], capsys)
+    assert code == 0, err
+    saved = json.loads((workdir / "cfgrun" / "train_config.json").read_text())
+    assert saved["steps"] == 1 and saved["seq_len"] == 32 and saved["ttt"] is False
+
+
+def test_unknown_model_family(workdir, capsys):
+    line = _one_line_error(*run(["train", "--data", str(workdir), "--model", "tinny"], capsys)[::2])
+    assert "unknown model 'tinny'" in line and "tiny" in line
+    bad = workdir / "weird"
+    bad.mkdir(exist_ok=True)
+    (bad / "config.json").write_text(json.dumps({"model_type": "qwen33"}))
+    line = _one_line_error(*run(["generate", "--model", str(bad)], capsys)[::2])
+    assert "unknown model family 'qwen33'" in line and "qwen3" in line

@@ -1,0 +1,190 @@
+"""fastweights.data: corpus determinism, tokenisation cache, packing boundaries."""
+
+import numpy as np
+import pytest
+from pipeline_helpers import write_corpus
+
+from fastweights.data import (
+    IGNORE,
+    Dataset,
+    PackedRows,
+    build_corpus,
+    load_tokenizer,
+    long_rows,
+    row_fields,
+    tokenize_corpus,
+    train_bpe,
+)
+from fastweights.data.corpus import python_sources, split_of
+from fastweights.data.store import dataset_key
+from fastweights.errors import FastWeightsError
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def dataset(corpus_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FASTWEIGHTS_CACHE", str(root / "cache"))
+    corpus = build_corpus(str(corpus_dir), val_fraction=0.25)
+    ds = tokenize_corpus(corpus, train_bpe(corpus, 300), root / "data")
+    yield corpus, ds
+    mp.undo()
+
+
+def test_user_corpus_is_deterministic(corpus_dir):
+    a = build_corpus(str(corpus_dir), val_fraction=0.25)
+    b = build_corpus(str(corpus_dir), val_fraction=0.25)
+    assert a.manifest == b.manifest
+    assert [d.name for d in a.documents] == [d.name for d in b.documents]
+    assert a.manifest["documents"] == 24 and a.manifest["bytes"] == sum(len(d.text.encode()) for d in a.documents)
+    val = {d.name for d in a.split("val")}
+    assert val and len(val) < 24
+    assert val == {d.name for d in a.documents if split_of(d.name, 0.25) == "val"}
+    (corpus_dir / "extra.txt").write_text("one more document")
+    try:
+        c = build_corpus(str(corpus_dir), val_fraction=0.25)
+    finally:
+        (corpus_dir / "extra.txt").unlink()
+    assert c.manifest["sha256"] != a.manifest["sha256"]
+    # adding a document does not move the others between splits
+    assert {d.name for d in c.split("val")} - {"extra.txt"} == val
+
+
+def test_python_corpus_is_deterministic_and_structured():
+    a = build_corpus("python", max_bytes=300_000, max_doc_bytes=60_000)
+    b = build_corpus("python", max_bytes=300_000, max_doc_bytes=60_000)
+    assert a.manifest == b.manifest and a.manifest["documents"] >= 2
+    roots = dict(python_sources())
+    for doc in a.documents:
+        label, top = doc.name.split("/", 1)
+        assert label in roots
+        headers = [ln[len("# file: "):] for ln in doc.text.splitlines() if ln.startswith("# file: ")]
+        assert doc.text.startswith("# file: ")
+        assert headers == sorted(headers) and len(headers) >= doc.files >= 1
+        assert all(h.split("/")[0] in (top, top + ".py") for h in headers)
+        first = (roots[label] / headers[0]).read_text(encoding="utf-8", errors="replace")
+        assert first[:200] in doc.text
+
+
+def test_bad_corpus_inputs(tmp_path):
+    with pytest.raises(FastWeightsError, match="not found"):
+        build_corpus(str(tmp_path / "nope"))
+    (tmp_path / "a.jsonl").write_text('{"content": "x"}\n')
+    with pytest.raises(FastWeightsError, match="no field 'text'"):
+        build_corpus(str(tmp_path))
+
+
+def test_tokenised_once_and_cached(dataset, corpus_dir):
+    corpus, ds = dataset
+    shard = ds.path / "train" / "shard-00000.bin"
+    mtime = shard.stat().st_mtime_ns
+    tok = train_bpe(corpus, 300)  # from the cache
+    again = tokenize_corpus(corpus, tok, ds.path)
+    assert shard.stat().st_mtime_ns == mtime and again.meta["key"] == ds.meta["key"]
+    # the saved tokenizer directory (the "local Hugging Face tokenizer" path) is the same tokenizer
+    assert dataset_key(corpus, load_tokenizer(ds.path / "tokenizer")) == ds.meta["key"]
+    train = ds.split("train")
+    assert len(train) == ds.meta["splits"]["train"]["documents"]
+    docs = {d.name: d for d in corpus.split("train")}
+    for i in range(3):
+        ids = np.asarray(train.doc(i))
+        assert ids[-1] == tok.eos_token_id
+        assert tok.decode(ids[:-1].tolist()) == docs[train.names[i]].text
+
+
+def _stream_doc_ids(rows: PackedRows, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth: the stream tokens and their document index, built directly."""
+    order = np.random.default_rng([rows.seed, 0]).permutation(len(rows.store))
+    toks = np.concatenate([np.asarray(rows.store.doc(i)) for i in order])
+    ids = np.concatenate([np.full(rows.store.lengths[i], k) for k, i in enumerate(order)])
+    need = n_rows * rows.seq_len + 1
+    assert len(toks) >= need
+    return toks[:need], ids[:need]
+
+
+def test_packing_never_crosses_documents(dataset):
+    _, ds = dataset
+    rows = PackedRows(ds.split("train"), seq_len=37, seed=3)
+    n = len(rows)
+    toks, docs = _stream_doc_ids(rows, n)
+    L = rows.seq_len
+    for r in range(n):
+        f = rows.row(r)
+        seg_toks, seg_docs = toks[r * L : r * L + L + 1], docs[r * L : r * L + L + 1]
+        assert np.array_equal(f["input_ids"], seg_toks[:L])
+        for t in range(L):
+            same = seg_docs[t + 1] == seg_docs[t]
+            assert f["targets"][t] == (seg_toks[t + 1] if same else IGNORE)
+            starts = t == 0 or seg_docs[t] != seg_docs[t - 1]
+            assert (f["position_ids"][t] == 0) == starts
+            if not starts:
+                assert f["position_ids"][t] == f["position_ids"][t - 1] + 1
+    assert sum((rows.row(r)["targets"] == IGNORE).sum() for r in range(n)) >= 1
+
+
+def test_packing_epochs_and_batches(dataset):
+    _, ds = dataset
+    rows = PackedRows(ds.split("train"), seq_len=64, seed=0)
+    b = rows.batch(5, 3)
+    assert b["input_ids"].shape == (3, 64)
+    assert np.array_equal(b["input_ids"][1].numpy(), rows.row(6)["input_ids"])
+    late = rows.row(len(rows) * 2 + 1)  # wraps into a later epoch with another order
+    assert late["input_ids"].shape == (64,)
+    assert PackedRows(ds.split("train"), 64, seed=0).row(7)["input_ids"].tolist() == rows.row(7)["input_ids"].tolist()
+
+
+def test_row_fields_small_case():
+    f = row_fields(np.array([5, 6, 7, 8, 9, 10]), np.array([0, 0, 1, 1, 1, 2]))
+    assert f["position_ids"].tolist() == [0, 1, 0, 1, 2]
+    assert f["targets"].tolist() == [6, IGNORE, 8, 9, IGNORE]
+
+
+def test_long_rows(dataset):
+    _, ds = dataset
+    store = ds.split("train")
+    got = list(long_rows(store, 200))
+    assert len(got) == int((store.lengths >= 200).sum()) and got
+    for name, f in got:
+        i = store.names.index(name)
+        assert f["input_ids"].shape == (1, 200)
+        assert f["input_ids"][0].tolist() == np.asarray(store.doc(i)[:200]).tolist()
+        assert f["targets"][0].tolist() == np.asarray(store.doc(i)[1:201]).tolist()
+        assert f["position_ids"][0].tolist() == list(range(200))
+    short = next(long_rows(store, 10**6, min_length=2))
+    assert (short[1]["targets"][0, -1] == IGNORE).item()
+
+
+def test_dataset_errors(tmp_path):
+    with pytest.raises(FastWeightsError, match="not a prepared dataset"):
+        Dataset(tmp_path)
+
+
+def test_sharded_store_reads_back_the_same_documents(dataset, tmp_path):
+    corpus, ds = dataset
+    tok = ds.tokenizer()
+    sharded = tokenize_corpus(corpus, tok, tmp_path / "sharded", shard_tokens=1500)
+    assert sharded.meta["splits"]["train"]["shards"] > 1
+    a, b = ds.split("train"), sharded.split("train")
+    assert len({int(s) for s in b.index[:, 0]}) == sharded.meta["splits"]["train"]["shards"]
+    assert b.names == a.names
+    for i in range(len(a)):
+        assert np.array_equal(np.asarray(a.doc(i)), np.asarray(b.doc(i)))
+
+
+def test_parquet_reads_with_pyarrow_or_names_it(tmp_path):
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        (tmp_path / "t.parquet").write_bytes(b"PAR1")
+        with pytest.raises(FastWeightsError, match="pip install pyarrow"):
+            build_corpus(str(tmp_path))
+        return
+    pq.write_table(pa.table({"text": ["first doc", "second doc"]}), tmp_path / "t.parquet")
+    corpus = build_corpus(str(tmp_path), val_fraction=0.5)
+    assert [(d.name, d.text) for d in corpus.documents] == [("t.parquet:0", "first doc"), ("t.parquet:1", "second doc")]

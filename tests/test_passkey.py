@@ -1,0 +1,82 @@
+"""The passkey generator: the answer is present at the stated depth; the scorer counts hits."""
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from fastweights.eval.passkey import passkey_eval, passkey_sample
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["def pass key value return the is what remember it 0123456789\n" * 50], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.37, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("length", [200, 333])
+def test_needle_at_stated_depth(tokenizer, depth, length):
+    rng = np.random.default_rng(7)
+    hay = np.asarray(tokenizer("x = value + 1\n" * 300, add_special_tokens=False)["input_ids"])
+    s = passkey_sample(tokenizer, hay, length, depth, rng)
+    ids = s["input_ids"].tolist()
+    assert len(ids) == length
+    needle = tokenizer.decode(ids[s["needle_start"] : s["needle_start"] + s["needle_len"]])
+    assert needle == f"\nThe pass key is {s['key']}. Remember it. {s['key']} is the pass key.\n"
+    haystack_len = length - s["needle_len"] - (length - s["answer_start"]) - len(
+        tokenizer("\nWhat is the pass key? The pass key is", add_special_tokens=False)["input_ids"])
+    assert s["needle_start"] == round(depth * haystack_len)
+    assert tokenizer.decode(ids[s["answer_start"]:]) == f" {s['key']}"
+    assert tokenizer.decode(ids[: s["answer_start"]]).endswith("What is the pass key? The pass key is")
+    assert 10000 <= s["key"] < 100000
+
+
+def test_bad_depth_and_length(tokenizer):
+    hay = np.zeros(1000, dtype=np.int64)
+    with pytest.raises(ValueError, match="depth"):
+        passkey_sample(tokenizer, hay, 200, 1.5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="too short"):
+        passkey_sample(tokenizer, hay, 10, 0.5, np.random.default_rng(0))
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the next token of a fixed sequence perfectly (or never, if wrong=True)."""
+
+    def __init__(self, vocab, wrong=False):
+        super().__init__()
+        self.vocab, self.wrong, self.w = vocab, wrong, torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def forward(self, input_ids, position_ids=None, use_cache=False):
+        self.seen.append(input_ids)
+        nxt = torch.roll(input_ids, -1, dims=1)
+        if self.wrong:
+            nxt = (nxt + 1) % self.vocab
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, self.vocab).float()})()
+
+
+class _Store:
+    def __init__(self, docs):
+        self.docs, self.lengths = docs, np.array([len(d) for d in docs])
+
+    def __len__(self):
+        return len(self.docs)
+
+    def doc(self, i):
+        return self.docs[i]
+
+
+def test_passkey_eval_scores_hits(tokenizer):
+    store = _Store([np.asarray(tokenizer("a = 1\n" * 100, add_special_tokens=False)["input_ids"])])
+    V = len(tokenizer)
+    good = passkey_eval(_Oracle(V), tokenizer, store, [150, 200], [0.0, 1.0], trials=2, progress=False)
+    bad = passkey_eval(_Oracle(V, wrong=True), tokenizer, store, [150, 200], [0.0, 1.0], trials=2, progress=False)
+    assert good["accuracy"] == [[1.0, 1.0], [1.0, 1.0]]
+    assert bad["accuracy"] == [[0.0, 0.0], [0.0, 0.0]]

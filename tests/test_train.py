@@ -1,0 +1,135 @@
+"""fastweights.train: exact resume after a killed subprocess, non-finite loss, checkpoints,
+fast-weight-only training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pipeline_helpers import prepare_args, train_args, write_corpus
+
+from fastweights.commands.prepare import PrepareConfig, prepare
+from fastweights.config import parse
+from fastweights.errors import FastWeightsError
+from fastweights.models import convert, ttt_parameters
+from fastweights.models.presets import build_model
+from fastweights.train.trainer import TrainConfig, train, warmup_cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FASTWEIGHTS_CACHE", str(root / "cache"))
+    ds = prepare(parse(PrepareConfig, prepare_args(write_corpus(root / "corpus"), root / "data"), "t", ""))
+    yield ds.path
+    mp.undo()
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def _train(argv):
+    threads = torch.get_num_threads()
+    try:
+        return train(parse(TrainConfig, argv, "t", ""))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_resume_after_kill_is_bitwise_exact(data, tmp_path):
+    steps = 16
+    args = train_args(data, tmp_path / "killed", steps=steps, save_every=3)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FASTWEIGHTS_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-m", "fastweights", "train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "killed" / "checkpoints" / "step-00000006"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    done = max(_losses(tmp_path / "killed"))
+    assert 6 <= done < steps
+    _train([*args, "--resume"])  # in this process: the killed one was a separate interpreter
+    ref = _train(train_args(data, tmp_path / "ref", steps=steps, save_every=3))
+    a, b = _losses(tmp_path / "killed"), _losses(tmp_path / "ref")
+    assert sorted(a) == list(range(1, steps + 1)) == sorted(b)
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]][:3]
+    assert ref["loss"] == a[steps]
+
+
+def test_checkpoints_are_safetensors_and_json_and_pruned(data, tmp_path):
+    run = tmp_path / "run"
+    _train(train_args(data, run, steps=6, save_every=2, keep=2))
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step-00000004", "step-00000006"]
+    files = sorted(p.name for p in (run / "checkpoints" / ckpts[-1]).iterdir())
+    assert files == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    state = json.loads((run / "checkpoints" / ckpts[-1] / "state.json").read_text())
+    assert state["step"] == 6 and state["rows"] == 6 * 2
+    assert (run / "model" / "config.json").exists() and (run / "model" / "tokenizer.json").exists()
+    with pytest.raises(FastWeightsError, match="already has checkpoints"):
+        _train(train_args(data, run, steps=8))
+
+
+def test_non_finite_loss_stops_naming_the_step(data, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "nan"
+    _train(train_args(data, run, steps=2, save_every=1))
+    ckpt = run / "checkpoints" / "step-00000002" / "model.safetensors"
+    weights = load_file(ckpt)
+    name = next(n for n in weights if "layers.1.mlp.up_proj" in n)
+    weights[name][0, 0] = float("nan")  # the weights after step 2 now make the loss NaN
+    save_file(weights, ckpt)
+    with pytest.raises(FastWeightsError) as err:
+        _train([*train_args(data, run, steps=6, save_every=1), "--resume"])
+    assert err.value.args[0] == (f"non-finite loss (nan) at step 3; training stopped, last good checkpoint: "
+                                 f"{run / 'checkpoints' / 'step-00000002'}")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+
+def test_non_finite_gradient_stops_naming_the_step(data, tmp_path):
+    run = tmp_path / "inf"
+    with pytest.raises(FastWeightsError, match=r"non-finite .* at step (\d+)") as err:
+        _train(train_args(data, run, steps=20, save_every=1, lr=1e30, warmup=1, clip=0))
+    step = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    assert step >= 2
+    assert err.value.args[0].endswith(str(run / "checkpoints" / f"step-{step - 1:08d}"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == f"step-{step - 1:08d}"
+    assert not (run / "model").exists()
+
+
+def test_train_only_fast_weights(data, tmp_path):
+    run = tmp_path / "fast"
+    _train(train_args(data, run, steps=3, trainable="fast", lr=1e-2, ttt_chunk=16))
+    from fastweights.models.presets import load_model
+
+    trained = load_model(run / "model")
+    init = build_model("tiny", trained.config.vocab_size, max_position_embeddings=4096, seed=0)
+    convert(init, layers=[0, 2], chunk_size=16, lr=3.0, target="embed")
+    a, b = dict(trained.named_parameters()), dict(init.named_parameters())
+    fast = {n for n, _ in ttt_parameters(trained)}
+    assert fast
+    for n, p in a.items():
+        if n in fast and "ttt_conv" in n:
+            assert not torch.equal(p, b[n]), n
+        elif n not in fast:
+            assert torch.equal(p, b[n]), n
+
+
+def test_warmup_cosine():
+    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
