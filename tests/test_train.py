@@ -3,6 +3,7 @@ fast-weight-only training."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,3 +134,28 @@ def test_warmup_cosine():
     assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("optimizer,forgetting", [("lookahead_adamw", "active"), ("slrla_adamw", "temporary")])
+def test_lookahead_and_forgetting_from_the_config_resume_exactly(data, tmp_path, optimizer, forgetting):
+    """Optimisers and forgetting chosen by config; a resumed run equals an uninterrupted one."""
+    extra = dict(optimizer=optimizer, lookahead_k=3, forgetting=forgetting, forgetting_every=2)
+    if forgetting == "temporary":
+        extra["forgetting_until"] = 4
+    args = train_args(data, tmp_path / "run", steps=7, save_every=5, **extra)
+    _train(args)
+    full = _losses(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000007")  # as if killed after step 5's checkpoint
+    _train([*args, "--resume"])
+    resumed = _losses(tmp_path / "run")
+    assert sorted(full) == sorted(resumed) == list(range(1, 8))
+    assert full == resumed
+    plain = _train(train_args(data, tmp_path / "plain", steps=7, save_every=7))
+    assert plain["loss"] != full[7]  # the choices change the run
+
+
+def test_bad_optimizer_and_forgetting_are_rejected(data, tmp_path):
+    with pytest.raises(FastWeightsError, match="optimizer must be one of adamw, sgd"):
+        _train(train_args(data, tmp_path / "a", optimizer="adam"))
+    with pytest.raises(FastWeightsError, match="temporary forgetting needs --forgetting-until"):
+        _train(train_args(data, tmp_path / "b", forgetting="temporary"))

@@ -29,9 +29,8 @@ class GenerateConfig:
 
 
 def generate(cfg: GenerateConfig) -> str:
-    """The generated continuation (prompt excluded)."""
-    from fastweights.models import is_converted
-
+    """The generated continuation (prompt excluded). A converted model carries its fast weights
+    in its cache (``InPlaceTTTCache``), so decoding is cached for every model."""
     if not cfg.model:
         raise FastWeightsError("pass --model DIR")
     model = load_model(cfg.model).to(pick_device(cfg.device)).eval()
@@ -43,9 +42,7 @@ def generate(cfg: GenerateConfig) -> str:
     kwargs = {"do_sample": cfg.temperature > 0, "max_new_tokens": cfg.max_new_tokens, "pad_token_id": tok.eos_token_id}
     if cfg.temperature > 0:
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None)
-    # A converted model decodes with full forward passes (use_cache=False) so that the fast
-    # weights are always rebuilt from the whole context.
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), use_cache=not is_converted(model), **kwargs)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

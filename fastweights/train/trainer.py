@@ -1,4 +1,5 @@
-"""The training loop: AdamW with warmup + cosine decay, clipping, accumulation, exact resume.
+"""The training loop: AdamW (or Lookahead/SLRLA from fastweights.optim) with warmup + cosine decay,
+clipping, accumulation, optional embedding forgetting, exact resume.
 
 One plain loop (nanoGPT-style). Rows come from :class:`~fastweights.data.packing.PackedRows`,
 so the data position is a row count and resuming needs no data-loader state. Metrics go to
@@ -23,7 +24,9 @@ from fastweights.data.packing import IGNORE, PackedRows
 from fastweights.data.store import Dataset
 from fastweights.errors import FastWeightsError
 from fastweights.models.presets import SIZES, build_model, load_model, resolve_model
+from fastweights.optim import OPTIMIZERS, Lookahead, build_optimizer
 from fastweights.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastweights.train.forgetting import FORGETTING, build_forgetting
 
 __all__ = ["TrainConfig", "causal_lm_loss", "peak_flops", "train", "warmup_cosine"]
 
@@ -51,6 +54,15 @@ class TrainConfig:
     batch_size: int = _opt("rows per micro-batch", 8)
     seq_len: int = _opt("tokens per row", 512)
     accum: int = _opt("gradient accumulation micro-batches per step", 1)
+    optimizer: str = _opt("adamw, sgd, lookahead_adamw, slrla_adamw, lookahead_sgd or slrla_sgd "
+                          "(fastweights.optim)", "adamw")
+    lookahead_k: int = _opt("Lookahead/SLRLA: inner steps per slow-weight sync", 5)
+    lookahead_alpha: float = _opt("Lookahead/SLRLA: slow-weight step size alpha", 0.5)
+    slrla_beta: float = _opt("SLRLA: weight beta of the pull ||theta - phi||^2 toward the slow weights", 0.2)
+    forgetting: str = _opt("embedding forgetting: none, active (every --forgetting-every steps) or temporary "
+                           "(also only up to --forgetting-until)", "none")
+    forgetting_every: int = _opt("forgetting: steps between re-initialisations of the token embeddings", 1000)
+    forgetting_until: int = _opt("temporary forgetting: last step with a re-initialisation", 0)
     lr: float = _opt("peak learning rate", 3e-3)
     min_lr_ratio: float = _opt("final learning rate as a fraction of the peak", 0.1)
     warmup: int = _opt("linear warmup steps", 20)
@@ -174,6 +186,12 @@ def train(cfg: TrainConfig) -> dict:
     """Run training as configured; return a summary (final loss, steps, tokens, paths)."""
     if not cfg.data:
         raise FastWeightsError("no dataset given: pass --data DIR (from `fastweights prepare`)")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise FastWeightsError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    if cfg.forgetting not in FORGETTING:
+        raise FastWeightsError(f"forgetting must be one of {', '.join(FORGETTING)}, got {cfg.forgetting!r}")
+    if cfg.forgetting == "temporary" and cfg.forgetting_until < 1:
+        raise FastWeightsError(f"temporary forgetting needs --forgetting-until >= 1, got {cfg.forgetting_until}")
     for name in ("steps", "batch_size", "seq_len", "accum", "save_every"):
         if getattr(cfg, name) < 1:
             raise FastWeightsError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -193,11 +211,13 @@ def train(cfg: TrainConfig) -> dict:
     params = _trainable(model, cfg.trainable)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
+    optimizer = build_optimizer(
+        cfg.optimizer,
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
+        lr=cfg.lr, betas=(0.9, 0.95), k=cfg.lookahead_k, alpha=cfg.lookahead_alpha, beta=cfg.slrla_beta,
     )
+    forgetting = build_forgetting(cfg.forgetting, model, optimizer, every=cfg.forgetting_every,
+                                  until=cfg.forgetting_until if cfg.forgetting == "temporary" else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     )
@@ -262,6 +282,8 @@ def train(cfg: TrainConfig) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if forgetting is not None:
+                forgetting.on_step_end(step)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -292,7 +314,9 @@ def train(cfg: TrainConfig) -> dict:
     if math.isnan(loss_value) and metrics_path.exists():  # resumed a finished run
         lines = metrics_path.read_text().splitlines()
         loss_value = json.loads(lines[-1])["loss"] if lines else loss_value
-    model.save_pretrained(out / "model")
+    # Lookahead/SLRLA: the exported model holds the slow weights, as they are evaluated with.
+    with optimizer.slow_weights() if isinstance(optimizer, Lookahead) else nullcontext():
+        model.save_pretrained(out / "model")
     ds.tokenizer().save_pretrained(out / "model")
     return {"out": str(out), "model": str(out / "model"), "steps": step, "loss": loss_value,
             "tokens": step * tokens_per_step, "parameters": n_params}
