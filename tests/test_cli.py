@@ -59,6 +59,18 @@ def test_pipeline_end_to_end(workdir, capsys):
         assert [(b["start"], b["end"]) for b in res["loss_by_position"]["buckets"]] == [(0, 16), (16, 32), (32, 64)]
         assert len(res["passkey"]["accuracy"]) == 2 and (workdir / name / "eval-passkey.png").stat().st_size > 1000
         evals.append(str(ev))
+    # dynamic evaluation mode, next to static evaluation over the same windows
+    ev = workdir / "ttt" / "eval-dynamic.json"
+    code, out, err = run(["eval", "--model", str(workdir / "ttt" / "model"), "--data", str(data), "--out", str(ev),
+                          "--seq-len", "32", "--ppl-rows", "2", "--length", "64", "--first-bucket", "16",
+                          "--max-docs", "2", "--dynamic", "--dynamic-segment", "16", "--dynamic-docs", "2",
+                          "--dynamic-calibration-docs", "2", "--dynamic-lr", "1e-3"], capsys)
+    assert code == 0, err
+    dyn = json.loads(ev.read_text())["dynamic_eval"]
+    assert dyn["static"]["tokens"] == dyn["dynamic"]["tokens"] == 2 * 63
+    assert dyn["dynamic"]["perplexity"] != dyn["static"]["perplexity"]
+    assert dyn["time_overhead"] > 1 and dyn["flop_overhead"] > 1
+    assert "dynamic evaluation (rms)" in out
     # continual training from a local Hugging Face directory: converted with target "hidden"
     cont = workdir / "continued"
     code, out, err = run(["train", *train_args(data, cont, steps=1, model=workdir / "base" / "model"),

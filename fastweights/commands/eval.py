@@ -42,6 +42,15 @@ class EvalConfig:
     device: str = _opt("auto, cpu or cuda[:i]", "auto")
     seed: int = _opt("seed for passkey sampling", 0)
     threads: int = _opt("torch CPU threads (0: auto, see `fastweights train --help`)", 0)
+    dynamic: bool = _opt("also run dynamic evaluation (fastweights.eval.dynamic) next to static evaluation", False)
+    dynamic_rule: str = _opt("dynamic evaluation rule: sgd, or rms (Krause et al., decay toward the original)", "rms")
+    dynamic_segment: int = _opt("dynamic evaluation: tokens scored, then updated on, per step", 64)
+    dynamic_lr: float = _opt("dynamic evaluation step size eta", 1e-4)
+    dynamic_decay: float = _opt("dynamic evaluation (rms): decay lambda toward the original weights", 0.0)
+    dynamic_eps: float = _opt("dynamic evaluation (rms): epsilon", 1e-8)
+    dynamic_params: str = _opt("parameters to adapt: all, last:K (last K layers) or mlp_down", "all")
+    dynamic_docs: int = _opt("validation documents for dynamic evaluation, cut to --length tokens", 8)
+    dynamic_calibration_docs: int = _opt("training documents for the rms rule's mean squared gradient", 8)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -54,13 +63,17 @@ def evaluate(cfg: EvalConfig) -> dict:
     model = load_model(cfg.model).to(device)
     val = ds.split("val")
     res: dict = {"model": str(cfg.model), "data": str(cfg.data)}
-    res["perplexity"] = perplexity(model, val, cfg.seq_len, cfg.batch_size, cfg.ppl_rows or None)
-    res["loss_by_position"] = loss_by_position(model, val, cfg.length, cfg.first_bucket, cfg.max_docs or None)
+    with torch.inference_mode():
+        res["perplexity"] = perplexity(model, val, cfg.seq_len, cfg.batch_size, cfg.ppl_rows or None)
+        res["loss_by_position"] = loss_by_position(model, val, cfg.length, cfg.first_bucket, cfg.max_docs or None)
+    if cfg.dynamic:
+        res["dynamic_eval"] = _dynamic(model, ds, cfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
     if cfg.passkey_lengths:
         tok = ds.tokenizer()
-        res["passkey"] = passkey_eval(model, tok, val, cfg.passkey_lengths, cfg.passkey_depths,
-                                      cfg.passkey_trials, cfg.seed)
+        with torch.inference_mode():
+            res["passkey"] = passkey_eval(model, tok, val, cfg.passkey_lengths, cfg.passkey_depths,
+                                          cfg.passkey_trials, cfg.seed)
         png = Path(cfg.png) if cfg.png else out.with_name(out.stem + "-passkey.png")
         res["passkey"]["png"] = str(plot_passkey(res["passkey"], png))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,15 +82,50 @@ def evaluate(cfg: EvalConfig) -> dict:
     return res
 
 
+def _docs(store, n: int, length: int) -> list[torch.Tensor]:
+    """The first ``n`` documents of a split with at least 2 tokens, cut to ``length`` tokens."""
+    docs = []
+    for i in range(len(store)):
+        if len(docs) == n:
+            break
+        d = store.doc(i)[:length]
+        if len(d) >= 2:
+            docs.append(torch.from_numpy(d.astype("int64")))
+    return docs
+
+
+def _dynamic(model, ds: Dataset, cfg: EvalConfig) -> dict:
+    """Dynamic evaluation next to static evaluation over the same windows (SPEC §3)."""
+    from fastweights.eval.dynamic import DynamicEvalConfig, dynamic_eval
+
+    docs = _docs(ds.split("val"), cfg.dynamic_docs, cfg.length)
+    if not docs:
+        raise FastWeightsError("dynamic evaluation found no validation document with 2 or more tokens")
+    calibration = None
+    if cfg.dynamic_rule == "rms":
+        calibration = _docs(ds.split("train"), cfg.dynamic_calibration_docs, cfg.length)
+    dcfg = DynamicEvalConfig(rule=cfg.dynamic_rule, segment_length=cfg.dynamic_segment, lr=cfg.dynamic_lr,
+                             decay=cfg.dynamic_decay, eps=cfg.dynamic_eps, params=cfg.dynamic_params)
+    try:
+        result = dynamic_eval(model, docs, dcfg, calibration=calibration or None)
+    except ValueError as err:
+        raise FastWeightsError(str(err)) from None
+    return result.to_dict()
+
+
 def main(argv: list[str]) -> int:
     cfg = parse(EvalConfig, argv, "fastweights eval", __doc__)
-    with torch.inference_mode():
-        res = evaluate(cfg)
+    res = evaluate(cfg)
     p = res["perplexity"]
     print(f"perplexity {p['perplexity']:.3f} (loss {p['loss']:.4f}, {p['tokens']} tokens)")
     for b in res["loss_by_position"]["buckets"]:
         loss = "-" if b["loss"] is None else f"{b['loss']:.4f}"
         print(f"  positions {b['start']:>6}-{b['end']:<6} loss {loss}")
+    if "dynamic_eval" in res:
+        d = res["dynamic_eval"]
+        print(f"dynamic evaluation ({d['config']['rule']}): perplexity {d['dynamic']['perplexity']:.3f} vs static "
+              f"{d['static']['perplexity']:.3f} on the same windows; time x{d['time_overhead']:.2f}, FLOPs x"
+              + (f"{d['flop_overhead']:.2f}" if d.get("flop_overhead") is not None else " n/a"))
     if "passkey" in res:
         print(f"passkey accuracy {res['passkey']['accuracy']} -> {res['passkey']['png']}")
     print(f"wrote {res['out']}")
