@@ -19,7 +19,14 @@ from pathlib import Path
 
 from fastweights.errors import FastWeightsError
 
-__all__ = ["load_config_file", "parse"]
+__all__ = ["load_config_file", "option", "parse"]
+
+
+def option(help: str, default=None, factory=None):
+    """A dataclass field for :func:`parse`: its default (or ``factory``) and its ``--help`` text."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def _base_type(tp):

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastweights.config import parse
+from fastweights.config import option, parse
 from fastweights.errors import FastWeightsError
 from fastweights.models.presets import load_model
 
 
-def _opt(help: str, default):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class ConvertConfig:
-    model: str = _opt("local Hugging Face model directory (Llama, Qwen2, Qwen3, Mistral, ...)", "")
-    out: str = _opt("output directory", "")
-    layers: list[int] | None = _opt("decoder layers to convert (default: every 6th from 0)", None)
-    chunk_size: int = _opt("tokens per fast-weight update (official 4096; the paper finds 512-1024 best)", 4096)
-    lr: float = _opt("inner learning rate eta", 3.0)
-    target: str = _opt("target source: hidden (continual training) or embed (from scratch)", "hidden")
-    proj: bool = _opt("learn the target projection P", True)
+    model: str = option("local Hugging Face model directory (Llama, Qwen2, Qwen3, Mistral, ...)", "")
+    out: str = option("output directory", "")
+    layers: list[int] | None = option("decoder layers to convert (default: every 6th from 0)", None)
+    chunk_size: int = option("tokens per fast-weight update (official 4096; the paper finds 512-1024 best)", 4096)
+    lr: float = option("inner learning rate eta", 3.0)
+    target: str = option("target source: hidden (continual training) or embed (from scratch)", "hidden")
+    proj: bool = option("learn the target projection P", True)
 
 
 def main(argv: list[str]) -> int:

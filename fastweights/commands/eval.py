@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fastweights.config import parse
+from fastweights.config import option, parse
 from fastweights.data.store import Dataset
 from fastweights.errors import FastWeightsError
 from fastweights.eval.lm import loss_by_position, perplexity
@@ -18,39 +18,33 @@ from fastweights.models.presets import load_model
 from fastweights.train.trainer import pick_device, set_threads
 
 
-def _opt(help: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class EvalConfig:
-    model: str = _opt("local Hugging Face model directory (converted or not)", "")
-    data: str = _opt("prepared dataset directory; its validation split is evaluated", "")
-    out: str = _opt("result JSON (default: <model>/eval.json)", "")
-    seq_len: int = _opt("row length for perplexity", 512)
-    ppl_rows: int = _opt("rows for perplexity (0: the whole split)", 64)
-    batch_size: int = _opt("rows per batch for perplexity", 8)
-    length: int = _opt("document length for loss by position", 4096)
-    first_bucket: int = _opt("end of the first position bucket; buckets double after it", 1024)
-    max_docs: int = _opt("documents for loss by position (0: all long enough)", 16)
-    passkey_lengths: list[int] = _opt("context lengths for passkey retrieval (none: skip it)", factory=list)
-    passkey_depths: list[float] = _opt("needle depths in [0, 1]", factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    passkey_trials: int = _opt("trials per (length, depth)", 4)
-    png: str = _opt("passkey heatmap PNG (default: next to --out)", "")
-    device: str = _opt("auto, cpu or cuda[:i]", "auto")
-    seed: int = _opt("seed for passkey sampling", 0)
-    threads: int = _opt("torch CPU threads (0: auto, see `fastweights train --help`)", 0)
-    dynamic: bool = _opt("also run dynamic evaluation (fastweights.eval.dynamic) next to static evaluation", False)
-    dynamic_rule: str = _opt("dynamic evaluation rule: sgd, or rms (Krause et al., decay toward the original)", "rms")
-    dynamic_segment: int = _opt("dynamic evaluation: tokens scored, then updated on, per step", 64)
-    dynamic_lr: float = _opt("dynamic evaluation step size eta", 1e-4)
-    dynamic_decay: float = _opt("dynamic evaluation (rms): decay lambda toward the original weights", 0.0)
-    dynamic_eps: float = _opt("dynamic evaluation (rms): epsilon", 1e-8)
-    dynamic_params: str = _opt("parameters to adapt: all, last:K (last K layers) or mlp_down", "all")
-    dynamic_docs: int = _opt("validation documents for dynamic evaluation, cut to --length tokens", 8)
-    dynamic_calibration_docs: int = _opt("training documents for the rms rule's mean squared gradient", 8)
+    model: str = option("local Hugging Face model directory (converted or not)", "")
+    data: str = option("prepared dataset directory; its validation split is evaluated", "")
+    out: str = option("result JSON (default: <model>/eval.json)", "")
+    seq_len: int = option("row length for perplexity", 512)
+    ppl_rows: int = option("rows for perplexity (0: the whole split)", 64)
+    batch_size: int = option("rows per batch for perplexity", 8)
+    length: int = option("document length for loss by position", 4096)
+    first_bucket: int = option("end of the first position bucket; buckets double after it", 1024)
+    max_docs: int = option("documents for loss by position (0: all long enough)", 16)
+    passkey_lengths: list[int] = option("context lengths for passkey retrieval (none: skip it)", factory=list)
+    passkey_depths: list[float] = option("needle depths in [0, 1]", factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = option("trials per (length, depth)", 4)
+    png: str = option("passkey heatmap PNG (default: next to --out)", "")
+    device: str = option("auto, cpu or cuda[:i]", "auto")
+    seed: int = option("seed for passkey sampling", 0)
+    threads: int = option("torch CPU threads (0: auto, see `fastweights train --help`)", 0)
+    dynamic: bool = option("also run dynamic evaluation (fastweights.eval.dynamic) next to static evaluation", False)
+    dynamic_rule: str = option("dynamic evaluation rule: sgd, or rms (Krause et al., decay toward the original)", "rms")
+    dynamic_segment: int = option("dynamic evaluation: tokens scored, then updated on, per step", 64)
+    dynamic_lr: float = option("dynamic evaluation step size eta", 1e-4)
+    dynamic_decay: float = option("dynamic evaluation (rms): decay lambda toward the original weights", 0.0)
+    dynamic_eps: float = option("dynamic evaluation (rms): epsilon", 1e-8)
+    dynamic_params: str = option("parameters to adapt: all, last:K (last K layers) or mlp_down", "all")
+    dynamic_docs: int = option("validation documents for dynamic evaluation, cut to --length tokens", 8)
+    dynamic_calibration_docs: int = option("training documents for the rms rule's mean squared gradient", 8)
 
 
 def evaluate(cfg: EvalConfig) -> dict:

@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from fastweights.config import parse
+from fastweights.config import option, parse
 from fastweights.data.tokenizer import load_tokenizer
 from fastweights.errors import FastWeightsError
 from fastweights.models.presets import load_model
 from fastweights.train.trainer import pick_device
 
 
-def _opt(help: str, default):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class GenerateConfig:
-    model: str = _opt("local model directory holding a tokenizer too", "")
-    prompt: str = _opt("text to continue", "def ")
-    max_new_tokens: int = _opt("tokens to generate", 64)
-    temperature: float = _opt("sampling temperature (0: greedy)", 0.0)
-    top_k: int = _opt("sample from the k most likely tokens (0: all)", 0)
-    seed: int = _opt("sampling seed", 0)
-    device: str = _opt("auto, cpu or cuda[:i]", "auto")
+    model: str = option("local model directory holding a tokenizer too", "")
+    prompt: str = option("text to continue", "def ")
+    max_new_tokens: int = option("tokens to generate", 64)
+    temperature: float = option("sampling temperature (0: greedy)", 0.0)
+    top_k: int = option("sample from the k most likely tokens (0: all)", 0)
+    seed: int = option("sampling seed", 0)
+    device: str = option("auto, cpu or cuda[:i]", "auto")
 
 
 def generate(cfg: GenerateConfig) -> str:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from fastweights.commands.eval import EvalConfig, evaluate
 from fastweights.commands.prepare import PrepareConfig, prepare
-from fastweights.config import parse
+from fastweights.config import option, parse
 from fastweights.errors import FastWeightsError
 from fastweights.eval.plot import plot_position_losses
 from fastweights.models.presets import SIZES
@@ -44,35 +44,29 @@ DEFAULTS = {
 }
 
 
-def _opt(help: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class MainConfig:
-    size: str = _opt(f"model size: {', '.join(SIZES)}", "tiny")
-    out: str = _opt("output directory (data/, baseline/, inplace-ttt/, plot, summary.json)", "runs/main")
-    steps: int = _opt("training steps per run (0: the size's default)", 0)
-    batch_size: int = _opt("rows per step (0: default)", 0)
-    seq_len: int = _opt("training row length (0: default)", 0)
-    lr: float = _opt("peak learning rate (0: default)", 0.0)
-    warmup: int = _opt("warmup steps (0: default)", 0)
-    vocab_size: int = _opt("BPE vocabulary (0: default)", 0)
-    ttt_lr: float = _opt("In-Place TTT inner learning rate eta of the TTT run", 3.0)
-    max_mb: int = _opt("corpus sample in MB (0: the size's default; -1: the whole corpus)", 0)
-    max_doc_kb: int = _opt("per-document cap in KB (0: default; -1: none)", 0)
-    eval_length: int = _opt("document length for loss by position (0: default)", 0)
-    first_bucket: int = _opt("first position bucket end (0: default)", 0)
-    max_docs: int = _opt("documents for loss by position (0: default)", 0)
-    ppl_rows: int = _opt("validation rows for perplexity (0: default)", 0)
-    passkey_lengths: list[int] | None = _opt("passkey context lengths (default: the size's; tiny: none)", None)
-    device: str = _opt("auto, cpu or cuda[:i]", "auto")
-    compile: bool = _opt("torch.compile the models", False)
-    threads: int = _opt("torch CPU threads (0: auto, see `fastweights train --help`)", 0)
-    seed: int = _opt("seed (model init and data order, shared by both runs)", 0)
-    progress: bool = _opt("progress bars", True)
+    size: str = option(f"model size: {', '.join(SIZES)}", "tiny")
+    out: str = option("output directory (data/, baseline/, inplace-ttt/, plot, summary.json)", "runs/main")
+    steps: int = option("training steps per run (0: the size's default)", 0)
+    batch_size: int = option("rows per step (0: default)", 0)
+    seq_len: int = option("training row length (0: default)", 0)
+    lr: float = option("peak learning rate (0: default)", 0.0)
+    warmup: int = option("warmup steps (0: default)", 0)
+    vocab_size: int = option("BPE vocabulary (0: default)", 0)
+    ttt_lr: float = option("In-Place TTT inner learning rate eta of the TTT run", 3.0)
+    max_mb: int = option("corpus sample in MB (0: the size's default; -1: the whole corpus)", 0)
+    max_doc_kb: int = option("per-document cap in KB (0: default; -1: none)", 0)
+    eval_length: int = option("document length for loss by position (0: default)", 0)
+    first_bucket: int = option("first position bucket end (0: default)", 0)
+    max_docs: int = option("documents for loss by position (0: default)", 0)
+    ppl_rows: int = option("validation rows for perplexity (0: default)", 0)
+    passkey_lengths: list[int] | None = option("passkey context lengths (default: the size's; tiny: none)", None)
+    device: str = option("auto, cpu or cuda[:i]", "auto")
+    compile: bool = option("torch.compile the models", False)
+    threads: int = option("torch CPU threads (0: auto, see `fastweights train --help`)", 0)
+    seed: int = option("seed (model init and data order, shared by both runs)", 0)
+    progress: bool = option("progress bars", True)
 
 
 def _setting(cfg: MainConfig, name: str):

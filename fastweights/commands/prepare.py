@@ -3,32 +3,28 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastweights.config import parse
+from fastweights.config import option, parse
 from fastweights.data.corpus import build_corpus
 from fastweights.data.store import Dataset, dataset_key, tokenize_corpus
 from fastweights.data.tokenizer import cache_dir, load_tokenizer, train_bpe
 
 
-def _opt(help: str, default):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class PrepareConfig:
-    corpus: str = _opt("'python' (the interpreter's stdlib + site-packages) or a directory of "
+    corpus: str = option("'python' (the interpreter's stdlib + site-packages) or a directory of "
                        ".txt/.jsonl/.parquet files", "python")
-    out: str = _opt("dataset directory (default: <cache>/datasets/<corpus>-<tokenizer> key)", "")
-    tokenizer: str = _opt("'bpe' (train a byte-level BPE) or a local Hugging Face model/tokenizer directory", "bpe")
-    vocab_size: int = _opt("BPE vocabulary size", 4096)
-    tokenizer_sample_mb: int = _opt("MB of training text the BPE learns from", 8)
-    val_fraction: float = _opt("fraction of documents (by name hash) in the validation split", 0.05)
-    max_doc_kb: int = _opt("cap each default-corpus document at this many KB (0: no cap)", 0)
-    max_mb: int = _opt("keep a deterministic sample of documents up to this many MB (0: all)", 0)
-    text_field: str = _opt("JSONL field / parquet column holding the text", "text")
-    shard_tokens: int = _opt("tokens per shard file", 1 << 28)
+    out: str = option("dataset directory (default: <cache>/datasets/<corpus>-<tokenizer> key)", "")
+    tokenizer: str = option("'bpe' (train a byte-level BPE) or a local Hugging Face model/tokenizer directory", "bpe")
+    vocab_size: int = option("BPE vocabulary size", 4096)
+    tokenizer_sample_mb: int = option("MB of training text the BPE learns from", 8)
+    val_fraction: float = option("fraction of documents (by name hash) in the validation split", 0.05)
+    max_doc_kb: int = option("cap each default-corpus document at this many KB (0: no cap)", 0)
+    max_mb: int = option("keep a deterministic sample of documents up to this many MB (0: all)", 0)
+    text_field: str = option("JSONL field / parquet column holding the text", "text")
+    shard_tokens: int = option("tokens per shard file", 1 << 28)
 
 
 def prepare(cfg: PrepareConfig) -> Dataset:

@@ -13,13 +13,14 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fastweights.config import option
 from fastweights.data.packing import IGNORE, PackedRows
 from fastweights.data.store import Dataset
 from fastweights.errors import FastWeightsError
@@ -31,51 +32,45 @@ from fastweights.train.forgetting import FORGETTING, build_forgetting
 __all__ = ["TrainConfig", "causal_lm_loss", "peak_flops", "train", "warmup_cosine"]
 
 
-def _opt(help: str, default=None, factory=None):
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class TrainConfig:
     """Options of ``fastweights train`` (each is also a ``--flag`` and a config-file key)."""
 
-    data: str = _opt("prepared dataset directory (from `fastweights prepare`)", "")
-    out: str = _opt("run directory: checkpoints, metrics.jsonl, model/", "runs/run")
-    model: str = _opt("a size (tiny, 20m, 60m, 150m) or a local Hugging Face model directory", "tiny")
-    ttt: bool = _opt("convert to In-Place TTT before training", True)
-    ttt_target: str = _opt("TTT target: embed, hidden, or auto (embed for a size, hidden for a local model)", "auto")
-    ttt_layers: list[int] | None = _opt("TTT layer indices (default: the size's, or every 6th from 0)", None)
-    ttt_chunk: int = _opt("TTT chunk length (0: the size's default, or 1024 for a local model)", 0)
-    ttt_lr: float = _opt("TTT inner learning rate eta", 3.0)
-    trainable: str = _opt("parameters to train: all, or fast (only the fast-weight parameters)", "all")
-    steps: int = _opt("optimiser steps", 200)
-    batch_size: int = _opt("rows per micro-batch", 8)
-    seq_len: int = _opt("tokens per row", 512)
-    accum: int = _opt("gradient accumulation micro-batches per step", 1)
-    optimizer: str = _opt("adamw, sgd, lookahead_adamw, slrla_adamw, lookahead_sgd or slrla_sgd "
+    data: str = option("prepared dataset directory (from `fastweights prepare`)", "")
+    out: str = option("run directory: checkpoints, metrics.jsonl, model/", "runs/run")
+    model: str = option("a size (tiny, 20m, 60m, 150m) or a local Hugging Face model directory", "tiny")
+    ttt: bool = option("convert to In-Place TTT before training", True)
+    ttt_target: str = option("TTT target: embed, hidden, or auto (embed for a size, hidden for a local model)", "auto")
+    ttt_layers: list[int] | None = option("TTT layer indices (default: the size's, or every 6th from 0)", None)
+    ttt_chunk: int = option("TTT chunk length (0: the size's default, or 1024 for a local model)", 0)
+    ttt_lr: float = option("TTT inner learning rate eta", 3.0)
+    trainable: str = option("parameters to train: all, or fast (only the fast-weight parameters)", "all")
+    steps: int = option("optimiser steps", 200)
+    batch_size: int = option("rows per micro-batch", 8)
+    seq_len: int = option("tokens per row", 512)
+    accum: int = option("gradient accumulation micro-batches per step", 1)
+    optimizer: str = option("adamw, sgd, lookahead_adamw, slrla_adamw, lookahead_sgd or slrla_sgd "
                           "(fastweights.optim)", "adamw")
-    lookahead_k: int = _opt("Lookahead/SLRLA: inner steps per slow-weight sync", 5)
-    lookahead_alpha: float = _opt("Lookahead/SLRLA: slow-weight step size alpha", 0.5)
-    slrla_beta: float = _opt("SLRLA: weight beta of the pull ||theta - phi||^2 toward the slow weights", 0.2)
-    forgetting: str = _opt("embedding forgetting: none, active (every --forgetting-every steps) or temporary "
+    lookahead_k: int = option("Lookahead/SLRLA: inner steps per slow-weight sync", 5)
+    lookahead_alpha: float = option("Lookahead/SLRLA: slow-weight step size alpha", 0.5)
+    slrla_beta: float = option("SLRLA: weight beta of the pull ||theta - phi||^2 toward the slow weights", 0.2)
+    forgetting: str = option("embedding forgetting: none, active (every --forgetting-every steps) or temporary "
                            "(also only up to --forgetting-until)", "none")
-    forgetting_every: int = _opt("forgetting: steps between re-initialisations of the token embeddings", 1000)
-    forgetting_until: int = _opt("temporary forgetting: last step with a re-initialisation", 0)
-    lr: float = _opt("peak learning rate", 3e-3)
-    min_lr_ratio: float = _opt("final learning rate as a fraction of the peak", 0.1)
-    warmup: int = _opt("linear warmup steps", 20)
-    weight_decay: float = _opt("AdamW weight decay (matrices only)", 0.1)
-    clip: float = _opt("gradient-norm clipping threshold (0: off)", 1.0)
-    seed: int = _opt("seed for the model init and the data order", 0)
-    device: str = _opt("auto, cpu or cuda[:i]", "auto")
-    compile: bool = _opt("torch.compile the model", False)
-    save_every: int = _opt("checkpoint every K steps (and at the end)", 100)
-    keep: int = _opt("checkpoints to keep", 3)
-    resume: bool = _opt("resume from the latest checkpoint in --out", False)
-    progress: bool = _opt("show a progress bar", True)
-    threads: int = _opt("torch CPU threads (0: auto, 1 when the load average exceeds the core count, "
+    forgetting_every: int = option("forgetting: steps between re-initialisations of the token embeddings", 1000)
+    forgetting_until: int = option("temporary forgetting: last step with a re-initialisation", 0)
+    lr: float = option("peak learning rate", 3e-3)
+    min_lr_ratio: float = option("final learning rate as a fraction of the peak", 0.1)
+    warmup: int = option("linear warmup steps", 20)
+    weight_decay: float = option("AdamW weight decay (matrices only)", 0.1)
+    clip: float = option("gradient-norm clipping threshold (0: off)", 1.0)
+    seed: int = option("seed for the model init and the data order", 0)
+    device: str = option("auto, cpu or cuda[:i]", "auto")
+    compile: bool = option("torch.compile the model", False)
+    save_every: int = option("checkpoint every K steps (and at the end)", 100)
+    keep: int = option("checkpoints to keep", 3)
+    resume: bool = option("resume from the latest checkpoint in --out", False)
+    progress: bool = option("show a progress bar", True)
+    threads: int = option("torch CPU threads (0: auto, 1 when the load average exceeds the core count, "
                         "else torch's default)", 0)
 
 
