@@ -37,6 +37,10 @@ Two implementations compute the same function:
   then one loop over chunks runs batched over batch and heads. Matmuls run in the input dtype
   (bf16 in training), the state (weights, momentum) stays float32. Any chunk length up to
   the sequence length. Outer gradients come from autograd; it can carry a :class:`LaCTState`.
+  Rows without a document start after token 0, with no state in or out (the usual training
+  call), take a fast path: chunks are plain slices, W1 and W3 are stacked, Muon's Newton-Schulz
+  runs as one batched chain, and the per-chunk step (:func:`_contiguous_step`) is compiled with
+  ``torch.compile`` on CUDA unless ``compile=False`` or ``FASTWEIGHTS_LACT_COMPILE=0``.
 """
 
 from __future__ import annotations
@@ -102,14 +106,17 @@ def lact_inner_grads(w1, w2, w3, k, v, lr):
 def newton_schulz5(m: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Muon's orthogonalisation of (..., R, S) matrices: Frobenius-normalise, then ``steps``
     iterations ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``, with :data:`NS_COEFFS`. Matmuls run in
-    ``m.dtype``."""
+    ``m.dtype``, three per iteration (the scalings ride in ``baddbmm``)."""
     a, b, c = NS_COEFFS
     wide = m.shape[-2] > m.shape[-1]
     x = m.mT if wide else m
+    shape = x.shape
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
+    x = x.reshape(-1, *shape[-2:])  # batched (P, R, S): baddbmm fuses the scalings into the matmuls
     for _ in range(steps):
-        A = x @ x.mT
-        x = a * x + (b * A + c * (A @ A)) @ x
+        A = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(A, A, A, beta=b, alpha=c), x, beta=a)
+    x = x.reshape(shape)
     return x.mT if wide else x
 
 
@@ -244,7 +251,7 @@ def _contiguous_step(w13, w2, m13, m2, n13, n2, q, k, v, lr, beta_bar, update: s
     """One chunk of the contiguous fast path.
 
     w13 (B, H, 2Dh, D) = [W1; W3] and w2 (B, H, D2, Dh): float state; m13, m2 the momentum
-    (None when not kept); n13 (H, 2Dh, 1), n2 (H, D2, 1) initial row norms; q, k (B, H, L, D),
+    (None: zero, or not kept); n13 (H, 2Dh, 1), n2 (H, D2, 1) initial row norms; q, k (B, H, L, D),
     v (B, H, L, D2), lr (B, H, L, 3) in the matmul dtype; beta_bar (B, H, 1, 1) or None.
     Returns (o (B, H, L, D2), w13, w2, m13, m2), the state updated iff ``do_update``.
     """
@@ -265,7 +272,7 @@ def _contiguous_step(w13, w2, m13, m2, n13, n2, q, k, v, lr, beta_bar, update: s
         else:
             if m13 is not None and beta_bar is not None:
                 g13, g2 = beta_bar * m13 + g13, beta_bar * m2 + g2
-            if beta_bar is not None:
+            if beta_bar is not None:  # without beta there is no momentum to keep
                 m13, m2 = g13, g2
             u13, u2 = (g13, g2) if update == "momentum" else _ns_pair(g13, g2, mm)
         w13, w2 = w13 - u13, w2 - u2
@@ -303,7 +310,8 @@ def _step_fn(compile_mode):
         import torch._dynamo.config as dynamo_config
 
         # one graph per (update, order, do_update, shapes, dtype): several layers' configurations
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
         kw = {} if compile_mode == "default" else {"mode": compile_mode}
         _COMPILED[compile_mode] = torch.compile(_contiguous_step, dynamic=False, fullgraph=True, **kw)
     return _COMPILED[compile_mode]
@@ -339,10 +347,8 @@ def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, c
     w13 = torch.cat([w1, w3], 1).to(acc)  # (H, 2Dh, D)
     w2s = w2.to(acc)
     n13, n2 = _row_norms(w13), _row_norms(w2s)
-    w13, w2s = w13.expand(B, -1, -1, -1), w2s.expand(B, -1, -1, -1)
-    keep_m = update != "gd" and beta is not None
-    m13 = torch.zeros_like(w13) if keep_m else None
-    m2 = torch.zeros_like(w2s) if keep_m else None
+    w13, w2s = w13.expand(B, -1, -1, -1).contiguous(), w2s.expand(B, -1, -1, -1).contiguous()
+    m13 = m2 = None  # zero momentum: the first update sets it to the gradient
     step = _step_fn(compile_mode)
     G = -(-N // chunk_size)
     outs = []
@@ -399,7 +405,10 @@ def lact_chunked(
 
     ``state``: a :class:`LaCTState` to continue from. Row b continues it unless
     ``position_ids[b, 0] == 0`` (a new document). ``output_final_state``: also return the
-    state after the last token. Returns o (B, H, N, D2), or ``(o, state)``.
+    state after the last token. ``compile``: how the fast path (one document per row, no state
+    in or out) runs its per-chunk step: None reads ``FASTWEIGHTS_LACT_COMPILE`` (default
+    ``auto``: torch.compile on CUDA, eager elsewhere); True/False; or a torch.compile mode such
+    as ``"reduce-overhead"`` (CUDA graphs). Returns o (B, H, N, D2), or ``(o, state)``.
     """
     B, H, N, D = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
     C = chunk_size
