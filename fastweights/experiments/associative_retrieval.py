@@ -147,7 +147,7 @@ def train_one(kind: str, hidden: int, seed: int, data: dict, args: argparse.Name
         if out_of_time:
             break
     model.load_state_dict(best_state)
-    return {"model": kind, "hidden": hidden, "seed": seed, "lr": lr, "steps": step,
+    return {"model": kind, "hidden": hidden, "seed": seed, "device": device.type, "lr": lr, "steps": step,
             "stopped_by_budget": step < args.steps, "valid_error": best,
             "test_error": error_rate(model, *(t.to(device) for t in data["test"])), "curve": curve,
             "seconds": time.time() - t0}
@@ -251,7 +251,7 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
         "", "## How this was run", "",
         "```", *(f"fastweights experiment associative-retrieval {shlex.join(c)}" for c in commands),
         "```", "",
-        f"- Hardware: {cpu_name()}, device {getattr(args, 'device', 'cpu')}, "
+        f"- Hardware: {cpu_name()}, device(s) {sorted({r.get('device', 'cpu') for r in results})}, "
         f"torch {torch.__version__}, {getattr(args, 'jobs', 1)} run(s) at once with {args.threads} thread(s) "
         f"each; summed wall-clock training time {secs / 60:.1f} min.",
         f"- Scale: up to {args.steps} Adam steps of batch {args.batch_size} per run "

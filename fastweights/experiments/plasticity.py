@@ -106,7 +106,7 @@ def train_one(task: str, rule: str, seed: int, test: TaskBatch, args: argparse.N
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         curve.append(loss.item())
-    return {"task": task, "rule": rule, "seed": seed, "steps": len(curve),
+    return {"task": task, "rule": rule, "seed": seed, "device": device.type, "steps": len(curve),
             "stopped_by_budget": len(curve) < args.steps, "test": evaluate(model, task, test),
             "curve": curve, "seconds": time.time() - t0}
 
@@ -186,8 +186,10 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
     lines += [
         "", "## How this was run", "",
         "```", *("fastweights experiment plasticity " + shlex.join(c) for c in commands), "```", "",
-        f"- Hardware: {cpu_name()}, device {getattr(args, 'device', 'cpu')}, torch {torch.__version__}, "
-        f"{getattr(args, 'jobs', 1)} run(s) at once with {args.threads} thread(s) each; summed wall-clock "
+        f"- Hardware: {cpu_name()}, devices " + ", ".join(
+            f"{t} {sorted({x.get('device', 'cpu') for x in results if x['task'] == t})}" for t in tasks)
+        + f", torch {torch.__version__}, "
+        f"{args.threads} thread(s) per run, --jobs runs at once as in the commands above; summed wall-clock "
         f"training time {secs / 60:.1f} min.",
         "- Scale: AdamW steps per run: " + ", ".join(
             f"{t} {sorted({len(r['curve']) for r in results if r['task'] == t})}" for t in tasks)
