@@ -147,7 +147,8 @@ def train_one(kind: str, hidden: int, seed: int, data: dict, args: argparse.Name
         if out_of_time:
             break
     model.load_state_dict(best_state)
-    return {"model": kind, "hidden": hidden, "seed": seed, "device": device.type, "lr": lr, "steps": step,
+    return {"model": kind, "hidden": hidden, "seed": seed, "device": device.type, "host": host(device),
+            "lr": lr, "steps": step,
             "stopped_by_budget": step < args.steps, "valid_error": best,
             "test_error": error_rate(model, *(t.to(device) for t in data["test"])), "curve": curve,
             "seconds": time.time() - t0}
@@ -180,6 +181,12 @@ def cpu_name() -> str:
     except OSError:
         pass
     return f"{platform.machine()} CPU"
+
+
+def host(device: torch.device) -> str:
+    """Where a run ran, recorded in its result: CPU model, torch version, GPU name if on CUDA."""
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return f"{cpu_name()}{gpu}, torch {torch.__version__}"
 
 
 def _mean_std(xs: list[float], n_seeds: int) -> str:
@@ -251,8 +258,9 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
         "", "## How this was run", "",
         "```", *(f"fastweights experiment associative-retrieval {shlex.join(c)}" for c in commands),
         "```", "",
-        f"- Hardware: {cpu_name()}, device(s) {sorted({r.get('device', 'cpu') for r in results})}, "
-        f"torch {torch.__version__}, {getattr(args, 'jobs', 1)} run(s) at once with {args.threads} thread(s) "
+        f"- Hardware: {'; '.join(sorted({r.get('host', 'not recorded') for r in results}))}, "
+        f"device(s) {sorted({r.get('device', 'cpu') for r in results})}, "
+        f"{getattr(args, 'jobs', 1)} run(s) at once with {args.threads} thread(s) "
         f"each; summed wall-clock training time {secs / 60:.1f} min.",
         f"- Scale: up to {args.steps} Adam steps of batch {args.batch_size} per run "
         f"(learning rate: {lrs}; schedule {getattr(args, 'lr_schedule', 'constant')} with "

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastweights.data.plasticity_tasks import TaskBatch, copy_task, digits_few_shot, regression_task
-from fastweights.experiments.associative_retrieval import cpu_name
+from fastweights.experiments.associative_retrieval import host
 from fastweights.models.plastic_transformer import RULES, PlasticConfig, PlasticTransformer
 
 TASKS = {  # name: (input size, output size, metric, higher is better)
@@ -106,7 +106,8 @@ def train_one(task: str, rule: str, seed: int, test: TaskBatch, args: argparse.N
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         curve.append(loss.item())
-    return {"task": task, "rule": rule, "seed": seed, "device": device.type, "steps": len(curve),
+    return {"task": task, "rule": rule, "seed": seed, "device": device.type, "host": host(device),
+            "steps": len(curve),
             "stopped_by_budget": len(curve) < args.steps, "test": evaluate(model, task, test),
             "curve": curve, "seconds": time.time() - t0}
 
@@ -186,9 +187,9 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
     lines += [
         "", "## How this was run", "",
         "```", *("fastweights experiment plasticity " + shlex.join(c) for c in commands), "```", "",
-        f"- Hardware: {cpu_name()}, devices " + ", ".join(
+        f"- Hardware: {'; '.join(sorted({x.get('host', 'not recorded') for x in results}))}; devices " + ", ".join(
             f"{t} {sorted({x.get('device', 'cpu') for x in results if x['task'] == t})}" for t in tasks)
-        + f", torch {torch.__version__}, "
+        + ", "
         f"{args.threads} thread(s) per run, --jobs runs at once as in the commands above; summed wall-clock "
         f"training time {secs / 60:.1f} min.",
         "- Scale: AdamW steps per run: " + ", ".join(
