@@ -194,13 +194,13 @@ PREFIX_CASES = [  # B, H, n (this shard's queries), start (earlier keys), D
     (2, 3, 7, 11, 12), (1, 2, 13, 5, 16), (1, 1, 1, 9, 8), (2, 2, 9, 0, 12)]
 
 
-def _prefix_attention_errors(dtype, device="cpu", ref_dtype=None):
+def _prefix_attention_errors(dtype, device="cpu", ref_dtype=None, cases=PREFIX_CASES):
     """Max relative error of prefix_causal_attention (output, dq, dk, dv) against SDPA with
-    an explicit lower-right causal mask in ``ref_dtype``, over PREFIX_CASES."""
+    an explicit lower-right causal mask in ``ref_dtype``, over ``cases``."""
     from fastweights.distributed import prefix_causal_attention
 
     worst = 0.0
-    for B, H, n, start, D in PREFIX_CASES:
+    for B, H, n, start, D in cases:
         g = torch.Generator().manual_seed(n * 100 + start)
         q, k, v = (torch.randn(B, H, m, D, generator=g) for m in (n, start + n, start + n))
         cot = torch.randn(B, H, n, D, generator=g)
@@ -226,8 +226,19 @@ def test_prefix_causal_attention_matches_masked_attention():
 
 @pytest.mark.gpu
 def test_prefix_causal_attention_on_cuda_flash_kernel():
-    """bf16 on the CUDA flash kernel against float32 math: bf16 rounding only."""
-    assert _prefix_attention_errors(torch.bfloat16, "cuda", torch.float32) <= 2e-2
+    """bf16 on the CUDA flash kernel (two blocks + merge) against float32: bf16 rounding only."""
+    from fastweights.distributed import context_parallel as cp
+
+    cases = [(2, 4, 300, 517, 128), (1, 2, 77, 5, 64), (1, 3, 129, 1000, 16)]
+    merged = []
+    apply = cp._PrefixCausalAttention.apply
+    cp._PrefixCausalAttention.apply = lambda *a: merged.append(1) or apply(*a)
+    try:
+        err = _prefix_attention_errors(torch.bfloat16, "cuda", torch.float32, cases)
+    finally:
+        cp._PrefixCausalAttention.apply = apply
+    assert len(merged) == len(cases), "the flash kernel did not serve"
+    assert err <= 2e-2, err
 
 
 def _dp_cp_worker(rank, world, mode):

@@ -258,12 +258,17 @@ def prefix_causal_attention(q, k, v, start: int, scale: float | None = None) -> 
     """Causal attention of the queries ``q`` (B, H, n, D) at positions ``start..start+n-1`` over
     the keys/values ``k``, ``v`` (B, H, start + n, D) at positions ``0..start+n-1`` (the lower-right
     causal mask), as a local causal flash block plus an unmasked flash block over the first
-    ``start`` keys, merged by log-sum-exp (:class:`_PrefixCausalAttention`). Differentiable."""
+    ``start`` keys, merged by log-sum-exp (:class:`_PrefixCausalAttention`). Where the flash
+    kernel cannot serve (CUDA: float32, odd head dims), SDPA with a lower-right causal bias.
+    Differentiable."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if k.shape[2] != start + q.shape[2]:
-        raise ValueError(f"keys must cover positions 0..start+n-1 = {start + q.shape[2]}, got {k.shape[2]}")
+    n = q.shape[2]
+    if k.shape[2] != start + n:
+        raise ValueError(f"keys must cover positions 0..start+n-1 = {start + n}, got {k.shape[2]}")
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if not _flash_supported(q, k):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, start + n), scale=scale)
     return _PrefixCausalAttention.apply(q, k[:, :, :start], v[:, :, :start], k[:, :, start:], v[:, :, start:], scale)
 
 
@@ -282,7 +287,7 @@ def _allgather_attention(module, query, key, value, attention_mask, dropout=0.0,
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     p = dropout if module.training else 0.0
-    if state.split and state.mask is None and p == 0.0 and _flash_supported(query, k):
+    if state.split and state.mask is None and p == 0.0:
         return prefix_causal_attention(query, k, v, state.start, scaling).transpose(1, 2).contiguous(), None
     mask = causal_lower_right(n, upto) if state.mask is None else state.mask
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, dropout_p=dropout if module.training else 0.0,
