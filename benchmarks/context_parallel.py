@@ -144,11 +144,12 @@ def attention_kernels(cfg: Qwen3Config, dtype, device, backend: str) -> dict:
     from torch.nn.attention import SDPBackend
 
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    q = torch.zeros(1, H, 512, D, dtype=dtype, device=device, requires_grad=True)
+    q = torch.zeros(1, H, 512, D, dtype=dtype, device=device, requires_grad=True)  # a shard's queries
+    q_all = torch.zeros(1, H, 1024, D, dtype=dtype, device=device, requires_grad=True)
     k = torch.zeros(1, Hkv, 1024, D, dtype=dtype, device=device, requires_grad=True)
     k_rep = torch.zeros(1, H, 1024, D, dtype=dtype, device=device, requires_grad=True)
     with sdpa_backend(backend):
-        one = SDPBackend(torch._fused_sdp_choice(k_rep[:, :Hkv], k, k, is_causal=True, enable_gqa=True)).name
+        one = SDPBackend(torch._fused_sdp_choice(q_all, k, k, is_causal=True, enable_gqa=True)).name
         params = SDPAParams(q, k_rep, k_rep, None, 0.0, False, False)
         flash = can_use_flash_attention(params)
         lower_right = "flash" if flash else ("efficient" if can_use_efficient_attention(params) else "math")
