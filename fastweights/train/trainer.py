@@ -363,7 +363,7 @@ def train(cfg: TrainConfig) -> dict:
                 "tokens_per_s": tokens_per_step / dt,
             }
             if peak:
-                rec["mfu"] = flops_per_token * tokens_per_step / dt / peak
+                rec["mfu"] = flops_per_token * tokens_per_step / dt / (peak * world)  # per GPU
             if log is not None:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
