@@ -120,16 +120,21 @@ def _tiny_converted(target):
     return model
 
 
-def _model_worker(rank, world):
+def _model_worker(rank, world, attention):
     import copy
 
     import torch.nn.functional as F
     from tiny_models import VOCAB
 
     from fastweights.distributed import all_reduce_gradients, apply_context_parallel, cp_batch, cp_loss
+    from fastweights.distributed import context_parallel as cp
 
+    merged = []  # calls of the two-block flash attention (attention="split", ranks > 0, one-doc rows)
+    apply = cp._PrefixCausalAttention.apply
+    cp._PrefixCausalAttention.apply = lambda *a: merged.append(1) or apply(*a)
     out = {}
     for name, (B, N, docs, target, split) in MODEL_CASES.items():
+        merged.clear()
         model = _tiny_converted(target)
         ids = torch.randint(0, VOCAB, (B, N), generator=torch.Generator().manual_seed(11))
         pos = None if docs is None else _positions(B, N, docs)
@@ -139,7 +144,7 @@ def _model_worker(rank, world):
         ref_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         ref_loss.backward()
         # context parallel
-        handle = apply_context_parallel(model)
+        handle = apply_context_parallel(model, attention=attention)
         lengths = None if split is None else [N // world + (r - world // 2) for r in range(world)]
         if lengths is not None:
             lengths[-1] += N - sum(lengths)
@@ -163,13 +168,19 @@ def _model_worker(rank, world):
         out[name] = {"loss": abs(loss_mean.item() - ref_loss.item()) / ref_loss.item(),
                      "grad": max(errs.values()), "worst": max(errs, key=errs.get),
                      "conv_grad_norm": grads["model.layers.2.mlp.ttt_conv.weight"].norm().item(),
-                     "restored": model.config._attn_implementation, "refused": refused}
+                     "restored": model.config._attn_implementation, "refused": refused, "merged": len(merged)}
+    cp._PrefixCausalAttention.apply = apply
     return out
 
 
+@pytest.mark.parametrize("attention", ["allgather", "split"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_model_step_context_parallel_matches_one_process(world):
-    results = run_world(world, _model_worker)[0]
+def test_model_step_context_parallel_matches_one_process(world, attention):
+    ranks = run_world(world, _model_worker, attention)
+    # the last rank's one-document rows ran the two-block flash path with "split", never else
+    assert ranks[-1]["one-doc"]["merged"] == (3 if attention == "split" else 0), ranks[-1]  # one per layer
+    assert ranks[-1]["packed-embed"]["merged"] == 0, ranks[-1]  # packed rows: the masked SDPA call
+    results = ranks[0]
     for case, r in results.items():
         assert r["loss"] <= 1e-6, (case, r)
         assert r["grad"] <= 1e-5, (case, r)
@@ -177,6 +188,57 @@ def test_model_step_context_parallel_matches_one_process(world):
         assert r["restored"] != "fastweights_cp_allgather", (case, r)
         assert r["refused"] == ["under context parallelism pass position_ids (see fastweights.distributed.cp_batch)",
                                 "context parallelism does not take padding masks"], (case, r)
+
+
+PREFIX_CASES = [  # B, H, n (this shard's queries), start (earlier keys), D
+    (2, 3, 7, 11, 12), (1, 2, 13, 5, 16), (1, 1, 1, 9, 8), (2, 2, 9, 0, 12)]
+
+
+def _prefix_attention_errors(dtype, device="cpu", ref_dtype=None, cases=PREFIX_CASES):
+    """Max relative error of prefix_causal_attention (output, dq, dk, dv) against SDPA with
+    an explicit lower-right causal mask in ``ref_dtype``, over ``cases``."""
+    from fastweights.distributed import prefix_causal_attention
+
+    worst = 0.0
+    for B, H, n, start, D in cases:
+        g = torch.Generator().manual_seed(n * 100 + start)
+        q, k, v = (torch.randn(B, H, m, D, generator=g) for m in (n, start + n, start + n))
+        cot = torch.randn(B, H, n, D, generator=g)
+        mask = torch.arange(start + n)[None] <= torch.arange(start, start + n)[:, None]
+        leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+        out = prefix_causal_attention(*leaves, start, 0.37)
+        got = [out, *torch.autograd.grad((out * cot.to(device, dtype)).sum(), leaves)]
+        ref_leaves = [t.to(device, ref_dtype or dtype).requires_grad_() for t in (q, k, v)]
+        ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves, attn_mask=mask.to(device), scale=0.37)
+        want = [ref, *torch.autograd.grad((ref * cot.to(device, ref.dtype)).sum(), ref_leaves)]
+        worst = max(worst, *(rel(a.double(), b.double()) for a, b in zip(got, want)))
+    return worst
+
+
+def test_prefix_causal_attention_matches_masked_attention():
+    assert _prefix_attention_errors(torch.float64) <= 1e-12
+    assert _prefix_attention_errors(torch.float32) <= 1e-5
+    from fastweights.distributed import prefix_causal_attention
+
+    with pytest.raises(ValueError, match="keys must cover"):
+        prefix_causal_attention(torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 5, 8), torch.zeros(1, 1, 5, 8), 1)
+
+
+@pytest.mark.gpu
+def test_prefix_causal_attention_on_cuda_flash_kernel():
+    """bf16 on the CUDA flash kernel (two blocks + merge) against float32: bf16 rounding only."""
+    from fastweights.distributed import context_parallel as cp
+
+    cases = [(2, 4, 300, 517, 128), (1, 2, 77, 5, 64), (1, 3, 129, 1000, 16)]
+    merged = []
+    apply = cp._PrefixCausalAttention.apply
+    cp._PrefixCausalAttention.apply = lambda *a: merged.append(1) or apply(*a)
+    try:
+        err = _prefix_attention_errors(torch.bfloat16, "cuda", torch.float32, cases)
+    finally:
+        cp._PrefixCausalAttention.apply = apply
+    assert len(merged) == len(cases), "the flash kernel did not serve"
+    assert err <= 2e-2, err
 
 
 def _dp_cp_worker(rank, world, mode):

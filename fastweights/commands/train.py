@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from fastweights.config import parse
 from fastweights.train.trainer import TrainConfig, train
@@ -10,5 +11,7 @@ from fastweights.train.trainer import TrainConfig, train
 
 def main(argv: list[str]) -> int:
     cfg = parse(TrainConfig, argv, "fastweights train", __doc__)
-    print(json.dumps(train(cfg), indent=2))
+    summary = train(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 reports
+        print(json.dumps(summary, indent=2))
     return 0

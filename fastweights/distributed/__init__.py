@@ -7,6 +7,7 @@ from fastweights.distributed.context_parallel import (
     balanced_split,
     cp_batch,
     cp_loss,
+    prefix_causal_attention,
     ring_attention_context,
 )
 from fastweights.distributed.data_parallel import (
@@ -34,6 +35,7 @@ __all__ = [
     "load_checkpoint",
     "load_full_state_dict",
     "parallelize",
+    "prefix_causal_attention",
     "ring_attention_context",
     "save_checkpoint",
     "wrap_model",

@@ -13,7 +13,9 @@ Applied to a plain model instance, torchtitan-style, without touching modeling c
   packed rows. Memory per rank and layer: the gathered K and V, ``2·B·N·H_kv·D`` elements
   (kept for backward), repeated to the query heads for grouped-query attention while SDPA
   runs; plus the packed-row mask (``B·n·N`` bytes, built once per forward and shared by all
-  layers).
+  layers). With ``attention="split"`` a row of one document runs, per rank, two flash-attention
+  blocks instead of one masked call: its own keys (square, causal) and the earlier ranks' keys
+  (no mask), merged by their log-sum-exp (:class:`_PrefixCausalAttention`).
 * shards are contiguous and may have different lengths (:func:`balanced_split` evens out the
   causal-attention work).
 
@@ -55,11 +57,13 @@ __all__ = [
     "balanced_split",
     "cp_batch",
     "cp_loss",
+    "prefix_causal_attention",
     "ring_attention_context",
 ]
 
 ATTN_NAME = "fastweights_cp_allgather"
 RING_ATTN_NAME = "fastweights_cp_ring"
+ATTENTION = ("allgather", "split", "ring")
 IGNORE = -100
 
 
@@ -164,8 +168,9 @@ def all_reduce_gradients(model: nn.Module, group: dist.ProcessGroup | None = Non
 class _CPState:
     """Per-forward layout of the shards, shared by the attention layers of one model."""
 
-    def __init__(self, group):
+    def __init__(self, group, split: bool = False):
         self.group = group
+        self.split = split  # one-document rows: local causal + prefix blocks (_PrefixCausalAttention)
         self.lengths: list[int] = []
         self.start = 0
         self.mask: torch.Tensor | None = None  # (B, 1, n, start + n) bool for packed rows
@@ -178,6 +183,93 @@ def _gather_seq(x: torch.Tensor, lengths: list[int], upto: int, group) -> torch.
     parts = all_gather_autograd(F.pad(x, (0, 0, 0, pad)), group)
     full = torch.cat([p[:, :, :n] for p, n in zip(parts, lengths)], dim=2)
     return full[:, :, :upto]
+
+
+def _flash_forward(q, k, v, causal: bool, scale: float):
+    """One flash-attention block: ``(out (B, H, n, D), lse (B, H, ≥n) float32, extras for the
+    backward)``. CUDA's flash kernel, or the CPU flash kernel (the same math, for the tests)."""
+    if q.device.type == "cuda":
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale)
+        return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse, None
+
+
+def _flash_backward(grad, q, k, v, out, lse, extras, causal: bool, scale: float):
+    """``(dq, dk, dv)`` of one block given the merged ``out`` and ``lse`` of all blocks."""
+    if extras is not None:
+        cum_q, cum_k, max_q, max_k, seed, offset = extras
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse, 0.0, causal,
+                                                                              scale=scale)
+
+
+class _PrefixCausalAttention(torch.autograd.Function):
+    """Causal attention of a shard's queries over all keys up to the shard's end, as two
+    flash-attention blocks merged by log-sum-exp (the ring-attention merge, PyTorch's own
+    context parallelism does the same with these kernels):
+
+    * local: ``q`` (B, H, n, D) against this shard's ``k_loc``/``v_loc`` (B, H, n, D), causal
+      (square, so ``is_causal`` is the ordinary causal mask);
+    * prefix: ``q`` against the earlier shards' ``k_pre``/``v_pre`` (B, H, start, D), no mask.
+
+    ``out = Σ_b exp(lse_b − lse) out_b`` with ``lse = logaddexp(lse_loc, lse_pre)``. The
+    backward runs each block's flash backward with the merged ``out`` and ``lse`` (which
+    makes each block's softmax the global one) and adds the query gradients. Every FLOP runs
+    in the flash kernel, unlike SDPA with a lower-right causal bias, which may fall back to
+    the memory-efficient kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k_pre, v_pre, k_loc, v_loc, scale):
+        n = q.shape[2]
+        o_loc, l_loc, x_loc = _flash_forward(q, k_loc, v_loc, True, scale)
+        o_pre, l_pre, x_pre = _flash_forward(q, k_pre, v_pre, False, scale)
+        lse = torch.logaddexp(l_loc, l_pre)
+        w_loc = torch.exp(l_loc - lse)[..., :n, None]
+        w_pre = torch.exp(l_pre - lse)[..., :n, None]
+        acc = torch.promote_types(q.dtype, torch.float32)  # merge in float32 (bf16 inputs) or float64
+        out = (o_loc.to(acc) * w_loc + o_pre.to(acc) * w_pre).to(q.dtype)
+        ctx.save_for_backward(q, k_pre, v_pre, k_loc, v_loc, out, lse)
+        ctx.extras, ctx.scale = (x_loc, x_pre), scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k_pre, v_pre, k_loc, v_loc, out, lse = ctx.saved_tensors
+        grad = grad.contiguous()
+        dq_loc, dk_loc, dv_loc = _flash_backward(grad, q, k_loc, v_loc, out, lse, ctx.extras[0], True, ctx.scale)
+        dq_pre, dk_pre, dv_pre = _flash_backward(grad, q, k_pre, v_pre, out, lse, ctx.extras[1], False, ctx.scale)
+        return dq_loc + dq_pre, dk_pre, dv_pre, dk_loc, dv_loc, None
+
+
+def _flash_supported(q, k) -> bool:
+    """Whether the flash kernel serves these inputs (CUDA: half/bf16, head dim; CPU: always)."""
+    if q.device.type == "cpu":
+        return True
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    return q.device.type == "cuda" and can_use_flash_attention(SDPAParams(q, k, k, None, 0.0, False, False))
+
+
+def prefix_causal_attention(q, k, v, start: int, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of the queries ``q`` (B, H, n, D) at positions ``start..start+n-1`` over
+    the keys/values ``k``, ``v`` (B, H, start + n, D) at positions ``0..start+n-1`` (the lower-right
+    causal mask), as a local causal flash block plus an unmasked flash block over the first
+    ``start`` keys, merged by log-sum-exp (:class:`_PrefixCausalAttention`). Where the flash
+    kernel cannot serve (CUDA: float32, odd head dims), SDPA with a lower-right causal bias.
+    Differentiable."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    n = q.shape[2]
+    if k.shape[2] != start + n:
+        raise ValueError(f"keys must cover positions 0..start+n-1 = {start + n}, got {k.shape[2]}")
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if not _flash_supported(q, k):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, start + n), scale=scale)
+    return _PrefixCausalAttention.apply(q, k[:, :, :start], v[:, :, :start], k[:, :, start:], v[:, :, start:], scale)
 
 
 def _allgather_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -194,6 +286,9 @@ def _allgather_attention(module, query, key, value, attention_mask, dropout=0.0,
     rep = query.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    p = dropout if module.training else 0.0
+    if state.split and state.mask is None and p == 0.0:
+        return prefix_causal_attention(query, k, v, state.start, scaling).transpose(1, 2).contiguous(), None
     mask = causal_lower_right(n, upto) if state.mask is None else state.mask
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, dropout_p=dropout if module.training else 0.0,
                                          scale=scaling)
@@ -288,12 +383,15 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None = N
 
     Each rank then calls the model on its shard with ``position_ids`` (from :func:`cp_batch`)
     and ``use_cache=False``. ``attention``: ``"allgather"`` (any device and backend, packed
-    rows, uneven shards) or ``"ring"`` (causal SDPA that PyTorch's context parallelism turns
-    into ring attention; call the model inside :func:`ring_attention_context`; CUDA only,
-    one document per row, equal shard lengths).
+    rows, uneven shards; SDPA with a lower-right causal bias), ``"split"`` (the same all-gather;
+    rows of one document run :func:`prefix_causal_attention`, two flash blocks merged by
+    log-sum-exp; packed rows and attention dropout use the ``"allgather"`` SDPA call) or
+    ``"ring"`` (causal SDPA that PyTorch's context parallelism turns into ring attention; call
+    the model inside :func:`ring_attention_context`; CUDA only, one document per row, equal
+    shard lengths).
     """
-    if attention not in ("allgather", "ring"):
-        raise ValueError(f"attention must be 'allgather' or 'ring', got {attention!r}")
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
     if not dist.is_initialized():
         raise ValueError("context parallelism needs an initialised torch.distributed process group")
     modules, hooks = [], []
@@ -302,8 +400,8 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None = N
             m.ttt_op = partial(_ttt_op, group)
             modules.append(m)
     attn_before = model.config._attn_implementation
-    if attention == "allgather":
-        state = _CPState(group)
+    if attention != "ring":
+        state = _CPState(group, split=attention == "split")
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         hooks.append(base.register_forward_pre_hook(partial(_shard_layout, state), with_kwargs=True))
         for layer in base.layers:

@@ -6,6 +6,14 @@ A checkpoint is a directory ``<run>/checkpoints/step-XXXXXXXX/`` holding
 position, Python/NumPy RNG states and anything else the trainer records). It is written
 under a temporary name and renamed into place, so a killed run never leaves a half-written
 checkpoint.
+
+Under data parallelism (the model wrapped in DDP or FSDP2, docs/distributed.md) every rank
+calls both functions. The files stay those of one process: full tensors under their plain
+names, optimizer state indexed as ``optimizer.state_dict()`` indexes it (FSDP2's sharded
+state is gathered with ``torch.distributed.checkpoint.state_dict`` and re-sharded on load),
+so a checkpoint loads at any world size, with or without a wrapper. Ranks other than 0 add
+``rng-<rank>.safetensors``; each rank's RNG is restored when the world size is unchanged
+(``state.json`` records it), else every rank takes rank 0's.
 """
 
 from __future__ import annotations
@@ -18,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file, save_model
+from torch import nn
 
 from fastweights.optim.state import load_state, save_state
 
@@ -48,6 +59,44 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(pystate), pygauss))
 
 
+def _layout(model) -> tuple[nn.Module, bool, int, int]:
+    """(plain module, is FSDP2, rank, world size) of a plain, DDP or FSDP2 model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    plain = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    on = dist.is_available() and dist.is_initialized()
+    return plain, isinstance(model, FSDPModule), dist.get_rank() if on else 0, dist.get_world_size() if on else 1
+
+
+def _param_names(model: nn.Module, optimizer) -> list[str]:
+    """Names of the optimizer's parameters in ``state_dict`` index order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _full_optimizer_state(model, optimizer) -> dict:
+    """FSDP2: the whole optimizer state (on rank 0, CPU), indexed like ``optimizer.state_dict()``.
+    A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not osd:  # ranks other than 0
+        return {}
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    return {"state": {index[n]: st for n, st in osd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]}
+
+
+def _load_full_optimizer_state(model, optimizer, osd: dict) -> None:
+    """FSDP2: load an index-keyed full optimizer state (every rank holds it), re-sharding it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(model, optimizer)
+    fqn = {"state": {names[int(i)]: st for i, st in osd["state"].items()},
+           "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in osd["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, fqn, options=StateDictOptions(full_state_dict=True))
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -63,42 +112,87 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, state: dict, keep: int = 3) -> Path:
-    """Write checkpoint ``step`` atomically and delete all but the newest ``keep``."""
+    """Write checkpoint ``step`` atomically and delete all but the newest ``keep``.
+    Under data parallelism every rank calls it (module docstring)."""
+    plain, fsdp, rank, world = _layout(model)
+    barrier = dist.barrier if world > 1 else (lambda: None)
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    save_state(tmp / "optimizer.safetensors", {"optimizer": optimizer.state_dict(), "scheduler": sched})
+    if fsdp:  # collectives: every rank takes part, rank 0 receives the full tensors
+        from fastweights.distributed.data_parallel import _untie, full_state_dict
+
+        model_sd, optim_sd = _untie(full_state_dict(model)), _full_optimizer_state(model, optimizer)
     rng_tensors, rng_meta = _rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    payload = {
-        "step": step,
-        "rng": rng_meta,
-        **state,
-    }
-    (tmp / "state.json").write_text(json.dumps(payload))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if fsdp:
+            save_file(model_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            save_model(plain, str(tmp / "model.safetensors"))
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        save_state(tmp / "optimizer.safetensors",
+                   {"optimizer": optim_sd if fsdp else optimizer.state_dict(), "scheduler": sched})
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        payload = {
+            "step": step,
+            "rng": rng_meta,
+            **state,
+        }
+        if world > 1:
+            payload["world_size"] = world
+        (tmp / "state.json").write_text(json.dumps(payload))
+    barrier()
+    if rank > 0:
+        save_file(rng_tensors, str(tmp / f"rng-{rank}.safetensors"), metadata={"rng": json.dumps(rng_meta)})
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    barrier()
     return final
+
+
+def _model_tensors(path: Path, plain: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` with both names of tied parameters (``save_model`` keeps one)."""
+    sd = load_file(str(path / "model.safetensors"))
+    kept = {id(p): n for n, p in plain.named_parameters(remove_duplicate=False) if n in sd}
+    for name, p in plain.named_parameters(remove_duplicate=False):
+        if name not in sd and id(p) in kept:
+            sd[name] = sd[kept[id(p)]]
+    return sd
 
 
 def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and every RNG from checkpoint ``path``; return
-    its ``state.json`` contents."""
+    its ``state.json`` contents. Under data parallelism every rank calls it, at any world size."""
+    plain, fsdp, rank, world = _layout(model)
     path = Path(path)
     payload = json.loads((path / "state.json").read_text())
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
+    if fsdp:
+        from fastweights.distributed.data_parallel import load_full_state_dict
+
+        load_full_state_dict(model, _model_tensors(path, plain) if rank == 0 else {})
+    else:
+        plain.load_state_dict(_model_tensors(path, plain), strict=True)
     device = next(model.parameters()).device
-    state = load_state(path / "optimizer.safetensors", device=device)
-    optimizer.load_state_dict(state["optimizer"])
+    state = load_state(path / "optimizer.safetensors", device="cpu" if fsdp else device)
+    if fsdp:
+        _load_full_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     sched = dict(state["scheduler"])
     sched["lr_lambdas"] = [None] * len(optimizer.param_groups)
     scheduler.load_state_dict(sched)
-    _set_rng_state(load_file(str(path / "rng.safetensors")), payload["rng"])
+    own = path / f"rng-{rank}.safetensors"
+    if rank > 0 and payload.get("world_size", 1) == world and own.is_file():
+        with safe_open(str(own), "pt") as fh:
+            meta = json.loads(fh.metadata()["rng"])
+        _set_rng_state(load_file(str(own)), meta)
+    else:
+        _set_rng_state(load_file(str(path / "rng.safetensors")), payload["rng"])
     return payload

@@ -1,5 +1,6 @@
 """The training loop: AdamW (or Lookahead/SLRLA from fastweights.optim) with warmup + cosine decay,
-clipping, accumulation, optional embedding forgetting, exact resume.
+clipping, accumulation, optional embedding forgetting, exact resume; data parallelism (DDP or
+FSDP2) under ``torchrun`` with ``parallel`` (docs/distributed.md).
 
 One plain loop (nanoGPT-style). Rows come from :class:`~fastweights.data.packing.PackedRows`,
 so the data position is a row count and resuming needs no data-loader state. Metrics go to
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -72,6 +74,8 @@ class TrainConfig:
     progress: bool = option("show a progress bar", True)
     threads: int = option("torch CPU threads (0: auto, 1 when the load average exceeds the core count, "
                         "else torch's default)", 0)
+    parallel: str = option("data parallelism under torchrun: none, ddp or fsdp (FSDP2 fully_shard). "
+                         "--batch-size is then the global micro-batch, split evenly over the ranks", "none")
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -171,6 +175,50 @@ def _trainable(model, mode: str) -> list[torch.nn.Parameter]:
     return fast
 
 
+PARALLEL = ("none", "ddp", "fsdp")
+
+
+def _setup_parallel(cfg: TrainConfig) -> tuple[int, int, torch.device | None, bool]:
+    """``(rank, world, device or None, created)``: the process group for ``cfg.parallel``
+    (``created``: this call initialised it, so ``train`` destroys it at the end)."""
+    if cfg.parallel not in PARALLEL:
+        raise FastWeightsError(f"parallel must be one of {', '.join(PARALLEL)}, got {cfg.parallel!r}")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.parallel == "none":
+        if launched > 1:
+            raise FastWeightsError(
+                f"launched as {launched} processes (WORLD_SIZE={launched}, e.g. by torchrun) with --parallel none: "
+                f"each would train its own copy on the same rows. Pass --parallel ddp or --parallel fsdp, "
+                f"or run one process without torchrun")
+        return 0, 1, None, False
+    if cfg.forgetting != "none" and cfg.parallel == "fsdp":
+        raise FastWeightsError("embedding forgetting is not supported with --parallel fsdp: use --parallel ddp")
+    if cfg.optimizer not in ("adamw", "sgd") and cfg.parallel == "fsdp":
+        raise FastWeightsError(f"optimizer {cfg.optimizer} is not supported with --parallel fsdp (its state is "
+                               f"not per-parameter): use --parallel ddp, or adamw/sgd")
+    created = not dist.is_initialized()
+    if created and "RANK" not in os.environ:
+        raise FastWeightsError(f"--parallel {cfg.parallel} needs a torchrun launch, e.g. `torchrun --nproc-per-node 2 "
+                               f"-m fastweights train ... --parallel {cfg.parallel}`")
+    from fastweights.distributed import init_distributed
+
+    rank, world, device = init_distributed("gloo" if cfg.device == "cpu" else None)
+    return rank, world, device, created
+
+
+def _wrap(model, cfg: TrainConfig, trainable: list[torch.nn.Parameter]):
+    """DDP/FSDP2-wrapped ``model`` and its trainable parameters (FSDP2 replaces them by
+    sharded ones, found again by name, in the same order)."""
+    from fastweights.distributed import wrap_model
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for p in trainable]
+    wrapped = wrap_model(model, cfg.parallel)
+    plain = wrapped.module if cfg.parallel == "ddp" else wrapped
+    params = dict(plain.named_parameters())
+    return wrapped, [params[n] for n in order]
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     if path.exists():
         lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
@@ -190,7 +238,11 @@ def train(cfg: TrainConfig) -> dict:
     for name in ("steps", "batch_size", "seq_len", "accum", "save_every"):
         if getattr(cfg, name) < 1:
             raise FastWeightsError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    device = pick_device(cfg.device)
+    rank, world, dp_device, created = _setup_parallel(cfg)
+    if cfg.batch_size % world:
+        raise FastWeightsError(f"--batch-size {cfg.batch_size} (the global micro-batch) must be divisible by the "
+                               f"world size {world}")
+    device = dp_device if dp_device is not None else pick_device(cfg.device)
     set_threads(cfg.threads, device)
     resolve_model(cfg.model)  # a bad model name fails before any work
     ds = Dataset(cfg.data)
@@ -200,10 +252,16 @@ def train(cfg: TrainConfig) -> dict:
     if ckpt is not None and not cfg.resume:
         raise FastWeightsError(f"{out} already has checkpoints ({ckpt.name}): pass --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if rank == 0:
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     model = make_model(cfg, ds.vocab_size).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight.numel()
     params = _trainable(model, cfg.trainable)
+    plain = model
+    if world > 1 or cfg.parallel != "none":
+        model, params = _wrap(model, cfg, params)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = build_optimizer(
@@ -211,7 +269,7 @@ def train(cfg: TrainConfig) -> dict:
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95), k=cfg.lookahead_k, alpha=cfg.lookahead_alpha, beta=cfg.slrla_beta,
     )
-    forgetting = build_forgetting(cfg.forgetting, model, optimizer, every=cfg.forgetting_every,
+    forgetting = build_forgetting(cfg.forgetting, plain, optimizer, every=cfg.forgetting_every,
                                   until=cfg.forgetting_until if cfg.forgetting == "temporary" else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
@@ -221,15 +279,14 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume and ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         step, rows_done = state["step"], state["rows"]
-        _truncate_metrics(metrics_path, step)
-    elif metrics_path.exists():
+        if rank == 0:
+            _truncate_metrics(metrics_path, step)
+    elif metrics_path.exists() and rank == 0:
         metrics_path.unlink()
 
     fwd = torch.compile(model) if cfg.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    n_params = sum(p.numel() for p in model.parameters())
-    emb = model.get_input_embeddings().weight.numel()
-    c = model.config
+    c = plain.config
     flops_per_token = 6 * (n_params - emb + c.vocab_size * c.hidden_size)  # matmuls, lm_head included
     flops_per_token += 12 * c.num_hidden_layers * c.hidden_size * cfg.seq_len  # attention scores
     peak = peak_flops(device)
@@ -238,35 +295,49 @@ def train(cfg: TrainConfig) -> dict:
     try:
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(str(out / "tensorboard"))
+        tb = SummaryWriter(str(out / "tensorboard")) if rank == 0 else None
     except ImportError:
         pass
 
     model.train()
     last_good = ckpt if cfg.resume else None
     loss_value = float("nan")
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {out.name}", unit="step", disable=not cfg.progress)
-    with metrics_path.open("a") as log:
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {out.name}", unit="step",
+               disable=not cfg.progress or rank != 0)
+    local = cfg.batch_size // world
+    with metrics_path.open("a") if rank == 0 else nullcontext() as log:
         while step < cfg.steps:
             t0 = time.perf_counter()
             step += 1
             total = 0.0
             for _ in range(cfg.accum):
-                batch = {k: v.to(device) for k, v in rows.batch(rows_done, cfg.batch_size).items()}
+                # rank r takes rows [r·local, (r+1)·local) of the global micro-batch
+                batch = {k: v.to(device) for k, v in rows.batch(rows_done + rank * local, local).items()}
                 rows_done += cfg.batch_size
                 with autocast:
                     ids, pos = batch["input_ids"], batch["position_ids"]
                     logits = fwd(input_ids=ids, position_ids=pos, use_cache=False).logits
-                loss = causal_lm_loss(logits, batch["targets"])
-                if not torch.isfinite(loss):
+                if world == 1:
+                    loss = causal_lm_loss(logits, batch["targets"])
+                    value = loss.detach()
+                else:  # the global token mean: DDP/FSDP average the ranks' gradients
+                    count = (batch["targets"] != IGNORE).sum().to(torch.float32)
+                    dist.all_reduce(count)
+                    loss = causal_lm_loss(logits, batch["targets"], reduction="sum") * world / count.clamp(min=1)
+                    value = loss.detach().clone()
+                    dist.all_reduce(value)
+                    value = value / world
+                if not torch.isfinite(value):
                     bar.close()
                     raise FastWeightsError(
-                        f"non-finite loss ({loss.item()}) at step {step}; training stopped, "
+                        f"non-finite loss ({value.item()}) at step {step}; training stopped, "
                         f"last good checkpoint: {last_good if last_good else 'none'}"
                     )
                 (loss / cfg.accum).backward()
-                total += loss.item() / cfg.accum
+                total += value.item() / cfg.accum
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
             if not torch.isfinite(grad_norm):
                 bar.close()
                 raise FastWeightsError(
@@ -292,9 +363,10 @@ def train(cfg: TrainConfig) -> dict:
                 "tokens_per_s": tokens_per_step / dt,
             }
             if peak:
-                rec["mfu"] = flops_per_token * tokens_per_step / dt / peak
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+                rec["mfu"] = flops_per_token * tokens_per_step / dt / (peak * world)  # per GPU
+            if log is not None:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
             if tb is not None:
                 for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
                     if k in rec:
@@ -311,7 +383,19 @@ def train(cfg: TrainConfig) -> dict:
         loss_value = json.loads(lines[-1])["loss"] if lines else loss_value
     # Lookahead/SLRLA: the exported model holds the slow weights, as they are evaluated with.
     with optimizer.slow_weights() if isinstance(optimizer, Lookahead) else nullcontext():
-        model.save_pretrained(out / "model")
-    ds.tokenizer().save_pretrained(out / "model")
+        if cfg.parallel == "fsdp":
+            from fastweights.distributed import full_state_dict
+
+            sd = full_state_dict(model)  # a collective; full tensors on rank 0
+            if rank == 0:
+                plain.save_pretrained(out / "model", state_dict=sd)
+        elif rank == 0:
+            plain.save_pretrained(out / "model")
+    if rank == 0:
+        ds.tokenizer().save_pretrained(out / "model")
+    if world > 1:
+        dist.barrier()
+    if created:
+        dist.destroy_process_group()
     return {"out": str(out), "model": str(out / "model"), "steps": step, "loss": loss_value,
             "tokens": step * tokens_per_step, "parameters": n_params}
