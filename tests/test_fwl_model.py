@@ -17,7 +17,7 @@ def tiny(step_size=0.3, seed=0):
     cfg = Qwen3Config(vocab_size=V, hidden_size=20, intermediate_size=36, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=10, max_position_embeddings=64,
                       tie_word_embeddings=True, pad_token_id=0)
-    return add_fwl(Qwen3ForCausalLM(cfg), step_size=step_size, block_size=5).eval()
+    return add_fwl(Qwen3ForCausalLM(cfg), step_size=step_size, block_size=5, grad_scale=1.0).eval()
 
 
 def rel(a, b):
@@ -74,6 +74,7 @@ def test_left_padded_batch_equals_rows_alone():
 
 def test_save_load_round_trip(tmp_path):
     m = tiny()
+    fwl_layer(m).grad_scale = m.config.fwl_grad_scale = 0.25
     with torch.no_grad():
         fwl_layer(m).step_sizes.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
     ids = torch.randint(1, V, (2, 9))
@@ -81,6 +82,7 @@ def test_save_load_round_trip(tmp_path):
     m2 = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(m2).__name__ == "FWLQwen3ForCausalLM"
     assert m2.config.fwl_expansion == 4 and m2.config.fwl_block_size == 5
+    assert fwl_layer(m2).grad_scale == 0.25
     assert torch.equal(fwl_layer(m2).step_sizes, fwl_layer(m).step_sizes)
     assert torch.equal(m2(ids, use_cache=False).logits, m(ids, use_cache=False).logits)
     assert m2.lm_head.weight is m2.model.embed_tokens.weight

@@ -7,7 +7,7 @@ targets), the attention mask, the position ids and the cache, and the instance's
 its config's class become registered subclasses (``FWLQwen3ForCausalLM``, model_type
 ``fwl_qwen3``). No modeling file is copied and no class is patched. ``save_pretrained``
 writes safetensors plus the config keys ``fwl_expansion``, ``fwl_step_size``, ``fwl_eps``,
-``fwl_block_size`` and ``fwl_residual``; ``AutoModelForCausalLM.from_pretrained`` loads it after
+``fwl_block_size``, ``fwl_residual`` and ``fwl_grad_scale``; ``AutoModelForCausalLM.from_pretrained`` loads it after
 ``import fastweights``.
 
 **Generation.** The FWL state of a sequence is the summed per-token gradients of its
@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from fastweights.errors import FastWeightsError
-from fastweights.layers.fwl import DEFAULT_STEP_SIZE, FastWeightLayer
+from fastweights.layers.fwl import DEFAULT_GRAD_SCALE, DEFAULT_STEP_SIZE, FastWeightLayer
 from fastweights.models.compat import DynamicCache, keep_positions, resolve_use_cache
 from fastweights.ops.fwl import IGNORE, FWLState
 
@@ -207,7 +207,9 @@ def _options_from_config(config) -> dict:
         raise FastWeightsError(f"config of type {config.model_type!r} has no fwl_expansion: not an FWL model")
     return {"expansion": int(config.fwl_expansion), "step_size": float(config.fwl_step_size),
             "eps": float(config.fwl_eps), "block_size": int(config.fwl_block_size),
-            "residual": bool(getattr(config, "fwl_residual", False))}
+            "residual": bool(getattr(config, "fwl_residual", False)),
+            # checkpoints written before fwl_grad_scale existed were trained with the plain sum (1.0)
+            "grad_scale": float(getattr(config, "fwl_grad_scale", 1.0))}
 
 
 def _install(model: PreTrainedModel, options: dict) -> None:
@@ -235,7 +237,8 @@ def fwl_layer(model: nn.Module) -> FastWeightLayer:
 
 
 def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DEFAULT_STEP_SIZE,
-            eps: float = 1e-5, block_size: int = 256, residual: bool = False) -> PreTrainedModel:
+            eps: float = 1e-5, block_size: int = 256, residual: bool = False,
+            grad_scale: float = DEFAULT_GRAD_SCALE) -> PreTrainedModel:
     """Put a Fast Weight Layer between the body and ``lm_head`` of a causal LM, in place.
 
     Args:
@@ -248,6 +251,9 @@ def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DE
             the block's LayerNorm gain starts at 0. With ``step_size=0`` too, the converted
             model equals the base model until trained; with steps > 0 the fast gain and bias
             move it by O(step size).
+        grad_scale: constant factor on each token's loss before its inner gradient is taken
+            (the reference code uses the batch-mean loss: 1/(tokens per batch)); see
+            :class:`~fastweights.layers.fwl.FastWeightLayer`.
 
     Without ``residual`` the block is freshly initialised and is not an identity, so a
     pretrained model needs training after the conversion.
@@ -257,7 +263,7 @@ def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DE
     if has_fwl(model):
         raise FastWeightsError("model already has an FWL head")
     options = {"expansion": expansion, "step_size": float(step_size), "eps": float(eps), "block_size": block_size,
-               "residual": bool(residual)}
+               "residual": bool(residual), "grad_scale": float(grad_scale)}
     cfg_cls, model_cls = register_fwl_family(model.config.model_type)
     _install(model, options)
     model.config.__class__ = cfg_cls
