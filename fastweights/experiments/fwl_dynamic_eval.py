@@ -62,7 +62,7 @@ class Setting:
     size: str = "20m"
     corpus: str = "python"  # 'python' (the interpreter's sources) or a directory of .txt/.jsonl/.parquet
     max_mb: int = 0  # corpus sample (MB, 0: all)
-    max_doc_kb: int = 0  # per-document cap (KB, 0: none)
+    max_doc_kb: int = 1024  # per-document cap (KB, 0: none): ~46 MB of the ~256 MB default corpus
     val_fraction: float = 0.2  # the default corpus has few (~270), long documents: 20% gives ~50 held out
     vocab_size: int = 16384
     tokenizer_sample_mb: int = 8
@@ -352,8 +352,8 @@ def report(res: dict, png: str) -> str:
         f"| In-Place TTT | `fastweights train --ttt`: layers {list(size.ttt_layers)}, chunk {size.ttt_chunk}, "
         f"η {st['ttt_lr']:g}, target embed |",
         f"| validation perplexity | {st['ppl_rows']} packed validation rows of {st['seq_len']} tokens |",
-        f"| test documents | the first {res['test_documents']} validation documents of ≥ {st['doc_length']} tokens after "
-        f"{st['tune_docs']} tuning documents, cut to {st['doc_length']} tokens, one per forward |",
+        f"| test documents | the first {res['test_documents']} validation documents of ≥ {st['doc_length']} "
+        f"tokens after {st['tune_docs']} tuning documents, cut to {st['doc_length']} tokens, one per forward |",
         f"| dynamic evaluation | RMS rule, all parameters, segment {st['segment']}, λ 0, η from "
         f"{list(st['lr_grid'])} on the tuning documents, mean squared gradients from {st['calib_docs']} training "
         f"documents; each segment is read with the whole preceding document |",

@@ -7,8 +7,8 @@ targets), the attention mask, the position ids and the cache, and the instance's
 its config's class become registered subclasses (``FWLQwen3ForCausalLM``, model_type
 ``fwl_qwen3``). No modeling file is copied and no class is patched. ``save_pretrained``
 writes safetensors plus the config keys ``fwl_expansion``, ``fwl_step_size``, ``fwl_eps``,
-``fwl_block_size``, ``fwl_residual``, ``fwl_grad_scale`` and ``fwl_tied``; ``AutoModelForCausalLM.from_pretrained`` loads it after
-``import fastweights``.
+``fwl_block_size``, ``fwl_residual``, ``fwl_grad_scale`` and ``fwl_tied``;
+``AutoModelForCausalLM.from_pretrained`` loads it after ``import fastweights``.
 
 **Generation.** The FWL state of a sequence is the summed per-token gradients of its
 document so far (:class:`~fastweights.ops.fwl.FWLState`, one (out, in) matrix per dense
