@@ -5,36 +5,50 @@ Each variant is a stack of ``--layers`` blocks of the hybrid model
 window = chunk = 2048), timed forward + backward in bf16 on one sequence of ``--seqlen``
 tokens. Variants: LaCT GD / momentum / Muon, SWA alone, full attention, In-Place TTT on SWA
 (SWA mixer, In-Place TTT MLP). Ratios are against SWA and full attention of the same run.
+The LaCT op's per-chunk step is compiled with torch.compile on CUDA by default
+(``FASTWEIGHTS_LACT_COMPILE``, see fastweights.ops.lact); ``lact-muon-eager`` runs it eagerly
+and ``lact-muon-cudagraphs`` compiles it with ``mode="reduce-overhead"`` (CUDA graphs). A
+variant that fails is reported as failed and the others still run.
 
-Before timing, the LaCT training form is checked against its sequential reference (float64,
-CPU); the benchmark refuses to report if the check fails.
+Before timing, the LaCT training form (its contiguous fast path and its packed-document path)
+is checked against its sequential reference (float64, CPU); the benchmark refuses to report
+if the check fails. ``--profile`` also prints, for the variants named by
+``--profile-variants`` (default lact-muon), a torch.profiler table of one step: the top 25
+ops by GPU time (CPU time on CPU), plus the step's total CPU and GPU time and kernel count.
 
     python benchmarks/lact.py                     # H100: 760M shapes, 32k tokens
     python benchmarks/lact.py --tiny              # CPU smoke test at a tiny size
+    python benchmarks/lact.py --variants lact-muon,lact-muon-eager,swa --profile
     python benchmarks/lact.py --output docs/results/lact_bench.md
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 
 from fastweights.models.hybrid import HybridConfig
 from fastweights.models.hybrid.modeling import HybridBlock, _layout
-from fastweights.ops.lact import UPDATES, lact_chunked, lact_reference
+from fastweights.ops.lact import COMPILE_ENV, UPDATES, lact_chunked, lact_reference
 
 VARIANTS = {
     "lact-gd": dict(mixers="lact", mlps="swiglu", lact_update="gd"),
     "lact-momentum": dict(mixers="lact", mlps="swiglu", lact_update="momentum"),
     "lact-muon": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
+    "lact-muon-eager": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
+    "lact-muon-cudagraphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "swa": dict(mixers="swa", mlps="swiglu"),
     "attention": dict(mixers="attention", mlps="swiglu"),
     "inplace-ttt-swa": dict(mixers="swa", mlps="inplace_ttt"),
 }
+# how the LaCT op's per-chunk step runs (fastweights.ops.lact.COMPILE_ENV); others: the default, auto
+COMPILE = {"lact-muon-eager": "0", "lact-muon-cudagraphs": "reduce-overhead"}
 SHAPES = {
     "760m": dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12, num_key_value_heads=12,
                  sliding_window=2048, lact_heads=4, lact_chunk_size=2048, ttt_chunk=2048, seqlen=32768),
@@ -47,15 +61,16 @@ def check_lact() -> float:
     """Largest relative error of the training form against the reference (fwd + grads)."""
     g = torch.Generator().manual_seed(0)
     worst = 0.0
-    for update in UPDATES:
+    packed = torch.tensor([list(range(20)) + list(range(17))])
+    for update, pos in [(u, p) for u in UPDATES for p in (None, packed)]:
         B, H, N, D = 1, 2, 37, 8
         ins = [torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(3)]
         ins.append(torch.rand(B, H, N, 3, generator=g, dtype=torch.float64) * 0.2)
         ins.append(torch.rand(B, H, N, generator=g, dtype=torch.float64))
         ins += [torch.randn(H, D, D, generator=g, dtype=torch.float64) / D**0.5 for _ in range(3)]
         ins = [t.requires_grad_(True) for t in ins]
-        ref = lact_reference(*ins, chunk_size=8, update=update)
-        out = lact_chunked(*ins, chunk_size=8, update=update)
+        ref = lact_reference(*ins, chunk_size=8, update=update, position_ids=pos)
+        out = lact_chunked(*ins, chunk_size=8, update=update, position_ids=pos, compile=False)
         go = torch.randn_like(ref)
         pairs = [(out.detach(), ref.detach())]
         pairs += zip(torch.autograd.grad(out, ins, go, allow_unused=True),
@@ -66,7 +81,43 @@ def check_lact() -> float:
     return worst
 
 
-def time_variant(name, shape, layers, dtype, device, warmup, iters):
+def time_variant(name, shape, layers, dtype, device, warmup, iters, profile=False):
+    """Median ms/step of forward + backward; the LaCT compile setting of the variant applies."""
+    prev = os.environ.get(COMPILE_ENV)
+    if device.type != "cuda":  # the CPU smoke test runs every variant eagerly
+        os.environ[COMPILE_ENV] = "0"
+    elif name in COMPILE:
+        os.environ[COMPILE_ENV] = COMPILE[name]
+    try:
+        return _time_variant(name, shape, layers, dtype, device, warmup, iters, profile)
+    finally:
+        if prev is None:
+            os.environ.pop(COMPILE_ENV, None)
+        else:
+            os.environ[COMPILE_ENV] = prev
+
+
+def profile_step(name, step, sync, device):
+    """Print a torch.profiler table of one step: top 25 ops by GPU (else CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        sync()
+    avgs = prof.key_averages()
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"\n=== profile: {name}, one step (top 25 by {key}) ===")
+    print(avgs.table(sort_by=key, row_limit=25, max_name_column_width=60))
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.device_time_total for e in kernels) / 1e3  # us -> ms
+    cpu_ops = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU)
+    print(f"{name}: {len(kernels)} GPU kernels taking {gpu_ms:.1f} ms in all, {cpu_ops} CPU events "
+          f"(profiled step; GPU ms far below the step's ms means the host is the bottleneck)")
+
+
+def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile):
     cfg_kw = {k: v for k, v in shape.items() if k != "seqlen"}
     cfg = HybridConfig(vocab_size=256, num_hidden_layers=layers, **cfg_kw, **VARIANTS[name])
     blocks = torch.nn.ModuleList(HybridBlock(cfg, i) for i in range(layers)).to(device=device, dtype=dtype)
@@ -103,6 +154,8 @@ def time_variant(name, shape, layers, dtype, device, warmup, iters):
         sync()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
+    if profile:
+        profile_step(name, step, sync, device)
     return {"name": name, "ms": med * 1e3, "tok_s": N / med, "mem_gib": mem}
 
 
@@ -116,9 +169,12 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--output", default=None, help="also write the markdown table here")
+    p.add_argument("--profile", action="store_true", help="print a profiler table for --profile-variants")
+    p.add_argument("--profile-variants", default="lact-muon", help="comma-separated (default lact-muon)")
     args = p.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
-    bad = [v for v in names if v not in VARIANTS]
+    prof_names = set(v for v in args.profile_variants.split(",") if v) if args.profile else set()
+    bad = [v for v in names + sorted(prof_names) if v not in VARIANTS]
     if bad:
         p.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
     shape = dict(SHAPES["tiny" if args.tiny else "760m"])
@@ -137,8 +193,17 @@ def main(argv=None) -> int:
         return 1
 
     torch.manual_seed(0)
-    rows = [time_variant(n, shape, args.layers, dtype, device, args.warmup, args.iters) for n in names]
-    by = {r["name"]: r for r in rows}
+    rows = []
+    for n in names:
+        try:
+            rows.append(time_variant(n, shape, args.layers, dtype, device, args.warmup, args.iters, n in prof_names))
+        except Exception:  # report the failure, time the other variants
+            traceback.print_exc()
+            print(f"variant {n} failed (traceback above)", file=sys.stderr)
+            rows.append({"name": n, "ms": float("nan"), "tok_s": float("nan"), "mem_gib": float("nan")})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    by = {r["name"]: r for r in rows if r["tok_s"] == r["tok_s"]}
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     head = (f"{gpu}, {dtype}, torch {torch.__version__}, {args.layers} blocks, d={shape['hidden_size']}, "
             f"f={shape['intermediate_size']}, heads={shape['num_attention_heads']}, "

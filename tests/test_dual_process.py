@@ -142,3 +142,29 @@ def test_combine_merges_single_method_runs(tmp_path):
     assert list(record["results"]) == ["vanilla", "active"] and record["seconds"] == 4.0
     with pytest.raises(ValueError, match="seed"):
         forgetting.main(["--combine", str(tmp_path / "vanilla"), str(tmp_path / "temporary"), "--out", str(out)])
+
+
+def test_combine_averages_seeds(tmp_path):
+    settings = {"vocab": 10_000, "zipf": 1.0, "layers": 1, "hidden": 32, "every": 10, "until": 20, "steps": 20}
+    dirs = []
+    for method in ("vanilla", "active"):
+        for seed, value in ((0, 0.2), (1, 0.6)):
+            curves = {"step": [10, 20], "loss": [2.0, 1.0 + seed], "resets": 0,
+                      **{k: [value, value / 2] for k in forgetting.METRICS}}
+            d = tmp_path / f"{method}{seed}"
+            d.mkdir()
+            rec = {"settings": {**settings, "seed": seed, "methods": [method]}, "hardware": "cpu", "seconds": 1.0}
+            (d / "forgetting.json").write_text(json.dumps({**rec, "results": {method: curves}}))
+            dirs.append(str(d))
+    out = tmp_path / "all"
+    assert forgetting.main(["--combine", *dirs, "--out", str(out)]) == 0
+    record = json.loads((out / "forgetting.json").read_text())
+    assert record["settings"]["seed"] == [0, 1] and record["seconds"] == 4.0
+    van = record["results"]["vanilla"]
+    assert van["seeds"] == [0, 1] and set(van["per_seed"]) == {"0", "1"}
+    assert van["val"] == pytest.approx([0.4, 0.2]) and van["loss"] == pytest.approx([2.0, 1.5])
+    # sample std of (0.2, 0.6) and of (0.1, 0.3)
+    assert van["val_std"] == pytest.approx([0.2 * 2**0.5, 0.1 * 2**0.5])
+    assert (out / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="same seeds"):
+        forgetting.main(["--combine", *dirs[:3], "--out", str(out)])

@@ -110,6 +110,27 @@ def test_cached_decoding_equals_full_forward(mixers, mlps, kw):
     assert rel(cut[:, -1], full[:, -1]) > 1e-3
 
 
+def test_inplace_ttt_cache_holds_a_bounded_state_not_the_history():
+    """The In-Place TTT MLP's cache entry is its fast-weight state: after 60 tokens its size is
+    bounded by the dense (B, d, f) state plus one chunk, not growing with the length."""
+    from fastweights.ops.inplace_ttt_decode import InPlaceTTTState
+
+    model = tiny(["swa", "attention"], "inplace_ttt")
+    _perturb_fast_params(model)
+    ids = torch.randint(0, VOCAB, (2, 60), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model(ids[:, :10], use_cache=True)
+        cache = out.past_key_values
+        for t in range(10, 60):
+            cache = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).past_key_values
+    for layer_state in cache.states:
+        state = layer_state["mlp"]
+        assert isinstance(state, InPlaceTTTState)
+        assert state.numel() <= 2 * 24 * 40
+        assert state.buf_z is None or state.buf_z.shape[1] <= 2 * 4
+    assert cache.ttt_tokens == [60, 60]
+
+
 def test_packed_equals_one_by_one():
     model = tiny(["lact", "swa"], "inplace_ttt", lact_update="muon")
     _perturb_fast_params(model)

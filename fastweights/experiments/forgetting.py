@@ -112,6 +112,7 @@ def train_run(method: str, task: DualProcessTask, sets, args) -> dict:
 
 
 def plot(results: dict, path: Path, title: str) -> None:
+    """Curves per metric; with several seeds, the mean and a ± one-std band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,7 +132,12 @@ def plot(results: dict, path: Path, title: str) -> None:
     axes.flat[-1].axis("off")
     for ax, key in zip(axes.flat, panels, strict=False):
         for method, curves in results.items():
-            ax.plot(curves["step"], curves[key], label=method)
+            n = len(curves.get("seeds", [None]))
+            (line,) = ax.plot(curves["step"], curves[key], label=method if n == 1 else f"{method} (mean of {n})")
+            if key + "_std" in curves:
+                lo = [m - s for m, s in zip(curves[key], curves[key + "_std"], strict=True)]
+                hi = [m + s for m, s in zip(curves[key], curves[key + "_std"], strict=True)]
+                ax.fill_between(curves["step"], lo, hi, color=line.get_color(), alpha=0.2)
         ax.set_title(labels[key])
         ax.set_xlabel("step")
         ax.set_ylim(0, None if key == "loss" else 1.02)
@@ -144,14 +150,33 @@ def plot(results: dict, path: Path, title: str) -> None:
 
 
 def summary_table(results: dict) -> str:
-    """Markdown: per method and metric, the peak (and its step) and the final value."""
+    """Markdown: per method and metric, the peak (and its step) and the final value; with several
+    seeds, of the mean curve, and the final value as mean ± std."""
     rows = ["| method | metric | peak | at step | final |", "| --- | --- | --- | --- | --- |"]
     for method, curves in results.items():
         for key in METRICS:
             values = curves[key]
             i = max(range(len(values)), key=values.__getitem__)
-            rows.append(f"| {method} | {key} | {values[i]:.3f} | {curves['step'][i]} | {values[-1]:.3f} |")
+            final = f"{values[-1]:.3f}"
+            if key + "_std" in curves:
+                final += f" ± {curves[key + '_std'][-1]:.3f}"
+            rows.append(f"| {method} | {key} | {values[i]:.3f} | {curves['step'][i]} | {final} |")
     return "\n".join(rows)
+
+
+def seed_average(runs: dict[int, dict]) -> dict:
+    """Mean curves over seeds ``{seed: curves}`` with ``<metric>_std`` (sample std) and the runs."""
+    seeds = sorted(runs)
+    first = runs[seeds[0]]
+    if any(runs[s]["step"] != first["step"] for s in seeds):
+        raise ValueError(f"runs of seeds {seeds} were evaluated at different steps; cannot average")
+    out: dict = {"step": first["step"], "seeds": seeds, "per_seed": {str(s): runs[s] for s in seeds}}
+    for key in ("loss", *METRICS):
+        stacked = torch.tensor([runs[s][key] for s in seeds], dtype=torch.float64)
+        out[key] = stacked.mean(0).tolist()
+        out[key + "_std"] = stacked.std(0).tolist()
+    out["resets"] = first["resets"]
+    return out
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -194,7 +219,8 @@ def write_outputs(results: dict, settings: dict, hardware: str, seconds: float, 
     s = settings
     title = (
         f"dual-process task: V={s['vocab']}, zipf={s['zipf']}, BERT {s['layers']}x{s['hidden']}, "
-        f"reset every {s['every']} (temporary: until {s['until']}), {s['steps']} steps, seed {s['seed']}"
+        f"reset every {s['every']} (temporary: until {s['until']}), {s['steps']} steps, "
+        f"seed{'s' if isinstance(s['seed'], list) else ''} {s['seed']}"
     )
     plot(results, out / "forgetting.png", title)
     print(summary_table(results))
@@ -202,18 +228,31 @@ def write_outputs(results: dict, settings: dict, hardware: str, seconds: float, 
 
 
 def combine(dirs: list[Path], out: Path) -> int:
-    """Merge runs of single methods (``--methods M`` run in parallel) into one record and plot."""
+    """Merge runs of single methods and seeds (run in parallel) into one record and plot.
+
+    Runs must share every setting but the method and the seed, and every method must have been
+    run with the same seeds. With several seeds, each method's curves are the mean over seeds
+    (``<metric>_std`` holds the sample std; ``per_seed`` the runs)."""
     records = [json.loads((d / "forgetting.json").read_text()) for d in dirs]
-    ignore = {"methods", "out", "combine", "quiet"}
+    ignore = {"methods", "out", "combine", "quiet", "seed"}
     first = {k: v for k, v in records[0]["settings"].items() if k not in ignore}
-    results: dict = {}
+    runs: dict[str, dict[int, dict]] = {}
     for d, rec in zip(dirs, records, strict=True):
         other = {k: v for k, v in rec["settings"].items() if k not in ignore}
         if other != first:
             diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
             raise ValueError(f"{d} was run with different settings ({', '.join(diff)}); cannot combine")
-        results.update(rec["results"])
-    settings = {**first, "methods": list(results)}
+        for method, curves in rec["results"].items():
+            runs.setdefault(method, {})[rec["settings"]["seed"]] = curves
+    seed_sets = {method: sorted(r) for method, r in runs.items()}
+    if len({tuple(s) for s in seed_sets.values()}) > 1:
+        raise ValueError(f"every method needs the same seeds to be combined, got {seed_sets}")
+    seeds = next(iter(seed_sets.values()))
+    if len(seeds) == 1:
+        results = {method: r[seeds[0]] for method, r in runs.items()}
+    else:
+        results = {method: seed_average(r) for method, r in runs.items()}
+    settings = {**first, "seed": seeds[0] if len(seeds) == 1 else seeds, "methods": list(results)}
     write_outputs(results, settings, records[0]["hardware"], sum(r["seconds"] for r in records), out)
     return 0
 

@@ -5,10 +5,10 @@ Two tasks:
 - ``--task digits`` (default, CPU): a small CNN on scikit-learn's 8x8 digits (1,797 images,
   fixed stratified 75/25 split), SGD vs Lookahead(SGD) vs SLRLA(SGD), all with the stagewise
   schedule (LR x0.2 at 30/60/80% of training). Needs the ``experiments`` extra (scikit-learn).
-- ``--task lm`` (GPU-sized): a Qwen3 decoder from transformers (about 20M parameters with
-  the defaults) on byte tokens of this interpreter's standard-library sources, AdamW vs
-  Lookahead(AdamW) vs SLRLA(AdamW) with warmup + cosine, a fixed token budget. A minimal
-  stand-in until the project's trainer runs this comparison.
+- ``--task lm`` (GPU-sized): the project trainer (``fastweights.train``) on a preset (``20m``
+  by default, no TTT) and a prepared dataset (``--data``, from ``fastweights prepare``: the
+  default corpus with the BPE tokenizer), AdamW vs Lookahead(AdamW) vs SLRLA(AdamW) with its
+  warmup + cosine schedule and a fixed token budget; validation loss on the dataset's val split.
 
 Lookahead and SLRLA are evaluated with their slow weights. Writes ``DIR/lookahead_<task>.json``
 and ``.png`` and prints a markdown table: mean ± std over seeds, and for each wrapper
@@ -16,6 +16,9 @@ whether its difference from the inner optimiser exceeds the seed spread (|Δ mea
 than the sum of the two standard deviations).
 
     fastweights experiment lookahead [--task digits|lm] [--quick] [--seeds 0 1 2]
+
+To use several processes (or share one GPU), run subsets (``--methods M --seeds S --out DIR_i``),
+then merge them with ``--combine DIR_1 DIR_2 ... --out DIR``.
 """
 
 from __future__ import annotations
@@ -25,13 +28,11 @@ import json
 import math
 import platform
 import statistics
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from fastweights.errors import FastWeightsError
 from fastweights.optim import Lookahead, build_optimizer, stagewise_lr
@@ -111,76 +112,34 @@ def run_digits(method: str, seed: int, args, data) -> dict:
 
 
 # ----------------------------------------------------------------------------- language model (GPU)
-def stdlib_bytes(n: int) -> torch.Tensor:
-    """The first ``n`` bytes of the sorted standard-library ``.py`` files, as token ids ``[n]``."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts:
-            continue
-        raw = path.read_bytes()
-        chunks.append(raw)
-        total += len(raw)
-        if total >= n:
-            break
-    if total < n:
-        raise FastWeightsError(f"the standard library holds {total} bytes of source, fewer than the {n} asked")
-    return torch.frombuffer(bytearray(b"".join(chunks)[:n]), dtype=torch.uint8).long()
+def run_lm(method: str, seed: int, args, data: str) -> dict:
+    """Train a preset with the project trainer (``fastweights.train``) using ``method``, then
+    score the exported model (slow weights for Lookahead/SLRLA) on the dataset's val split."""
+    from fastweights.data.store import Dataset
+    from fastweights.eval.lm import perplexity
+    from fastweights.models.presets import load_model
+    from fastweights.train.trainer import TrainConfig, pick_device, train
 
-
-def run_lm(method: str, seed: int, args, data) -> dict:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    train_ids, val_ids = data
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=256,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 8 // 3 // 64 * 64 or args.hidden * 2,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64 or 1,
-        num_key_value_heads=args.hidden // 64 or 1,
-        head_dim=min(64, args.hidden),
-        max_position_embeddings=args.seq_len,
-        tie_word_embeddings=True,
+    cfg = TrainConfig(
+        data=data, out=str(args.out / "runs" / f"{method}-seed{seed}"), model=args.model, ttt=False,
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, optimizer=method,
+        lookahead_k=args.k, lookahead_alpha=args.alpha, slrla_beta=args.beta, lr=args.lr,
+        warmup=max(1, args.steps // 20), weight_decay=args.weight_decay, seed=seed, save_every=args.steps,
+        keep=1, progress=not args.quiet, threads=args.threads,
     )
-    model = Qwen3ForCausalLM(config).to(device)
-    opt = build_optimizer(method, model.parameters(), lr=args.lr, weight_decay=args.weight_decay, **args.la)
-    warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)),
-    )
-    rows = train_ids[: len(train_ids) // args.seq_len * args.seq_len].view(-1, args.seq_len)
-    val_rows = val_ids[: len(val_ids) // args.seq_len * args.seq_len].view(-1, args.seq_len).to(device)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(rows), generator=gen)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    curve = {"step": [], "val_loss": []}
-
-    @torch.no_grad()
-    def val():
-        losses = []
-        for batch in val_rows.split(args.batch_size):
-            with autocast:
-                losses.append(model(input_ids=batch, labels=batch).loss.float().item())
-        return sum(losses) / len(losses)
-
-    for step in tqdm(range(1, args.steps + 1), desc=f"{method} seed {seed}", disable=args.quiet, mininterval=5):
-        idx = order[(step - 1) * args.batch_size : step * args.batch_size]
-        batch = rows[idx].to(device)
-        with autocast:
-            loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % args.eval_every == 0 or step == args.steps:
-            curve["step"].append(step)
-            curve["val_loss"].append(_evaluate(model, opt, val))
-    return {"val_loss": curve["val_loss"][-1], "curve": curve, "params": sum(p.numel() for p in model.parameters())}
+    start = time.time()
+    summary = train(cfg)
+    seconds = time.time() - start
+    device = pick_device("auto")
+    model = load_model(summary["model"]).to(device)
+    with torch.inference_mode():
+        val = perplexity(model, Dataset(data).split("val"), args.seq_len, args.batch_size,
+                         max(1, args.val_tokens // args.seq_len), progress=not args.quiet)
+    log = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    every = max(1, len(log) // 100)
+    curve = {"step": [r["step"] for r in log[::every]], "train_loss": [r["loss"] for r in log[::every]]}
+    return {"val_loss": val["loss"], "val_tokens": val["tokens"], "tokens": summary["tokens"],
+            "parameters": summary["parameters"], "train_seconds": round(seconds, 1), "curve": curve}
 
 
 # ----------------------------------------------------------------------------- summary
@@ -240,62 +199,100 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a few steps (the test suite's setting)")
     p.add_argument("--out", type=Path, default=Path("docs/results/lookahead"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=None, help="a subset of the task's methods (default: all)")
+    p.add_argument("--combine", type=Path, nargs="+", help="merge the outputs of these runs (subsets) into --out")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--beta", type=float, default=0.2, help="SLRLA regulariser strength")
-    p.add_argument("--lr", type=float, default=None, help="default: 0.05 (digits), 1e-3 (lm)")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.05 (digits), 3e-3 (lm)")
     p.add_argument("--weight-decay", type=float, default=None, help="default: 5e-4 (digits), 0.1 (lm)")
     p.add_argument("--epochs", type=int, default=30, help="digits: epochs")
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 (digits), 32 (lm)")
+    p.add_argument("--data", default="", help="lm: prepared dataset directory (`fastweights prepare`)")
+    p.add_argument("--model", default="20m", help="lm: a preset size of fastweights.models.presets")
     p.add_argument(
         "--steps", type=int, default=1800, help="lm: optimiser steps; tokens = steps x batch x seq-len (29.5M)"
     )
     p.add_argument("--seq-len", type=int, default=512, help="lm: sequence length")
-    p.add_argument("--hidden", type=int, default=384, help="lm: width")
-    p.add_argument("--layers", type=int, default=12, help="lm: layers")
-    p.add_argument("--eval-every", type=int, default=500, help="lm: steps between validations")
     p.add_argument("--val-tokens", type=int, default=1_000_000, help="lm: validation tokens")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     lm = args.task == "lm"
-    args.lr = args.lr if args.lr is not None else (1e-3 if lm else 0.05)
+    args.lr = args.lr if args.lr is not None else (3e-3 if lm else 0.05)
     args.weight_decay = args.weight_decay if args.weight_decay is not None else (0.1 if lm else 5e-4)
     args.batch_size = args.batch_size or 32
+    args.methods = args.methods or list(METHODS[args.task])
+    bad = [m for m in args.methods if m not in METHODS[args.task]]
+    if bad:
+        p.error(f"--methods {bad} not in the {args.task} task's {list(METHODS[args.task])}")
     if args.quick:
         args.epochs, args.seeds = 1, args.seeds[:2]
-        args.steps, args.seq_len, args.hidden, args.layers, args.eval_every = 12, 64, 64, 2, 6
+        args.steps, args.seq_len, args.model = 12, 64, "tiny"
         args.batch_size, args.val_tokens = 4, 4096
+    if lm and not args.combine and not args.data:
+        p.error("--task lm needs --data DIR: a dataset from `fastweights prepare` (the default corpus: "
+                "`fastweights prepare --out DIR`)")
     args.la = {"k": args.k, "alpha": args.alpha, "beta": args.beta}
     return args
 
 
+def write_outputs(results: dict, settings: dict, hardware: str, seconds: float, out: Path) -> None:
+    """``out/lookahead_<task>.json`` and ``.png``; print the summary table."""
+    task = settings["task"]
+    metrics, x_key, y_key = (["val_acc", "val_loss"], "epoch", "val_acc") if task == "digits" else (
+        ["val_loss"], "step", "train_loss")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"lookahead_{task}"
+    record = {"settings": settings, "hardware": hardware, "seconds": round(seconds, 1), "results": results}
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    title = f"{task}: k={settings['k']}, alpha={settings['alpha']}, beta={settings['beta']}, seeds {settings['seeds']}"
+    plot(results, stem.with_suffix(".png"), x_key, y_key, title)
+    print(summary_table(results, metrics))
+    print(f"wrote {stem}.json and {stem}.png ({seconds:.0f} s)")
+
+
+def combine(dirs: list[Path], task: str, out: Path) -> int:
+    """Merge runs of method/seed subsets into one record: same settings but methods and seeds,
+    and the same seeds for every method."""
+    records = [json.loads((d / f"lookahead_{task}.json").read_text()) for d in dirs]
+    ignore = {"methods", "seeds", "out", "combine", "quiet"}
+    first = {k: v for k, v in records[0]["settings"].items() if k not in ignore}
+    runs: dict[str, dict[int, dict]] = {}
+    for d, rec in zip(dirs, records, strict=True):
+        other = {k: v for k, v in rec["settings"].items() if k not in ignore}
+        if other != first:
+            diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+            raise ValueError(f"{d} was run with different settings ({', '.join(diff)}); cannot combine")
+        for method, results in rec["results"].items():
+            for seed, r in zip(rec["settings"]["seeds"], results, strict=True):
+                runs.setdefault(method, {})[seed] = r
+    seed_sets = {m: sorted(r) for m, r in runs.items()}
+    if len({tuple(v) for v in seed_sets.values()}) > 1:
+        raise ValueError(f"every method needs the same seeds to be combined, got {seed_sets}")
+    order = [m for m in METHODS[task] if m in runs]
+    seeds = seed_sets[order[0]]
+    results = {m: [runs[m][s] for s in seeds] for m in order}
+    settings = {**first, "methods": order, "seeds": seeds}
+    write_outputs(results, settings, records[0]["hardware"], sum(r["seconds"] for r in records), out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(argv or []))
+    if args.combine:
+        return combine(args.combine, args.task, args.out)
     torch.set_num_threads(args.threads)
     if args.task == "digits":
-        data, run, metrics, x_key = load_digits_split(), run_digits, ["val_acc", "val_loss"], "epoch"
+        data, run = load_digits_split(), run_digits
     else:
-        n_train = args.steps * args.batch_size * args.seq_len
-        ids = stdlib_bytes(n_train + args.val_tokens)
-        data, run, metrics, x_key = (ids[:n_train], ids[n_train:]), run_lm, ["val_loss"], "step"
+        data, run = args.data, run_lm
     start = time.time()
-    results = {m: [run(m, seed, args, data) for seed in args.seeds] for m in METHODS[args.task]}
+    results = {m: [run(m, seed, args, data) for seed in args.seeds] for m in args.methods}
     elapsed = time.time() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "combine"}
     device = torch.cuda.get_device_name() if args.task == "lm" and torch.cuda.is_available() else "CPU"
-    record = {
-        "settings": settings,
-        "hardware": f"{device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-        f"{args.threads} CPU thread(s)",
-        "seconds": round(elapsed, 1),
-        "results": results,
-    }
-    stem = args.out / f"lookahead_{args.task}"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    title = f"{args.task}: k={args.k}, alpha={args.alpha}, beta={args.beta}, seeds {args.seeds}"
-    plot(results, stem.with_suffix(".png"), x_key, "val_loss" if args.task == "lm" else "val_acc", title)
-    print(summary_table(results, metrics))
-    print(f"wrote {stem}.json and {stem}.png ({elapsed:.0f} s)")
+    hardware = (f"{device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+                f"{args.threads} CPU thread(s)")
+    write_outputs(results, settings, hardware, elapsed, args.out)
     return 0

@@ -117,6 +117,17 @@ class InPlaceTTTMLP(nn.Module):
             )
         return embeds
 
+    def step(self, x: torch.Tensor, state: InPlaceTTTState, plan: StepPlan,
+             target_source: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, d) → o (B, N, d) by advancing ``state`` (streaming, as in generation): the
+        call's tokens continue where the state's earlier calls stopped; ``plan`` marks padding
+        and document starts (shared by all TTT layers of one model call)."""
+        s = self.target_source(x, target_source)
+        z = self.hidden(x)
+        proj = None if self.ttt_proj is None else self.ttt_proj.weight
+        o = state.step(z, s, self.down_proj.weight, self.ttt_conv.weight, proj, self.lr, plan)
+        return o if self.down_proj.bias is None else o + self.down_proj.bias
+
     def forward(
         self,
         x: torch.Tensor,
@@ -137,11 +148,7 @@ class InPlaceTTTMLP(nn.Module):
                 raise ValueError("packed sequences (cu_seqlens) cannot be combined with a cache or padding")
             # the cache's state of this layer, or (padding without a cache) one for this call only
             state = self.ctx.state if self.ctx.state is not None else InPlaceTTTState(self.chunk_size)
-            s = self.target_source(x, None)
-            z = self.hidden(x)
-            proj = None if self.ttt_proj is None else self.ttt_proj.weight
-            o = state.step(z, s, self.down_proj.weight, self.ttt_conv.weight, proj, self.lr, self.ctx.plan)
-            return o if self.down_proj.bias is None else o + self.down_proj.bias
+            return self.step(x, state, self.ctx.plan)
         if position_ids is None and cu_seqlens is None and self.ctx is not None:
             position_ids, cu_seqlens = self.ctx.position_ids, self.ctx.cu_seqlens
             if position_ids is not None and position_ids.shape[-1] != x.shape[1]:

@@ -37,10 +37,15 @@ Two implementations compute the same function:
   then one loop over chunks runs batched over batch and heads. Matmuls run in the input dtype
   (bf16 in training), the state (weights, momentum) stays float32. Any chunk length up to
   the sequence length. Outer gradients come from autograd; it can carry a :class:`LaCTState`.
+  Rows without a document start after token 0, with no state in or out (the usual training
+  call), take a fast path: chunks are plain slices, W1 and W3 are stacked, Muon's Newton-Schulz
+  runs as one batched chain, and the per-chunk step (:func:`_contiguous_step`) is compiled with
+  ``torch.compile`` on CUDA unless ``compile=False`` or ``FASTWEIGHTS_LACT_COMPILE=0``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -101,14 +106,17 @@ def lact_inner_grads(w1, w2, w3, k, v, lr):
 def newton_schulz5(m: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Muon's orthogonalisation of (..., R, S) matrices: Frobenius-normalise, then ``steps``
     iterations ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``, with :data:`NS_COEFFS`. Matmuls run in
-    ``m.dtype``."""
+    ``m.dtype``, three per iteration (the scalings ride in ``baddbmm``)."""
     a, b, c = NS_COEFFS
     wide = m.shape[-2] > m.shape[-1]
     x = m.mT if wide else m
+    shape = x.shape
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
+    x = x.reshape(-1, *shape[-2:])  # batched (P, R, S): baddbmm fuses the scalings into the matmuls
     for _ in range(steps):
-        A = x @ x.mT
-        x = a * x + (b * A + c * (A @ A)) @ x
+        A = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(A, A, A, beta=b, alpha=c), x, beta=a)
+    x = x.reshape(shape)
     return x.mT if wide else x
 
 
@@ -233,6 +241,128 @@ class LaCTState:
         })
 
 
+# --------------------------------------------------------------------------- fast path
+# The common training case (no carried state, no document start after token 0) needs no grid:
+# chunks are contiguous slices. W1 and W3 are stacked into one (2Dh, D) matrix so that one matmul
+# serves both, the Newton-Schulz iterations of all three matrices run as one batched chain where
+# their shapes agree, and the per-chunk step is one function that torch.compile can fuse.
+def _contiguous_step(w13, w2, m13, m2, n13, n2, q, k, v, lr, beta_bar, update: str, order: str,
+                     do_update: bool):
+    """One chunk of the contiguous fast path.
+
+    w13 (B, H, 2Dh, D) = [W1; W3] and w2 (B, H, D2, Dh): float state; m13, m2 the momentum
+    (None: zero, or not kept); n13 (H, 2Dh, 1), n2 (H, D2, 1) initial row norms; q, k (B, H, L, D),
+    v (B, H, L, D2), lr (B, H, L, 3) in the matmul dtype; beta_bar (B, H, 1, 1) or None.
+    Returns (o (B, H, L, D2), w13, w2, m13, m2), the state updated iff ``do_update``.
+    """
+    mm = q.dtype
+    Dh = w2.shape[-1]
+    a13, a2 = w13.to(mm), w2.to(mm)
+    if do_update:
+        h = k @ a13.mT  # (B, H, L, 2Dh): [h1, h3]
+        h1, h3 = h[..., :Dh], h[..., Dh:]
+        sig = torch.sigmoid(h1)
+        a = h1 * sig
+        dz = -(v @ a2)
+        dh = torch.cat([dz * h3 * (sig * (1 + h1 * (1 - sig))) * lr[..., 0:1], dz * a * lr[..., 2:3]], -1)
+        g13 = (dh.mT @ k).to(w13.dtype)
+        g2 = (-((v * lr[..., 1:2]).mT @ (a * h3))).to(w2.dtype)
+        if update == "gd":
+            u13, u2 = g13, g2
+        else:
+            if m13 is not None and beta_bar is not None:
+                g13, g2 = beta_bar * m13 + g13, beta_bar * m2 + g2
+            if beta_bar is not None:  # without beta there is no momentum to keep
+                m13, m2 = g13, g2
+            u13, u2 = (g13, g2) if update == "momentum" else _ns_pair(g13, g2, mm)
+        w13, w2 = w13 - u13, w2 - u2
+        w13 = w13 / (_row_norms(w13) + NORM_EPS) * n13
+        w2 = w2 / (_row_norms(w2) + NORM_EPS) * n2
+        if order == "update_apply":
+            a13, a2 = w13.to(mm), w2.to(mm)
+    hq = q @ a13.mT
+    o = (F.silu(hq[..., :Dh]) * hq[..., Dh:]) @ a2.mT
+    return o, w13, w2, m13, m2
+
+
+def _ns_pair(g13, g2, mm):
+    """Newton-Schulz of W1's and W3's updates (stacked in g13 (B, H, 2Dh, D)) and of W2's
+    (g2 (B, H, D2, Dh)): one batched chain when all three have the same shape."""
+    B, H, R, S = g13.shape
+    x13 = g13.to(mm).view(B, H, 2, R // 2, S)
+    x2 = g2.to(mm)
+    if x2.shape[-2:] == x13.shape[-2:]:
+        y = newton_schulz5(torch.cat([x13, x2.unsqueeze(2)], 2))
+        y13, y2 = y[:, :, :2], y[:, :, 2]
+    else:
+        y13, y2 = newton_schulz5(x13), newton_schulz5(x2)
+    return y13.reshape(B, H, R, S).to(g13.dtype), y2.to(g2.dtype)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _step_fn(compile_mode):
+    """The chunk step: eager (``None``) or compiled with torch.compile in ``compile_mode``."""
+    if compile_mode is None:
+        return _contiguous_step
+    if compile_mode not in _COMPILED:
+        import torch._dynamo.config as dynamo_config
+
+        # one graph per (update, order, do_update, shapes, dtype): several layers' configurations
+        limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
+        kw = {} if compile_mode == "default" else {"mode": compile_mode}
+        _COMPILED[compile_mode] = torch.compile(_contiguous_step, dynamic=False, fullgraph=True, **kw)
+    return _COMPILED[compile_mode]
+
+
+COMPILE_ENV = "FASTWEIGHTS_LACT_COMPILE"
+
+
+def _resolve_compile(compile, device) -> str | None:
+    """``compile``: None (read :data:`COMPILE_ENV`, default ``auto``), ``auto`` (compile on CUDA),
+    True/False, or a torch.compile mode name. Returns the mode to use or None for eager."""
+    if compile is None:
+        compile = os.environ.get(COMPILE_ENV, "auto")
+    if compile in ("0", "off", "false", "eager"):
+        compile = False
+    elif compile in ("1", "on", "true"):
+        compile = True
+    if compile == "auto":
+        compile = device.type == "cuda" and not torch.compiler.is_compiling()
+    if compile is False:
+        return None
+    if compile is True:
+        return "default"
+    if compile in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        return compile
+    raise ValueError(f"compile must be None, 'auto', a bool or a torch.compile mode, got {compile!r}")
+
+
+def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, compile_mode):
+    """LaCT over rows that are single documents, no carried state: o (B, H, N, D2)."""
+    B, H, N, _ = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    w13 = torch.cat([w1, w3], 1).to(acc)  # (H, 2Dh, D)
+    w2s = w2.to(acc)
+    n13, n2 = _row_norms(w13), _row_norms(w2s)
+    w13, w2s = w13.expand(B, -1, -1, -1).contiguous(), w2s.expand(B, -1, -1, -1).contiguous()
+    m13 = m2 = None  # zero momentum: the first update sets it to the gradient
+    step = _step_fn(compile_mode)
+    G = -(-N // chunk_size)
+    outs = []
+    for j in range(G):
+        lo, hi = j * chunk_size, min(N, (j + 1) * chunk_size)
+        # apply-then-update never reads the last chunk's update
+        do_update = order == "update_apply" or j < G - 1
+        bb = None if beta is None or not do_update else beta[:, :, lo:hi].to(acc).mean(-1).view(B, H, 1, 1)
+        o, w13, w2s, m13, m2 = step(w13, w2s, m13, m2, n13, n2, q[:, :, lo:hi], k[:, :, lo:hi],
+                                    v[:, :, lo:hi], lr[:, :, lo:hi], bb, update, order, do_update)
+        outs.append(o)
+    return torch.cat(outs, 2).to(q.dtype)
+
+
 # --------------------------------------------------------------------------- training form
 def _grid(starts_f, cont, buf_len, chunk_size):
     """Slot layout: per token its flat grid slot (B, N); per slot its source index (B, S)
@@ -269,13 +399,16 @@ def _grid(starts_f, cont, buf_len, chunk_size):
 def lact_chunked(
     q, k, v, lr, beta, w1, w2, w3, *, chunk_size: int, update: str = "gd", order: str = "apply_update",
     cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-    state: LaCTState | None = None, output_final_state: bool = False,
+    state: LaCTState | None = None, output_final_state: bool = False, compile=None,
 ):
     """LaCT training form; same arguments as :func:`lact_reference`, plus streaming.
 
     ``state``: a :class:`LaCTState` to continue from. Row b continues it unless
     ``position_ids[b, 0] == 0`` (a new document). ``output_final_state``: also return the
-    state after the last token. Returns o (B, H, N, D2), or ``(o, state)``.
+    state after the last token. ``compile``: how the fast path (one document per row, no state
+    in or out) runs its per-chunk step: None reads ``FASTWEIGHTS_LACT_COMPILE`` (default
+    ``auto``: torch.compile on CUDA, eager elsewhere); True/False; or a torch.compile mode such
+    as ``"reduce-overhead"`` (CUDA graphs). Returns o (B, H, N, D2), or ``(o, state)``.
     """
     B, H, N, D = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
     C = chunk_size
@@ -288,6 +421,8 @@ def lact_chunked(
     if state is not None and (beta is None) != (state.buf_beta is None):
         raise ValueError("beta must be given iff the state was built with beta")
     starts_f = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=dev)
+    if not streaming and not bool(starts_f[:, 1:].any()):
+        return _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, C, update, order, _resolve_compile(compile, dev))
     if state is not None:
         explicit0 = torch.zeros(B, dtype=torch.bool, device=dev)
         if position_ids is not None:

@@ -5,11 +5,12 @@ Per layer ``states[i] = {"mixer": ..., "mlp": ...}``:
 * ``attention`` / ``swa``: (k, v) of all earlier tokens (B, Hkv, M, dh);
 * ``lact``: (k, v, LaCTState): the SWA keys and values plus the fast weights W1..W3, the
   momentum and the partial-chunk buffer (``fastweights.ops.lact.LaCTState``);
-* ``inplace_ttt`` MLP: (x, s, position_ids) of all earlier tokens; each step recomputes the
-  MLP over the history (exact; the dense streaming state of DESIGN-inplace-ttt.md is left to
-  the In-Place TTT op).
+* ``inplace_ttt`` MLP: its :class:`~fastweights.ops.inplace_ttt_decode.InPlaceTTTState` (the
+  fast weights of the completed chunks, factored or dense, plus the open chunk's buffer), so a
+  decoding step costs O(1) in the length, as in the converted models' ``InPlaceTTTCache``.
 Shared across layers: ``key_doc`` (B, M) document ids and ``key_valid`` (B, M) padding mask of
-all earlier tokens, and ``seen`` (M).
+all earlier tokens, ``seen`` (M), and ``ttt_tokens`` (per row, real tokens of its open document,
+for the In-Place TTT step plans).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastweights.models.hybrid.compat import Cache, empty_cache_base
+from fastweights.ops.inplace_ttt_decode import InPlaceTTTState
 from fastweights.ops.lact import LaCTState
 
 __all__ = ["HybridCache"]
@@ -29,6 +31,9 @@ def _select(obj, index):
         return obj.index_select(0, index.to(obj.device))
     if isinstance(obj, LaCTState):
         return obj.select(index.to(obj.w1.device))
+    if isinstance(obj, InPlaceTTTState):
+        obj.select(index)
+        return obj
     if isinstance(obj, dict):
         return {k: _select(v, index) for k, v in obj.items()}
     return type(obj)(_select(v, index) for v in obj)
@@ -43,6 +48,7 @@ class HybridCache(Cache):
         self.key_doc: torch.Tensor | None = None
         self.key_valid: torch.Tensor | None = None
         self.seen = 0
+        self.ttt_tokens: list[int] | None = None
 
     @property
     def is_compileable(self) -> bool:
@@ -61,6 +67,8 @@ class HybridCache(Cache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.states = [_select(s, indices) for s in self.states]
         self.key_doc, self.key_valid = _select(self.key_doc, indices), _select(self.key_valid, indices)
+        if self.ttt_tokens is not None:
+            self.ttt_tokens = [self.ttt_tokens[i] for i in indices.tolist()]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.key_doc is not None:

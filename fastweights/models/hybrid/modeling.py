@@ -24,6 +24,7 @@ from fastweights.models.hybrid.compat import (
     PreTrainedModel,
 )
 from fastweights.models.hybrid.configuration import HybridConfig
+from fastweights.ops.inplace_ttt_decode import InPlaceTTTState, StepPlan
 
 __all__ = ["HybridForCausalLM", "HybridModel", "HybridPreTrainedModel"]
 
@@ -113,7 +114,9 @@ class HybridBlock(nn.Module):
                                 proj=config.ttt_proj)
         self.mlp = mlp
 
-    def forward(self, x, layout, embeds, past=None, use_cache=False):
+    def forward(self, x, layout, embeds, past=None, use_cache=False, ttt_plan: StepPlan | None = None):
+        """x (B, N, d) → (x', state). With a cache, ``past`` is this layer's state from the cache
+        and ``ttt_plan`` the call's In-Place TTT step plan (then the TTT MLP streams its state)."""
         past = past or {}
         y, mixer_state = self.mixer(self.input_layernorm(x), layout, past.get("mixer"), use_cache)
         x = x + y
@@ -121,13 +124,11 @@ class HybridBlock(nn.Module):
         mlp_state = None
         if self.mlp_type == "inplace_ttt":
             s = embeds if self.mlp.target == "embed" else h
-            pos = layout.position_ids
-            n = h.shape[1]
-            if past.get("mlp") is not None:  # recompute over the history (cache.py)
-                hx, hs, hp = past["mlp"]
-                h, s, pos = torch.cat([hx, h], 1), torch.cat([hs, s], 1), torch.cat([hp, pos], 1)
-            y = self.mlp(h, target_source=s, position_ids=pos)[:, -n:]
-            mlp_state = (h, s, pos) if use_cache else None
+            if ttt_plan is not None:  # through a cache: advance the fast-weight state
+                mlp_state = past.get("mlp") or InPlaceTTTState(self.mlp.chunk_size)
+                y = self.mlp.step(h, mlp_state, ttt_plan, target_source=s)
+            else:
+                y = self.mlp(h, target_source=s, position_ids=layout.position_ids)
         else:
             y = self.mlp(h)
         state = {"mixer": mixer_state, "mlp": mlp_state} if use_cache else None
@@ -227,9 +228,17 @@ class HybridModel(HybridPreTrainedModel):
         layout = _layout(position_ids, attention_mask, cache if (cache is not None and cache.seen) else None,
                          B, N, x.device)
         embeds = x
+        plan = None
+        if cache is not None and "inplace_ttt" in self.config.mlps:
+            before = cache.ttt_tokens if cache.ttt_tokens is not None else [0] * B
+            if len(before) != B:
+                raise ValueError(f"batch size changed in the middle of a cache: it holds {len(before)} "
+                                 f"sequences, the input has {B}; start a new cache for a new batch")
+            plan = StepPlan(before, N, layout.key_valid[:, -N:], layout.position_ids == 0)
+            cache.ttt_tokens = plan.after
         for i, layer in enumerate(self.layers):
             past = cache.states[i] if cache is not None else None
-            x, state = layer(x, layout, embeds, past, use_cache)
+            x, state = layer(x, layout, embeds, past, use_cache, ttt_plan=plan)
             if cache is not None:
                 cache.states[i] = state
         if cache is not None:

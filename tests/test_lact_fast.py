@@ -1,0 +1,125 @@
+"""LaCT's contiguous fast path (no carried state, no document start after token 0): forward and
+every gradient against the sequential reference, its dispatch, and its compiled form (GPU)."""
+
+import pytest
+import torch
+
+import fastweights.ops.lact as lact_op
+from fastweights.ops.lact import _contiguous_step, _resolve_compile, lact_chunked, lact_reference
+from tests.test_lact_op import make, rel
+
+NAMES = ["q", "k", "v", "lr", "beta", "w1", "w2", "w3"]
+CASES = [  # update, order, C, (D, Dh, D2)
+    ("gd", "apply_update", 8, (6, 10, 7)),
+    ("momentum", "apply_update", 8, (6, 10, 7)),
+    ("muon", "apply_update", 8, (6, 10, 7)),  # W2's shape differs: two Newton-Schulz chains
+    ("muon", "apply_update", 7, (6, 6, 6)),  # all square: one chain of three matrices
+    ("muon", "update_apply", 5, (5, 5, 5)),
+    ("momentum", "update_apply", 9, (6, 10, 7)),
+    ("gd", "update_apply", 40, (6, 10, 7)),  # one chunk longer than the sequence
+]
+
+
+def grads_vs_reference(inputs, kw, compile=False):
+    ref = lact_reference(*inputs, **kw)
+    out = lact_chunked(*inputs, **kw, compile=compile)
+    go = torch.randn_like(ref)
+    gr = torch.autograd.grad(ref, inputs, go, allow_unused=True)
+    gc = torch.autograd.grad(out, inputs, go, allow_unused=True)
+    return out, ref, gc, gr
+
+
+@pytest.mark.parametrize("update,order,C,dims", CASES, ids=[f"{u}-{o}-C{c}-{d[0]}{d[1]}{d[2]}" for u, o, c, d in CASES])
+def test_fast_path_matches_reference_fwd_and_grads(update, order, C, dims):
+    D, Dh, D2 = dims
+    inputs = make(B=2, H=3, N=29, D=D, Dh=Dh, D2=D2, seed=13)  # 29 % C != 0
+    out, ref, gc, gr = grads_vs_reference(inputs, dict(chunk_size=C, update=update, order=order))
+    assert rel(out, ref) < 1e-10
+    for name, a, b, x in zip(NAMES, gc, gr, inputs, strict=True):
+        a = torch.zeros_like(x) if a is None else a
+        b = torch.zeros_like(x) if b is None else b
+        if name == "beta" and (update == "gd" or C >= 29):
+            assert float(a.norm()) == 0 and float(b.norm()) == 0, name
+            continue
+        assert float(b.norm()) > 0, name  # the gradient is really exercised
+        assert rel(a, b) < 1e-9, name
+
+
+def test_fast_path_muon_without_beta():
+    q, k, v, lr, _, w1, w2, w3 = make(B=1, H=2, N=20, D=4, Dh=4, seed=2)
+    kw = dict(chunk_size=6, update="muon")
+    inputs = (q, k, v, lr, None, w1, w2, w3)
+    ref = lact_reference(*inputs, **kw)
+    out = lact_chunked(*inputs, **kw, compile=False)
+    assert rel(out, ref) < 1e-10
+    (ga,), (gb,) = torch.autograd.grad(out.sum(), [k]), torch.autograd.grad(ref.sum(), [k])
+    assert rel(ga, gb) < 1e-9 and float(gb.norm()) > 0
+
+
+def test_dispatch(monkeypatch):
+    """Whole-sequence rows take the fast path; packed documents and streaming do not."""
+    calls = []
+    fast = lact_op._lact_contiguous
+    monkeypatch.setattr(lact_op, "_lact_contiguous", lambda *a: calls.append(1) or fast(*a))
+    inputs = make(B=2, N=12, grad=False)
+    lact_chunked(*inputs, chunk_size=4, update="muon")
+    lact_chunked(*inputs, chunk_size=4, update="muon", position_ids=torch.arange(12).expand(2, 12))
+    assert len(calls) == 2
+    pos = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)
+    packed = lact_chunked(*inputs, chunk_size=4, update="muon", position_ids=pos)
+    lact_chunked(*inputs, chunk_size=4, update="muon", output_final_state=True)
+    assert len(calls) == 2
+    alone = lact_reference(*[t[:, :, 5:] for t in inputs[:5]], *inputs[5:], chunk_size=4, update="muon")
+    assert rel(packed[:, :, 5:], alone) < 1e-10
+
+
+def test_bf16_fast_path_close_to_float32_path():
+    """bf16 matmuls with a float32 state: close to the same path in float32."""
+    inputs32 = make(B=1, H=2, N=100, D=8, Dh=8, dtype=torch.float32, seed=5, grad=False)
+    ref = lact_chunked(*inputs32, chunk_size=24, update="momentum", compile=False)
+    low = [t.bfloat16() for t in inputs32[:5]]
+    out = lact_chunked(*low, *inputs32[5:], chunk_size=24, update="momentum", compile=False)
+    assert out.dtype == torch.bfloat16
+    assert rel(out.float(), ref) < 3e-2
+
+
+def test_resolve_compile(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(lact_op.COMPILE_ENV, raising=False)
+    assert _resolve_compile(None, cpu) is None and _resolve_compile(None, cuda) == "default"
+    assert _resolve_compile(False, cuda) is None and _resolve_compile(True, cpu) == "default"
+    monkeypatch.setenv(lact_op.COMPILE_ENV, "0")
+    assert _resolve_compile(None, cuda) is None
+    monkeypatch.setenv(lact_op.COMPILE_ENV, "reduce-overhead")
+    assert _resolve_compile(None, cuda) == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile"):
+        _resolve_compile("fast", cuda)
+
+
+def test_step_keeps_state_when_not_updating():
+    q, k, v, lr, beta, w1, w2, w3 = make(B=1, H=2, N=6, D=4, Dh=4, grad=False)
+    w13 = torch.cat([w1, w3], 1).unsqueeze(0)
+    n13, n2 = w13[0].norm(dim=-1, keepdim=True), w2.norm(dim=-1, keepdim=True)
+    o, a, b, m13, m2 = _contiguous_step(w13, w2[None], None, None, n13, n2, q, k, v, lr, None,
+                                        "muon", "apply_update", False)
+    assert a is w13 and m13 is None
+    assert rel(o, lact_op.swiglu_fast(w1, w2, w3, q)) < 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("update", ["gd", "momentum", "muon"])
+def test_compiled_fast_path_matches_reference_gpu(update):
+    """torch.compile'd chunk step on CUDA (float32) against the float64 CPU reference."""
+    inputs = make(B=2, H=2, N=70, D=16, Dh=16, D2=16, dtype=torch.float64, seed=4)
+    kw = dict(chunk_size=16, update=update)
+    ref = lact_reference(*inputs, **kw)
+    go = torch.randn_like(ref)
+    gr = torch.autograd.grad(ref, inputs, go, allow_unused=True)
+    dev = [t.detach().float().cuda().requires_grad_(True) for t in inputs]
+    out = lact_chunked(*dev, **kw, compile=True)
+    gc = torch.autograd.grad(out, dev, go.float().cuda(), allow_unused=True)
+    assert rel(out.double().cpu(), ref) < 1e-4
+    for name, a, b in zip(NAMES, gc, gr, strict=True):
+        if name == "beta" and update == "gd":
+            continue  # gd ignores beta: no gradient either way
+        assert rel(a.double().cpu(), b) < 1e-3, name
