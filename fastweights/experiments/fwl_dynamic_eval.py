@@ -14,10 +14,11 @@ On one model size, one corpus and one token budget, with the project's pipeline
 Reports validation perplexity (packed rows), loss by position on long validation documents
 (table and PNG), and inference cost relative to static: wall-clock and FLOPs
 (``torch.utils.flop_counter``) of reading the same documents. Writes ``results.json``,
-``table.md``, ``loss_by_position.png`` and ``report.md`` (the results page, ready for
-``docs/results/``) to ``--out``; ``--report PATH`` writes the page there too.
+``table.md``, ``loss_by_position.png`` and ``report.md`` (the results page) to ``--out``
+(which also holds the prepared data and the training runs); ``--report docs/results/x.md``
+writes the page there too, with ``x.json`` and ``x_loss_by_position.png`` beside it.
 
-    fastweights experiment fwl-dynamic-eval --out runs/fwl20m                # 20m, one GPU
+    fastweights experiment fwl-dynamic-eval --out runs/fwl20m --report docs/results/fwl_dynamic_eval.md
     fastweights experiment fwl-dynamic-eval --quick --out /tmp/fwlq          # CPU smoke run
 
 Re-running the same command reuses the prepared data and finished (or checkpointed) training
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -413,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fastweights experiment fwl-dynamic-eval", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny CPU-sized settings (seconds; used by the tests)")
     ap.add_argument("--out", type=Path, required=True, help="output directory (data, runs, results)")
-    ap.add_argument("--report", type=Path, help="also write the results page here (e.g. docs/results/x.md)")
+    ap.add_argument("--report", type=Path, help="also write the results page here (e.g. docs/results/x.md), with "
+                    "its plot (x_loss_by_position.png) and raw numbers (x.json) beside it")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
@@ -444,10 +447,12 @@ def main(argv: list[str] | None = None) -> int:
               progress=not args.no_progress, command="fastweights experiment fwl-dynamic-eval " + shlex.join(argv))
     page = report(res, "loss_by_position.png")
     (args.out / "report.md").write_text(page)
-    if args.report is not None:
-        png = os.path.relpath(args.out / "loss_by_position.png", args.report.resolve().parent)
+    if args.report is not None:  # the page plus its plot and raw numbers, e.g. docs/results/x{.md,.json,_...png}
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(report(res, Path(png).as_posix()))
+        png = args.report.with_name(args.report.stem + "_loss_by_position.png")
+        shutil.copyfile(args.out / "loss_by_position.png", png)
+        shutil.copyfile(args.out / "results.json", args.report.with_suffix(".json"))
+        args.report.write_text(report(res, png.name))
     print(res["table"])
     print("\n".join(verdicts(res)))
     print(f"wrote {args.out / 'results.json'}, {args.out / 'report.md'} ({res['seconds']:.0f} s)")
