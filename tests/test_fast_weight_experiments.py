@@ -1,8 +1,14 @@
 """The two reproduction experiments run end to end in --quick mode and write their reports."""
 
 import json
+import math
+import time
+
+import pytest
 
 from fastweights.cli import main
+from fastweights.experiments import associative_retrieval as ar
+from fastweights.experiments import plasticity as pl
 
 
 def test_associative_retrieval_quick(tmp_path):
@@ -27,3 +33,65 @@ def test_plasticity_quick(tmp_path):
 
 def test_experiment_rejects_bad_args():
     assert main(["experiment", "plasticity", "--steps", "0"]) == 2
+    assert main(["experiment", "plasticity", "--time-budget-s", "0"]) == 2
+    for bad in ("foo=1e-3", "irnn=abc", "irnn=-1", "irnn"):
+        assert main(["experiment", "associative-retrieval", "--lr-for", bad]) == 2
+    assert main(["experiment", "associative-retrieval", "--jobs", "0"]) == 2
+
+
+def test_lr_schedule():
+    # Linear warmup to the base rate, then a half cosine that ends at 0 on the last step.
+    assert [ar.lr_factor(s, 10, 4, "cosine") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert ar.lr_factor(4, 10, 4, "cosine") == 1.0
+    assert math.isclose(ar.lr_factor(7, 10, 4, "cosine"), math.cos(math.pi / 4) ** 2)
+    assert ar.lr_factor(10, 10, 4, "cosine") == 0.0
+    assert ar.lr_factor(9, 10, 0, "constant") == 1.0
+
+
+def _tiny_ar_args(*extra):
+    return ar.parse_args(["--train-size", "300", "--valid-size", "100", "--test-size", "100",
+                          "--steps", "6", "--eval-every", "3", *extra])
+
+
+def test_per_model_lr_and_time_budget_stop_runs():
+    args = _tiny_ar_args("--lr-for", "irnn=2e-4")
+    data = ar._data(args)
+    full = ar.train_one("irnn", 20, 0, data, args)
+    assert full["lr"] == 2e-4 and full["steps"] == 6 and not full["stopped_by_budget"]
+    assert [s for s, _ in full["curve"]] == [3, 6]
+    cut = ar.train_one("fw", 20, 0, data, args, deadline=time.time() - 1)
+    assert cut["lr"] == 1e-3 and cut["steps"] == 1 and cut["stopped_by_budget"] and len(cut["curve"]) == 1
+    pargs = pl.parse_args(["--quick"])
+    test = pl.make_batch("copy", 8, 0, "test")
+    run = pl.train_one("regression", "hebbian", 0, pl.make_batch("regression", 8, 0, "test"), pargs)
+    assert run["steps"] == 2 and not run["stopped_by_budget"] and len(run["curve"]) == 2
+    cut = pl.train_one("copy", "hebbian", 0, test, pargs, deadline=time.time() - 1)
+    assert cut["steps"] == 0 and cut["stopped_by_budget"] and 0 <= cut["test"] <= 1
+
+
+@pytest.mark.parametrize("experiment", ["associative-retrieval", "plasticity"])
+def test_parallel_runs_equal_serial_runs(tmp_path, experiment):
+    """Runs in worker processes give the same numbers as the same runs one after another."""
+    if experiment == "associative-retrieval":
+        common = ["--models", "fw", "irnn", "--hidden-sizes", "20", "--seeds", "0", "--train-size", "300",
+                  "--valid-size", "100", "--test-size", "100", "--steps", "6", "--eval-every", "3"]
+        key = ("model", "hidden", "seed")
+    else:
+        common = ["--quick", "--tasks", "regression", "--rules", "none", "gradient"]
+        key = ("task", "rule", "seed")
+    out = {}
+    for jobs in ("1", "2"):
+        assert main(["experiment", experiment, *common, "--jobs", jobs, "--time-budget-s", "600",
+                     "--out-dir", str(tmp_path / jobs)]) == 0
+        name = experiment.replace("-", "_") + ".json"
+        results = json.loads((tmp_path / jobs / name).read_text())["results"]
+        out[jobs] = {tuple(r[k] for k in key): r for r in results}
+    assert len(out["1"]) == 2 and out["1"].keys() == out["2"].keys()
+    for k, r in out["1"].items():
+        r2 = out["2"][k]
+        assert not r["stopped_by_budget"] and r["steps"] == r2["steps"]
+        if experiment == "associative-retrieval":
+            assert r["curve"] == r2["curve"] and r["test_error"] == r2["test_error"]
+        else:
+            assert r["curve"] == pytest.approx(r2["curve"], rel=1e-5)
+            assert r["test"] == pytest.approx(r2["test"], rel=1e-5)
