@@ -84,7 +84,7 @@ class Setting:
     # near-zero mean square, and g/(√ms + ε) then blows up on the rare tokens of a test document.
     calib_docs: int = 0
     segment: int = 128  # dynamic evaluation: tokens scored, then updated on
-    lr_grid: tuple = (1e-5, 3e-5, 1e-4, 3e-4)  # dynamic evaluation η candidates
+    lr_grid: tuple = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)  # dynamic evaluation η candidates
     timing_repeats: int = 3
 
 
