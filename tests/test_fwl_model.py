@@ -17,7 +17,7 @@ def tiny(step_size=0.3, seed=0):
     cfg = Qwen3Config(vocab_size=V, hidden_size=20, intermediate_size=36, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=10, max_position_embeddings=64,
                       tie_word_embeddings=True, pad_token_id=0)
-    return add_fwl(Qwen3ForCausalLM(cfg), step_size=step_size, block_size=5).eval()
+    return add_fwl(Qwen3ForCausalLM(cfg), step_size=step_size, block_size=5, grad_scale=1.0).eval()
 
 
 def rel(a, b):
@@ -74,6 +74,7 @@ def test_left_padded_batch_equals_rows_alone():
 
 def test_save_load_round_trip(tmp_path):
     m = tiny()
+    fwl_layer(m).grad_scale = m.config.fwl_grad_scale = 0.25
     with torch.no_grad():
         fwl_layer(m).step_sizes.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
     ids = torch.randint(1, V, (2, 9))
@@ -81,9 +82,43 @@ def test_save_load_round_trip(tmp_path):
     m2 = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(m2).__name__ == "FWLQwen3ForCausalLM"
     assert m2.config.fwl_expansion == 4 and m2.config.fwl_block_size == 5
+    assert fwl_layer(m2).grad_scale == 0.25
     assert torch.equal(fwl_layer(m2).step_sizes, fwl_layer(m).step_sizes)
     assert torch.equal(m2(ids, use_cache=False).logits, m(ids, use_cache=False).logits)
-    assert m2.lm_head.weight is m2.model.embed_tokens.weight
+    assert m2.lm_head.weight is not m2.model.embed_tokens.weight  # the block's own unembedding (default)
+    assert torch.equal(m2.lm_head.weight, m.lm_head.weight)
+
+
+def _plain(seed=0):
+    torch.manual_seed(seed)
+    cfg = tiny().config.to_dict()
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("fwl_")} | {"tie_word_embeddings": True}
+    return Qwen3ForCausalLM(Qwen3ForCausalLM.config_class(**cfg))
+
+
+def test_block_gets_its_own_unembedding_unless_tied(tmp_path):
+    """The reference code's FWL block has its own unembedding. By default add_fwl copies the
+    model's (tied) unembedding into the head, so training the block's output space no longer
+    moves the input embedding; ``tied=True`` keeps the head on the shared tensor."""
+    base = _plain()
+    emb = base.model.embed_tokens.weight.detach().clone()
+    m = add_fwl(base).train()
+    assert m.lm_head.weight is not m.model.embed_tokens.weight and torch.equal(m.lm_head.weight, emb)
+    assert m.config.tie_word_embeddings is False and m.config.fwl_tied is False
+    ids = torch.randint(1, V, (1, 8))
+    m(ids, labels=ids, use_cache=False).loss.backward()
+    emb_grad = m.model.embed_tokens.weight.grad
+    assert m.lm_head.weight.grad.abs().sum() > 0
+    assert emb_grad[torch.tensor(sorted(set(range(V)) - set(ids.flatten().tolist())))].abs().sum() == 0
+    m.save_pretrained(tmp_path / "own")
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "own")
+    assert m2.lm_head.weight is not m2.model.embed_tokens.weight and torch.equal(m2.lm_head.weight, m.lm_head.weight)
+
+    t = add_fwl(_plain(), tied=True)
+    assert t.lm_head.weight is t.model.embed_tokens.weight and t.config.tie_word_embeddings
+    t.save_pretrained(tmp_path / "tied")
+    t2 = AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
+    assert t2.lm_head.weight is t2.model.embed_tokens.weight and fwl_layer(t2) is not None
 
 
 def test_residual_variant_is_drop_in(tmp_path):

@@ -163,6 +163,54 @@ def test_causal_sum_matches_linear_attention_with_unit_keys():
         assert rel(out, ref) < 1e-12 and rel(S, ref_s.squeeze(-1)) < 1e-12
 
 
+def test_grad_scale_scales_each_token_loss():
+    """grad_scale c: the reference differentiates c·ℓ_s; the parallel form agrees (forward, state,
+    every gradient), and equals step sizes multiplied by c."""
+    h, y, p, eta, E, eb = make(2, 13, 7, 5, 11, seed=11, requires_grad=True)
+    c = 0.37
+    out, st = fwl_chunked(h, y, p, eta, E, eb, block_size=4, grad_scale=c)
+    ref, ref_st = fwl_reference(h, y, p, eta, E, eb, grad_scale=c)
+    assert rel(out, ref) < 1e-12
+    plain, plain_st = fwl_chunked(h, y, p, eta * c, E, eb, block_size=4)
+    assert rel(out, plain) < 1e-12
+    for a, b, u in zip(st, ref_st, plain_st, strict=True):
+        assert rel(a, b) < 1e-12 and rel(a, c * u) < 1e-12
+    w = torch.randn_like(out)
+    leaves = [h, *p, eta, E, eb]
+    for a, b in zip(torch.autograd.grad((out * w).sum(), leaves), torch.autograd.grad((ref * w).sum(), leaves),
+                    strict=True):
+        assert rel(a, b) < 1e-10
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="grad_scale"):
+            fwl_chunked(h, y, p, eta, E, eb, grad_scale=bad)
+
+
+def test_default_fast_update_starts_as_a_small_perturbation():
+    """At the defaults (step sizes 0.01, grad_scale 1/8192, i.e. the reference code's batch-mean
+    inner loss) the fast update moves the logits of a 1024-token row by a few percent. With the
+    plain sum of token losses (grad_scale 1) it moved them by more than their own norm at init,
+    which swamped the slow block: the SPEC block then trained far worse than the model without it."""
+    from fastweights.layers.fwl import FastWeightLayer
+
+    g = torch.Generator().manual_seed(12)
+    d, V, N = 96, 512, 1024
+    # body outputs like a final RMSNorm's (unit RMS, a shared direction), unembedding rows of norm ~1
+    h = torch.nn.functional.rms_norm(torch.randn(1, N, d, generator=g) + 2 * torch.randn(1, 1, d, generator=g), (d,))
+    E = torch.randn(V, d, generator=g) * 0.1
+    y = torch.randint(0, V, (1, N), generator=g)
+
+    def moved(layer):
+        with torch.no_grad():
+            fast, _ = layer(h, y, E)
+            slow, _ = fwl_chunked(h, y, layer.params(), torch.zeros(6), E)
+        return rel(fast, slow)
+
+    torch.manual_seed(0)
+    assert moved(FastWeightLayer(d)) < 0.05
+    torch.manual_seed(0)
+    assert moved(FastWeightLayer(d, grad_scale=1.0)) > 0.5
+
+
 def test_bad_inputs_raise():
     h, y, p, eta, E, eb = make(1, 4, 6, 5, 10)
     with pytest.raises(ValueError, match="w2"):

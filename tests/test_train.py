@@ -159,3 +159,19 @@ def test_bad_optimizer_and_forgetting_are_rejected(data, tmp_path):
         _train(train_args(data, tmp_path / "a", optimizer="adam"))
     with pytest.raises(FastWeightsError, match="temporary forgetting needs --forgetting-until"):
         _train(train_args(data, tmp_path / "b", forgetting="temporary"))
+
+
+def test_train_with_a_fast_weight_layer(data, tmp_path):
+    """``--fwl`` trains the preset with an FWL head; its inner loss scale defaults to the
+    reference code's batch mean, 1/(batch_size·seq_len), and survives save/load."""
+    from fastweights.models import fwl_layer
+    from fastweights.models.presets import load_model
+
+    run = tmp_path / "fwl"
+    args = train_args(data, run, steps=2, lr=1e-2) + ["--no-ttt", "--fwl"]
+    _train(args)
+    fw = fwl_layer(load_model(run / "model"))
+    assert fw.grad_scale == 1.0 / (2 * 48)
+    assert not torch.allclose(fw.step_sizes, torch.full((6,), 0.01))  # the step sizes are trained
+    with pytest.raises(FastWeightsError, match="fwl_grad_scale"):
+        _train(train_args(data, tmp_path / "bad", steps=1) + ["--no-ttt", "--fwl", "--fwl-grad-scale", "-1"])

@@ -2,8 +2,9 @@
 
 ``Dense(d→4s) → squared-ReLU → Dense(4s→s) → LayerNorm → unembed``; every dense kernel and
 bias and the LayerNorm gain and bias are fast weights, updated token by token with the
-per-token gradients of the next-token loss (see :mod:`fastweights.ops.fwl`). Each of the six
-tensors has a learnable step size, initialised to 0.01.
+per-token gradients of the next-token loss, scaled by ``grad_scale`` (see
+:mod:`fastweights.ops.fwl`). Each of the six tensors has a learnable step size, initialised
+to 0.01.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from torch import nn
 
 from fastweights.ops.fwl import FAST_TENSORS, FWLParams, FWLState, fwl
 
-__all__ = ["DEFAULT_STEP_SIZE", "FastWeightLayer"]
+__all__ = ["DEFAULT_GRAD_SCALE", "DEFAULT_STEP_SIZE", "FastWeightLayer"]
 
 DEFAULT_STEP_SIZE = 0.01
+# The reference code differentiates the batch-mean loss: its per-token gradients carry a factor
+# 1/(tokens per batch). 1/8192 is that factor for a batch of 8 rows of 1024 tokens.
+DEFAULT_GRAD_SCALE = 1.0 / 8192
 
 
 class FastWeightLayer(nn.Module):
@@ -30,13 +34,19 @@ class FastWeightLayer(nn.Module):
         eps: LayerNorm epsilon.
         step_size: initial value of every per-tensor step size.
         block_size: chunk length of the parallel form.
+        grad_scale: constant factor on each token's loss before its gradient is taken (the
+            reference code's batch-mean loss is 1/(tokens per batch)). With ``step_size`` it
+            sets the size of the fast update: only their product matters at init, but the
+            optimiser moves the step sizes by about its learning rate per step, so a
+            ``grad_scale`` that makes the useful step sizes O(0.01–1) trains well.
         residual: a variant, not in the paper: the unembedding reads ``h + block(h)`` (needs
             width = hidden_size) and the LayerNorm gain starts at 0, so a fresh block adds 0
             at the slow weights; with ``step_size=0`` as well it is an exact identity.
     """
 
     def __init__(self, hidden_size: int, width: int | None = None, *, expansion: int = 4, eps: float = 1e-5,
-                 step_size: float = DEFAULT_STEP_SIZE, block_size: int = 256, residual: bool = False):
+                 step_size: float = DEFAULT_STEP_SIZE, block_size: int = 256, residual: bool = False,
+                 grad_scale: float = DEFAULT_GRAD_SCALE):
         super().__init__()
         width = hidden_size if width is None else width
         for name, val in (("hidden_size", hidden_size), ("width", width), ("expansion", expansion),
@@ -47,9 +57,11 @@ class FastWeightLayer(nn.Module):
             raise ValueError(f"residual needs width == hidden_size, got {width} and {hidden_size}")
         if not math.isfinite(step_size):
             raise ValueError(f"step_size must be finite, got {step_size!r}")
+        if not (math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
         self.hidden_size, self.width, self.expansion = hidden_size, width, expansion
         self.eps, self.block_size, self.step_size_init = float(eps), block_size, float(step_size)
-        self.residual = bool(residual)
+        self.residual, self.grad_scale = bool(residual), float(grad_scale)
         inner = expansion * width
         self.w1 = nn.Parameter(torch.empty(inner, hidden_size))
         self.b1 = nn.Parameter(torch.empty(inner))
@@ -96,8 +108,9 @@ class FastWeightLayer(nn.Module):
         return fwl(h, targets, FWLParams(*(t.to(dt) for t in self.params())), self.step_sizes.to(dt),
                    unembed_weight.to(dt), None if unembed_bias is None else unembed_bias.to(dt),
                    eps=self.eps, position_ids=position_ids, cu_seqlens=cu_seqlens, state=state,
-                   residual=self.residual, impl=impl, **({"block_size": self.block_size} if impl == "chunked" else {}))
+                   residual=self.residual, grad_scale=self.grad_scale, impl=impl,
+                   **({"block_size": self.block_size} if impl == "chunked" else {}))
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, width={self.width}, expansion={self.expansion}, "
-                f"step_size_init={self.step_size_init}, residual={self.residual}")
+                f"step_size_init={self.step_size_init}, grad_scale={self.grad_scale:g}, residual={self.residual}")

@@ -7,8 +7,8 @@ targets), the attention mask, the position ids and the cache, and the instance's
 its config's class become registered subclasses (``FWLQwen3ForCausalLM``, model_type
 ``fwl_qwen3``). No modeling file is copied and no class is patched. ``save_pretrained``
 writes safetensors plus the config keys ``fwl_expansion``, ``fwl_step_size``, ``fwl_eps``,
-``fwl_block_size`` and ``fwl_residual``; ``AutoModelForCausalLM.from_pretrained`` loads it after
-``import fastweights``.
+``fwl_block_size``, ``fwl_residual``, ``fwl_grad_scale`` and ``fwl_tied``;
+``AutoModelForCausalLM.from_pretrained`` loads it after ``import fastweights``.
 
 **Generation.** The FWL state of a sequence is the summed per-token gradients of its
 document so far (:class:`~fastweights.ops.fwl.FWLState`, one (out, in) matrix per dense
@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
 
 from fastweights.errors import FastWeightsError
-from fastweights.layers.fwl import DEFAULT_STEP_SIZE, FastWeightLayer
+from fastweights.layers.fwl import DEFAULT_GRAD_SCALE, DEFAULT_STEP_SIZE, FastWeightLayer
 from fastweights.models.compat import DynamicCache, keep_positions, resolve_use_cache
 from fastweights.ops.fwl import IGNORE, FWLState
 
@@ -90,16 +90,20 @@ class _Context:
 
 
 class FWLHead(nn.Module):
-    """``lm_head`` replacement: FWL block, then the original unembedding.
+    """``lm_head`` replacement: FWL block, then an unembedding.
 
-    Keeps the unembedding's ``weight`` (V, s) and ``bias`` under their old names, so weight
-    tying and checkpoints of the base model still line up; the block is ``fwl``.
+    Keeps the unembedding's ``weight`` (V, s) and ``bias`` under their old names, so
+    checkpoints of the base model still line up; the block is ``fwl``. With ``own_weight``
+    the unembedding is a copy of ``lm_head``'s, no longer shared with the input embedding (as
+    in the reference code, whose FWL block has its own unembedding); otherwise it is
+    ``lm_head``'s own tensors, tied as they were.
     """
 
-    def __init__(self, lm_head: nn.Linear, fwl: FastWeightLayer):
+    def __init__(self, lm_head: nn.Linear, fwl: FastWeightLayer, own_weight: bool = False):
         super().__init__()
-        self.weight = lm_head.weight
-        self.bias = lm_head.bias
+        copy = (lambda t: None if t is None else nn.Parameter(t.detach().clone())) if own_weight else (lambda t: t)
+        self.weight = copy(lm_head.weight)
+        self.bias = copy(lm_head.bias)
         self.fwl = fwl
         self.ctx: _Context | None = None
 
@@ -207,7 +211,11 @@ def _options_from_config(config) -> dict:
         raise FastWeightsError(f"config of type {config.model_type!r} has no fwl_expansion: not an FWL model")
     return {"expansion": int(config.fwl_expansion), "step_size": float(config.fwl_step_size),
             "eps": float(config.fwl_eps), "block_size": int(config.fwl_block_size),
-            "residual": bool(getattr(config, "fwl_residual", False))}
+            "residual": bool(getattr(config, "fwl_residual", False)),
+            # checkpoints written before fwl_tied existed read the model's (tied) unembedding
+            "tied": bool(getattr(config, "fwl_tied", True)),
+            # checkpoints written before fwl_grad_scale existed were trained with the plain sum (1.0)
+            "grad_scale": float(getattr(config, "fwl_grad_scale", 1.0))}
 
 
 def _install(model: PreTrainedModel, options: dict) -> None:
@@ -215,9 +223,14 @@ def _install(model: PreTrainedModel, options: dict) -> None:
     if not isinstance(head, nn.Linear):
         raise FastWeightsError(f"model type {model.config.model_type!r} is not supported: add_fwl needs an "
                                f"nn.Linear lm_head, got {type(head).__name__}")
+    options = dict(options)
+    tied = options.pop("tied")
     d = head.in_features
     fwl = FastWeightLayer(d, d, **options).to(device=head.weight.device, dtype=head.weight.dtype)
-    model.lm_head = FWLHead(head, fwl)
+    shared = head.weight is getattr(model.get_input_embeddings(), "weight", None)
+    model.lm_head = FWLHead(head, fwl, own_weight=not tied and shared)
+    if not tied:
+        model.config.tie_word_embeddings = False
     model._fwl_takes_keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
     model.register_forward_pre_hook(_capture_inputs, with_kwargs=True)
 
@@ -235,7 +248,8 @@ def fwl_layer(model: nn.Module) -> FastWeightLayer:
 
 
 def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DEFAULT_STEP_SIZE,
-            eps: float = 1e-5, block_size: int = 256, residual: bool = False) -> PreTrainedModel:
+            eps: float = 1e-5, block_size: int = 256, residual: bool = False,
+            grad_scale: float = DEFAULT_GRAD_SCALE, tied: bool = False) -> PreTrainedModel:
     """Put a Fast Weight Layer between the body and ``lm_head`` of a causal LM, in place.
 
     Args:
@@ -248,6 +262,15 @@ def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DE
             the block's LayerNorm gain starts at 0. With ``step_size=0`` too, the converted
             model equals the base model until trained; with steps > 0 the fast gain and bias
             move it by O(step size).
+        grad_scale: constant factor on each token's loss before its inner gradient is taken
+            (the reference code uses the batch-mean loss: 1/(tokens per batch)); see
+            :class:`~fastweights.layers.fwl.FastWeightLayer`.
+        tied: read the block's output with the model's own unembedding, tied to the input
+            embedding if the model ties them. The default (False) follows the reference code:
+            the block gets its own unembedding, initialised as a copy of ``lm_head``'s, and
+            the config's ``tie_word_embeddings`` becomes False. A unembedding shared with the
+            input embedding has to serve both the body's input and the block's output space;
+            trained that way the SPEC block learned far more slowly (docs/fwl.md).
 
     Without ``residual`` the block is freshly initialised and is not an identity, so a
     pretrained model needs training after the conversion.
@@ -257,7 +280,7 @@ def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DE
     if has_fwl(model):
         raise FastWeightsError("model already has an FWL head")
     options = {"expansion": expansion, "step_size": float(step_size), "eps": float(eps), "block_size": block_size,
-               "residual": bool(residual)}
+               "residual": bool(residual), "grad_scale": float(grad_scale), "tied": bool(tied)}
     cfg_cls, model_cls = register_fwl_family(model.config.model_type)
     _install(model, options)
     model.config.__class__ = cfg_cls

@@ -12,10 +12,13 @@ All six tensors θ = (W1, b1, W2, b2, γ, β) are fast. Token t is read with
 
     θ_t = θ − η ⊙ Σ_{s<t, same document} ∇_θ ℓ_s(θ)
 
-where ``ℓ_s`` is the next-token cross entropy of token s at the *slow* weights θ and ``η``
-holds one step size per tensor. A dense layer's per-token gradient is rank one, so each
-fast layer is strictly causal linear attention (query: fast-path input, key: slow-path
-input, value: the slow-path gradient at the layer's output ``g``):
+where ``ℓ_s`` is the next-token cross entropy of token s at the *slow* weights θ, scaled by
+the constant ``grad_scale``, and ``η`` holds one step size per tensor. The reference code of
+Clark et al. takes the gradient of the *batch-mean* loss, i.e. ``grad_scale`` = 1 / (tokens
+in the batch); a constant keeps rows independent and generation equal to the full forward.
+A dense layer's per-token gradient is rank one, so each fast layer is strictly causal linear
+attention (query: fast-path input, key: slow-path input, value: the slow-path gradient at the
+layer's output ``g``):
 
     W_t x_t + b_t = W x_t + b − η_W Σ_{s<t} (x_t·x_s) g_s − η_b Σ_{s<t} g_s
     γ_t = γ − η_γ Σ_{s<t} g^u_s ⊙ n_s,   β_t = β − η_β Σ_{s<t} g^u_s
@@ -41,6 +44,7 @@ back in (``state=``) to continue that document, as generation does.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -87,7 +91,10 @@ class FWLState(NamedTuple):
 
 
 # --------------------------------------------------------------------------- validation
-def _check(h, targets, p: FWLParams, step_sizes, unembed_weight, unembed_bias, state, residual=False):
+def _check(h, targets, p: FWLParams, step_sizes, unembed_weight, unembed_bias, state, residual=False,
+           grad_scale=1.0):
+    if not (isinstance(grad_scale, int | float) and math.isfinite(grad_scale) and grad_scale > 0):
+        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
     if h.dim() != 3:
         raise ValueError(f"h must be (B, N, d), got shape {tuple(h.shape)}")
     B, N, d = h.shape
@@ -157,19 +164,21 @@ def fwl_reference(
     position_ids: torch.Tensor | None = None,
     state: FWLState | None = None,
     residual: bool = False,
+    grad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, FWLState]:
     """Explicit per-token gradient steps (the definition). Returns logits (B, N, V) and state.
 
-    For each row and token t: θ_t = θ − η ⊙ G, where G sums ``∇_θ ℓ_s(θ)`` over the earlier
-    tokens s of t's document (each from ``torch.func.grad``); logits_t = block(h_t; θ_t).
-    Differentiable end to end (the per-token gradients keep their graph).
+    For each row and token t: θ_t = θ − η ⊙ G, where G sums ``∇_θ (grad_scale · ℓ_s)(θ)``
+    over the earlier tokens s of t's document (each from ``torch.func.grad``);
+    logits_t = block(h_t; θ_t). Differentiable end to end (the per-token gradients keep
+    their graph).
     """
-    B, N = _check(h, targets, params, step_sizes, unembed_weight, unembed_bias, state, residual)
+    B, N = _check(h, targets, params, step_sizes, unembed_weight, unembed_bias, state, residual, grad_scale)
     starts = _starts(B, N, cu_seqlens, position_ids, state is not None, h.device)
 
     def token_loss(theta: tuple, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = _block(x, FWLParams(*theta), unembed_weight, unembed_bias, eps, residual)
-        return F.cross_entropy(logits.unsqueeze(0), y.unsqueeze(0))
+        return grad_scale * F.cross_entropy(logits.unsqueeze(0), y.unsqueeze(0))
 
     grad_fn = torch.func.grad(token_loss)
     zeros = tuple(torch.zeros_like(t) for t in params)
@@ -273,8 +282,8 @@ def causal_sum(v: torch.Tensor, doc: torch.Tensor, state: torch.Tensor | None = 
 
 
 def fwl_slow_pass(h, targets, params: FWLParams, unembed_weight, unembed_bias=None, eps: float = 1e-5,
-                  residual: bool = False):
-    """Slow forward and analytic per-token backward of ``Σ_s ℓ_s`` (differentiable).
+                  residual: bool = False, grad_scale: float = 1.0):
+    """Slow forward and analytic per-token backward of ``grad_scale · Σ_s ℓ_s`` (differentiable).
 
     Returns a dict of keys and values, all (B, N, ·): ``r`` (4s) and ``n`` (s) the slow
     inputs of W2 and of the LayerNorm affine; ``g_c`` (4s), ``g_a`` (s), ``g_u`` (s) the
@@ -290,7 +299,7 @@ def fwl_slow_pass(h, targets, params: FWLParams, unembed_weight, unembed_bias=No
     half = logits.dtype in (torch.float16, torch.bfloat16)  # softmax in float32 for half inputs
     g_logits = torch.softmax(logits.float() if half else logits, -1).to(logits.dtype)
     g_logits = g_logits - F.one_hot(targets.clamp_min(0), logits.shape[-1]).to(logits.dtype)
-    g_logits = g_logits * valid.unsqueeze(-1).to(logits.dtype)
+    g_logits = g_logits * (valid.unsqueeze(-1).to(logits.dtype) * grad_scale)
     g_u = g_logits @ unembed_weight
     g_n = g_u * params.ln_weight
     g_a = rstd * (g_n - g_n.mean(-1, keepdim=True) - n * (g_n * n).mean(-1, keepdim=True))
@@ -312,6 +321,7 @@ def fwl_chunked(
     state: FWLState | None = None,
     block_size: int = 256,
     residual: bool = False,
+    grad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, FWLState]:
     """Parallel FWL: one slow pass, then the fast pass as causal linear attention.
 
@@ -319,10 +329,10 @@ def fwl_chunked(
     :func:`causal_linear_attention`. Cost beyond the plain block: one more unembedding
     (slow logits), its backward product ``g_logits E``, and the linear attention.
     """
-    B, N = _check(h, targets, params, step_sizes, unembed_weight, unembed_bias, state, residual)
+    B, N = _check(h, targets, params, step_sizes, unembed_weight, unembed_bias, state, residual, grad_scale)
     starts = _starts(B, N, cu_seqlens, position_ids, state is not None, h.device)
     doc = torch.cumsum(starts.long(), dim=1)
-    slow = fwl_slow_pass(h, targets, params, unembed_weight, unembed_bias, eps, residual)
+    slow = fwl_slow_pass(h, targets, params, unembed_weight, unembed_bias, eps, residual, grad_scale)
     st = state if state is not None else FWLState(*(None,) * len(FAST_TENSORS))
 
     def attend(q, k, v, s0):

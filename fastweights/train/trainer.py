@@ -46,6 +46,9 @@ class TrainConfig:
     ttt_layers: list[int] | None = option("TTT layer indices (default: the size's, or every 6th from 0)", None)
     ttt_chunk: int = option("TTT chunk length (0: the size's default, or 1024 for a local model)", 0)
     ttt_lr: float = option("TTT inner learning rate eta", 3.0)
+    fwl: bool = option("add a Fast Weight Layer before the unembedding (add_fwl, SPEC §3)", False)
+    fwl_grad_scale: float = option("FWL: factor on each token's loss before its inner gradient (0: "
+                                   "1/(batch_size·seq_len), the reference code's batch-mean loss)", 0.0)
     trainable: str = option("parameters to train: all, or fast (only the fast-weight parameters)", "all")
     steps: int = option("optimiser steps", 200)
     batch_size: int = option("rows per micro-batch", 8)
@@ -128,7 +131,7 @@ def set_threads(threads: int, device: torch.device) -> None:
 
 def make_model(cfg: TrainConfig, vocab_size: int):
     """The model to train: a preset (optionally converted, target embed) or a local model
-    (optionally converted, target hidden)."""
+    (optionally converted, target hidden); with ``cfg.fwl``, plus a Fast Weight Layer."""
     kind = resolve_model(cfg.model)
     if cfg.ttt_target not in ("auto", "embed", "hidden"):
         raise FastWeightsError(f"ttt_target must be auto, embed or hidden, got {cfg.ttt_target!r}")
@@ -156,6 +159,13 @@ def make_model(cfg: TrainConfig, vocab_size: int):
                 lr=cfg.ttt_lr,
                 target=target if cfg.ttt_target == "auto" else cfg.ttt_target,
             )
+    if cfg.fwl:
+        from fastweights.models import add_fwl, has_fwl
+
+        if cfg.fwl_grad_scale < 0:
+            raise FastWeightsError(f"fwl_grad_scale must be >= 0 (0: the default), got {cfg.fwl_grad_scale}")
+        if not has_fwl(model):
+            add_fwl(model, grad_scale=cfg.fwl_grad_scale or 1.0 / (cfg.batch_size * cfg.seq_len))
     return model
 
 
