@@ -35,8 +35,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
+
+from fastweights.eval.flops import flop_counter
 
 __all__ = ["DynamicEvalConfig", "DynamicEvalResult", "ModeResult", "dynamic_eval", "select_parameters"]
 
@@ -300,8 +301,7 @@ def dynamic_eval(
         if count_flops:
             n_pred = docs[0].numel() - 1
             for mode in flops:
-                counter = FlopCounterMode(display=False)
-                with counter:
+                with flop_counter(model) as counter:
                     _run_doc(model, docs[0], cfg, context, _Updater(params, cfg, ms) if mode == "dynamic" else None,
                              [])
                 flops[mode] = counter.get_total_flops() / n_pred

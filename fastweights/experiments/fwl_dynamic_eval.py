@@ -41,12 +41,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from fastweights.commands.prepare import PrepareConfig, prepare
 from fastweights.data.packing import long_rows
 from fastweights.errors import FastWeightsError
 from fastweights.eval.dynamic import DynamicEvalConfig, dynamic_eval
+from fastweights.eval.flops import flop_counter
 from fastweights.eval.lm import perplexity, position_edges, token_losses
 from fastweights.models.presets import SIZES, load_model
 from fastweights.train.trainer import TrainConfig, pick_device, set_threads, train
@@ -137,8 +137,7 @@ def read_seconds(model, docs: list[dict], device) -> float:
 
 def flops_per_token(model, doc: dict, device) -> float:
     """Forward FLOPs (matmuls and attention) per predicted token of one document."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad(), _autocast(device):  # (inference_mode breaks the counter's module hooks)
+    with flop_counter(model) as counter, torch.no_grad(), _autocast(device):  # (inference_mode breaks its hooks)
         f = {k: v.to(device) for k, v in doc.items()}
         model(input_ids=f["input_ids"], position_ids=f["position_ids"], use_cache=False)
     return counter.get_total_flops() / doc["input_ids"].shape[1]
