@@ -351,14 +351,17 @@ def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, c
     m13 = m2 = None  # zero momentum: the first update sets it to the gradient
     step = _step_fn(compile_mode)
     G = -(-N // chunk_size)
+    # split, not per-chunk slicing: its backward is one cat, where each slice's backward would
+    # write a zero-filled tensor of the whole sequence and add it to the others
+    parts = [x.split(chunk_size, dim=2) for x in (q, k, v, lr)]
+    betas = None if beta is None else beta.to(acc).split(chunk_size, dim=2)
     outs = []
     for j in range(G):
-        lo, hi = j * chunk_size, min(N, (j + 1) * chunk_size)
         # apply-then-update never reads the last chunk's update
         do_update = order == "update_apply" or j < G - 1
-        bb = None if beta is None or not do_update else beta[:, :, lo:hi].to(acc).mean(-1).view(B, H, 1, 1)
-        o, w13, w2s, m13, m2 = step(w13, w2s, m13, m2, n13, n2, q[:, :, lo:hi], k[:, :, lo:hi],
-                                    v[:, :, lo:hi], lr[:, :, lo:hi], bb, update, order, do_update)
+        bb = None if betas is None or not do_update else betas[j].mean(-1).view(B, H, 1, 1)
+        qj, kj, vj, lj = (x[j] for x in parts)
+        o, w13, w2s, m13, m2 = step(w13, w2s, m13, m2, n13, n2, qj, kj, vj, lj, bb, update, order, do_update)
         outs.append(o)
     return torch.cat(outs, 2).to(q.dtype)
 
