@@ -44,7 +44,9 @@ class EvalConfig:
     dynamic_eps: float = option("dynamic evaluation (rms): epsilon", 1e-8)
     dynamic_params: str = option("parameters to adapt: all, last:K (last K layers) or mlp_down", "all")
     dynamic_docs: int = option("validation documents for dynamic evaluation, cut to --length tokens", 8)
-    dynamic_calibration_docs: int = option("training documents for the rms rule's mean squared gradient", 8)
+    dynamic_calibration_docs: int = option("training documents for the rms rule's mean squared gradient (0: the "
+                                           "running mean over each document; a few documents can blow up the "
+                                           "rows of tokens they lack, see docs/fwl.md)", 0)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -96,7 +98,9 @@ def _dynamic(model, ds: Dataset, cfg: EvalConfig) -> dict:
     if not docs:
         raise FastWeightsError("dynamic evaluation found no validation document with 2 or more tokens")
     calibration = None
-    if cfg.dynamic_rule == "rms":
+    if cfg.dynamic_calibration_docs < 0:
+        raise FastWeightsError(f"--dynamic-calibration-docs must be >= 0, got {cfg.dynamic_calibration_docs}")
+    if cfg.dynamic_rule == "rms" and cfg.dynamic_calibration_docs > 0:
         calibration = _docs(ds.split("train"), cfg.dynamic_calibration_docs, cfg.length)
     dcfg = DynamicEvalConfig(rule=cfg.dynamic_rule, segment_length=cfg.dynamic_segment, lr=cfg.dynamic_lr,
                              decay=cfg.dynamic_decay, eps=cfg.dynamic_eps, params=cfg.dynamic_params)
