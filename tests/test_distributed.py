@@ -4,6 +4,8 @@ Each scenario runs once per world size in spawned processes and is compared agai
 single-process computation of the same inputs, made inside every worker.
 """
 
+import zlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -43,7 +45,11 @@ def _op_worker(rank, world):
 def _op_errors(rank, world, dtype):
     out = {}
     for name, (B, N, d, f, C, doc_starts) in OP_CASES.items():
-        g = torch.Generator().manual_seed(hash(name) % 1000)
+        # A fixed seed per case (str hashes change per process). The float32 bound is met by these
+        # inputs; on about 0.7% of random inputs the scalar lr gradient nearly cancels (|g| ~ 0.05 vs
+        # ~100 typically) and the single-process float32 result itself is then 1e-5..7e-5 away from
+        # float64, so such inputs test float32 summation, not context parallelism (float64: 1e-12).
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000)
         z = torch.randn(B, N, f, generator=g, dtype=dtype)
         s = torch.randn(B, N, d, generator=g, dtype=dtype)
         w0 = torch.randn(d, f, generator=g, dtype=dtype) / f**0.5
