@@ -19,13 +19,11 @@ import copy
 import functools
 import json
 import math
-import multiprocessing
 import os
 import platform
 import shlex
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastweights.data.associative_retrieval import VOCAB, associative_retrieval_splits
+from fastweights.experiments.runs import merge_reports, run_in_workers
 from fastweights.layers.fast_weights_rnn import IRNN, LSTM, AttentionLSTM, FastWeightsRNN
 
 MODELS = {
@@ -161,10 +160,6 @@ def _splits(data_seed: int, num_pairs: int, train: int, valid: int, test: int) -
 
 def _data(args: argparse.Namespace) -> dict:
     return _splits(args.data_seed, args.num_pairs, args.train_size, args.valid_size, args.test_size)
-
-
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
 
 
 def _worker_run(kind: str, hidden: int, seed: int, args: argparse.Namespace, deadline: float | None) -> dict:
@@ -384,14 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.report_from:
-        runs = [json.loads(path.read_text()) for path in args.report_from]
-        # A run present in several files (same configuration and seed) is counted once.
-        unique: dict[tuple, dict] = {}
-        for r in (r for run in runs for r in run["results"]):
-            unique.setdefault((r["model"], r["hidden"], r["seed"]), r)
-        results = list(unique.values())
-        first = argparse.Namespace(**{**vars(args), **runs[0]["args"]})
-        commands = [c for run in runs for c in run.get("commands", [run["argv"]])]
+        # a run present in several files (same configuration and seed) is counted once
+        results, first_args, commands = merge_reports(args.report_from, lambda r: (r["model"], r["hidden"], r["seed"]))
+        first = argparse.Namespace(**{**vars(args), **first_args})
         write_report(results, first, [*commands, argv], args.out_dir)
         return 0
     deadline = None if args.time_budget_s is None else time.time() + args.time_budget_s
@@ -410,10 +400,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Biggest runs first, so that with fewer workers than runs the long ones are not left last.
     jobs.sort(key=lambda j: -j[1])
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init, initargs=(args.threads,)) as pool:
-        futures = [pool.submit(_worker_run, k, h, s, args, deadline) for k, h, s in jobs]
-        for f in tqdm(as_completed(futures), total=len(futures), desc="associative retrieval",
-                      disable=args.quick):
-            done(f.result())
+    run_in_workers(_worker_run, [(k, h, s, args, deadline) for k, h, s in jobs], args.jobs, args.threads, done,
+                   "associative retrieval", args.quick)
     return 0

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from transformers import BertConfig, BertForMaskedLM
 
 from fastweights.data.dual_process import COP, N_TARGETS, PAD, DualProcessTask
+from fastweights.experiments.runs import group_runs
 from fastweights.train.forgetting import build_forgetting
 
 METHODS = ("vanilla", "active", "temporary")
@@ -234,20 +235,9 @@ def combine(dirs: list[Path], out: Path) -> int:
     run with the same seeds. With several seeds, each method's curves are the mean over seeds
     (``<metric>_std`` holds the sample std; ``per_seed`` the runs)."""
     records = [json.loads((d / "forgetting.json").read_text()) for d in dirs]
-    ignore = {"methods", "out", "combine", "quiet", "seed"}
-    first = {k: v for k, v in records[0]["settings"].items() if k not in ignore}
-    runs: dict[str, dict[int, dict]] = {}
-    for d, rec in zip(dirs, records, strict=True):
-        other = {k: v for k, v in rec["settings"].items() if k not in ignore}
-        if other != first:
-            diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
-            raise ValueError(f"{d} was run with different settings ({', '.join(diff)}); cannot combine")
-        for method, curves in rec["results"].items():
-            runs.setdefault(method, {})[rec["settings"]["seed"]] = curves
-    seed_sets = {method: sorted(r) for method, r in runs.items()}
-    if len({tuple(s) for s in seed_sets.values()}) > 1:
-        raise ValueError(f"every method needs the same seeds to be combined, got {seed_sets}")
-    seeds = next(iter(seed_sets.values()))
+    first, runs, seeds = group_runs(
+        dirs, records, {"methods", "out", "combine", "quiet", "seed"},
+        lambda rec: ((m, rec["settings"]["seed"], curves) for m, curves in rec["results"].items()))
     if len(seeds) == 1:
         results = {method: r[seeds[0]] for method, r in runs.items()}
     else:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from fastweights.errors import FastWeightsError
+from fastweights.experiments.runs import group_runs
 from fastweights.optim import Lookahead, build_optimizer, stagewise_lr
 
 METHODS = {"digits": ("sgd", "lookahead_sgd", "slrla_sgd"), "lm": ("adamw", "lookahead_adamw", "slrla_adamw")}
@@ -256,22 +257,11 @@ def combine(dirs: list[Path], task: str, out: Path) -> int:
     """Merge runs of method/seed subsets into one record: same settings but methods and seeds,
     and the same seeds for every method."""
     records = [json.loads((d / f"lookahead_{task}.json").read_text()) for d in dirs]
-    ignore = {"methods", "seeds", "out", "combine", "quiet"}
-    first = {k: v for k, v in records[0]["settings"].items() if k not in ignore}
-    runs: dict[str, dict[int, dict]] = {}
-    for d, rec in zip(dirs, records, strict=True):
-        other = {k: v for k, v in rec["settings"].items() if k not in ignore}
-        if other != first:
-            diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
-            raise ValueError(f"{d} was run with different settings ({', '.join(diff)}); cannot combine")
-        for method, results in rec["results"].items():
-            for seed, r in zip(rec["settings"]["seeds"], results, strict=True):
-                runs.setdefault(method, {})[seed] = r
-    seed_sets = {m: sorted(r) for m, r in runs.items()}
-    if len({tuple(v) for v in seed_sets.values()}) > 1:
-        raise ValueError(f"every method needs the same seeds to be combined, got {seed_sets}")
+    first, runs, seeds = group_runs(
+        dirs, records, {"methods", "seeds", "out", "combine", "quiet"},
+        lambda rec: ((m, seed, r) for m, rs in rec["results"].items()
+                     for seed, r in zip(rec["settings"]["seeds"], rs, strict=True)))
     order = [m for m in METHODS[task] if m in runs]
-    seeds = seed_sets[order[0]]
     results = {m: [runs[m][s] for s in seeds] for m in order}
     settings = {**first, "methods": order, "seeds": seeds}
     write_outputs(results, settings, records[0]["hardware"], sum(r["seconds"] for r in records), out)

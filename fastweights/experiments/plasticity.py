@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import shlex
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from tqdm import tqdm
 
 from fastweights.data.plasticity_tasks import TaskBatch, copy_task, digits_few_shot, regression_task
 from fastweights.experiments.associative_retrieval import host
+from fastweights.experiments.runs import merge_reports, run_in_workers
 from fastweights.models.plastic_transformer import RULES, PlasticConfig, PlasticTransformer
 
 TASKS = {  # name: (input size, output size, metric, higher is better)
@@ -110,10 +109,6 @@ def train_one(task: str, rule: str, seed: int, test: TaskBatch, args: argparse.N
             "steps": len(curve),
             "stopped_by_budget": len(curve) < args.steps, "test": evaluate(model, task, test),
             "curve": curve, "seconds": time.time() - t0}
-
-
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
 
 
 def _worker_run(task: str, rule: str, seed: int, args: argparse.Namespace, deadline: float | None) -> dict:
@@ -294,14 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.report_from:
-        runs = [json.loads(path.read_text()) for path in args.report_from]
-        # A run present in several files (same configuration and seed) is counted once.
-        unique: dict[tuple, dict] = {}
-        for r in (r for run in runs for r in run["results"]):
-            unique.setdefault((r["task"], r["rule"], r["seed"]), r)
-        results = list(unique.values())
-        first = argparse.Namespace(**{**vars(args), **runs[0]["args"]})
-        commands = [c for run in runs for c in run.get("commands", [run["argv"]])]
+        # a run present in several files (same configuration and seed) is counted once
+        results, first_args, commands = merge_reports(args.report_from, lambda r: (r["task"], r["rule"], r["seed"]))
+        first = argparse.Namespace(**{**vars(args), **first_args})
         write_report(results, first, [*commands, argv], args.out_dir)
         return 0
     deadline = None if args.time_budget_s is None else time.time() + args.time_budget_s
@@ -319,9 +309,6 @@ def main(argv: list[str] | None = None) -> int:
         for t, r, s in tqdm(jobs, desc="plasticity", disable=args.quick):
             done(train_one(t, r, s, tests[t], args, deadline))
         return 0
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init, initargs=(args.threads,)) as pool:
-        futures = [pool.submit(_worker_run, t, r, s, args, deadline) for t, r, s in jobs]
-        for f in tqdm(as_completed(futures), total=len(futures), desc="plasticity", disable=args.quick):
-            done(f.result())
+    run_in_workers(_worker_run, [(t, r, s, args, deadline) for t, r, s in jobs], args.jobs, args.threads, done,
+                   "plasticity", args.quick)
     return 0

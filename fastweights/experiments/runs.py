@@ -1,0 +1,65 @@
+"""Shared plumbing of the experiments that run many small trainings: worker processes, merging
+result files (``--jobs``, ``--report-from``) and grouping runs by method and seed (``--combine``)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+__all__ = ["group_runs", "merge_reports", "run_in_workers"]
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_in_workers(fn: Callable[..., dict], jobs: Iterable[tuple], workers: int, threads: int,
+                   done: Callable[[dict], None], desc: str, quiet: bool = False) -> None:
+    """Run ``fn(*job)`` for every job in ``workers`` spawned processes of ``threads`` torch threads
+    each; ``done(result)`` is called in this process as each finishes. ``fn`` must be importable."""
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        for f in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=quiet):
+            done(f.result())
+
+
+def merge_reports(paths: Iterable[Path], key: Callable[[dict], tuple]) -> tuple[list[dict], dict, list[list[str]]]:
+    """Read result files ``{"args", "argv"/"commands", "results"}``; return the results (a run
+    present in several files, by ``key(result)``, counted once: the first file's), the first
+    file's ``args`` and every file's commands."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    unique: dict[tuple, dict] = {}
+    for r in (r for run in runs for r in run["results"]):
+        unique.setdefault(key(r), r)
+    commands = [c for run in runs for c in run.get("commands", [run["argv"]])]
+    return list(unique.values()), runs[0]["args"], commands
+
+
+def group_runs(
+    dirs: list[Path], records: list[dict], ignore: set[str], items: Callable[[dict], Iterable[tuple[str, int, dict]]]
+) -> tuple[dict, dict[str, dict[int, dict]], list[int]]:
+    """Group the results of several records (one per directory in ``dirs``) by method and seed.
+
+    Every record's ``settings`` must agree except for the keys in ``ignore``; ``items(record)``
+    yields its ``(method, seed, result)``. Every method must have the same seeds. Returns the
+    shared settings, ``{method: {seed: result}}`` and the sorted seeds."""
+    first = {k: v for k, v in records[0]["settings"].items() if k not in ignore}
+    runs: dict[str, dict[int, dict]] = {}
+    for d, rec in zip(dirs, records, strict=True):
+        other = {k: v for k, v in rec["settings"].items() if k not in ignore}
+        if other != first:
+            diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+            raise ValueError(f"{d} was run with different settings ({', '.join(diff)}); cannot combine")
+        for method, seed, result in items(rec):
+            runs.setdefault(method, {})[seed] = result
+    seed_sets = {m: sorted(r) for m, r in runs.items()}
+    if len({tuple(v) for v in seed_sets.values()}) > 1:
+        raise ValueError(f"every method needs the same seeds to be combined, got {seed_sets}")
+    return first, runs, next(iter(seed_sets.values()))
