@@ -137,11 +137,13 @@ def attention_kernels(cfg: Qwen3Config, dtype, device, backend: str) -> dict:
     """The kernel each attention path runs, asked of PyTorch on small tensors of the model's head
     shape: the 1-GPU call (HF: causal SDPA, grouped K/V heads), the ``allgather`` path (SDPA
     with a lower-right causal bias: flash if it can, else memory-efficient, else math) and the
-    ``split`` path (the flash kernel called directly, or the ``allgather`` call if it cannot)."""
+    ``split`` path (cuDNN's or flash's aten op, or the ``allgather`` call if neither serves)."""
     if device.type != "cuda":
         return {"one_gpu": "cpu", "allgather": "cpu", "split": "cpu flash kernel"}
     from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
     from torch.nn.attention import SDPBackend
+
+    from fastweights.distributed.context_parallel import _block_kernel
 
     H, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     q = torch.zeros(1, H, 512, D, dtype=dtype, device=device, requires_grad=True)  # a shard's queries
@@ -153,8 +155,9 @@ def attention_kernels(cfg: Qwen3Config, dtype, device, backend: str) -> dict:
         params = SDPAParams(q, k_rep, k_rep, None, 0.0, False, False)
         flash = can_use_flash_attention(params)
         lower_right = "flash" if flash else ("efficient" if can_use_efficient_attention(params) else "math")
+        split = _block_kernel(q, k_rep)
     return {"one_gpu": one, "allgather": f"{lower_right} (lower-right causal bias)",
-            "split": "flash (aten op, 2 blocks + LSE merge)" if flash else f"{lower_right} (fallback)"}
+            "split": f"{split} (aten op, 2 blocks + LSE merge)" if split else f"{lower_right} (fallback)"}
 
 
 def kernel_kind(name: str) -> str:

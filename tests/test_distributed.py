@@ -231,19 +231,26 @@ def test_prefix_causal_attention_matches_masked_attention():
 
 
 @pytest.mark.gpu
-def test_prefix_causal_attention_on_cuda_flash_kernel():
-    """bf16 on the CUDA flash kernel (two blocks + merge) against float32: bf16 rounding only."""
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+def test_prefix_causal_attention_on_cuda_kernels(kernel):
+    """bf16 on CUDA's cuDNN or flash kernel (two blocks + merge, chosen by SDPA's backend
+    switches) against float32 SDPA: bf16 rounding only."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from fastweights.distributed import context_parallel as cp
 
     cases = [(2, 4, 300, 517, 128), (1, 2, 77, 5, 64), (1, 3, 129, 1000, 16)]
-    merged = []
+    used = []
     apply = cp._PrefixCausalAttention.apply
-    cp._PrefixCausalAttention.apply = lambda *a: merged.append(1) or apply(*a)
-    try:
-        err = _prefix_attention_errors(torch.bfloat16, "cuda", torch.float32, cases)
+    cp._PrefixCausalAttention.apply = lambda *a: used.append(a[-1]) or apply(*a)
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[kernel]
+    try:  # the float32 reference runs on the math/efficient kernels
+        with sdpa_kernel([backend, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            err = _prefix_attention_errors(torch.bfloat16, "cuda", torch.float32, cases)
     finally:
         cp._PrefixCausalAttention.apply = apply
-    assert len(merged) == len(cases), "the flash kernel did not serve"
+    assert used[0] == kernel, f"{kernel} did not serve head dim 128: {used}"
+    assert len(used) == len(cases), used
     assert err <= 2e-2, err
 
 

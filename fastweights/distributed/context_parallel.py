@@ -13,8 +13,8 @@ Applied to a plain model instance, torchtitan-style, without touching modeling c
   packed rows. Memory per rank and layer: the gathered K and V, ``2·B·N·H_kv·D`` elements
   (kept for backward), repeated to the query heads for grouped-query attention while SDPA
   runs; plus the packed-row mask (``B·n·N`` bytes, built once per forward and shared by all
-  layers). With ``attention="split"`` a row of one document runs, per rank, two flash-attention
-  blocks instead of one masked call: its own keys (square, causal) and the earlier ranks' keys
+  layers). With ``attention="split"`` a row of one document runs, per rank, two attention
+  blocks (cuDNN's kernel where it serves, as SDPA picks for the one-GPU call on Hopper, else flash) instead of one masked call: its own keys (square, causal) and the earlier ranks' keys
   (no mask), merged by their log-sum-exp (:class:`_PrefixCausalAttention`).
 * shards are contiguous and may have different lengths (:func:`balanced_split` evens out the
   causal-attention work).
@@ -185,10 +185,31 @@ def _gather_seq(x: torch.Tensor, lengths: list[int], upto: int, group) -> torch.
     return full[:, :, :upto]
 
 
-def _flash_forward(q, k, v, causal: bool, scale: float):
-    """One flash-attention block: ``(out (B, H, n, D), lse (B, H, ≥n) float32, extras for the
-    backward)``. CUDA's flash kernel, or the CPU flash kernel (the same math, for the tests)."""
-    if q.device.type == "cuda":
+def _block_kernel(q, k) -> str:
+    """The kernel that runs the blocks of :class:`_PrefixCausalAttention`: ``"cudnn"`` (CUDA,
+    where SDPA's cuDNN backend is enabled and serves these inputs: the kernel SDPA picks for
+    one long causal sequence on Hopper), ``"flash"`` (CUDA's FA2), ``"cpu"`` (the CPU flash
+    kernel, for the tests), or ``""`` where none serves. Honours ``torch.nn.attention.sdpa_kernel``."""
+    if q.device.type == "cpu":
+        return "cpu"
+    if q.device.type != "cuda":
+        return ""
+    from torch.backends.cuda import SDPAParams, can_use_cudnn_attention, can_use_flash_attention, cudnn_sdp_enabled
+
+    params = [SDPAParams(q, k, k, None, 0.0, causal, False) for causal in (True, False)]
+    if cudnn_sdp_enabled() and all(can_use_cudnn_attention(p) for p in params):
+        return "cudnn"
+    return "flash" if all(can_use_flash_attention(p) for p in params) else ""
+
+
+def _block_forward(kernel: str, q, k, v, causal: bool, scale: float):
+    """One attention block: ``(out (B, H, n, D), lse (B, H, ≥n) float32, extras for the backward)``."""
+    n = q.shape[2]
+    if kernel == "cudnn":
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale)
+        return out, lse.reshape(lse.shape[:2] + (n,)), (cum_q, cum_k, max_q, max_k, seed, offset)
+    if kernel == "flash":
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, causal, False, scale=scale)
         return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
@@ -196,80 +217,82 @@ def _flash_forward(q, k, v, causal: bool, scale: float):
     return out, lse, None
 
 
-def _flash_backward(grad, q, k, v, out, lse, extras, causal: bool, scale: float):
-    """``(dq, dk, dv)`` of one block given the merged ``out`` and ``lse`` of all blocks."""
-    if extras is not None:
+def _block_backward(kernel: str, grad, q, k, v, out, lse, extras, causal: bool, scale: float):
+    """``(dq, dk, dv)`` of one block given the merged ``out`` and ``lse`` (B, H, ≥n) of all blocks."""
+    if kernel == "cudnn":
+        cum_q, cum_k, max_q, max_k, seed, offset = extras
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad, q, k, v, out, lse.unsqueeze(-1).contiguous(), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0,
+            causal, scale=scale)
+    if kernel == "flash":
         cum_q, cum_k, max_q, max_k, seed, offset = extras
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset, scale=scale)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse, 0.0, causal,
-                                                                              scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse,
+                                                                              0.0, causal, scale=scale)
 
 
 class _PrefixCausalAttention(torch.autograd.Function):
     """Causal attention of a shard's queries over all keys up to the shard's end, as two
-    flash-attention blocks merged by log-sum-exp (the ring-attention merge, PyTorch's own
-    context parallelism does the same with these kernels):
+    attention blocks merged by log-sum-exp (the ring-attention merge; PyTorch's own context
+    parallelism does the same with these kernels), each on ``kernel`` (:func:`_block_kernel`):
 
     * local: ``q`` (B, H, n, D) against this shard's ``k_loc``/``v_loc`` (B, H, n, D), causal
       (square, so ``is_causal`` is the ordinary causal mask);
     * prefix: ``q`` against the earlier shards' ``k_pre``/``v_pre`` (B, H, start, D), no mask.
 
     ``out = Σ_b exp(lse_b − lse) out_b`` with ``lse = logaddexp(lse_loc, lse_pre)``. The
-    backward runs each block's flash backward with the merged ``out`` and ``lse`` (which
+    backward runs each block's kernel backward with the merged ``out`` and ``lse`` (which
     makes each block's softmax the global one) and adds the query gradients. Every FLOP runs
-    in the flash kernel, unlike SDPA with a lower-right causal bias, which may fall back to
-    the memory-efficient kernel.
+    in a fused kernel (cuDNN's where it serves, the one SDPA picks for the one-GPU run on
+    Hopper), unlike SDPA with a lower-right causal bias, which may fall back to the
+    memory-efficient kernel.
     """
 
     @staticmethod
-    def forward(ctx, q, k_pre, v_pre, k_loc, v_loc, scale):
+    def forward(ctx, q, k_pre, v_pre, k_loc, v_loc, scale, kernel):
+        o_loc, l_loc, x_loc = _block_forward(kernel, q, k_loc, v_loc, True, scale)
+        o_pre, l_pre, x_pre = _block_forward(kernel, q, k_pre, v_pre, False, scale)
         n = q.shape[2]
-        o_loc, l_loc, x_loc = _flash_forward(q, k_loc, v_loc, True, scale)
-        o_pre, l_pre, x_pre = _flash_forward(q, k_pre, v_pre, False, scale)
         lse = torch.logaddexp(l_loc, l_pre)
         w_loc = torch.exp(l_loc - lse)[..., :n, None]
         w_pre = torch.exp(l_pre - lse)[..., :n, None]
         acc = torch.promote_types(q.dtype, torch.float32)  # merge in float32 (bf16 inputs) or float64
         out = (o_loc.to(acc) * w_loc + o_pre.to(acc) * w_pre).to(q.dtype)
         ctx.save_for_backward(q, k_pre, v_pre, k_loc, v_loc, out, lse)
-        ctx.extras, ctx.scale = (x_loc, x_pre), scale
+        ctx.extras, ctx.scale, ctx.kernel = (x_loc, x_pre), scale, kernel
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k_pre, v_pre, k_loc, v_loc, out, lse = ctx.saved_tensors
         grad = grad.contiguous()
-        dq_loc, dk_loc, dv_loc = _flash_backward(grad, q, k_loc, v_loc, out, lse, ctx.extras[0], True, ctx.scale)
-        dq_pre, dk_pre, dv_pre = _flash_backward(grad, q, k_pre, v_pre, out, lse, ctx.extras[1], False, ctx.scale)
-        return dq_loc + dq_pre, dk_pre, dv_pre, dk_loc, dv_loc, None
-
-
-def _flash_supported(q, k) -> bool:
-    """Whether the flash kernel serves these inputs (CUDA: half/bf16, head dim; CPU: always)."""
-    if q.device.type == "cpu":
-        return True
-    from torch.backends.cuda import SDPAParams, can_use_flash_attention
-
-    return q.device.type == "cuda" and can_use_flash_attention(SDPAParams(q, k, k, None, 0.0, False, False))
+        kern = ctx.kernel
+        dq_loc, dk_loc, dv_loc = _block_backward(kern, grad, q, k_loc, v_loc, out, lse, ctx.extras[0], True, ctx.scale)
+        dq_pre, dk_pre, dv_pre = _block_backward(kern, grad, q, k_pre, v_pre, out, lse, ctx.extras[1], False, ctx.scale)
+        return dq_loc + dq_pre, dk_pre, dv_pre, dk_loc, dv_loc, None, None
 
 
 def prefix_causal_attention(q, k, v, start: int, scale: float | None = None) -> torch.Tensor:
     """Causal attention of the queries ``q`` (B, H, n, D) at positions ``start..start+n-1`` over
     the keys/values ``k``, ``v`` (B, H, start + n, D) at positions ``0..start+n-1`` (the lower-right
-    causal mask), as a local causal flash block plus an unmasked flash block over the first
-    ``start`` keys, merged by log-sum-exp (:class:`_PrefixCausalAttention`). Where the flash
-    kernel cannot serve (CUDA: float32, odd head dims), SDPA with a lower-right causal bias.
-    Differentiable."""
+    causal mask), as a local causal block plus an unmasked block over the first ``start`` keys,
+    merged by log-sum-exp (:class:`_PrefixCausalAttention`), on cuDNN's attention kernel, else
+    flash (:func:`_block_kernel`). Where neither serves (CUDA: float32, odd head dims), SDPA with
+    a lower-right causal bias. Differentiable."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     n = q.shape[2]
     if k.shape[2] != start + n:
         raise ValueError(f"keys must cover positions 0..start+n-1 = {start + n}, got {k.shape[2]}")
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if not _flash_supported(q, k):
+    kernel = _block_kernel(q, k)
+    if not kernel:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, start + n), scale=scale)
-    return _PrefixCausalAttention.apply(q, k[:, :, :start], v[:, :, :start], k[:, :, start:], v[:, :, start:], scale)
+    blocks = [k[:, :, :start], v[:, :, :start], k[:, :, start:], v[:, :, start:]]
+    if kernel == "cudnn":  # cuDNN's kernels get dense K/V blocks (as PyTorch's ring attention gives them)
+        blocks = [b.contiguous() for b in blocks]
+    return _PrefixCausalAttention.apply(q, *blocks, scale, kernel)
 
 
 def _allgather_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -384,7 +407,7 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None = N
     Each rank then calls the model on its shard with ``position_ids`` (from :func:`cp_batch`)
     and ``use_cache=False``. ``attention``: ``"allgather"`` (any device and backend, packed
     rows, uneven shards; SDPA with a lower-right causal bias), ``"split"`` (the same all-gather;
-    rows of one document run :func:`prefix_causal_attention`, two flash blocks merged by
+    rows of one document run :func:`prefix_causal_attention`, two cuDNN/flash blocks merged by
     log-sum-exp; packed rows and attention dropout use the ``"allgather"`` SDPA call) or
     ``"ring"`` (causal SDPA that PyTorch's context parallelism turns into ring attention; call
     the model inside :func:`ring_attention_context`; CUDA only, one document per row, equal
