@@ -155,7 +155,7 @@ def attention_kernels(cfg: Qwen3Config, dtype, device, backend: str) -> dict:
         params = SDPAParams(q, k_rep, k_rep, None, 0.0, False, False)
         flash = can_use_flash_attention(params)
         lower_right = "flash" if flash else ("efficient" if can_use_efficient_attention(params) else "math")
-        split = _block_kernel(q, k_rep)
+        split = _block_kernel(q, k_rep, k_rep.shape[2] - q.shape[2])
     return {"one_gpu": one, "allgather": f"{lower_right} (lower-right causal bias)",
             "split": f"{split} (aten op, 2 blocks + LSE merge)" if split else f"{lower_right} (fallback)"}
 

@@ -185,7 +185,7 @@ def _gather_seq(x: torch.Tensor, lengths: list[int], upto: int, group) -> torch.
     return full[:, :, :upto]
 
 
-def _block_kernel(q, k) -> str:
+def _block_kernel(q, k, start: int) -> str:
     """The kernel that runs the blocks of :class:`_PrefixCausalAttention`: ``"cudnn"`` (CUDA,
     where SDPA's cuDNN backend is enabled and serves these inputs: the kernel SDPA picks for
     one long causal sequence on Hopper), ``"flash"`` (CUDA's FA2), ``"cpu"`` (the CPU flash
@@ -196,7 +196,8 @@ def _block_kernel(q, k) -> str:
         return ""
     from torch.backends.cuda import SDPAParams, can_use_cudnn_attention, can_use_flash_attention, cudnn_sdp_enabled
 
-    params = [SDPAParams(q, k, k, None, 0.0, causal, False) for causal in (True, False)]
+    k_loc, k_pre = k[:, :, start:], k[:, :, :start]  # the causal square block and the unmasked prefix block
+    params = [SDPAParams(q, k_loc, k_loc, None, 0.0, True, False), SDPAParams(q, k_pre, k_pre, None, 0.0, False, False)]
     if cudnn_sdp_enabled() and all(can_use_cudnn_attention(p) for p in params):
         return "cudnn"
     return "flash" if all(can_use_flash_attention(p) for p in params) else ""
@@ -286,7 +287,7 @@ def prefix_causal_attention(q, k, v, start: int, scale: float | None = None) -> 
         raise ValueError(f"keys must cover positions 0..start+n-1 = {start + n}, got {k.shape[2]}")
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    kernel = _block_kernel(q, k)
+    kernel = _block_kernel(q, k, start)
     if not kernel:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, start + n), scale=scale)
     blocks = [k[:, :, :start], v[:, :, :start], k[:, :, start:], v[:, :, start:]]
