@@ -7,7 +7,9 @@ tokens. Variants: LaCT GD / momentum / Muon, SWA alone, full attention, In-Place
 (SWA mixer, In-Place TTT MLP). Ratios are against SWA and full attention of the same run.
 The LaCT op's per-chunk step is compiled with torch.compile on CUDA by default
 (``FASTWEIGHTS_LACT_COMPILE``, see fastweights.ops.lact); ``lact-muon-eager`` runs it eagerly
-and ``lact-muon-cudagraphs`` compiles it with ``mode="reduce-overhead"`` (CUDA graphs). A
+and ``lact-muon-cudagraphs`` compiles it with ``mode="reduce-overhead"`` (CUDA graphs); the
+``-loop`` variants compile the whole chunk loop instead of the step
+(``FASTWEIGHTS_LACT_COMPILE_SCOPE=loop``). A
 variant that fails is reported as failed and the others still run.
 
 Before timing, the LaCT training form (its contiguous fast path and its packed-document path)
@@ -35,7 +37,7 @@ import torch
 
 from fastweights.models.hybrid import HybridConfig
 from fastweights.models.hybrid.modeling import HybridBlock, _layout
-from fastweights.ops.lact import COMPILE_ENV, UPDATES, lact_chunked, lact_reference
+from fastweights.ops.lact import COMPILE_ENV, SCOPE_ENV, UPDATES, lact_chunked, lact_reference
 
 VARIANTS = {
     "lact-gd": dict(mixers="lact", mlps="swiglu", lact_update="gd"),
@@ -43,12 +45,19 @@ VARIANTS = {
     "lact-muon": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-eager": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-cudagraphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
+    "lact-muon-loop": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
+    "lact-muon-loop-cudagraphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
+    "lact-gd-loop": dict(mixers="lact", mlps="swiglu", lact_update="gd"),
+    "lact-momentum-loop": dict(mixers="lact", mlps="swiglu", lact_update="momentum"),
     "swa": dict(mixers="swa", mlps="swiglu"),
     "attention": dict(mixers="attention", mlps="swiglu"),
     "inplace-ttt-swa": dict(mixers="swa", mlps="inplace_ttt"),
 }
 # how the LaCT op's per-chunk step runs (fastweights.ops.lact.COMPILE_ENV); others: the default, auto
-COMPILE = {"lact-muon-eager": "0", "lact-muon-cudagraphs": "reduce-overhead"}
+COMPILE = {"lact-muon-eager": "0", "lact-muon-cudagraphs": "reduce-overhead",
+           "lact-muon-loop-cudagraphs": "reduce-overhead"}
+# what is compiled (fastweights.ops.lact.SCOPE_ENV): the chunk step (default) or the whole chunk loop
+SCOPE = {v: "loop" for v in VARIANTS if "-loop" in v}
 SHAPES = {
     "760m": dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12, num_key_value_heads=12,
                  sliding_window=2048, lact_heads=4, lact_chunk_size=2048, ttt_chunk=2048, seqlen=32768),
@@ -83,18 +92,21 @@ def check_lact() -> float:
 
 def time_variant(name, shape, layers, dtype, device, warmup, iters, profile=False):
     """Median ms/step of forward + backward; the LaCT compile setting of the variant applies."""
-    prev = os.environ.get(COMPILE_ENV)
+    prev = {e: os.environ.get(e) for e in (COMPILE_ENV, SCOPE_ENV)}
     if device.type != "cuda":  # the CPU smoke test runs every variant eagerly
         os.environ[COMPILE_ENV] = "0"
     elif name in COMPILE:
         os.environ[COMPILE_ENV] = COMPILE[name]
+    if name in SCOPE:
+        os.environ[SCOPE_ENV] = SCOPE[name]
     try:
         return _time_variant(name, shape, layers, dtype, device, warmup, iters, profile)
     finally:
-        if prev is None:
-            os.environ.pop(COMPILE_ENV, None)
-        else:
-            os.environ[COMPILE_ENV] = prev
+        for e, val in prev.items():
+            if val is None:
+                os.environ.pop(e, None)
+            else:
+                os.environ[e] = val
 
 
 def profile_step(name, step, sync, device):

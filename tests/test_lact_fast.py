@@ -94,6 +94,28 @@ def test_resolve_compile(monkeypatch):
     assert _resolve_compile(None, cuda) == "reduce-overhead"
     with pytest.raises(ValueError, match="compile"):
         _resolve_compile("fast", cuda)
+    monkeypatch.delenv(lact_op.SCOPE_ENV, raising=False)
+    assert lact_op._resolve_scope(None) == "step" and lact_op._resolve_scope("loop") == "loop"
+    monkeypatch.setenv(lact_op.SCOPE_ENV, "loop")
+    assert lact_op._resolve_scope(None) == "loop"
+    with pytest.raises(ValueError, match="scope must be one of"):
+        lact_op._resolve_scope("layer")
+
+
+def test_whole_loop_traces_as_one_graph():
+    """The chunk loop compiles whole (fullgraph: no graph break), forward and gradients equal
+    to the reference; traced with aot_eager (what inductor would compile), 37 tokens, chunk 8."""
+    inputs = make(B=1, H=2, N=37, D=8, Dh=8, D2=8, dtype=torch.float64, seed=6)
+    kw = dict(chunk_size=8, update="muon")
+    ref = lact_reference(*inputs, **kw)
+    go = torch.randn_like(ref)
+    loop = torch.compile(lact_op._contiguous_loop, backend="aot_eager", fullgraph=True, dynamic=False)
+    out = loop(*inputs, 8, "muon", "apply_update")
+    assert rel(out, ref) < 1e-12
+    got = torch.autograd.grad(out, inputs, go, allow_unused=True)
+    want = torch.autograd.grad(ref, inputs, go, allow_unused=True)
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        assert rel(a, b) < 1e-9, name
 
 
 def test_step_keeps_state_when_not_updating():
@@ -107,16 +129,17 @@ def test_step_keeps_state_when_not_updating():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("scope", ["step", "loop"])
 @pytest.mark.parametrize("update", ["gd", "momentum", "muon"])
-def test_compiled_fast_path_matches_reference_gpu(update):
-    """torch.compile'd chunk step on CUDA (float32) against the float64 CPU reference."""
+def test_compiled_fast_path_matches_reference_gpu(update, scope):
+    """torch.compile'd chunk step or whole loop on CUDA (float32) against the float64 CPU reference."""
     inputs = make(B=2, H=2, N=70, D=16, Dh=16, D2=16, dtype=torch.float64, seed=4)
     kw = dict(chunk_size=16, update=update)
     ref = lact_reference(*inputs, **kw)
     go = torch.randn_like(ref)
     gr = torch.autograd.grad(ref, inputs, go, allow_unused=True)
     dev = [t.detach().float().cuda().requires_grad_(True) for t in inputs]
-    out = lact_chunked(*dev, **kw, compile=True)
+    out = lact_chunked(*dev, **kw, compile=True, compile_scope=scope)
     gc = torch.autograd.grad(out, dev, go.float().cuda(), allow_unused=True)
     assert rel(out.double().cpu(), ref) < 1e-4
     for name, a, b in zip(NAMES, gc, gr, strict=True):

@@ -40,7 +40,8 @@ Two implementations compute the same function:
   Rows without a document start after token 0, with no state in or out (the usual training
   call), take a fast path: chunks are plain slices, W1 and W3 are stacked, Muon's Newton-Schulz
   runs as one batched chain, and the per-chunk step (:func:`_contiguous_step`) is compiled with
-  ``torch.compile`` on CUDA unless ``compile=False`` or ``FASTWEIGHTS_LACT_COMPILE=0``.
+  ``torch.compile`` on CUDA unless ``compile=False`` or ``FASTWEIGHTS_LACT_COMPILE=0``
+  (``FASTWEIGHTS_LACT_COMPILE_SCOPE=loop`` compiles the whole chunk loop instead).
 """
 
 from __future__ import annotations
@@ -299,25 +300,24 @@ def _ns_pair(g13, g2, mm):
     return y13.reshape(B, H, R, S).to(g13.dtype), y2.to(g2.dtype)
 
 
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[tuple[str, str], object] = {}
+COMPILE_ENV = "FASTWEIGHTS_LACT_COMPILE"
+SCOPE_ENV = "FASTWEIGHTS_LACT_COMPILE_SCOPE"
+SCOPES = ("step", "loop")
 
 
-def _step_fn(compile_mode):
-    """The chunk step: eager (``None``) or compiled with torch.compile in ``compile_mode``."""
-    if compile_mode is None:
-        return _contiguous_step
-    if compile_mode not in _COMPILED:
+def _compiled(fn, scope: str, compile_mode: str):
+    """``fn`` compiled with torch.compile in ``compile_mode``, once per (scope, mode)."""
+    key = (scope, compile_mode)
+    if key not in _COMPILED:
         import torch._dynamo.config as dynamo_config
 
         # one graph per (update, order, do_update, shapes, dtype): several layers' configurations
         limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
         setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
         kw = {} if compile_mode == "default" else {"mode": compile_mode}
-        _COMPILED[compile_mode] = torch.compile(_contiguous_step, dynamic=False, fullgraph=True, **kw)
-    return _COMPILED[compile_mode]
-
-
-COMPILE_ENV = "FASTWEIGHTS_LACT_COMPILE"
+        _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, **kw)
+    return _COMPILED[key]
 
 
 def _resolve_compile(compile, device) -> str | None:
@@ -340,8 +340,20 @@ def _resolve_compile(compile, device) -> str | None:
     raise ValueError(f"compile must be None, 'auto', a bool or a torch.compile mode, got {compile!r}")
 
 
-def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, compile_mode):
-    """LaCT over rows that are single documents, no carried state: o (B, H, N, D2)."""
+def _resolve_scope(scope) -> str:
+    """``scope``: None (read :data:`SCOPE_ENV`, default ``step``), ``step`` (compile the chunk
+    step, one graph called once per chunk) or ``loop`` (compile the whole chunk loop: one graph
+    forward and one backward, the chunks unrolled)."""
+    scope = os.environ.get(SCOPE_ENV, "step") if scope is None else scope
+    if scope not in SCOPES:
+        raise ValueError(f"compile scope must be one of {SCOPES}, got {scope!r}")
+    return scope
+
+
+def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str,
+                     step=_contiguous_step):
+    """LaCT over rows that are single documents, no carried state: o (B, H, N, D2). ``step``:
+    the chunk step (:func:`_contiguous_step`, or its compiled form)."""
     B, H, N, _ = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     w13 = torch.cat([w1, w3], 1).to(acc)  # (H, 2Dh, D)
@@ -349,7 +361,6 @@ def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, c
     n13, n2 = _row_norms(w13), _row_norms(w2s)
     w13, w2s = w13.expand(B, -1, -1, -1).contiguous(), w2s.expand(B, -1, -1, -1).contiguous()
     m13 = m2 = None  # zero momentum: the first update sets it to the gradient
-    step = _step_fn(compile_mode)
     G = -(-N // chunk_size)
     # split, not per-chunk slicing: its backward is one cat, where each slice's backward would
     # write a zero-filled tensor of the whole sequence and add it to the others
@@ -364,6 +375,17 @@ def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, c
         o, w13, w2s, m13, m2 = step(w13, w2s, m13, m2, n13, n2, qj, kj, vj, lj, bb, update, order, do_update)
         outs.append(o)
     return torch.cat(outs, 2).to(q.dtype)
+
+
+def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, compile_mode, scope="step"):
+    """The fast path: :func:`_contiguous_loop` eager, with a compiled step, or compiled whole."""
+    if compile_mode is None:
+        return _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
+    if scope == "loop":
+        return _compiled(_contiguous_loop, "loop", compile_mode)(q, k, v, lr, beta, w1, w2, w3, chunk_size, update,
+                                                                order)
+    step = _compiled(_contiguous_step, "step", compile_mode)
+    return _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, step)
 
 
 # --------------------------------------------------------------------------- training form
@@ -402,7 +424,7 @@ def _grid(starts_f, cont, buf_len, chunk_size):
 def lact_chunked(
     q, k, v, lr, beta, w1, w2, w3, *, chunk_size: int, update: str = "gd", order: str = "apply_update",
     cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-    state: LaCTState | None = None, output_final_state: bool = False, compile=None,
+    state: LaCTState | None = None, output_final_state: bool = False, compile=None, compile_scope=None,
 ):
     """LaCT training form; same arguments as :func:`lact_reference`, plus streaming.
 
@@ -411,7 +433,9 @@ def lact_chunked(
     state after the last token. ``compile``: how the fast path (one document per row, no state
     in or out) runs its per-chunk step: None reads ``FASTWEIGHTS_LACT_COMPILE`` (default
     ``auto``: torch.compile on CUDA, eager elsewhere); True/False; or a torch.compile mode such
-    as ``"reduce-overhead"`` (CUDA graphs). Returns o (B, H, N, D2), or ``(o, state)``.
+    as ``"reduce-overhead"`` (CUDA graphs). ``compile_scope``: what is compiled, ``"step"`` (the
+    chunk step) or ``"loop"`` (the whole chunk loop); None reads ``FASTWEIGHTS_LACT_COMPILE_SCOPE``
+    (default ``step``). Returns o (B, H, N, D2), or ``(o, state)``.
     """
     B, H, N, D = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
     C = chunk_size
@@ -425,7 +449,8 @@ def lact_chunked(
         raise ValueError("beta must be given iff the state was built with beta")
     starts_f = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=dev)
     if not streaming and not bool(starts_f[:, 1:].any()):
-        return _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, C, update, order, _resolve_compile(compile, dev))
+        return _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, C, update, order, _resolve_compile(compile, dev),
+                                _resolve_scope(compile_scope))
     if state is not None:
         explicit0 = torch.zeros(B, dtype=torch.bool, device=dev)
         if position_ids is not None:
