@@ -14,8 +14,9 @@ Applied to a plain model instance, torchtitan-style, without touching modeling c
   (kept for backward), repeated to the query heads for grouped-query attention while SDPA
   runs; plus the packed-row mask (``B·n·N`` bytes, built once per forward and shared by all
   layers). With ``attention="split"`` a row of one document runs, per rank, two attention
-  blocks (cuDNN's kernel where it serves, as SDPA picks for the one-GPU call on Hopper, else flash) instead of one masked call: its own keys (square, causal) and the earlier ranks' keys
-  (no mask), merged by their log-sum-exp (:class:`_PrefixCausalAttention`).
+  blocks instead of one masked call: its own keys (square, causal) and the earlier ranks' keys
+  (no mask), merged by their log-sum-exp (:class:`_PrefixCausalAttention`), on cuDNN's kernel
+  where it serves (the one SDPA picks for the one-GPU call on Hopper), else flash.
 * shards are contiguous and may have different lengths (:func:`balanced_split` evens out the
   causal-attention work).
 
