@@ -325,6 +325,34 @@ def test_model_step_ring_attention_matches_one_process_on_two_gpus():
     assert r["loss"] <= 1e-5 and r["grad"] <= 1e-4, r
 
 
+def _one_rank_fails(rank, world):
+    if rank == 1:
+        raise RuntimeError("rank 1 broke")
+    dist.barrier()  # waits for rank 1, which never comes
+
+
+def _hangs(rank, world):
+    import time
+
+    if rank == 1:
+        time.sleep(60)  # rank 0 waits in the barrier
+    dist.barrier()
+    return rank
+
+
+def test_run_world_fails_fast_on_a_failed_rank_and_on_a_hang():
+    """The spawning helper reports a rank's error while another rank waits in a collective for
+    it, and a hang after its timeout with the stacks (it used to wait forever)."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match="rank 1 failed:(.|\n)*rank 1 broke"):
+        run_world(2, _one_rank_fails, timeout=60)
+    with pytest.raises(AssertionError, match="did not finish in 8 s(.|\n)*_hangs"):
+        run_world(2, _hangs, timeout=5)
+    assert time.monotonic() - t0 < 40
+
+
 # --------------------------------------------------------------------------- data parallel
 ROWS, SEQ = 4, 17  # global batch of every step; each rank takes ROWS / world rows
 
