@@ -348,7 +348,7 @@ def test_run_world_fails_fast_on_a_failed_rank_and_on_a_hang():
     t0 = time.monotonic()
     with pytest.raises(AssertionError, match="rank 1 failed:(.|\n)*rank 1 broke"):
         run_world(2, _one_rank_fails, timeout=60)
-    with pytest.raises(AssertionError, match="did not finish in 8 s(.|\n)*_hangs"):
+    with pytest.raises(AssertionError, match="did not finish in 5 s(.|\n)*_hangs"):
         run_world(2, _hangs, timeout=5)
     assert time.monotonic() - t0 < 40
 
