@@ -327,9 +327,23 @@ def _ring_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     rep = query.shape[1] // key.shape[1]
     if rep > 1:
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    n = query.shape[2]
+    if query.is_cuda and n % 32 and _sdpa_choice(query, key, value) == "EFFICIENT_ATTENTION":
+        # the memory-efficient kernel pads its log-sum-exp to a multiple of 32 rows, which
+        # PyTorch's ring merge does not slice off (torch 2.11: a shape error inside the merge)
+        raise ValueError(f"ring attention on the memory-efficient SDPA kernel (here: {query.dtype}) needs a "
+                         f"shard length that is a multiple of 32, got {n}; use bf16/fp16 (flash or cuDNN) or "
+                         "attention='allgather'/'split'")
     out = F.scaled_dot_product_attention(query, key, value, is_causal=True,
                                          dropout_p=dropout if module.training else 0.0, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa_choice(q, k, v) -> str:
+    """The SDPA backend PyTorch picks for a causal call on these inputs (its name)."""
+    from torch.nn.attention import SDPBackend
+
+    return SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=True)).name
 
 
 def _no_mask(*args, **kwargs):
