@@ -5,12 +5,12 @@ Each variant is a stack of ``--layers`` blocks of the hybrid model
 window = chunk = 2048), timed forward + backward in bf16 on one sequence of ``--seqlen``
 tokens. Variants: LaCT GD / momentum / Muon, SWA alone, full attention, In-Place TTT on SWA
 (SWA mixer, In-Place TTT MLP). Ratios are against SWA and full attention of the same run.
-The LaCT op's per-chunk step is compiled with torch.compile on CUDA by default
-(``FASTWEIGHTS_LACT_COMPILE``, see fastweights.ops.lact); ``lact-muon-eager`` runs it eagerly
-and ``lact-muon-cudagraphs`` compiles it with ``mode="reduce-overhead"`` (CUDA graphs); the
-``-loop`` variants compile the whole chunk loop instead of the step
-(``FASTWEIGHTS_LACT_COMPILE_SCOPE=loop``). A
-variant that fails is reported as failed and the others still run.
+The LaCT op's chunk loop is compiled whole with torch.compile on CUDA by default when gradients
+are taken (``FASTWEIGHTS_LACT_COMPILE`` and ``FASTWEIGHTS_LACT_COMPILE_SCOPE``, see
+fastweights.ops.lact); ``lact-muon-eager`` runs it eagerly, ``lact-muon-step`` compiles the
+chunk step only (``FASTWEIGHTS_LACT_COMPILE_SCOPE=step``), and ``lact-muon-cudagraphs``
+compiles the step with ``mode="reduce-overhead"`` (CUDA graphs). A variant that fails is
+reported as failed and the others still run.
 
 Before timing, the LaCT training form (its contiguous fast path and its packed-document path)
 is checked against its sequential reference (float64, CPU); the benchmark refuses to report
@@ -45,19 +45,16 @@ VARIANTS = {
     "lact-muon": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-eager": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-cudagraphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
-    "lact-muon-loop": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
-    "lact-muon-loop-cudagraphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
-    "lact-gd-loop": dict(mixers="lact", mlps="swiglu", lact_update="gd"),
-    "lact-momentum-loop": dict(mixers="lact", mlps="swiglu", lact_update="momentum"),
+    "lact-muon-step": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "swa": dict(mixers="swa", mlps="swiglu"),
     "attention": dict(mixers="attention", mlps="swiglu"),
     "inplace-ttt-swa": dict(mixers="swa", mlps="inplace_ttt"),
 }
 # how the LaCT op's per-chunk step runs (fastweights.ops.lact.COMPILE_ENV); others: the default, auto
-COMPILE = {"lact-muon-eager": "0", "lact-muon-cudagraphs": "reduce-overhead",
-           "lact-muon-loop-cudagraphs": "reduce-overhead"}
-# what is compiled (fastweights.ops.lact.SCOPE_ENV): the chunk step (default) or the whole chunk loop
-SCOPE = {v: "loop" for v in VARIANTS if "-loop" in v}
+COMPILE = {"lact-muon-eager": "0", "lact-muon-cudagraphs": "reduce-overhead"}
+# what is compiled (fastweights.ops.lact.SCOPE_ENV): by default (auto, training) the whole chunk
+# loop; these variants compile the chunk step only (CUDA graphs: the step, which replays per chunk)
+SCOPE = {"lact-muon-step": "step", "lact-muon-cudagraphs": "step"}
 SHAPES = {
     "760m": dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12, num_key_value_heads=12,
                  sliding_window=2048, lact_heads=4, lact_chunk_size=2048, ttt_chunk=2048, seqlen=32768),

@@ -95,7 +95,8 @@ def test_resolve_compile(monkeypatch):
     with pytest.raises(ValueError, match="compile"):
         _resolve_compile("fast", cuda)
     monkeypatch.delenv(lact_op.SCOPE_ENV, raising=False)
-    assert lact_op._resolve_scope(None) == "step" and lact_op._resolve_scope("loop") == "loop"
+    assert lact_op._resolve_scope(None) == "step" and lact_op._resolve_scope(None, training=True) == "loop"
+    assert lact_op._resolve_scope("loop") == "loop" and lact_op._resolve_scope("step", training=True) == "step"
     monkeypatch.setenv(lact_op.SCOPE_ENV, "loop")
     assert lact_op._resolve_scope(None) == "loop"
     with pytest.raises(ValueError, match="scope must be one of"):
