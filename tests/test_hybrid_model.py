@@ -259,3 +259,60 @@ def test_cuda_bf16_block_matches_cpu_float32(mixer):
     dev = torch.device("cuda")
     out, _ = mix.to(dev, torch.bfloat16)(x.to(dev, torch.bfloat16), _layout(pos.to(dev), None, None, 1, 700, dev))
     assert rel(out.float().cpu(), ref) < 3e-2
+
+
+def _layer_grads(layer, x, pos):
+    """Output and the gradients of x and every parameter, for a fixed random cotangent."""
+    from fastweights.models.hybrid.modeling import _layout
+
+    x = x.clone().requires_grad_(True)
+    y, _ = layer(x, _layout(pos, None, None, pos.shape[0], pos.shape[1], x.device))
+    cot = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(y)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    return [y, *torch.autograd.grad(y, [x, *params], cot, allow_unused=True)]
+
+
+def test_lact_layer_compiled_glue_equals_eager(monkeypatch):
+    """The branch's elementwise glue compiles as whole graphs (fullgraph, traced with aot_eager
+    here: what inductor fuses on CUDA) and gives the eager output and every gradient; training
+    calls use it, cached calls do not."""
+    import fastweights.layers.lact as lact_layer
+
+    torch.manual_seed(0)
+    layer = LaCTLayer(48, 4, fw_heads=4, window=8, chunk_size=8, update="muon").double()
+    _perturb_fast_params(layer)
+    x = torch.randn(2, 21, 48, dtype=torch.float64)
+    pos = torch.arange(21).expand(2, 21)
+    want = _layer_grads(layer, x, pos)
+    seen = []
+
+    def glue(fn, name, device, training):
+        seen.append((name, training))
+        return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False) if training else fn
+
+    monkeypatch.setattr(lact_layer, "_glue", glue)
+    got = _layer_grads(layer, x, pos)
+    assert seen == [("layer-inputs", True), ("layer-merge", True)]
+    for a, b in zip(got, want, strict=True):
+        assert (a is None) == (b is None) and (a is None or rel(a, b) < 1e-12)
+    seen.clear()
+    with torch.no_grad():
+        cached, _ = layer(x, layout_for(pos), use_cache=True)
+    assert rel(cached, want[0]) < 1e-12
+    assert seen == [("layer-inputs", False), ("layer-merge", False)]
+
+
+@pytest.mark.gpu
+def test_lact_layer_compiled_on_cuda_matches_cpu_float64():
+    """Training call on CUDA in float32 (glue and chunk loop compiled by torch.compile) against
+    the float64 CPU layer: output and every gradient."""
+    torch.manual_seed(0)
+    layer = LaCTLayer(64, 4, fw_heads=2, window=16, chunk_size=16, update="muon").double()
+    _perturb_fast_params(layer)
+    x = torch.randn(1, 75, 64, dtype=torch.float64)
+    pos = torch.arange(75).unsqueeze(0)
+    want = _layer_grads(layer, x, pos)
+    dev = torch.device("cuda")
+    got = _layer_grads(layer.to(dev, torch.float32), x.to(dev, torch.float32), pos.to(dev))
+    for a, b in zip(got, want, strict=True):
+        assert (a is None) == (b is None) and (a is None or rel(a.double().cpu(), b) < 1e-3)

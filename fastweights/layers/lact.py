@@ -24,13 +24,46 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastweights.layers.attention import TokenLayout, apply_rope, attend, rope_cos_sin
-from fastweights.ops.lact import ORDERS, UPDATES, lact_chunked, lact_reference
+from fastweights.ops.lact import ORDERS, UPDATES, _compiled, _resolve_compile, lact_chunked, lact_reference
 
 __all__ = ["LaCTLayer"]
 
 
 def _inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
+
+
+def _fast_inputs(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, heads: int):
+    """The fast branch's inputs from the shared projections q, k, v (B, N, d), ``lr_raw``
+    (B, N, 3H) and ``beta_raw`` (B, N, H) or None, with RoPE ``cos``/``sin`` (B, N, D) and the
+    scale/shift (2, d). Returns q_f, k_f (B, H, N, D), v_f (B, H, N, D), η (B, H, N, 3) and β
+    (B, H, N) or None, in the input dtype."""
+    B, N, d = q.shape
+    D = d // heads
+
+    def qk(x, which):
+        x = F.normalize(F.silu(x).view(B, N, heads, D), dim=-1).transpose(1, 2)
+        x = apply_rope(x, cos, sin)
+        return x * scale[which].view(heads, 1, D) + shift[which].view(heads, 1, D)
+
+    vf = F.silu(v).view(B, N, heads, D).transpose(1, 2)
+    lr = F.softplus(lr_raw.float()).view(B, N, heads, 3).transpose(1, 2).to(q.dtype)
+    beta = None if beta_raw is None else torch.sigmoid(beta_raw.float()).transpose(1, 2).to(q.dtype)
+    return qk(q, 0), qk(k, 1), vf, lr, beta
+
+
+def _merge(a, gate_raw, f, norm_weight, eps: float):
+    """``a + SiLU(gate_raw) * RMSNorm_head(f)``: a, gate_raw (B, N, d), f (B, H, N, D) -> (B, N, d)."""
+    B, H, N, D = f.shape
+    f = F.rms_norm(f, (D,), norm_weight, eps).transpose(1, 2).reshape(B, N, H * D)
+    return a + F.silu(gate_raw) * f
+
+
+def _glue(fn, name: str, device: torch.device, training: bool):
+    """``fn`` compiled (fused elementwise work, forward and backward) where the op compiles its
+    chunk loop: CUDA, training, ``FASTWEIGHTS_LACT_COMPILE`` not off; else ``fn`` itself."""
+    mode = _resolve_compile(None, device) if training else None
+    return fn if mode is None else _compiled(fn, name, mode)
 
 
 class LaCTLayer(nn.Module):
@@ -113,14 +146,6 @@ class LaCTLayer(nn.Module):
         for name, value in self.fast_init().items():
             params[name].copy_(value)
 
-    def _fast_qk(self, x, which, cos, sin):
-        B, N, _ = x.shape
-        x = F.normalize(F.silu(x).view(B, N, self.fw_heads, self.fw_dim), dim=-1).transpose(1, 2)
-        x = apply_rope(x, cos, sin)
-        scale = self.qk_scale[which].view(self.fw_heads, 1, self.fw_dim)
-        shift = self.qk_shift[which].view(self.fw_heads, 1, self.fw_dim)
-        return x * scale + shift
-
     def forward(self, x: torch.Tensor, layout: TokenLayout, past=None, use_cache: bool = False):
         B, N, d = x.shape
         H, D = self.fw_heads, self.fw_dim
@@ -135,13 +160,11 @@ class LaCTLayer(nn.Module):
             ka, va = torch.cat([past[0], ka], dim=2), torch.cat([past[1], va], dim=2)
         a = attend(qa, ka, va, layout, self.window, self.attn_backend).transpose(1, 2).reshape(B, N, d)
         # fast-weight path
+        training = torch.is_grad_enabled() and past is None and not use_cache
         cos_f, sin_f = rope_cos_sin(pos, D, self.rope_base, x.dtype)
-        qf, kf = self._fast_qk(q, 0, cos_f, sin_f), self._fast_qk(k, 1, cos_f, sin_f)
-        vf = F.silu(v).view(B, N, H, D).transpose(1, 2)
-        lr = F.softplus(self.lr_proj(x).float()).view(B, N, H, 3).transpose(1, 2).to(x.dtype)
-        beta = None
-        if self.beta_proj is not None:
-            beta = torch.sigmoid(self.beta_proj(x).float()).transpose(1, 2).to(x.dtype)
+        beta_raw = None if self.beta_proj is None else self.beta_proj(x)
+        qf, kf, vf, lr, beta = _glue(_fast_inputs, "layer-inputs", x.device, training)(
+            q, k, v, self.lr_proj(x), beta_raw, cos_f, sin_f, self.qk_scale, self.qk_shift, H)
         args = (qf, kf, vf, lr, beta, self.w1, self.w2, self.w3)
         kw = dict(chunk_size=self.chunk_size, update=self.update, order=self.order, position_ids=pos)
         state = None
@@ -151,7 +174,7 @@ class LaCTLayer(nn.Module):
             f, state = lact_chunked(*args, **kw, state=None if past is None else past[2], output_final_state=True)
         else:
             f = (lact_chunked if self.impl == "chunked" else lact_reference)(*args, **kw)
-        f = self.fw_norm(f).transpose(1, 2).reshape(B, N, d)
-        o = self.o_proj(a + F.silu(self.gate_proj(x)) * f)
-        return o, ((ka, va, state) if use_cache else None)
+        merged = _glue(_merge, "layer-merge", x.device, training)(a, self.gate_proj(x), f, self.fw_norm.weight,
+                                                                   self.fw_norm.eps)
+        return self.o_proj(merged), ((ka, va, state) if use_cache else None)
 
