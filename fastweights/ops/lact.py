@@ -344,7 +344,7 @@ def _resolve_scope(scope, training: bool = False) -> str:
     """``scope``: None (read :data:`SCOPE_ENV`, default ``auto``), ``auto`` (``loop`` when
     ``training``, else ``step``), ``step`` (compile the chunk step, one graph called once per
     chunk: a new sequence length recompiles at most the last chunk's step) or ``loop`` (compile
-    the whole chunk loop: one graph forward and one backward, the chunks unrolled; 21% faster
+    the whole chunk loop: one graph forward and one backward, the chunks unrolled; 21% less time
     per training step on the H100 benchmark, but each new sequence length compiles it anew)."""
     scope = os.environ.get(SCOPE_ENV, "auto") if scope is None else scope
     if scope == "auto":
