@@ -16,7 +16,7 @@ VOCAB = 61
 
 
 def rel(a, b):
-    return float((a - b).norm() / (b.norm() + 1e-12))
+    return float((a - b).detach().norm() / (b.detach().norm() + 1e-12))
 
 
 def tiny(mixers, mlps="swiglu", seed=0, **kw):
