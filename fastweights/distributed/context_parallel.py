@@ -417,14 +417,14 @@ class ContextParallel:
 
 
 def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None = None,
-                           attention: str = "allgather") -> ContextParallel:
+                           attention: str = "split") -> ContextParallel:
     """Make a (converted) HF causal LM run context-parallel over ``group``, in place.
 
     Each rank then calls the model on its shard with ``position_ids`` (from :func:`cp_batch`)
-    and ``use_cache=False``. ``attention``: ``"allgather"`` (any device and backend, packed
-    rows, uneven shards; SDPA with a lower-right causal bias), ``"split"`` (the same all-gather;
-    rows of one document run :func:`prefix_causal_attention`, two cuDNN/flash blocks merged by
-    log-sum-exp; packed rows and attention dropout use the ``"allgather"`` SDPA call) or
+    and ``use_cache=False``. ``attention``: ``"split"`` (default: K/V all-gathered; rows of one
+    document run :func:`prefix_causal_attention`, two cuDNN/flash blocks merged by log-sum-exp;
+    packed rows and attention dropout use the ``"allgather"`` SDPA call), ``"allgather"`` (any
+    device and backend, packed rows, uneven shards; SDPA with a lower-right causal bias) or
     ``"ring"`` (causal SDPA that PyTorch's context parallelism turns into ring attention; call
     the model inside :func:`ring_attention_context`; CUDA only, one document per row, equal
     shard lengths).

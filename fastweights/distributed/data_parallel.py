@@ -205,7 +205,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     return state
 
 
-def parallelize(model: nn.Module, *, dp_mode: str = "fsdp", cp_size: int = 1, attention: str = "allgather",
+def parallelize(model: nn.Module, *, dp_mode: str = "fsdp", cp_size: int = 1, attention: str = "split",
                 mp_dtype: torch.dtype | None = None):
     """Data parallelism over the whole world and context parallelism over groups of
     ``cp_size`` consecutive ranks (a (world/cp_size) × cp_size mesh, dims ``dp`` and ``cp``).
@@ -214,7 +214,8 @@ def parallelize(model: nn.Module, *, dp_mode: str = "fsdp", cp_size: int = 1, at
     (:func:`~fastweights.distributed.cp_batch` with ``group=cp_group``); ``dp`` replicas
     (``dp_rank = rank // cp_size``) take different batches. Gradients are averaged over all
     ranks by FSDP2/DDP, which with :func:`~fastweights.distributed.cp_loss` gives the mean
-    over the data-parallel batches of the whole sequences' gradients.
+    over the data-parallel batches of the whole sequences' gradients. ``attention``: the
+    context-parallel attention path (:func:`~fastweights.distributed.apply_context_parallel`).
 
     Returns ``(model, cp_group, dp_rank)``; ``cp_group`` is None when ``cp_size == 1``.
     """
