@@ -104,21 +104,61 @@ def lact_inner_grads(w1, w2, w3, k, v, lr):
     return g1, g2, g3
 
 
-def newton_schulz5(m: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz5(m: torch.Tensor, steps: int = 5, eps: float = 1e-7, *, manual_backward: bool = False
+                   ) -> torch.Tensor:
     """Muon's orthogonalisation of (..., R, S) matrices: Frobenius-normalise, then ``steps``
     iterations ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``, with :data:`NS_COEFFS`. Matmuls run in
-    ``m.dtype``, three per iteration (the scalings ride in ``baddbmm``)."""
-    a, b, c = NS_COEFFS
+    ``m.dtype``, three per iteration (the scalings ride in ``baddbmm``). ``manual_backward``:
+    the iterations' gradient comes from :class:`_NewtonSchulzIters` (4 matmuls per iteration
+    instead of autograd's 6; same function)."""
     wide = m.shape[-2] > m.shape[-1]
     x = m.mT if wide else m
     shape = x.shape
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
     x = x.reshape(-1, *shape[-2:])  # batched (P, R, S): baddbmm fuses the scalings into the matmuls
-    for _ in range(steps):
-        A = torch.bmm(x, x.mT)
-        x = torch.baddbmm(x, torch.baddbmm(A, A, A, beta=b, alpha=c), x, beta=a)
+    x = _NewtonSchulzIters.apply(x, steps) if manual_backward else _ns_iterations(x, steps)[0]
     x = x.reshape(shape)
     return x.mT if wide else x
+
+
+def _ns_iterations(x: torch.Tensor, steps: int):
+    """``steps`` Newton-Schulz iterations on (P, R, S) ``x``; returns (x, [(X, A, B) per step])."""
+    a, b, c = NS_COEFFS
+    saved = []
+    for _ in range(steps):
+        A = torch.bmm(x, x.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        saved.append((x, A, B))
+        x = torch.baddbmm(x, B, x, beta=a)
+    return x, saved
+
+
+class _NewtonSchulzIters(torch.autograd.Function):
+    """The Newton-Schulz iterations with a hand-derived backward (docs/lact.md). Per iteration,
+    with ``X' = aX + BX``, ``B = bA + cA²``, ``A = XXᵀ`` (A, B symmetric) and ``G = ∂L/∂X'``:
+
+        dB = G Xᵀ,   S = dB + dBᵀ,   T = S A,   P = bS + c(T + Tᵀ),   ∂L/∂X = aG + BG + PX
+
+    (``dA + dAᵀ = bS + c(SA + AS)`` and ``AS = (SA)ᵀ``): four matmuls where autograd uses six."""
+
+    @staticmethod
+    def forward(ctx, x, steps: int):
+        y, saved = _ns_iterations(x, steps)
+        ctx.save_for_backward(*(t for step in saved for t in step))
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, c = NS_COEFFS
+        saved = ctx.saved_tensors
+        for i in range(len(saved) - 3, -1, -3):
+            x, A, B = saved[i:i + 3]
+            dB = torch.bmm(g, x.mT)
+            S = dB + dB.mT
+            T = torch.bmm(S, A)
+            P = b * S + c * (T + T.mT)
+            g = torch.baddbmm(torch.baddbmm(g, B, g, beta=a), P, x)
+        return g, None
 
 
 def _row_norms(w: torch.Tensor) -> torch.Tensor:
@@ -293,10 +333,10 @@ def _ns_pair(g13, g2, mm):
     x13 = g13.to(mm).view(B, H, 2, R // 2, S)
     x2 = g2.to(mm)
     if x2.shape[-2:] == x13.shape[-2:]:
-        y = newton_schulz5(torch.cat([x13, x2.unsqueeze(2)], 2))
+        y = newton_schulz5(torch.cat([x13, x2.unsqueeze(2)], 2), manual_backward=True)
         y13, y2 = y[:, :, :2], y[:, :, 2]
     else:
-        y13, y2 = newton_schulz5(x13), newton_schulz5(x2)
+        y13, y2 = newton_schulz5(x13, manual_backward=True), newton_schulz5(x2, manual_backward=True)
     return y13.reshape(B, H, R, S).to(g13.dtype), y2.to(g2.dtype)
 
 
@@ -306,8 +346,12 @@ SCOPE_ENV = "FASTWEIGHTS_LACT_COMPILE_SCOPE"
 SCOPES = ("step", "loop")
 
 
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def _compiled(fn, scope: str, compile_mode: str):
-    """``fn`` compiled with torch.compile in ``compile_mode``, once per (scope, mode)."""
+    """``fn`` compiled with torch.compile in ``compile_mode`` (a mode of :data:`MODES`, or
+    inductor options joined by ``+`` such as ``cpp_wrapper``), once per (scope, mode)."""
     key = (scope, compile_mode)
     if key not in _COMPILED:
         import torch._dynamo.config as dynamo_config
@@ -315,14 +359,26 @@ def _compiled(fn, scope: str, compile_mode: str):
         # one graph per (update, order, do_update, shapes, dtype): several layers' configurations
         limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
         setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
-        kw = {} if compile_mode == "default" else {"mode": compile_mode}
+        if compile_mode in MODES:
+            kw = {} if compile_mode == "default" else {"mode": compile_mode}
+        else:
+            kw = {"options": dict.fromkeys(compile_mode.split("+"), True)}
         _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, **kw)
     return _COMPILED[key]
 
 
+def _inductor_flags(value: str) -> bool:
+    """True if ``value`` is inductor boolean options joined by ``+`` (e.g. ``cpp_wrapper``)."""
+    import torch._inductor.config as inductor_config
+
+    return all(isinstance(getattr(inductor_config, part, None), bool) for part in value.split("+"))
+
+
 def _resolve_compile(compile, device) -> str | None:
     """``compile``: None (read :data:`COMPILE_ENV`, default ``auto``), ``auto`` (compile on CUDA),
-    True/False, or a torch.compile mode name. Returns the mode to use or None for eager."""
+    True/False, a torch.compile mode of :data:`MODES`, or boolean inductor options joined by
+    ``+`` (``cpp_wrapper``: kernels launched from C++, less host time per kernel). Returns the
+    mode (or options) to use, or None for eager."""
     if compile is None:
         compile = os.environ.get(COMPILE_ENV, "auto")
     if compile in ("0", "off", "false", "eager"):
@@ -335,9 +391,10 @@ def _resolve_compile(compile, device) -> str | None:
         return None
     if compile is True:
         return "default"
-    if compile in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+    if isinstance(compile, str) and (compile in MODES or _inductor_flags(compile)):
         return compile
-    raise ValueError(f"compile must be None, 'auto', a bool or a torch.compile mode, got {compile!r}")
+    raise ValueError(f"compile must be None, 'auto', a bool, a torch.compile mode {MODES} or boolean inductor "
+                     f"options joined by '+' (e.g. 'cpp_wrapper'), got {compile!r}")
 
 
 def _resolve_scope(scope, training: bool = False) -> str:
