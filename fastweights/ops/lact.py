@@ -346,12 +346,8 @@ SCOPE_ENV = "FASTWEIGHTS_LACT_COMPILE_SCOPE"
 SCOPES = ("step", "loop")
 
 
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
 def _compiled(fn, scope: str, compile_mode: str):
-    """``fn`` compiled with torch.compile in ``compile_mode`` (a mode of :data:`MODES`, or
-    inductor options joined by ``+`` such as ``cpp_wrapper``), once per (scope, mode)."""
+    """``fn`` compiled with torch.compile in ``compile_mode``, once per (scope, mode)."""
     key = (scope, compile_mode)
     if key not in _COMPILED:
         import torch._dynamo.config as dynamo_config
@@ -359,26 +355,14 @@ def _compiled(fn, scope: str, compile_mode: str):
         # one graph per (update, order, do_update, shapes, dtype): several layers' configurations
         limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
         setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
-        if compile_mode in MODES:
-            kw = {} if compile_mode == "default" else {"mode": compile_mode}
-        else:
-            kw = {"options": dict.fromkeys(compile_mode.split("+"), True)}
+        kw = {} if compile_mode == "default" else {"mode": compile_mode}
         _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, **kw)
     return _COMPILED[key]
 
 
-def _inductor_flags(value: str) -> bool:
-    """True if ``value`` is inductor boolean options joined by ``+`` (e.g. ``cpp_wrapper``)."""
-    import torch._inductor.config as inductor_config
-
-    return all(isinstance(getattr(inductor_config, part, None), bool) for part in value.split("+"))
-
-
 def _resolve_compile(compile, device) -> str | None:
     """``compile``: None (read :data:`COMPILE_ENV`, default ``auto``), ``auto`` (compile on CUDA),
-    True/False, a torch.compile mode of :data:`MODES`, or boolean inductor options joined by
-    ``+`` (``cpp_wrapper``: kernels launched from C++, less host time per kernel). Returns the
-    mode (or options) to use, or None for eager."""
+    True/False, or a torch.compile mode name. Returns the mode to use or None for eager."""
     if compile is None:
         compile = os.environ.get(COMPILE_ENV, "auto")
     if compile in ("0", "off", "false", "eager"):
@@ -391,10 +375,9 @@ def _resolve_compile(compile, device) -> str | None:
         return None
     if compile is True:
         return "default"
-    if isinstance(compile, str) and (compile in MODES or _inductor_flags(compile)):
+    if compile in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
         return compile
-    raise ValueError(f"compile must be None, 'auto', a bool, a torch.compile mode {MODES} or boolean inductor "
-                     f"options joined by '+' (e.g. 'cpp_wrapper'), got {compile!r}")
+    raise ValueError(f"compile must be None, 'auto', a bool or a torch.compile mode, got {compile!r}")
 
 
 def _resolve_scope(scope, training: bool = False) -> str:
