@@ -10,8 +10,10 @@ are taken (``FASTWEIGHTS_LACT_COMPILE`` and ``FASTWEIGHTS_LACT_COMPILE_SCOPE``, 
 fastweights.ops.lact); ``lact-muon-eager`` runs it eagerly, ``lact-muon-step`` compiles the
 chunk step only (``FASTWEIGHTS_LACT_COMPILE_SCOPE=step``), and ``lact-muon-cudagraphs``
 compiles the step with ``mode="reduce-overhead"`` (CUDA graphs; each timed step starts with
-``torch.compiler.cudagraph_mark_step_begin()``). A variant that fails is reported as failed and
-the others still run.
+``torch.compiler.cudagraph_mark_step_begin()``); ``lact-muon-graphs`` replays the compiled loop
+from CUDA graphs captured per layer (``FASTWEIGHTS_LACT_COMPILE=graphs``,
+fastweights.ops.lact.LoopGraphs). A variant that fails is reported as failed and the others
+still run.
 
 Before timing, the LaCT training form (its contiguous fast path and its packed-document path)
 is checked against its sequential reference (float64, CPU); the benchmark refuses to report
@@ -47,12 +49,13 @@ VARIANTS = {
     "lact-muon-eager": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-cudagraphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-step": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
+    "lact-muon-graphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "swa": dict(mixers="swa", mlps="swiglu"),
     "attention": dict(mixers="attention", mlps="swiglu"),
     "inplace-ttt-swa": dict(mixers="swa", mlps="inplace_ttt"),
 }
 # how the LaCT op's per-chunk step runs (fastweights.ops.lact.COMPILE_ENV); others: the default, auto
-COMPILE = {"lact-muon-eager": "0", "lact-muon-cudagraphs": "reduce-overhead"}
+COMPILE = {"lact-muon-eager": "0", "lact-muon-cudagraphs": "reduce-overhead", "lact-muon-graphs": "graphs"}
 # what is compiled (fastweights.ops.lact.SCOPE_ENV): by default (auto, training) the whole chunk
 # loop; these variants compile the chunk step only (CUDA graphs: the loop with CUDA graphs fails in
 # torch 2.11, the two layers' calls of one compiled graph overwrite each other's saved tensors)

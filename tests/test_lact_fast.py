@@ -147,3 +147,51 @@ def test_compiled_fast_path_matches_reference_gpu(update, scope):
         if name == "beta" and update == "gd":
             continue  # gd ignores beta: no gradient either way
         assert rel(a.double().cpu(), b) < 1e-3, name
+
+
+def test_graphs_setting_on_cpu_runs_eagerly_and_loop_graphs_need_cuda():
+    """``compile="graphs"`` means nothing on CPU (eager, as ``auto``); LoopGraphs refuses CPU tensors."""
+    assert _resolve_compile("graphs", torch.device("cpu")) is None
+    assert _resolve_compile("graphs", torch.device("cuda")) == "graphs"
+    inputs = make(B=1, H=2, N=37, D=8, Dh=8, D2=8, dtype=torch.float64, seed=8)
+    kw = dict(chunk_size=8, update="muon")
+    graphs = lact_op.LoopGraphs()
+    out = lact_chunked(*inputs, **kw, compile="graphs", graphs=graphs)
+    assert rel(out, lact_reference(*inputs, **kw)) < 1e-12
+    with pytest.raises(ValueError, match="needs CUDA tensors, got device cpu"):
+        graphs(*inputs, 8, "muon", "apply_update")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("update", ["gd", "momentum", "muon"])
+def test_loop_graphs_match_reference_gpu(update):
+    """CUDA-graphed loop (float32) against the float64 CPU reference, on three fresh sets of
+    inputs (replays), two call sites chained as two layers; gradients returned fresh (kept
+    across steps unchanged); a second forward before a backward makes that backward raise."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    kw = dict(chunk_size=16, update=update)
+    sites = [lact_op.LoopGraphs(), lact_op.LoopGraphs()]
+    kept = None
+    for step in range(3):
+        inputs = make(B=2, H=2, N=70, D=16, Dh=16, D2=16, dtype=torch.float64, seed=20 + step)
+        second_w = [t.detach().clone().requires_grad_(True) for t in inputs[5:]]
+        ref1 = lact_reference(*inputs, **kw)
+        ref = lact_reference(ref1, *inputs[1:5], *second_w, **kw)  # layer 2 reads layer 1's output
+        go = torch.randn_like(ref)
+        want = torch.autograd.grad(ref, [*inputs, *second_w], go, allow_unused=True)
+        dev = [t.detach().float().cuda().requires_grad_(True) for t in [*inputs, *second_w]]
+        o1 = lact_chunked(*dev[:8], **kw, compile="graphs", graphs=sites[0])
+        out = lact_chunked(o1, *dev[1:5], *dev[8:], **kw, compile="graphs", graphs=sites[1])
+        got = torch.autograd.grad(out, dev, go.float().cuda(), allow_unused=True)
+        assert rel(out.double().cpu(), ref) < 1e-4
+        for name, a, b in zip(NAMES + ["w1'", "w2'", "w3'"], got, want, strict=True):
+            if name == "beta" and update == "gd":
+                continue
+            assert rel(a.double().cpu(), b) < 1e-3, (step, name)
+        if kept is not None:  # last step's gradient was not overwritten by this step's replay
+            assert torch.equal(kept[0], kept[1])
+        kept = (got[5], got[5].clone())
+    o_first = lact_chunked(*dev[:8], **kw, compile="graphs", graphs=sites[0])
+    lact_chunked(*dev[:8], **kw, compile="graphs", graphs=sites[0]).sum().backward()
+    with pytest.raises(RuntimeError, match="overwritten by a later forward"):
+        o_first.sum().backward()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastweights.layers.attention import TokenLayout, apply_rope, attend, rope_cos_sin
-from fastweights.ops.lact import ORDERS, UPDATES, _compiled, _resolve_compile, lact_chunked, lact_reference
+from fastweights.ops.lact import ORDERS, UPDATES, LoopGraphs, _compiled, _resolve_compile, lact_chunked, lact_reference
 
 __all__ = ["LaCTLayer"]
 
@@ -63,6 +63,8 @@ def _glue(fn, name: str, device: torch.device, training: bool):
     """``fn`` compiled (fused elementwise work, forward and backward) where the op compiles its
     chunk loop: CUDA, training, ``FASTWEIGHTS_LACT_COMPILE`` not off; else ``fn`` itself."""
     mode = _resolve_compile(None, device) if training else None
+    if mode == "graphs":  # the op's loop is graphed; the glue compiles as usual
+        mode = "default"
     return fn if mode is None else _compiled(fn, name, mode)
 
 
@@ -114,6 +116,7 @@ class LaCTLayer(nn.Module):
         self.w1 = nn.Parameter(torch.empty(fw_heads, D, D))
         self.w2 = nn.Parameter(torch.empty(fw_heads, D, D))
         self.w3 = nn.Parameter(torch.empty(fw_heads, D, D))
+        self.graphs = LoopGraphs()  # used only with FASTWEIGHTS_LACT_COMPILE=graphs (CUDA training)
         self.reset_fast_parameters()
 
     def extra_repr(self) -> str:
@@ -173,7 +176,8 @@ class LaCTLayer(nn.Module):
                 raise ValueError("cached decoding needs impl='chunked'")
             f, state = lact_chunked(*args, **kw, state=None if past is None else past[2], output_final_state=True)
         else:
-            f = (lact_chunked if self.impl == "chunked" else lact_reference)(*args, **kw)
+            f = (lact_chunked(*args, **kw, graphs=self.graphs) if self.impl == "chunked"
+                 else lact_reference(*args, **kw))
         merged = _glue(_merge, "layer-merge", x.device, training)(a, self.gate_proj(x), f, self.fw_norm.weight,
                                                                    self.fw_norm.eps)
         return self.o_proj(merged), ((ka, va, state) if use_cache else None)

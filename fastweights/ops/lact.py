@@ -59,6 +59,7 @@ __all__ = [
     "ORDERS",
     "UPDATES",
     "LaCTState",
+    "LoopGraphs",
     "lact",
     "lact_chunked",
     "lact_inner_grads",
@@ -375,9 +376,11 @@ def _resolve_compile(compile, device) -> str | None:
         return None
     if compile is True:
         return "default"
+    if compile == "graphs":  # CUDA graphs of the compiled loop, captured per call site: CUDA only
+        return "graphs" if device.type == "cuda" else None
     if compile in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
         return compile
-    raise ValueError(f"compile must be None, 'auto', a bool or a torch.compile mode, got {compile!r}")
+    raise ValueError(f"compile must be None, 'auto', a bool, 'graphs' or a torch.compile mode, got {compile!r}")
 
 
 def _resolve_scope(scope, training: bool = False) -> str:
@@ -432,6 +435,97 @@ def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, c
     return _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, step)
 
 
+class LoopGraphs:
+    """CUDA graphs of the fast path's compiled chunk loop for one call site (one layer).
+
+    The forward and the backward of :func:`_contiguous_loop` (compiled whole) are captured once
+    per input signature (shapes, dtypes, which inputs need gradients, chunk, update, order) and
+    replayed, so the host no longer launches the loop's ~800 kernels per layer one by one. Opt
+    in with ``compile="graphs"`` (or ``FASTWEIGHTS_LACT_COMPILE=graphs``); the LaCT layer owns
+    one. Costs and rules: each capture keeps its activations in its own memory pool for as long
+    as this object lives; a new forward of a signature overwrites the saved tensors of the
+    previous one, so the backward of an earlier forward raises (it never returns wrong
+    gradients); inputs are copied into the capture's buffers and outputs and gradients are
+    returned as fresh tensors (safe to keep and to accumulate).
+    """
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def __call__(self, q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str):
+        if q.device.type != "cuda":
+            raise ValueError(f"LoopGraphs needs CUDA tensors, got device {q.device}")
+        inputs = tuple(t for t in (q, k, v, lr, beta, w1, w2, w3) if t is not None)
+        key = (chunk_size, update, order, beta is None,
+               tuple((t.shape, t.dtype, t.requires_grad) for t in inputs))
+        if key not in self._entries:
+            self._entries[key] = _GraphEntry(_loop_fn(chunk_size, update, order, beta is None), inputs)
+        return _GraphedLoop.apply(self._entries[key], *inputs)
+
+
+def _loop_fn(chunk_size, update, order, no_beta):
+    loop = _compiled(_contiguous_loop, "loop", "default")
+
+    def fn(*t):
+        if no_beta:
+            t = t[:4] + (None,) + t[4:]
+        return loop(*t, chunk_size, update, order)
+
+    return fn
+
+
+class _GraphEntry:
+    """One captured forward/backward pair (see :class:`LoopGraphs`)."""
+
+    def __init__(self, fn, inputs, warmup: int = 3):
+        self.static = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+        self.needs = [i for i, t in enumerate(self.static) if t.requires_grad]
+        wrt = [self.static[i] for i in self.needs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.enable_grad(), torch.cuda.stream(side):  # compile and settle the allocator
+            for _ in range(warmup):
+                out = fn(*self.static)
+                torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
+        torch.cuda.current_stream().wait_stream(side)
+        del out
+        pool = torch.cuda.graph_pool_handle()
+        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.enable_grad(), torch.cuda.graph(self.fwd, pool=pool):
+            self.out = fn(*self.static)
+        self.gout = torch.empty_like(self.out)
+        with torch.cuda.graph(self.bwd, pool=pool):
+            self.gin = torch.autograd.grad(self.out, wrt, self.gout, allow_unused=True)
+        self.out = self.out.detach()
+        self.calls = 0
+
+
+class _GraphedLoop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, entry, *inputs):
+        for buf, t in zip(entry.static, inputs, strict=True):
+            buf.detach().copy_(t)
+        entry.fwd.replay()
+        entry.calls += 1
+        ctx.entry, ctx.call, ctx.n = entry, entry.calls, len(inputs)
+        return entry.out.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        entry = ctx.entry
+        if ctx.call != entry.calls:
+            raise RuntimeError("LaCT CUDA graphs: this forward's saved tensors were overwritten by a later forward "
+                               "of the same layer and shapes before its backward ran; run backward before the next "
+                               "forward, or use compile='default'")
+        entry.gout.copy_(g)
+        entry.bwd.replay()
+        grads = [None] * ctx.n
+        for i, gi in zip(entry.needs, entry.gin, strict=True):
+            grads[i] = None if gi is None else gi.clone()
+        return (None, *grads)
+
+
 # --------------------------------------------------------------------------- training form
 def _grid(starts_f, cont, buf_len, chunk_size):
     """Slot layout: per token its flat grid slot (B, N); per slot its source index (B, S)
@@ -469,6 +563,7 @@ def lact_chunked(
     q, k, v, lr, beta, w1, w2, w3, *, chunk_size: int, update: str = "gd", order: str = "apply_update",
     cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
     state: LaCTState | None = None, output_final_state: bool = False, compile=None, compile_scope=None,
+    graphs: LoopGraphs | None = None,
 ):
     """LaCT training form; same arguments as :func:`lact_reference`, plus streaming.
 
@@ -477,10 +572,12 @@ def lact_chunked(
     state after the last token. ``compile``: how the fast path (one document per row, no state
     in or out) runs its per-chunk step: None reads ``FASTWEIGHTS_LACT_COMPILE`` (default
     ``auto``: torch.compile on CUDA, eager elsewhere); True/False; or a torch.compile mode such
-    as ``"reduce-overhead"`` (CUDA graphs). ``compile_scope``: what is compiled, ``"step"`` (the
-    chunk step), ``"loop"`` (the whole chunk loop) or ``"auto"`` (the loop when gradients are
-    taken, else the step); None reads ``FASTWEIGHTS_LACT_COMPILE_SCOPE`` (default ``auto``).
-    Returns o (B, H, N, D2), or ``(o, state)``.
+    as ``"reduce-overhead"``; or ``"graphs"``: when gradients are taken on CUDA, the compiled
+    loop replayed from CUDA graphs held by ``graphs`` (a :class:`LoopGraphs`, one per call site;
+    without it, or without gradients, as ``"default"``). ``compile_scope``: what is compiled,
+    ``"step"`` (the chunk step), ``"loop"`` (the whole chunk loop) or ``"auto"`` (the loop when
+    gradients are taken, else the step); None reads ``FASTWEIGHTS_LACT_COMPILE_SCOPE`` (default
+    ``auto``). Returns o (B, H, N, D2), or ``(o, state)``.
     """
     B, H, N, D = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
     C = chunk_size
@@ -496,7 +593,12 @@ def lact_chunked(
     if not streaming and not bool(starts_f[:, 1:].any()):
         training = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lr, beta, w1, w2, w3))
-        return _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, C, update, order, _resolve_compile(compile, dev),
+        mode = _resolve_compile(compile, dev)
+        if mode == "graphs":
+            if training and graphs is not None:
+                return graphs(q, k, v, lr, beta, w1, w2, w3, C, update, order)
+            mode = "default"
+        return _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, C, update, order, mode,
                                 _resolve_scope(compile_scope, training))
     if state is not None:
         explicit0 = torch.zeros(B, dtype=torch.bool, device=dev)
