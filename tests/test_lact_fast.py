@@ -1,6 +1,9 @@
 """LaCT's contiguous fast path (no carried state, no document start after token 0): forward and
 every gradient against the sequential reference, its dispatch, and its compiled form (GPU)."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -160,6 +163,8 @@ def test_graphs_setting_on_cpu_runs_eagerly_and_loop_graphs_need_cuda():
     assert rel(out, lact_reference(*inputs, **kw)) < 1e-12
     with pytest.raises(ValueError, match="needs CUDA tensors, got device cpu"):
         graphs(*inputs, 8, "muon", "apply_update")
+    graphs._entries["x"] = object()  # a layer holding captures can be deep-copied and pickled
+    assert copy.deepcopy(graphs)._entries == {} and pickle.loads(pickle.dumps(graphs))._entries == {}
 
 
 @pytest.mark.gpu

@@ -452,12 +452,21 @@ class LoopGraphs:
     def __init__(self):
         self._entries: dict = {}
 
+    def __deepcopy__(self, memo):  # captures are not copied: a copy captures its own
+        return LoopGraphs()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self._entries = {}
+
     def __call__(self, q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str):
         if q.device.type != "cuda":
             raise ValueError(f"LoopGraphs needs CUDA tensors, got device {q.device}")
         inputs = tuple(t for t in (q, k, v, lr, beta, w1, w2, w3) if t is not None)
         key = (chunk_size, update, order, beta is None,
-               tuple((t.shape, t.dtype, t.requires_grad) for t in inputs))
+               tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs))
         if key not in self._entries:
             self._entries[key] = _GraphEntry(_loop_fn(chunk_size, update, order, beta is None), inputs)
         return _GraphedLoop.apply(self._entries[key], *inputs)
