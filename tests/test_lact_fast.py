@@ -163,8 +163,12 @@ def test_graphs_setting_on_cpu_runs_eagerly_and_loop_graphs_need_cuda():
     assert rel(out, lact_reference(*inputs, **kw)) < 1e-12
     with pytest.raises(ValueError, match="needs CUDA tensors, got device cpu"):
         graphs(*inputs, 8, "muon", "apply_update")
+    graphs = lact_op.LoopGraphs(max_captures=3)
     graphs._entries["x"] = object()  # a layer holding captures can be deep-copied and pickled
-    assert copy.deepcopy(graphs)._entries == {} and pickle.loads(pickle.dumps(graphs))._entries == {}
+    for other in (copy.deepcopy(graphs), pickle.loads(pickle.dumps(graphs))):
+        assert len(other._entries) == 0 and other.max_captures == 3
+    with pytest.raises(ValueError, match="max_captures must be >= 1, got 0"):
+        lact_op.LoopGraphs(max_captures=0)
 
 
 @pytest.mark.gpu
@@ -200,3 +204,24 @@ def test_loop_graphs_match_reference_gpu(update):
     lact_chunked(*dev[:8], **kw, compile="graphs", graphs=sites[0]).sum().backward()
     with pytest.raises(RuntimeError, match="overwritten by a later forward"):
         o_first.sum().backward()
+
+
+@pytest.mark.gpu
+def test_loop_graphs_evict_and_recapture_gpu():
+    """With room for one capture, alternating sequence lengths (one not a multiple of the
+    chunk) evicts and recaptures; every call still matches the float64 CPU reference."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    kw = dict(chunk_size=16, update="muon")
+    graphs = lact_op.LoopGraphs(max_captures=1)
+    for step, N in enumerate([70, 48, 70]):
+        inputs = make(B=1, H=2, N=N, D=16, Dh=16, D2=16, dtype=torch.float64, seed=40 + step)
+        ref = lact_reference(*inputs, **kw)
+        go = torch.randn_like(ref)
+        want = torch.autograd.grad(ref, inputs, go, allow_unused=True)
+        dev = [t.detach().float().cuda().requires_grad_(True) for t in inputs]
+        out = lact_chunked(*dev, **kw, compile="graphs", graphs=graphs)
+        got = torch.autograd.grad(out, dev, go.float().cuda(), allow_unused=True)
+        assert len(graphs._entries) == 1
+        assert rel(out.double().cpu(), ref) < 1e-4, N
+        for name, a, b in zip(NAMES, got, want, strict=True):
+            assert rel(a.double().cpu(), b) < 1e-3, (N, name)

@@ -47,6 +47,7 @@ Two implementations compute the same function:
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 
 import torch
@@ -446,20 +447,24 @@ class LoopGraphs:
     as this object lives; a new forward of a signature overwrites the saved tensors of the
     previous one, so the backward of an earlier forward raises (it never returns wrong
     gradients); inputs are copied into the capture's buffers and outputs and gradients are
-    returned as fresh tensors (safe to keep and to accumulate).
+    returned as fresh tensors (safe to keep and to accumulate). At most ``max_captures``
+    signatures are kept (least recently used dropped first; a pending backward keeps its own).
     """
 
-    def __init__(self):
-        self._entries: dict = {}
+    def __init__(self, max_captures: int = 4):
+        if max_captures < 1:
+            raise ValueError(f"max_captures must be >= 1, got {max_captures}")
+        self.max_captures = max_captures
+        self._entries: OrderedDict = OrderedDict()
 
     def __deepcopy__(self, memo):  # captures are not copied: a copy captures its own
-        return LoopGraphs()
+        return LoopGraphs(self.max_captures)
 
     def __getstate__(self):
-        return {}
+        return {"max_captures": self.max_captures}
 
     def __setstate__(self, state):
-        self._entries = {}
+        self.__init__(**state)
 
     def __call__(self, q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str):
         if q.device.type != "cuda":
@@ -467,7 +472,11 @@ class LoopGraphs:
         inputs = tuple(t for t in (q, k, v, lr, beta, w1, w2, w3) if t is not None)
         key = (chunk_size, update, order, beta is None,
                tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs))
-        if key not in self._entries:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+        else:
+            while len(self._entries) >= self.max_captures:
+                self._entries.popitem(last=False)
             self._entries[key] = _GraphEntry(_loop_fn(chunk_size, update, order, beta is None), inputs)
         return _GraphedLoop.apply(self._entries[key], *inputs)
 
