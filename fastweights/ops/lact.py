@@ -440,11 +440,11 @@ class LoopGraphs:
     """CUDA graphs of the fast path's compiled chunk loop for one call site (one layer).
 
     The forward and the backward of :func:`_contiguous_loop` (compiled whole) are captured once
-    per input signature (shapes, dtypes, which inputs need gradients, chunk, update, order) and
-    replayed, so the host no longer launches the loop's ~800 kernels per layer one by one. Opt
-    in with ``compile="graphs"`` (or ``FASTWEIGHTS_LACT_COMPILE=graphs``); the LaCT layer owns
-    one. Costs and rules: each capture keeps its activations in its own memory pool for as long
-    as this object lives; a new forward of a signature overwrites the saved tensors of the
+    per input signature (shapes, dtypes, devices, which inputs need gradients, autocast, chunk,
+    update, order) and replayed, so the host no longer launches the loop's ~800 kernels per
+    layer one by one. Opt in with ``compile="graphs"`` (or ``FASTWEIGHTS_LACT_COMPILE=graphs``);
+    the LaCT layer owns one. Costs and rules: each capture keeps its activations in its own
+    memory pool while it is kept; a new forward of a signature overwrites the saved tensors of the
     previous one, so the backward of an earlier forward raises (it never returns wrong
     gradients); inputs are copied into the capture's buffers and outputs and gradients are
     returned as fresh tensors (safe to keep and to accumulate). At most ``max_captures``
@@ -470,7 +470,8 @@ class LoopGraphs:
         if q.device.type != "cuda":
             raise ValueError(f"LoopGraphs needs CUDA tensors, got device {q.device}")
         inputs = tuple(t for t in (q, k, v, lr, beta, w1, w2, w3) if t is not None)
-        key = (chunk_size, update, order, beta is None,
+        autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
+        key = (chunk_size, update, order, beta is None, autocast,
                tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs))
         if key in self._entries:
             self._entries.move_to_end(key)
