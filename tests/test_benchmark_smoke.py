@@ -1,0 +1,40 @@
+"""The benchmark scripts that have a CPU size run end to end at it (functional checks, not
+measurements: performance is measured on a GPU, docs/benchmarks.md)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "lact.py"
+
+
+def test_lact_benchmark_tiny_runs(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_lact", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "table.md"
+    variants = ["lact-muon", "lact-muon-graphs", "lact-gd", "swa"]
+    rc = bench.main(["--tiny", "--variants", ",".join(variants), "--warmup", "1", "--iters", "1",
+                     "--output", str(out)])
+    assert rc == 0
+    rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
+    for v in variants:
+        assert v in rows and "nan" not in rows[v].split("|")[2], rows.get(v)
+    assert "failed" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["benchmarks/generation.py", "--tiny"], "decode"),
+    (["benchmarks/fwl_inference_cost.py", "--size", "tiny", "--device", "cpu", "--length", "128", "--docs", "1",
+      "--repeats", "1"], "In-Place TTT"),
+])
+def test_benchmark_script_cpu_size_runs(argv, expect):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert expect in res.stdout
