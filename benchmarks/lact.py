@@ -54,7 +54,7 @@ VARIANTS = {
     "attention": dict(mixers="attention", mlps="swiglu"),
     "inplace-ttt-swa": dict(mixers="swa", mlps="inplace_ttt"),
 }
-# how the LaCT op's per-chunk step runs (fastweights.ops.lact.COMPILE_ENV); others: the default, auto
+# how the LaCT op is compiled (fastweights.ops.lact.COMPILE_ENV); other variants: the default, auto
 COMPILE = {"lact-muon-eager": "0", "lact-muon-cudagraphs": "reduce-overhead", "lact-muon-graphs": "graphs"}
 # what is compiled (fastweights.ops.lact.SCOPE_ENV): by default (auto, training) the whole chunk
 # loop; these variants compile the chunk step only (CUDA graphs: the loop with CUDA graphs fails in
