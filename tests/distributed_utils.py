@@ -26,8 +26,10 @@ def _worker(rank, world, fn, args, out_dir, backend, timeout):
         err = None
     except Exception:
         result, err = None, traceback.format_exc()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+    path = os.path.join(out_dir, f"rank{rank}.json")
+    with open(path + ".tmp", "w") as fh:  # then renamed: the parent never reads a partial file
         json.dump({"result": result, "error": err}, fh)
+    os.replace(path + ".tmp", path)
     if err is None:
         dist.barrier()
     dist.destroy_process_group()
@@ -40,11 +42,8 @@ def _errors(out_dir: str, world: int) -> dict[int, str]:
     for r in range(world):
         path = os.path.join(out_dir, f"rank{r}.json")
         if os.path.exists(path):
-            try:
-                with open(path) as fh:
-                    data = json.load(fh)
-            except ValueError:  # being written
-                continue
+            with open(path) as fh:
+                data = json.load(fh)
             if data["error"]:
                 errs[r] = data["error"]
     return errs
@@ -75,20 +74,27 @@ def run_world(world: int, fn, *args, backend: str = "gloo", timeout: float = 120
                 raise
             errs = _errors(out_dir, world)
             if errs or time.monotonic() > deadline:
-                time.sleep(0.0 if errs else 6.0)  # let the ranks' faulthandler write their stacks
+                # errors: let the other ranks report theirs too (the first error's peers fail after
+                # it); a hang: let the ranks' faulthandler write their stacks
+                time.sleep(2.0 if errs else 6.0)
+                errs = _errors(out_dir, world)
                 _terminate(ctx)
                 if errs:
-                    raise AssertionError("\n".join(f"rank {r} failed:\n{e}" for r, e in errs.items()))
+                    _raise_errors(errs)
                 stacks = ""
                 for r in range(world):
                     with open(os.path.join(out_dir, f"rank{r}.stack")) as fh:
                         stacks += f"--- rank {r}\n{fh.read()}"
                 raise AssertionError(f"{world} ranks did not finish in {timeout} s; their stacks:\n{stacks}")
+        errs = _errors(out_dir, world)
+        if errs:  # every rank's error: the first rank's may only be the echo of another's
+            _raise_errors(errs)
         results = []
         for r in range(world):
             with open(os.path.join(out_dir, f"rank{r}.json")) as fh:
-                data = json.load(fh)
-            if data["error"]:
-                raise AssertionError(f"rank {r} failed:\n{data['error']}")
-            results.append(data["result"])
+                results.append(json.load(fh)["result"])
     return results
+
+
+def _raise_errors(errs: dict[int, str]) -> None:
+    raise AssertionError("\n".join(f"rank {r} failed:\n{e}" for r, e in errs.items()))
