@@ -69,11 +69,16 @@ def _flex_fn(compiled: bool):
     return torch.compile(flex_attention) if compiled else flex_attention
 
 
+@functools.cache
+def _block_mask_fn(compiled: bool):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask) if compiled else create_block_mask
+
+
 def _flex(q, k, v, layout: TokenLayout, window: int | None):
     """flex_attention with the layout's mask; the block mask is built once per layout and window
     (all layers of a forward pass share it), compiled on CUDA."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     B, _, N, _ = q.shape
     M = k.shape[2]
     key = (window, N, M)
@@ -86,7 +91,7 @@ def _flex(q, k, v, layout: TokenLayout, window: int | None):
                 m = m & (qidx[b, i] - kidx[b, j] < window)
             return m
 
-        layout.block_masks[key] = create_block_mask(mask_mod, B, None, N, M, device=q.device, _compile=q.is_cuda)
+        layout.block_masks[key] = _block_mask_fn(q.is_cuda)(mask_mod, B, None, N, M, device=q.device)
     return _flex_fn(q.is_cuda)(q, k, v, block_mask=layout.block_masks[key], enable_gqa=k.shape[1] != q.shape[1])
 
 
