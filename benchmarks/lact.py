@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     head = (f"{gpu}, {dtype}, torch {torch.__version__}, {args.layers} blocks, d={shape['hidden_size']}, "
             f"f={shape['intermediate_size']}, heads={shape['num_attention_heads']}, "
             f"fw heads={shape['lact_heads']}, window=chunk={shape['lact_chunk_size']}, "
-            f"N={shape['seqlen']}, batch 1, forward+backward, median of {args.iters}")
+            f"N={shape['seqlen']}, batch 1, forward+backward, median of {args.iters}; LaCT chunk loop: "
+            f"{COMPILE_ENV}={os.environ.get(COMPILE_ENV, 'auto')} unless the variant sets its own")
     lines = [head, "", "| variant | ms/step | tokens/s | × SWA | × full attn | peak GiB |",
              "|---|---|---|---|---|---|"]
     for r in rows:
