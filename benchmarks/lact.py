@@ -129,14 +129,20 @@ def profile_step(name, step, sync, device):
     cpu_ops = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU)
     print(f"{name}: {len(kernels)} GPU kernels taking {gpu_ms:.1f} ms in all, {cpu_ops} CPU events "
           f"(profiled step; GPU ms far below the step's ms means the host is the bottleneck)")
+    rows = top_by_name(kernels, "device_time_total", 30)
+    if rows:
+        print(f"top {len(rows)} GPU kernels by total time: total ms | calls | mean us | name")
+        print("\n".join(rows))
+
+
+def top_by_name(events, attr: str, top: int) -> list[str]:
+    """Rows ``total ms | calls | mean us | name`` of the ``top`` profiler event names with the
+    largest summed ``attr`` (a time in us, e.g. ``device_time_total``)."""
     by_name: dict[str, list[float]] = {}
-    for e in kernels:
-        by_name.setdefault(e.name, []).append(e.device_time_total)
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:30]
-    if top:
-        print(f"top {len(top)} GPU kernels by total time: total ms | calls | mean us | name")
-        for kname, ts in top:
-            print(f"{sum(ts) / 1e3:8.2f} | {len(ts):5d} | {sum(ts) / len(ts):8.1f} | {kname[:100]}")
+    for e in events:
+        by_name.setdefault(e.name, []).append(getattr(e, attr))
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return [f"{sum(ts) / 1e3:8.3f} | {len(ts):5d} | {sum(ts) / len(ts):8.1f} | {name[:100]}" for name, ts in ranked]
 
 
 def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile):

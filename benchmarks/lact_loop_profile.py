@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from lact import top_by_name  # benchmarks/lact.py, beside this script
 from torch.profiler import ProfilerActivity, profile
 
 from fastweights.ops.lact import UPDATES, LoopGraphs, _lact_contiguous, _resolve_compile
@@ -63,14 +64,10 @@ def _kernels(fn, device, top: int, label: str) -> None:
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     events = [e for e in prof.events() if e.device_type == kind]
     attr = "device_time_total" if cuda else "self_cpu_time_total"
-    by_name: dict[str, list[float]] = {}
-    for e in events:
-        by_name.setdefault(e.name, []).append(getattr(e, attr))
-    total = sum(sum(v) for v in by_name.values()) / 1e3
+    total = sum(getattr(e, attr) for e in events) / 1e3
     what = "GPU kernels" if cuda else "CPU ops"
     print(f"\n{label}: {len(events)} {what}, {total:.2f} ms in all; top {top}: total ms | calls | mean us | name")
-    for name, ts in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]:
-        print(f"{sum(ts) / 1e3:8.3f} | {len(ts):5d} | {sum(ts) / len(ts):8.1f} | {name[:100]}")
+    print("\n".join(top_by_name(events, attr, top)))
 
 
 def _inputs(B, H, N, D, update, dtype, device):
