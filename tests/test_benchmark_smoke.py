@@ -39,3 +39,17 @@ def test_benchmark_script_cpu_size_runs(argv, expect):
     res = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert expect in res.stdout
+
+
+def test_newton_schulz_kernels_agree_with_float64_chain_on_cpu():
+    """The study's fused Triton chain (Triton interpreter) is checked against the float64 chain
+    inside the script; a row that fails or is off prints so instead of its errors."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "benchmarks/lact_newton_schulz.py", "--tiny"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| triton fused")]
+    assert rows, res.stdout
+    for row in rows:
+        err_y, err_dx = (float(c) for c in row.split("|")[2:4])  # raises if the row says failed / off
+        assert err_y < 1e-5 and err_dx < 1e-5, row

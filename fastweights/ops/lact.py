@@ -151,16 +151,21 @@ class _NewtonSchulzIters(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        a, b, c = NS_COEFFS
         saved = ctx.saved_tensors
-        for i in range(len(saved) - 3, -1, -3):
-            x, A, B = saved[i:i + 3]
-            dB = torch.bmm(g, x.mT)
-            S = dB + dB.mT
-            T = torch.bmm(S, A)
-            P = b * S + c * (T + T.mT)
-            g = torch.baddbmm(torch.baddbmm(g, B, g, beta=a), P, x)
-        return g, None
+        return _ns_backward(g, [saved[i:i + 3] for i in range(0, len(saved), 3)]), None
+
+
+def _ns_backward(g: torch.Tensor, saved) -> torch.Tensor:
+    """∂L/∂X of the iterations from ``g`` = ∂L/∂Y and their saved [(X, A, B) per step]
+    (:class:`_NewtonSchulzIters`'s formulas)."""
+    a, b, c = NS_COEFFS
+    for x, A, B in reversed(saved):
+        dB = torch.bmm(g, x.mT)
+        S = dB + dB.mT
+        T = torch.bmm(S, A)
+        P = b * S + c * (T + T.mT)
+        g = torch.baddbmm(torch.baddbmm(g, B, g, beta=a), P, x)
+    return g
 
 
 def _row_norms(w: torch.Tensor) -> torch.Tensor:
