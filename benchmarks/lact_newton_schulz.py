@@ -20,7 +20,14 @@ input gradient) and its timing is not printed if it is off by more than the torc
 chain's error allows. These kernels are a study, not library code: the chunk loop keeps
 torch's chain (see the docs for why).
 
+With ``--in-loop`` it then times one layer's compiled Muon chunk loop
+(``benchmarks/lact_loop_profile.py``'s, the 760M shapes) twice in the same process: with
+torch's chain, then with the fused Triton chain put in its place (the module's
+``_NewtonSchulzIters`` swapped for this run only), and compares the two loops' outputs and
+gradients.
+
     python benchmarks/lact_newton_schulz.py          # H100
+    python benchmarks/lact_newton_schulz.py --in-loop
     python benchmarks/lact_newton_schulz.py --tiny   # CPU smoke test: Triton interpreter, no timing
 """
 
@@ -243,6 +250,52 @@ def torch_forward(x):
     return _ns_iterations(x, STEPS)
 
 
+class _FusedNewtonSchulz(torch.autograd.Function):
+    """Drop-in for ``fastweights.ops.lact._NewtonSchulzIters`` on the fused Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, x, steps: int):
+        assert steps == STEPS
+        y, saved = fused_forward(x, (64, 128, 64, 4, 3))  # the fastest forward tile above
+        ctx.save_for_backward(*(t for step in saved for t in step))
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        sv = ctx.saved_tensors
+        return fused_backward(g.contiguous(), [sv[i:i + 3] for i in range(0, len(sv), 3)], TILES[3]), None
+
+
+def in_loop(iters: int, tiny: bool = False) -> None:
+    """One layer's compiled Muon loop with torch's chain, then with the fused one (see the docstring)."""
+    from lact_loop_profile import _loop  # benchmarks/, beside this script
+
+    import fastweights.ops.lact as lact_ops
+
+    device = torch.device("cpu" if tiny else "cuda")
+    shape = (1, 2, 40, 12, torch.float32) if tiny else (1, 4, 32768, 384, torch.bfloat16)
+    chunk = 8 if tiny else 2048
+    original, results = lact_ops._NewtonSchulzIters, {}
+    try:
+        for label, chain in (("torch", original), ("triton fused", _FusedNewtonSchulz)):
+            lact_ops._NewtonSchulzIters = chain
+            torch._dynamo.reset()
+            lact_ops._COMPILED.clear()
+            fwd_ms, step_ms, forward, (ins, cot) = _loop("muon", chunk, device, *shape, iters)
+            out = forward()
+            results[label] = (out.float(), [g.float() for g in torch.autograd.grad(out, ins, cot)])
+            print(f"Muon loop with the {label} chain: forward {fwd_ms:.2f} ms, forward+backward {step_ms:.2f} ms",
+                  flush=True)
+    finally:
+        lact_ops._NewtonSchulzIters = original
+        torch._dynamo.reset()
+        lact_ops._COMPILED.clear()
+    (o1, g1), (o2, g2) = results["torch"], results["triton fused"]
+    errs = [((a - b).norm() / b.norm()).item() for a, b in zip([o2, *g2], [o1, *g1], strict=True)]
+    print(f"fused vs torch loop, relative difference of the output and of each gradient ({shape[-1]}): "
+          + " ".join(f"{e:.1e}" for e in errs))
+
+
 def _graph_us(fn, iters: int, reps: int = 10) -> float:
     """Median µs of ``fn()`` replayed from a CUDA graph holding ``reps`` calls."""
     side = torch.cuda.Stream()
@@ -272,6 +325,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: Triton interpreter, correctness only")
     p.add_argument("--iters", type=int, default=20, help="timed graph replays (median)")
+    p.add_argument("--in-loop", action="store_true", help="also time the Muon chunk loop with either chain")
     args = p.parse_args(argv)
     if args.iters < 1:
         p.error(f"--iters must be >= 1, got {args.iters}")
@@ -329,6 +383,8 @@ def main(argv=None) -> int:
         bmm = _graph_us(lambda: torch.bmm(x, x.mT), args.iters)
         print(f"\none ({P}, {R}, {R}) x ({P}, {R}, {S}) bmm (cuBLAS): {bmm:.1f} µs; compute bound at 989 TFLOP/s: "
               f"{2 * P * R * R * S / 989e12 * 1e6:.1f} µs")
+    if args.in_loop:
+        in_loop(10 if cuda else 1, tiny=not cuda)
     return 0
 
 

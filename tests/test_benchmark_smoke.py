@@ -45,7 +45,7 @@ def test_newton_schulz_kernels_agree_with_float64_chain_on_cpu():
     """The study's fused Triton chain (Triton interpreter) is checked against the float64 chain
     inside the script; a row that fails or is off prints so instead of its errors."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "benchmarks/lact_newton_schulz.py", "--tiny"], cwd=ROOT, env=env,
+    res = subprocess.run([sys.executable, "benchmarks/lact_newton_schulz.py", "--tiny", "--in-loop"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| triton fused")]
@@ -53,3 +53,7 @@ def test_newton_schulz_kernels_agree_with_float64_chain_on_cpu():
     for row in rows:
         err_y, err_dx = (float(c) for c in row.split("|")[2:4])  # raises if the row says failed / off
         assert err_y < 1e-5 and err_dx < 1e-5, row
+    loop = [line for line in res.stdout.splitlines() if line.startswith("fused vs torch loop")]
+    assert loop, res.stdout
+    diffs = [float(x) for x in loop[0].split(":")[-1].split()]
+    assert len(diffs) == 9 and max(diffs) < 1e-3, loop[0]  # output + 8 gradients, float32
