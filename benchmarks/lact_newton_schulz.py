@@ -55,13 +55,17 @@ TILES = [  # (BM, BN, BK, warps, stages) for the fused kernels
 
 @triton.jit
 def _tile_mm(acc, p, spm, spk, q, sqk, sqn, rm, rn, M, N, K, BK: tl.constexpr):
-    """acc + P[rm, :K] @ Q[:K, rn] for one tile; P, Q given by pointer and strides."""
+    """acc + P[rm, :K] @ Q[:K, rn] for one tile; P, Q given by pointer and strides (float32
+    inputs multiply in full float32, not TF32, like torch's default)."""
     rk = tl.arange(0, BK)
     for k0 in range(0, K, BK):
         kk = k0 + rk
         x = tl.load(p + rm[:, None] * spm + kk[None, :] * spk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         y = tl.load(q + kk[:, None] * sqk + rn[None, :] * sqn, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(x, y, acc)
+        if x.dtype == tl.float32:
+            acc = tl.dot(x, y, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, y, acc)
     return acc
 
 
@@ -267,33 +271,42 @@ class _FusedNewtonSchulz(torch.autograd.Function):
 
 
 def in_loop(iters: int, tiny: bool = False) -> None:
-    """One layer's compiled Muon loop with torch's chain, then with the fused one (see the docstring)."""
+    """One layer's compiled Muon loop with torch's chain, then with the fused one (see the
+    docstring), in bf16 (timed) and float32; prints how far the loops' outputs and gradients
+    are apart."""
     from lact_loop_profile import _loop  # benchmarks/, beside this script
 
     import fastweights.ops.lact as lact_ops
 
     device = torch.device("cpu" if tiny else "cuda")
-    shape = (1, 2, 40, 12, torch.float32) if tiny else (1, 4, 32768, 384, torch.bfloat16)
-    chunk = 8 if tiny else 2048
+    shape, chunk = ((1, 2, 40, 12), 8) if tiny else ((1, 4, 32768, 384), 2048)
+    dtypes = [torch.float32] if tiny else [torch.bfloat16, torch.float32]
     original, results = lact_ops._NewtonSchulzIters, {}
     try:
-        for label, chain in (("torch", original), ("triton fused", _FusedNewtonSchulz)):
-            lact_ops._NewtonSchulzIters = chain
-            torch._dynamo.reset()
-            lact_ops._COMPILED.clear()
-            fwd_ms, step_ms, forward, (ins, cot) = _loop("muon", chunk, device, *shape, iters)
-            out = forward()
-            results[label] = (out.float(), [g.float() for g in torch.autograd.grad(out, ins, cot)])
-            print(f"Muon loop with the {label} chain: forward {fwd_ms:.2f} ms, forward+backward {step_ms:.2f} ms",
-                  flush=True)
+        for dtype in dtypes:
+            for label, chain in (("torch", original), ("triton fused", _FusedNewtonSchulz)):
+                lact_ops._NewtonSchulzIters = chain
+                torch._dynamo.reset()
+                lact_ops._COMPILED.clear()
+                fwd_ms, step_ms, forward, (ins, cot) = _loop("muon", chunk, device, *shape, dtype, iters)
+                out = forward()
+                grads = torch.autograd.grad(out, ins, cot)
+                results[label, dtype] = [t.double() for t in (out, *grads)]
+                print(f"Muon loop, {label} chain, {dtype}: forward {fwd_ms:.2f} ms, forward+backward {step_ms:.2f} ms",
+                      flush=True)
     finally:
         lact_ops._NewtonSchulzIters = original
         torch._dynamo.reset()
         lact_ops._COMPILED.clear()
-    (o1, g1), (o2, g2) = results["torch"], results["triton fused"]
-    errs = [((a - b).norm() / b.norm()).item() for a, b in zip([o2, *g2], [o1, *g1], strict=True)]
-    print(f"fused vs torch loop, relative difference of the output and of each gradient ({shape[-1]}): "
-          + " ".join(f"{e:.1e}" for e in errs))
+
+    def diff(a, b):
+        return " ".join(f"{((x - y).norm() / y.norm()).item():.1e}" for x, y in zip(a, b, strict=True))
+
+    print("relative difference of the loop output, then of the gradients of q k v lr beta w1 w2 w3:")
+    for dtype in dtypes:
+        print(f"fused vs torch loop, {dtype}: {diff(results['triton fused', dtype], results['torch', dtype])}")
+    if not tiny:  # how far bf16 rounding alone moves the loop: torch's chain, bf16 vs float32
+        print(f"torch loop, bf16 vs float32: {diff(results['torch', dtypes[0]], results['torch', dtypes[1]])}")
 
 
 def _graph_us(fn, iters: int, reps: int = 10) -> float:

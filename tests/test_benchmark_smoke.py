@@ -53,7 +53,7 @@ def test_newton_schulz_kernels_agree_with_float64_chain_on_cpu():
     for row in rows:
         err_y, err_dx = (float(c) for c in row.split("|")[2:4])  # raises if the row says failed / off
         assert err_y < 1e-5 and err_dx < 1e-5, row
-    loop = [line for line in res.stdout.splitlines() if line.startswith("fused vs torch loop")]
+    loop = [line for line in res.stdout.splitlines() if line.startswith("fused vs torch loop, torch.float32")]
     assert loop, res.stdout
     diffs = [float(x) for x in loop[0].split(":")[-1].split()]
     assert len(diffs) == 9 and max(diffs) < 1e-3, loop[0]  # output + 8 gradients, float32
