@@ -70,23 +70,33 @@ def _tile_mm(acc, p, spm, spk, q, sqk, sqn, rm, rn, M, N, K, BK: tl.constexpr):
 
 
 @triton.jit
+def _tile_out(out, som, son, r, srm, srn, p1, sp1m, sp1k, q1, sq1k, sq1n, p2, sp2m, sp2k, q2, sq2k, sq2n,
+              alpha, beta, rm, rn, M, N, K, TWO: tl.constexpr, HAS_R: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, BK: tl.constexpr):
+    """Store ``alpha (P1 Q1 [+ P2 Q2]) + beta R`` on the tile (rm, rn) of the (M, N) ``out``,
+    products over K, float32 accumulation; every matrix by pointer and strides."""
+    acc = _tile_mm(tl.zeros((BM, BN), tl.float32), p1, sp1m, sp1k, q1, sq1k, sq1n, rm, rn, M, N, K, BK)
+    if TWO:
+        acc = _tile_mm(acc, p2, sp2m, sp2k, q2, sq2k, sq2n, rm, rn, M, N, K, BK)
+    acc = acc * alpha
+    msk = (rm[:, None] < M) & (rn[None, :] < N)
+    if HAS_R:
+        acc += beta * tl.load(r + rm[:, None] * srm + rn[None, :] * srn, mask=msk, other=0.0).to(tl.float32)
+    tl.store(out + rm[:, None] * som + rn[None, :] * son, acc.to(out.dtype.element_ty), mask=msk)
+
+
+@triton.jit
 def _mm_kernel(p1, q1, p2, q2, r, out, M, N, K, alpha, beta,
                sp1b, sp1m, sp1k, sq1b, sq1k, sq1n, sp2b, sp2m, sp2k, sq2b, sq2k, sq2n,
                srb, srm, srn, sob, som, son,
                TWO: tl.constexpr, HAS_R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """out[b] = alpha (P1[b] Q1[b] [+ P2[b] Q2[b]]) + beta R[b], (M, K) x (K, N), float32 accumulation."""
+    """out[b] = alpha (P1[b] Q1[b] [+ P2[b] Q2[b]]) + beta R[b], (M, K) x (K, N); grid (M/BM, N/BN, batch)."""
     b = tl.program_id(2).to(tl.int64)
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
-    acc = _tile_mm(tl.zeros((BM, BN), tl.float32), p1 + b * sp1b, sp1m, sp1k, q1 + b * sq1b, sq1k, sq1n,
-                   rm, rn, M, N, K, BK)
-    if TWO:
-        acc = _tile_mm(acc, p2 + b * sp2b, sp2m, sp2k, q2 + b * sq2b, sq2k, sq2n, rm, rn, M, N, K, BK)
-    acc = acc * alpha
-    msk = (rm[:, None] < M) & (rn[None, :] < N)
-    if HAS_R:
-        acc += beta * tl.load(r + b * srb + rm[:, None] * srm + rn[None, :] * srn, mask=msk, other=0.0).to(tl.float32)
-    tl.store(out + b * sob + rm[:, None] * som + rn[None, :] * son, acc.to(out.dtype.element_ty), mask=msk)
+    _tile_out(out + b * sob, som, son, r + b * srb, srm, srn, p1 + b * sp1b, sp1m, sp1k, q1 + b * sq1b, sq1k, sq1n,
+              p2 + b * sp2b, sp2m, sp2k, q2 + b * sq2b, sq2k, sq2n, alpha, beta, rm, rn, M, N, K, TWO, HAS_R,
+              BM, BN, BK)
 
 
 def _mm(p1, q1, p2=None, q2=None, r=None, alpha=1.0, beta=0.0, tile=TILES[3]):
@@ -137,49 +147,49 @@ def _barrier(cnt, target):
 
 @triton.jit
 def _persistent_forward(xs, As, Bs, cnt, P, R, S, a, b, c, STEPS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """All iterations in one launch; grid (tiles of (R, S), P); xs (STEPS+1, P, R, S), As/Bs (STEPS, P, R, R)."""
+    """All iterations in one launch; grid (tiles of (R, S), P); xs (STEPS+1, P, R, S), As/Bs (STEPS, P, R, R).
+    Per iteration three phases, each followed by a barrier of the matrix's programs: A = XXᵀ and
+    B = bA + cA² on the (R, R) tiles, X' = aX + BX on the (R, S) tiles."""
     pid = tl.program_id(0)
     mat = tl.program_id(1)
     ntr = tl.cdiv(R, BT)
     nts = tl.cdiv(S, BT)
     nprog = ntr * nts
     ar = tl.arange(0, BT)
+    rm, rn = (pid // ntr) * BT + ar, (pid % ntr) * BT + ar  # this program's (R, R) tile
+    rm2, rn2 = (pid // nts) * BT + ar, (pid % nts) * BT + ar  # and its (R, S) tile
     for s in range(STEPS):
         X = xs + (s * P + mat).to(tl.int64) * R * S
         A = As + (s * P + mat).to(tl.int64) * R * R
         B = Bs + (s * P + mat).to(tl.int64) * R * R
         Xn = xs + ((s + 1) * P + mat).to(tl.int64) * R * S
-        rm = (pid // ntr) * BT + ar
-        rn = (pid % ntr) * BT + ar
-        msk = (rm[:, None] < R) & (rn[None, :] < R)
-        if pid < ntr * ntr:
-            acc = _tile_mm(tl.zeros((BT, BT), tl.float32), X, S, 1, X, 1, S, rm, rn, R, R, S, BK)
-            tl.store(A + rm[:, None] * R + rn[None, :], acc.to(A.dtype.element_ty), mask=msk)
+        if pid < ntr * ntr:  # A = X Xᵀ
+            _tile_out(A, R, 1, A, R, 1, X, S, 1, X, 1, S, X, S, 1, X, 1, S, 1.0, 0.0, rm, rn, R, R, S,
+                      False, False, BT, BT, BK)
         _barrier(cnt + mat, (3 * s + 1) * nprog)
-        if pid < ntr * ntr:
-            acc = _tile_mm(tl.zeros((BT, BT), tl.float32), A, R, 1, A, R, 1, rm, rn, R, R, R, BK)
-            acc = c * acc + b * tl.load(A + rm[:, None] * R + rn[None, :], mask=msk, other=0.0).to(tl.float32)
-            tl.store(B + rm[:, None] * R + rn[None, :], acc.to(B.dtype.element_ty), mask=msk)
+        if pid < ntr * ntr:  # B = c A A + b A
+            _tile_out(B, R, 1, A, R, 1, A, R, 1, A, R, 1, A, R, 1, A, R, 1, c, b, rm, rn, R, R, R,
+                      False, True, BT, BT, BK)
         _barrier(cnt + mat, (3 * s + 2) * nprog)
-        rm = (pid // nts) * BT + ar
-        rn = (pid % nts) * BT + ar
-        msk = (rm[:, None] < R) & (rn[None, :] < S)
-        acc = _tile_mm(tl.zeros((BT, BT), tl.float32), B, R, 1, X, S, 1, rm, rn, R, S, R, BK)
-        acc += a * tl.load(X + rm[:, None] * S + rn[None, :], mask=msk, other=0.0).to(tl.float32)
-        tl.store(Xn + rm[:, None] * S + rn[None, :], acc.to(Xn.dtype.element_ty), mask=msk)
+        # X' = B X + a X
+        _tile_out(Xn, S, 1, X, S, 1, B, R, 1, X, S, 1, B, R, 1, X, S, 1, 1.0, a, rm2, rn2, R, S, R,
+                  False, True, BT, BT, BK)
         _barrier(cnt + mat, (3 * s + 3) * nprog)
 
 
 @triton.jit
 def _persistent_backward(xs, As, Bs, gs, Ss, Ps, cnt, P, R, S, a, b, c, STEPS: tl.constexpr, BT: tl.constexpr,
                          BK: tl.constexpr):
-    """The backward in one launch; gs (2, P, R, S) ping-pong (gs[0] = ∂L/∂Y), Ss/Ps (P, R, R) scratch."""
+    """The backward in one launch, phases as in the forward; gs (2, P, R, S) ping-pong
+    (gs[0] = ∂L/∂Y), Ss/Ps (P, R, R) scratch."""
     pid = tl.program_id(0)
     mat = tl.program_id(1)
     ntr = tl.cdiv(R, BT)
     nts = tl.cdiv(S, BT)
     nprog = ntr * nts
     ar = tl.arange(0, BT)
+    rm, rn = (pid // ntr) * BT + ar, (pid % ntr) * BT + ar
+    rm2, rn2 = (pid // nts) * BT + ar, (pid % nts) * BT + ar
     Sm = Ss + mat.to(tl.int64) * R * R
     Pm = Ps + mat.to(tl.int64) * R * R
     for t in range(STEPS):
@@ -189,27 +199,17 @@ def _persistent_backward(xs, As, Bs, gs, Ss, Ps, cnt, P, R, S, a, b, c, STEPS: t
         B = Bs + (s * P + mat).to(tl.int64) * R * R
         G = gs + ((t % 2) * P + mat).to(tl.int64) * R * S
         Gn = gs + (((t + 1) % 2) * P + mat).to(tl.int64) * R * S
-        rm = (pid // ntr) * BT + ar
-        rn = (pid % ntr) * BT + ar
-        msk = (rm[:, None] < R) & (rn[None, :] < R)
-        if pid < ntr * ntr:
-            acc = _tile_mm(tl.zeros((BT, BT), tl.float32), G, S, 1, X, 1, S, rm, rn, R, R, S, BK)
-            acc = _tile_mm(acc, X, S, 1, G, 1, S, rm, rn, R, R, S, BK)
-            tl.store(Sm + rm[:, None] * R + rn[None, :], acc.to(Sm.dtype.element_ty), mask=msk)
+        if pid < ntr * ntr:  # S = G Xᵀ + X Gᵀ
+            _tile_out(Sm, R, 1, Sm, R, 1, G, S, 1, X, 1, S, X, S, 1, G, 1, S, 1.0, 0.0, rm, rn, R, R, S,
+                      True, False, BT, BT, BK)
         _barrier(cnt + mat, (3 * t + 1) * nprog)
-        if pid < ntr * ntr:
-            acc = _tile_mm(tl.zeros((BT, BT), tl.float32), Sm, R, 1, A, R, 1, rm, rn, R, R, R, BK)
-            acc = _tile_mm(acc, A, R, 1, Sm, R, 1, rm, rn, R, R, R, BK)
-            acc = c * acc + b * tl.load(Sm + rm[:, None] * R + rn[None, :], mask=msk, other=0.0).to(tl.float32)
-            tl.store(Pm + rm[:, None] * R + rn[None, :], acc.to(Pm.dtype.element_ty), mask=msk)
+        if pid < ntr * ntr:  # P = c (S A + A S) + b S
+            _tile_out(Pm, R, 1, Sm, R, 1, Sm, R, 1, A, R, 1, A, R, 1, Sm, R, 1, c, b, rm, rn, R, R, R,
+                      True, True, BT, BT, BK)
         _barrier(cnt + mat, (3 * t + 2) * nprog)
-        rm = (pid // nts) * BT + ar
-        rn = (pid % nts) * BT + ar
-        msk = (rm[:, None] < R) & (rn[None, :] < S)
-        acc = _tile_mm(tl.zeros((BT, BT), tl.float32), B, R, 1, G, S, 1, rm, rn, R, S, R, BK)
-        acc = _tile_mm(acc, Pm, R, 1, X, S, 1, rm, rn, R, S, R, BK)
-        acc += a * tl.load(G + rm[:, None] * S + rn[None, :], mask=msk, other=0.0).to(tl.float32)
-        tl.store(Gn + rm[:, None] * S + rn[None, :], acc.to(Gn.dtype.element_ty), mask=msk)
+        # G' = B G + P X + a G
+        _tile_out(Gn, S, 1, G, S, 1, B, R, 1, G, S, 1, Pm, R, 1, X, S, 1, 1.0, a, rm2, rn2, R, S, R,
+                  True, True, BT, BT, BK)
         _barrier(cnt + mat, (3 * t + 3) * nprog)
 
 
