@@ -21,10 +21,10 @@ chain's error allows. These kernels are a study, not library code: the chunk loo
 torch's chain (see the docs for why).
 
 With ``--in-loop`` it then times one layer's compiled Muon chunk loop
-(``benchmarks/lact_loop_profile.py``'s, the 760M shapes) twice in the same process: with
-torch's chain, then with the fused Triton chain put in its place (the module's
-``_NewtonSchulzIters`` swapped for this run only), and compares the two loops' outputs and
-gradients.
+(``benchmarks/lact_loop_profile.py``'s, the 760M shapes) in the same process with torch's
+chain and with the fused Triton chain put in its place (the module's ``_NewtonSchulzIters``
+swapped for this run only), in bf16 and in float32, and prints how far apart the loops' outputs
+and gradients are: fused vs torch in each dtype, and torch's bf16 loop vs its float32 loop.
 
     python benchmarks/lact_newton_schulz.py          # H100
     python benchmarks/lact_newton_schulz.py --in-loop
