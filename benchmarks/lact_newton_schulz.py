@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 if "--tiny" in sys.argv:  # before triton is imported: its kernels run on CPU tensors
@@ -44,6 +43,7 @@ if "--tiny" in sys.argv:  # before triton is imported: its kernels run on CPU te
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from lact_loop_profile import _loop, _timer  # noqa: E402  (benchmarks/, beside this script)
 
 from fastweights.ops.lact import NS_COEFFS, _ns_backward, _ns_iterations  # noqa: E402
 
@@ -146,28 +146,33 @@ def _barrier(cnt, target):
 
 
 @triton.jit
+def _persistent_tiles(R, S, BT: tl.constexpr):
+    """For a persistent program (grid (tiles of (R, S), P)): its matrix, the programs per matrix,
+    whether it owns an (R, R) tile, that tile's rows and columns, and those of its (R, S) tile."""
+    pid = tl.program_id(0)
+    ntr = tl.cdiv(R, BT)
+    nts = tl.cdiv(S, BT)
+    ar = tl.arange(0, BT)
+    return (tl.program_id(1), ntr * nts, pid < ntr * ntr, (pid // ntr) * BT + ar, (pid % ntr) * BT + ar,
+            (pid // nts) * BT + ar, (pid % nts) * BT + ar)
+
+
+@triton.jit
 def _persistent_forward(xs, As, Bs, cnt, P, R, S, a, b, c, STEPS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     """All iterations in one launch; grid (tiles of (R, S), P); xs (STEPS+1, P, R, S), As/Bs (STEPS, P, R, R).
     Per iteration three phases, each followed by a barrier of the matrix's programs: A = XXᵀ and
     B = bA + cA² on the (R, R) tiles, X' = aX + BX on the (R, S) tiles."""
-    pid = tl.program_id(0)
-    mat = tl.program_id(1)
-    ntr = tl.cdiv(R, BT)
-    nts = tl.cdiv(S, BT)
-    nprog = ntr * nts
-    ar = tl.arange(0, BT)
-    rm, rn = (pid // ntr) * BT + ar, (pid % ntr) * BT + ar  # this program's (R, R) tile
-    rm2, rn2 = (pid // nts) * BT + ar, (pid % nts) * BT + ar  # and its (R, S) tile
+    mat, nprog, in_rr, rm, rn, rm2, rn2 = _persistent_tiles(R, S, BT)
     for s in range(STEPS):
         X = xs + (s * P + mat).to(tl.int64) * R * S
         A = As + (s * P + mat).to(tl.int64) * R * R
         B = Bs + (s * P + mat).to(tl.int64) * R * R
         Xn = xs + ((s + 1) * P + mat).to(tl.int64) * R * S
-        if pid < ntr * ntr:  # A = X Xᵀ
+        if in_rr:  # A = X Xᵀ
             _tile_out(A, R, 1, A, R, 1, X, S, 1, X, 1, S, X, S, 1, X, 1, S, 1.0, 0.0, rm, rn, R, R, S,
                       False, False, BT, BT, BK)
         _barrier(cnt + mat, (3 * s + 1) * nprog)
-        if pid < ntr * ntr:  # B = c A A + b A
+        if in_rr:  # B = c A A + b A
             _tile_out(B, R, 1, A, R, 1, A, R, 1, A, R, 1, A, R, 1, A, R, 1, c, b, rm, rn, R, R, R,
                       False, True, BT, BT, BK)
         _barrier(cnt + mat, (3 * s + 2) * nprog)
@@ -182,14 +187,7 @@ def _persistent_backward(xs, As, Bs, gs, Ss, Ps, cnt, P, R, S, a, b, c, STEPS: t
                          BK: tl.constexpr):
     """The backward in one launch, phases as in the forward; gs (2, P, R, S) ping-pong
     (gs[0] = ∂L/∂Y), Ss/Ps (P, R, R) scratch."""
-    pid = tl.program_id(0)
-    mat = tl.program_id(1)
-    ntr = tl.cdiv(R, BT)
-    nts = tl.cdiv(S, BT)
-    nprog = ntr * nts
-    ar = tl.arange(0, BT)
-    rm, rn = (pid // ntr) * BT + ar, (pid % ntr) * BT + ar
-    rm2, rn2 = (pid // nts) * BT + ar, (pid % nts) * BT + ar
+    mat, nprog, in_rr, rm, rn, rm2, rn2 = _persistent_tiles(R, S, BT)
     Sm = Ss + mat.to(tl.int64) * R * R
     Pm = Ps + mat.to(tl.int64) * R * R
     for t in range(STEPS):
@@ -199,11 +197,11 @@ def _persistent_backward(xs, As, Bs, gs, Ss, Ps, cnt, P, R, S, a, b, c, STEPS: t
         B = Bs + (s * P + mat).to(tl.int64) * R * R
         G = gs + ((t % 2) * P + mat).to(tl.int64) * R * S
         Gn = gs + (((t + 1) % 2) * P + mat).to(tl.int64) * R * S
-        if pid < ntr * ntr:  # S = G Xᵀ + X Gᵀ
+        if in_rr:  # S = G Xᵀ + X Gᵀ
             _tile_out(Sm, R, 1, Sm, R, 1, G, S, 1, X, 1, S, X, S, 1, G, 1, S, 1.0, 0.0, rm, rn, R, R, S,
                       True, False, BT, BT, BK)
         _barrier(cnt + mat, (3 * t + 1) * nprog)
-        if pid < ntr * ntr:  # P = c (S A + A S) + b S
+        if in_rr:  # P = c (S A + A S) + b S
             _tile_out(Pm, R, 1, Sm, R, 1, Sm, R, 1, A, R, 1, A, R, 1, Sm, R, 1, c, b, rm, rn, R, R, R,
                       True, True, BT, BT, BK)
         _barrier(cnt + mat, (3 * t + 2) * nprog)
@@ -274,8 +272,6 @@ def in_loop(iters: int, tiny: bool = False) -> None:
     """One layer's compiled Muon loop with torch's chain, then with the fused one (see the
     docstring), in bf16 (timed) and float32; prints how far the loops' outputs and gradients
     are apart."""
-    from lact_loop_profile import _loop  # benchmarks/, beside this script
-
     import fastweights.ops.lact as lact_ops
 
     device = torch.device("cpu" if tiny else "cuda")
@@ -321,17 +317,8 @@ def _graph_us(fn, iters: int, reps: int = 10) -> float:
     with torch.cuda.graph(graph):
         for _ in range(reps):
             fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return statistics.median(times)
+    graph.replay()  # warm-up replay, untimed
+    return _timer(torch.device("cuda"))(graph.replay, iters) * 1e3 / reps
 
 
 def main(argv=None) -> int:
