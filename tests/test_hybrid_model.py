@@ -175,9 +175,25 @@ def test_config_errors():
         HybridConfig(lact_update="adam")
     with pytest.raises(ValueError, match="attn_backend"):
         HybridConfig(attn_backend="flash")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="gla"):
-            tiny(["gla", "swa"])
+
+
+def test_fla_mixer_errors(monkeypatch):
+    """Without flash-linear-attention, asking for gla/deltanet names the package to install;
+    with it, CPU tensors outside the Triton interpreter are refused by name."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fla.layers", None)  # import fails as if not installed
+    for kind in ("gla", "deltanet"):
+        with pytest.raises(ValueError, match=f"mixer '{kind}' needs flash-linear-attention"):
+            tiny([kind, "swa"])
+    monkeypatch.undo()
+    pytest.importorskip("fla.layers")
+    if torch.cuda.is_available():
+        return
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = tiny(["deltanet", "swa"])
+    with pytest.raises(ValueError, match="mixer 'deltanet' .* needs CUDA tensors, got cpu"):
+        model(torch.zeros(1, 5, dtype=torch.long))
 
 
 def _corpus(n_rows, seqlen):

@@ -24,6 +24,7 @@ from fastweights.models.hybrid.compat import (
     PreTrainedModel,
 )
 from fastweights.models.hybrid.configuration import HybridConfig
+from fastweights.models.hybrid.fla_mixer import FlaMixer
 from fastweights.ops.inplace_ttt_decode import InPlaceTTTState, StepPlan
 
 __all__ = ["HybridForCausalLM", "HybridModel", "HybridPreTrainedModel"]
@@ -59,34 +60,6 @@ class AttentionMixer(nn.Module):
         return y, (kv if use_cache else None)
 
 
-class FlaMixer(nn.Module):
-    """GLA or DeltaNet from flash-linear-attention (``fla-core``), training forward only."""
-
-    def __init__(self, config: HybridConfig, kind: str, layer_idx: int):
-        super().__init__()
-        try:
-            from fla.layers import DeltaNet, GatedLinearAttention
-        except ImportError as err:
-            raise ValueError(f"mixer {kind!r} needs flash-linear-attention: pip install fla-core") from err
-        if not torch.cuda.is_available():
-            raise ValueError(f"mixer {kind!r} (flash-linear-attention) needs CUDA")
-        cls = GatedLinearAttention if kind == "gla" else DeltaNet
-        self.layer = cls(hidden_size=config.hidden_size, num_heads=config.num_attention_heads, layer_idx=layer_idx)
-
-    def forward(self, x, layout, past=None, use_cache=False):
-        if past is not None or use_cache:
-            raise ValueError("cached generation with gla/deltanet mixers is not supported; pass use_cache=False")
-        kwargs = {}
-        if not layout.single_doc:
-            if x.shape[0] != 1:
-                raise ValueError("gla/deltanet with several documents per row need the batch packed into one row")
-            starts = torch.nonzero(layout.position_ids[0] == 0).flatten()
-            if starts.numel() == 0 or int(starts[0]) != 0:
-                starts = torch.cat([starts.new_zeros(1), starts])
-            kwargs["cu_seqlens"] = torch.cat([starts, starts.new_tensor([x.shape[1]])]).to(torch.int32)
-        return self.layer(x, **kwargs)[0], None
-
-
 def make_mixer(config: HybridConfig, kind: str, layer_idx: int) -> nn.Module:
     if kind == "attention":
         return AttentionMixer(config, None)
@@ -98,7 +71,7 @@ def make_mixer(config: HybridConfig, kind: str, layer_idx: int) -> nn.Module:
                          update=config.lact_update, order=config.lact_order, lr_init=config.lact_lr_init,
                          init_rank=config.lact_init_rank, rope_base=config.rope_base, eps=config.rms_norm_eps,
                          attn_backend=config.attn_backend)
-    return FlaMixer(config, kind, layer_idx)
+    return FlaMixer(config.hidden_size, config.num_attention_heads, kind)
 
 
 class HybridBlock(nn.Module):

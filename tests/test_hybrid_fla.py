@@ -1,0 +1,151 @@
+"""GLA and DeltaNet mixers (flash-linear-attention) in the hybrid model: cached decoding equals
+the full forward, padding and packed documents equal the documents alone (forward and
+gradients), generate, save/load, and every combination trains.
+
+fla's kernels are Triton kernels: these tests run on CUDA, or on CPU under the Triton
+interpreter (``make test-fla``: ``TRITON_INTERPRET=1 pytest tests/test_hybrid_fla.py``, part of
+``make test``). In a plain CPU run they skip.
+"""
+
+import functools
+import os
+
+import pytest
+import torch
+
+from fastweights.models.hybrid import HybridForCausalLM
+from tests.test_hybrid_model import VOCAB, _corpus, _perturb_fast_params, rel, tiny
+
+pytest.importorskip("fla.layers", reason="needs flash-linear-attention")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+if not (CUDA or INTERPRET):
+    pytest.skip("fla kernels need CUDA or TRITON_INTERPRET=1 (make test-fla)", allow_module_level=True)
+
+if CUDA:
+    # the checks compare float32 functions at 1e-5: Triton's float32 dots must not use TF32
+    os.environ["TRITON_F32_DEFAULT"] = "ieee"
+    DEVICE = torch.device("cuda")
+else:
+    # The interpreter has no GPU to time autotuning candidates with: every candidate gets the
+    # same time, so the first configuration runs (numerics do not depend on the choice).
+    from triton.runtime import autotuner
+
+    def _no_timing(self):
+        return lambda kernel_call, quantiles: [0.0, 0.0, 0.0]
+
+    autotuner.Autotuner.do_bench = functools.cached_property(_no_timing)
+    autotuner.Autotuner.do_bench.__set_name__(autotuner.Autotuner, "do_bench")
+    DEVICE = torch.device("cpu")
+
+# fla's layers run their chunked kernels on more than 64 tokens (after unpadding: all rows' tokens
+# together) and their recurrent kernels on fewer. The chunked kernels do not run under the Triton
+# interpreter (they call ``.to`` on loop counters), so on CPU the tests stay at 64 tokens or fewer.
+N_LONG = 70 if CUDA else 20
+PACKED = [29, 41, 13] if CUDA else [23, 29, 11]
+
+
+def model_for(mixers, mlps="swiglu", **kw):
+    model = tiny(mixers, mlps, **kw).to(DEVICE)
+    _perturb_fast_params(model)
+    return model
+
+
+DECODE = [(["gla", "swa"], "swiglu"), (["deltanet", "lact"], "inplace_ttt"), (["gla", "deltanet"], "swiglu")]
+
+
+@pytest.mark.parametrize("mixers,mlps", DECODE, ids=["-".join(m) + "-" + p for m, p in DECODE])
+def test_cached_decoding_equals_full_forward(mixers, mlps):
+    """Left-padded prefill (on CUDA more than 64 tokens: fla's chunked kernels), then token-by-token
+    decoding (its recurrent kernels, from the cached state), equals the full forward (float32,
+    1e-5), and the padded row equals that row alone."""
+    model = model_for(mixers, mlps)
+    g = torch.Generator().manual_seed(1)
+    n = N_LONG + 8
+    ids = torch.randint(0, VOCAB, (2, n), generator=g).to(DEVICE)
+    mask = torch.ones(2, n, dtype=torch.long, device=DEVICE)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        alone = model(ids[1:, 5:], use_cache=False).logits
+        out = model(ids[:, :N_LONG], attention_mask=mask[:, :N_LONG], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(N_LONG, n):
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+        cut = model(ids[:, N_LONG:], attention_mask=mask[:, N_LONG:], use_cache=False).logits
+    keep = mask.bool()
+    assert rel(torch.cat(steps, 1)[keep], full[keep]) < 1e-5
+    assert rel(full[1, 5:], alone[0]) < 1e-5
+    assert rel(cut[:, -1], full[:, -1]) > 1e-3  # the state carries: without the prefix it differs
+
+
+@pytest.mark.parametrize("kind", ["gla", "deltanet"])
+def test_packed_equals_one_by_one_forward_and_gradients(kind):
+    """Three documents packed in one row (position ids restart at 0) give each document's
+    logits and the summed parameter gradients of the documents run alone."""
+    model = model_for([kind, "swa"])
+    lens = PACKED
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(0, VOCAB, (1, n), generator=g).to(DEVICE) for n in lens]
+    pos = torch.cat([torch.arange(n) for n in lens]).unsqueeze(0).to(DEVICE)
+    weight = torch.randn(1, sum(lens), VOCAB, generator=g).to(DEVICE)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    packed = model(torch.cat(docs, 1), position_ids=pos, use_cache=False).logits
+    got = torch.autograd.grad((packed * weight).sum(), params, allow_unused=True)
+    alone, want, start = [], [torch.zeros_like(p) for p in params], 0
+    for d in docs:
+        logits = model(d, use_cache=False).logits
+        grads = torch.autograd.grad((logits * weight[:, start:start + d.shape[1]]).sum(), params, allow_unused=True)
+        want = [w + (0 if gr is None else gr) for w, gr in zip(want, grads, strict=True)]
+        alone.append(logits)
+        start += d.shape[1]
+    assert rel(packed, torch.cat(alone, 1)) < 1e-5
+    fla_grads = [(a, b) for (name, _), a, b in zip(model.named_parameters(), got, want, strict=True)
+                 if ".mixer.layer." in name and a is not None]
+    assert fla_grads and all(float(b.norm()) > 0 for _, b in fla_grads)
+    for a, b in zip(got, want, strict=True):
+        assert rel(torch.zeros_like(b) if a is None else a, b) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["gla", "deltanet"])
+def test_generate_reorder_save_load(kind, tmp_path):
+    model = model_for([kind, "swa"])
+    prompt = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=7, do_sample=False)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(7):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+        assert torch.equal(out, seq)
+        # the cache's rows follow batch_select_indices (beam search reorders with it)
+        cache = model(seq[:, :10], use_cache=True).past_key_values
+        cache.batch_select_indices(torch.tensor([1, 0], device=DEVICE))
+        step = model(seq.flip(0)[:, 10:], past_key_values=cache, use_cache=True).logits
+        assert rel(step, model(seq.flip(0), use_cache=False).logits[:, 10:]) < 1e-5
+    model.save_pretrained(tmp_path)
+    loaded = HybridForCausalLM.from_pretrained(tmp_path).to(DEVICE).eval()
+    assert loaded.config.mixers == [kind, "swa"]
+    with torch.no_grad():
+        assert torch.equal(loaded(seq).logits, model(seq).logits)
+
+
+TRAIN = [(kind, mlp) for kind in ("gla", "deltanet") for mlp in ("swiglu", "inplace_ttt")]
+
+
+@pytest.mark.parametrize("mixer,mlp", TRAIN, ids=[f"{a}-{b}" for a, b in TRAIN])
+def test_each_combination_trains(mixer, mlp):
+    """A few AdamW steps on a small piece of real text lower the loss."""
+    model = tiny([mixer, mixer], mlp, seed=3, ttt_lr=0.3, ttt_chunk=16).to(DEVICE).train()
+    batch = _corpus(4, 48).to(DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(batch, labels=batch, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.05, losses
