@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 # CPU build from local disk on the project's machines; override, e.g. TORCH=torch, elsewhere.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-compat lint
+.PHONY: setup demo test test-compat test-fla lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev,triton]'
+	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev,triton,fla]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -21,6 +21,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-compat
+	$(MAKE) test-fla
+
+# GLA/DeltaNet (flash-linear-attention) are Triton kernels: on CPU they run under the interpreter.
+test-fla: setup
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/test_hybrid_fla.py
 
 # The GPU machines run transformers 5.17: the Hugging Face integration is also tested against it.
 COMPAT := .cache/transformers-5.17

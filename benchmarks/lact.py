@@ -4,7 +4,8 @@ Each variant is a stack of ``--layers`` blocks of the hybrid model
 (``fastweights.models.hybrid``: RMSNorm → mixer → RMSNorm → MLP, d 1536, f 4096, 12 heads,
 window = chunk = 2048), timed forward + backward in bf16 on one sequence of ``--seqlen``
 tokens. Variants: LaCT GD / momentum / Muon, SWA alone, full attention, In-Place TTT on SWA
-(SWA mixer, In-Place TTT MLP). Ratios are against SWA and full attention of the same run.
+(SWA mixer, In-Place TTT MLP), and GLA and DeltaNet (flash-linear-attention's layers; by default
+only on CUDA with ``flash-linear-attention`` installed). Ratios are against SWA and full attention of the same run.
 The LaCT op's chunk loop is compiled whole with torch.compile on CUDA by default when gradients
 are taken (``FASTWEIGHTS_LACT_COMPILE`` and ``FASTWEIGHTS_LACT_COMPILE_SCOPE``, see
 fastweights.ops.lact); ``lact-muon-eager`` runs it eagerly, ``lact-muon-step`` compiles the
@@ -53,7 +54,11 @@ VARIANTS = {
     "swa": dict(mixers="swa", mlps="swiglu"),
     "attention": dict(mixers="attention", mlps="swiglu"),
     "inplace-ttt-swa": dict(mixers="swa", mlps="inplace_ttt"),
+    "gla": dict(mixers="gla", mlps="swiglu"),
+    "deltanet": dict(mixers="deltanet", mlps="swiglu"),
 }
+# flash-linear-attention's layers: in the default list only on CUDA with the package installed
+FLA_VARIANTS = ("gla", "deltanet")
 # how the LaCT op is compiled (fastweights.ops.lact.COMPILE_ENV); other variants: the default, auto
 COMPILE = {"lact-muon-eager": "0", "lact-muon-cudagraphs": "reduce-overhead", "lact-muon-graphs": "graphs"}
 # what is compiled (fastweights.ops.lact.SCOPE_ENV): by default (auto, training) the whole chunk
@@ -189,12 +194,23 @@ def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile):
     return {"name": name, "ms": med * 1e3, "tok_s": N / med, "mem_gib": mem}
 
 
+def default_variants(tiny: bool) -> list[str]:
+    """Every variant, the fla ones only where they can run (CUDA, flash-linear-attention)."""
+    try:
+        import fla.layers  # noqa: F401
+        fla_ok = torch.cuda.is_available() and not tiny
+    except ImportError:
+        fla_ok = False
+    return [v for v in VARIANTS if fla_ok or v not in FLA_VARIANTS]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (smoke test)")
     p.add_argument("--layers", type=int, default=2, help="blocks per variant (default 2)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens (default 32768, tiny 160)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset of " + ",".join(VARIANTS) + " (default: all that can run here)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -202,7 +218,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="print a profiler table for --profile-variants")
     p.add_argument("--profile-variants", default="lact-muon", help="comma-separated (default lact-muon)")
     args = p.parse_args(argv)
-    names = [v for v in args.variants.split(",") if v]
+    names = [v for v in (args.variants or ",".join(default_variants(args.tiny))).split(",") if v]
     prof_names = set(v for v in args.profile_variants.split(",") if v) if args.profile else set()
     bad = [v for v in names + sorted(prof_names) if v not in VARIANTS]
     if bad:

@@ -5,6 +5,8 @@ Per layer ``states[i] = {"mixer": ..., "mlp": ...}``:
 * ``attention`` / ``swa``: (k, v) of all earlier tokens (B, Hkv, M, dh);
 * ``lact``: (k, v, LaCTState): the SWA keys and values plus the fast weights W1..W3, the
   momentum and the partial-chunk buffer (``fastweights.ops.lact.LaCTState``);
+* ``gla`` / ``deltanet``: ``{"recurrent": (B, ...), "conv": tuple of (B, D, W) or None}``, fla's
+  state after each row's last token (``fla_mixer.FlaMixer``);
 * ``inplace_ttt`` MLP: its :class:`~fastweights.ops.inplace_ttt_decode.InPlaceTTTState` (the
   fast weights of the completed chunks, factored or dense, plus the open chunk's buffer), so a
   decoding step costs O(1) in the length, as in the converted models' ``InPlaceTTTCache``.
