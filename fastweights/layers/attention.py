@@ -105,7 +105,8 @@ def attend(q, k, v, layout: TokenLayout, window: int | None = None, backend: str
     if backend == "auto":
         if layout.single_doc and window is None and N == M:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        backend = "flex" if (q.is_cuda and N > 1) else "sdpa"
+        # flex's CUDA kernels need head dims of at least 16
+        backend = "flex" if (q.is_cuda and N > 1 and q.shape[-1] >= 16 and v.shape[-1] >= 16) else "sdpa"
     if backend == "flex":
         return _flex(q, k, v, layout, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask(window), enable_gqa=gqa)

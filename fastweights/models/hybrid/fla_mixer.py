@@ -13,6 +13,7 @@ document each with no padding and no cache go to the fla layer as they are.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from fastweights.layers.attention import TokenLayout
 __all__ = ["FlaMixer", "varlen_pieces"]
 
 KINDS = ("gla", "deltanet")
+RECURRENT_MAX = 64  # fla's layers use their recurrent kernels up to this many tokens per call, chunked above
 
 
 def varlen_pieces(layout: TokenLayout, n: int):
@@ -78,7 +80,7 @@ class FlaMixer(nn.Module):
             raise ValueError(f"mixer {self.kind!r} (flash-linear-attention) needs CUDA tensors, got {x.device} "
                              f"(CPU works only under TRITON_INTERPRET=1, for tests)")
         if layout.single_doc and past is None and not use_cache:
-            return self.layer(x)[0], None
+            return self._layer(x), None
         from fla.models.utils import Cache
 
         B, N, d = x.shape
@@ -93,10 +95,21 @@ class FlaMixer(nn.Module):
 
             conv = None if past["conv"] is None else tuple(init(c) for c in past["conv"])
             cache.update(recurrent_state=init(past["recurrent"]), conv_state=conv, layer_idx=0, offset=0)
-        y = self.layer(x.reshape(B * N, d)[flat].unsqueeze(0), past_key_values=cache, use_cache=use_cache,
-                       cu_seqlens=cu)[0]
+        y = self._layer(x.reshape(B * N, d)[flat].unsqueeze(0), past_key_values=cache, use_cache=use_cache,
+                        cu_seqlens=cu)
         out = x.new_zeros(B * N, d).index_copy(0, flat, y.squeeze(0).to(x.dtype)).view(B, N, d)
         return out, (self._rows_state(cache[0], row, past, B) if use_cache else None)
+
+    def _layer(self, x: torch.Tensor, **kw) -> torch.Tensor:
+        """The fla layer's output for x (b, T, d). fla's chunked DeltaNet kernel (used above
+        :data:`RECURRENT_MAX` tokens) has no float32 version: float32 calls run it in bfloat16
+        autocast, with a warning, and return float32."""
+        if self.kind == "deltanet" and x.dtype == torch.float32 and x.shape[1] > RECURRENT_MAX:
+            warnings.warn("deltanet: fla's chunked delta-rule kernel has no float32 version; running the layer in "
+                          "bfloat16 autocast for inputs of more than 64 tokens", stacklevel=3)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return self.layer(x, **kw)[0].float()
+        return self.layer(x, **kw)[0]
 
     @staticmethod
     def _rows_state(final: dict, row: torch.Tensor, past, B: int) -> dict:
