@@ -14,7 +14,15 @@ import pytest
 import torch
 
 from fastweights.models.hybrid import HybridForCausalLM
-from tests.test_hybrid_model import VOCAB, _corpus, _perturb_fast_params, rel, tiny
+from tests.test_hybrid_model import (
+    VOCAB,
+    _corpus,
+    _perturb_fast_params,
+    greedy_by_full_forwards,
+    rel,
+    tiny,
+    train_losses,
+)
 
 pytest.importorskip("fla.layers", reason="needs flash-linear-attention")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -137,12 +145,9 @@ def test_generate_reorder_save_load(kind, tmp_path):
     model = model_for([kind, "swa"])
     prompt = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=7, do_sample=False)
-    seq = prompt
+    seq = greedy_by_full_forwards(model, prompt, 7)
+    assert torch.equal(out, seq)
     with torch.no_grad():
-        for _ in range(7):
-            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-        assert torch.equal(out, seq)
         # the cache's rows follow batch_select_indices (beam search reorders with it)
         cache = model(seq[:, :10], use_cache=True).past_key_values
         cache.batch_select_indices(torch.tensor([1, 0], device=DEVICE))
@@ -162,15 +167,9 @@ TRAIN = [(kind, mlp) for kind in ("gla", "deltanet") for mlp in ("swiglu", "inpl
 def test_each_combination_trains(mixer, mlp):
     """A few AdamW steps on a small piece of real text lower the loss."""
     model = tiny([mixer, mixer], mlp, seed=3, ttt_lr=0.3, ttt_chunk=16, **WIDTH).to(DEVICE).train()
-    batch = _corpus(2, 32).to(DEVICE)  # small: under the interpreter every kernel program runs in Python
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
-        loss = model(batch, labels=batch, use_cache=False).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    # small: under the interpreter every kernel program runs in Python
+    losses = train_losses(model, _corpus(2, 32).to(DEVICE))
+    assert all(v == v for v in losses)
     assert losses[-1] < losses[0] - 0.05, losses
 
 

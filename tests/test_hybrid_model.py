@@ -144,17 +144,35 @@ def test_packed_equals_one_by_one():
     assert rel(packed, alone) < 1e-5
 
 
+def greedy_by_full_forwards(model, prompt, steps: int):
+    """Greedy decoding by hand, a full uncached forward per token: (B, P) -> (B, P + steps)."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    return seq
+
+
+def train_losses(model, batch, steps: int = 8, lr: float = 3e-3) -> list[float]:
+    """The loss of each of ``steps`` AdamW steps on ``batch`` (B, N)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(batch, labels=batch, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_generate_save_load_and_auto(tmp_path):
     model = tiny(["lact", "swa"], "swiglu")
     _perturb_fast_params(model)
     prompt = torch.randint(0, VOCAB, (2, 8))
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=9, do_sample=False)
-    # greedy by hand, with full forwards
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(9):
-            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
+    seq = greedy_by_full_forwards(model, prompt, 9)
     assert torch.equal(out, seq)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
@@ -209,15 +227,7 @@ TRAIN = [(mix, mlp) for mix in ("attention", "swa", "lact") for mlp in ("swiglu"
 def test_each_combination_trains(mixer, mlp):
     """A few AdamW steps on a small piece of real text lower the loss."""
     model = tiny([mixer, mixer], mlp, seed=3, ttt_lr=0.3, lact_chunk_size=16, sliding_window=16, ttt_chunk=16).train()
-    batch = _corpus(4, 48)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
-        loss = model(batch, labels=batch, use_cache=False).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, _corpus(4, 48))
     assert all(map(lambda v: v == v, losses))
     assert losses[-1] < 0.9 * losses[0], losses
 

@@ -124,7 +124,7 @@ class FlaMixer(nn.Module):
         def pick(new, old):
             return torch.where(_expand(has, new), new[idx], torch.zeros_like(new[idx]) if old is None else old)
 
-        conv = final.get("conv_state")
-        old_conv = [None] * len(conv) if conv is not None and past is None else (past or {}).get("conv")
-        return {"recurrent": pick(final["recurrent_state"], None if past is None else past["recurrent"]),
+        conv, old = final.get("conv_state"), past or {}
+        old_conv = old.get("conv") or [None] * len(conv or ())
+        return {"recurrent": pick(final["recurrent_state"], old.get("recurrent")),
                 "conv": None if conv is None else tuple(pick(c, o) for c, o in zip(conv, old_conv, strict=True))}
