@@ -131,6 +131,50 @@ def test_inplace_ttt_cache_holds_a_bounded_state_not_the_history():
     assert cache.ttt_tokens == [60, 60]
 
 
+def _window_cache_check(model, device, step: int, tol: float):
+    """Prefill 12 tokens, then continue ``step`` tokens at a time through the cache: the SWA and
+    LaCT layers (0, 1; window 7) hold at most 6 keys, full attention (2) all, and the logits equal
+    the full forward's (rows with left padding and a document start)."""
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :4] = 0
+    pos = torch.cat([torch.arange(40).unsqueeze(0), torch.cat([torch.arange(15), torch.arange(25)]).unsqueeze(0)])
+    pos[0] = (mask[0].cumsum(0) - 1).clamp(min=0)
+    ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        out = model(ids[:, :12], attention_mask=mask[:, :12], position_ids=pos[:, :12], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(12, 40, step):
+            e = min(t + step, 40)
+            out = model(ids[:, t:e], attention_mask=mask[:, :e], position_ids=pos[:, t:e],
+                        past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+            lengths = [cache.states[i]["mixer"][0].shape[2] for i in range(3)]
+            assert lengths == [6, 6, e], (t, lengths)
+    keep = mask.bool()
+    assert rel(torch.cat(steps, 1)[keep], full[keep]) < tol
+
+
+@pytest.mark.parametrize("step", [1, 5])
+def test_sliding_window_cache_keeps_only_the_window(step):
+    """SWA and LaCT layers cache only their last window - 1 keys while full attention keeps all;
+    decoding (1 token per call) or chunked prefill (5) from the trimmed cache equals the full
+    forward (float32, 1e-5)."""
+    model = tiny(["swa", "lact", "attention"], "swiglu")  # sliding_window 7
+    _perturb_fast_params(model)
+    _window_cache_check(model, torch.device("cpu"), step, 1e-5)
+
+
+@pytest.mark.gpu
+def test_sliding_window_cache_on_cuda_flex():
+    """The same on CUDA, where calls of several tokens run flex attention over the trimmed keys."""
+    model = tiny(["swa", "lact", "attention"], "swiglu", hidden_size=64, num_attention_heads=4,
+                 num_key_value_heads=2, lact_heads=2).cuda()
+    _perturb_fast_params(model)
+    _window_cache_check(model, torch.device("cuda"), 5, 2e-3)
+
+
 def test_packed_equals_one_by_one():
     model = tiny(["lact", "swa"], "inplace_ttt", lact_update="muon")
     _perturb_fast_params(model)

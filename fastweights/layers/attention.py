@@ -38,6 +38,16 @@ class TokenLayout:
     single_doc: bool = False
     block_masks: dict = field(default_factory=dict, repr=False)  # flex block masks by window
 
+    def last_keys(self, m: int) -> TokenLayout:
+        """The same queries over only the newest ``m`` keys (a cache trimmed to a window)."""
+        if m == self.key_doc.shape[1]:
+            return self
+        if m > self.key_doc.shape[1]:
+            raise ValueError(f"the layout has {self.key_doc.shape[1]} keys, asked for the last {m}")
+        return TokenLayout(position_ids=self.position_ids, doc=self.doc, index=self.index,
+                           key_doc=self.key_doc[:, -m:], key_index=self.key_index[:, -m:],
+                           key_valid=self.key_valid[:, -m:], single_doc=self.single_doc and m == self.index.shape[1])
+
     def dense_mask(self, window: int | None) -> torch.Tensor:
         """(B, 1, N, M) boolean mask."""
         qi, ki = self.index.unsqueeze(-1), self.key_index.unsqueeze(-2)
@@ -96,11 +106,13 @@ def _flex(q, k, v, layout: TokenLayout, window: int | None):
 
 
 def attend(q, k, v, layout: TokenLayout, window: int | None = None, backend: str = "auto") -> torch.Tensor:
-    """Masked softmax attention. q (B, Hq, N, dh), k, v (B, Hkv, M, dh); Hq % Hkv == 0.
+    """Masked softmax attention. q (B, Hq, N, dh), k, v (B, Hkv, M, dh); Hq % Hkv == 0; the keys
+    are the layout's newest M (all of them, or a cache trimmed by :func:`keep_window`).
     Returns (B, Hq, N, dh). ``backend``: ``auto`` | ``sdpa`` | ``flex``."""
     if backend not in ("auto", "sdpa", "flex"):
         raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'flex', got {backend!r}")
     N, M = q.shape[2], k.shape[2]
+    layout = layout.last_keys(M)
     gqa = k.shape[1] != q.shape[1]
     if backend == "auto":
         if layout.single_doc and window is None and N == M:
@@ -112,13 +124,21 @@ def attend(q, k, v, layout: TokenLayout, window: int | None = None, backend: str
     return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask(window), enable_gqa=gqa)
 
 
+def keep_window(k: torch.Tensor, v: torch.Tensor, window: int | None):
+    """The cache entry of a sliding-window layer: of k, v (B, H, M, dh), only the newest
+    ``window - 1`` keys, all that later queries can see; full attention (None) keeps all."""
+    if window is None or k.shape[2] < window:
+        return k, v
+    return k[:, :, k.shape[2] - window + 1:], v[:, :, v.shape[2] - window + 1:]
+
+
 class Attention(nn.Module):
     """Qwen3-style attention: q/k/v/o projections without bias, GQA, per-head RMSNorm on q and
     k, RoPE; full causal (``window=None``) or sliding-window.
 
     ``forward(x (B, N, d), cos, sin, layout, past=None) -> (y (B, N, d), (k, v))`` where
     ``past`` is the (k, v) (B, Hkv, M0, dh) of earlier tokens and the returned pair includes
-    the new ones.
+    the new ones (with a window, only the newest ``window - 1``: :func:`keep_window`).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -146,4 +166,4 @@ class Attention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         o = attend(q, k, v, layout, self.window, self.backend)
-        return self.o_proj(o.transpose(1, 2).reshape(B, N, -1)), (k, v)
+        return self.o_proj(o.transpose(1, 2).reshape(B, N, -1)), keep_window(k, v, self.window)

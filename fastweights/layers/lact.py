@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastweights.layers.attention import TokenLayout, apply_rope, attend, rope_cos_sin
+from fastweights.layers.attention import TokenLayout, apply_rope, attend, keep_window, rope_cos_sin
 from fastweights.ops.lact import ORDERS, UPDATES, LoopGraphs, _compiled, _resolve_compile, lact_chunked, lact_reference
 
 __all__ = ["LaCTLayer"]
@@ -180,5 +180,5 @@ class LaCTLayer(nn.Module):
                  else lact_reference(*args, **kw))
         merged = _glue(_merge, "layer-merge", x.device, training)(a, self.gate_proj(x), f, self.fw_norm.weight,
                                                                    self.fw_norm.eps)
-        return self.o_proj(merged), ((ka, va, state) if use_cache else None)
+        return self.o_proj(merged), ((*keep_window(ka, va, self.window), state) if use_cache else None)
 

@@ -2,8 +2,9 @@
 to continue exactly where the last forward stopped.
 
 Per layer ``states[i] = {"mixer": ..., "mlp": ...}``:
-* ``attention`` / ``swa``: (k, v) of all earlier tokens (B, Hkv, M, dh);
-* ``lact``: (k, v, LaCTState): the SWA keys and values plus the fast weights W1..W3, the
+* ``attention``: (k, v) of all earlier tokens (B, Hkv, M, dh); ``swa``: of the newest
+  ``window - 1`` only (``fastweights.layers.attention.keep_window``);
+* ``lact``: (k, v, LaCTState): the SWA keys and values (the newest ``window - 1``) plus the fast weights W1..W3, the
   momentum and the partial-chunk buffer (``fastweights.ops.lact.LaCTState``);
 * ``gla`` / ``deltanet``: ``{"recurrent": (B, ...), "conv": tuple of (B, D, W) or None}``, fla's
   state after each row's last token (``fla_mixer.FlaMixer``);
