@@ -175,6 +175,30 @@ def test_sliding_window_cache_on_cuda_flex():
     _window_cache_check(model, torch.device("cuda"), 5, 2e-3)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
+    """With activation checkpointing every block is recomputed in backward: the loss and every
+    gradient equal the plain backward's, for LaCT, SWA and attention mixers with In-Place TTT
+    MLPs, on packed rows."""
+    from fastweights.models.compat import enable_activation_checkpointing
+
+    grads = []
+    for ckpt in (False, True):
+        model = tiny(["lact", "swa", "attention"], "inplace_ttt", lact_update="muon").train()
+        _perturb_fast_params(model)
+        if ckpt:
+            enable_activation_checkpointing(model, use_reentrant=use_reentrant)
+            assert all(block.gradient_checkpointing for block in model.model.layers)
+        batch = _corpus(2, 30)
+        pos = torch.cat([torch.arange(12), torch.arange(18)]).expand(2, 30)
+        loss = model(batch, position_ids=pos, labels=batch).loss
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad for p in model.parameters()])
+    assert all(g is not None for g in grads[1][1:])
+    for a, b in zip(*grads, strict=True):
+        assert rel(b, a) < 1e-6
+
+
 def test_packed_equals_one_by_one():
     model = tiny(["lact", "swa"], "inplace_ttt", lact_update="muon")
     _perturb_fast_params(model)

@@ -129,6 +129,14 @@ def test_train_only_fast_weights(data, tmp_path):
             assert torch.equal(p, b[n]), n
 
 
+def test_activation_checkpointing_gives_the_same_training(data, tmp_path):
+    """--activation-checkpointing recomputes the layers in backward: same losses (CPU, exact)."""
+    _train(train_args(data, tmp_path / "plain", steps=3))
+    _train([*train_args(data, tmp_path / "ckpt", steps=3), "--activation-checkpointing"])
+    plain, ckpt = _losses(tmp_path / "plain"), _losses(tmp_path / "ckpt")
+    assert len(plain) == 3 and ckpt == pytest.approx(plain, rel=1e-6)
+
+
 def test_warmup_cosine():
     assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)

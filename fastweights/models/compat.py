@@ -23,7 +23,8 @@ from packaging.version import Version
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-__all__ = ["TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "keep_positions", "resolve_use_cache"]
+__all__ = ["TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "enable_activation_checkpointing",
+           "keep_positions", "resolve_use_cache"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):
@@ -57,3 +58,15 @@ def keep_positions(x, keep):
     if isinstance(keep, int):
         return x if keep == 0 else x[:, -keep:]
     return x[:, keep]
+
+
+def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
+    """Recompute each decoder layer's activations in the backward pass (Hugging Face's
+    ``activation_checkpointing_enable``; ``gradient_checkpointing_enable`` before 5.23)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
+    kw = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)

@@ -26,6 +26,7 @@ from fastweights.config import option
 from fastweights.data.packing import IGNORE, PackedRows
 from fastweights.data.store import Dataset
 from fastweights.errors import FastWeightsError
+from fastweights.models.compat import enable_activation_checkpointing
 from fastweights.models.presets import SIZES, build_model, load_model, resolve_model
 from fastweights.optim import OPTIMIZERS, Lookahead, build_optimizer
 from fastweights.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -71,6 +72,8 @@ class TrainConfig:
     seed: int = option("seed for the model init and the data order", 0)
     device: str = option("auto, cpu or cuda[:i]", "auto")
     compile: bool = option("torch.compile the model", False)
+    activation_checkpointing: bool = option("recompute each decoder layer's activations in the backward pass: "
+                                            "less memory for long rows, one more forward of the layers", False)
     save_every: int = option("checkpoint every K steps (and at the end)", 100)
     keep: int = option("checkpoints to keep", 3)
     resume: bool = option("resume from the latest checkpoint in --out", False)
@@ -266,6 +269,8 @@ def train(cfg: TrainConfig) -> dict:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     model = make_model(cfg, ds.vocab_size).to(device)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())
     emb = model.get_input_embeddings().weight.numel()
     params = _trainable(model, cfg.trainable)

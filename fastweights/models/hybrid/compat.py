@@ -7,6 +7,8 @@ here, so the rest of the package imports these names only.
   layer list.
 * ``Cache.is_compileable`` is a property in newer releases and read by
   ``prepare_inputs_for_generation``; :class:`HybridCache` overrides it the same way in all.
+* ``GradientCheckpointingLayer`` (``transformers.modeling_layers``) wraps ``__call__`` in 5.17 and
+  ``forward`` in newer releases; the hybrid blocks have no forward hooks, so both recompute the same.
 * ``_supports_default_dynamic_cache`` (GenerationMixin, a classmethod in all 5.x releases)
   decides whether ``generate()`` builds a ``DynamicCache``; returning False lets our model
   create its own cache on the first forward.
@@ -18,6 +20,7 @@ import transformers
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "Cache",
     "CausalLMOutputWithPast",
     "GenerationMixin",
+    "GradientCheckpointingLayer",
     "PreTrainedConfig",
     "PreTrainedModel",
     "empty_cache_base",

@@ -21,6 +21,7 @@ from fastweights.models.hybrid.compat import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     GenerationMixin,
+    GradientCheckpointingLayer,
     PreTrainedModel,
 )
 from fastweights.models.hybrid.configuration import HybridConfig
@@ -74,7 +75,7 @@ def make_mixer(config: HybridConfig, kind: str, layer_idx: int) -> nn.Module:
     return FlaMixer(config.hidden_size, config.num_attention_heads, kind)
 
 
-class HybridBlock(nn.Module):
+class HybridBlock(GradientCheckpointingLayer):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
         self.mixer_type, self.mlp_type = config.mixers[layer_idx], config.mlps[layer_idx]
@@ -112,7 +113,7 @@ class HybridPreTrainedModel(PreTrainedModel):
     config_class = HybridConfig
     config: HybridConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # HybridBlock: model.gradient_checkpointing_enable()
     _no_split_modules = ["HybridBlock"]
 
     @classmethod
