@@ -36,7 +36,7 @@ class TokenLayout:
     key_index: torch.Tensor
     key_valid: torch.Tensor
     single_doc: bool = False
-    block_masks: dict = field(default_factory=dict, repr=False)  # flex block masks by window
+    block_masks: dict = field(default_factory=dict, repr=False)  # flex block masks by window; last_keys views
 
     def last_keys(self, m: int) -> TokenLayout:
         """The same queries over only the newest ``m`` keys (a cache trimmed to a window)."""
@@ -44,9 +44,12 @@ class TokenLayout:
             return self
         if m > self.key_doc.shape[1]:
             raise ValueError(f"the layout has {self.key_doc.shape[1]} keys, asked for the last {m}")
-        return TokenLayout(position_ids=self.position_ids, doc=self.doc, index=self.index,
-                           key_doc=self.key_doc[:, -m:], key_index=self.key_index[:, -m:],
-                           key_valid=self.key_valid[:, -m:], single_doc=self.single_doc and m == self.index.shape[1])
+        key = ("last_keys", m)  # one view per length, shared by the layers (and its block masks)
+        if key not in self.block_masks:
+            self.block_masks[key] = TokenLayout(
+                position_ids=self.position_ids, doc=self.doc, index=self.index, key_doc=self.key_doc[:, -m:],
+                key_index=self.key_index[:, -m:], key_valid=self.key_valid[:, -m:], single_doc=False)
+        return self.block_masks[key]
 
     def dense_mask(self, window: int | None) -> torch.Tensor:
         """(B, 1, N, M) boolean mask."""
