@@ -410,3 +410,40 @@ def test_lact_layer_compiled_on_cuda_matches_cpu_float64():
     got = _layer_grads(layer.to(dev, torch.float32), x.to(dev, torch.float32), pos.to(dev))
     for a, b in zip(got, want, strict=True):
         assert (a is None) == (b is None) and (a is None or rel(a.double().cpu(), b) < 1e-3)
+
+
+def test_activation_checkpointing_refuses_lact_cuda_graphs(monkeypatch):
+    """LaCT's CUDA-graph mode cannot be captured under checkpointing: the model says so by name
+    (the mode resolution is forced here; on CPU it would fall back to eager)."""
+    import fastweights.models.hybrid.modeling as modeling
+    from fastweights.models.compat import enable_activation_checkpointing
+
+    monkeypatch.setattr(modeling, "_resolve_compile", lambda compile, device: "graphs")
+    model = tiny(["lact", "swa"], "swiglu").train()
+    enable_activation_checkpointing(model)
+    batch = _corpus(1, 16)
+    with pytest.raises(ValueError, match="FASTWEIGHTS_LACT_COMPILE=graphs cannot be combined with activation"):
+        model(batch, labels=batch)
+    with torch.no_grad():  # no gradients, no checkpointing: allowed
+        model(batch)
+
+
+@pytest.mark.gpu
+def test_activation_checkpointing_on_cuda_with_compiled_lact():
+    """On CUDA the LaCT chunk loop is compiled; with activation checkpointing its recomputation
+    in backward gives the loss and gradients of the plain backward (float32)."""
+    from fastweights.models.compat import enable_activation_checkpointing
+
+    batch = _corpus(2, 64).cuda()
+    grads = []
+    for ckpt in (False, True):
+        model = tiny(["lact", "swa"], "swiglu", hidden_size=64, lact_chunk_size=16, sliding_window=16,
+                     lact_update="muon").cuda().train()
+        _perturb_fast_params(model)
+        if ckpt:
+            enable_activation_checkpointing(model)
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert rel(b, a) < 1e-4

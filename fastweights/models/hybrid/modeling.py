@@ -27,6 +27,7 @@ from fastweights.models.hybrid.compat import (
 from fastweights.models.hybrid.configuration import HybridConfig
 from fastweights.models.hybrid.fla_mixer import FlaMixer
 from fastweights.ops.inplace_ttt_decode import InPlaceTTTState, StepPlan
+from fastweights.ops.lact import COMPILE_ENV, _resolve_compile
 
 __all__ = ["HybridForCausalLM", "HybridModel", "HybridPreTrainedModel"]
 
@@ -199,6 +200,7 @@ class HybridModel(HybridPreTrainedModel):
         cache = past_key_values
         if cache is None and use_cache:
             cache = HybridCache(len(self.layers))
+        self._check_checkpointing(x.device)
         layout = _layout(position_ids, attention_mask, cache if (cache is not None and cache.seen) else None,
                          B, N, x.device)
         embeds = x
@@ -218,6 +220,15 @@ class HybridModel(HybridPreTrainedModel):
         if cache is not None:
             cache.key_doc, cache.key_valid, cache.seen = layout.key_doc, layout.key_valid, cache.seen + N
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=cache)
+
+
+    def _check_checkpointing(self, device: torch.device) -> None:
+        """CUDA-graph capture of LaCT's chunk loop fails inside activation checkpointing (H100,
+        torch 2.11): refuse the combination by name instead."""
+        if (self.training and torch.is_grad_enabled() and any(b.gradient_checkpointing for b in self.layers)
+                and "lact" in self.config.mixers and _resolve_compile(None, device) == "graphs"):
+            raise ValueError(f"{COMPILE_ENV}=graphs cannot be combined with activation checkpointing (CUDA-graph "
+                             f"capture fails under torch.utils.checkpoint); unset it to use the compiled chunk loop")
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
