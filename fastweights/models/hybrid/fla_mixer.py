@@ -12,13 +12,13 @@ document each with no padding and no cache go to the fla layer as they are.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 from torch import nn
 
 from fastweights.layers.attention import TokenLayout
+from fastweights.ops.inplace_ttt_triton import usable as triton_usable
 
 __all__ = ["FlaMixer", "varlen_pieces"]
 
@@ -76,7 +76,7 @@ class FlaMixer(nn.Module):
     def forward(self, x: torch.Tensor, layout: TokenLayout, past=None, use_cache: bool = False):
         """x (B, N, d) → (y (B, N, d), state or None); ``past``: this mixer's cache entry.
         Padding positions of y are zero."""
-        if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        if not triton_usable(x):
             raise ValueError(f"mixer {self.kind!r} (flash-linear-attention) needs CUDA tensors, got {x.device} "
                              f"(CPU works only under TRITON_INTERPRET=1, for tests)")
         if layout.single_doc and past is None and not use_cache:

@@ -62,7 +62,7 @@ class AttentionMixer(nn.Module):
         return y, (kv if use_cache else None)
 
 
-def make_mixer(config: HybridConfig, kind: str, layer_idx: int) -> nn.Module:
+def make_mixer(config: HybridConfig, kind: str) -> nn.Module:
     if kind == "attention":
         return AttentionMixer(config, None)
     if kind == "swa":
@@ -82,7 +82,7 @@ class HybridBlock(GradientCheckpointingLayer):
         self.mixer_type, self.mlp_type = config.mixers[layer_idx], config.mlps[layer_idx]
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mixer = make_mixer(config, self.mixer_type, layer_idx)
+        self.mixer = make_mixer(config, self.mixer_type)
         mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
         if self.mlp_type == "inplace_ttt":
             mlp = InPlaceTTTMLP(mlp, chunk_size=config.ttt_chunk, lr=config.ttt_lr, target=config.ttt_target,
@@ -114,7 +114,7 @@ class HybridPreTrainedModel(PreTrainedModel):
     config_class = HybridConfig
     config: HybridConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = True  # HybridBlock: model.gradient_checkpointing_enable()
+    supports_gradient_checkpointing = True  # HybridBlock: compat.enable_activation_checkpointing(model)
     _no_split_modules = ["HybridBlock"]
 
     @classmethod
