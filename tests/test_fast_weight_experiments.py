@@ -5,6 +5,7 @@ import math
 import time
 
 import pytest
+import torch
 
 from fastweights.cli import main
 from fastweights.experiments import associative_retrieval as ar
@@ -18,7 +19,8 @@ def test_associative_retrieval_quick(tmp_path):
     assert (tmp_path / "associative_retrieval.png").stat().st_size > 0
     results = json.loads((tmp_path / "associative_retrieval.json").read_text())["results"]
     assert {r["model"] for r in results} == {"irnn", "lstm", "alstm", "fw-control", "fw"}
-    assert all(0 <= r["test_error"] <= 100 for r in results)
+    assert all(0 <= r["test_error"] <= 100 and 0 <= r["train_error"] <= 100 for r in results)
+    assert "## Training error (%) at the same step" in md
 
 
 def test_plasticity_quick(tmp_path):
@@ -37,6 +39,21 @@ def test_experiment_rejects_bad_args():
     for bad in ("foo=1e-3", "irnn=abc", "irnn=-1", "irnn"):
         assert main(["experiment", "associative-retrieval", "--lr-for", bad]) == 2
     assert main(["experiment", "associative-retrieval", "--jobs", "0"]) == 2
+    assert main(["experiment", "associative-retrieval", "--weight-decay", "-0.1"]) == 2
+
+
+def test_weight_decay_decays_every_parameter_decoupled():
+    """--weight-decay w: each step first scales every parameter by 1 - lr * w (AdamW), so with
+    zero gradients the parameters shrink by exactly that factor; w = 0 keeps plain Adam."""
+    model = ar.RetrievalModel("irnn", 7)
+    assert type(ar.make_optimizer(model, 1e-3)) is torch.optim.Adam
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = ar.make_optimizer(model, 0.1, weight_decay=0.5)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, b in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(p.detach(), b * (1 - 0.1 * 0.5), rtol=1e-6, atol=0)
 
 
 def test_lr_schedule():

@@ -104,6 +104,13 @@ def model_lr(args: argparse.Namespace, kind: str) -> float:
     return args.lr_for.get(kind, args.lr)
 
 
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam, or AdamW (decoupled decay of every parameter) when ``weight_decay`` > 0."""
+    if weight_decay > 0:
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
 def train_one(kind: str, hidden: int, seed: int, data: dict, args: argparse.Namespace,
               deadline: float | None = None) -> dict:
     """Train one model; return the curve and the test error at the best validation step.
@@ -115,7 +122,7 @@ def train_one(kind: str, hidden: int, seed: int, data: dict, args: argparse.Name
     device = torch.device(args.device)
     model = RetrievalModel(kind, hidden, eta=args.eta, lam=args.lam, inner_steps=args.inner_steps).to(device)
     lr = model_lr(args, kind)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = make_optimizer(model, lr, getattr(args, "weight_decay", 0.0))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, functools.partial(lr_factor, total=args.steps, warmup=args.warmup_steps, schedule=args.lr_schedule))
     train_x, train_y = (t.to(device) for t in data["train"])
@@ -146,9 +153,11 @@ def train_one(kind: str, hidden: int, seed: int, data: dict, args: argparse.Name
         if out_of_time:
             break
     model.load_state_dict(best_state)
+    n_fit = min(len(train_x), len(valid[0]))  # as many training sequences as validation ones
     return {"model": kind, "hidden": hidden, "seed": seed, "device": device.type, "host": host(device),
             "lr": lr, "steps": step,
             "stopped_by_budget": step < args.steps, "valid_error": best,
+            "train_error": error_rate(model, train_x[:n_fit], train_y[:n_fit]),
             "test_error": error_rate(model, *(t.to(device) for t in data["test"])), "curve": curve,
             "seconds": time.time() - t0}
 
@@ -203,14 +212,14 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
     n_seeds = len(seeds)
     kinds = [k for k in MODELS if any(r["model"] == k for r in results)]
 
-    def errs(k: str, h: int) -> list[float]:
-        return [r["test_error"] for r in results if r["model"] == k and r["hidden"] == h]
+    def errs(k: str, h: int, key: str = "test_error") -> list[float]:
+        return [r[key] for r in results if r["model"] == k and r["hidden"] == h and key in r]
 
-    def cell(k: str, h: int) -> str:
-        if not errs(k, h):
+    def cell(k: str, h: int, key: str = "test_error") -> str:
+        if not errs(k, h, key):
             return "–"
         cut = any(r.get("stopped_by_budget") for r in results if r["model"] == k and r["hidden"] == h)
-        return _mean_std(errs(k, h), n_seeds) + (" †" if cut else "")
+        return _mean_std(errs(k, h, key), n_seeds) + (" †" if cut else "")
 
     cut_runs = [r for r in results if r.get("stopped_by_budget")]
 
@@ -226,6 +235,14 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
     ]
     for k in kinds:
         lines.append(f"| {MODELS[k]} | " + " | ".join(cell(k, h) for h in hs) + " |")
+    if any("train_error" in r for r in results):
+        lines += ["", "## Training error (%) at the same step", "",
+                  "Error on the first training sequences (as many as the validation set), with the "
+                  "parameters the test row above uses; far below the test error means the model "
+                  "overfits the training set. – where a run did not record it.", "",
+                  "| model | " + " | ".join(f"R={h}" for h in hs) + " |", "|---|" + "---|" * len(hs)]
+        for k in kinds:
+            lines.append(f"| {MODELS[k]} | " + " | ".join(cell(k, h, "train_error") for h in hs) + " |")
     lines += ["", "## Published test error (%) (Ba et al. 2016, Table 1, as quoted in SPEC §4)", "",
               "| model | R=20 | R=50 | R=100 |", "|---|---|---|---|"]
     for k, row in PUBLISHED.items():
@@ -257,9 +274,11 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
         f"device(s) {sorted({r.get('device', 'cpu') for r in results})}, "
         f"{getattr(args, 'jobs', 1)} run(s) at once with {args.threads} thread(s) "
         f"each; summed wall-clock training time {secs / 60:.1f} min.",
-        f"- Scale: up to {args.steps} Adam steps of batch {args.batch_size} per run "
+        f"- Scale: up to {args.steps} {'AdamW' if getattr(args, 'weight_decay', 0.0) > 0 else 'Adam'} steps "
+        f"of batch {args.batch_size} per run "
         f"(learning rate: {lrs}; schedule {getattr(args, 'lr_schedule', 'constant')} with "
-        f"{getattr(args, 'warmup_steps', 0)} warmup steps; gradient-norm clip {getattr(args, 'clip', 5.0)}), "
+        f"{getattr(args, 'warmup_steps', 0)} warmup steps; gradient-norm clip {getattr(args, 'clip', 5.0)}"
+        f"{f'; weight decay {args.weight_decay}' if getattr(args, 'weight_decay', 0.0) > 0 else ''}), "
         f"i.e. {args.steps * args.batch_size / args.train_size:.2f} epochs of the {args.train_size} training "
         f"sequences; validation on {args.valid_size}, test on {args.test_size}; K = {args.num_pairs} pairs; "
         f"fast weights η = {args.eta}, λ = {args.lam}, S = {args.inner_steps}, layer norm.",
@@ -331,6 +350,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="decoupled weight decay (AdamW) of every parameter; 0 trains with plain Adam")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--num-pairs", type=int, default=4)
     p.add_argument("--eta", type=float, default=0.5)
@@ -359,6 +380,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup_steps < 0 or args.clip <= 0:
         raise ValueError(f"--warmup-steps must be >= 0 and --clip > 0, got {args.warmup_steps}, {args.clip}")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.time_budget_s is not None and args.time_budget_s <= 0:
         raise ValueError(f"--time-budget-s must be > 0, got {args.time_budget_s}")
     lr_for = {}
