@@ -429,6 +429,19 @@ def test_activation_checkpointing_refuses_lact_cuda_graphs(monkeypatch):
 
 
 @pytest.mark.gpu
+def test_activation_checkpointing_refuses_lact_cuda_graphs_on_cuda(monkeypatch):
+    """The same refusal on CUDA, reached through the environment variable itself."""
+    from fastweights.models.compat import enable_activation_checkpointing
+
+    monkeypatch.setenv("FASTWEIGHTS_LACT_COMPILE", "graphs")
+    model = tiny(["lact", "swa"], "swiglu").cuda().train()
+    enable_activation_checkpointing(model)
+    batch = _corpus(1, 16).cuda()
+    with pytest.raises(ValueError, match="FASTWEIGHTS_LACT_COMPILE=graphs cannot be combined with activation"):
+        model(batch, labels=batch)
+
+
+@pytest.mark.gpu
 def test_activation_checkpointing_on_cuda_with_compiled_lact():
     """On CUDA the LaCT chunk loop is compiled; with activation checkpointing its recomputation
     in backward gives the loss and gradients of the plain backward (float32)."""
