@@ -299,8 +299,11 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
         "- Training length: the paper trains each model to convergence; the runs here stop after the "
         "step count above (or at the time budget), so errors are upper bounds on what these models "
         "reach with longer training.",
-        "- Optimiser: Adam with the learning rates above (chosen on short validation runs, not on the "
-        "test set) and gradient-norm clipping; the paper's grid search is not reproduced.",
+        f"- Optimiser: {'AdamW with weight decay' if getattr(args, 'weight_decay', 0.0) > 0 else 'Adam'} with "
+        "the learning rates above (chosen on short validation runs, not on the test set) and gradient-norm "
+        "clipping; the paper's grid search is not reproduced.",
+        *([f"- Training set: {args.train_size} sequences, not SPEC §4's 100000."]
+          if args.train_size != 100_000 else []),
         "- A-LSTM: scaled dot-product attention over the LSTM's own past hidden states, read out at "
         "each step; it does not feed back into the recurrence. (The paper's A-LSTM row may be the "
         "Associative LSTM of Danihelka et al. 2016, a different model; not verified here.)",
