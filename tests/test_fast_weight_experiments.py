@@ -42,6 +42,17 @@ def test_experiment_rejects_bad_args():
     assert main(["experiment", "associative-retrieval", "--weight-decay", "-0.1"]) == 2
 
 
+def test_train_error_is_scored_on_the_training_set():
+    """Training answers all replaced by digit 0: the model learns to answer 0, so its error on the
+    training set is 0 % while the validation error (true answers) stays high."""
+    args = _tiny_ar_args("--lr", "0.05")
+    data = dict(ar._data(args))
+    x, y = data["train"]
+    data["train"] = (x, torch.zeros_like(y))
+    run = ar.train_one("irnn", 20, 0, data, args)
+    assert run["train_error"] == 0.0 and run["valid_error"] > 50
+
+
 def test_weight_decay_decays_every_parameter_decoupled():
     """--weight-decay w: each step first scales every parameter by 1 - lr * w (AdamW), so with
     zero gradients the parameters shrink by exactly that factor; w = 0 keeps plain Adam."""
