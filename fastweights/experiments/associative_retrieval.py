@@ -122,7 +122,7 @@ def train_one(kind: str, hidden: int, seed: int, data: dict, args: argparse.Name
     device = torch.device(args.device)
     model = RetrievalModel(kind, hidden, eta=args.eta, lam=args.lam, inner_steps=args.inner_steps).to(device)
     lr = model_lr(args, kind)
-    opt = make_optimizer(model, lr, getattr(args, "weight_decay", 0.0))
+    opt = make_optimizer(model, lr, args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, functools.partial(lr_factor, total=args.steps, warmup=args.warmup_steps, schedule=args.lr_schedule))
     train_x, train_y = (t.to(device) for t in data["train"])
@@ -222,6 +222,7 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
         return _mean_std(errs(k, h, key), n_seeds) + (" †" if cut else "")
 
     cut_runs = [r for r in results if r.get("stopped_by_budget")]
+    optimiser = "AdamW" if args.weight_decay > 0 else "Adam"
 
     lines = [
         "# Associative retrieval (Ba et al. 2016, SPEC §4)", "",
@@ -274,11 +275,11 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
         f"device(s) {sorted({r.get('device', 'cpu') for r in results})}, "
         f"{getattr(args, 'jobs', 1)} run(s) at once with {args.threads} thread(s) "
         f"each; summed wall-clock training time {secs / 60:.1f} min.",
-        f"- Scale: up to {args.steps} {'AdamW' if getattr(args, 'weight_decay', 0.0) > 0 else 'Adam'} steps "
+        f"- Scale: up to {args.steps} {optimiser} steps "
         f"of batch {args.batch_size} per run "
         f"(learning rate: {lrs}; schedule {getattr(args, 'lr_schedule', 'constant')} with "
         f"{getattr(args, 'warmup_steps', 0)} warmup steps; gradient-norm clip {getattr(args, 'clip', 5.0)}"
-        f"{f'; weight decay {args.weight_decay}' if getattr(args, 'weight_decay', 0.0) > 0 else ''}), "
+        f"{f'; weight decay {args.weight_decay}' if args.weight_decay > 0 else ''}), "
         f"i.e. {args.steps * args.batch_size / args.train_size:.2f} epochs of the {args.train_size} training "
         f"sequences; validation on {args.valid_size}, test on {args.test_size}; K = {args.num_pairs} pairs; "
         f"fast weights η = {args.eta}, λ = {args.lam}, S = {args.inner_steps}, layer norm.",
@@ -299,9 +300,8 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
         "- Training length: the paper trains each model to convergence; the runs here stop after the "
         "step count above (or at the time budget), so errors are upper bounds on what these models "
         "reach with longer training.",
-        f"- Optimiser: {'AdamW with weight decay' if getattr(args, 'weight_decay', 0.0) > 0 else 'Adam'} with "
-        "the learning rates above (chosen on short validation runs, not on the test set) and gradient-norm "
-        "clipping; the paper's grid search is not reproduced.",
+        f"- Optimiser: {optimiser} with the learning rates above (chosen on short validation runs, not on the "
+        "test set) and gradient-norm clipping; the paper's grid search is not reproduced.",
         *([f"- Training set: {args.train_size} sequences, not SPEC §4's 100000."]
           if args.train_size != 100_000 else []),
         "- A-LSTM: scaled dot-product attention over the LSTM's own past hidden states, read out at "
