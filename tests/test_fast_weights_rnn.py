@@ -73,6 +73,10 @@ def test_fast_weights_change_the_output_and_control_has_no_memory():
     for t in range(9):
         h = torch.relu(ctrl.norm(h @ ctrl.W.t() + ctrl.C(x[:, t])))
         assert torch.allclose(y_ctrl[:, t], h, atol=1e-6)
+    # ... whatever the number of inner steps S.
+    ctrl3 = FastWeightsRNN(4, 8, inner_steps=3, fast_weights=False)
+    ctrl3.load_state_dict(fw.state_dict())
+    assert torch.allclose(ctrl3(x)[0], y_ctrl, atol=1e-6)
 
 
 @pytest.mark.parametrize("cls", [FastWeightsRNN, IRNN, LSTM, AttentionLSTM])
@@ -94,6 +98,27 @@ def test_padded_batch_equals_sequences_one_at_a_time(cls):
         assert rel_err(y[i, : len(s)], y1[0]) < 1e-10
         assert rel_err(y[3 + i, T - len(s) :], y1[0]) < 1e-10
         assert rel_err(last[i], last1[0]) < 1e-10 and rel_err(last[3 + i], last1[0]) < 1e-10
+
+
+@pytest.mark.parametrize("cls", [FastWeightsRNN, IRNN, LSTM, AttentionLSTM])
+def test_last_only_equals_last_of_full_outputs(cls):
+    """``outputs=False`` returns (None, last) with the same last output and gradients, on
+    left- and right-padded rows (the A-LSTM then reads out at the last real step only)."""
+    torch.manual_seed(6)
+    layer = cls(5, 7).double()
+    x = torch.randn(4, 9, 5, dtype=torch.float64)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[1, 6:] = mask[2, :4] = False
+    mask[3, :2] = mask[3, 7:] = False
+    results = []
+    for outputs in (True, False):
+        layer.zero_grad()
+        ys, last = layer(x, mask, outputs=outputs)
+        assert (ys is None) == (not outputs)
+        (last * torch.linspace(-1, 1, 7, dtype=torch.float64)).sum().backward()
+        results.append([last.detach()] + [p.grad.clone() for p in layer.parameters()])
+    for full, only in zip(*results, strict=True):
+        assert rel_err(only, full) < 1e-12
 
 
 def test_state_resets_between_calls():

@@ -2,14 +2,15 @@
 
 All layers take ``x`` (B, T, I) and an optional boolean ``mask`` (B, T) (True = real token)
 and return ``(outputs, last)``: outputs (B, T, R) and ``last`` (B, R), the output at each
-row's last real token. Masked steps leave the recurrent state untouched, so a padded batch
+row's last real token. With ``outputs=False`` they return ``(None, last)``, which lets the
+A-LSTM skip its read-out at every other step. Masked steps leave the recurrent state untouched, so a padded batch
 gives the same result as its sequences run one at a time (left or right padding).
 
 * :class:`FastWeightsRNN`: ``A(t) = λA(t−1) + η h(t)h(t)ᵀ``, ``z = W h(t) + C x(t)``,
   ``h_0 = f(LN(z))``, ``h_s = f(LN(z + A(t) h_{s−1}))`` for s = 1..S. ``form`` picks the matrix
   form, the attention form or ``"auto"`` (attention while t < R, then the matrix built from
   the stored states). ``fast_weights=False`` is the control with the same S-step inner loop
-  and A ≡ 0.
+  and A ≡ 0 (the inner loop then repeats ``f(LN(z))``, so it is computed once).
 * :class:`IRNN`: ReLU RNN with identity-initialised recurrence (Le et al. 2015).
 * :class:`LSTM`: ``torch.nn.LSTM``, stepped with masks when a mask is given.
 * :class:`AttentionLSTM` (A-LSTM): an LSTM whose output at step t also attends (scaled dot
@@ -42,13 +43,16 @@ def _check_inputs(x: torch.Tensor, mask: torch.Tensor | None, input_size: int) -
     return mask
 
 
-def last_valid(outputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Output at each row's last True position. outputs (B, T, R), mask (B, T) -> (B, R)."""
+def _last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last True position. mask (B, T) -> (B,) long."""
     if not bool(mask.any(1).all()):
         raise ValueError("every row of mask needs at least one True position")
-    T = mask.shape[1]
-    idx = (torch.arange(T, device=mask.device) * mask).argmax(1)
-    return outputs[torch.arange(outputs.shape[0], device=outputs.device), idx]
+    return (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(1)
+
+
+def last_valid(outputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Output at each row's last True position. outputs (B, T, R), mask (B, T) -> (B, R)."""
+    return outputs[torch.arange(outputs.shape[0], device=outputs.device), _last_index(mask)]
 
 
 class FastWeightsRNN(nn.Module):
@@ -83,8 +87,9 @@ class FastWeightsRNN(nn.Module):
         self.C = nn.Linear(input_size, hidden_size)
         self.norm = nn.LayerNorm(hidden_size) if layer_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, I), mask (B, T) bool -> outputs (B, T, R), last (B, R)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                outputs: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """x (B, T, I), mask (B, T) bool -> outputs (B, T, R) (None if not ``outputs``), last (B, R)."""
         mask = _check_inputs(x, mask, self.input_size)
         B, T, _ = x.shape
         R = self.hidden_size
@@ -108,18 +113,14 @@ class FastWeightsRNN(nn.Module):
                     c = decay_weights(c, self.eta, self.lam, valid)
             z = h @ self.W.t() + cx[:, t]
             hs = F.relu(self.norm(z))
-            for _ in range(self.inner_steps):
-                if not self.fast_weights:
-                    read = torch.zeros_like(hs)
-                elif use_matrix:
-                    read = hebbian_read(A, hs)
-                else:
-                    read = hebbian_read_attention(H, c, hs)
+            # A ≡ 0 (the control): every inner step reads 0 and gives f(LN(z)) again
+            for _ in range(self.inner_steps if self.fast_weights else 0):
+                read = hebbian_read(A, hs) if use_matrix else hebbian_read_attention(H, c, hs)
                 hs = F.relu(self.norm(z + read))
             h = torch.where(valid.unsqueeze(1), hs, h)
             outs.append(h)
-        outputs = torch.stack(outs, 1)
-        return outputs, last_valid(outputs, mask)
+        ys = torch.stack(outs, 1)
+        return (ys if outputs else None), last_valid(ys, mask)
 
 
 class IRNN(nn.Module):
@@ -133,8 +134,9 @@ class IRNN(nn.Module):
         nn.init.normal_(self.C.weight, std=0.001)
         nn.init.zeros_(self.C.bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, I), mask (B, T) bool -> outputs (B, T, R), last (B, R)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                outputs: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """x (B, T, I), mask (B, T) bool -> outputs (B, T, R) (None if not ``outputs``), last (B, R)."""
         mask = _check_inputs(x, mask, self.input_size)
         cx = self.C(x)
         h = x.new_zeros(x.shape[0], self.hidden_size)
@@ -142,8 +144,8 @@ class IRNN(nn.Module):
         for t in range(x.shape[1]):
             h = torch.where(mask[:, t : t + 1], F.relu(h @ self.W.t() + cx[:, t]), h)
             outs.append(h)
-        outputs = torch.stack(outs, 1)
-        return outputs, last_valid(outputs, mask)
+        ys = torch.stack(outs, 1)
+        return (ys if outputs else None), last_valid(ys, mask)
 
 
 class LSTM(nn.Module):
@@ -155,12 +157,13 @@ class LSTM(nn.Module):
         self.input_size, self.hidden_size = input_size, hidden_size
         self.lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, I), mask (B, T) bool -> outputs (B, T, R), last (B, R)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                outputs: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """x (B, T, I), mask (B, T) bool -> outputs (B, T, R) (None if not ``outputs``), last (B, R)."""
         full = _check_inputs(x, mask, self.input_size)
         if mask is None:
-            outputs, _ = self.lstm(x)
-            return outputs, outputs[:, -1]
+            ys, _ = self.lstm(x)
+            return (ys if outputs else None), ys[:, -1]
         B = x.shape[0]
         h = x.new_zeros(1, B, self.hidden_size)
         c = torch.zeros_like(h)
@@ -170,8 +173,8 @@ class LSTM(nn.Module):
             v = full[:, t].view(1, B, 1)
             h, c = torch.where(v, h2, h), torch.where(v, c2, c)
             outs.append(h[0])
-        outputs = torch.stack(outs, 1)
-        return outputs, last_valid(outputs, full)
+        ys = torch.stack(outs, 1)
+        return (ys if outputs else None), last_valid(ys, full)
 
 
 class AttentionLSTM(nn.Module):
@@ -186,16 +189,24 @@ class AttentionLSTM(nn.Module):
         self.query = nn.Linear(hidden_size, hidden_size, bias=False)
         self.out = nn.Linear(2 * hidden_size, hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, I), mask (B, T) bool -> outputs (B, T, R), last (B, R)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                outputs: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """x (B, T, I), mask (B, T) bool -> outputs (B, T, R) (None if not ``outputs``), last (B, R)."""
         full = _check_inputs(x, mask, self.input_size)
         hs, _ = self.lstm(x, mask)
         T = x.shape[1]
-        scores = self.query(hs) @ hs.transpose(1, 2) / math.sqrt(self.hidden_size)  # (B, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         allowed = causal.unsqueeze(0) & full.unsqueeze(1)
         # A padded query row still has τ = its own index only if real; give it one safe key.
         allowed = allowed | torch.eye(T, dtype=torch.bool, device=x.device).unsqueeze(0)
+        if not outputs:  # read out at each row's last real step only
+            last_t, rows = _last_index(full), torch.arange(x.shape[0], device=x.device)
+            return None, self._read_out(hs[rows, last_t].unsqueeze(1), hs, allowed[rows, last_t].unsqueeze(1))[:, 0]
+        ys = self._read_out(hs, hs, allowed)
+        return ys, last_valid(ys, full)
+
+    def _read_out(self, h: torch.Tensor, hs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """h (B, Q, R) queries, hs (B, T, R) past states, allowed (B, Q, T) bool -> (B, Q, R)."""
+        scores = self.query(h) @ hs.transpose(1, 2) / math.sqrt(self.hidden_size)  # (B, Q, T)
         attn = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        outputs = torch.tanh(self.out(torch.cat([hs, attn @ hs], dim=-1)))
-        return outputs, last_valid(outputs, full)
+        return torch.tanh(self.out(torch.cat([h, attn @ hs], dim=-1)))

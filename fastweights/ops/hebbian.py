@@ -102,8 +102,11 @@ def hebbian_read_attention(H: torch.Tensor, c: torch.Tensor, h: torch.Tensor) ->
         raise ValueError(f"H must be (B, T, R) matching h {tuple(h.shape)}, got {tuple(H.shape)}")
     if c.shape != H.shape[:2]:
         raise ValueError(f"c must be (B, T) = {tuple(H.shape[:2])}, got {tuple(c.shape)}")
-    scores = torch.bmm(H, h.unsqueeze(2)).squeeze(2) * c  # (B, T)
-    return torch.bmm(scores.unsqueeze(1), H).squeeze(1)
+    # Products and sums rather than batched matrix-vector bmm: on a CPU, bmm of B (T, R) @ (R, 1)
+    # products is dominated by per-batch call overhead (a 100-unit, 11-step training step is ~25 %
+    # faster this way, forward and backward).
+    scores = (H * h.unsqueeze(1)).sum(2) * c  # (B, T)
+    return (scores.unsqueeze(2) * H).sum(1)
 
 
 def clip_scale(delta_w: torch.Tensor, delta_b: torch.Tensor | None, max_norm: float) -> torch.Tensor:
