@@ -33,6 +33,8 @@ def test_lact_benchmark_tiny_runs(tmp_path, capsys):
     (["benchmarks/lact_loop_profile.py", "--tiny", "--iters", "1", "--top", "3"], "Newton-Schulz in the loop"),
     (["benchmarks/fwl_inference_cost.py", "--size", "tiny", "--device", "cpu", "--length", "128", "--docs", "1",
       "--repeats", "1"], "In-Place TTT"),
+    (["benchmarks/associative_retrieval_step.py", "--hidden-sizes", "20", "--steps", "2", "--repeats", "1",
+      "--warmup", "1"], "sum over cells"),
 ])
 def test_benchmark_script_cpu_size_runs(argv, expect):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
