@@ -3,8 +3,9 @@
 All layers take ``x`` (B, T, I) and an optional boolean ``mask`` (B, T) (True = real token)
 and return ``(outputs, last)``: outputs (B, T, R) and ``last`` (B, R), the output at each
 row's last real token. With ``outputs=False`` they return ``(None, last)``, which lets the
-A-LSTM skip its read-out at every other step. Masked steps leave the recurrent state untouched, so a padded batch
-gives the same result as its sequences run one at a time (left or right padding).
+A-LSTM skip its read-out at every other step. Masked steps leave the recurrent state
+untouched, so a padded batch gives the same result as its sequences run one at a time (left
+or right padding).
 
 * :class:`FastWeightsRNN`: ``A(t) = λA(t−1) + η h(t)h(t)ᵀ``, ``z = W h(t) + C x(t)``,
   ``h_0 = f(LN(z))``, ``h_s = f(LN(z + A(t) h_{s−1}))`` for s = 1..S. ``form`` picks the matrix

@@ -103,8 +103,8 @@ def hebbian_read_attention(H: torch.Tensor, c: torch.Tensor, h: torch.Tensor) ->
     if c.shape != H.shape[:2]:
         raise ValueError(f"c must be (B, T) = {tuple(H.shape[:2])}, got {tuple(c.shape)}")
     # Products and sums rather than batched matrix-vector bmm: on a CPU, bmm of B (T, R) @ (R, 1)
-    # products is dominated by per-batch call overhead (a 100-unit, 11-step training step is ~25 %
-    # faster this way, forward and backward).
+    # products is dominated by per-batch call overhead (the associative-retrieval training step
+    # of the 100-unit fast-weights RNN, 11 tokens, is 15-25 % faster this way).
     scores = (H * h.unsqueeze(1)).sum(2) * c  # (B, T)
     return (scores.unsqueeze(2) * H).sum(1)
 
