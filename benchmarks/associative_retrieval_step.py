@@ -7,41 +7,35 @@ clip, Adam step. Reports the median of ``--repeats`` timings of ``--steps`` step
 one seed, which sets the wall time of the full table.
 
     python benchmarks/associative_retrieval_step.py                    # this CPU, 1 thread
-    PYTHONPATH=/path/to/older/checkout python benchmarks/associative_retrieval_step.py  # compare
+    PYTHONPATH=/path/to/other/checkout python benchmarks/associative_retrieval_step.py  # compare
 
-The second form times another checkout's package with this script (the script imports only
-``RetrievalModel``, ``make_optimizer`` and the data splits).
+The second form times another checkout's package with this script. It imports that checkout's
+model, optimiser, training step (``train_step``) and data; for checkouts older than
+``train_step``, use the script as committed in 474aa32 (docs/results/associative_retrieval.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from fastweights.experiments.associative_retrieval import MODELS, RetrievalModel, _splits, make_optimizer
+from fastweights.experiments import associative_retrieval as ar
 
 
 def time_cell(kind: str, hidden: int, data: tuple[torch.Tensor, torch.Tensor], args: argparse.Namespace) -> float:
     """Median milliseconds per training step of one (model, R) cell."""
     x, y = data
     torch.manual_seed(0)
-    model = RetrievalModel(kind, hidden)
-    opt = make_optimizer(model, 1e-3)
+    model = ar.RetrievalModel(kind, hidden)
+    opt = ar.make_optimizer(model, 1e-3)
     gen = torch.Generator().manual_seed(0)
 
     def step() -> None:
         idx = torch.randint(0, len(x), (args.batch_size,), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
+        ar.train_step(model, opt, x[idx], y[idx], clip=5.0)
 
     for _ in range(args.warmup):
         step()
@@ -56,7 +50,7 @@ def time_cell(kind: str, hidden: int, data: tuple[torch.Tensor, torch.Tensor], a
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=list(ar.MODELS), choices=list(ar.MODELS))
     p.add_argument("--hidden-sizes", nargs="+", type=int, default=[20, 50, 100])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=100, help="steps per timing")
@@ -68,8 +62,8 @@ def main() -> None:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
-    data = _splits(0, 4, 100_000, 10_000, 20_000)["train"]
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
+    data = ar._data(ar.parse_args([]))["train"]  # the experiment's default splits (SPEC §4, K = 4)
+    print(f"# {ar.cpu_name()}, torch {torch.__version__}, {args.threads} thread(s), "
           f"batch {args.batch_size}, median of {args.repeats} x {args.steps} steps")
     print("| model | " + " | ".join(f"R={h} ms" for h in args.hidden_sizes) + " |")
     print("|---|" + "---|" * len(args.hidden_sizes))
@@ -77,7 +71,7 @@ def main() -> None:
     for kind in args.models:
         row = [time_cell(kind, h, data, args) for h in args.hidden_sizes]
         total += sum(row)
-        print(f"| {MODELS[kind]} | " + " | ".join(f"{ms:.2f}" for ms in row) + " |")
+        print(f"| {ar.MODELS[kind]} | " + " | ".join(f"{ms:.2f}" for ms in row) + " |")
     print(f"\nsum over cells: {total:.1f} ms per step")
 
 

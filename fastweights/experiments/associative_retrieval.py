@@ -112,6 +112,16 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> to
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, answers: torch.Tensor,
+               clip: float) -> None:
+    """One step on a batch: tokens (B, L), answers (B,); cross-entropy, gradient-norm clip, optimiser."""
+    loss = F.cross_entropy(model(tokens), answers)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+
+
 def train_one(kind: str, hidden: int, seed: int, data: dict, args: argparse.Namespace,
               deadline: float | None = None) -> dict:
     """Train one model; return the curve and the test error at the best validation step.
@@ -139,11 +149,7 @@ def train_one(kind: str, hidden: int, seed: int, data: dict, args: argparse.Name
             perm, pos = torch.randperm(len(train_x), generator=gen).to(device), 0
         idx = perm[pos : pos + args.batch_size]
         pos += args.batch_size
-        loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
+        train_step(model, opt, train_x[idx], train_y[idx], args.clip)
         sched.step()
         out_of_time = deadline is not None and time.time() >= deadline
         if step % args.eval_every == 0 or step == args.steps or out_of_time:
