@@ -172,3 +172,25 @@ def test_associative_retrieval_deterministic_and_split_sizes():
     other = associative_retrieval_splits(0, sizes={"train": 80, "valid": 10, "test": 20})
     assert torch.equal(other["valid"][0], small["valid"][0])
     assert torch.equal(other["test"][1], small["test"][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", [FastWeightsRNN, AttentionLSTM])
+def test_layers_on_cuda_match_cpu_float64(cls):
+    """The attention-form read and the A-LSTM's last-step read-out on CUDA (float32) match the
+    float64 CPU layer: last output and every parameter gradient, padded rows."""
+    torch.manual_seed(7)
+    ref = cls(5, 24).double()
+    gpu = cls(5, 24).cuda()
+    gpu.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    x = torch.randn(6, 11, 5, dtype=torch.float64)
+    mask = torch.ones(6, 11, dtype=torch.bool)
+    mask[1, 8:] = mask[2, :3] = False
+    w = torch.linspace(-1, 1, 24, dtype=torch.float64)
+    got = []
+    for layer, xx, mm, ww in ((ref, x, mask, w), (gpu, x.float().cuda(), mask.cuda(), w.float().cuda())):
+        _, last = layer(xx, mm, outputs=False)
+        (last * ww).sum().backward()
+        got.append([last.detach().cpu().double()] + [p.grad.cpu().double() for p in layer.parameters()])
+    for g, r in zip(got[1], got[0], strict=True):
+        assert rel_err(g, r) < 1e-4
