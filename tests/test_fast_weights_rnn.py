@@ -176,9 +176,11 @@ def test_associative_retrieval_deterministic_and_split_sizes():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", [FastWeightsRNN, AttentionLSTM])
-def test_layers_on_cuda_match_cpu_float64(cls):
+def test_layers_on_cuda_match_cpu_float64(cls, monkeypatch):
     """The attention-form read and the A-LSTM's last-step read-out on CUDA (float32) match the
-    float64 CPU layer: last output and every parameter gradient, padded rows."""
+    float64 CPU layer: last output and every parameter gradient, padded rows. cuDNN's LSTM runs
+    TF32 by default (about 3e-4 off, measured on an H100); the test asks for true float32."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(7)
     ref = cls(5, 24).double()
     gpu = cls(5, 24).cuda()
