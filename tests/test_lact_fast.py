@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastweights.ops.lact as lact_op
-from fastweights.ops.lact import _contiguous_step, _resolve_compile, lact_chunked, lact_reference
+from fastweights.ops.lact import _resolve_compile, lact_chunked, lact_reference
 from tests.test_lact_op import make, rel
 
 NAMES = ["q", "k", "v", "lr", "beta", "w1", "w2", "w3"]
@@ -122,14 +122,19 @@ def test_whole_loop_traces_as_one_graph():
         assert rel(a, b) < 1e-9, name
 
 
-def test_step_keeps_state_when_not_updating():
-    q, k, v, lr, beta, w1, w2, w3 = make(B=1, H=2, N=6, D=4, Dh=4, grad=False)
-    w13 = torch.cat([w1, w3], 1).unsqueeze(0)
-    n13, n2 = w13[0].norm(dim=-1, keepdim=True), w2.norm(dim=-1, keepdim=True)
-    o, a, b, m13, m2 = _contiguous_step(w13, w2[None], None, None, n13, n2, q, k, v, lr, None,
-                                        "muon", "apply_update", False)
-    assert a is w13 and m13 is None
-    assert rel(o, lact_op.swiglu_fast(w1, w2, w3, q)) < 1e-12
+@pytest.mark.parametrize("group", [1, 2, 3])
+@pytest.mark.parametrize("order", ["apply_update", "update_apply"])
+def test_reads_in_groups_match_reference(monkeypatch, group, order):
+    """The reads leave the update loop in groups of READ_GROUP chunks: groups of 1, 2 and 3 over
+    6 chunks whose last is short (43 tokens, chunk 8; the last group partial for 2 of 3 sizes)
+    give the reference's output and every gradient (float64)."""
+    monkeypatch.setattr(lact_op, "READ_GROUP", group)
+    inputs = make(B=2, H=2, N=43, D=6, Dh=10, D2=7, seed=21)
+    out, ref, gc, gr = grads_vs_reference(inputs, dict(chunk_size=8, update="muon", order=order))
+    assert rel(out, ref) < 1e-10
+    for name, a, b in zip(NAMES, gc, gr, strict=True):
+        assert float(b.norm()) > 0, name
+        assert rel(a, b) < 1e-9, name
 
 
 @pytest.mark.gpu

@@ -39,7 +39,8 @@ Two implementations compute the same function:
   the sequence length. Outer gradients come from autograd; it can carry a :class:`LaCTState`.
   Rows without a document start after token 0, with no state in or out (the usual training
   call), take a fast path: chunks are plain slices, W1 and W3 are stacked, Muon's Newton-Schulz
-  runs as one batched chain, and the per-chunk step (:func:`_contiguous_step`) is compiled with
+  runs as one batched chain, the chunks' reads leave the sequential loop (one batched product
+  over up to 16 chunks), and the per-chunk update (:func:`_contiguous_step`) is compiled with
   ``torch.compile`` on CUDA unless ``compile=False`` or ``FASTWEIGHTS_LACT_COMPILE=0``
   (when gradients are taken, the whole chunk loop is compiled instead: ``compile_scope``).
 """
@@ -294,43 +295,61 @@ class LaCTState:
 # chunks are contiguous slices. W1 and W3 are stacked into one (2Dh, D) matrix so that one matmul
 # serves both, the Newton-Schulz iterations of all three matrices run as one batched chain where
 # their shapes agree, and the per-chunk step is one function that torch.compile can fuse.
-def _contiguous_step(w13, w2, m13, m2, n13, n2, q, k, v, lr, beta_bar, update: str, order: str,
-                     do_update: bool):
-    """One chunk of the contiguous fast path.
+def _contiguous_step(w13, w2, m13, m2, n13, n2, k, v, lr, beta_bar, update: str):
+    """One chunk's update on the contiguous fast path (the chunk's read is deferred: see
+    :func:`_read_chunks`).
 
     w13 (B, H, 2Dh, D) = [W1; W3] and w2 (B, H, D2, Dh): float state; m13, m2 the momentum
-    (None: zero, or not kept); n13 (H, 2Dh, 1), n2 (H, D2, 1) initial row norms; q, k (B, H, L, D),
+    (None: zero, or not kept); n13 (H, 2Dh, 1), n2 (H, D2, 1) initial row norms; k (B, H, L, D),
     v (B, H, L, D2), lr (B, H, L, 3) in the matmul dtype; beta_bar (B, H, 1, 1) or None.
-    Returns (o (B, H, L, D2), w13, w2, m13, m2), the state updated iff ``do_update``.
+    Returns the updated (w13, w2, m13, m2).
     """
-    mm = q.dtype
+    mm = k.dtype
     Dh = w2.shape[-1]
     a13, a2 = w13.to(mm), w2.to(mm)
-    if do_update:
-        h = k @ a13.mT  # (B, H, L, 2Dh): [h1, h3]
-        h1, h3 = h[..., :Dh], h[..., Dh:]
-        sig = torch.sigmoid(h1)
-        a = h1 * sig
-        dz = -(v @ a2)
-        dh = torch.cat([dz * h3 * (sig * (1 + h1 * (1 - sig))) * lr[..., 0:1], dz * a * lr[..., 2:3]], -1)
-        g13 = (dh.mT @ k).to(w13.dtype)
-        g2 = (-((v * lr[..., 1:2]).mT @ (a * h3))).to(w2.dtype)
-        if update == "gd":
-            u13, u2 = g13, g2
-        else:
-            if m13 is not None and beta_bar is not None:
-                g13, g2 = beta_bar * m13 + g13, beta_bar * m2 + g2
-            if beta_bar is not None:  # without beta there is no momentum to keep
-                m13, m2 = g13, g2
-            u13, u2 = (g13, g2) if update == "momentum" else _ns_pair(g13, g2, mm)
-        w13, w2 = w13 - u13, w2 - u2
-        w13 = w13 / (_row_norms(w13) + NORM_EPS) * n13
-        w2 = w2 / (_row_norms(w2) + NORM_EPS) * n2
-        if order == "update_apply":
-            a13, a2 = w13.to(mm), w2.to(mm)
-    hq = q @ a13.mT
-    o = (F.silu(hq[..., :Dh]) * hq[..., Dh:]) @ a2.mT
-    return o, w13, w2, m13, m2
+    h = k @ a13.mT  # (B, H, L, 2Dh): [h1, h3]
+    h1, h3 = h[..., :Dh], h[..., Dh:]
+    sig = torch.sigmoid(h1)
+    a = h1 * sig
+    dz = -(v @ a2)
+    dh = torch.cat([dz * h3 * (sig * (1 + h1 * (1 - sig))) * lr[..., 0:1], dz * a * lr[..., 2:3]], -1)
+    g13 = (dh.mT @ k).to(w13.dtype)
+    g2 = (-((v * lr[..., 1:2]).mT @ (a * h3))).to(w2.dtype)
+    if update == "gd":
+        u13, u2 = g13, g2
+    else:
+        if m13 is not None and beta_bar is not None:
+            g13, g2 = beta_bar * m13 + g13, beta_bar * m2 + g2
+        if beta_bar is not None:  # without beta there is no momentum to keep
+            m13, m2 = g13, g2
+        u13, u2 = (g13, g2) if update == "momentum" else _ns_pair(g13, g2, mm)
+    w13, w2 = w13 - u13, w2 - u2
+    w13 = w13 / (_row_norms(w13) + NORM_EPS) * n13
+    w2 = w2 / (_row_norms(w2) + NORM_EPS) * n2
+    return w13, w2, m13, m2
+
+
+# Chunks read in one batched product on the fast path (a bound on the weights kept for it).
+READ_GROUP = 16
+
+
+def _read_chunks(q, reads, chunk_size: int):
+    """The reads ``f_W(q_t)`` of ``g = len(reads)`` consecutive chunks at once.
+
+    q (B, H, L, D) holds their tokens (L ≤ g·C, only the last chunk may be short); ``reads``
+    the weights each chunk reads, [(a13 (B, H, 2Dh, D), a2 (B, H, D2, Dh))] in the matmul
+    dtype. Returns o (B, H, L, D2). The read of a chunk depends on nothing but its weights, so
+    it leaves the sequential chain of updates: one product over g chunks instead of g small ones.
+    """
+    B, H, L, D = q.shape
+    g, C = len(reads), chunk_size
+    x = F.pad(q, (0, 0, 0, g * C - L)) if g * C > L else q  # zero rows read 0; sliced off below
+    a13 = torch.stack([r[0] for r in reads], 2)  # (B, H, g, 2Dh, D)
+    a2 = torch.stack([r[1] for r in reads], 2)
+    Dh = a2.shape[-1]
+    h = x.unflatten(2, (g, C)) @ a13.mT  # (B, H, g, C, 2Dh)
+    o = (F.silu(h[..., :Dh]) * h[..., Dh:]) @ a2.mT
+    return o.flatten(2, 3)[:, :, :L]
 
 
 def _ns_pair(g13, g2, mm):
@@ -406,8 +425,10 @@ def _resolve_scope(scope, training: bool = False) -> str:
 def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str,
                      step=_contiguous_step):
     """LaCT over rows that are single documents, no carried state: o (B, H, N, D2). ``step``:
-    the chunk step (:func:`_contiguous_step`, or its compiled form)."""
+    the chunk update (:func:`_contiguous_step`, or its compiled form). The loop runs only the
+    updates; the reads go batched to :func:`_read_chunks`, up to :data:`READ_GROUP` chunks at once."""
     B, H, N, _ = q.shape
+    mm = q.dtype
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     w13 = torch.cat([w1, w3], 1).to(acc)  # (H, 2Dh, D)
     w2s = w2.to(acc)
@@ -417,16 +438,23 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
     G = -(-N // chunk_size)
     # split, not per-chunk slicing: its backward is one cat, where each slice's backward would
     # write a zero-filled tensor of the whole sequence and add it to the others
-    parts = [x.split(chunk_size, dim=2) for x in (q, k, v, lr)]
+    parts = [x.split(chunk_size, dim=2) for x in (k, v, lr)]
+    q_groups = q.split(READ_GROUP * chunk_size, dim=2)
     betas = None if beta is None else beta.to(acc).split(chunk_size, dim=2)
-    outs = []
+    outs, reads = [], []
     for j in range(G):
+        if order == "apply_update":  # chunk j reads the weights before its own update
+            reads.append((w13.to(mm), w2s.to(mm)))
         # apply-then-update never reads the last chunk's update
-        do_update = order == "update_apply" or j < G - 1
-        bb = None if betas is None or not do_update else betas[j].mean(-1).view(B, H, 1, 1)
-        qj, kj, vj, lj = (x[j] for x in parts)
-        o, w13, w2s, m13, m2 = step(w13, w2s, m13, m2, n13, n2, qj, kj, vj, lj, bb, update, order, do_update)
-        outs.append(o)
+        if order == "update_apply" or j < G - 1:
+            bb = None if betas is None else betas[j].mean(-1).view(B, H, 1, 1)
+            kj, vj, lj = (x[j] for x in parts)
+            w13, w2s, m13, m2 = step(w13, w2s, m13, m2, n13, n2, kj, vj, lj, bb, update)
+        if order == "update_apply":
+            reads.append((w13.to(mm), w2s.to(mm)))
+        if len(reads) == READ_GROUP or j == G - 1:
+            outs.append(_read_chunks(q_groups[j // READ_GROUP], reads, chunk_size))
+            reads = []
     return torch.cat(outs, 2).to(q.dtype)
 
 
