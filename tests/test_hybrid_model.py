@@ -3,6 +3,7 @@ equals one by one, save/load, generate, Auto classes, and every mixer/MLP combin
 
 import inspect
 import json.decoder
+import warnings
 
 import pytest
 import torch
@@ -261,6 +262,27 @@ def test_config_errors():
         HybridConfig(lact_update="adam")
     with pytest.raises(ValueError, match="attn_backend"):
         HybridConfig(attn_backend="flash")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(chunk_size=0), "chunk_size must be an integer >= 1, got 0"),
+    (dict(chunk_size=8.0), "chunk_size must be an integer >= 1, got 8.0"),
+    (dict(window=0), "window must be None or an integer >= 1, got 0"),
+    (dict(window="8"), "window must be None or an integer >= 1, got '8'"),
+])
+def test_lact_layer_errors(kw, match):
+    """Bad chunk or window sizes fail when the layer is built, naming the value."""
+    with pytest.raises(ValueError, match=match):
+        LaCTLayer(48, 4, **{"window": 8, "chunk_size": 8, **kw})
+
+
+def test_lact_layer_warns_when_the_window_is_shorter_than_the_chunk():
+    with pytest.warns(UserWarning, match="LaCT window 4 < chunk_size 8"):
+        LaCTLayer(48, 4, window=4, chunk_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LaCTLayer(48, 4, window=8, chunk_size=8)
+        LaCTLayer(48, 4, window=None, chunk_size=8)
 
 
 def test_fla_mixer_errors(monkeypatch):

@@ -18,6 +18,7 @@ bias is softplus⁻¹(lr_init) with lr_init = 1e-3; scales 1, shifts 0.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,9 @@ class LaCTLayer(nn.Module):
 
     Args:
         hidden_size: d. num_heads: SWA heads (d % num_heads == 0). fw_heads: n_h (d % n_h == 0).
-        window: SWA window (>= chunk_size keeps the chunk causal). chunk_size: C.
+        window: SWA window, or None for full attention. The fast weights hold only earlier
+            chunks, so with window >= chunk_size (SPEC §2) every earlier token of a token's own
+            chunk is in its window; a smaller window warns. chunk_size: C.
         update: ``gd`` | ``momentum`` | ``muon``. order: ``apply_update`` | ``update_apply``.
         lr_init: initial per-token learning rate. init_rank: rank r of W1, W3's init.
         rope_base: RoPE base for both paths. impl: ``chunked`` | ``reference`` (the op).
@@ -96,6 +99,14 @@ class LaCTLayer(nn.Module):
             raise ValueError(f"impl must be 'chunked' or 'reference', got {impl!r}")
         if not lr_init > 0:
             raise ValueError(f"lr_init must be > 0, got {lr_init}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be None or an integer >= 1, got {window!r}")
+        if window is not None and window < chunk_size:
+            warnings.warn(f"LaCT window {window} < chunk_size {chunk_size}: a token does not see the tokens of its own "
+                          f"chunk more than {window} back (attention does not reach them, and the fast weights hold "
+                          "only earlier chunks); SPEC §2 uses window >= chunk_size", stacklevel=2)
         d = hidden_size
         self.d, self.num_heads, self.head_dim = d, num_heads, d // num_heads
         self.fw_heads, self.fw_dim = fw_heads, d // fw_heads

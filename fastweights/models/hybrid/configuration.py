@@ -39,7 +39,9 @@ class HybridConfig(PreTrainedConfig):
 
     LaCT keys: ``lact_heads`` (n_h), ``lact_chunk_size`` (C), ``lact_update`` (gd | momentum |
     muon), ``lact_order``, ``lact_lr_init``, ``lact_init_rank``. ``sliding_window`` serves
-    ``swa`` and LaCT's SWA. In-Place TTT keys (``inplace_ttt`` MLPs): ``ttt_chunk``,
+    ``swa`` and LaCT's SWA. LaCT layers share one q/k/v projection between the SWA and the fast
+    branch (SPEC §2), with ``num_attention_heads`` heads for k and v too: ``num_key_value_heads``
+    (GQA) applies to the ``attention`` and ``swa`` mixers only. In-Place TTT keys (``inplace_ttt`` MLPs): ``ttt_chunk``,
     ``ttt_lr``, ``ttt_target`` (``embed`` | ``hidden``), ``ttt_proj``.
     """
 
