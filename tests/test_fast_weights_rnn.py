@@ -140,6 +140,17 @@ def test_bad_inputs_raise():
         layer(torch.randn(2, 5, 3), torch.ones(2, 5))
 
 
+@pytest.mark.parametrize("cls", [FastWeightsRNN, IRNN, LSTM, AttentionLSTM])
+@pytest.mark.parametrize("sizes,match", [
+    ((3, 0), "hidden_size must be an integer >= 1, got 0"),
+    ((0, 4), "input_size must be an integer >= 1, got 0"),
+    ((3, 4.0), "hidden_size must be an integer >= 1, got 4.0"),
+])
+def test_bad_sizes_raise(cls, sizes, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        cls(*sizes)
+
+
 def test_associative_retrieval_answers_recomputed_from_strings():
     tokens, answers = associative_retrieval(500, num_pairs=4, seed=7)
     assert tokens.shape == (500, 11)

@@ -56,6 +56,12 @@ def last_valid(outputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return outputs[torch.arange(outputs.shape[0], device=outputs.device), _last_index(mask)]
 
 
+def _check_sizes(input_size, hidden_size) -> None:
+    for name, n in (("input_size", input_size), ("hidden_size", hidden_size)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+
+
 class FastWeightsRNN(nn.Module):
     """Fast-weights RNN layer (Ba et al. 2016), f = ReLU, A reset to 0 for each sequence.
 
@@ -75,6 +81,7 @@ class FastWeightsRNN(nn.Module):
         fast_weights: bool = True,
     ):
         super().__init__()
+        _check_sizes(input_size, hidden_size)
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         if not isinstance(inner_steps, int) or inner_steps < 0:
@@ -129,6 +136,7 @@ class IRNN(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()
+        _check_sizes(input_size, hidden_size)
         self.input_size, self.hidden_size = input_size, hidden_size
         self.W = nn.Parameter(torch.eye(hidden_size))
         self.C = nn.Linear(input_size, hidden_size)
@@ -155,6 +163,7 @@ class LSTM(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()
+        _check_sizes(input_size, hidden_size)
         self.input_size, self.hidden_size = input_size, hidden_size
         self.lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
 
@@ -185,6 +194,7 @@ class AttentionLSTM(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()
+        _check_sizes(input_size, hidden_size)
         self.input_size, self.hidden_size = input_size, hidden_size
         self.lstm = LSTM(input_size, hidden_size)
         self.query = nn.Linear(hidden_size, hidden_size, bias=False)
