@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastweights.data.plasticity_tasks import DELIMITER, copy_task, digits_few_shot, regression_task
+from fastweights.layers.plastic import PlasticLinear
 from fastweights.models.plastic_transformer import PlasticConfig, PlasticTransformer
 from fastweights.ops.hebbian import plastic_read_attention, plastic_update, plastic_update_attention
 
@@ -148,6 +149,17 @@ def test_bad_config_and_inputs_raise():
         model(torch.randn(1, 17, 6))
     with pytest.raises(ValueError, match="x must be"):
         model(torch.randn(1, 4, 5))
+
+
+def test_plastic_linear_bad_arguments_raise():
+    with pytest.raises(ValueError, match="in_features must be an integer >= 1, got 0"):
+        PlasticLinear(0, 4)
+    with pytest.raises(ValueError, match="out_features must be an integer >= 1, got -2"):
+        PlasticLinear(4, -2)
+    with pytest.raises(ValueError, match="alpha_init must be a number, got 'x'"):
+        PlasticLinear(4, 4, alpha_init="x")
+    layer = PlasticLinear(4, 3, alpha_init=-1)  # an integer initial α is taken as a float
+    assert layer.alpha.dtype == torch.float32 and bool((layer.alpha.detach() == -1.0).all())
 
 
 def test_copy_generator():

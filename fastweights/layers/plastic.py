@@ -34,10 +34,15 @@ class PlasticLinear(nn.Module):
         super().__init__()
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        for name, n in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+        if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)):
+            raise ValueError(f"alpha_init must be a number, got {alpha_init!r}")
         self.in_features, self.out_features, self.form = in_features, out_features, form
         self.slow = nn.Linear(in_features, out_features)
-        self.alpha = nn.Parameter(torch.full((out_features, in_features), alpha_init))
-        self.beta = nn.Parameter(torch.full((out_features,), alpha_init))
+        self.alpha = nn.Parameter(torch.full((out_features, in_features), float(alpha_init)))
+        self.beta = nn.Parameter(torch.full((out_features,), float(alpha_init)))
 
     def init_state(self, batch: int, device=None, dtype=None) -> tuple[torch.Tensor, ...]:
         """Fresh (empty) fast state: matrix (w (B, O, I), b (B, O)) zeros, or attention
