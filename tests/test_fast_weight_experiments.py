@@ -40,6 +40,30 @@ def test_experiment_rejects_bad_args():
         assert main(["experiment", "associative-retrieval", "--lr-for", bad]) == 2
     assert main(["experiment", "associative-retrieval", "--jobs", "0"]) == 2
     assert main(["experiment", "associative-retrieval", "--weight-decay", "-0.1"]) == 2
+    for bad in ("-0.1", "1"):
+        assert main(["experiment", "associative-retrieval", "--dropout", bad]) == 2
+
+
+def test_dropout_acts_only_in_training_and_zero_is_the_plain_model():
+    """--dropout p: training-mode outputs are random, eval-mode outputs equal the same weights
+    without dropout; p = 0 adds no module with an effect (outputs equal in both modes)."""
+    tokens = torch.randint(0, 37, (16, 11))
+    torch.manual_seed(0)
+    plain = ar.RetrievalModel("irnn", 12)
+    torch.manual_seed(0)
+    drop = ar.RetrievalModel("irnn", 12, dropout=0.5)
+    assert isinstance(plain.drop, torch.nn.Identity)
+    drop.load_state_dict(plain.state_dict())  # dropout adds no parameters
+    drop.eval(), plain.eval()
+    assert torch.equal(drop(tokens), plain(tokens))
+    drop.train(), plain.train()
+    torch.manual_seed(1)
+    a = drop(tokens)
+    torch.manual_seed(2)
+    assert not torch.equal(a, drop(tokens))
+    assert torch.equal(plain(tokens), plain(tokens))
+    with pytest.raises(ValueError, match="dropout must be in"):
+        ar.RetrievalModel("irnn", 12, dropout=1.0)
 
 
 def test_train_error_is_scored_on_the_training_set():

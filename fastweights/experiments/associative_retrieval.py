@@ -51,12 +51,16 @@ PUBLISHED = {  # test error (%), Ba et al. 2016 Table 1 via SPEC §4 (unverified
 
 
 class RetrievalModel(nn.Module):
-    """Embedding (E) -> recurrent layer (R) -> ReLU hidden layer (100) -> 10 digit logits."""
+    """Embedding (E) -> recurrent layer (R) -> ReLU hidden layer (100) -> 10 digit logits.
+    ``dropout`` > 0: dropout on the embeddings and on the recurrent layer's last output."""
 
     def __init__(self, kind: str, hidden: int, embed: int = 100, eta: float = 0.5, lam: float = 0.95,
-                 inner_steps: int = 1):
+                 inner_steps: int = 1, dropout: float = 0.0):
         super().__init__()
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.embed = nn.Embedding(len(VOCAB), embed)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if kind == "fw":
             self.rnn = FastWeightsRNN(embed, hidden, eta=eta, lam=lam, inner_steps=inner_steps)
         elif kind == "fw-control":
@@ -74,8 +78,8 @@ class RetrievalModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) -> digit logits (B, 10)."""
-        _, last = self.rnn(self.embed(tokens), outputs=False)
-        return self.head(last)
+        _, last = self.rnn(self.drop(self.embed(tokens)), outputs=False)
+        return self.head(self.drop(last))
 
 
 @torch.no_grad()
@@ -131,7 +135,8 @@ def train_one(kind: str, hidden: int, seed: int, data: dict, args: argparse.Name
     """
     torch.manual_seed(seed)
     device = torch.device(args.device)
-    model = RetrievalModel(kind, hidden, eta=args.eta, lam=args.lam, inner_steps=args.inner_steps).to(device)
+    model = RetrievalModel(kind, hidden, eta=args.eta, lam=args.lam, inner_steps=args.inner_steps,
+                           dropout=getattr(args, "dropout", 0.0)).to(device)
     lr = model_lr(args, kind)
     opt = make_optimizer(model, lr, args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -286,7 +291,8 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
         f"of batch {args.batch_size} per run "
         f"(learning rate: {lrs}; schedule {getattr(args, 'lr_schedule', 'constant')} with "
         f"{getattr(args, 'warmup_steps', 0)} warmup steps; gradient-norm clip {getattr(args, 'clip', 5.0)}"
-        f"{f'; weight decay {args.weight_decay}' if args.weight_decay > 0 else ''}), "
+        f"{f'; weight decay {args.weight_decay}' if args.weight_decay > 0 else ''}"
+        f"{f'; dropout {args.dropout}' if getattr(args, 'dropout', 0) > 0 else ''}), "
         f"i.e. {args.steps * args.batch_size / args.train_size:.2f} epochs of the {args.train_size} training "
         f"sequences; validation on {args.valid_size}, test on {args.test_size}; K = {args.num_pairs} pairs; "
         f"fast weights η = {args.eta}, λ = {args.lam}, S = {args.inner_steps}, layer norm.",
@@ -362,6 +368,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=5.0, help="gradient-norm clip")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="decoupled weight decay (AdamW) of every parameter; 0 trains with plain Adam")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout on the embeddings and on the recurrent layer's last output (default 0: none)")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--num-pairs", type=int, default=4)
     p.add_argument("--eta", type=float, default=0.5)
@@ -392,6 +400,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise ValueError(f"--warmup-steps must be >= 0 and --clip > 0, got {args.warmup_steps}, {args.clip}")
     if args.weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.time_budget_s is not None and args.time_budget_s <= 0:
         raise ValueError(f"--time-budget-s must be > 0, got {args.time_budget_s}")
     lr_for = {}
