@@ -5,7 +5,8 @@ The chain is five iterations ``X <- aX + (bA + cA^2)X``, ``A = XX^T``, on the (1
 batch of the 760M benchmark (3 fast matrices x 4 heads), forward and the hand-derived backward
 of ``fastweights.ops.lact._NewtonSchulzIters`` (``_ns_backward``). This script times, from CUDA graphs (median):
 
-* ``torch eager``: the library's chain (``bmm``/``baddbmm``, cuBLAS), eager;
+* ``torch eager``: the library's chain (cuBLAS ``bmm``; since the tenth session the ``aX`` term
+  rides in ``B' = aI + bA + cA²``, formed elementwise), eager;
 * ``torch compiled``: the same under torch.compile, as it runs inside the compiled chunk loop;
 * ``triton fused``: one Triton kernel per product with the scalings and additions fused,
   ``out = alpha (P1 Q1 [+ P2 Q2]) + beta R``: three launches per iteration each way (the

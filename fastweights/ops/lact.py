@@ -111,36 +111,43 @@ def newton_schulz5(m: torch.Tensor, steps: int = 5, eps: float = 1e-7, *, manual
                    ) -> torch.Tensor:
     """Muon's orthogonalisation of (..., R, S) matrices: Frobenius-normalise, then ``steps``
     iterations ``X ← aX + (bA + cA²)X``, ``A = XXᵀ``, with :data:`NS_COEFFS`. Matmuls run in
-    ``m.dtype``, three per iteration (the scalings ride in ``baddbmm``). ``manual_backward``:
+    ``m.dtype``, three per iteration: ``A``, ``A²`` and ``B'X`` with ``B' = aI + bA + cA²``
+    formed elementwise (in float32 at least). ``manual_backward``:
     the iterations' gradient comes from :class:`_NewtonSchulzIters` (4 matmuls per iteration
     instead of autograd's 6; same function)."""
     wide = m.shape[-2] > m.shape[-1]
     x = m.mT if wide else m
     shape = x.shape
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
-    x = x.reshape(-1, *shape[-2:])  # batched (P, R, S): baddbmm fuses the scalings into the matmuls
+    x = x.reshape(-1, *shape[-2:])  # batched (P, R, S)
     x = _NewtonSchulzIters.apply(x, steps) if manual_backward else _ns_iterations(x, steps)[0]
     x = x.reshape(shape)
     return x.mT if wide else x
 
 
 def _ns_iterations(x: torch.Tensor, steps: int):
-    """``steps`` Newton-Schulz iterations on (P, R, S) ``x``; returns (x, [(X, A, B) per step])."""
+    """``steps`` Newton-Schulz iterations on (P, R, S) ``x``; returns (x, [(X, A, B') per step]).
+
+    ``X' = B'X`` with ``B' = aI + bA + cA²``: the ``aX`` term rides in ``B'``, whose elementwise
+    sum torch.compile fuses into one kernel. (``baddbmm`` with ``beta`` copies its input first:
+    dropping those copies made the H100 benchmark's Muon loop 6.7 % faster, docs/benchmarks.md.)"""
     a, b, c = NS_COEFFS
+    acc = torch.promote_types(x.dtype, torch.float32)
+    eye_a = a * torch.eye(x.shape[-2], dtype=acc, device=x.device)
     saved = []
     for _ in range(steps):
         A = torch.bmm(x, x.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        B = (eye_a + b * A.to(acc) + c * torch.bmm(A, A).to(acc)).to(x.dtype)
         saved.append((x, A, B))
-        x = torch.baddbmm(x, B, x, beta=a)
+        x = torch.bmm(B, x)
     return x, saved
 
 
 class _NewtonSchulzIters(torch.autograd.Function):
     """The Newton-Schulz iterations with a hand-derived backward (docs/lact.md). Per iteration,
-    with ``X' = aX + BX``, ``B = bA + cA²``, ``A = XXᵀ`` (A, B symmetric) and ``G = ∂L/∂X'``:
+    with ``X' = B'X``, ``B' = aI + bA + cA²``, ``A = XXᵀ`` (A, B' symmetric) and ``G = ∂L/∂X'``:
 
-        dB = G Xᵀ,   S = dB + dBᵀ,   T = S A,   P = bS + c(T + Tᵀ),   ∂L/∂X = aG + BG + PX
+        dB = G Xᵀ,   S = dB + dBᵀ,   T = S A,   P = bS + c(T + Tᵀ),   ∂L/∂X = B'G + PX
 
     (``dA + dAᵀ = bS + c(SA + AS)`` and ``AS = (SA)ᵀ``): four matmuls where autograd uses six."""
 
@@ -157,15 +164,15 @@ class _NewtonSchulzIters(torch.autograd.Function):
 
 
 def _ns_backward(g: torch.Tensor, saved) -> torch.Tensor:
-    """∂L/∂X of the iterations from ``g`` = ∂L/∂Y and their saved [(X, A, B) per step]
+    """∂L/∂X of the iterations from ``g`` = ∂L/∂Y and their saved [(X, A, B') per step]
     (:class:`_NewtonSchulzIters`'s formulas)."""
-    a, b, c = NS_COEFFS
+    _, b, c = NS_COEFFS
     for x, A, B in reversed(saved):
         dB = torch.bmm(g, x.mT)
         S = dB + dB.mT
         T = torch.bmm(S, A)
         P = b * S + c * (T + T.mT)
-        g = torch.baddbmm(torch.baddbmm(g, B, g, beta=a), P, x)
+        g = torch.baddbmm(torch.bmm(B, g), P, x)
     return g
 
 
