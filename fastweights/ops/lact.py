@@ -302,18 +302,18 @@ class LaCTState:
 # chunks are contiguous slices. W1 and W3 are stacked into one (2Dh, D) matrix so that one matmul
 # serves both, the Newton-Schulz iterations of all three matrices run as one batched chain where
 # their shapes agree, and the per-chunk step is one function that torch.compile can fuse.
-def _contiguous_step(w13, w2, m13, m2, n13, n2, k, v, lr, beta_bar, update: str):
+def _contiguous_step(w13, w2, a13, a2, m13, m2, n13, n2, k, v, lr, beta_bar, update: str):
     """One chunk's update on the contiguous fast path (the chunk's read is deferred: see
     :func:`_read_chunks`).
 
-    w13 (B, H, 2Dh, D) = [W1; W3] and w2 (B, H, D2, Dh): float state; m13, m2 the momentum
+    w13 (B, H, 2Dh, D) = [W1; W3] and w2 (B, H, D2, Dh): float state, a13 and a2 the same in the
+    matmul dtype (cast once per state by the loop, which also reads with them); m13, m2 the momentum
     (None: zero, or not kept); n13 (H, 2Dh, 1), n2 (H, D2, 1) initial row norms; k (B, H, L, D),
     v (B, H, L, D2), lr (B, H, L, 3) in the matmul dtype; beta_bar (B, H, 1, 1) or None.
     Returns the updated (w13, w2, m13, m2).
     """
     mm = k.dtype
     Dh = w2.shape[-1]
-    a13, a2 = w13.to(mm), w2.to(mm)
     h = k @ a13.mT  # (B, H, L, 2Dh): [h1, h3]
     h1, h3 = h[..., :Dh], h[..., Dh:]
     sig = torch.sigmoid(h1)
@@ -449,16 +449,18 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
     q_groups = q.split(READ_GROUP * chunk_size, dim=2)
     betas = None if beta is None else beta.to(acc).split(chunk_size, dim=2)
     outs, reads = [], []
+    cur = (w13.to(mm), w2s.to(mm))  # the current weights in the matmul dtype
     for j in range(G):
         if order == "apply_update":  # chunk j reads the weights before its own update
-            reads.append((w13.to(mm), w2s.to(mm)))
+            reads.append(cur)
         # apply-then-update never reads the last chunk's update
         if order == "update_apply" or j < G - 1:
             bb = None if betas is None else betas[j].mean(-1).view(B, H, 1, 1)
             kj, vj, lj = (x[j] for x in parts)
-            w13, w2s, m13, m2 = step(w13, w2s, m13, m2, n13, n2, kj, vj, lj, bb, update)
+            w13, w2s, m13, m2 = step(w13, w2s, *cur, m13, m2, n13, n2, kj, vj, lj, bb, update)
+            cur = (w13.to(mm), w2s.to(mm))
         if order == "update_apply":
-            reads.append((w13.to(mm), w2s.to(mm)))
+            reads.append(cur)
         if len(reads) == READ_GROUP or j == G - 1:
             outs.append(_read_chunks(q_groups[j // READ_GROUP], reads, chunk_size))
             reads = []
