@@ -136,7 +136,7 @@ def train_one(kind: str, hidden: int, seed: int, data: dict, args: argparse.Name
     torch.manual_seed(seed)
     device = torch.device(args.device)
     model = RetrievalModel(kind, hidden, eta=args.eta, lam=args.lam, inner_steps=args.inner_steps,
-                           dropout=getattr(args, "dropout", 0.0)).to(device)
+                           dropout=args.dropout).to(device)
     lr = model_lr(args, kind)
     opt = make_optimizer(model, lr, args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
