@@ -13,7 +13,9 @@ chunk step only (``FASTWEIGHTS_LACT_COMPILE_SCOPE=step``), and ``lact-muon-cudag
 compiles the step with ``mode="reduce-overhead"`` (CUDA graphs; each timed step starts with
 ``torch.compiler.cudagraph_mark_step_begin()``); ``lact-muon-graphs`` replays the compiled loop
 from CUDA graphs captured per layer (``FASTWEIGHTS_LACT_COMPILE=graphs``,
-fastweights.ops.lact.LoopGraphs). A variant that fails is reported as failed and the others
+fastweights.ops.lact.LoopGraphs). LaCT layers run their fast branch on a CUDA side stream beside
+SWA (``lact_overlap``, on by default); ``lact-muon-serial`` runs it on the main stream after SWA's
+kernels, as before. A variant that fails is reported as failed and the others
 still run.
 
 Before timing, the LaCT training form (its contiguous fast path and its packed-document path)
@@ -52,6 +54,7 @@ VARIANTS = {
     "lact-muon-cudagraphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-step": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-graphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
+    "lact-muon-serial": dict(mixers="lact", mlps="swiglu", lact_update="muon", lact_overlap=False),
     "swa": dict(mixers="swa", mlps="swiglu"),
     "attention": dict(mixers="attention", mlps="swiglu"),
     "inplace-ttt-swa": dict(mixers="swa", mlps="inplace_ttt"),
