@@ -34,6 +34,7 @@ ops by GPU time (CPU time on CPU), plus the step's total CPU and GPU time and ke
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -159,6 +160,11 @@ def top_by_name(events, attr: str, top: int) -> list[str]:
 
 
 def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile):
+    # start from a clean device: the last variant's blocks (and LaCT's CUDA-graph memory pools) are
+    # freed, so that its leftovers neither slow this variant down nor count in its peak memory
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     cfg_kw = {k: v for k, v in shape.items() if k != "seqlen"}
     cfg = HybridConfig(vocab_size=256, num_hidden_layers=layers, **cfg_kw, **VARIANTS[name])
     blocks = torch.nn.ModuleList(HybridBlock(cfg, i) for i in range(layers)).to(device=device, dtype=dtype)
