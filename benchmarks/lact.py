@@ -13,9 +13,10 @@ chunk step only (``FASTWEIGHTS_LACT_COMPILE_SCOPE=step``), and ``lact-muon-cudag
 compiles the step with ``mode="reduce-overhead"`` (CUDA graphs; each timed step starts with
 ``torch.compiler.cudagraph_mark_step_begin()``); ``lact-muon-graphs`` replays the compiled loop
 from CUDA graphs captured per layer (``FASTWEIGHTS_LACT_COMPILE=graphs``,
-fastweights.ops.lact.LoopGraphs). LaCT layers run their fast branch on a CUDA side stream beside
-SWA (``lact_overlap``, on by default); ``lact-muon-serial`` runs it on the main stream after SWA's
-kernels, as before. A variant that fails is reported as failed and the others
+fastweights.ops.lact.LoopGraphs). Each variant starts from a clean state: the last one's
+blocks freed and torch.compile's caches reset (``torch._dynamo.reset()``), so that it is timed
+as in a process of its own; without the reset, LaCT variants timed after another LaCT variant
+ran 2-3 ms slower than the first (docs/benchmarks.md, eleventh measurement). A variant that fails is reported as failed and the others
 still run.
 
 Before timing, the LaCT training form (its contiguous fast path and its packed-document path)
@@ -55,7 +56,6 @@ VARIANTS = {
     "lact-muon-cudagraphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-step": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-graphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
-    "lact-muon-serial": dict(mixers="lact", mlps="swiglu", lact_update="muon", lact_overlap=False),
     "swa": dict(mixers="swa", mlps="swiglu"),
     "attention": dict(mixers="attention", mlps="swiglu"),
     "inplace-ttt-swa": dict(mixers="swa", mlps="inplace_ttt"),
@@ -160,8 +160,9 @@ def top_by_name(events, attr: str, top: int) -> list[str]:
 
 
 def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile):
-    # start from a clean device: the last variant's blocks (and LaCT's CUDA-graph memory pools) are
-    # freed, so that its leftovers neither slow this variant down nor count in its peak memory
+    # each variant as in a process of its own: compiled graphs of earlier variants are dropped, and
+    # what the last variant left (its blocks, LaCT's CUDA-graph pools) is freed before this one
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

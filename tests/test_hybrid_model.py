@@ -262,8 +262,6 @@ def test_config_errors():
         HybridConfig(lact_update="adam")
     with pytest.raises(ValueError, match="attn_backend"):
         HybridConfig(attn_backend="flash")
-    with pytest.raises(ValueError, match="lact_overlap must be a bool, got 1"):
-        HybridConfig(lact_overlap=1)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -271,7 +269,6 @@ def test_config_errors():
     (dict(chunk_size=8.0), "chunk_size must be an integer >= 1, got 8.0"),
     (dict(window=0), "window must be None or an integer >= 1, got 0"),
     (dict(window="8"), "window must be None or an integer >= 1, got '8'"),
-    (dict(overlap="yes"), "overlap must be a bool, got 'yes'"),
 ])
 def test_lact_layer_errors(kw, match):
     """Bad chunk or window sizes fail when the layer is built, naming the value."""
@@ -485,53 +482,3 @@ def test_activation_checkpointing_on_cuda_with_compiled_lact():
         grads.append([loss.detach()] + [p.grad for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         assert rel(b, a) < 1e-4
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("compile_mode", ["default", "graphs"])
-def test_lact_overlap_matches_serial_on_cuda(monkeypatch, compile_mode):
-    """The fast branch on a side stream beside SWA (``lact_overlap``) gives the loss and every
-    gradient of the serial layer, over two training steps (with CUDA graphs: capture, then
-    replay); and the overlapped model does use the side stream."""
-    import fastweights.layers.lact as lact_layer
-
-    monkeypatch.setenv("FASTWEIGHTS_LACT_COMPILE", compile_mode)
-    used = []
-    side_stream = lact_layer.LaCTLayer._side_stream
-    monkeypatch.setattr(lact_layer.LaCTLayer, "_side_stream",
-                        lambda self, *a: used.append(side_stream(self, *a)) or used[-1])
-    batch = _corpus(2, 96).cuda()
-    runs = {}
-    for overlap in (False, True):
-        used.clear()
-        model = tiny(["lact", "lact"], "swiglu", hidden_size=64, lact_chunk_size=16, sliding_window=16,
-                     lact_update="muon", lact_overlap=overlap).cuda().train()
-        _perturb_fast_params(model)
-        steps = []
-        for _ in range(2):
-            model.zero_grad()
-            loss = model(batch, labels=batch).loss
-            loss.backward()
-            steps.append([loss.detach().clone()] + [p.grad.clone() for p in model.parameters()])
-        runs[overlap] = steps
-        assert all((s is not None) == overlap for s in used) and len(used) == 4
-    for serial, overlapped in zip(runs[False], runs[True], strict=True):
-        for a, b in zip(serial, overlapped, strict=True):
-            assert rel(b, a) < 1e-5
-
-
-@pytest.mark.parametrize("update", ["gd", "muon"])
-def test_lact_projections_equal_the_separate_layers(update):
-    """The layer's one stacked product gives what qkv_proj, lr_proj (less its bias) and
-    beta_proj give apart (float64; gd has no beta_proj)."""
-    torch.manual_seed(0)
-    layer = LaCTLayer(40, 4, fw_heads=2, window=8, chunk_size=8, update=update).double()
-    x = torch.randn(2, 11, 40, dtype=torch.float64)
-    q, k, v, lr_raw, beta_raw = layer._projections(x)
-    want_q, want_k, want_v = layer.qkv_proj(x).chunk(3, dim=-1)
-    for got, want in [(q, want_q), (k, want_k), (v, want_v), (lr_raw, layer.lr_proj(x) - layer.lr_proj.bias)]:
-        assert got.shape == want.shape and rel(got, want) < 1e-13
-    if update == "gd":
-        assert beta_raw is None
-    else:
-        assert rel(beta_raw, layer.beta_proj(x)) < 1e-13

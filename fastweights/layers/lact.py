@@ -17,7 +17,6 @@ bias is softplus⁻¹(lr_init) with lr_init = 1e-3; scales 1, shifts 0.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -35,11 +34,11 @@ def _inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-def _fast_inputs(q, k, v, lr_raw, lr_bias, beta_raw, cos, sin, scale, shift, heads: int):
+def _fast_inputs(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, heads: int):
     """The fast branch's inputs from the shared projections q, k, v (B, N, d), ``lr_raw``
-    (B, N, 3H) without its bias ``lr_bias`` (3H,) and ``beta_raw`` (B, N, H) or None, with RoPE
-    ``cos``/``sin`` (B, N, D) and the scale/shift (2, d). Returns q_f, k_f (B, H, N, D), v_f
-    (B, H, N, D), η (B, H, N, 3) and β (B, H, N) or None, in the input dtype."""
+    (B, N, 3H) and ``beta_raw`` (B, N, H) or None, with RoPE ``cos``/``sin`` (B, N, D) and the
+    scale/shift (2, d). Returns q_f, k_f (B, H, N, D), v_f (B, H, N, D), η (B, H, N, 3) and β
+    (B, H, N) or None, in the input dtype."""
     B, N, d = q.shape
     D = d // heads
 
@@ -49,7 +48,7 @@ def _fast_inputs(q, k, v, lr_raw, lr_bias, beta_raw, cos, sin, scale, shift, hea
         return x * scale[which].view(heads, 1, D) + shift[which].view(heads, 1, D)
 
     vf = F.silu(v).view(B, N, heads, D).transpose(1, 2)
-    lr = F.softplus(lr_raw.float() + lr_bias.float()).view(B, N, heads, 3).transpose(1, 2).to(q.dtype)
+    lr = F.softplus(lr_raw.float()).view(B, N, heads, 3).transpose(1, 2).to(q.dtype)
     beta = None if beta_raw is None else torch.sigmoid(beta_raw.float()).transpose(1, 2).to(q.dtype)
     return qk(q, 0), qk(k, 1), vf, lr, beta
 
@@ -70,19 +69,6 @@ def _glue(fn, name: str, device: torch.device, training: bool):
     return fn if mode is None else _compiled(fn, name, mode)
 
 
-# Priority of the fast branch's side stream (lower is higher in CUDA): its short, latency-bound
-# chunk-loop kernels then take free SMs before the SWA kernels queued beside them.
-SIDE_STREAM_PRIORITY = -1
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The CUDA stream on which LaCT layers run their fast branch beside SWA (one per device)."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device, priority=SIDE_STREAM_PRIORITY)
-    return _SIDE_STREAMS[device]
-
-
 class LaCTLayer(nn.Module):
     """SWA + LaCT fast-weight branch. ``forward(x (B, N, d), layout, past=None, use_cache=False)
     -> (y (B, N, d), present)``; ``past``/``present`` = (k, v, LaCTState) of earlier tokens.
@@ -95,17 +81,12 @@ class LaCTLayer(nn.Module):
         update: ``gd`` | ``momentum`` | ``muon``. order: ``apply_update`` | ``update_apply``.
         lr_init: initial per-token learning rate. init_rank: rank r of W1, W3's init.
         rope_base: RoPE base for both paths. impl: ``chunked`` | ``reference`` (the op).
-        overlap: on CUDA, outside cached decoding, run the fast branch (its inputs and its chunk
-            loop, forward and backward) on a side stream beside the SWA branch: the two depend
-            only on the shared q/k/v, and the loop's small sequential kernels leave most of the
-            GPU idle. Same values as ``overlap=False``; ignored on the CPU, inside
-            torch.compile and during CUDA-graph capture.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, fw_heads: int = 4, window: int = 2048,
                  chunk_size: int = 2048, update: str = "muon", order: str = "apply_update",
                  lr_init: float = 1e-3, init_rank: int = 32, rope_base: float = 1e6, eps: float = 1e-6,
-                 impl: str = "chunked", attn_backend: str = "auto", overlap: bool = True):
+                 impl: str = "chunked", attn_backend: str = "auto"):
         super().__init__()
         if hidden_size % num_heads or hidden_size % fw_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads} "
@@ -116,8 +97,6 @@ class LaCTLayer(nn.Module):
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if impl not in ("chunked", "reference"):
             raise ValueError(f"impl must be 'chunked' or 'reference', got {impl!r}")
-        if not isinstance(overlap, bool):
-            raise ValueError(f"overlap must be a bool, got {overlap!r}")
         if not lr_init > 0:
             raise ValueError(f"lr_init must be > 0, got {lr_init}")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -133,7 +112,7 @@ class LaCTLayer(nn.Module):
         self.fw_heads, self.fw_dim = fw_heads, d // fw_heads
         self.window, self.chunk_size, self.update, self.order = window, chunk_size, update, order
         self.lr_init, self.init_rank, self.rope_base, self.impl = lr_init, init_rank, rope_base, impl
-        self.attn_backend, self.overlap = attn_backend, overlap
+        self.attn_backend = attn_backend
         self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
@@ -183,31 +162,9 @@ class LaCTLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, past=None, use_cache: bool = False):
         B, N, d = x.shape
-        q, k, v, lr_raw, beta_raw = self._projections(x)
+        H, D = self.fw_heads, self.fw_dim
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
         pos = layout.position_ids
-        training = torch.is_grad_enabled() and past is None and not use_cache
-        side = self._side_stream(x, past, use_cache)
-        if side is not None:  # fork: the side stream waits for the projections and keeps them alive
-            main = torch.cuda.current_stream(x.device)
-            side.wait_stream(main)
-            q.record_stream(side)  # q, k, v, η and β are views of one tensor
-        # fast-weight path (issued first: with overlap it runs beside the SWA path below)
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            cos_f, sin_f = rope_cos_sin(pos, self.fw_dim, self.rope_base, x.dtype)
-            qf, kf, vf, lr, beta = _glue(_fast_inputs, "layer-inputs", x.device, training)(
-                q, k, v, lr_raw, self.lr_proj.bias, beta_raw, cos_f, sin_f, self.qk_scale, self.qk_shift,
-                self.fw_heads)
-            args = (qf, kf, vf, lr, beta, self.w1, self.w2, self.w3)
-            kw = dict(chunk_size=self.chunk_size, update=self.update, order=self.order, position_ids=pos)
-            state = None
-            if past is not None or use_cache:
-                if self.impl != "chunked":
-                    raise ValueError("cached decoding needs impl='chunked'")
-                f, state = lact_chunked(*args, **kw, state=None if past is None else past[2],
-                                        output_final_state=True)
-            else:
-                f = (lact_chunked(*args, **kw, graphs=self.graphs) if self.impl == "chunked"
-                     else lact_reference(*args, **kw))
         # sliding-window attention path
         cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_base, x.dtype)
         qa = apply_rope(self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2), cos, sin)
@@ -216,33 +173,23 @@ class LaCTLayer(nn.Module):
         if past is not None:
             ka, va = torch.cat([past[0], ka], dim=2), torch.cat([past[1], va], dim=2)
         a = attend(qa, ka, va, layout, self.window, self.attn_backend).transpose(1, 2).reshape(B, N, d)
-        gate = self.gate_proj(x)
-        if side is not None:  # join: the merge waits for the fast branch, whose output main now uses
-            main.wait_stream(side)
-            f.record_stream(main)
-        merged = _glue(_merge, "layer-merge", x.device, training)(a, gate, f, self.fw_norm.weight, self.fw_norm.eps)
+        # fast-weight path
+        training = torch.is_grad_enabled() and past is None and not use_cache
+        cos_f, sin_f = rope_cos_sin(pos, D, self.rope_base, x.dtype)
+        beta_raw = None if self.beta_proj is None else self.beta_proj(x)
+        qf, kf, vf, lr, beta = _glue(_fast_inputs, "layer-inputs", x.device, training)(
+            q, k, v, self.lr_proj(x), beta_raw, cos_f, sin_f, self.qk_scale, self.qk_shift, H)
+        args = (qf, kf, vf, lr, beta, self.w1, self.w2, self.w3)
+        kw = dict(chunk_size=self.chunk_size, update=self.update, order=self.order, position_ids=pos)
+        state = None
+        if past is not None or use_cache:
+            if self.impl != "chunked":
+                raise ValueError("cached decoding needs impl='chunked'")
+            f, state = lact_chunked(*args, **kw, state=None if past is None else past[2], output_final_state=True)
+        else:
+            f = (lact_chunked(*args, **kw, graphs=self.graphs) if self.impl == "chunked"
+                 else lact_reference(*args, **kw))
+        merged = _glue(_merge, "layer-merge", x.device, training)(a, self.gate_proj(x), f, self.fw_norm.weight,
+                                                                   self.fw_norm.eps)
         return self.o_proj(merged), ((*keep_window(ka, va, self.window), state) if use_cache else None)
 
-    def _projections(self, x: torch.Tensor):
-        """q, k, v (B, N, d), η's pre-activation without its bias (B, N, 3H) and β's (B, N, H) or
-        None, from one product with the stacked weights of ``qkv_proj``, ``lr_proj`` and
-        ``beta_proj``: x is read once and its gradient comes from one product, not three. Zero
-        rows pad the stack to a multiple of 16: an output row length that is not keeps cuBLAS
-        off its fast kernels (GD's 3d + 3H = 4620 made the H100 benchmark's step 8 ms slower)."""
-        d, H = self.d, self.fw_heads
-        weights = [self.qkv_proj.weight, self.lr_proj.weight] + ([] if self.beta_proj is None
-                                                                  else [self.beta_proj.weight])
-        sizes = [d, d, d, 3 * H] + ([] if self.beta_proj is None else [H])
-        pad = -sum(sizes) % 16
-        if pad:
-            weights.append(weights[0].new_zeros(pad, d))
-        parts = F.linear(x, torch.cat(weights)).split(sizes + ([pad] if pad else []), -1)
-        q, k, v, lr_raw = parts[:4]
-        return q, k, v, lr_raw, (None if self.beta_proj is None else parts[4])
-
-    def _side_stream(self, x: torch.Tensor, past, use_cache: bool) -> torch.cuda.Stream | None:
-        """The side stream for the fast branch when ``overlap`` applies to this call, else None."""
-        if (not self.overlap or x.device.type != "cuda" or past is not None or use_cache
-                or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
-            return None
-        return _side_stream(x.device)
