@@ -13,11 +13,11 @@ chunk step only (``FASTWEIGHTS_LACT_COMPILE_SCOPE=step``), and ``lact-muon-cudag
 compiles the step with ``mode="reduce-overhead"`` (CUDA graphs; each timed step starts with
 ``torch.compiler.cudagraph_mark_step_begin()``); ``lact-muon-graphs`` replays the compiled loop
 from CUDA graphs captured per layer (``FASTWEIGHTS_LACT_COMPILE=graphs``,
-fastweights.ops.lact.LoopGraphs). Each variant starts from a clean state: the last one's
+fastweights.ops.lact.LoopGraphs). Each variant starts from a clean state, the last one's
 blocks freed and torch.compile's caches reset (``torch._dynamo.reset()``), so that it is timed
-as in a process of its own; without the reset, LaCT variants timed after another LaCT variant
-ran 2-3 ms slower than the first (docs/benchmarks.md, eleventh measurement). A variant that fails is reported as failed and the others
-still run.
+as in a process of its own: without the reset, LaCT variants timed after another LaCT variant
+ran 2-3 ms slower than the first (docs/benchmarks.md, eleventh measurement). A variant that
+fails is reported as failed and the others still run.
 
 Before timing, the LaCT training form (its contiguous fast path and its packed-document path)
 is checked against its sequential reference (float64, CPU); the benchmark refuses to report
@@ -160,8 +160,10 @@ def top_by_name(events, attr: str, top: int) -> list[str]:
 
 
 def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile):
-    # each variant as in a process of its own: compiled graphs of earlier variants are dropped, and
-    # what the last variant left (its blocks, LaCT's CUDA-graph pools) is freed before this one
+    # each variant timed as in a process of its own: torch.compile's code for earlier variants is
+    # dropped (kept, it made every LaCT variant after the first 2-3 ms slower on the H100), and the
+    # last variant's blocks are freed (about 0.1 GiB per earlier variant stays allocated elsewhere
+    # and still counts in the peak-memory column)
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
