@@ -15,8 +15,8 @@ compiles the step with ``mode="reduce-overhead"`` (CUDA graphs; each timed step 
 from CUDA graphs captured per layer (``FASTWEIGHTS_LACT_COMPILE=graphs``,
 fastweights.ops.lact.LoopGraphs). Each variant starts from a clean state, the last one's
 blocks freed and torch.compile's caches reset (``torch._dynamo.reset()``), so that it is timed
-as in a process of its own: without the reset, LaCT variants timed after another LaCT variant
-ran 2-3 ms slower than the first (docs/benchmarks.md, eleventh measurement). A variant that
+as in a process of its own: without the reset, a LaCT variant timed after any other variant
+ran 2-3 ms slower than when timed first (docs/benchmarks.md, eleventh measurement). A variant that
 fails is reported as failed and the others still run.
 
 Before timing, the LaCT training form (its contiguous fast path and its packed-document path)
@@ -161,7 +161,7 @@ def top_by_name(events, attr: str, top: int) -> list[str]:
 
 def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile):
     # each variant timed as in a process of its own: torch.compile's code for earlier variants is
-    # dropped (kept, it made every LaCT variant after the first 2-3 ms slower on the H100), and the
+    # dropped (kept, it made LaCT variants timed after another variant 2-3 ms slower), and the
     # last variant's blocks are freed (about 0.1 GiB per earlier variant stays allocated elsewhere
     # and still counts in the peak-memory column)
     torch._dynamo.reset()
