@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastweights.errors import check_positive_int
 from fastweights.ops.hebbian import decay_weights, hebbian_read, hebbian_read_attention, hebbian_update
 
 __all__ = ["AttentionLSTM", "FastWeightsRNN", "IRNN", "LSTM", "last_valid"]
@@ -57,9 +58,8 @@ def last_valid(outputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _check_sizes(input_size, hidden_size) -> None:
-    for name, n in (("input_size", input_size), ("hidden_size", hidden_size)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+    check_positive_int("input_size", input_size)
+    check_positive_int("hidden_size", hidden_size)
 
 
 class FastWeightsRNN(nn.Module):

@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from fastweights.errors import check_positive_int
 from fastweights.ops.inplace_ttt import inplace_ttt
 from fastweights.ops.inplace_ttt_decode import InPlaceTTTState, StepPlan
 
@@ -74,8 +75,7 @@ class InPlaceTTTMLP(nn.Module):
         if act is None:
             raise ValueError(f"{type(mlp).__name__} has no activation attribute (act_fn, activation_fn or act)")
         self.act_fn = act
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        check_positive_int("chunk_size", chunk_size)
         if not math.isfinite(float(lr)):
             raise ValueError(f"lr must be a finite number, got {lr!r}")
         self.chunk_size, self.lr, self.target = chunk_size, float(lr), normalize_target(target)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastweights.errors import check_positive_int
 from fastweights.layers.attention import TokenLayout, apply_rope, attend, keep_window, rope_cos_sin
 from fastweights.ops.lact import ORDERS, UPDATES, LoopGraphs, _compiled, _resolve_compile, lact_chunked, lact_reference
 
@@ -99,8 +100,7 @@ class LaCTLayer(nn.Module):
             raise ValueError(f"impl must be 'chunked' or 'reference', got {impl!r}")
         if not lr_init > 0:
             raise ValueError(f"lr_init must be > 0, got {lr_init}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        check_positive_int("chunk_size", chunk_size)
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be None or an integer >= 1, got {window!r}")
         if window is not None and window < chunk_size:

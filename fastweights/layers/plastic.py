@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastweights.errors import check_positive_int
 from fastweights.ops.hebbian import plastic_read_attention, plastic_update, plastic_update_attention
 
 __all__ = ["PlasticFFN", "PlasticLinear"]
@@ -34,9 +35,8 @@ class PlasticLinear(nn.Module):
         super().__init__()
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        for name, n in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
         if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)):
             raise ValueError(f"alpha_init must be a number, got {alpha_init!r}")
         self.in_features, self.out_features, self.form = in_features, out_features, form

@@ -33,6 +33,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastweights.errors import check_positive_int
+
 __all__ = [
     "KERNEL_SIZE",
     "chunk_ids",
@@ -50,8 +52,7 @@ _HALF = KERNEL_SIZE // 2
 
 # --------------------------------------------------------------------------- validation
 def _check_chunk(chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    check_positive_int("chunk_size", chunk_size)
     return chunk_size
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import torch
 
+from fastweights.errors import check_positive_int
 from fastweights.ops import inplace_ttt_triton
 from fastweights.ops.inplace_ttt import _check_chunk, _check_inputs, chunk_ids, doc_starts
 
@@ -495,8 +496,8 @@ def inplace_ttt_fast(
     """
     chunk_size = _check_chunk(chunk_size)
     B, N, d, f, w = _check_inputs(z, s, w0, conv_weight, proj, lr)
-    if tile_f is not None and (isinstance(tile_f, bool) or not isinstance(tile_f, int) or tile_f < 1):
-        raise ValueError(f"tile_f must be an integer >= 1, got {tile_f!r}")
+    if tile_f is not None:
+        check_positive_int("tile_f", tile_f)
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise ValueError(f"block must be an integer >= 1 (chunks per block), got {block!r}")
     layout = chunk_layout(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids)

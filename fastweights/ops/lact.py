@@ -54,6 +54,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from fastweights.errors import check_positive_int
 from fastweights.ops.inplace_ttt import doc_starts
 
 __all__ = [
@@ -221,8 +222,7 @@ def _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order):
         raise ValueError("update='momentum' needs beta (B, H, N)")
     if beta is not None and beta.shape != (B, H, N):
         raise ValueError(f"beta must be (B, H, N) = {(B, H, N)}, got {tuple(beta.shape)}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    check_positive_int("chunk_size", chunk_size)
     return B, H, N, D
 
 

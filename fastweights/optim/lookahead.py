@@ -19,6 +19,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import MultiStepLR
 
+from fastweights.errors import check_positive_int
+
 _SLOW = "slow_param"
 
 
@@ -42,8 +44,7 @@ class Lookahead(Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, Lookahead):
             raise ValueError("optimizer is already a Lookahead; wrap its inner optimiser instead")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        check_positive_int("k", k)
         if not 0.0 < float(alpha) <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
         self.optimizer = optimizer
