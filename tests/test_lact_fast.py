@@ -16,7 +16,9 @@ CASES = [  # update, order, C, (D, Dh, D2)
     ("gd", "apply_update", 8, (6, 10, 7)),
     ("momentum", "apply_update", 8, (6, 10, 7)),
     ("muon", "apply_update", 8, (6, 10, 7)),  # W2's shape differs: two Newton-Schulz chains
-    ("muon", "apply_update", 7, (6, 6, 6)),  # all square: one chain of three matrices
+    ("muon", "apply_update", 7, (6, 6, 6)),  # all square: one stacked state, one chain of three matrices
+    ("gd", "apply_update", 8, (7, 7, 7)),
+    ("momentum", "apply_update", 6, (6, 6, 6)),
     ("muon", "update_apply", 5, (5, 5, 5)),
     ("momentum", "update_apply", 9, (6, 10, 7)),
     ("gd", "update_apply", 40, (6, 10, 7)),  # one chunk longer than the sequence

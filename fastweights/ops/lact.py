@@ -38,11 +38,13 @@ Two implementations compute the same function:
   (bf16 in training), the state (weights, momentum) stays float32. Any chunk length up to
   the sequence length. Outer gradients come from autograd; it can carry a :class:`LaCTState`.
   Rows without a document start after token 0, with no state in or out (the usual training
-  call), take a fast path: chunks are plain slices, W1 and W3 are stacked, Muon's Newton-Schulz
-  runs as one batched chain, the chunks' reads leave the sequential loop (one batched product
-  over up to 16 chunks), and the per-chunk update (:func:`_contiguous_step`) is compiled with
-  ``torch.compile`` on CUDA unless ``compile=False`` or ``FASTWEIGHTS_LACT_COMPILE=0``
-  (when gradients are taken, the whole chunk loop is compiled instead: ``compile_scope``).
+  call), take a fast path: chunks are plain slices, the three matrices are one stacked state
+  when they are square (D = Dh = D2; else W1 and W3 are stacked) so that their gradients,
+  momentum, Newton-Schulz and row norms run once for all three, the chunks' reads leave the
+  sequential loop (one batched product over up to 16 chunks), and the per-chunk update
+  (:func:`_contiguous_step`) is compiled with ``torch.compile`` on CUDA unless
+  ``compile=False`` or ``FASTWEIGHTS_LACT_COMPILE=0`` (when gradients are taken, the whole
+  chunk loop is compiled instead: ``compile_scope``).
 """
 
 from __future__ import annotations
@@ -299,41 +301,69 @@ class LaCTState:
 
 # --------------------------------------------------------------------------- fast path
 # The common training case (no carried state, no document start after token 0) needs no grid:
-# chunks are contiguous slices. W1 and W3 are stacked into one (2Dh, D) matrix so that one matmul
-# serves both, the Newton-Schulz iterations of all three matrices run as one batched chain where
-# their shapes agree, and the per-chunk step is one function that torch.compile can fuse.
-def _contiguous_step(w13, w2, a13, a2, m13, m2, n13, n2, k, v, lr, beta_bar, update: str):
+# chunks are contiguous slices. The state is held stacked so that each kernel serves all three
+# matrices: when they are all square (D = Dh = D2, the LaCT layer's case) as one (3, D, D) tensor
+# [W1, W3, W2] per head, whose three gradients come from one batched product and whose
+# Newton-Schulz, momentum and row norms run once; otherwise as [W1; W3] (2Dh, D) and W2. The
+# per-chunk step is one function that torch.compile can fuse.
+def _contiguous_step(ws, ams, ms, norms, k, v, lr, beta_bar, update: str):
     """One chunk's update on the contiguous fast path (the chunk's read is deferred: see
     :func:`_read_chunks`).
 
-    w13 (B, H, 2Dh, D) = [W1; W3] and w2 (B, H, D2, Dh): float state, a13 and a2 the same in the
-    matmul dtype (cast once per state by the loop, which also reads with them); m13, m2 the momentum
-    (None: zero, or not kept); n13 (H, 2Dh, 1), n2 (H, D2, 1) initial row norms; k (B, H, L, D),
-    v (B, H, L, D2), lr (B, H, L, 3) in the matmul dtype; beta_bar (B, H, 1, 1) or None.
-    Returns the updated (w13, w2, m13, m2).
+    ws: the float state, ``(w,)`` with w (B, H, 3, D, D) = [W1, W3, W2] when D = Dh = D2, else
+    ``(w13, w2)`` with w13 (B, H, 2Dh, D) = [W1; W3] and w2 (B, H, D2, Dh); ams: the same in the
+    matmul dtype (cast once per state by the loop, which also reads with them); ms: the momentum,
+    shaped like ws (None: zero, or not kept); norms: the initial row norms, (H, ..., 1) per tensor
+    of ws; k (B, H, L, D), v (B, H, L, D2), lr (B, H, L, 3) in the matmul dtype; beta_bar (B, H)
+    or None. Returns the updated (ws, ms).
     """
     mm = k.dtype
-    Dh = w2.shape[-1]
+    a13, a2 = _read_weights(ams)
+    Dh = a2.shape[-1]
     h = k @ a13.mT  # (B, H, L, 2Dh): [h1, h3]
     h1, h3 = h[..., :Dh], h[..., Dh:]
     sig = torch.sigmoid(h1)
     a = h1 * sig
     dz = -(v @ a2)
-    dh = torch.cat([dz * h3 * (sig * (1 + h1 * (1 - sig))) * lr[..., 0:1], dz * a * lr[..., 2:3]], -1)
-    g13 = (dh.mT @ k).to(w13.dtype)
-    g2 = (-((v * lr[..., 1:2]).mT @ (a * h3))).to(w2.dtype)
-    if update == "gd":
-        u13, u2 = g13, g2
+    e1 = dz * h3 * (sig * (1 + h1 * (1 - sig))) * lr[..., 0:1]
+    e3 = dz * a * lr[..., 2:3]
+    ev = -(v * lr[..., 1:2])
+    if len(ws) == 1:  # g1 = e1ᵀk, g3 = e3ᵀk, g2 = evᵀz: one product of three (L, D) pairs
+        gs = ((torch.stack([e1, e3, ev], 2).mT @ torch.stack([k, k, a * h3], 2)).to(ws[0].dtype),)
     else:
-        if m13 is not None and beta_bar is not None:
-            g13, g2 = beta_bar * m13 + g13, beta_bar * m2 + g2
-        if beta_bar is not None:  # without beta there is no momentum to keep
-            m13, m2 = g13, g2
-        u13, u2 = (g13, g2) if update == "momentum" else _ns_pair(g13, g2, mm)
-    w13, w2 = w13 - u13, w2 - u2
-    w13 = w13 / (_row_norms(w13) + NORM_EPS) * n13
-    w2 = w2 / (_row_norms(w2) + NORM_EPS) * n2
-    return w13, w2, m13, m2
+        gs = ((torch.cat([e1, e3], -1).mT @ k).to(ws[0].dtype), (ev.mT @ (a * h3)).to(ws[1].dtype))
+    if update == "gd":
+        us = gs
+    else:
+        if beta_bar is not None:
+            bb = tuple(beta_bar.view(*beta_bar.shape, *[1] * (g.dim() - 2)) for g in gs)
+            if ms is not None:
+                gs = tuple(b * m + g for b, m, g in zip(bb, ms, gs, strict=True))
+            ms = gs  # without beta there is no momentum to keep
+        us = gs if update == "momentum" else _ns_stacked(gs, mm)
+    ws = tuple(w - u for w, u in zip(ws, us, strict=True))
+    ws = tuple(w / (_row_norms(w) + NORM_EPS) * n for w, n in zip(ws, norms, strict=True))
+    return ws, ms
+
+
+def _read_weights(ams):
+    """(a13 (B, H, 2Dh, D), a2 (B, H, D2, Dh)) from the fast path's stacked weights (views)."""
+    if len(ams) == 1:
+        return ams[0][:, :, :2].flatten(2, 3), ams[0][:, :, 2]
+    return ams
+
+
+def _ns_stacked(gs, mm):
+    """Newton-Schulz of the fast path's stacked updates (``gs`` as ``ws`` in
+    :func:`_contiguous_step`): one batched chain for [W1, W3, W2], else one for W1 and W3 and
+    one for W2."""
+    if len(gs) == 1:
+        return (newton_schulz5(gs[0].to(mm), manual_backward=True).to(gs[0].dtype),)
+    g13, g2 = gs
+    B, H, R, S = g13.shape
+    y13 = newton_schulz5(g13.to(mm).view(B, H, 2, R // 2, S), manual_backward=True)
+    y2 = newton_schulz5(g2.to(mm), manual_backward=True)
+    return y13.reshape(B, H, R, S).to(g13.dtype), y2.to(g2.dtype)
 
 
 # Chunks read in one batched product on the fast path (a bound on the weights kept for it).
@@ -357,20 +387,6 @@ def _read_chunks(q, reads, chunk_size: int):
     h = x.unflatten(2, (g, C)) @ a13.mT  # (B, H, g, C, 2Dh)
     o = (F.silu(h[..., :Dh]) * h[..., Dh:]) @ a2.mT
     return o.flatten(2, 3)[:, :, :L]
-
-
-def _ns_pair(g13, g2, mm):
-    """Newton-Schulz of W1's and W3's updates (stacked in g13 (B, H, 2Dh, D)) and of W2's
-    (g2 (B, H, D2, Dh)): one batched chain when all three have the same shape."""
-    B, H, R, S = g13.shape
-    x13 = g13.to(mm).view(B, H, 2, R // 2, S)
-    x2 = g2.to(mm)
-    if x2.shape[-2:] == x13.shape[-2:]:
-        y = newton_schulz5(torch.cat([x13, x2.unsqueeze(2)], 2), manual_backward=True)
-        y13, y2 = y[:, :, :2], y[:, :, 2]
-    else:
-        y13, y2 = newton_schulz5(x13, manual_backward=True), newton_schulz5(x2, manual_backward=True)
-    return y13.reshape(B, H, R, S).to(g13.dtype), y2.to(g2.dtype)
 
 
 _COMPILED: dict[tuple[str, str], object] = {}
@@ -434,14 +450,16 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
     """LaCT over rows that are single documents, no carried state: o (B, H, N, D2). ``step``:
     the chunk update (:func:`_contiguous_step`, or its compiled form). The loop runs only the
     updates; the reads go batched to :func:`_read_chunks`, up to :data:`READ_GROUP` chunks at once."""
-    B, H, N, _ = q.shape
+    B, H, N, D = q.shape
     mm = q.dtype
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    w13 = torch.cat([w1, w3], 1).to(acc)  # (H, 2Dh, D)
-    w2s = w2.to(acc)
-    n13, n2 = _row_norms(w13), _row_norms(w2s)
-    w13, w2s = w13.expand(B, -1, -1, -1).contiguous(), w2s.expand(B, -1, -1, -1).contiguous()
-    m13 = m2 = None  # zero momentum: the first update sets it to the gradient
+    if w1.shape[-2] == D and w2.shape[-2] == D:  # D = Dh = D2: one (3, D, D) tensor per head
+        ws = (torch.stack([w1, w3, w2], 1).to(acc),)
+    else:
+        ws = (torch.cat([w1, w3], 1).to(acc), w2.to(acc))
+    norms = tuple(_row_norms(w) for w in ws)
+    ws = tuple(w.expand(B, *w.shape).contiguous() for w in ws)
+    ms = None  # zero momentum: the first update sets it to the gradient
     G = -(-N // chunk_size)
     # split, not per-chunk slicing: its backward is one cat, where each slice's backward would
     # write a zero-filled tensor of the whole sequence and add it to the others
@@ -449,18 +467,18 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
     q_groups = q.split(READ_GROUP * chunk_size, dim=2)
     betas = None if beta is None else beta.to(acc).split(chunk_size, dim=2)
     outs, reads = [], []
-    cur = (w13.to(mm), w2s.to(mm))  # the current weights in the matmul dtype
+    cur = tuple(w.to(mm) for w in ws)  # the current weights in the matmul dtype
     for j in range(G):
         if order == "apply_update":  # chunk j reads the weights before its own update
-            reads.append(cur)
+            reads.append(_read_weights(cur))
         # apply-then-update never reads the last chunk's update
         if order == "update_apply" or j < G - 1:
-            bb = None if betas is None else betas[j].mean(-1).view(B, H, 1, 1)
+            bb = None if betas is None else betas[j].mean(-1)
             kj, vj, lj = (x[j] for x in parts)
-            w13, w2s, m13, m2 = step(w13, w2s, *cur, m13, m2, n13, n2, kj, vj, lj, bb, update)
-            cur = (w13.to(mm), w2s.to(mm))
+            ws, ms = step(ws, cur, ms, norms, kj, vj, lj, bb, update)
+            cur = tuple(w.to(mm) for w in ws)
         if order == "update_apply":
-            reads.append(cur)
+            reads.append(_read_weights(cur))
         if len(reads) == READ_GROUP or j == G - 1:
             outs.append(_read_chunks(q_groups[j // READ_GROUP], reads, chunk_size))
             reads = []
