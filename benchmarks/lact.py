@@ -9,15 +9,17 @@ only on CUDA with ``flash-linear-attention`` installed). Ratios are against SWA 
 The LaCT op's chunk loop is compiled whole with torch.compile on CUDA by default when gradients
 are taken (``FASTWEIGHTS_LACT_COMPILE`` and ``FASTWEIGHTS_LACT_COMPILE_SCOPE``, see
 fastweights.ops.lact); ``lact-muon-eager`` runs it eagerly, ``lact-muon-step`` compiles the
-chunk step only (``FASTWEIGHTS_LACT_COMPILE_SCOPE=step``), and ``lact-muon-cudagraphs``
-compiles the step with ``mode="reduce-overhead"`` (CUDA graphs; each timed step starts with
+chunk step only (``FASTWEIGHTS_LACT_COMPILE_SCOPE=step``), and ``lact-muon-cudagraphs`` compiles
+the step with ``mode="reduce-overhead"`` (CUDA graphs; each timed step starts with
 ``torch.compiler.cudagraph_mark_step_begin()``); ``lact-muon-graphs`` replays the compiled loop
 from CUDA graphs captured per layer (``FASTWEIGHTS_LACT_COMPILE=graphs``,
-fastweights.ops.lact.LoopGraphs). Each variant starts from a clean state, the last one's
-blocks freed and torch.compile's caches reset (``torch._dynamo.reset()``), so that it is timed
-as in a process of its own: without the reset, a LaCT variant timed after any other variant
-ran 2-3 ms slower than when timed first (docs/benchmarks.md, eleventh measurement). A variant that
-fails is reported as failed and the others still run.
+fastweights.ops.lact.LoopGraphs); ``lact-muon-triton-glue`` runs the layer's elementwise glue
+from the Triton kernels of fastweights.ops.lact_glue (``glue="triton"``; on CUDA only). Each
+variant starts from a clean state, the last one's blocks freed and torch.compile's caches reset
+(``torch._dynamo.reset()``), so that it is timed as in a process of its own: without the reset,
+a LaCT variant timed after any other variant ran 2-3 ms slower than when timed first
+(docs/benchmarks.md, eleventh measurement). A variant that fails is reported as failed and the
+others still run.
 
 Before timing, the LaCT training form (its contiguous fast path and its packed-document path)
 is checked against its sequential reference (float64, CPU); the benchmark refuses to report
@@ -44,6 +46,7 @@ import traceback
 
 import torch
 
+from fastweights.layers.lact import LaCTLayer
 from fastweights.models.hybrid import HybridConfig
 from fastweights.models.hybrid.modeling import HybridBlock, _layout
 from fastweights.ops.lact import COMPILE_ENV, SCOPE_ENV, UPDATES, lact_chunked, lact_reference
@@ -56,6 +59,7 @@ VARIANTS = {
     "lact-muon-cudagraphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-step": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-graphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
+    "lact-muon-triton-glue": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "swa": dict(mixers="swa", mlps="swiglu"),
     "attention": dict(mixers="attention", mlps="swiglu"),
     "inplace-ttt-swa": dict(mixers="swa", mlps="inplace_ttt"),
@@ -70,6 +74,8 @@ COMPILE = {"lact-muon-eager": "0", "lact-muon-cudagraphs": "reduce-overhead", "l
 # loop; these variants compile the chunk step only (CUDA graphs: the loop with CUDA graphs fails in
 # torch 2.11, the two layers' calls of one compiled graph overwrite each other's saved tensors)
 SCOPE = {"lact-muon-step": "step", "lact-muon-cudagraphs": "step"}
+# the LaCT layer's glue (fastweights.ops.lact_glue; LaCTLayer.glue): Triton kernels, else torch
+GLUE = {"lact-muon-triton-glue": "triton"}
 SHAPES = {
     "760m": dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12, num_key_value_heads=12,
                  sliding_window=2048, lact_heads=4, lact_chunk_size=2048, ttt_chunk=2048, seqlen=32768),
@@ -171,6 +177,9 @@ def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile):
     cfg_kw = {k: v for k, v in shape.items() if k != "seqlen"}
     cfg = HybridConfig(vocab_size=256, num_hidden_layers=layers, **cfg_kw, **VARIANTS[name])
     blocks = torch.nn.ModuleList(HybridBlock(cfg, i) for i in range(layers)).to(device=device, dtype=dtype)
+    for m in blocks.modules():
+        if isinstance(m, LaCTLayer) and name in GLUE and device.type == "cuda":
+            m.glue = GLUE[name]
     N, d = shape["seqlen"], cfg.hidden_size
     x = torch.randn(1, N, d, device=device, dtype=dtype, requires_grad=True)
     embeds = torch.randn(1, N, d, device=device, dtype=dtype)

@@ -43,6 +43,18 @@ def test_benchmark_script_cpu_size_runs(argv, expect):
     assert expect in res.stdout
 
 
+def test_lact_glue_benchmark_checks_triton_against_torch_on_cpu():
+    """The glue benchmark (Triton interpreter) checks each configuration against the torch glue."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "benchmarks/lact_glue.py", "--tiny", "--iters", "1", "--warmup", "0"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line.split("|") for line in res.stdout.splitlines() if line.startswith(("| fast_inputs | ", "| merge | "))]
+    tri = [r for r in rows if r[2].strip().isdigit()]
+    assert len(rows) == 6 and len(tri) == 4, res.stdout
+    assert all(float(r[4]) < 1e-5 for r in tri), res.stdout
+
+
 def test_newton_schulz_kernels_agree_with_float64_chain_on_cpu():
     """The study's fused Triton chain (Triton interpreter) is checked against the float64 chain
     inside the script; a row that fails or is off prints so instead of its errors."""

@@ -402,9 +402,10 @@ def test_lact_layer_compiled_glue_equals_eager(monkeypatch):
     want = _layer_grads(layer, x, pos)
     seen = []
 
-    def glue(fn, name, device, training):
+    def glue(fn, name, x, training, impl):
         seen.append((name, training))
-        return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False) if training else fn
+        ref = lact_layer.REFERENCES[fn]  # the torch form, as CUDA compiles it without Triton
+        return torch.compile(ref, backend="aot_eager", fullgraph=True, dynamic=False) if training else ref
 
     monkeypatch.setattr(lact_layer, "_glue", glue)
     got = _layer_grads(layer, x, pos)
@@ -419,15 +420,18 @@ def test_lact_layer_compiled_glue_equals_eager(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_lact_layer_compiled_on_cuda_matches_cpu_float64():
-    """Training call on CUDA in float32 (glue and chunk loop compiled by torch.compile) against
-    the float64 CPU layer: output and every gradient."""
+@pytest.mark.parametrize("glue", ["torch", "triton"])
+def test_lact_layer_compiled_on_cuda_matches_cpu_float64(glue):
+    """Training call on CUDA in float32 (chunk loop compiled by torch.compile; the glue compiled
+    too, or its Triton kernels) against the float64 CPU layer: output and every gradient."""
     torch.manual_seed(0)
     layer = LaCTLayer(64, 4, fw_heads=2, window=16, chunk_size=16, update="muon").double()
     _perturb_fast_params(layer)
     x = torch.randn(1, 75, 64, dtype=torch.float64)
     pos = torch.arange(75).unsqueeze(0)
+    layer.glue = "torch"
     want = _layer_grads(layer, x, pos)
+    layer.glue = glue
     dev = torch.device("cuda")
     got = _layer_grads(layer.to(dev, torch.float32), x.to(dev, torch.float32), pos.to(dev))
     for a, b in zip(got, want, strict=True):

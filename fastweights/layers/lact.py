@@ -17,16 +17,17 @@ bias is softplus⁻¹(lr_init) with lr_init = 1e-3; scales 1, shifts 0.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastweights.errors import check_positive_int
 from fastweights.layers.attention import TokenLayout, apply_rope, attend, keep_window, rope_cos_sin
 from fastweights.ops.lact import ORDERS, UPDATES, LoopGraphs, _compiled, _resolve_compile, lact_chunked, lact_reference
+from fastweights.ops.lact_glue import IMPLS, fast_inputs, fast_inputs_reference, merge, merge_reference, pick_impl
 
 __all__ = ["LaCTLayer"]
 
@@ -35,36 +36,17 @@ def _inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-def _fast_inputs(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, heads: int):
-    """The fast branch's inputs from the shared projections q, k, v (B, N, d), ``lr_raw``
-    (B, N, 3H) and ``beta_raw`` (B, N, H) or None, with RoPE ``cos``/``sin`` (B, N, D) and the
-    scale/shift (2, d). Returns q_f, k_f (B, H, N, D), v_f (B, H, N, D), η (B, H, N, 3) and β
-    (B, H, N) or None, in the input dtype."""
-    B, N, d = q.shape
-    D = d // heads
-
-    def qk(x, which):
-        x = F.normalize(F.silu(x).view(B, N, heads, D), dim=-1).transpose(1, 2)
-        x = apply_rope(x, cos, sin)
-        return x * scale[which].view(heads, 1, D) + shift[which].view(heads, 1, D)
-
-    vf = F.silu(v).view(B, N, heads, D).transpose(1, 2)
-    lr = F.softplus(lr_raw.float()).view(B, N, heads, 3).transpose(1, 2).to(q.dtype)
-    beta = None if beta_raw is None else torch.sigmoid(beta_raw.float()).transpose(1, 2).to(q.dtype)
-    return qk(q, 0), qk(k, 1), vf, lr, beta
+REFERENCES = {fast_inputs: fast_inputs_reference, merge: merge_reference}
 
 
-def _merge(a, gate_raw, f, norm_weight, eps: float):
-    """``a + SiLU(gate_raw) * RMSNorm_head(f)``: a, gate_raw (B, N, d), f (B, H, N, D) -> (B, N, d)."""
-    B, H, N, D = f.shape
-    f = F.rms_norm(f, (D,), norm_weight, eps).transpose(1, 2).reshape(B, N, H * D)
-    return a + F.silu(gate_raw) * f
-
-
-def _glue(fn, name: str, device: torch.device, training: bool):
-    """``fn`` compiled (fused elementwise work, forward and backward) where the op compiles its
-    chunk loop: CUDA, training, ``FASTWEIGHTS_LACT_COMPILE`` not off; else ``fn`` itself."""
-    mode = _resolve_compile(None, device) if training else None
+def _glue(fn, name: str, x: torch.Tensor, training: bool, impl: str):
+    """The glue ``fn`` (fastweights.ops.lact_glue) for ``impl``: its Triton kernels, or its
+    torch reference, compiled (fused elementwise work, forward and backward) where the op
+    compiles its chunk loop (CUDA, training, ``FASTWEIGHTS_LACT_COMPILE`` not off)."""
+    if pick_impl(impl, x) == "triton":
+        return functools.partial(fn, impl="triton")
+    fn = REFERENCES[fn]
+    mode = _resolve_compile(None, x.device) if training else None
     if mode == "graphs":  # the op's loop is graphed; the glue compiles as usual
         mode = "default"
     return fn if mode is None else _compiled(fn, name, mode)
@@ -82,12 +64,15 @@ class LaCTLayer(nn.Module):
         update: ``gd`` | ``momentum`` | ``muon``. order: ``apply_update`` | ``update_apply``.
         lr_init: initial per-token learning rate. init_rank: rank r of W1, W3's init.
         rope_base: RoPE base for both paths. impl: ``chunked`` | ``reference`` (the op).
+        glue: the elementwise work around the op (fastweights.ops.lact_glue): ``torch`` (the
+            default; compiled with torch.compile where the op's loop is), ``triton`` (fused
+            kernels, not yet validated on a GPU) or ``auto`` (Triton on CUDA when it imports).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, fw_heads: int = 4, window: int = 2048,
                  chunk_size: int = 2048, update: str = "muon", order: str = "apply_update",
                  lr_init: float = 1e-3, init_rank: int = 32, rope_base: float = 1e6, eps: float = 1e-6,
-                 impl: str = "chunked", attn_backend: str = "auto"):
+                 impl: str = "chunked", attn_backend: str = "auto", glue: str = "torch"):
         super().__init__()
         if hidden_size % num_heads or hidden_size % fw_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads} "
@@ -98,6 +83,8 @@ class LaCTLayer(nn.Module):
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if impl not in ("chunked", "reference"):
             raise ValueError(f"impl must be 'chunked' or 'reference', got {impl!r}")
+        if glue not in IMPLS:
+            raise ValueError(f"glue must be one of {IMPLS}, got {glue!r}")
         if not lr_init > 0:
             raise ValueError(f"lr_init must be > 0, got {lr_init}")
         check_positive_int("chunk_size", chunk_size)
@@ -112,7 +99,7 @@ class LaCTLayer(nn.Module):
         self.fw_heads, self.fw_dim = fw_heads, d // fw_heads
         self.window, self.chunk_size, self.update, self.order = window, chunk_size, update, order
         self.lr_init, self.init_rank, self.rope_base, self.impl = lr_init, init_rank, rope_base, impl
-        self.attn_backend = attn_backend
+        self.attn_backend, self.glue = attn_backend, glue
         self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=eps)
@@ -177,7 +164,7 @@ class LaCTLayer(nn.Module):
         training = torch.is_grad_enabled() and past is None and not use_cache
         cos_f, sin_f = rope_cos_sin(pos, D, self.rope_base, x.dtype)
         beta_raw = None if self.beta_proj is None else self.beta_proj(x)
-        qf, kf, vf, lr, beta = _glue(_fast_inputs, "layer-inputs", x.device, training)(
+        qf, kf, vf, lr, beta = _glue(fast_inputs, "layer-inputs", x, training, self.glue)(
             q, k, v, self.lr_proj(x), beta_raw, cos_f, sin_f, self.qk_scale, self.qk_shift, H)
         args = (qf, kf, vf, lr, beta, self.w1, self.w2, self.w3)
         kw = dict(chunk_size=self.chunk_size, update=self.update, order=self.order, position_ids=pos)
@@ -189,7 +176,7 @@ class LaCTLayer(nn.Module):
         else:
             f = (lact_chunked(*args, **kw, graphs=self.graphs) if self.impl == "chunked"
                  else lact_reference(*args, **kw))
-        merged = _glue(_merge, "layer-merge", x.device, training)(a, self.gate_proj(x), f, self.fw_norm.weight,
-                                                                   self.fw_norm.eps)
+        merge_fn = _glue(merge, "layer-merge", x, training, self.glue)
+        merged = merge_fn(a, self.gate_proj(x), f, self.fw_norm.weight, self.fw_norm.eps)
         return self.o_proj(merged), ((*keep_window(ka, va, self.window), state) if use_cache else None)
 

@@ -1,0 +1,131 @@
+"""The LaCT layer's elementwise glue: torch (compiled, as the layer runs it on CUDA) against the
+Triton kernels of fastweights.ops.lact_glue, forward + backward, per token-block configuration.
+
+Each row times ``fast_inputs`` (q/k/v of the fast branch, η, β) or ``merge`` (the gated merge)
+forward and backward at the benchmark's 760M shapes (B 1, N 32,768, 4 fast heads of 384, bf16),
+from CUDA events, median of ``--iters``, and gives its time over the compiled torch glue's time
+in the same run. Before timing, each Triton configuration is checked against the torch glue
+(output and gradients, relative error). ``--tiny`` runs small shapes on CPU (under
+``TRITON_INTERPRET=1`` for the Triton rows; timings meaningless).
+
+    python benchmarks/lact_glue.py            # H100
+    TRITON_INTERPRET=1 python benchmarks/lact_glue.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+import torch
+
+from fastweights.ops import lact_glue as G
+from fastweights.ops.lact import _compiled
+from fastweights.ops.rope import rope_cos_sin
+
+INPUT_CONFIGS = list(itertools.product((4, 8, 16), (2, 4, 8)))  # (tokens per program, warps)
+MERGE_CONFIGS = list(itertools.product((2, 4, 8), (4, 8)))
+
+
+def make(B, N, H, D, dev, dt, seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    d = H * D
+
+    def r(*s, scale=1.0, shift=0.0):
+        return (shift + scale * torch.randn(*s, device=dev, dtype=torch.float32, generator=g)).to(dt)
+
+    t = dict(qkv=r(B, N, 3 * d), lr=r(B, N, 3 * H), beta=r(B, N, H), scale=r(2, d, scale=0.3, shift=1.0),
+             shift=r(2, d, scale=0.3), a=r(B, N, d), gate=r(B, N, d), f=r(B, H, N, D),
+             w=r(D, scale=0.2, shift=1.0))
+    for v in t.values():
+        v.requires_grad_()
+    cos, sin = rope_cos_sin(torch.arange(N, device=dev)[None], D, 1e6, dt)
+    grads = dict(inputs=[r(B, H, N, D) for _ in range(3)] + [r(B, H, N, 3), r(B, H, N)], merge=r(B, N, d))
+    return t, cos, sin, grads
+
+
+def inputs_step(fn, t, cos, sin, grads, H):
+    q, k, v = t["qkv"].chunk(3, dim=-1)
+    outs = fn(q, k, v, t["lr"], t["beta"], cos, sin, t["scale"], t["shift"], H)
+    leaves = [t[k] for k in ("qkv", "lr", "beta", "scale", "shift")]
+    return [*outs, *torch.autograd.grad(outs, leaves, grads["inputs"])]
+
+
+def merge_step(fn, t, grads):
+    out = fn(t["a"], t["gate"], t["f"], t["w"], 1e-6)
+    return [out, *torch.autograd.grad(out, [t[k] for k in ("a", "gate", "f", "w")], grads["merge"])]
+
+
+def worst_rel(got, want) -> float:
+    return max(float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm().clamp_min(1e-30))
+               for a, b in zip(got, want, strict=True))
+
+
+def time_ms(fn, dev, warmup, iters) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        if dev.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            torch.cuda.synchronize()
+            ts.append(e0.elapsed_time(e1))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="small shapes on CPU (smoke test)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args(argv)
+    if args.tiny:
+        dev, dt, (B, N, H, D) = torch.device("cpu"), torch.float32, (2, 37, 3, 10)
+        inputs_cfg, merge_cfg = INPUT_CONFIGS[:2], MERGE_CONFIGS[:2]
+        ref_in, ref_mg = G.fast_inputs_reference, G.merge_reference
+    else:
+        if not torch.cuda.is_available():
+            p.error("needs CUDA (or --tiny)")
+        dev, dt, (B, N, H, D) = torch.device("cuda"), torch.bfloat16, (1, 32768, 4, 384)
+        inputs_cfg, merge_cfg = INPUT_CONFIGS, MERGE_CONFIGS
+        ref_in = _compiled(G.fast_inputs_reference, "bench-glue-inputs", "default")
+        ref_mg = _compiled(G.merge_reference, "bench-glue-merge", "default")
+    t, cos, sin, grads = make(B, N, H, D, dev, dt)
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
+    print(f"{name}, {dt}, B {B}, N {N}, {H} fast heads of {D}; forward + backward, median of {args.iters}")
+    print("| glue | tokens/program | warps | rel. err. vs torch | ms | × torch |")
+    print("|---|---|---|---|---|---|")
+    keep = (G.BLOCK_N, G.WARPS, G.MERGE_BLOCK_N, G.MERGE_WARPS)
+    rows = [("fast_inputs", lambda: inputs_step(ref_in, t, cos, sin, grads, H),
+             lambda: inputs_step(lambda *x: G.fast_inputs(*x, impl="triton"), t, cos, sin, grads, H), inputs_cfg,
+             ("BLOCK_N", "WARPS")),
+            ("merge", lambda: merge_step(ref_mg, t, grads),
+             lambda: merge_step(lambda *x: G.merge(*x, impl="triton"), t, grads), merge_cfg,
+             ("MERGE_BLOCK_N", "MERGE_WARPS"))]
+    try:
+        for glue, ref, tri, cfgs, knobs in rows:
+            want = ref()
+            base = time_ms(ref, dev, args.warmup, args.iters)
+            print(f"| {glue} | torch ({'compiled' if dev.type == 'cuda' else 'eager'}) | - | - | {base:.3f} | 1.00 |")
+            for bn, wp in cfgs:
+                setattr(G, knobs[0], bn)
+                setattr(G, knobs[1], wp)
+                err = worst_rel(tri(), want)
+                ms = time_ms(tri, dev, args.warmup, args.iters)
+                print(f"| {glue} | {bn} | {wp} | {err:.1e} | {ms:.3f} | {ms / base:.2f} |")
+    finally:
+        G.BLOCK_N, G.WARPS, G.MERGE_BLOCK_N, G.MERGE_WARPS = keep
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
