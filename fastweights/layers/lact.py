@@ -22,6 +22,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastweights.errors import check_positive_int
@@ -150,7 +151,9 @@ class LaCTLayer(nn.Module):
     def forward(self, x: torch.Tensor, layout: TokenLayout, past=None, use_cache: bool = False):
         B, N, d = x.shape
         H, D = self.fw_heads, self.fw_dim
-        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        # three products from the one stored weight, as the SWA layer's three projections: q, k, v
+        # come out contiguous (chunks of one product are strided views, which RMSNorm copies)
+        q, k, v = (F.linear(x, w) for w in self.qkv_proj.weight.split(d))
         pos = layout.position_ids
         # sliding-window attention path
         cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_base, x.dtype)

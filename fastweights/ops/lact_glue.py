@@ -37,8 +37,8 @@ __all__ = ["IMPLS", "fast_inputs", "merge", "pick_impl"]
 IMPLS = ("auto", "torch", "triton")
 NORM_EPS = 1e-12  # F.normalize's default
 # tokens per program and warps, fast_inputs and merge
-BLOCK_N, WARPS = 8, 4
-MERGE_BLOCK_N, MERGE_WARPS = 4, 4
+BLOCK_N, WARPS = 8, 8  # not yet tuned on a GPU (benchmarks/lact_glue.py sweeps them)
+MERGE_BLOCK_N, MERGE_WARPS = 4, 8
 
 
 def pick_impl(impl: str, x: torch.Tensor) -> str:
