@@ -165,11 +165,12 @@ def top_by_name(events, attr: str, top: int) -> list[str]:
     return [f"{sum(ts) / 1e3:8.3f} | {len(ts):5d} | {sum(ts) / len(ts):8.1f} | {name[:100]}" for name, ts in ranked]
 
 
-def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile):
-    # each variant timed as in a process of its own: torch.compile's code for earlier variants is
-    # dropped (kept, it made LaCT variants timed after another variant 2-3 ms slower), and the
-    # last variant's blocks are freed (about 0.1 GiB per earlier variant stays allocated elsewhere
-    # and still counts in the peak-memory column)
+def build_step(name, shape, layers, dtype, device):
+    """``(step, sync)`` for variant ``name``: one forward + backward of ``layers`` blocks on one
+    sequence, and a device synchronisation. Starts from a clean state: torch.compile's code for
+    earlier variants is dropped (kept, it made LaCT variants timed after another variant 2-3 ms
+    slower), and the last variant's blocks are freed (about 0.1 GiB per earlier variant stays
+    allocated elsewhere and still counts in the peak-memory column)."""
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
@@ -198,6 +199,12 @@ def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    return step, sync
+
+
+def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile):
+    N = shape["seqlen"]
+    step, sync = build_step(name, shape, layers, dtype, device)
     for _ in range(warmup):
         step()
     sync()

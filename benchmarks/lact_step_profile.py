@@ -1,0 +1,142 @@
+"""Where one training step's GPU time goes, per variant of benchmarks/lact.py: the kernels that
+the LaCT chunk loop's CUDA graphs replay, and the others grouped by kind.
+
+Each variant (default ``swa,lact-muon,lact-momentum``, with ``FASTWEIGHTS_LACT_COMPILE=graphs``
+unless set) is built as in benchmarks/lact.py, warmed up, timed (median of 5), and one step is
+profiled with torch.profiler. Kernels are split by the runtime call that launched them
+(``cudaGraphLaunch``: the loop's graphs) and the rest is grouped into GEMMs, flex attention (and
+its block mask), inductor-generated Triton kernels (the compiled glue), fastweights' own Triton
+kernels, memory copies and other ATen kernels. Differences between variants show what a LaCT
+layer adds to the SWA block outside its chunk loop. ``--trace-dir`` keeps the Chrome traces.
+``--tiny`` runs on CPU at a tiny size (ATen ops' self times; a smoke test).
+
+    python benchmarks/lact_step_profile.py                       # H100, the 760M shapes
+    python benchmarks/lact_step_profile.py --variants swa,lact-muon --trace-dir /tmp/traces
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("FASTWEIGHTS_LACT_COMPILE", "graphs")
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lact as bench  # noqa: E402
+
+OURS = ("_inputs_kernel", "_merge_kernel")  # fastweights.ops.lact_glue
+
+
+def kind(name: str) -> str:
+    """The group of a kernel (or CPU op) name."""
+    if any(k in name for k in OURS):
+        return "fastweights Triton glue"
+    if "flex" in name or "arange_bitwise" in name:
+        return "flex attention + block mask"
+    if name.startswith("triton_"):
+        return "inductor Triton (compiled glue)"
+    if "Memcpy" in name or "copy" in name.lower():
+        return "copies"
+    if any(k in name for k in ("nvjet", "cutlass", "gemm", "splitK", "aten::mm", "aten::addmm", "aten::bmm")):
+        return "GEMM"
+    return "other ATen"
+
+
+def split(trace: dict, device: str) -> tuple[float, dict[str, float]]:
+    """(ms in the loop's CUDA graphs, {group: ms} of everything else) from a Chrome trace."""
+    ev = trace["traceEvents"]
+    if device != "cuda":  # CPU: each ATen op's self time (its time less that of the ops inside it)
+        ops = sorted((e for e in ev if e.get("cat") == "cpu_op" and "dur" in e), key=lambda e: (e["tid"], e["ts"]))
+        self_ms = {id(e): e["dur"] / 1e3 for e in ops}
+        stack: list = []
+        for e in ops:
+            while stack and (stack[-1]["tid"] != e["tid"] or stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]):
+                stack.pop()
+            if stack:
+                self_ms[id(stack[-1])] -= e["dur"] / 1e3
+            stack.append(e)
+        groups = collections.defaultdict(float)
+        for e in ops:
+            if e["name"].startswith("aten::"):
+                groups[kind(e["name"])] += self_ms[id(e)]
+        return 0.0, dict(groups)
+    graph = {e["args"].get("correlation") for e in ev
+             if e.get("cat") == "cuda_runtime" and "GraphLaunch" in e.get("name", "")}
+    in_graphs, groups = 0.0, collections.defaultdict(float)
+    for e in ev:
+        if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        ms = e["dur"] / 1e3
+        if e["args"].get("correlation") in graph:
+            in_graphs += ms
+        else:
+            groups[kind(e["name"])] += ms
+    return in_graphs, dict(groups)
+
+
+def profile_variant(name, shape, device, trace_dir: Path):
+    from torch.profiler import ProfilerActivity, profile
+
+    step, sync = bench.build_step(name, shape, 2, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+    for _ in range(4):
+        step()
+    sync()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        sync()
+    path = trace_dir / f"{name}.json"
+    prof.export_chrome_trace(str(path))
+    return statistics.median(times) * 1e3, split(json.loads(path.read_text()), device.type)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default="swa,lact-muon,lact-momentum")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (smoke test)")
+    p.add_argument("--trace-dir", default=None, help="keep the Chrome traces here")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("needs CUDA (or --tiny)")
+    if args.tiny:
+        os.environ[bench.COMPILE_ENV] = "0"
+    shape = bench.SHAPES["tiny" if args.tiny else "760m"]
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in bench.VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {sorted(bench.VARIANTS)}")
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{gpu}, {bench.COMPILE_ENV}={os.environ.get(bench.COMPILE_ENV)}, 2 blocks, N {shape['seqlen']}, "
+          f"d {shape['hidden_size']}; one profiled step, kernel ms (CPU: ATen op self time) by group")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_dir = Path(args.trace_dir or tmp)
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            rows[name] = profile_variant(name, shape, device, trace_dir)
+    groups = sorted({g for _, (_, gs) in rows.values() for g in gs})
+    print("| variant | ms/step | kernels in loop graphs (ms) | " + " | ".join(groups) + " | all kernels (ms) |")
+    print("|---|---|---|" + "---|" * len(groups) + "---|")
+    for name, (ms, (loop, gs)) in rows.items():
+        cells = " | ".join(f"{gs.get(g, 0.0):.2f}" for g in groups)
+        print(f"| {name} | {ms:.1f} | {loop:.2f} | {cells} | {loop + sum(gs.values()):.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
