@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-import time
 
 import torch
+from lact_loop_profile import _timer  # benchmarks/, beside this script
 
 from fastweights.ops import lact_glue as G
 from fastweights.ops.lact import _compiled
@@ -64,22 +63,10 @@ def worst_rel(got, want) -> float:
 
 
 def time_ms(fn, dev, warmup, iters) -> float:
+    """Median ms of ``fn()`` after ``warmup`` calls (CUDA events on CUDA, else wall clock)."""
     for _ in range(warmup):
         fn()
-    ts = []
-    for _ in range(iters):
-        if dev.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            torch.cuda.synchronize()
-            ts.append(e0.elapsed_time(e1))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return _timer(dev)(fn, iters)
 
 
 def main(argv=None) -> int:

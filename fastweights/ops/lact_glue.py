@@ -110,6 +110,14 @@ def merge(a, gate_raw, f, norm_weight, eps: float, impl: str = "torch"):
 if HAVE_TRITON:
 
     @triton.jit
+    def _token_block(BN: tl.constexpr):
+        """Grid (token blocks, heads, rows): this program's block index, head h, row b, the head
+        count H, and its BN token indices (64-bit offsets: B·N·d may pass 2**31)."""
+        pid_n = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        return pid_n, tl.program_id(1), b, tl.num_programs(1), pid_n * BN + tl.arange(0, BN)
+
+    @triton.jit
     def _inputs_kernel(x_ptr, cos_ptr, sin_ptr, scale_ptr, shift_ptr, dy_ptr, y_ptr, dsc_ptr, dsh_ptr,
                        N, D, HALF, sxb, sxn, scb, scn, ssb, ssn, sdb, sdh, sdn, n_blocks, eps,
                        QK: tl.constexpr, BACKWARD: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr):
@@ -118,11 +126,7 @@ if HAVE_TRITON:
         Forward (QK): y (B, H, N, D) contiguous = scale * RoPE(L2norm(SiLU(x))) + shift; without
         QK, y = SiLU(x). Backward: dy (B, H, N, D) with strides (sdb, sdh, sdn, 1) -> y = ∂x
         (B, N, d) contiguous; with QK, partial ∂scale / ∂shift rows to dsc/dsh (B·n_blocks, d)."""
-        pid_n = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B·N·d may pass 2**31
-        h = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        H = tl.num_programs(1)
-        n = pid_n * BN + tl.arange(0, BN)
+        pid_n, h, b, H, n = _token_block(BN)
         j = tl.arange(0, BH)
         m = (n < N)[:, None] & (j < HALF)[None, :]
         col = h * D + j[None, :]
@@ -193,11 +197,7 @@ if HAVE_TRITON:
         f (B, H, N, D) with (sfb, sfh, sfn, 1); w (D,). Forward: out (B, N, d) contiguous =
         a + SiLU(g) * RMSNorm(f) w. Backward (do = ∂out): out = ∂g (B, N, d), df = ∂f (B, H, N, D),
         both contiguous; partial ∂w rows to dw (B·n_blocks·H, D)."""
-        pid_n = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B·N·d may pass 2**31
-        h = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        H = tl.num_programs(1)
-        n = pid_n * BN + tl.arange(0, BN)
+        pid_n, h, b, H, n = _token_block(BN)
         j = tl.arange(0, BD)
         mj = j < D
         m = (n < N)[:, None] & mj[None, :]
