@@ -196,7 +196,7 @@ def test_glue_kernels_compile_for_hopper_without_a_gpu():
         sig = {n: "constexpr" if n in consts else "fp32" if n == "eps" else
                ("*fp32" if n in fp32_ptrs else "*bf16") if n.endswith("_ptr") else "i32" for n in fn.arg_names}
         return compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
-                       options={"num_warps": warps})
+                       options={"num_warps": warps, "enable_fp_fusion": True})  # as at run time
 
     D = 384
     for qk in (True, False):
