@@ -178,9 +178,10 @@ def build_step(name, shape, layers, dtype, device):
     cfg_kw = {k: v for k, v in shape.items() if k != "seqlen"}
     cfg = HybridConfig(vocab_size=256, num_hidden_layers=layers, **cfg_kw, **VARIANTS[name])
     blocks = torch.nn.ModuleList(HybridBlock(cfg, i) for i in range(layers)).to(device=device, dtype=dtype)
-    for m in blocks.modules():
-        if isinstance(m, LaCTLayer) and name in GLUE and device.type == "cuda":
-            m.glue = GLUE[name]
+    if name in GLUE and device.type == "cuda":
+        for m in blocks.modules():
+            if isinstance(m, LaCTLayer):
+                m.glue = GLUE[name]
     N, d = shape["seqlen"], cfg.hidden_size
     x = torch.randn(1, N, d, device=device, dtype=dtype, requires_grad=True)
     embeds = torch.randn(1, N, d, device=device, dtype=dtype)

@@ -21,16 +21,13 @@ import collections
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("FASTWEIGHTS_LACT_COMPILE", "graphs")
+import lact as bench  # noqa: E402  (benchmarks/lact.py, beside this script)
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lact as bench  # noqa: E402
 
 OURS = ("_inputs_kernel", "_merge_kernel")  # fastweights.ops.lact_glue
 

@@ -245,9 +245,10 @@ def _inputs_launch(x, cos, sin, scale, shift, dy, heads: int, qk: bool, backward
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         y = torch.empty(B, N, d, device=x.device, dtype=x.dtype)
-        parts = (B * n_blocks, d) if qk else (1,)
-        dsc = torch.empty(parts, device=x.device, dtype=torch.float32)
-        dsh = torch.empty(parts, device=x.device, dtype=torch.float32)
+        if qk:
+            dsc, dsh = torch.empty(2, B * n_blocks, d, device=x.device, dtype=torch.float32).unbind(0)
+        else:  # not written
+            dsc = dsh = y
         dstr = dy.stride()[:3]
     else:
         y = torch.empty(B, heads, N, D, device=x.device, dtype=x.dtype)
