@@ -3,9 +3,11 @@ Triton kernels of fastweights.ops.lact_glue, forward + backward, per token-block
 
 Each row times ``fast_inputs`` (q/k/v of the fast branch, η, β) or ``merge`` (the gated merge)
 forward and backward at the benchmark's 760M shapes (B 1, N 32,768, 4 fast heads of 384, bf16),
-from CUDA events, median of ``--iters``, and gives its time over the compiled torch glue's time
-in the same run. Before timing, each Triton configuration is checked against the torch glue
-(output and gradients, relative error). ``--tiny`` runs small shapes on CPU (under
+median of ``--iters``, and gives its time over the compiled torch glue's time in the same run.
+``ms`` replays one call from a CUDA graph (the GPU's time, as in a GPU-bound training step);
+``eager ms`` times plain calls from CUDA events, host launch overhead included. Before timing,
+each Triton configuration is checked against the torch glue (output and gradients, relative
+error). ``--tiny`` runs small shapes on CPU (under
 ``TRITON_INTERPRET=1`` for the Triton rows; timings meaningless).
 
     python benchmarks/lact_glue.py            # H100
@@ -24,7 +26,9 @@ from fastweights.ops import lact_glue as G
 from fastweights.ops.lact import _compiled
 from fastweights.ops.rope import rope_cos_sin
 
-INPUT_CONFIGS = list(itertools.product((4, 8, 16), (2, 4, 8)))  # (tokens per program, warps)
+# (tokens per program, tokens per tile, warps): the registers stay below 100 without spills in each
+# (cuobjdump of the sm_90 build); (tokens per program, warps) for merge
+INPUT_CONFIGS = [(bn, tb, w) for bn in (16, 64) for tb, w in ((1, 4), (1, 8), (2, 4), (2, 8))] + [(32, 1, 4)]
 MERGE_CONFIGS = list(itertools.product((2, 4, 8), (4, 8)))
 
 
@@ -62,11 +66,27 @@ def worst_rel(got, want) -> float:
                for a, b in zip(got, want, strict=True))
 
 
-def time_ms(fn, dev, warmup, iters) -> float:
-    """Median ms of ``fn()`` after ``warmup`` calls (CUDA events on CUDA, else wall clock)."""
+def time_ms(fn, dev, warmup, iters) -> tuple[float, float]:
+    """(graphed, eager): median ms of ``fn()`` after ``warmup`` calls. On CUDA, ``graphed`` replays
+    one call captured in a CUDA graph: the GPU's time alone. ``eager`` times plain calls from CUDA
+    events, which also counts the GPU waiting for the host's launches (the fourteenth measurement
+    in docs/benchmarks.md found eager calls host-bound: 1.27 ms of kernels in 2.4 ms). On CPU both
+    are the wall clock of plain calls."""
     for _ in range(warmup):
         fn()
-    return _timer(dev)(fn, iters)
+    timer = _timer(dev)
+    eager = timer(fn, iters)
+    if dev.type != "cuda":
+        return eager, eager
+    side = torch.cuda.Stream()  # settle the allocator and libraries off the capture stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timer(graph.replay, iters), eager
 
 
 def main(argv=None) -> int:
@@ -77,7 +97,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tiny:
         dev, dt, (B, N, H, D) = torch.device("cpu"), torch.float32, (2, 37, 3, 10)
-        inputs_cfg, merge_cfg = INPUT_CONFIGS[:2], MERGE_CONFIGS[:2]
+        inputs_cfg, merge_cfg = INPUT_CONFIGS[:1], MERGE_CONFIGS[:2]
         ref_in, ref_mg = G.fast_inputs_reference, G.merge_reference
     else:
         if not torch.cuda.is_available():
@@ -88,29 +108,35 @@ def main(argv=None) -> int:
         ref_mg = _compiled(G.merge_reference, "bench-glue-merge", "default")
     t, cos, sin, grads = make(B, N, H, D, dev, dt)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
-    print(f"{name}, {dt}, B {B}, N {N}, {H} fast heads of {D}; forward + backward, median of {args.iters}")
-    print("| glue | tokens/program | warps | rel. err. vs torch | ms | × torch |")
-    print("|---|---|---|---|---|---|")
-    keep = (G.BLOCK_N, G.WARPS, G.MERGE_BLOCK_N, G.MERGE_WARPS)
+    print(f"{name}, {dt}, B {B}, N {N}, {H} fast heads of {D}; forward + backward, median of {args.iters}; "
+          "ms: replayed from a CUDA graph (GPU time), eager ms: plain calls")
+    print("| glue | tokens/program | tokens/tile | warps | rel. err. vs torch | ms | × torch | eager ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    knob_names = ("BLOCK_N", "TILE_N", "WARPS", "MERGE_BLOCK_N", "MERGE_WARPS")
+    keep = {k: getattr(G, k) for k in knob_names}
     rows = [("fast_inputs", lambda: inputs_step(ref_in, t, cos, sin, grads, H),
              lambda: inputs_step(lambda *x: G.fast_inputs(*x, impl="triton"), t, cos, sin, grads, H), inputs_cfg,
-             ("BLOCK_N", "WARPS")),
+             ("BLOCK_N", "TILE_N", "WARPS")),
             ("merge", lambda: merge_step(ref_mg, t, grads),
              lambda: merge_step(lambda *x: G.merge(*x, impl="triton"), t, grads), merge_cfg,
              ("MERGE_BLOCK_N", "MERGE_WARPS"))]
     try:
         for glue, ref, tri, cfgs, knobs in rows:
             want = ref()
-            base = time_ms(ref, dev, args.warmup, args.iters)
-            print(f"| {glue} | torch ({'compiled' if dev.type == 'cuda' else 'eager'}) | - | - | {base:.3f} | 1.00 |")
-            for bn, wp in cfgs:
-                setattr(G, knobs[0], bn)
-                setattr(G, knobs[1], wp)
+            base, base_eager = time_ms(ref, dev, args.warmup, args.iters)
+            print(f"| {glue} | torch ({'compiled' if dev.type == 'cuda' else 'eager'}) | - | - | - | {base:.3f} | 1.00 "
+                  f"| {base_eager:.3f} |")
+            for cfg in cfgs:
+                for knob, value in zip(knobs, cfg, strict=True):
+                    setattr(G, knob, value)
                 err = worst_rel(tri(), want)
-                ms = time_ms(tri, dev, args.warmup, args.iters)
-                print(f"| {glue} | {bn} | {wp} | {err:.1e} | {ms:.3f} | {ms / base:.2f} |")
+                ms, eager = time_ms(tri, dev, args.warmup, args.iters)
+                tile = cfg[1] if len(cfg) == 3 else "-"
+                print(f"| {glue} | {cfg[0]} | {tile} | {cfg[-1]} | {err:.1e} | {ms:.3f} | {ms / base:.2f} "
+                      f"| {eager:.3f} |")
     finally:
-        G.BLOCK_N, G.WARPS, G.MERGE_BLOCK_N, G.MERGE_WARPS = keep
+        for knob, value in keep.items():
+            setattr(G, knob, value)
     return 0
 
 

@@ -38,7 +38,7 @@ def rel(a, b):
 gen = torch.Generator().manual_seed(0)
 B, N, H, D = 2, 19, 3, 10  # N % BLOCK_N != 0; D / 2 = 5 (block 8)
 d = H * D
-assert N % G.BLOCK_N and N % G.MERGE_BLOCK_N
+assert N % G.MERGE_BLOCK_N
 qkv = torch.randn(B, N, 3 * d, generator=gen, dtype=torch.float64)
 lr = torch.randn(B, N, 3 * H, generator=gen, dtype=torch.float64)
 be = torch.randn(B, N, H, generator=gen, dtype=torch.float64)
@@ -59,15 +59,19 @@ def inputs(impl, dtype, beta):
     return [*outs, *torch.autograd.grad(loss, used)]
 
 empty = torch.empty
-for beta in (True, False):
-    want = inputs("torch", torch.float64, beta)
-    torch.empty = lambda *a, **k: empty(*a, **k).fill_(float("nan"))  # an unwritten element -> NaN
-    got = inputs("triton", torch.float32, beta)
-    torch.empty = empty
-    assert len(got) == len(want) == (10 if beta else 8)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert not a.isnan().any(), i
-        assert rel(a, b) < 2e-6, (i, rel(a, b))
+# (tokens per program, per tile): the defaults, and blocks that split N over several programs
+# with a short last tile (their ∂scale/∂shift partial sums meet in the reduction)
+for G.BLOCK_N, G.TILE_N in ((G.BLOCK_N, G.TILE_N), (8, 4), (4, 1)):
+    assert N % G.BLOCK_N
+    for beta in (True, False):
+        want = inputs("torch", torch.float64, beta)
+        torch.empty = lambda *a, **k: empty(*a, **k).fill_(float("nan"))  # an unwritten element -> NaN
+        got = inputs("triton", torch.float32, beta)
+        torch.empty = empty
+        assert len(got) == len(want) == (10 if beta else 8)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert not a.isnan().any(), i
+            assert rel(a, b) < 2e-6, (i, rel(a, b))
 
 # rows whose SiLU has a norm below eps (tiny, zero): the norm is clamped at eps, as F.normalize does
 z = torch.zeros(1, 3, 4, dtype=torch.float64)
@@ -201,7 +205,8 @@ def test_glue_kernels_compile_for_hopper_without_a_gpu():
     D = 384
     for qk in (True, False):
         for backward in (True, False):
-            consts = dict(QK=qk, BACKWARD=backward, BN=lact_glue.BLOCK_N, BH=lact_glue._half_block(D))
+            consts = dict(QK=qk, BACKWARD=backward, BN=lact_glue.BLOCK_N, TB=lact_glue.TILE_N,
+                          BH=lact_glue._half_block(D))
             kernel = build(lact_glue._inputs_kernel, consts, ("dsc_ptr", "dsh_ptr"), lact_glue.WARPS)
             assert kernel.asm["cubin"], consts
     for backward in (True, False):

@@ -67,7 +67,8 @@ class LaCTLayer(nn.Module):
         rope_base: RoPE base for both paths. impl: ``chunked`` | ``reference`` (the op).
         glue: the elementwise work around the op (fastweights.ops.lact_glue): ``torch`` (the
             default; compiled with torch.compile where the op's loop is), ``triton`` (fused
-            kernels, not yet validated on a GPU) or ``auto`` (Triton on CUDA when it imports).
+            kernels; opt-in, not measured faster in a training step) or ``auto`` (the faster
+            as measured: ``torch``).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, fw_heads: int = 4, window: int = 2048,

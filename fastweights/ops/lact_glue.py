@@ -10,14 +10,15 @@ The references are plain PyTorch (any device and dtype; the layer compiles them 
 torch.compile on CUDA). The Triton path (``impl="triton"``) runs each of them in one pass over
 the tensors, forward and backward, in float32 arithmetic on half-precision storage; the
 backward recomputes what it needs from the inputs instead of saving intermediates, and the
-scale/shift and norm-weight gradients come from per-program partial sums. ``impl="auto"`` picks
-Triton on CUDA when it imports. Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors
-(that is how the tests check them without a GPU).
+scale/shift and norm-weight gradients come from per-program partial sums. Under
+``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (that is how the tests check them
+without a GPU).
 
-Status: the Triton path is checked against the references under the interpreter only; it has
-not yet run compiled on a GPU, so it is opt-in (the default is ``torch``, and the LaCT layer's
-``glue`` defaults to ``torch``). ``tests/test_lact_glue.py`` holds the GPU check and
-``benchmarks/lact.py --variants lact-muon,lact-muon-triton-glue`` the timing.
+Status (docs/benchmarks.md, fourteenth measurement): on an H100 the Triton path passes the GPU
+checks (``pytest -m gpu tests/test_lact_glue.py``), but it has not been shown faster than the
+compiled references inside a training step, so the default is ``torch`` and ``impl="auto"``
+picks ``torch`` too; ``triton`` is opt-in. Timing: ``benchmarks/lact_glue.py`` (the glue
+alone) and ``benchmarks/lact.py --variants lact-muon,lact-muon-triton-glue`` (the step).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ __all__ = ["IMPLS", "fast_inputs", "merge", "pick_impl"]
 
 IMPLS = ("auto", "torch", "triton")
 NORM_EPS = 1e-12  # F.normalize's default
-# tokens per program and warps, fast_inputs and merge
-BLOCK_N, WARPS = 8, 8  # not yet tuned on a GPU (benchmarks/lact_glue.py sweeps them)
+# fast_inputs: tokens per program, per tile (a power of two dividing BLOCK_N) and warps;
+# merge: tokens per program and warps (benchmarks/lact_glue.py sweeps them)
+BLOCK_N, TILE_N, WARPS = 32, 1, 4
 MERGE_BLOCK_N, MERGE_WARPS = 4, 8
 
 
@@ -45,8 +47,8 @@ def pick_impl(impl: str, x: torch.Tensor) -> str:
     """``torch`` or ``triton`` for ``impl`` in :data:`IMPLS` and a tensor on the target device."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if HAVE_TRITON and x.is_cuda else "torch"
+    if impl == "auto":  # the compiled torch glue: Triton's is not measured faster (module docstring)
+        return "torch"
     if impl == "triton" and not usable(x):
         raise ValueError("impl='triton' needs the triton package and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
     return impl
@@ -120,74 +122,94 @@ if HAVE_TRITON:
     @triton.jit
     def _inputs_kernel(x_ptr, cos_ptr, sin_ptr, scale_ptr, shift_ptr, dy_ptr, y_ptr, dsc_ptr, dsh_ptr,
                        N, D, HALF, sxb, sxn, scb, scn, ssb, ssn, sdb, sdh, sdn, n_blocks, eps,
-                       QK: tl.constexpr, BACKWARD: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr):
-        """One program: BN tokens of one fast head h of row b, each as two halves of HALF.
-        x (B, N, d) with strides (sxb, sxn, 1); cos/sin (B, N, D) with (scb, scn, 1) and (ssb, ssn, 1).
-        Forward (QK): y (B, H, N, D) contiguous = scale * RoPE(L2norm(SiLU(x))) + shift; without
-        QK, y = SiLU(x). Backward: dy (B, H, N, D) with strides (sdb, sdh, sdn, 1) -> y = ∂x
-        (B, N, d) contiguous; with QK, partial ∂scale / ∂shift rows to dsc/dsh (B·n_blocks, d)."""
-        pid_n, h, b, H, n = _token_block(BN)
+                       QK: tl.constexpr, BACKWARD: tl.constexpr, BN: tl.constexpr, TB: tl.constexpr,
+                       BH: tl.constexpr):
+        """Grid (heads, token blocks, rows), heads fastest (the heads of one token block share its
+        cos/sin rows, read once from HBM). One program: BN tokens of fast head h of row b, TB at a
+        time, each token as two halves of HALF. x (B, N, d) with strides (sxb, sxn, 1); cos/sin
+        (B, N, D) with (scb, scn, 1) and (ssb, ssn, 1). Forward (QK): y (B, H, N, D) contiguous =
+        scale * RoPE(L2norm(SiLU(x))) + shift; without QK, y = SiLU(x). Backward: dy (B, H, N, D)
+        with strides (sdb, sdh, sdn, 1) -> y = ∂x (B, N, d) contiguous; with QK, this program's
+        ∂scale / ∂shift sums to row (b, block) of dsc/dsh (B·n_blocks, d)."""
+        h = tl.program_id(0)
+        pid_n = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        H = tl.num_programs(0)
         j = tl.arange(0, BH)
-        m = (n < N)[:, None] & (j < HALF)[None, :]
-        col = h * D + j[None, :]
-        xp = x_ptr + b * sxb + n[:, None] * sxn + col
-        x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
-        s1 = tl.sigmoid(x1)
-        s2 = tl.sigmoid(x2)
-        u1 = x1 * s1
-        u2 = x2 * s2
+        mj = j < HALF
         if QK:
-            nrm = tl.sqrt(tl.sum(u1 * u1 + u2 * u2, axis=1))
-            inv = 1.0 / tl.maximum(nrm, eps)
-            xn1 = u1 * inv[:, None]
-            xn2 = u2 * inv[:, None]
-            cp = cos_ptr + b * scb + n[:, None] * scn + j[None, :]
-            sp = sin_ptr + b * ssb + n[:, None] * ssn + j[None, :]
-            c1 = tl.load(cp, mask=m, other=0.0).to(tl.float32)
-            c2 = tl.load(cp + HALF, mask=m, other=0.0).to(tl.float32)
-            n1 = tl.load(sp, mask=m, other=0.0).to(tl.float32)
-            n2 = tl.load(sp + HALF, mask=m, other=0.0).to(tl.float32)
-            r1 = xn1 * c1 - xn2 * n1
-            r2 = xn2 * c2 + xn1 * n2
-            mj = j < HALF
             g1 = tl.load(scale_ptr + h * D + j, mask=mj, other=0.0).to(tl.float32)[None, :]
             g2 = tl.load(scale_ptr + h * D + HALF + j, mask=mj, other=0.0).to(tl.float32)[None, :]
-        if not BACKWARD:
-            yp = y_ptr + ((b * H + h) * N + n[:, None]) * D + j[None, :]
-            if QK:
+            if BACKWARD:
+                acc_sc1 = tl.zeros((BH,), dtype=tl.float32)
+                acc_sc2 = tl.zeros((BH,), dtype=tl.float32)
+                acc_sh1 = tl.zeros((BH,), dtype=tl.float32)
+                acc_sh2 = tl.zeros((BH,), dtype=tl.float32)
+            else:
                 t1 = tl.load(shift_ptr + h * D + j, mask=mj, other=0.0).to(tl.float32)[None, :]
                 t2 = tl.load(shift_ptr + h * D + HALF + j, mask=mj, other=0.0).to(tl.float32)[None, :]
-                y1 = r1 * g1 + t1
-                y2 = r2 * g2 + t2
-            else:
-                y1 = u1
-                y2 = u2
-            tl.store(yp, y1.to(y_ptr.dtype.element_ty), mask=m)
-            tl.store(yp + HALF, y2.to(y_ptr.dtype.element_ty), mask=m)
-        else:
-            dp = dy_ptr + b * sdb + h * sdh + n[:, None] * sdn + j[None, :]
-            d1 = tl.load(dp, mask=m, other=0.0).to(tl.float32)
-            d2 = tl.load(dp + HALF, mask=m, other=0.0).to(tl.float32)
+        col = h * D + j[None, :]
+        for t0 in range(0, BN, TB):
+            n = pid_n * BN + t0 + tl.arange(0, TB)
+            m = (n < N)[:, None] & mj[None, :]
+            xp = x_ptr + b * sxb + n[:, None] * sxn + col
+            x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
+            x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
+            s1 = tl.sigmoid(x1)
+            s2 = tl.sigmoid(x2)
+            u1 = x1 * s1
+            u2 = x2 * s2
             if QK:
-                row = (b * n_blocks + pid_n) * H * D + h * D + j
-                tl.store(dsc_ptr + row, tl.sum(d1 * r1, axis=0), mask=mj)
-                tl.store(dsc_ptr + row + HALF, tl.sum(d2 * r2, axis=0), mask=mj)
-                tl.store(dsh_ptr + row, tl.sum(d1, axis=0), mask=mj)
-                tl.store(dsh_ptr + row + HALF, tl.sum(d2, axis=0), mask=mj)
-                d1 = d1 * g1
-                d2 = d2 * g2
-                e1 = d1 * c1 + d2 * n2  # through RoPE
-                e2 = d2 * c2 - d1 * n1
-                dot = tl.sum(xn1 * e1 + xn2 * e2, axis=1)
-                proj = tl.where(nrm > eps, dot, 0.0)[:, None]  # the norm's own gradient, where it is not clamped
-                d1 = (e1 - xn1 * proj) * inv[:, None]
-                d2 = (e2 - xn2 * proj) * inv[:, None]
-            d1 = d1 * (s1 * (1.0 + x1 * (1.0 - s1)))  # through SiLU
-            d2 = d2 * (s2 * (1.0 + x2 * (1.0 - s2)))
-            op = y_ptr + (b * N + n[:, None]) * (H * D) + col
-            tl.store(op, d1.to(y_ptr.dtype.element_ty), mask=m)
-            tl.store(op + HALF, d2.to(y_ptr.dtype.element_ty), mask=m)
+                nrm = tl.sqrt(tl.sum(u1 * u1 + u2 * u2, axis=1))
+                inv = 1.0 / tl.maximum(nrm, eps)
+                xn1 = u1 * inv[:, None]
+                xn2 = u2 * inv[:, None]
+                cp = cos_ptr + b * scb + n[:, None] * scn + j[None, :]
+                sp = sin_ptr + b * ssb + n[:, None] * ssn + j[None, :]
+                c1 = tl.load(cp, mask=m, other=0.0).to(tl.float32)
+                c2 = tl.load(cp + HALF, mask=m, other=0.0).to(tl.float32)
+                n1 = tl.load(sp, mask=m, other=0.0).to(tl.float32)
+                n2 = tl.load(sp + HALF, mask=m, other=0.0).to(tl.float32)
+                r1 = xn1 * c1 - xn2 * n1
+                r2 = xn2 * c2 + xn1 * n2
+            if not BACKWARD:
+                yp = y_ptr + ((b * H + h) * N + n[:, None]) * D + j[None, :]
+                if QK:
+                    y1 = r1 * g1 + t1
+                    y2 = r2 * g2 + t2
+                else:
+                    y1 = u1
+                    y2 = u2
+                tl.store(yp, y1.to(y_ptr.dtype.element_ty), mask=m)
+                tl.store(yp + HALF, y2.to(y_ptr.dtype.element_ty), mask=m)
+            else:
+                dp = dy_ptr + b * sdb + h * sdh + n[:, None] * sdn + j[None, :]
+                d1 = tl.load(dp, mask=m, other=0.0).to(tl.float32)
+                d2 = tl.load(dp + HALF, mask=m, other=0.0).to(tl.float32)
+                if QK:
+                    acc_sc1 += tl.sum(d1 * r1, axis=0)
+                    acc_sc2 += tl.sum(d2 * r2, axis=0)
+                    acc_sh1 += tl.sum(d1, axis=0)
+                    acc_sh2 += tl.sum(d2, axis=0)
+                    d1 = d1 * g1
+                    d2 = d2 * g2
+                    e1 = d1 * c1 + d2 * n2  # through RoPE
+                    e2 = d2 * c2 - d1 * n1
+                    dot = tl.sum(xn1 * e1 + xn2 * e2, axis=1)
+                    proj = tl.where(nrm > eps, dot, 0.0)[:, None]  # the norm's own gradient, where it is not clamped
+                    d1 = (e1 - xn1 * proj) * inv[:, None]
+                    d2 = (e2 - xn2 * proj) * inv[:, None]
+                d1 = d1 * (s1 * (1.0 + x1 * (1.0 - s1)))  # through SiLU
+                d2 = d2 * (s2 * (1.0 + x2 * (1.0 - s2)))
+                op = y_ptr + (b * N + n[:, None]) * (H * D) + col
+                tl.store(op, d1.to(y_ptr.dtype.element_ty), mask=m)
+                tl.store(op + HALF, d2.to(y_ptr.dtype.element_ty), mask=m)
+        if BACKWARD and QK:
+            row = (b * n_blocks + pid_n) * H * D + h * D + j
+            tl.store(dsc_ptr + row, acc_sc1, mask=mj)
+            tl.store(dsc_ptr + row + HALF, acc_sc2, mask=mj)
+            tl.store(dsh_ptr + row, acc_sh1, mask=mj)
+            tl.store(dsh_ptr + row + HALF, acc_sh2, mask=mj)
 
     @triton.jit
     def _merge_kernel(a_ptr, g_ptr, f_ptr, w_ptr, do_ptr, out_ptr, df_ptr, dw_ptr,
@@ -232,6 +254,8 @@ def _inputs_launch(x, cos, sin, scale, shift, dy, heads: int, qk: bool, backward
     """Run :func:`_inputs_kernel`; returns y (forward) or (∂x, ∂scale row, ∂shift row) (backward)."""
     B, N, d = x.shape
     D = d // heads
+    if BLOCK_N % TILE_N:
+        raise ValueError(f"BLOCK_N {BLOCK_N} must be a multiple of TILE_N {TILE_N}")
     n_blocks = triton.cdiv(N, BLOCK_N)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -254,11 +278,11 @@ def _inputs_launch(x, cos, sin, scale, shift, dy, heads: int, qk: bool, backward
         y = torch.empty(B, heads, N, D, device=x.device, dtype=x.dtype)
         dsc = dsh = dy = y  # unused
         dstr = (0, 0, 0)
-    grid = (n_blocks, heads, B)
+    grid = (heads, n_blocks, B)
     _inputs_kernel[grid](x, cos, sin, scale, shift, dy, y, dsc, dsh,
                          N, D, D // 2, x.stride(0), x.stride(1), cos.stride(0), cos.stride(1),
                          sin.stride(0), sin.stride(1), *dstr, n_blocks, NORM_EPS,
-                         QK=qk, BACKWARD=backward, BN=BLOCK_N, BH=_half_block(D), num_warps=WARPS)
+                         QK=qk, BACKWARD=backward, BN=BLOCK_N, TB=TILE_N, BH=_half_block(D), num_warps=WARPS)
     if backward and qk:
         return y, dsc.sum(0), dsh.sum(0)
     return y
