@@ -284,6 +284,8 @@ def main(argv=None) -> int:
             traceback.print_exc()
             print(f"variant {n} failed (traceback above)", file=sys.stderr)
             rows.append({"name": n, "ms": float("nan"), "tok_s": float("nan"), "mem_gib": float("nan")})
+        r = rows[-1]  # each variant as it ends: a run cut short still reports what it timed
+        print(f"{n}: {r['ms']:.1f} ms/step, {r['tok_s']:.0f} tokens/s, peak {r['mem_gib']:.1f} GiB", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     by = {r["name"]: r for r in rows if r["tok_s"] == r["tok_s"]}
