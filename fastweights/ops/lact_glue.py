@@ -121,20 +121,21 @@ if HAVE_TRITON:
 
     @triton.jit
     def _inputs_kernel(x_ptr, cos_ptr, sin_ptr, scale_ptr, shift_ptr, dy_ptr, y_ptr, dsc_ptr, dsh_ptr,
-                       N, D, HALF, sxb, sxn, scb, scn, ssb, ssn, sdb, sdh, sdn, n_blocks, eps,
+                       N, H, D, HALF, sxb, sxn, scb, scn, ssb, ssn, sdb, sdh, sdn, n_blocks, eps,
                        QK: tl.constexpr, BACKWARD: tl.constexpr, BN: tl.constexpr, TB: tl.constexpr,
                        BH: tl.constexpr):
-        """Grid (heads, token blocks, rows), heads fastest (the heads of one token block share its
-        cos/sin rows, read once from HBM). One program: BN tokens of fast head h of row b, TB at a
-        time, each token as two halves of HALF. x (B, N, d) with strides (sxb, sxn, 1); cos/sin
-        (B, N, D) with (scb, scn, 1) and (ssb, ssn, 1). Forward (QK): y (B, H, N, D) contiguous =
-        scale * RoPE(L2norm(SiLU(x))) + shift; without QK, y = SiLU(x). Backward: dy (B, H, N, D)
-        with strides (sdb, sdh, sdn, 1) -> y = ∂x (B, N, d) contiguous; with QK, this program's
-        ∂scale / ∂shift sums to row (b, block) of dsc/dsh (B·n_blocks, d)."""
-        h = tl.program_id(0)
-        pid_n = tl.program_id(1).to(tl.int64)
-        b = tl.program_id(2).to(tl.int64)
-        H = tl.num_programs(0)
+        """Grid (H · token blocks, rows), heads fastest: the heads of one token block share its
+        cos/sin rows, read once from HBM (one axis allows 2**31 - 1 programs). One program: BN
+        tokens of fast head h of row b, TB at a time, each token as two halves of HALF.
+        x (B, N, d) with strides (sxb, sxn, 1); cos/sin (B, N, D) with (scb, scn, 1) and
+        (ssb, ssn, 1). Forward (QK): y (B, H, N, D) contiguous = scale * RoPE(L2norm(SiLU(x))) +
+        shift; without QK, y = SiLU(x). Backward: dy (B, H, N, D) with strides (sdb, sdh, sdn, 1)
+        -> y = ∂x (B, N, d) contiguous; with QK, this program's ∂scale / ∂shift sums to row
+        (b, block) of dsc/dsh (B·n_blocks, d)."""
+        pid = tl.program_id(0)
+        h = pid % H
+        pid_n = (pid // H).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
         j = tl.arange(0, BH)
         mj = j < HALF
         if QK:
@@ -278,9 +279,9 @@ def _inputs_launch(x, cos, sin, scale, shift, dy, heads: int, qk: bool, backward
         y = torch.empty(B, heads, N, D, device=x.device, dtype=x.dtype)
         dsc = dsh = dy = y  # unused
         dstr = (0, 0, 0)
-    grid = (heads, n_blocks, B)
+    grid = (heads * n_blocks, B)
     _inputs_kernel[grid](x, cos, sin, scale, shift, dy, y, dsc, dsh,
-                         N, D, D // 2, x.stride(0), x.stride(1), cos.stride(0), cos.stride(1),
+                         N, heads, D, D // 2, x.stride(0), x.stride(1), cos.stride(0), cos.stride(1),
                          sin.stride(0), sin.stride(1), *dstr, n_blocks, NORM_EPS,
                          QK=qk, BACKWARD=backward, BN=BLOCK_N, TB=TILE_N, BH=_half_block(D), num_warps=WARPS)
     if backward and qk:
