@@ -13,8 +13,9 @@ chunk step only (``FASTWEIGHTS_LACT_COMPILE_SCOPE=step``), and ``lact-muon-cudag
 the step with ``mode="reduce-overhead"`` (CUDA graphs; each timed step starts with
 ``torch.compiler.cudagraph_mark_step_begin()``); ``lact-muon-graphs`` replays the compiled loop
 from CUDA graphs captured per layer (``FASTWEIGHTS_LACT_COMPILE=graphs``,
-fastweights.ops.lact.LoopGraphs); ``lact-muon-triton-glue`` runs the layer's elementwise glue
-from the Triton kernels of fastweights.ops.lact_glue (``glue="triton"``; on CUDA only). Each
+fastweights.ops.lact.LoopGraphs); ``lact-muon-triton-glue`` / ``lact-muon-torch-glue`` run the layer's elementwise glue
+from the Triton kernels of fastweights.ops.lact_glue (``glue="triton"``, the default's pick on
+CUDA) / from its compiled torch references (``glue="torch"``); on CUDA only. Each
 variant starts from a clean state, the last one's blocks freed and torch.compile's caches reset
 (``torch._dynamo.reset()``), so that it is timed as in a process of its own: without the reset,
 a LaCT variant timed after any other variant ran 2-3 ms slower than when timed first
@@ -60,6 +61,7 @@ VARIANTS = {
     "lact-muon-step": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-graphs": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "lact-muon-triton-glue": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
+    "lact-muon-torch-glue": dict(mixers="lact", mlps="swiglu", lact_update="muon"),
     "swa": dict(mixers="swa", mlps="swiglu"),
     "attention": dict(mixers="attention", mlps="swiglu"),
     "inplace-ttt-swa": dict(mixers="swa", mlps="inplace_ttt"),
@@ -74,8 +76,8 @@ COMPILE = {"lact-muon-eager": "0", "lact-muon-cudagraphs": "reduce-overhead", "l
 # loop; these variants compile the chunk step only (CUDA graphs: the loop with CUDA graphs fails in
 # torch 2.11, the two layers' calls of one compiled graph overwrite each other's saved tensors)
 SCOPE = {"lact-muon-step": "step", "lact-muon-cudagraphs": "step"}
-# the LaCT layer's glue (fastweights.ops.lact_glue; LaCTLayer.glue): Triton kernels, else torch
-GLUE = {"lact-muon-triton-glue": "triton"}
+# the LaCT layer's glue (fastweights.ops.lact_glue; LaCTLayer.glue, default auto: Triton on CUDA)
+GLUE = {"lact-muon-triton-glue": "triton", "lact-muon-torch-glue": "torch"}
 SHAPES = {
     "760m": dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12, num_key_value_heads=12,
                  sliding_window=2048, lact_heads=4, lact_chunk_size=2048, ttt_chunk=2048, seqlen=32768),

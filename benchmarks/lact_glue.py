@@ -53,12 +53,15 @@ def inputs_step(fn, t, cos, sin, grads, H):
     q, k, v = t["qkv"].chunk(3, dim=-1)
     outs = fn(q, k, v, t["lr"], t["beta"], cos, sin, t["scale"], t["shift"], H)
     leaves = [t[k] for k in ("qkv", "lr", "beta", "scale", "shift")]
-    return [*outs, *torch.autograd.grad(outs, leaves, grads["inputs"])]
+    # detached: a kept result must not keep the autograd graph (and the leaves' gradient
+    # accumulators, made on the eager stream) alive into the CUDA-graph capture
+    return [x.detach() for x in (*outs, *torch.autograd.grad(outs, leaves, grads["inputs"]))]
 
 
 def merge_step(fn, t, grads):
     out = fn(t["a"], t["gate"], t["f"], t["w"], 1e-6)
-    return [out, *torch.autograd.grad(out, [t[k] for k in ("a", "gate", "f", "w")], grads["merge"])]
+    return [x.detach() for x in (out, *torch.autograd.grad(out, [t[k] for k in ("a", "gate", "f", "w")],
+                                                            grads["merge"]))]
 
 
 def worst_rel(got, want) -> float:
@@ -84,7 +87,7 @@ def time_ms(fn, dev, warmup, iters) -> tuple[float, float]:
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         fn()
     return timer(graph.replay, iters), eager
 

@@ -174,6 +174,8 @@ def test_glue_triton_on_cuda_matches_cpu_float64(dtype):
         loss = sum((o.float() * g.to(dev, torch.float32)).sum() for o, g in zip(outs, gos))
         return [o.double().cpu() for o in (*outs, *torch.autograd.grad(loss, leaves))]
 
+    assert lact_glue.pick_impl("auto", base[0].to("cuda", dtype)) == "triton"  # the layer's default on CUDA
+    assert lact_glue.pick_impl("auto", base[0].to("cuda")) == "torch"  # float64: the kernels compute in float32
     want = run("torch", torch.device("cpu"), torch.float64)
     got = run("triton", torch.device("cuda"), dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2

@@ -65,16 +65,16 @@ class LaCTLayer(nn.Module):
         update: ``gd`` | ``momentum`` | ``muon``. order: ``apply_update`` | ``update_apply``.
         lr_init: initial per-token learning rate. init_rank: rank r of W1, W3's init.
         rope_base: RoPE base for both paths. impl: ``chunked`` | ``reference`` (the op).
-        glue: the elementwise work around the op (fastweights.ops.lact_glue): ``torch`` (the
-            default; compiled with torch.compile where the op's loop is), ``triton`` (fused
-            kernels; opt-in, not measured faster in a training step) or ``auto`` (the faster
-            as measured: ``torch``).
+        glue: the elementwise work around the op (fastweights.ops.lact_glue): ``auto`` (the
+            default: ``triton`` on CUDA in bf16/fp16/float32, measured faster in a training step,
+            else ``torch``), ``torch`` (compiled with torch.compile where the op's loop is) or
+            ``triton`` (fused kernels with hand-written backwards).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, fw_heads: int = 4, window: int = 2048,
                  chunk_size: int = 2048, update: str = "muon", order: str = "apply_update",
                  lr_init: float = 1e-3, init_rank: int = 32, rope_base: float = 1e6, eps: float = 1e-6,
-                 impl: str = "chunked", attn_backend: str = "auto", glue: str = "torch"):
+                 impl: str = "chunked", attn_backend: str = "auto", glue: str = "auto"):
         super().__init__()
         if hidden_size % num_heads or hidden_size % fw_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads} "
