@@ -66,7 +66,7 @@ class LaCTLayer(nn.Module):
         lr_init: initial per-token learning rate. init_rank: rank r of W1, W3's init.
         rope_base: RoPE base for both paths. impl: ``chunked`` | ``reference`` (the op).
         glue: the elementwise work around the op (fastweights.ops.lact_glue): ``auto`` (the
-            default: ``triton`` on CUDA in bf16/fp16/float32, measured faster in a training step,
+            default: ``triton`` on CUDA in bf16 or float32, measured faster in a training step,
             else ``torch``), ``torch`` (compiled with torch.compile where the op's loop is) or
             ``triton`` (fused kernels with hand-written backwards).
     """

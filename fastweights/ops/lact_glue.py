@@ -18,7 +18,7 @@ Status (docs/benchmarks.md, fifteenth measurement): on an H100 (bf16, 760M shape
 the Triton path passes the GPU checks (``pytest -m gpu tests/test_lact_glue.py``) and, timed
 from CUDA graphs, takes 0.76× the compiled references' time for ``fast_inputs`` and 0.75× for
 ``merge``; the training step is about 0.6 ms faster with it. So ``impl="auto"`` (the layer's
-default) picks ``triton`` for CUDA tensors in bf16/fp16/float32, outside an enclosing
+default) picks ``triton`` for CUDA tensors in bf16 or float32, outside an enclosing
 torch.compile (which fuses the references itself), and ``torch`` elsewhere. Timing:
 ``benchmarks/lact_glue.py`` (the glue alone) and ``benchmarks/lact.py --variants
 lact-muon,lact-muon-torch-glue`` (the step).
@@ -45,7 +45,7 @@ NORM_EPS = 1e-12  # F.normalize's default
 # fastest of the fifteenth measurement's sweep)
 BLOCK_N, TILE_N, WARPS = 16, 1, 4
 MERGE_BLOCK_N, MERGE_WARPS = 4, 4
-AUTO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the kernels compute in float32
+AUTO_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes checked on a GPU (the kernels compute in float32)
 
 
 def pick_impl(impl: str, x: torch.Tensor) -> str:
