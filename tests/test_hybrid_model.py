@@ -262,6 +262,19 @@ def test_config_errors():
         HybridConfig(lact_update="adam")
     with pytest.raises(ValueError, match="attn_backend"):
         HybridConfig(attn_backend="flash")
+    with pytest.raises(ValueError, match=r"lact_glue must be one of \('auto', 'torch', 'triton'\), got 'cuda'"):
+        HybridConfig(lact_glue="cuda")
+
+
+def test_lact_glue_reaches_the_layers_and_survives_save_load(tmp_path):
+    """``lact_glue`` picks each LaCT layer's glue and is saved with the config."""
+    model = tiny(["lact", "swa"], "swiglu", lact_glue="torch")
+    assert [m.glue for m in model.modules() if isinstance(m, LaCTLayer)] == ["torch"]
+    model.save_pretrained(tmp_path)
+    again = HybridForCausalLM.from_pretrained(tmp_path)
+    assert again.config.lact_glue == "torch"
+    assert [m.glue for m in again.modules() if isinstance(m, LaCTLayer)] == ["torch"]
+    assert [m.glue for m in tiny(["lact"], "swiglu").modules() if isinstance(m, LaCTLayer)] == ["auto"]
 
 
 @pytest.mark.parametrize("kw,match", [

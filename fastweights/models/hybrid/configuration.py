@@ -11,6 +11,7 @@ from __future__ import annotations
 from fastweights.layers.inplace_ttt import TARGETS
 from fastweights.models.hybrid.compat import PreTrainedConfig
 from fastweights.ops.lact import ORDERS, UPDATES
+from fastweights.ops.lact_glue import IMPLS as GLUE_IMPLS
 
 __all__ = ["MIXERS", "MLPS", "HybridConfig"]
 
@@ -38,7 +39,8 @@ class HybridConfig(PreTrainedConfig):
     """Qwen3-style decoder (RMSNorm, RoPE, GQA, SwiGLU) with per-layer mixers and MLPs.
 
     LaCT keys: ``lact_heads`` (n_h), ``lact_chunk_size`` (C), ``lact_update`` (gd | momentum |
-    muon), ``lact_order``, ``lact_lr_init``, ``lact_init_rank``. ``sliding_window`` serves
+    muon), ``lact_order``, ``lact_lr_init``, ``lact_init_rank``, ``lact_glue`` (auto | torch | triton:
+    the layer's elementwise glue, fastweights.ops.lact_glue). ``sliding_window`` serves
     ``swa`` and LaCT's SWA. LaCT layers share one q/k/v projection between the SWA and the fast
     branch (SPEC §2), with ``num_attention_heads`` heads for k and v too: ``num_key_value_heads``
     (GQA) applies to the ``attention`` and ``swa`` mixers only. In-Place TTT keys (``inplace_ttt`` MLPs): ``ttt_chunk``,
@@ -71,6 +73,7 @@ class HybridConfig(PreTrainedConfig):
         lact_order: str = "apply_update",
         lact_lr_init: float = 1e-3,
         lact_init_rank: int = 32,
+        lact_glue: str = "auto",
         ttt_chunk: int = 1024,
         ttt_lr: float = 3.0,
         ttt_target: str = "embed",
@@ -99,6 +102,7 @@ class HybridConfig(PreTrainedConfig):
         self.lact_order = _one_of(lact_order, ORDERS, "lact_order")
         self.lact_lr_init = lact_lr_init
         self.lact_init_rank = lact_init_rank
+        self.lact_glue = _one_of(lact_glue, GLUE_IMPLS, "lact_glue")
         self.ttt_chunk = ttt_chunk
         self.ttt_lr = ttt_lr
         self.ttt_target = _one_of(ttt_target, TARGETS, "ttt_target")

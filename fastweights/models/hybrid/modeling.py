@@ -72,7 +72,7 @@ def make_mixer(config: HybridConfig, kind: str) -> nn.Module:
                          window=config.sliding_window, chunk_size=config.lact_chunk_size,
                          update=config.lact_update, order=config.lact_order, lr_init=config.lact_lr_init,
                          init_rank=config.lact_init_rank, rope_base=config.rope_base, eps=config.rms_norm_eps,
-                         attn_backend=config.attn_backend)
+                         attn_backend=config.attn_backend, glue=config.lact_glue)
     return FlaMixer(config.hidden_size, config.num_attention_heads, kind)
 
 
