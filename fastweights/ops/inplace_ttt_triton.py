@@ -15,6 +15,7 @@ tensors under ``TRITON_INTERPRET=1`` (that is how the tests check them without a
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -27,7 +28,7 @@ try:
 except ImportError:  # the `triton` extra is not installed
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "build_weights", "chunk_conv", "chunk_conv_backward", "usable"]
+__all__ = ["HAVE_TRITON", "build_weights", "chunk_conv", "chunk_conv_backward", "on_device", "usable"]
 
 # (tokens, channels) per program; measured on an H100 at d=4096, N=32768 (scripts/tune_conv.py)
 FWD_BLOCK = (16, 256)
@@ -39,6 +40,16 @@ def usable(x: torch.Tensor) -> bool:
     if not HAVE_TRITON:
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def on_device(x: torch.Tensor):
+    """A context for a kernel launch on ``x``'s device. Triton launches on the *current* CUDA
+    device, not on its arguments' (triton-lang/triton#2441), so a model spread over several
+    GPUs (``device_map``) needs ``x``'s device made current; a no-op when it already is, and on
+    CPU (the interpreter)."""
+    if x.is_cuda and x.device.index is not None and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 if HAVE_TRITON:
@@ -95,8 +106,9 @@ def chunk_conv(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tenso
     out = torch.empty_like(x)
     if x.numel():
         gi = g.to(torch.int32).contiguous()
-        _conv_kernel[_grid(B, N, D, FWD_BLOCK)](x, w.contiguous(), gi, out, x, out, N, D, 1, TRANSPOSE=False,
-                                                WITH_DW=False, BN=FWD_BLOCK[0], BD=FWD_BLOCK[1])
+        with on_device(x):
+            _conv_kernel[_grid(B, N, D, FWD_BLOCK)](x, w.contiguous(), gi, out, x, out, N, D, 1, TRANSPOSE=False,
+                                                    WITH_DW=False, BN=FWD_BLOCK[0], BD=FWD_BLOCK[1])
     return out
 
 
@@ -108,9 +120,10 @@ def chunk_conv_backward(dt: torch.Tensor, s: torch.Tensor, w: torch.Tensor, g: t
     nb = triton.cdiv(N, BWD_BLOCK[0])
     dw_part = torch.empty(B * nb if need_dw else 1, 5, D, dtype=torch.float32, device=dt.device)
     if dt.numel():
-        _conv_kernel[_grid(B, N, D, BWD_BLOCK)](dt, w.contiguous(), g.to(torch.int32).contiguous(), ds, s,
-                                                dw_part, N, D, nb, TRANSPOSE=True, WITH_DW=need_dw,
-                                                BN=BWD_BLOCK[0], BD=BWD_BLOCK[1])
+        with on_device(dt):
+            _conv_kernel[_grid(B, N, D, BWD_BLOCK)](dt, w.contiguous(), g.to(torch.int32).contiguous(), ds, s,
+                                                    dw_part, N, D, nb, TRANSPOSE=True, WITH_DW=need_dw,
+                                                    BN=BWD_BLOCK[0], BD=BWD_BLOCK[1])
     elif need_dw:
         dw_part.zero_()
     return ds, (dw_part.sum(0).t() if need_dw else None)
@@ -143,7 +156,8 @@ def build_weights(s, out_w, u, sigma: float, out_u) -> None:
     for t in (s, out_w, u, out_u):
         assert t.stride(1) == 1, "columns must be contiguous"
     grid = (triton.cdiv(R, 32), triton.cdiv(Cn, 256))
-    _weights_kernel[grid](
-        s, out_w, u, out_u, R, Cn, s.stride(0), out_w.stride(0), u.stride(0), out_u.stride(0), float(sigma),
-        BR=32, BC=256,
-    )
+    with on_device(s):
+        _weights_kernel[grid](
+            s, out_w, u, out_u, R, Cn, s.stride(0), out_w.stride(0), u.stride(0), out_u.stride(0), float(sigma),
+            BR=32, BC=256,
+        )

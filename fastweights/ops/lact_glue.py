@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastweights.ops.inplace_ttt_triton import HAVE_TRITON, usable
+from fastweights.ops.inplace_ttt_triton import HAVE_TRITON, on_device, usable
 from fastweights.ops.rope import apply_rope
 
 if HAVE_TRITON:
@@ -286,10 +286,11 @@ def _inputs_launch(x, cos, sin, scale, shift, dy, heads: int, qk: bool, backward
         dsc = dsh = dy = y  # unused
         dstr = (0, 0, 0)
     grid = (heads * n_blocks, B)
-    _inputs_kernel[grid](x, cos, sin, scale, shift, dy, y, dsc, dsh,
-                         N, heads, D, D // 2, x.stride(0), x.stride(1), cos.stride(0), cos.stride(1),
-                         sin.stride(0), sin.stride(1), *dstr, n_blocks, NORM_EPS,
-                         QK=qk, BACKWARD=backward, BN=BLOCK_N, TB=TILE_N, BH=_half_block(D), num_warps=WARPS)
+    with on_device(x):
+        _inputs_kernel[grid](x, cos, sin, scale, shift, dy, y, dsc, dsh,
+                             N, heads, D, D // 2, x.stride(0), x.stride(1), cos.stride(0), cos.stride(1),
+                             sin.stride(0), sin.stride(1), *dstr, n_blocks, NORM_EPS,
+                             QK=qk, BACKWARD=backward, BN=BLOCK_N, TB=TILE_N, BH=_half_block(D), num_warps=WARPS)
     if backward and qk:
         return y, dsc.sum(0), dsh.sum(0)
     return y
@@ -351,10 +352,11 @@ def _merge_launch(a, g, f, w, do, eps: float, backward: bool):
     else:
         do = df = dw = out  # unused
         ostr = (0, 0)
-    _merge_kernel[(n_blocks, H, B)](a, g, f, w, do, out, df, dw, N, D, a.stride(0), a.stride(1),
-                                    g.stride(0), g.stride(1), f.stride(0), f.stride(1), f.stride(2), *ostr,
-                                    n_blocks, eps, BACKWARD=backward, BN=MERGE_BLOCK_N,
-                                    BD=triton.next_power_of_2(D), num_warps=MERGE_WARPS)
+    with on_device(f):
+        _merge_kernel[(n_blocks, H, B)](a, g, f, w, do, out, df, dw, N, D, a.stride(0), a.stride(1),
+                                        g.stride(0), g.stride(1), f.stride(0), f.stride(1), f.stride(2), *ostr,
+                                        n_blocks, eps, BACKWARD=backward, BN=MERGE_BLOCK_N,
+                                        BD=triton.next_power_of_2(D), num_warps=MERGE_WARPS)
     return (out, df, dw.sum(0)) if backward else out
 
 
