@@ -1,6 +1,7 @@
-"""The Triton kernels launch on their tensors' GPU, not on the current one (a model spread over
-several GPUs, as with ``device_map``): each kernel's results on the last GPU, with GPU 0
-current, equal its results with that GPU current. Needs two GPUs; skips otherwise."""
+"""Kernels launch on their tensors' GPU, not on the current one (a model spread over several
+GPUs, as with ``device_map``): each Triton kernel's results on the last GPU, with GPU 0 current,
+equal its results with that GPU current, and LaCT's CUDA-graphed loop captures and replays
+there. Needs two GPUs; skips otherwise."""
 
 import pytest
 import torch
@@ -54,3 +55,28 @@ def test_triton_kernels_run_on_their_tensors_gpu():
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert torch.equal(a, b), i
         assert a.abs().sum() > 0, i  # each kernel wrote something
+
+
+@pytest.mark.gpu
+def test_lact_loop_graphs_on_a_gpu_that_is_not_current():
+    """LaCT's CUDA-graphed loop on the last GPU with GPU 0 current: captured and replayed there,
+    output and every gradient as the float64 CPU reference."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from fastweights.ops.lact import LoopGraphs, lact_chunked, lact_reference
+    from tests.test_lact_op import make, rel
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    last = torch.device("cuda", torch.cuda.device_count() - 1)
+    kw = dict(chunk_size=16, update="muon")
+    inputs = make(B=1, H=2, N=70, D=16, Dh=16, D2=16, dtype=torch.float64, seed=3)
+    ref = lact_reference(*inputs, **kw)
+    go = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, inputs, go)
+    dev = [t.detach().float().to(last).requires_grad_(True) for t in inputs]
+    out = lact_chunked(*dev, **kw, compile="graphs", graphs=LoopGraphs())
+    got = torch.autograd.grad(out, dev, go.float().to(last))
+    assert torch.cuda.current_device() == 0 and out.device == last
+    assert rel(out.double().cpu(), ref) < 1e-4
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert rel(a.double().cpu(), b) < 1e-3, i

@@ -533,13 +533,14 @@ class LoopGraphs:
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
         key = (chunk_size, update, order, beta is None, autocast,
                tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs))
-        if key in self._entries:
-            self._entries.move_to_end(key)
-        else:
-            while len(self._entries) >= self.max_captures:
-                self._entries.popitem(last=False)
-            self._entries[key] = _GraphEntry(_loop_fn(chunk_size, update, order, beta is None), inputs)
-        return _GraphedLoop.apply(self._entries[key], *inputs)
+        with torch.cuda.device(q.device):  # capture and replay on the inputs' GPU, current or not
+            if key in self._entries:
+                self._entries.move_to_end(key)
+            else:
+                while len(self._entries) >= self.max_captures:
+                    self._entries.popitem(last=False)
+                self._entries[key] = _GraphEntry(_loop_fn(chunk_size, update, order, beta is None), inputs)
+            return _GraphedLoop.apply(self._entries[key], *inputs)
 
 
 def _loop_fn(chunk_size, update, order, no_beta):
