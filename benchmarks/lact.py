@@ -47,7 +47,6 @@ import traceback
 
 import torch
 
-from fastweights.layers.lact import LaCTLayer
 from fastweights.models.hybrid import HybridConfig
 from fastweights.models.hybrid.modeling import HybridBlock, _layout
 from fastweights.ops.lact import COMPILE_ENV, SCOPE_ENV, UPDATES, lact_chunked, lact_reference
@@ -76,7 +75,7 @@ COMPILE = {"lact-muon-eager": "0", "lact-muon-cudagraphs": "reduce-overhead", "l
 # loop; these variants compile the chunk step only (CUDA graphs: the loop with CUDA graphs fails in
 # torch 2.11, the two layers' calls of one compiled graph overwrite each other's saved tensors)
 SCOPE = {"lact-muon-step": "step", "lact-muon-cudagraphs": "step"}
-# the LaCT layer's glue (fastweights.ops.lact_glue; LaCTLayer.glue, default auto: Triton on CUDA)
+# the LaCT layers' glue (HybridConfig.lact_glue; default auto: Triton on CUDA)
 GLUE = {"lact-muon-triton-glue": "triton", "lact-muon-torch-glue": "torch"}
 SHAPES = {
     "760m": dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12, num_key_value_heads=12,
@@ -178,12 +177,9 @@ def build_step(name, shape, layers, dtype, device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     cfg_kw = {k: v for k, v in shape.items() if k != "seqlen"}
-    cfg = HybridConfig(vocab_size=256, num_hidden_layers=layers, **cfg_kw, **VARIANTS[name])
+    glue = GLUE.get(name, "auto") if device.type == "cuda" else "auto"  # Triton's glue needs CUDA
+    cfg = HybridConfig(vocab_size=256, num_hidden_layers=layers, lact_glue=glue, **cfg_kw, **VARIANTS[name])
     blocks = torch.nn.ModuleList(HybridBlock(cfg, i) for i in range(layers)).to(device=device, dtype=dtype)
-    if name in GLUE and device.type == "cuda":
-        for m in blocks.modules():
-            if isinstance(m, LaCTLayer):
-                m.glue = GLUE[name]
     N, d = shape["seqlen"], cfg.hidden_size
     x = torch.randn(1, N, d, device=device, dtype=dtype, requires_grad=True)
     embeds = torch.randn(1, N, d, device=device, dtype=dtype)

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from fastweights.errors import check_positive_int
 from fastweights.ops.inplace_ttt import doc_starts
+from fastweights.ops.inplace_ttt_triton import on_device
 
 __all__ = [
     "NS_COEFFS",
@@ -533,7 +534,7 @@ class LoopGraphs:
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
         key = (chunk_size, update, order, beta is None, autocast,
                tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs))
-        with torch.cuda.device(q.device):  # capture and replay on the inputs' GPU, current or not
+        with on_device(q):  # capture and replay on the inputs' GPU, current or not
             if key in self._entries:
                 self._entries.move_to_end(key)
             else:
