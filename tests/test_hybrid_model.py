@@ -1,6 +1,7 @@
 """The LaCT layer and the hybrid model family: cached decoding equals the full forward, packed
 equals one by one, save/load, generate, Auto classes, and every mixer/MLP combination trains."""
 
+import copy
 import inspect
 import json.decoder
 import warnings
@@ -73,6 +74,33 @@ def test_lact_layer_init_and_reference_impl(update):
     y1, _ = layer(x, layout_for(pos))
     y2, _ = ref(x, layout_for(pos))
     assert rel(y1, y2) < 1e-5
+
+
+@pytest.mark.parametrize("update,heads", [("gd", 4), ("muon", 4), ("momentum", 3)])
+def test_stacked_gate_and_rates_equal_the_three_projections(update, heads):
+    """The one stacked product (padded to 8 rows for gd and odd head counts) gives W_s x, W_η x + b
+    and w_βᵀ x as the three modules would, forward and every gradient."""
+    torch.manual_seed(1)
+    layer = LaCTLayer(48, 4, fw_heads=heads, window=8, chunk_size=8, update=update).double()
+    with torch.no_grad():
+        layer.lr_proj.bias.normal_()
+    x = torch.randn(2, 7, 48, dtype=torch.float64, requires_grad=True)
+    got = layer._gate_rates(x)
+    want = (layer.gate_proj(x), layer.lr_proj(x), None if layer.beta_proj is None else layer.beta_proj(x))
+    assert (got[2] is None) == (want[2] is None)
+    params = [x] + [p for p in layer.parameters() if p.requires_grad]
+    grads = []
+    for outs in (got, want):
+        loss = sum((o * torch.randn_like(o, generator=torch.Generator().manual_seed(i))).sum()
+                   for i, o in enumerate(outs) if o is not None)
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+    for a, b in zip(got, want):
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 COMBOS = [
@@ -449,6 +477,39 @@ def test_lact_layer_compiled_on_cuda_matches_cpu_float64(glue):
     got = _layer_grads(layer.to(dev, torch.float32), x.to(dev, torch.float32), pos.to(dev))
     for a, b in zip(got, want, strict=True):
         assert (a is None) == (b is None) and (a is None or rel(a.double().cpu(), b) < 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("glue", ["torch", "triton"])
+def test_lact_layer_cuda_graphs_match_cpu_float64(monkeypatch, glue):
+    """The layer's graphed loop hands its output and gradients over without copies
+    (``LoopGraphs(reuse_outputs=True)``): three training steps on fresh inputs (replays) match
+    the float64 CPU layer, output and every gradient, and each step's parameter gradients stay as
+    they were after the next step's replay."""
+    monkeypatch.setenv("FASTWEIGHTS_LACT_COMPILE", "graphs")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    layer = LaCTLayer(64, 4, fw_heads=2, window=16, chunk_size=16, update="muon", glue="torch").double()
+    _perturb_fast_params(layer)
+    dev = torch.device("cuda")
+    gpu = copy.deepcopy(layer).to(dev, torch.float32)
+    gpu.glue = glue
+    assert gpu.graphs.reuse_outputs
+    kept = None
+    for step in range(3):
+        x = torch.randn(1, 75, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + step))
+        pos = torch.arange(75).unsqueeze(0)
+        monkeypatch.setenv("FASTWEIGHTS_LACT_COMPILE", "0")
+        want = _layer_grads(layer, x, pos)
+        monkeypatch.setenv("FASTWEIGHTS_LACT_COMPILE", "graphs")
+        got = _layer_grads(gpu, x.to(dev, torch.float32), pos.to(dev))
+        assert len(gpu.graphs._entries) == 1
+        for a, b in zip(got, want, strict=True):
+            assert (a is None) == (b is None) and (a is None or rel(a.double().cpu(), b) < 1e-3), step
+        if kept is not None:
+            for g, c in kept:
+                assert torch.equal(g, c), step
+        kept = [(g, g.clone()) for g in got[1:] if g is not None]
 
 
 def test_activation_checkpointing_refuses_lact_cuda_graphs(monkeypatch):

@@ -170,10 +170,10 @@ def test_graphs_setting_on_cpu_runs_eagerly_and_loop_graphs_need_cuda():
     assert rel(out, lact_reference(*inputs, **kw)) < 1e-12
     with pytest.raises(ValueError, match="needs CUDA tensors, got device cpu"):
         graphs(*inputs, 8, "muon", "apply_update")
-    graphs = lact_op.LoopGraphs(max_captures=3)
+    graphs = lact_op.LoopGraphs(max_captures=3, reuse_outputs=True)
     graphs._entries["x"] = object()  # a layer holding captures can be deep-copied and pickled
     for other in (copy.deepcopy(graphs), pickle.loads(pickle.dumps(graphs))):
-        assert len(other._entries) == 0 and other.max_captures == 3
+        assert len(other._entries) == 0 and other.max_captures == 3 and other.reuse_outputs
     with pytest.raises(ValueError, match="max_captures must be >= 1, got 0"):
         lact_op.LoopGraphs(max_captures=0)
 

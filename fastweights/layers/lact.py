@@ -116,7 +116,9 @@ class LaCTLayer(nn.Module):
         self.w1 = nn.Parameter(torch.empty(fw_heads, D, D))
         self.w2 = nn.Parameter(torch.empty(fw_heads, D, D))
         self.w3 = nn.Parameter(torch.empty(fw_heads, D, D))
-        self.graphs = LoopGraphs()  # used only with FASTWEIGHTS_LACT_COMPILE=graphs (CUDA training)
+        # used only with FASTWEIGHTS_LACT_COMPILE=graphs (CUDA training); the merge and the glue
+        # consume the loop's output and gradients at once, so the graphs need not copy them out
+        self.graphs = LoopGraphs(reuse_outputs=True)
         self.reset_fast_parameters()
 
     def extra_repr(self) -> str:
@@ -149,6 +151,21 @@ class LaCTLayer(nn.Module):
         for name, value in self.fast_init().items():
             params[name].copy_(value)
 
+    def _gate_rates(self, x: torch.Tensor):
+        """``W_s x`` (B, N, d), ``W_η x + b`` (B, N, 3H) and ``w_βᵀ x`` (B, N, H) or None, from one
+        product with the three weights stacked: the η/β products alone have 12 and 4 output
+        columns, which cuBLAS runs on slow unaligned kernels, and each adds its own ∂x to the
+        gate's in the backward (docs/benchmarks.md, sixteenth measurement)."""
+        ws = [self.gate_proj.weight, self.lr_proj.weight] + ([] if self.beta_proj is None else [self.beta_proj.weight])
+        rows = [w.shape[0] for w in ws]
+        pad = -sum(rows) % 8  # output rows of 16-byte multiples (bf16), else cuBLAS takes its slow path
+        if pad:
+            ws.append(ws[0].new_zeros(pad, ws[0].shape[1]))
+            rows.append(pad)
+        gate_raw, lr_raw, *rest = F.linear(x, torch.cat(ws)).split(rows, dim=-1)
+        beta_raw = rest[0] if self.beta_proj is not None else None
+        return gate_raw, lr_raw + self.lr_proj.bias, beta_raw
+
     def forward(self, x: torch.Tensor, layout: TokenLayout, past=None, use_cache: bool = False):
         B, N, d = x.shape
         H, D = self.fw_heads, self.fw_dim
@@ -167,9 +184,9 @@ class LaCTLayer(nn.Module):
         # fast-weight path
         training = torch.is_grad_enabled() and past is None and not use_cache
         cos_f, sin_f = rope_cos_sin(pos, D, self.rope_base, x.dtype)
-        beta_raw = None if self.beta_proj is None else self.beta_proj(x)
+        gate_raw, lr_raw, beta_raw = self._gate_rates(x)
         qf, kf, vf, lr, beta = _glue(fast_inputs, "layer-inputs", x, training, self.glue)(
-            q, k, v, self.lr_proj(x), beta_raw, cos_f, sin_f, self.qk_scale, self.qk_shift, H)
+            q, k, v, lr_raw, beta_raw, cos_f, sin_f, self.qk_scale, self.qk_shift, H)
         args = (qf, kf, vf, lr, beta, self.w1, self.w2, self.w3)
         kw = dict(chunk_size=self.chunk_size, update=self.update, order=self.order, position_ids=pos)
         state = None
@@ -181,6 +198,6 @@ class LaCTLayer(nn.Module):
             f = (lact_chunked(*args, **kw, graphs=self.graphs) if self.impl == "chunked"
                  else lact_reference(*args, **kw))
         merge_fn = _glue(merge, "layer-merge", x, training, self.glue)
-        merged = merge_fn(a, self.gate_proj(x), f, self.fw_norm.weight, self.fw_norm.eps)
+        merged = merge_fn(a, gate_raw, f, self.fw_norm.weight, self.fw_norm.eps)
         return self.o_proj(merged), ((*keep_window(ka, va, self.window), state) if use_cache else None)
 
