@@ -29,8 +29,9 @@ from fastweights.ops.rope import rope_cos_sin
 # (tokens per program, tokens per tile, warps): the registers stay below 100 without spills in each
 # (cuobjdump of the sm_90 build); (tokens per program, warps) for merge
 INPUT_CONFIGS = ([(bn, tb, w) for bn in (16, 64) for tb, w in ((1, 4), (1, 8), (2, 4), (2, 8))] + [(32, 1, 4)]
-                 + [(16, 1, 1), (16, 1, 2), (16, 2, 1), (16, 2, 2), (16, 4, 2), (16, 4, 4), (32, 8, 8)])
-MERGE_CONFIGS = list(itertools.product((2, 4, 8), (4, 8)))
+                 + [(16, 1, 1), (16, 1, 2), (16, 2, 1), (16, 2, 2), (16, 4, 2), (16, 4, 4), (32, 8, 8)]
+                 + [(8, 1, 1), (8, 2, 1), (32, 1, 1), (32, 2, 1), (64, 2, 1), (16, 4, 1)])
+MERGE_CONFIGS = list(itertools.product((2, 4, 8), (4, 8))) + list(itertools.product((2, 4, 8, 16), (1, 2)))
 
 
 def make(B, N, H, D, dev, dt, seed=0):

@@ -43,8 +43,8 @@ NORM_EPS = 1e-12  # F.normalize's default
 # fast_inputs: tokens per program, per tile (a power of two dividing BLOCK_N) and warps;
 # merge: tokens per program and warps (benchmarks/lact_glue.py sweeps them; the defaults are the
 # fastest of the fifteenth measurement's sweep)
-BLOCK_N, TILE_N, WARPS = 16, 1, 4
-MERGE_BLOCK_N, MERGE_WARPS = 4, 4
+BLOCK_N, TILE_N, WARPS = 16, 2, 1
+MERGE_BLOCK_N, MERGE_WARPS = 4, 2
 AUTO_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes checked on a GPU (the kernels compute in float32)
 
 
