@@ -50,9 +50,10 @@ def test_lact_glue_benchmark_checks_triton_against_torch_on_cpu():
     res = subprocess.run([sys.executable, "benchmarks/lact_glue.py", "--tiny", "--iters", "1", "--warmup", "0"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    rows = [line.split("|") for line in res.stdout.splitlines() if line.startswith(("| fast_inputs | ", "| merge | "))]
+    rows = [line.split("|") for line in res.stdout.splitlines() if line.startswith(("| fast_inputs", "| merge | "))]
     tri = [r for r in rows if r[2].strip().isdigit()]
-    assert len(rows) == 5 and len(tri) == 3, res.stdout  # --tiny: 1 inputs and 2 merge configurations
+    # --tiny: 1 forward and 1 backward inputs configuration, 2 merge configurations, each group with its torch row
+    assert len(rows) == 7 and len(tri) == 4, res.stdout
     assert all(float(r[5]) < 1e-5 for r in tri), res.stdout  # | glue | tokens | tile | warps | rel. err. |
 
 

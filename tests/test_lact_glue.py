@@ -47,22 +47,31 @@ sh = 0.3 * torch.randn(2, d, generator=gen, dtype=torch.float64)
 pos = torch.cat([torch.arange(7), torch.arange(12)]).expand(B, N)  # two documents per row
 cos, sin = rope_cos_sin(pos, D, 1e4, torch.float64)
 gos = [torch.randn(s, generator=gen, dtype=torch.float64) for s in [(B, H, N, D)] * 3 + [(B, H, N, 3), (B, H, N)]]
+# cotangents of q, k, v passed through to the other branch (a strided one, as attention's may be)
+gos_pass = [torch.randn(B, N, d, generator=gen, dtype=torch.float64),
+            torch.randn(B, N, 2 * d, generator=gen, dtype=torch.float64)[..., d:],
+            torch.randn(B, N, d, generator=gen, dtype=torch.float64)]
 
-def inputs(impl, dtype, beta):
+def inputs(impl, dtype, beta, passthrough=False, fast=True):
     leaves = [t.to(dtype).requires_grad_() for t in (qkv, lr, be, sc, sh)]
     q, k, v = leaves[0].chunk(3, dim=-1)  # strided views, as in the layer
     outs = G.fast_inputs(q, k, v, leaves[1], leaves[2] if beta else None, cos.to(dtype), sin.to(dtype),
-                         leaves[3], leaves[4], H, impl=impl)
-    outs = [o for o in outs if o is not None]
-    loss = sum((o * g.to(dtype)).sum() for o, g in zip(outs, gos))
+                         leaves[3], leaves[4], H, impl=impl, passthrough=passthrough)
+    assert len(outs) == (8 if passthrough else 5)
+    if passthrough:
+        assert all(torch.equal(o, x) for o, x in zip(outs[5:], (q, k, v)))
+    outs = [o for o in outs[:5] if o is not None] + list(outs[5:])
+    pairs = list(zip(outs, gos if fast else [])) + (list(zip(outs[-3:], gos_pass)) if passthrough else [])
+    loss = sum((o * g.to(dtype)).sum() for o, g in pairs)
     used = leaves if beta else leaves[:2] + leaves[3:]
-    return [*outs, *torch.autograd.grad(loss, used)]
+    return [*outs, *torch.autograd.grad(loss, used, allow_unused=not fast)]
 
 empty = torch.empty
 # (tokens per program, per tile): the defaults, and blocks that split N over several programs
 # with a short last tile (their ∂scale/∂shift partial sums meet in the reduction)
-for G.BLOCK_N, G.TILE_N in ((G.BLOCK_N, G.TILE_N), (8, 4), (4, 1)):
-    assert N % G.BLOCK_N
+for (G.BLOCK_N, G.TILE_N), (G.BWD_BLOCK_N, G.BWD_TILE_N) in (
+        ((G.BLOCK_N, G.TILE_N), (G.BWD_BLOCK_N, G.BWD_TILE_N)), ((8, 4), (4, 1)), ((4, 1), (8, 4))):
+    assert N % G.BLOCK_N and N % G.BWD_BLOCK_N
     for beta in (True, False):
         want = inputs("torch", torch.float64, beta)
         torch.empty = lambda *a, **k: empty(*a, **k).fill_(float("nan"))  # an unwritten element -> NaN
@@ -72,6 +81,20 @@ for G.BLOCK_N, G.TILE_N in ((G.BLOCK_N, G.TILE_N), (8, 4), (4, 1)):
         for i, (a, b) in enumerate(zip(got, want)):
             assert not a.isnan().any(), i
             assert rel(a, b) < 2e-6, (i, rel(a, b))
+    # q, k, v passed through: the Triton backward adds their other gradient in its own pass;
+    # also when only the passed-through tensors get a gradient (the fast outputs get none)
+    for fast in (True, False):
+        want = inputs("torch", torch.float64, True, passthrough=True, fast=fast)
+        torch.empty = lambda *a, **k: empty(*a, **k).fill_(float("nan"))
+        got = inputs("triton", torch.float32, True, passthrough=True, fast=fast)
+        torch.empty = empty
+        assert len(got) == len(want) == 13
+        for i, (a, b) in enumerate(zip(got, want)):
+            if b is None:  # unused by the reference: None or zeros
+                assert a is None or not a.any(), i
+            else:
+                assert not a.isnan().any(), i
+                assert rel(a, b) < 2e-6, (i, rel(a, b))
 
 # rows whose SiLU has a norm below eps (tiny, zero): the norm is clamped at eps, as F.normalize does
 z = torch.zeros(1, 3, 4, dtype=torch.float64)
@@ -206,10 +229,11 @@ def test_glue_kernels_compile_for_hopper_without_a_gpu():
 
     D = 384
     for qk in (True, False):
-        for backward in (True, False):
-            consts = dict(QK=qk, BACKWARD=backward, BN=lact_glue.BLOCK_N, TB=lact_glue.TILE_N,
-                          BH=lact_glue._half_block(D))
-            kernel = build(lact_glue._inputs_kernel, consts, ("dsc_ptr", "dsh_ptr"), lact_glue.WARPS)
+        for backward, acc in ((True, True), (True, False), (False, False)):
+            g = lact_glue
+            bn, tb, warps = (g.BWD_BLOCK_N, g.BWD_TILE_N, g.BWD_WARPS) if backward else (g.BLOCK_N, g.TILE_N, g.WARPS)
+            consts = dict(QK=qk, BACKWARD=backward, BN=bn, TB=tb, BH=lact_glue._half_block(D), ACC=acc)
+            kernel = build(lact_glue._inputs_kernel, consts, ("dsc_ptr", "dsh_ptr"), warps)
             assert kernel.asm["cubin"], consts
     for backward in (True, False):
         consts = dict(BACKWARD=backward, BN=lact_glue.MERGE_BLOCK_N, BD=512)

@@ -173,6 +173,13 @@ class LaCTLayer(nn.Module):
         # come out contiguous (chunks of one product are strided views, which RMSNorm copies)
         q, k, v = (F.linear(x, w) for w in self.qkv_proj.weight.split(d))
         pos = layout.position_ids
+        # the fast branch's inputs first: the glue passes q, k, v on to the attention path, so that
+        # its Triton backward adds both branches' gradients of each in one pass
+        training = torch.is_grad_enabled() and past is None and not use_cache
+        cos_f, sin_f = rope_cos_sin(pos, D, self.rope_base, x.dtype)
+        gate_raw, lr_raw, beta_raw = self._gate_rates(x)
+        qf, kf, vf, lr, beta, q, k, v = _glue(fast_inputs, "layer-inputs", x, training, self.glue)(
+            q, k, v, lr_raw, beta_raw, cos_f, sin_f, self.qk_scale, self.qk_shift, H, passthrough=True)
         # sliding-window attention path
         cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_base, x.dtype)
         qa = apply_rope(self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2), cos, sin)
@@ -182,11 +189,6 @@ class LaCTLayer(nn.Module):
             ka, va = torch.cat([past[0], ka], dim=2), torch.cat([past[1], va], dim=2)
         a = attend(qa, ka, va, layout, self.window, self.attn_backend).transpose(1, 2).reshape(B, N, d)
         # fast-weight path
-        training = torch.is_grad_enabled() and past is None and not use_cache
-        cos_f, sin_f = rope_cos_sin(pos, D, self.rope_base, x.dtype)
-        gate_raw, lr_raw, beta_raw = self._gate_rates(x)
-        qf, kf, vf, lr, beta = _glue(fast_inputs, "layer-inputs", x, training, self.glue)(
-            q, k, v, lr_raw, beta_raw, cos_f, sin_f, self.qk_scale, self.qk_shift, H)
         args = (qf, kf, vf, lr, beta, self.w1, self.w2, self.w3)
         kw = dict(chunk_size=self.chunk_size, update=self.update, order=self.order, position_ids=pos)
         state = None

@@ -40,10 +40,12 @@ __all__ = ["IMPLS", "fast_inputs", "merge", "pick_impl"]
 
 IMPLS = ("auto", "torch", "triton")
 NORM_EPS = 1e-12  # F.normalize's default
-# fast_inputs: tokens per program, per tile (a power of two dividing BLOCK_N) and warps;
-# merge: tokens per program and warps (benchmarks/lact_glue.py sweeps them; the defaults are the
-# fastest of the fifteenth measurement's sweep)
+# fast_inputs: tokens per program, per tile (a power of two dividing the tokens per program) and
+# warps, for the forward and for the backward kernels; merge: tokens per program and warps
+# (benchmarks/lact_glue.py sweeps them; the defaults are the fastest of the sixteenth measurement's
+# sweeps whose sm_90 build does not spill registers)
 BLOCK_N, TILE_N, WARPS = 16, 2, 1
+BWD_BLOCK_N, BWD_TILE_N, BWD_WARPS = 16, 1, 2
 MERGE_BLOCK_N, MERGE_WARPS = 4, 2
 AUTO_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes checked on a GPU (the kernels compute in float32)
 
@@ -61,10 +63,11 @@ def pick_impl(impl: str, x: torch.Tensor) -> str:
 
 
 # --------------------------------------------------------------------------- references
-def fast_inputs_reference(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, heads: int):
+def fast_inputs_reference(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, heads: int, passthrough: bool = False):
     """The fast branch's inputs from q, k, v (B, N, d), ``lr_raw`` (B, N, 3H), ``beta_raw``
     (B, N, H) or None, RoPE ``cos``/``sin`` (B, N, D) and the scale/shift (2, d). Returns
-    q_f, k_f, v_f (B, H, N, D), η (B, H, N, 3) and β (B, H, N) or None, in the input dtype."""
+    q_f, k_f, v_f (B, H, N, D), η (B, H, N, 3) and β (B, H, N) or None, in the input dtype
+    (then q, k, v as given, with ``passthrough``: :func:`fast_inputs`)."""
     B, N, d = q.shape
     D = d // heads
 
@@ -75,7 +78,8 @@ def fast_inputs_reference(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, hea
 
     vf = F.silu(v).view(B, N, heads, D).transpose(1, 2)
     lr, beta = _rates(lr_raw, beta_raw, heads, q.dtype)
-    return qk(q, 0), qk(k, 1), vf, lr, beta
+    outs = (qk(q, 0), qk(k, 1), vf, lr, beta)
+    return (*outs, q, k, v) if passthrough else outs
 
 
 def _rates(lr_raw, beta_raw, heads: int, dtype):
@@ -93,18 +97,24 @@ def merge_reference(a, gate_raw, f, norm_weight, eps: float):
 
 
 # --------------------------------------------------------------------------- dispatch
-def fast_inputs(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, heads: int, impl: str = "torch"):
+def fast_inputs(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, heads: int, impl: str = "torch",
+                passthrough: bool = False):
     """:func:`fast_inputs_reference` (``impl="torch"``) or the same from Triton kernels
-    (``impl="triton"``: q_f, k_f, v_f come out contiguous (B, H, N, D))."""
+    (``impl="triton"``: q_f, k_f, v_f come out contiguous (B, H, N, D)).
+
+    ``passthrough``: also return q, k, v themselves, for the layer's other branch to read. With
+    the Triton kernels their gradients are then added inside the backward kernels, which write
+    ∂q = ∂q(other branch) + ∂q(fast branch) in one pass (autograd would add the two in a separate
+    pass over (B, N, d)); with torch they are q, k, v as given."""
     if pick_impl(impl, q) == "torch":
-        return fast_inputs_reference(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, heads)
+        return fast_inputs_reference(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, heads, passthrough)
     B, N, d = q.shape
     if d % heads or (d // heads) % 2:
         raise ValueError(f"d {d} must split into {heads} heads of an even width")
-    qf, kf = _QKInputs.apply(q, k, cos, sin, scale, shift, heads)
-    vf = _VInput.apply(v, heads)
+    qf, kf, q2, k2 = _QKInputs.apply(q, k, cos, sin, scale, shift, heads)
+    vf, v2 = _VInput.apply(v, heads)
     lr, beta = _rates(lr_raw, beta_raw, heads, q.dtype)
-    return qf, kf, vf, lr, beta
+    return (qf, kf, vf, lr, beta, q2, k2, v2) if passthrough else (qf, kf, vf, lr, beta)
 
 
 def merge(a, gate_raw, f, norm_weight, eps: float, impl: str = "torch"):
@@ -126,17 +136,18 @@ if HAVE_TRITON:
         return pid_n, tl.program_id(1), b, tl.num_programs(1), pid_n * BN + tl.arange(0, BN)
 
     @triton.jit
-    def _inputs_kernel(x_ptr, cos_ptr, sin_ptr, scale_ptr, shift_ptr, dy_ptr, y_ptr, dsc_ptr, dsh_ptr,
-                       N, H, D, HALF, sxb, sxn, scb, scn, ssb, ssn, sdb, sdh, sdn, n_blocks, eps,
+    def _inputs_kernel(x_ptr, cos_ptr, sin_ptr, scale_ptr, shift_ptr, dy_ptr, y_ptr, dsc_ptr, dsh_ptr, acc_ptr,
+                       N, H, D, HALF, sxb, sxn, scb, scn, ssb, ssn, sdb, sdh, sdn, sab, san, n_blocks, eps,
                        QK: tl.constexpr, BACKWARD: tl.constexpr, BN: tl.constexpr, TB: tl.constexpr,
-                       BH: tl.constexpr):
+                       BH: tl.constexpr, ACC: tl.constexpr):
         """Grid (H · token blocks, rows), heads fastest: the heads of one token block share its
         cos/sin rows, read once from HBM (one axis allows 2**31 - 1 programs). One program: BN
         tokens of fast head h of row b, TB at a time, each token as two halves of HALF.
         x (B, N, d) with strides (sxb, sxn, 1); cos/sin (B, N, D) with (scb, scn, 1) and
         (ssb, ssn, 1). Forward (QK): y (B, H, N, D) contiguous = scale * RoPE(L2norm(SiLU(x))) +
         shift; without QK, y = SiLU(x). Backward: dy (B, H, N, D) with strides (sdb, sdh, sdn, 1)
-        -> y = ∂x (B, N, d) contiguous; with QK, this program's ∂scale / ∂shift sums to row
+        -> y = ∂x (B, N, d) contiguous, plus ``acc`` (B, N, d) with strides (sab, san, 1) when ACC
+        (the gradient of x from elsewhere); with QK, this program's ∂scale / ∂shift sums to row
         (b, block) of dsc/dsh (B·n_blocks, d)."""
         pid = tl.program_id(0)
         h = pid % H
@@ -208,6 +219,10 @@ if HAVE_TRITON:
                     d2 = (e2 - xn2 * proj) * inv[:, None]
                 d1 = d1 * (s1 * (1.0 + x1 * (1.0 - s1)))  # through SiLU
                 d2 = d2 * (s2 * (1.0 + x2 * (1.0 - s2)))
+                if ACC:
+                    ap = acc_ptr + b * sab + n[:, None] * san + col
+                    d1 += tl.load(ap, mask=m, other=0.0).to(tl.float32)
+                    d2 += tl.load(ap + HALF, mask=m, other=0.0).to(tl.float32)
                 op = y_ptr + (b * N + n[:, None]) * (H * D) + col
                 tl.store(op, d1.to(y_ptr.dtype.element_ty), mask=m)
                 tl.store(op + HALF, d2.to(y_ptr.dtype.element_ty), mask=m)
@@ -257,13 +272,15 @@ def _half_block(D: int) -> int:
     return triton.next_power_of_2(max(D // 2, 1))
 
 
-def _inputs_launch(x, cos, sin, scale, shift, dy, heads: int, qk: bool, backward: bool):
-    """Run :func:`_inputs_kernel`; returns y (forward) or (∂x, ∂scale row, ∂shift row) (backward)."""
+def _inputs_launch(x, cos, sin, scale, shift, dy, heads: int, qk: bool, backward: bool, acc=None):
+    """Run :func:`_inputs_kernel`; returns y (forward) or (∂x, ∂scale row, ∂shift row) (backward),
+    with ``acc`` (B, N, d) or None added to ∂x."""
     B, N, d = x.shape
     D = d // heads
-    if BLOCK_N % TILE_N:
-        raise ValueError(f"BLOCK_N {BLOCK_N} must be a multiple of TILE_N {TILE_N}")
-    n_blocks = triton.cdiv(N, BLOCK_N)
+    bn, tb, warps = (BWD_BLOCK_N, BWD_TILE_N, BWD_WARPS) if backward else (BLOCK_N, TILE_N, WARPS)
+    if bn % tb:
+        raise ValueError(f"tokens per program {bn} must be a multiple of tokens per tile {tb}")
+    n_blocks = triton.cdiv(N, bn)
     if x.stride(-1) != 1:
         x = x.contiguous()
     if qk:
@@ -281,59 +298,72 @@ def _inputs_launch(x, cos, sin, scale, shift, dy, heads: int, qk: bool, backward
         else:  # not written
             dsc = dsh = y
         dstr = dy.stride()[:3]
+        if acc is not None and acc.stride(-1) != 1:
+            acc = acc.contiguous()
     else:
         y = torch.empty(B, heads, N, D, device=x.device, dtype=x.dtype)
         dsc = dsh = dy = y  # unused
         dstr = (0, 0, 0)
+        acc = None
+    astr = (0, 0) if acc is None else acc.stride()[:2]
     grid = (heads * n_blocks, B)
     with on_device(x):
-        _inputs_kernel[grid](x, cos, sin, scale, shift, dy, y, dsc, dsh,
+        _inputs_kernel[grid](x, cos, sin, scale, shift, dy, y, dsc, dsh, y if acc is None else acc,
                              N, heads, D, D // 2, x.stride(0), x.stride(1), cos.stride(0), cos.stride(1),
-                             sin.stride(0), sin.stride(1), *dstr, n_blocks, NORM_EPS,
-                             QK=qk, BACKWARD=backward, BN=BLOCK_N, TB=TILE_N, BH=_half_block(D), num_warps=WARPS)
+                             sin.stride(0), sin.stride(1), *dstr, *astr, n_blocks, NORM_EPS,
+                             QK=qk, BACKWARD=backward, BN=bn, TB=tb, BH=_half_block(D),
+                             ACC=acc is not None, num_warps=warps)
     if backward and qk:
         return y, dsc.sum(0), dsh.sum(0)
     return y
 
 
 class _QKInputs(torch.autograd.Function):
+    """(q_f, k_f, q, k): the fast inputs and q, k passed through (:func:`fast_inputs`)."""
+
     @staticmethod
     def forward(ctx, q, k, cos, sin, scale, shift, heads: int):
         ctx.save_for_backward(q, k, cos, sin, scale)
         ctx.heads = heads
+        ctx.set_materialize_grads(False)
         s, t = scale.detach(), shift.detach()
         return (_inputs_launch(q, cos, sin, s[0], t[0], None, heads, True, False),
-                _inputs_launch(k, cos, sin, s[1], t[1], None, heads, True, False))
+                _inputs_launch(k, cos, sin, s[1], t[1], None, heads, True, False), q, k)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gq, gk):
+    def backward(ctx, gq, gk, gq2, gk2):
         q, k, cos, sin, scale = ctx.saved_tensors
         dsc = torch.zeros(2, scale.shape[-1], device=scale.device, dtype=torch.float32)
         dsh = torch.zeros_like(dsc)
         grads = []
-        for i, (x, g) in enumerate(((q, gq), (k, gk))):
+        for i, (x, g, g2) in enumerate(((q, gq, gq2), (k, gk, gk2))):
             if g is None:
-                grads.append(None)
+                grads.append(g2)
                 continue
             s = scale[i].detach()  # the backward reads no shift
-            dx, dsc[i], dsh[i] = _inputs_launch(x, cos, sin, s, s, g, ctx.heads, True, True)
+            dx, dsc[i], dsh[i] = _inputs_launch(x, cos, sin, s, s, g, ctx.heads, True, True, acc=g2)
             grads.append(dx)
         return grads[0], grads[1], None, None, dsc.to(scale.dtype), dsh.to(scale.dtype), None
 
 
 class _VInput(torch.autograd.Function):
+    """(v_f, v): the fast input and v passed through (:func:`fast_inputs`)."""
+
     @staticmethod
     def forward(ctx, v, heads: int):
         ctx.save_for_backward(v)
         ctx.heads = heads
-        return _inputs_launch(v, None, None, None, None, None, heads, False, False)
+        ctx.set_materialize_grads(False)
+        return _inputs_launch(v, None, None, None, None, None, heads, False, False), v
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
+    def backward(ctx, g, g2):
         (v,) = ctx.saved_tensors
-        return _inputs_launch(v, None, None, None, None, g, ctx.heads, False, True), None
+        if g is None:
+            return g2, None
+        return _inputs_launch(v, None, None, None, None, g, ctx.heads, False, True, acc=g2), None
 
 
 def _merge_launch(a, g, f, w, do, eps: float, backward: bool):
