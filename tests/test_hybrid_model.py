@@ -482,7 +482,7 @@ def test_lact_layer_compiled_on_cuda_matches_cpu_float64(glue):
 @pytest.mark.gpu
 @pytest.mark.parametrize("glue", ["torch", "triton"])
 def test_lact_layer_cuda_graphs_match_cpu_float64(monkeypatch, glue):
-    """The layer's graphed loop hands its output and gradients over without copies
+    """The layer's graphed loop takes its inputs and hands its output and gradients over without copies
     (``LoopGraphs(reuse_outputs=True)``): three training steps on fresh inputs (replays) match
     the float64 CPU layer, output and every gradient, and each step's parameter gradients stay as
     they were after the next step's replay."""
@@ -495,6 +495,17 @@ def test_lact_layer_cuda_graphs_match_cpu_float64(monkeypatch, glue):
     gpu = copy.deepcopy(layer).to(dev, torch.float32)
     gpu.glue = glue
     assert gpu.graphs.reuse_outputs
+    import fastweights.ops.lact_glue as lact_glue
+    from fastweights.models.hybrid.modeling import _layout
+
+    launch, into_buffers = lact_glue._inputs_launch, []
+
+    def spy(*a, **k):  # the forward kernels: do they write into the loop's input buffers?
+        if not a[8]:
+            into_buffers.append(k.get("out") is not None)
+        return launch(*a, **k)
+
+    monkeypatch.setattr(lact_glue, "_inputs_launch", spy)
     kept = None
     for step in range(3):
         x = torch.randn(1, 75, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + step))
@@ -510,6 +521,15 @@ def test_lact_layer_cuda_graphs_match_cpu_float64(monkeypatch, glue):
             for g, c in kept:
                 assert torch.equal(g, c), step
         kept = [(g, g.clone()) for g in got[1:] if g is not None]
+    # Triton: q_f, k_f, v_f go straight into the graphs' buffers once a capture exists (steps 2, 3)
+    assert into_buffers == ([False] * 3 + [True] * 6 if glue == "triton" else []), into_buffers
+    # a second forward before the first one's backward: that backward raises, never stale gradients
+    x = torch.randn(1, 75, 64, device=dev)
+    lay = _layout(torch.arange(75, device=dev).unsqueeze(0), None, None, 1, 75, dev)
+    first, _ = gpu(x, lay)
+    gpu(x, lay)[0].sum().backward()
+    with pytest.raises(RuntimeError, match="overwritten by a later forward"):
+        first.sum().backward()
 
 
 def test_activation_checkpointing_refuses_lact_cuda_graphs(monkeypatch):

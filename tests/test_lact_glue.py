@@ -96,6 +96,20 @@ for (G.BLOCK_N, G.TILE_N), (G.BWD_BLOCK_N, G.BWD_TILE_N) in (
                 assert not a.isnan().any(), i
                 assert rel(a, b) < 2e-6, (i, rel(a, b))
 
+# out=: the kernels write q_f, k_f, v_f into given buffers (the loop's CUDA-graph inputs) and return them
+q, k, v = qkv.float().chunk(3, dim=-1)
+args = (lr.float(), be.float(), cos.float(), sin.float(), sc.float(), sh.float(), H)
+plain = G.fast_inputs(q, k, v, *args, impl="triton")
+bufs = [torch.full((B, H, N, D), float("nan")) for _ in range(3)]
+into = G.fast_inputs(q, k, v, *args, impl="triton", out=bufs)
+for a, b, buf in zip(into[:3], plain[:3], bufs):
+    assert torch.equal(a, b) and torch.equal(buf, b) and a.data_ptr() == buf.data_ptr()
+try:
+    G.fast_inputs(q, k, v, *args, impl="triton", out=[torch.empty(B, H, N, D + 1)] * 3)
+    raise AssertionError("no error")
+except ValueError as e:
+    assert "out must be three contiguous" in str(e), e
+
 # rows whose SiLU has a norm below eps (tiny, zero): the norm is clamped at eps, as F.normalize does
 z = torch.zeros(1, 3, 4, dtype=torch.float64)
 z[0, 0] = 1e-13 * torch.randn(4, generator=gen, dtype=torch.float64)

@@ -178,8 +178,14 @@ class LaCTLayer(nn.Module):
         training = torch.is_grad_enabled() and past is None and not use_cache
         cos_f, sin_f = rope_cos_sin(pos, D, self.rope_base, x.dtype)
         gate_raw, lr_raw, beta_raw = self._gate_rates(x)
+        extra = {}
+        if (training and self.impl == "chunked" and layout.single_doc and pick_impl(self.glue, x) == "triton"
+                and _resolve_compile(None, x.device) == "graphs"):
+            # the op will replay its graphed loop: the kernels write q_f, k_f, v_f into its buffers
+            bufs = self.graphs.input_buffers((B, H, N, D), x.dtype, x.device)
+            extra = {} if bufs is None else {"out": bufs}
         qf, kf, vf, lr, beta, q, k, v = _glue(fast_inputs, "layer-inputs", x, training, self.glue)(
-            q, k, v, lr_raw, beta_raw, cos_f, sin_f, self.qk_scale, self.qk_shift, H, passthrough=True)
+            q, k, v, lr_raw, beta_raw, cos_f, sin_f, self.qk_scale, self.qk_shift, H, passthrough=True, **extra)
         # sliding-window attention path
         cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_base, x.dtype)
         qa = apply_rope(self.q_norm(q.view(B, N, self.num_heads, self.head_dim)).transpose(1, 2), cos, sin)

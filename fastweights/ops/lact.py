@@ -516,7 +516,10 @@ class LoopGraphs:
     capture's own buffer, overwritten by the next forward of its signature, and the gradients of
     inputs that are not leaves are the capture's buffers, overwritten by the next backward. Only
     for a caller that consumes both at once, as the LaCT layer does (its merge and its glue);
-    leaves' gradients (the fast weights' parameters) are still returned as copies.
+    leaves' gradients (the fast weights' parameters) are still returned as copies. The copies in
+    can go too: :meth:`input_buffers` gives the capture's buffers for q, k, v, for the caller's
+    producer to write into (``fastweights.ops.lact_glue.fast_inputs(out=...)``); an input that
+    already lies in its buffer is not copied.
     """
 
     def __init__(self, max_captures: int = 4, reuse_outputs: bool = False):
@@ -534,6 +537,20 @@ class LoopGraphs:
 
     def __setstate__(self, state):
         self.__init__(**state)
+
+    def input_buffers(self, shape, dtype, device) -> tuple[torch.Tensor, ...] | None:
+        """The q, k, v input buffers of the most recently used capture whose q, k and v are
+        ``shape`` (B, H, N, D) tensors of ``dtype`` on ``device`` (new tensor objects on the
+        buffers' memory), or None. The caller will write into them, which changes the inputs of
+        that capture's pending backward, if any: that backward now raises, as after a new forward."""
+        want = (torch.Size(shape), dtype, torch.device(device))
+        for entry in reversed(self._entries.values()):
+            qkv = entry.static[:3]
+            if all((t.shape, t.dtype, t.device) == want for t in qkv):
+                entry.calls += 1
+                with torch.no_grad():
+                    return tuple(_alias(t.detach()) for t in qkv)
+        return None
 
     def __call__(self, q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str):
         if q.device.type != "cuda":
@@ -598,7 +615,8 @@ class _GraphedLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, entry, reuse: bool, *inputs):
         for buf, t in zip(entry.static, inputs, strict=True):
-            buf.detach().copy_(t)
+            if t.data_ptr() != buf.data_ptr() or t.stride() != buf.stride():  # not already in place
+                buf.detach().copy_(t)
         entry.fwd.replay()
         entry.calls += 1
         ctx.entry, ctx.call, ctx.n = entry, entry.calls, len(inputs)

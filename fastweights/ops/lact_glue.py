@@ -98,21 +98,28 @@ def merge_reference(a, gate_raw, f, norm_weight, eps: float):
 
 # --------------------------------------------------------------------------- dispatch
 def fast_inputs(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, heads: int, impl: str = "torch",
-                passthrough: bool = False):
+                passthrough: bool = False, out=None):
     """:func:`fast_inputs_reference` (``impl="torch"``) or the same from Triton kernels
     (``impl="triton"``: q_f, k_f, v_f come out contiguous (B, H, N, D)).
 
     ``passthrough``: also return q, k, v themselves, for the layer's other branch to read. With
     the Triton kernels their gradients are then added inside the backward kernels, which write
     ∂q = ∂q(other branch) + ∂q(fast branch) in one pass (autograd would add the two in a separate
-    pass over (B, N, d)); with torch they are q, k, v as given."""
+    pass over (B, N, d)); with torch they are q, k, v as given. ``out``: three contiguous
+    (B, H, N, D) tensors that the Triton kernels write q_f, k_f, v_f into (and return), such as
+    the input buffers of the chunk loop's CUDA graphs (``LoopGraphs.input_buffers``: the loop
+    then copies nothing in); the torch form ignores it."""
     if pick_impl(impl, q) == "torch":
         return fast_inputs_reference(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, heads, passthrough)
     B, N, d = q.shape
     if d % heads or (d // heads) % 2:
         raise ValueError(f"d {d} must split into {heads} heads of an even width")
-    qf, kf, q2, k2 = _QKInputs.apply(q, k, cos, sin, scale, shift, heads)
-    vf, v2 = _VInput.apply(v, heads)
+    if out is not None and not all(o.shape == (B, heads, N, d // heads) and o.dtype == q.dtype and o.device == q.device
+                                   and o.is_contiguous() for o in out):
+        raise ValueError(f"out must be three contiguous {(B, heads, N, d // heads)} {q.dtype} tensors on {q.device}")
+    qo, ko, vo = (None, None, None) if out is None else out
+    qf, kf, q2, k2 = _QKInputs.apply(q, k, cos, sin, scale, shift, heads, qo, ko)
+    vf, v2 = _VInput.apply(v, heads, vo)
     lr, beta = _rates(lr_raw, beta_raw, heads, q.dtype)
     return (qf, kf, vf, lr, beta, q2, k2, v2) if passthrough else (qf, kf, vf, lr, beta)
 
@@ -272,7 +279,7 @@ def _half_block(D: int) -> int:
     return triton.next_power_of_2(max(D // 2, 1))
 
 
-def _inputs_launch(x, cos, sin, scale, shift, dy, heads: int, qk: bool, backward: bool, acc=None):
+def _inputs_launch(x, cos, sin, scale, shift, dy, heads: int, qk: bool, backward: bool, acc=None, out=None):
     """Run :func:`_inputs_kernel`; returns y (forward) or (∂x, ∂scale row, ∂shift row) (backward),
     with ``acc`` (B, N, d) or None added to ∂x."""
     B, N, d = x.shape
@@ -301,7 +308,7 @@ def _inputs_launch(x, cos, sin, scale, shift, dy, heads: int, qk: bool, backward
         if acc is not None and acc.stride(-1) != 1:
             acc = acc.contiguous()
     else:
-        y = torch.empty(B, heads, N, D, device=x.device, dtype=x.dtype)
+        y = torch.empty(B, heads, N, D, device=x.device, dtype=x.dtype) if out is None else out
         dsc = dsh = dy = y  # unused
         dstr = (0, 0, 0)
         acc = None
@@ -322,13 +329,13 @@ class _QKInputs(torch.autograd.Function):
     """(q_f, k_f, q, k): the fast inputs and q, k passed through (:func:`fast_inputs`)."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, scale, shift, heads: int):
+    def forward(ctx, q, k, cos, sin, scale, shift, heads: int, q_out=None, k_out=None):
         ctx.save_for_backward(q, k, cos, sin, scale)
         ctx.heads = heads
         ctx.set_materialize_grads(False)
         s, t = scale.detach(), shift.detach()
-        return (_inputs_launch(q, cos, sin, s[0], t[0], None, heads, True, False),
-                _inputs_launch(k, cos, sin, s[1], t[1], None, heads, True, False), q, k)
+        return (_inputs_launch(q, cos, sin, s[0], t[0], None, heads, True, False, out=q_out),
+                _inputs_launch(k, cos, sin, s[1], t[1], None, heads, True, False, out=k_out), q, k)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -344,26 +351,26 @@ class _QKInputs(torch.autograd.Function):
             s = scale[i].detach()  # the backward reads no shift
             dx, dsc[i], dsh[i] = _inputs_launch(x, cos, sin, s, s, g, ctx.heads, True, True, acc=g2)
             grads.append(dx)
-        return grads[0], grads[1], None, None, dsc.to(scale.dtype), dsh.to(scale.dtype), None
+        return grads[0], grads[1], None, None, dsc.to(scale.dtype), dsh.to(scale.dtype), None, None, None
 
 
 class _VInput(torch.autograd.Function):
     """(v_f, v): the fast input and v passed through (:func:`fast_inputs`)."""
 
     @staticmethod
-    def forward(ctx, v, heads: int):
+    def forward(ctx, v, heads: int, v_out=None):
         ctx.save_for_backward(v)
         ctx.heads = heads
         ctx.set_materialize_grads(False)
-        return _inputs_launch(v, None, None, None, None, None, heads, False, False), v
+        return _inputs_launch(v, None, None, None, None, None, heads, False, False, out=v_out), v
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g, g2):
         (v,) = ctx.saved_tensors
         if g is None:
-            return g2, None
-        return _inputs_launch(v, None, None, None, None, g, ctx.heads, False, True, acc=g2), None
+            return g2, None, None
+        return _inputs_launch(v, None, None, None, None, g, ctx.heads, False, True, acc=g2), None, None
 
 
 def _merge_launch(a, g, f, w, do, eps: float, backward: bool):
