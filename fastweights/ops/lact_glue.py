@@ -14,10 +14,11 @@ scale/shift and norm-weight gradients come from per-program partial sums. Under
 ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (that is how the tests check them
 without a GPU).
 
-Status (docs/benchmarks.md, fifteenth measurement): on an H100 (bf16, 760M shapes, N 32,768)
-the Triton path passes the GPU checks (``pytest -m gpu tests/test_lact_glue.py``) and, timed
-from CUDA graphs, takes 0.76× the compiled references' time for ``fast_inputs`` and 0.75× for
-``merge``; the training step is 1.4–1.8 ms faster with it. So ``impl="auto"`` (the layer's
+Status (docs/benchmarks.md, fifteenth and sixteenth measurements): on an H100 (bf16, 760M
+shapes, N 32,768) the Triton path passes the GPU checks (``pytest -m gpu
+tests/test_lact_glue.py``) and, timed from CUDA graphs, takes 0.63× the compiled references'
+time for ``fast_inputs`` and 0.61× for ``merge``; the training step was 1.4–1.8 ms faster with
+it at the fifteenth measurement's kernel settings. So ``impl="auto"`` (the layer's
 default) picks ``triton`` for CUDA tensors in bf16 or float32, outside an enclosing
 torch.compile (which fuses the references itself), and ``torch`` elsewhere. Timing:
 ``benchmarks/lact_glue.py`` (the glue alone) and ``benchmarks/lact.py --variants
