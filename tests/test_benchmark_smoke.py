@@ -57,6 +57,18 @@ def test_lact_glue_benchmark_checks_triton_against_torch_on_cpu():
     assert all(float(r[5]) < 1e-5 for r in tri), res.stdout  # | glue | tokens | tile | warps | rel. err. |
 
 
+def test_grad_product_study_kernel_agrees_with_float64_on_cpu():
+    """The fused-prologue gradient product of the study script (Triton interpreter) matches the
+    float64 product of the chunk step's stacked operands."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "benchmarks/lact_grad_product.py", "--tiny", "--iters", "1", "--warmup", "0"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line.split("|") for line in res.stdout.splitlines() if line.startswith("| triton (fused prologue)")]
+    assert len(rows) == 1, res.stdout
+    assert float(rows[0][3]) < 1e-5, res.stdout  # | path | tile | rel. err. |
+
+
 def test_newton_schulz_kernels_agree_with_float64_chain_on_cpu():
     """The study's fused Triton chain (Triton interpreter) is checked against the float64 chain
     inside the script; a row that fails or is off prints so instead of its errors."""
