@@ -16,10 +16,15 @@ benchmark's shapes (B 1, 4 heads of 384, L 2048, bf16):
 * ``triton (fused prologue)``: one Triton kernel that forms each operand tile from h, dz, v, k and
   η as it loads it (float32 arithmetic, products in the inputs' dtype) and writes only g.
 
-Each path is checked first against the float64 product; both are timed replayed from a CUDA graph
-(median of ``--iters``). Forward only: a fused path for training also needs the backward with
-the same work as its epilogue, which is not written. ``--tiny`` runs small shapes on CPU (the
-Triton kernel under ``TRITON_INTERPRET=1``; timings meaningless).
+and then forward and backward: the compiled path through autograd against the fused forward
+plus two Triton kernels for the backward (:func:`fused_product_backward`: ∂e and ∂z from products
+over the 384 columns with the elementwise chain to ∂h, ∂dz, ∂v, ∂η as their epilogue, and ∂k
+with e1, e3 formed in its prologue). Each path is checked first against float64 (the product,
+then every gradient); all are timed replayed from a CUDA graph (median of ``--iters``). Not yet
+wired into the chunk loop (that needs an autograd.Function the compiled loop can trace).
+``--tiny`` runs small shapes on CPU (the Triton kernels under ``TRITON_INTERPRET=1``; timings
+meaningless). The tile settings swept are those whose sm_90 build does not spill registers
+(cuobjdump).
 
     python benchmarks/lact_grad_product.py                 # H100
     TRITON_INTERPRET=1 python benchmarks/lact_grad_product.py --tiny
@@ -102,6 +107,126 @@ if HAVE_TRITON:
         tl.store(out, acc, mask=mi[:, None] & mj[None, :])
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _grad_product_bwd_a(h_ptr, dz_ptr, v_ptr, k_ptr, lr_ptr, dg_ptr, dh_ptr, ddz_ptr, dv_ptr, dlr_ptr,
+                            L, D, n_t, n_i, n_bh, BT: tl.constexpr, BI: tl.constexpr, BC: tl.constexpr):
+        """Grid (B·H·n_t·n_i,) with n_bh = B·H: tokens T (BT) by columns I (BI) of the product's backward except ∂k.
+        With dg (BH, 3, D, D) float32: ∂e1 = k dg0ᵀ, ∂e3 = k dg1ᵀ, ∂ev = z dg2ᵀ, ∂z = ev dg2, then
+        their elementwise chain to ∂h (BH, L, 2D), ∂dz, ∂v (BH, L, D) and this column block's
+        partial ∂η sums, dlr (n_i, BH, L, 3) float32."""
+        pid = tl.program_id(0)
+        ti = pid % n_i
+        tt = (pid // n_i) % n_t
+        bh = (pid // (n_i * n_t)).to(tl.int64)
+        t = tt * BT + tl.arange(0, BT)
+        i = ti * BI + tl.arange(0, BI)
+        mt, mi = t < L, i < D
+        mm = k_ptr.dtype.element_ty
+        eta2 = tl.load(lr_ptr + (bh * L + t) * 3 + 1, mask=mt, other=0.0).to(tl.float32)[:, None]
+        d_e1 = tl.zeros((BT, BI), dtype=tl.float32)
+        d_e3 = tl.zeros((BT, BI), dtype=tl.float32)
+        d_ev = tl.zeros((BT, BI), dtype=tl.float32)
+        d_z = tl.zeros((BT, BI), dtype=tl.float32)
+        dg = dg_ptr + bh * 3 * D * D
+        for c0 in range(0, D, BC):
+            c = c0 + tl.arange(0, BC)
+            mc = c < D
+            mtc = mt[:, None] & mc[None, :]
+            k_t = tl.load(k_ptr + (bh * L + t[:, None]) * D + c[None, :], mask=mtc, other=0.0)
+            h1c = tl.load(h_ptr + (bh * L + t[:, None]) * (2 * D) + c[None, :], mask=mtc, other=0.0).to(tl.float32)
+            h3c = tl.load(h_ptr + (bh * L + t[:, None]) * (2 * D) + D + c[None, :], mask=mtc, other=0.0).to(tl.float32)
+            z_t = (h1c * tl.sigmoid(h1c) * h3c).to(mm)
+            ev_t = (-tl.load(v_ptr + (bh * L + t[:, None]) * D + c[None, :], mask=mtc, other=0.0).to(tl.float32)
+                    * eta2).to(mm)
+            mic = mi[:, None] & mc[None, :]
+            rows = i[:, None] * D + c[None, :]  # dg_m[i, c]
+            dg0 = tl.load(dg + rows, mask=mic, other=0.0).to(mm)
+            dg1 = tl.load(dg + D * D + rows, mask=mic, other=0.0).to(mm)
+            dg2 = tl.load(dg + 2 * D * D + rows, mask=mic, other=0.0).to(mm)
+            dg2t = tl.load(dg + 2 * D * D + c[:, None] * D + i[None, :], mask=mc[:, None] & mi[None, :],
+                           other=0.0).to(mm)  # dg2[c, i]
+            d_e1 += tl.dot(k_t, tl.trans(dg0))
+            d_e3 += tl.dot(k_t, tl.trans(dg1))
+            d_ev += tl.dot(z_t, tl.trans(dg2))
+            d_z += tl.dot(ev_t, dg2t)
+        mti = mt[:, None] & mi[None, :]
+        rh = (bh * L + t[:, None]) * (2 * D) + i[None, :]
+        rd = (bh * L + t[:, None]) * D + i[None, :]
+        h1 = tl.load(h_ptr + rh, mask=mti, other=0.0).to(tl.float32)
+        h3 = tl.load(h_ptr + rh + D, mask=mti, other=0.0).to(tl.float32)
+        dz = tl.load(dz_ptr + rd, mask=mti, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + rd, mask=mti, other=0.0).to(tl.float32)
+        eta1 = tl.load(lr_ptr + (bh * L + t) * 3, mask=mt, other=0.0).to(tl.float32)[:, None]
+        eta3 = tl.load(lr_ptr + (bh * L + t) * 3 + 2, mask=mt, other=0.0).to(tl.float32)[:, None]
+        s = tl.sigmoid(h1)
+        si = h1 * s  # SiLU
+        sp = s * (1.0 + h1 * (1.0 - s))  # SiLU'
+        spp = s * (1.0 - s) * (2.0 + h1 * (1.0 - 2.0 * s))  # SiLU''
+        out = dh_ptr.dtype.element_ty
+        tl.store(ddz_ptr + rd, (d_e1 * eta1 * h3 * sp + d_e3 * eta3 * si).to(out), mask=mti)
+        tl.store(dh_ptr + rh + D, (d_e1 * eta1 * dz * sp + d_z * si).to(out), mask=mti)
+        tl.store(dh_ptr + rh, (d_e1 * eta1 * dz * h3 * spp + d_e3 * eta3 * dz * sp + d_z * h3 * sp).to(out), mask=mti)
+        tl.store(dv_ptr + rd, (-eta2 * d_ev).to(out), mask=mti)
+        base = ((ti.to(tl.int64) * n_bh + bh) * L + t) * 3
+        tl.store(dlr_ptr + base, tl.sum(d_e1 * dz * h3 * sp, axis=1), mask=mt)
+        tl.store(dlr_ptr + base + 1, -tl.sum(d_ev * v, axis=1), mask=mt)
+        tl.store(dlr_ptr + base + 2, tl.sum(d_e3 * dz * si, axis=1), mask=mt)
+
+    @triton.jit
+    def _grad_product_bwd_k(h_ptr, dz_ptr, lr_ptr, dg_ptr, dk_ptr, L, D, n_t, n_j,
+                            BT: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr):
+        """Grid (B·H·n_t·n_j,): ∂k[T, J] = e1 dg0 + e3 dg1 over the columns i of e1, e3, which are
+        formed from h, dz and η as they are loaded."""
+        pid = tl.program_id(0)
+        tj = pid % n_j
+        tt = (pid // n_j) % n_t
+        bh = (pid // (n_j * n_t)).to(tl.int64)
+        t = tt * BT + tl.arange(0, BT)
+        j = tj * BJ + tl.arange(0, BJ)
+        mt, mj = t < L, j < D
+        mm = dz_ptr.dtype.element_ty
+        eta1 = tl.load(lr_ptr + (bh * L + t) * 3, mask=mt, other=0.0).to(tl.float32)[:, None]
+        eta3 = tl.load(lr_ptr + (bh * L + t) * 3 + 2, mask=mt, other=0.0).to(tl.float32)[:, None]
+        acc = tl.zeros((BT, BJ), dtype=tl.float32)
+        dg = dg_ptr + bh * 3 * D * D
+        for c0 in range(0, D, BC):
+            c = c0 + tl.arange(0, BC)
+            mc = c < D
+            mtc = mt[:, None] & mc[None, :]
+            h1 = tl.load(h_ptr + (bh * L + t[:, None]) * (2 * D) + c[None, :], mask=mtc, other=0.0).to(tl.float32)
+            h3 = tl.load(h_ptr + (bh * L + t[:, None]) * (2 * D) + D + c[None, :], mask=mtc, other=0.0).to(tl.float32)
+            dz = tl.load(dz_ptr + (bh * L + t[:, None]) * D + c[None, :], mask=mtc, other=0.0).to(tl.float32)
+            s = tl.sigmoid(h1)
+            e1 = (dz * h3 * (s * (1.0 + h1 * (1.0 - s))) * eta1).to(mm)
+            e3 = (dz * h1 * s * eta3).to(mm)
+            mcj = mc[:, None] & mj[None, :]
+            dg0 = tl.load(dg + c[:, None] * D + j[None, :], mask=mcj, other=0.0).to(mm)
+            dg1 = tl.load(dg + D * D + c[:, None] * D + j[None, :], mask=mcj, other=0.0).to(mm)
+            acc += tl.dot(e1, dg0)
+            acc += tl.dot(e3, dg1)
+        tl.store(dk_ptr + (bh * L + t[:, None]) * D + j[None, :], acc.to(dk_ptr.dtype.element_ty),
+                 mask=mt[:, None] & mj[None, :])
+
+
+def fused_product_backward(h, dz, v, k, lr, dg, bt: int = 64, bi: int = 32, bc: int = 16, warps: int = 8):
+    """∂h, ∂dz, ∂v, ∂k, ∂lr of :func:`operands_product` for ∂g = ``dg`` (B, H, 3, D, D), from
+    :func:`_grad_product_bwd_a` and :func:`_grad_product_bwd_k` (ready for an autograd.Function;
+    the gradient of k through h = k [W1; W3]ᵀ is outside this op)."""
+    B, H, L, D = k.shape
+    dg = dg.float().contiguous()
+    dh, ddz, dv, dk = torch.empty_like(h), torch.empty_like(dz), torch.empty_like(v), torch.empty_like(k)
+    n_t, n_i = triton.cdiv(L, bt), triton.cdiv(D, bi)
+    dlr = torch.empty(n_i, B * H, L, 3, device=k.device, dtype=torch.float32)
+    with on_device(k):
+        _grad_product_bwd_a[(B * H * n_t * n_i,)](h, dz, v, k, lr, dg, dh, ddz, dv, dlr, L, D, n_t, n_i, B * H,
+                                                  BT=bt, BI=bi, BC=bc, num_warps=warps)
+        _grad_product_bwd_k[(B * H * n_t * n_i,)](h, dz, lr, dg, dk, L, D, n_t, n_i, BT=bt, BJ=bi, BC=bc,
+                                                  num_warps=warps)
+    return dh, ddz, dv, dk, dlr.sum(0).view(B, H, L, 3).to(lr.dtype)
+
+
 def fused_product(h, dz, v, k, lr, bi: int = 128, bj: int = 128, bk: int = 32, warps: int = 8):
     """:func:`operands_product` from :func:`_grad_product_kernel` (float32 out)."""
     B, H, L, D = k.shape
@@ -133,7 +258,7 @@ def main(argv=None) -> int:
         p.error("needs triton")
     if args.tiny:
         dev, dt, (B, H, L, D) = torch.device("cpu"), torch.float32, (1, 2, 37, 24)
-        configs, ref = [(16, 16, 16, 4)], operands_product
+        configs, bwd_configs, ref = [(16, 16, 16, 4)], [(16, 16, 16, 4)], operands_product
     else:
         if not torch.cuda.is_available():
             p.error("needs CUDA (or --tiny)")
@@ -141,6 +266,8 @@ def main(argv=None) -> int:
         # (tile i, tile j, tokens per step, warps): the sm_90 builds without register spills (cuobjdump;
         # 128 x 128 tiles at 32 or 64 tokens per step, and 4-warp 128 x 128 tiles, spill)
         configs = [(128, 128, 16, 8), (64, 128, 16, 4), (64, 64, 16, 4), (64, 64, 32, 8)]
+        # (tokens, columns, columns per step, warps) of the backward kernels
+        bwd_configs = [(64, 32, 16, 8), (64, 32, 32, 8), (32, 32, 32, 4)]
         ref = _compiled(operands_product, "bench-grad-product", "default")
     x = make(B, H, L, D, dev, dt)
     want = operands_product(*(t.double() for t in x))
@@ -161,6 +288,32 @@ def main(argv=None) -> int:
         e = err(fn())
         ms, _ = time_ms(fn, dev, args.warmup, args.iters)
         print(f"| triton (fused prologue) | {bi}, {bj}, {bk}, {w} | {e:.1e} | {ms * 1e3:.1f} | {ms / base:.2f} |")
+
+    leaves = [t.double().requires_grad_() for t in x]
+    dg = torch.randn(B, H, 3, D, D, device=dev, generator=torch.Generator(device=dev).manual_seed(1))
+    want_grads = torch.autograd.grad(operands_product(*leaves), leaves, dg.double())
+    xr = [t.detach().requires_grad_() for t in x]
+
+    def grad_err(grads):
+        return max(float((a.double() - b).norm() / b.norm()) for a, b in zip(grads, want_grads, strict=True))
+
+    def torch_both():
+        return [t.detach() for t in torch.autograd.grad(ref(*xr), xr, dg.to(dt))]
+
+    print("\n| forward + backward | forward tile / backward tile (tokens, columns, step, warps) "
+          "| worst rel. err. of the gradients | µs | × torch |")
+    print("|---|---|---|---|---|")
+    base, _ = time_ms(torch_both, dev, args.warmup, args.iters)
+    print(f"| torch ({'compiled' if dev.type == 'cuda' else 'eager'}), autograd | - | {grad_err(torch_both()):.1e} "
+          f"| {base * 1e3:.1f} | 1.00 |")
+    fwd = configs[0]
+    for bt, bi, bc, w in bwd_configs:
+        def both(bt=bt, bi=bi, bc=bc, w=w):
+            g = fused_product(*x, bi=fwd[0], bj=fwd[1], bk=fwd[2], warps=fwd[3])
+            return [g, *fused_product_backward(*x, dg, bt=bt, bi=bi, bc=bc, warps=w)]
+        e = grad_err(both()[1:])
+        ms, _ = time_ms(both, dev, args.warmup, args.iters)
+        print(f"| triton (fused) | {fwd} / {bt}, {bi}, {bc}, {w} | {e:.1e} | {ms * 1e3:.1f} | {ms / base:.2f} |")
     return 0
 
 
