@@ -92,12 +92,17 @@ def time_ms(fn, dev, warmup, iters) -> tuple[float, float]:
     return timer(graph.replay, iters), eager
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def timing_args(doc: str, argv=None):
+    """(parser, args) of a kernel study: ``--tiny`` (CPU smoke test), ``--warmup``, ``--iters``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="small shapes on CPU (smoke test)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
-    args = p.parse_args(argv)
+    return p, p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    p, args = timing_args(__doc__, argv)
     if args.tiny:
         dev, dt, (B, N, H, D) = torch.device("cpu"), torch.float32, (2, 37, 3, 10)
         inputs_cfg, bwd_cfg, merge_cfg = INPUT_CONFIGS[:1], BWD_CONFIGS[:1], MERGE_CONFIGS[:2]

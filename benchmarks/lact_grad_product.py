@@ -32,12 +32,11 @@ meaningless). The tile settings swept are those whose sm_90 build does not spill
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import torch
 import torch.nn.functional as F
-from lact_glue import time_ms  # benchmarks/, beside this script
+from lact_glue import time_ms, timing_args  # benchmarks/, beside this script
 
 from fastweights.ops.inplace_ttt_triton import HAVE_TRITON, on_device
 from fastweights.ops.lact import _compiled
@@ -110,16 +109,19 @@ if HAVE_TRITON:
 if HAVE_TRITON:
 
     @triton.jit
+    def _row_tiles(n_t, n_c):
+        """This program's (token tile, column tile, row b·h) on a grid of B·H·n_t·n_c programs."""
+        pid = tl.program_id(0)
+        return (pid // n_c) % n_t, pid % n_c, (pid // (n_c * n_t)).to(tl.int64)
+
+    @triton.jit
     def _grad_product_bwd_a(h_ptr, dz_ptr, v_ptr, k_ptr, lr_ptr, dg_ptr, dh_ptr, ddz_ptr, dv_ptr, dlr_ptr,
                             L, D, n_t, n_i, n_bh, BT: tl.constexpr, BI: tl.constexpr, BC: tl.constexpr):
         """Grid (B·H·n_t·n_i,) with n_bh = B·H: tokens T (BT) by columns I (BI) of the product's backward except ∂k.
         With dg (BH, 3, D, D) float32: ∂e1 = k dg0ᵀ, ∂e3 = k dg1ᵀ, ∂ev = z dg2ᵀ, ∂z = ev dg2, then
         their elementwise chain to ∂h (BH, L, 2D), ∂dz, ∂v (BH, L, D) and this column block's
         partial ∂η sums, dlr (n_i, BH, L, 3) float32."""
-        pid = tl.program_id(0)
-        ti = pid % n_i
-        tt = (pid // n_i) % n_t
-        bh = (pid // (n_i * n_t)).to(tl.int64)
+        tt, ti, bh = _row_tiles(n_t, n_i)
         t = tt * BT + tl.arange(0, BT)
         i = ti * BI + tl.arange(0, BI)
         mt, mi = t < L, i < D
@@ -179,10 +181,7 @@ if HAVE_TRITON:
                             BT: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr):
         """Grid (B·H·n_t·n_j,): ∂k[T, J] = e1 dg0 + e3 dg1 over the columns i of e1, e3, which are
         formed from h, dz and η as they are loaded."""
-        pid = tl.program_id(0)
-        tj = pid % n_j
-        tt = (pid // n_j) % n_t
-        bh = (pid // (n_j * n_t)).to(tl.int64)
+        tt, tj, bh = _row_tiles(n_t, n_j)
         t = tt * BT + tl.arange(0, BT)
         j = tj * BJ + tl.arange(0, BJ)
         mt, mj = t < L, j < D
@@ -249,11 +248,7 @@ def make(B, H, L, D, dev, dt, seed=0):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="small shapes on CPU (smoke test)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
-    args = p.parse_args(argv)
+    p, args = timing_args(__doc__, argv)
     if not HAVE_TRITON:
         p.error("needs triton")
     if args.tiny:
