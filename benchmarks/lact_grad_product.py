@@ -62,6 +62,13 @@ def operands_product(h, dz, v, k, lr):
 if HAVE_TRITON:
 
     @triton.jit
+    def _h_tiles(h_ptr, bh, L, D, t, cols, mask):
+        """h1, h3 (float32) of tokens t and columns ``cols`` from h (BH, L, 2D) = [h1, h3]."""
+        rows = h_ptr + (bh * L + t[:, None]) * (2 * D) + cols[None, :]
+        return (tl.load(rows, mask=mask, other=0.0).to(tl.float32),
+                tl.load(rows + D, mask=mask, other=0.0).to(tl.float32))
+
+    @triton.jit
     def _grad_product_kernel(h_ptr, dz_ptr, v_ptr, k_ptr, lr_ptr, g_ptr, L, D, n_i, n_j,
                              BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
         """Grid (B·H·3·n_i·n_j,): one (BI, BJ) tile of g[bh, m]; h (BH, L, 2D), dz, v, k (BH, L, D),
@@ -78,17 +85,15 @@ if HAVE_TRITON:
         for k0 in range(0, L, BK):
             t = k0 + tl.arange(0, BK)
             mt = t < L
-            rows_h = h_ptr + (bh * L + t[:, None]) * (2 * D)
             rows_d = (bh * L + t[:, None]) * D
             # η column of matrix m: e1 (W1) takes η1, e3 (W3) η3, ev (W2) η2: columns 0, 2, 1
             eta = tl.load(lr_ptr + (bh * L + t) * 3 + (3 - m) % 3, mask=mt, other=0.0).to(tl.float32)[:, None]
             if m < 2:  # A = e1 or e3 over columns i; B = k over columns j
                 msk = mt[:, None] & mi[None, :]
-                h1 = tl.load(rows_h + i[None, :], mask=msk, other=0.0).to(tl.float32)
+                h1, h3 = _h_tiles(h_ptr, bh, L, D, t, i, msk)
                 dz = tl.load(dz_ptr + rows_d + i[None, :], mask=msk, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(h1)
                 if m == 0:
-                    h3 = tl.load(rows_h + D + i[None, :], mask=msk, other=0.0).to(tl.float32)
                     a_t = dz * h3 * (sig * (1.0 + h1 * (1.0 - sig))) * eta
                 else:
                     a_t = dz * h1 * sig * eta
@@ -97,8 +102,7 @@ if HAVE_TRITON:
                 a_t = -tl.load(v_ptr + rows_d + i[None, :], mask=mt[:, None] & mi[None, :],
                                other=0.0).to(tl.float32) * eta
                 mskj = mt[:, None] & mj[None, :]
-                h1j = tl.load(rows_h + j[None, :], mask=mskj, other=0.0).to(tl.float32)
-                h3j = tl.load(rows_h + D + j[None, :], mask=mskj, other=0.0).to(tl.float32)
+                h1j, h3j = _h_tiles(h_ptr, bh, L, D, t, j, mskj)
                 b_t = h1j * tl.sigmoid(h1j) * h3j
             mm = k_ptr.dtype.element_ty  # the matmul dtype (bf16 in training)
             acc += tl.dot(tl.trans(a_t.to(mm)), b_t.to(mm))
@@ -137,8 +141,7 @@ if HAVE_TRITON:
             mc = c < D
             mtc = mt[:, None] & mc[None, :]
             k_t = tl.load(k_ptr + (bh * L + t[:, None]) * D + c[None, :], mask=mtc, other=0.0)
-            h1c = tl.load(h_ptr + (bh * L + t[:, None]) * (2 * D) + c[None, :], mask=mtc, other=0.0).to(tl.float32)
-            h3c = tl.load(h_ptr + (bh * L + t[:, None]) * (2 * D) + D + c[None, :], mask=mtc, other=0.0).to(tl.float32)
+            h1c, h3c = _h_tiles(h_ptr, bh, L, D, t, c, mtc)
             z_t = (h1c * tl.sigmoid(h1c) * h3c).to(mm)
             ev_t = (-tl.load(v_ptr + (bh * L + t[:, None]) * D + c[None, :], mask=mtc, other=0.0).to(tl.float32)
                     * eta2).to(mm)
@@ -156,8 +159,7 @@ if HAVE_TRITON:
         mti = mt[:, None] & mi[None, :]
         rh = (bh * L + t[:, None]) * (2 * D) + i[None, :]
         rd = (bh * L + t[:, None]) * D + i[None, :]
-        h1 = tl.load(h_ptr + rh, mask=mti, other=0.0).to(tl.float32)
-        h3 = tl.load(h_ptr + rh + D, mask=mti, other=0.0).to(tl.float32)
+        h1, h3 = _h_tiles(h_ptr, bh, L, D, t, i, mti)
         dz = tl.load(dz_ptr + rd, mask=mti, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + rd, mask=mti, other=0.0).to(tl.float32)
         eta1 = tl.load(lr_ptr + (bh * L + t) * 3, mask=mt, other=0.0).to(tl.float32)[:, None]
@@ -194,8 +196,7 @@ if HAVE_TRITON:
             c = c0 + tl.arange(0, BC)
             mc = c < D
             mtc = mt[:, None] & mc[None, :]
-            h1 = tl.load(h_ptr + (bh * L + t[:, None]) * (2 * D) + c[None, :], mask=mtc, other=0.0).to(tl.float32)
-            h3 = tl.load(h_ptr + (bh * L + t[:, None]) * (2 * D) + D + c[None, :], mask=mtc, other=0.0).to(tl.float32)
+            h1, h3 = _h_tiles(h_ptr, bh, L, D, t, c, mtc)
             dz = tl.load(dz_ptr + (bh * L + t[:, None]) * D + c[None, :], mask=mtc, other=0.0).to(tl.float32)
             s = tl.sigmoid(h1)
             e1 = (dz * h3 * (s * (1.0 + h1 * (1.0 - s))) * eta1).to(mm)
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
         # 128 x 128 tiles at 32 or 64 tokens per step, and 4-warp 128 x 128 tiles, spill)
         configs = [(128, 128, 16, 8), (64, 128, 16, 4), (64, 64, 16, 4), (64, 64, 32, 8)]
         # (tokens, columns, columns per step, warps) of the backward kernels
-        bwd_configs = [(64, 32, 16, 8), (64, 32, 32, 8), (32, 32, 32, 4)]
+        bwd_configs = [(64, 32, 16, 8), (32, 64, 16, 8), (32, 32, 16, 8)]
         ref = _compiled(operands_product, "bench-grad-product", "default")
     x = make(B, H, L, D, dev, dt)
     want = operands_product(*(t.double() for t in x))
