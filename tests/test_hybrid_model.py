@@ -384,6 +384,17 @@ def test_attention_backends_agree(window):
     one.single_doc = True
     if window is None:
         assert rel(attend(q, k, v, one, None), attend(q, k, v, one, None, backend="sdpa")) < 1e-5
+    # one document per row: flex's block mask from index arithmetic, kept across layouts (and
+    # broadcast over a batch of two)
+    dense = attend(q, k, v, one, window, backend="sdpa")
+    assert rel(attend(q, k, v, one, window, backend="flex"), dense) < 1e-5
+    q2, k2, v2 = (torch.cat([x, torch.randn_like(x)]) for x in (q, k, v))
+    again = layout_for(torch.arange(37).expand(2, 37))
+    again.single_doc = True
+    flex2 = attend(q2, k2, v2, again, window, backend="flex")
+    assert rel(flex2, attend(q2, k2, v2, again, window, backend="sdpa")) < 1e-5
+    assert again.block_masks[(window, 37, 37)] is one.block_masks[(window, 37, 37)]
+    assert lay.block_masks[(window, 37, 37)] is not one.block_masks[(window, 37, 37)]  # packed: its own
 
 
 def test_beam_search_with_cache_equals_without():

@@ -76,12 +76,30 @@ def _block_mask_fn(compiled: bool):
     return torch.compile(create_block_mask) if compiled else create_block_mask
 
 
+@functools.lru_cache(maxsize=16)
+def _one_document_block_mask(N: int, window: int | None, device: torch.device):
+    """The block mask of rows that are each one whole document (``TokenLayout.single_doc``, keys
+    = queries): causal, within ``window``. It depends on nothing but N and the window, so it is
+    built from index arithmetic alone (no reads of the layout's tensors), with the batch
+    broadcast, and kept for later calls: building the general mask afresh each training step
+    took 3.45 ms at N = 32,768 on an H100 (docs/benchmarks.md, seventeenth measurement)."""
+
+    def mask_mod(b, h, i, j):
+        m = j <= i
+        return m if window is None else m & (i - j < window)
+
+    return _block_mask_fn(device.type == "cuda")(mask_mod, None, None, N, N, device=device)
+
+
 def _flex(q, k, v, layout: TokenLayout, window: int | None):
     """flex_attention with the layout's mask; the block mask is built once per layout and window
-    (all layers of a forward pass share it), compiled on CUDA."""
+    (all layers of a forward pass share it), compiled on CUDA; for one document per row, once per
+    (N, window, device) (:func:`_one_document_block_mask`)."""
     B, _, N, _ = q.shape
     M = k.shape[2]
     key = (window, N, M)
+    if layout.single_doc and N == M:
+        layout.block_masks[key] = _one_document_block_mask(N, window, q.device)
     if key not in layout.block_masks:
         doc, kdoc, qidx, kidx, kval = layout.doc, layout.key_doc, layout.index, layout.key_index, layout.key_valid
 
