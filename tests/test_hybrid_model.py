@@ -2,6 +2,7 @@
 equals one by one, save/load, generate, Auto classes, and every mixer/MLP combination trains."""
 
 import copy
+import dataclasses
 import inspect
 import json.decoder
 import warnings
@@ -380,6 +381,17 @@ def test_attention_backends_agree(window):
     assert rel(attend(q, k2, v, lay, window, backend="sdpa")[:, :, 20:], ref[:, :, 20:]) < 1e-6
     flex = attend(q, k, v, lay, window, backend="flex")
     assert rel(flex, ref) < 1e-5
+    # the mask of a layout whose keys are its queries (layout_for shares the tensors) against the
+    # general one (copies), with the first three keys padding: rows that see a key agree
+    padded = dataclasses.replace(lay, key_valid=torch.arange(37).unsqueeze(0) >= 3, block_masks={})
+    general = dataclasses.replace(padded, key_doc=lay.doc.clone(), key_index=lay.index.clone(), block_masks={})
+    dense = attend(q, k, v, padded, window, backend="sdpa")[:, :, 3:]
+    assert rel(attend(q, k, v, padded, window, backend="flex")[:, :, 3:], dense) < 1e-5
+    assert rel(attend(q, k, v, general, window, backend="flex")[:, :, 3:], dense) < 1e-5
+    # the last 10 queries over all 37 keys (a cached prefix): the general mask
+    tail = TokenLayout(position_ids=lay.position_ids[:, 27:], doc=lay.doc[:, 27:], index=lay.index[:, 27:],
+                       key_doc=lay.doc, key_index=lay.index, key_valid=lay.key_valid)
+    assert rel(attend(q[:, :, 27:], k, v, tail, window, backend="flex"), ref[:, :, 27:]) < 1e-5
     one = layout_for(torch.arange(37).unsqueeze(0))
     one.single_doc = True
     if window is None:

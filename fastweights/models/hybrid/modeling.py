@@ -164,8 +164,8 @@ def _layout(position_ids, attention_mask, cache: HybridCache | None, B, N, devic
         key_valid = torch.cat([cache.key_valid, valid_new], 1)
     index = torch.arange(past, past + N, device=device).expand(B, N)
     single = cache is None and not bool(starts[:, 1:].any()) and bool(valid_new.all())
-    return TokenLayout(position_ids=position_ids, doc=doc, index=index, key_doc=key_doc,
-                       key_index=torch.arange(past + N, device=device).expand(B, past + N),
+    key_index = index if key_doc is doc and past == 0 else torch.arange(past + N, device=device).expand(B, past + N)
+    return TokenLayout(position_ids=position_ids, doc=doc, index=index, key_doc=key_doc, key_index=key_index,
                        key_valid=key_valid, single_doc=single)
 
 
