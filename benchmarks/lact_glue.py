@@ -92,12 +92,15 @@ def time_ms(fn, dev, warmup, iters) -> tuple[float, float]:
     return timer(graph.replay, iters), eager
 
 
-def timing_args(doc: str, argv=None):
-    """(parser, args) of a kernel study: ``--tiny`` (CPU smoke test), ``--warmup``, ``--iters``."""
+def timing_args(doc: str, argv=None, extra=None):
+    """(parser, args) of a kernel study: ``--tiny`` (CPU smoke test), ``--warmup``, ``--iters``,
+    and the study's own arguments, added by ``extra(parser)``."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="small shapes on CPU (smoke test)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
+    if extra is not None:
+        extra(p)
     return p, p.parse_args(argv)
 
 

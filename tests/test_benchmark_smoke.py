@@ -32,6 +32,7 @@ def test_lact_benchmark_tiny_runs(tmp_path, capsys):
     (["benchmarks/generation.py", "--tiny"], "decode"),
     (["benchmarks/lact_loop_profile.py", "--tiny", "--iters", "1", "--top", "3"], "Newton-Schulz in the loop"),
     (["benchmarks/lact_step_profile.py", "--tiny", "--variants", "swa,lact-muon"], "| lact-muon | "),
+    (["benchmarks/flex_mask.py", "--tiny", "--iters", "1", "--warmup", "0"], "| packed, keys = queries |"),
     (["benchmarks/fwl_inference_cost.py", "--size", "tiny", "--device", "cpu", "--length", "128", "--docs", "1",
       "--repeats", "1"], "In-Place TTT"),
     (["benchmarks/associative_retrieval_step.py", "--hidden-sizes", "20", "--steps", "2", "--repeats", "1",
