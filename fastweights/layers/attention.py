@@ -83,8 +83,8 @@ def _one_document_block_mask(N: int, window: int | None, device: torch.device):
     """The block mask of rows that are each one whole document (``TokenLayout.single_doc``, keys
     = queries): causal, within ``window``. It depends on nothing but N and the window, so it is
     built from index arithmetic alone (no reads of the layout's tensors), with the batch
-    broadcast, and kept for later calls: building the general mask afresh each training step
-    took 3.45 ms at N = 32,768 on an H100 (docs/benchmarks.md, seventeenth measurement)."""
+    broadcast, and kept for later calls. At N = 32,768 on an H100 the general mask took 3.6 ms
+    to build each forward pass, this one 0.8 ms once (``benchmarks/flex_mask.py``)."""
 
     def mask_mod(b, h, i, j):
         m = j <= i
@@ -108,8 +108,9 @@ def _own_keys_mask_mod(layout: TokenLayout, window: int | None):
     """The same mask where the keys are the queries (no cached prefix: ``index`` 0..N-1, and a
     document is a run of a row): key j is visible to query i when ``first[i] <= j <= i`` (within
     the window) and valid, with ``first`` the position of i's document start. One read per
-    query and one per key where :func:`_mask_mod` makes five: its block mask built 3.7× faster
-    at N = 32,768 on an H100 (1.0 against 3.8 ms; docs/benchmarks.md, seventeenth measurement)."""
+    query and one per key where :func:`_mask_mod` makes five: at N = 32,768 on an H100 its block
+    mask took 2.2 against 3.6 ms (``benchmarks/flex_mask.py``; docs/benchmarks.md, seventeenth
+    measurement)."""
     doc, kval = layout.doc, layout.key_valid
     pos = torch.arange(doc.shape[1], device=doc.device)
     starts = torch.ones_like(doc, dtype=torch.bool)
