@@ -109,8 +109,8 @@ def _own_keys_mask_mod(layout: TokenLayout, window: int | None):
     document is a run of a row): key j is visible to query i when ``first[i] <= j <= i`` (within
     the window) and valid, with ``first`` the position of i's document start. One read per
     query and one per key where :func:`_mask_mod` makes five: at N = 32,768 on an H100 its block
-    mask took 2.2 against 3.6 ms (``benchmarks/flex_mask.py``; docs/benchmarks.md, seventeenth
-    measurement)."""
+    mask took 1.3–2.2 against 3.6 ms in two runs (``benchmarks/flex_mask.py``; docs/benchmarks.md,
+    seventeenth measurement)."""
     doc, kval = layout.doc, layout.key_valid
     pos = torch.arange(doc.shape[1], device=doc.device)
     starts = torch.ones_like(doc, dtype=torch.bool)
