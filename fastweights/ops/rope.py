@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["apply_rope", "rope_cos_sin"]
@@ -15,8 +17,26 @@ def rope_cos_sin(position_ids: torch.Tensor, dim: int, base: float, dtype: torch
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, N, dim) with cos, sin (B, N, dim)."""
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, N, dim) rotated with cos, sin (B, 1, N, dim)."""
     x1, x2 = x.chunk(2, dim=-1)
-    rot = torch.cat([-x2, x1], dim=-1)
-    return x * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@functools.cache
+def _compiled_rope():
+    return torch.compile(_rope, fullgraph=True)
+
+
+def _use_compiled(x: torch.Tensor) -> bool:
+    """Compile the rotation in CUDA training (grad enabled), outside another compiled region."""
+    return x.is_cuda and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, N, dim) with cos, sin (B, N, dim). In CUDA training the rotation runs
+    compiled: one fused kernel forward and one backward, where eager runs six on the
+    attention's transposed q and k (docs/benchmarks.md, seventeenth measurement).
+    ``TORCH_COMPILE_DISABLE=1`` keeps it eager."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (_compiled_rope() if _use_compiled(x) else _rope)(x, cos, sin)
