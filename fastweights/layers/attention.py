@@ -78,6 +78,16 @@ def _block_mask_fn(compiled: bool):
     return torch.compile(create_block_mask) if compiled else create_block_mask
 
 
+def _causal_window_mod(window: int | None):
+    """flex's mask_mod of positions alone: key j visible to query i when ``i - window < j <= i``."""
+
+    def mask_mod(b, h, i, j):
+        m = j <= i
+        return m if window is None else m & (i - j < window)
+
+    return mask_mod
+
+
 @functools.lru_cache(maxsize=16)
 def _one_document_block_mask(N: int, window: int | None, device: torch.device):
     """The block mask of rows that are each one whole document (``TokenLayout.single_doc``, keys
@@ -85,12 +95,7 @@ def _one_document_block_mask(N: int, window: int | None, device: torch.device):
     built from index arithmetic alone (no reads of the layout's tensors), with the batch
     broadcast, and kept for later calls. At N = 32,768 on an H100 the general mask took 3.6 ms
     to build each forward pass, this one 0.8 ms once (``benchmarks/flex_mask.py``)."""
-
-    def mask_mod(b, h, i, j):
-        m = j <= i
-        return m if window is None else m & (i - j < window)
-
-    return _block_mask_fn(device.type == "cuda")(mask_mod, None, None, N, N, device=device)
+    return _block_mask_fn(device.type == "cuda")(_causal_window_mod(window), None, None, N, N, device=device)
 
 
 def _mask_mod(layout: TokenLayout, window: int | None):
@@ -116,10 +121,10 @@ def _own_keys_mask_mod(layout: TokenLayout, window: int | None):
     starts = torch.ones_like(doc, dtype=torch.bool)
     starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
     first = torch.cummax(torch.where(starts, pos, 0), dim=1).values  # (B, N)
+    causal_window = _causal_window_mod(window)
 
     def mask_mod(b, h, i, j):
-        m = (j <= i) & (j >= first[b, i]) & kval[b, j]
-        return m if window is None else m & (i - j < window)
+        return causal_window(b, h, i, j) & (j >= first[b, i]) & kval[b, j]
 
     return mask_mod
 
