@@ -113,7 +113,7 @@ def check_lact() -> float:
     return worst
 
 
-def time_variant(name, shape, layers, dtype, device, warmup, iters, profile=False):
+def time_variant(name, shape, layers, dtype, device, warmup, iters, profile=False, doc_len=None):
     """Median ms/step of forward + backward; the LaCT compile setting of the variant applies."""
     prev = {e: os.environ.get(e) for e in (COMPILE_ENV, SCOPE_ENV)}
     if device.type != "cuda":  # the CPU smoke test runs every variant eagerly
@@ -123,7 +123,7 @@ def time_variant(name, shape, layers, dtype, device, warmup, iters, profile=Fals
     if name in SCOPE:
         os.environ[SCOPE_ENV] = SCOPE[name]
     try:
-        return _time_variant(name, shape, layers, dtype, device, warmup, iters, profile)
+        return _time_variant(name, shape, layers, dtype, device, warmup, iters, profile, doc_len)
     finally:
         for e, val in prev.items():
             if val is None:
@@ -166,9 +166,10 @@ def top_by_name(events, attr: str, top: int) -> list[str]:
     return [f"{sum(ts) / 1e3:8.3f} | {len(ts):5d} | {sum(ts) / len(ts):8.1f} | {name[:100]}" for name, ts in ranked]
 
 
-def build_step(name, shape, layers, dtype, device):
+def build_step(name, shape, layers, dtype, device, doc_len=None):
     """``(step, sync)`` for variant ``name``: one forward + backward of ``layers`` blocks on one
-    sequence, and a device synchronisation. Starts from a clean state: torch.compile's code for
+    sequence (one document, or packed documents of ``doc_len`` tokens, the last one shorter), and a
+    device synchronisation. Starts from a clean state: torch.compile's code for
     earlier variants is dropped (kept, it made LaCT variants timed after another variant 2-3 ms
     slower), and the last variant's blocks are freed (about 0.1 GiB per earlier variant stays
     allocated elsewhere and still counts in the peak-memory column)."""
@@ -184,6 +185,8 @@ def build_step(name, shape, layers, dtype, device):
     x = torch.randn(1, N, d, device=device, dtype=dtype, requires_grad=True)
     embeds = torch.randn(1, N, d, device=device, dtype=dtype)
     pos = torch.arange(N, device=device).unsqueeze(0)
+    if doc_len:  # packed documents: positions restart at each document start
+        pos = pos % doc_len
 
     def step():
         if device.type == "cuda":  # a training step starts: CUDA-graph trees may reuse the last step's memory
@@ -201,9 +204,9 @@ def build_step(name, shape, layers, dtype, device):
     return step, sync
 
 
-def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile):
+def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile, doc_len=None):
     N = shape["seqlen"]
-    step, sync = build_step(name, shape, layers, dtype, device)
+    step, sync = build_step(name, shape, layers, dtype, device, doc_len)
     for _ in range(warmup):
         step()
     sync()
@@ -245,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=None, help="tokens (default 32768, tiny 160)")
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of " + ",".join(VARIANTS) + " (default: all that can run here)")
+    p.add_argument("--doc-len", type=int, default=None,
+                   help="pack documents of this many tokens into the sequence (default: one document)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -257,6 +262,8 @@ def main(argv=None) -> int:
     bad = [v for v in names + sorted(prof_names) if v not in VARIANTS]
     if bad:
         p.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
+    if args.doc_len is not None and args.doc_len < 1:
+        p.error(f"--doc-len must be >= 1, got {args.doc_len}")
     shape = dict(SHAPES["tiny" if args.tiny else args.shape])
     if args.seqlen:
         shape["seqlen"] = args.seqlen
@@ -277,7 +284,8 @@ def main(argv=None) -> int:
     rows = []
     for n in names:
         try:
-            rows.append(time_variant(n, shape, args.layers, dtype, device, args.warmup, args.iters, n in prof_names))
+            rows.append(time_variant(n, shape, args.layers, dtype, device, args.warmup, args.iters, n in prof_names,
+                                     args.doc_len))
         except Exception:  # report the failure, time the other variants
             traceback.print_exc()
             print(f"variant {n} failed (traceback above)", file=sys.stderr)
@@ -291,7 +299,9 @@ def main(argv=None) -> int:
     head = (f"{gpu}, {dtype}, torch {torch.__version__}, {args.layers} blocks, d={shape['hidden_size']}, "
             f"f={shape['intermediate_size']}, heads={shape['num_attention_heads']}, "
             f"fw heads={shape['lact_heads']}, window=chunk={shape['lact_chunk_size']}, "
-            f"N={shape['seqlen']}, batch 1, forward+backward, median of {args.iters}; LaCT chunk loop: "
+            f"N={shape['seqlen']}, batch 1, "
+            f"{f'documents of {args.doc_len} tokens packed' if args.doc_len else 'one document'}, "
+            f"forward+backward, median of {args.iters}; LaCT chunk loop: "
             f"{COMPILE_ENV}={os.environ.get(COMPILE_ENV, 'auto')} unless the variant sets its own")
     lines = [head, "", "| variant | ms/step | tokens/s | × SWA | × full attn | peak GiB |",
              "|---|---|---|---|---|---|"]

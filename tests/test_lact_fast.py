@@ -50,6 +50,61 @@ def test_fast_path_matches_reference_fwd_and_grads(update, order, C, dims):
         assert rel(a, b) < 1e-9, name
 
 
+PACKED = [[29], [7, 20, 2], [16, 13]]  # per row: one document; short and long ones; chunk-aligned ones
+
+
+def packed_positions(rows=PACKED):
+    return torch.stack([torch.cat([torch.arange(n) for n in lens]) for lens in rows])
+
+
+@pytest.mark.parametrize("update,order,C,dims", CASES, ids=[f"{u}-{o}-C{c}-{d[0]}{d[1]}{d[2]}" for u, o, c, d in CASES])
+def test_packed_fast_path_matches_reference_fwd_and_grads(monkeypatch, update, order, C, dims):
+    """Rows of packed documents (no state in or out) take the chunk loop on a layout aligned to
+    the documents, the state reset where they start (rows resetting at different chunks, one row
+    never): forward and every gradient equal the sequential reference's (float64)."""
+    calls, packed = [], lact_op._lact_packed
+    monkeypatch.setattr(lact_op, "_lact_packed", lambda *a: calls.append(1) or packed(*a))
+    D, Dh, D2 = dims
+    inputs = make(B=3, H=2, N=29, D=D, Dh=Dh, D2=D2, seed=17)
+    kw = dict(chunk_size=C, update=update, order=order, position_ids=packed_positions())
+    out, ref, gc, gr = grads_vs_reference(inputs, kw)
+    assert calls == [1]
+    assert rel(out, ref) < 1e-10
+    unread = {"k", "v", "lr", "beta"} if C >= 29 and order == "apply_update" else set()
+    for name, a, b, x in zip(NAMES, gc, gr, inputs, strict=True):
+        a = torch.zeros_like(x) if a is None else a
+        b = torch.zeros_like(x) if b is None else b
+        if name in unread or (name == "beta" and update == "gd"):
+            assert float(a.norm()) == 0 and float(b.norm()) == 0, name
+            continue
+        assert float(b.norm()) > 0, name
+        assert rel(a, b) < 1e-9, name
+
+
+def test_packed_fast_path_compiled_step(monkeypatch):
+    """With compilation on, the packed rows' chunk step compiles as one graph (fullgraph, traced
+    with aot_eager: what inductor compiles on CUDA), also right after a reset (no momentum yet),
+    and gives the reference's output and gradients; the loop itself is not compiled."""
+    compiled = []
+
+    def fake(fn, scope, mode):
+        compiled.append((fn.__name__, scope, mode))
+        return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(lact_op, "_compiled", fake)
+    inputs = make(B=3, H=2, N=29, D=6, Dh=6, D2=6, seed=19)
+    kw = dict(chunk_size=6, update="muon", position_ids=packed_positions())
+    ref = lact_reference(*inputs, **kw)
+    out = lact_chunked(*inputs, **kw, compile=True)
+    assert set(compiled) == {("_contiguous_step", "step", "default")}
+    assert rel(out, ref) < 1e-10
+    go = torch.randn_like(ref)
+    got = torch.autograd.grad(out, inputs, go)
+    want = torch.autograd.grad(ref, inputs, go)
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        assert rel(a, b) < 1e-9, name
+
+
 def test_fast_path_muon_without_beta():
     q, k, v, lr, _, w1, w2, w3 = make(B=1, H=2, N=20, D=4, Dh=4, seed=2)
     kw = dict(chunk_size=6, update="muon")
@@ -62,18 +117,22 @@ def test_fast_path_muon_without_beta():
 
 
 def test_dispatch(monkeypatch):
-    """Whole-sequence rows take the fast path; packed documents and streaming do not."""
-    calls = []
-    fast = lact_op._lact_contiguous
+    """Whole-sequence rows take the fast path; packed documents take it on a document-aligned
+    layout (test_packed_fast_path_matches_reference_fwd_and_grads); streaming takes neither."""
+    calls, packed_calls = [], []
+    fast, packed_path = lact_op._lact_contiguous, lact_op._lact_packed
     monkeypatch.setattr(lact_op, "_lact_contiguous", lambda *a: calls.append(1) or fast(*a))
+    monkeypatch.setattr(lact_op, "_lact_packed", lambda *a: packed_calls.append(1) or packed_path(*a))
     inputs = make(B=2, N=12, grad=False)
     lact_chunked(*inputs, chunk_size=4, update="muon")
     lact_chunked(*inputs, chunk_size=4, update="muon", position_ids=torch.arange(12).expand(2, 12))
     assert len(calls) == 2
     pos = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)
     packed = lact_chunked(*inputs, chunk_size=4, update="muon", position_ids=pos)
+    assert len(packed_calls) == 1
     lact_chunked(*inputs, chunk_size=4, update="muon", output_final_state=True)
-    assert len(calls) == 2
+    lact_chunked(*inputs, chunk_size=4, update="muon", position_ids=pos, output_final_state=True)
+    assert len(calls) == 2 and len(packed_calls) == 1
     alone = lact_reference(*[t[:, :, 5:] for t in inputs[:5]], *inputs[5:], chunk_size=4, update="muon")
     assert rel(packed[:, :, 5:], alone) < 1e-10
 
@@ -232,3 +291,27 @@ def test_loop_graphs_evict_and_recapture_gpu():
         assert rel(out.double().cpu(), ref) < 1e-4, N
         for name, a, b in zip(NAMES, got, want, strict=True):
             assert rel(a.double().cpu(), b) < 1e-3, (N, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("update", ["gd", "momentum", "muon"])
+def test_packed_fast_path_compiled_on_cuda_matches_reference_gpu(update):
+    """Packed rows on CUDA (float32, the chunk step compiled by inductor; ``"graphs"`` runs as the
+    compiled step there) against the float64 CPU reference, on two sets of documents (a new
+    number of chunks needs no new compile): output and every gradient."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for step, rows in enumerate([PACKED, [[3, 26], [29], [10, 10, 9]]]):
+        inputs = make(B=3, H=2, N=29, D=16, Dh=16, D2=16, dtype=torch.float64, seed=60 + step)
+        kw = dict(chunk_size=8, update=update, position_ids=packed_positions(rows))
+        ref = lact_reference(*inputs, **kw)
+        go = torch.randn_like(ref)
+        want = torch.autograd.grad(ref, inputs, go, allow_unused=True)
+        dev = [t.detach().float().cuda().requires_grad_(True) for t in inputs]
+        kw["position_ids"] = kw["position_ids"].cuda()
+        out = lact_chunked(*dev, **kw, compile="graphs" if step else True)
+        got = torch.autograd.grad(out, dev, go.float().cuda(), allow_unused=True)
+        assert rel(out.double().cpu(), ref) < 1e-4, step
+        for name, a, b in zip(NAMES, got, want, strict=True):
+            if name == "beta" and update == "gd":
+                continue
+            assert rel(a.double().cpu(), b) < 1e-3, (step, name)

@@ -44,7 +44,10 @@ Two implementations compute the same function:
   sequential loop (one batched product over up to 16 chunks), and the per-chunk update
   (:func:`_contiguous_step`) is compiled with ``torch.compile`` on CUDA unless
   ``compile=False`` or ``FASTWEIGHTS_LACT_COMPILE=0`` (when gradients are taken, the whole
-  chunk loop is compiled instead: ``compile_scope``).
+  chunk loop is compiled instead: ``compile_scope``). Rows of packed documents (the trainer's
+  rows) take the same loop over a chunk layout aligned to the documents, with the state reset
+  where a document starts (:func:`_lact_packed`); only carried state (streaming, decoding)
+  takes the general grid loop.
 """
 
 from __future__ import annotations
@@ -447,34 +450,46 @@ def _resolve_scope(scope, training: bool = False) -> str:
 
 
 def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str,
-                     step=_contiguous_step):
+                     step=_contiguous_step, resets=None, beta_bars=None):
     """LaCT over rows that are single documents, no carried state: o (B, H, N, D2). ``step``:
     the chunk update (:func:`_contiguous_step`, or its compiled form). The loop runs only the
-    updates; the reads go batched to :func:`_read_chunks`, up to :data:`READ_GROUP` chunks at once."""
+    updates; the reads go batched to :func:`_read_chunks`, up to :data:`READ_GROUP` chunks at once.
+
+    Packed rows come laid out on chunks (:func:`_lact_packed`): ``resets``, one entry per chunk,
+    None (no row starts a document there), True (every row does) or a (B,) bool tensor (the rows
+    that do), returns those rows to the initial state before the chunk; ``beta_bars`` (B, H, G)
+    gives each chunk's mean β over its tokens (else the mean of ``beta`` over the chunk)."""
     B, H, N, D = q.shape
     mm = q.dtype
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if w1.shape[-2] == D and w2.shape[-2] == D:  # D = Dh = D2: one (3, D, D) tensor per head
-        ws = (torch.stack([w1, w3, w2], 1).to(acc),)
+        init = (torch.stack([w1, w3, w2], 1).to(acc),)
     else:
-        ws = (torch.cat([w1, w3], 1).to(acc), w2.to(acc))
-    norms = tuple(_row_norms(w) for w in ws)
-    ws = tuple(w.expand(B, *w.shape).contiguous() for w in ws)
+        init = (torch.cat([w1, w3], 1).to(acc), w2.to(acc))
+    norms = tuple(_row_norms(w) for w in init)
+    ws = tuple(w.expand(B, *w.shape).contiguous() for w in init)
     ms = None  # zero momentum: the first update sets it to the gradient
     G = -(-N // chunk_size)
     # split, not per-chunk slicing: its backward is one cat, where each slice's backward would
     # write a zero-filled tensor of the whole sequence and add it to the others
     parts = [x.split(chunk_size, dim=2) for x in (k, v, lr)]
     q_groups = q.split(READ_GROUP * chunk_size, dim=2)
-    betas = None if beta is None else beta.to(acc).split(chunk_size, dim=2)
+    betas = None if beta is None or beta_bars is not None else beta.to(acc).split(chunk_size, dim=2)
     outs, reads = [], []
     cur = tuple(w.to(mm) for w in ws)  # the current weights in the matmul dtype
     for j in range(G):
+        if resets is not None and resets[j] is not None and j > 0:  # documents start: initial state
+            if resets[j] is True:
+                ws, ms = tuple(w.expand(B, *w.shape).contiguous() for w in init), None
+            else:
+                ws = tuple(torch.where(_rows(resets[j], w), i, w) for w, i in zip(ws, init, strict=True))
+                ms = None if ms is None else tuple(m.masked_fill(_rows(resets[j], m), 0) for m in ms)
+            cur = tuple(w.to(mm) for w in ws)
         if order == "apply_update":  # chunk j reads the weights before its own update
             reads.append(_read_weights(cur))
         # apply-then-update never reads the last chunk's update
         if order == "update_apply" or j < G - 1:
-            bb = None if betas is None else betas[j].mean(-1)
+            bb = beta_bars[:, :, j] if beta_bars is not None else None if betas is None else betas[j].mean(-1)
             kj, vj, lj = (x[j] for x in parts)
             ws, ms = step(ws, cur, ms, norms, kj, vj, lj, bb, update)
             cur = tuple(w.to(mm) for w in ws)
@@ -484,6 +499,45 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
             outs.append(_read_chunks(q_groups[j // READ_GROUP], reads, chunk_size))
             reads = []
     return torch.cat(outs, 2).to(q.dtype)
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) ``mask`` viewed to broadcast over (B, ...) ``like``."""
+    return mask.view(-1, *[1] * (like.dim() - 1))
+
+
+def _lact_packed(q, k, v, lr, beta, w1, w2, w3, starts, chunk_size, update, order, compile_mode):
+    """The fast path for rows of packed documents (no carried state): tokens laid out on chunks
+    that start at each document start (:func:`_grid`), then :func:`_contiguous_loop` with the
+    state reset where documents start, its step compiled unless ``compile_mode`` is None (the
+    loop is not: the number of chunks depends on the documents). starts (B, N) bool.
+
+    A chunk cut short by its document's end updates the state from its tokens alone (the empty
+    slots hold zeros: no gradient) and the next chunk resets it, so no token reads that update,
+    as the reference has it; under ``update_apply`` the chunk reads it, with β averaged over
+    its tokens alone (``beta_bars``)."""
+    B, H, N, D = q.shape
+    C = chunk_size
+    no_state = torch.zeros(B, dtype=torch.bool, device=q.device)
+    flat, inv, valid, reset, G, _ = _grid(starts, no_state, None, C)
+    S = G * C
+    idx = inv.view(B, 1, S, 1)
+
+    def grid(x):  # (B, H, N, F) -> (B, H, S, F), empty slots zero
+        x = torch.cat([x, x.new_zeros(B, H, 1, x.shape[-1])], 2)
+        return x.gather(2, idx.expand(B, H, S, x.shape[-1]))
+
+    qg, kg, vg, lg = (grid(x) for x in (q, k, v, lr))
+    beta_bars = None
+    if beta is not None:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        count = valid.view(B, 1, G, C).sum(-1).clamp(min=1)
+        beta_bars = grid(beta.to(acc).unsqueeze(-1)).view(B, H, G, C).sum(-1) / count
+    all_rows, any_row = reset.all(0).tolist(), reset.any(0).tolist()
+    resets = [True if a else (reset[:, j] if s else None) for j, (a, s) in enumerate(zip(all_rows, any_row))]
+    step = _contiguous_step if compile_mode is None else _compiled(_contiguous_step, "step", compile_mode)
+    o = _contiguous_loop(qg, kg, vg, lg, None, w1, w2, w3, C, update, order, step, resets, beta_bars)
+    return o.gather(2, flat.view(B, 1, N, 1).expand(B, H, N, o.shape[-1]))
 
 
 def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, compile_mode, scope="step"):
@@ -691,7 +745,10 @@ def lact_chunked(
     without it, or without gradients, as ``"default"``). ``compile_scope``: what is compiled,
     ``"step"`` (the chunk step), ``"loop"`` (the whole chunk loop) or ``"auto"`` (the loop when
     gradients are taken, else the step); None reads ``FASTWEIGHTS_LACT_COMPILE_SCOPE`` (default
-    ``auto``). Returns o (B, H, N, D2), or ``(o, state)``.
+    ``auto``). Rows of packed documents without a state in or out take the same stacked,
+    compiled step on a chunk layout aligned to the documents (:func:`_lact_packed`: the step
+    compiled, never the loop, whose length depends on the documents; ``"graphs"`` runs as
+    ``"default"``). Returns o (B, H, N, D2), or ``(o, state)``.
     """
     B, H, N, D = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
     C = chunk_size
@@ -714,6 +771,10 @@ def lact_chunked(
             mode = "default"
         return _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, C, update, order, mode,
                                 _resolve_scope(compile_scope, training))
+    if not streaming:  # packed documents, no state in or out
+        mode = _resolve_compile(compile, dev)
+        return _lact_packed(q, k, v, lr, beta, w1, w2, w3, starts_f, C, update, order,
+                            "default" if mode == "graphs" else mode)
     if state is not None:
         explicit0 = torch.zeros(B, dtype=torch.bool, device=dev)
         if position_ids is not None:
