@@ -62,13 +62,16 @@ def test_packed_fast_path_matches_reference_fwd_and_grads(monkeypatch, update, o
     """Rows of packed documents (no state in or out) take the chunk loop on a layout aligned to
     the documents, the state reset where they start (rows resetting at different chunks, one row
     never): forward and every gradient equal the sequential reference's (float64)."""
-    calls, packed = [], lact_op._lact_packed
-    monkeypatch.setattr(lact_op, "_lact_packed", lambda *a: calls.append(1) or packed(*a))
+    calls, fast = [], lact_op._lact_contiguous
+    monkeypatch.setattr(lact_op, "_lact_contiguous", lambda *a, **k: calls.append(k["resets"].shape) or fast(*a, **k))
     D, Dh, D2 = dims
     inputs = make(B=3, H=2, N=29, D=D, Dh=Dh, D2=D2, seed=17)
     kw = dict(chunk_size=C, update=update, order=order, position_ids=packed_positions())
     out, ref, gc, gr = grads_vs_reference(inputs, kw)
-    assert calls == [1]
+    G = -(-29 // C)
+    chunks = sum(-(-n // C) for lens in PACKED for n in lens)
+    (L, g), = calls  # the six documents on L lanes of G chunks
+    assert g == G and L >= -(-chunks // G) and L & (L - 1) == 0
     assert rel(out, ref) < 1e-10
     unread = {"k", "v", "lr", "beta"} if C >= 29 and order == "apply_update" else set()
     for name, a, b, x in zip(NAMES, gc, gr, inputs, strict=True):
@@ -81,10 +84,10 @@ def test_packed_fast_path_matches_reference_fwd_and_grads(monkeypatch, update, o
         assert rel(a, b) < 1e-9, name
 
 
-def test_packed_fast_path_compiled_step(monkeypatch):
-    """With compilation on, the packed rows' chunk step compiles as one graph (fullgraph, traced
-    with aot_eager: what inductor compiles on CUDA), also right after a reset (no momentum yet),
-    and gives the reference's output and gradients; the loop itself is not compiled."""
+def test_packed_fast_path_compiled_loop(monkeypatch):
+    """With compilation on and gradients taken, the packed rows' whole chunk loop compiles as one
+    graph (fullgraph: the resets are tensors; traced with aot_eager, what inductor compiles on
+    CUDA) and gives the reference's output and gradients."""
     compiled = []
 
     def fake(fn, scope, mode):
@@ -96,13 +99,59 @@ def test_packed_fast_path_compiled_step(monkeypatch):
     kw = dict(chunk_size=6, update="muon", position_ids=packed_positions())
     ref = lact_reference(*inputs, **kw)
     out = lact_chunked(*inputs, **kw, compile=True)
-    assert set(compiled) == {("_contiguous_step", "step", "default")}
+    assert compiled == [("_contiguous_loop", "loop", "default")]
     assert rel(out, ref) < 1e-10
     go = torch.randn_like(ref)
     got = torch.autograd.grad(out, inputs, go)
     want = torch.autograd.grad(ref, inputs, go)
     for name, a, b in zip(NAMES, got, want, strict=True):
         assert rel(a, b) < 1e-9, name
+
+
+@pytest.mark.parametrize("rows,C", [(PACKED, 8), (PACKED, 5), ([[1] * 9, [9], [4, 5]], 4), ([[9], [9], [9]], 16)])
+def test_lanes_layout(rows, C):
+    """Packed documents on lanes: each document starts a chunk and fills consecutive slots, no two
+    tokens share a slot, a lane holds at most G = ceil(N / C) chunks, the lanes are as few as
+    first fit allows (rounded up to a power of two), each document's first chunk resets, and
+    tokens go to the lanes and back unchanged (with their gradient)."""
+    pos = packed_positions(rows)
+    B, N = pos.shape
+    G = -(-N // C)
+    lanes = lact_op._Lanes(pos == 0, C)
+    L, flat = lanes.L, lanes.flat
+    assert lanes.resets.shape == (L, G) and L & (L - 1) == 0
+    assert len(set(flat.tolist())) == B * N and int(flat.max()) < L * G * C
+    used = torch.zeros(L * G, dtype=torch.long)
+    lo = 0
+    for b, lens in enumerate(rows):
+        for n in lens:
+            slots = flat[b * N + lo:b * N + lo + n]
+            assert int(slots[0]) % C == 0  # the document starts a chunk
+            assert torch.equal(slots, slots[0] + torch.arange(n))  # in consecutive slots
+            assert bool(lanes.resets.flatten()[slots[0] // C])
+            used[slots // C] = 1
+            lo += n
+        lo = 0
+    chunks = sum(-(-n // C) for lens in rows for n in lens)
+    assert int(lanes.resets.sum()) == sum(len(lens) for lens in rows) and int(used.sum()) == chunks
+    assert L < 2 * max(-(-chunks // G), 1) or L == 1  # no more than twice the lanes that chunks need
+    x = torch.randn(B, 2, N, 3, dtype=torch.float64, requires_grad=True)
+    on = lanes.to_lanes(x)
+    assert on.shape == (L, 2, G * C, 3)
+    assert float(on.detach().abs().sum()) == pytest.approx(float(x.detach().abs().sum()))  # empty slots: zeros
+    back = lanes.from_lanes(on)
+    assert torch.equal(back, x)
+    (g,) = torch.autograd.grad(back, x, torch.ones_like(x))
+    assert torch.equal(g, torch.ones_like(x))
+
+
+def test_lanes_fill_up():
+    """Lanes are filled to their G chunks: rows whose documents fill exactly G chunks take one
+    lane each; documents of different rows that fit together share one."""
+    assert lact_op._Lanes(packed_positions([[4, 4], [8]]) == 0, 4).L == 2  # G = 2
+    # chunks per document (2, 1), (1, 2), (2): the two one-chunk documents of two rows share a lane
+    assert lact_op._Lanes(packed_positions([[6, 2], [1, 7], [8]]) == 0, 4).L == 4
+    assert lact_op._Lanes(packed_positions([[8], [8]]) == 0, 8).L == 2
 
 
 def test_fast_path_muon_without_beta():
@@ -120,19 +169,19 @@ def test_dispatch(monkeypatch):
     """Whole-sequence rows take the fast path; packed documents take it on a document-aligned
     layout (test_packed_fast_path_matches_reference_fwd_and_grads); streaming takes neither."""
     calls, packed_calls = [], []
-    fast, packed_path = lact_op._lact_contiguous, lact_op._lact_packed
-    monkeypatch.setattr(lact_op, "_lact_contiguous", lambda *a: calls.append(1) or fast(*a))
-    monkeypatch.setattr(lact_op, "_lact_packed", lambda *a: packed_calls.append(1) or packed_path(*a))
+    fast, lanes = lact_op._lact_contiguous, lact_op._Lanes
+    monkeypatch.setattr(lact_op, "_lact_contiguous", lambda *a, **k: calls.append(1) or fast(*a, **k))
+    monkeypatch.setattr(lact_op, "_Lanes", lambda *a: packed_calls.append(1) or lanes(*a))
     inputs = make(B=2, N=12, grad=False)
     lact_chunked(*inputs, chunk_size=4, update="muon")
     lact_chunked(*inputs, chunk_size=4, update="muon", position_ids=torch.arange(12).expand(2, 12))
     assert len(calls) == 2
     pos = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)
     packed = lact_chunked(*inputs, chunk_size=4, update="muon", position_ids=pos)
-    assert len(packed_calls) == 1
+    assert len(calls) == 3 and len(packed_calls) == 1
     lact_chunked(*inputs, chunk_size=4, update="muon", output_final_state=True)
     lact_chunked(*inputs, chunk_size=4, update="muon", position_ids=pos, output_final_state=True)
-    assert len(calls) == 2 and len(packed_calls) == 1
+    assert len(calls) == 3 and len(packed_calls) == 1
     alone = lact_reference(*[t[:, :, 5:] for t in inputs[:5]], *inputs[5:], chunk_size=4, update="muon")
     assert rel(packed[:, :, 5:], alone) < 1e-10
 
@@ -295,12 +344,14 @@ def test_loop_graphs_evict_and_recapture_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("update", ["gd", "momentum", "muon"])
-def test_packed_fast_path_compiled_on_cuda_matches_reference_gpu(update):
-    """Packed rows on CUDA (float32, the chunk step compiled by inductor; ``"graphs"`` runs as the
-    compiled step there) against the float64 CPU reference, on two sets of documents (a new
-    number of chunks needs no new compile): output and every gradient."""
+def test_packed_fast_path_on_cuda_matches_reference_gpu(update):
+    """Packed rows on CUDA (float32) against the float64 CPU reference, output and every gradient:
+    the whole loop compiled by inductor, then replayed from CUDA graphs for three sets of
+    documents on the same number of lanes (one capture, replayed with new resets)."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    for step, rows in enumerate([PACKED, [[3, 26], [29], [10, 10, 9]]]):
+    graphs = lact_op.LoopGraphs()
+    sets = [PACKED, PACKED, [[3, 26], [29], [10, 10, 9]], [[29], [29], [1, 28]]]
+    for step, rows in enumerate(sets):
         inputs = make(B=3, H=2, N=29, D=16, Dh=16, D2=16, dtype=torch.float64, seed=60 + step)
         kw = dict(chunk_size=8, update=update, position_ids=packed_positions(rows))
         ref = lact_reference(*inputs, **kw)
@@ -308,10 +359,12 @@ def test_packed_fast_path_compiled_on_cuda_matches_reference_gpu(update):
         want = torch.autograd.grad(ref, inputs, go, allow_unused=True)
         dev = [t.detach().float().cuda().requires_grad_(True) for t in inputs]
         kw["position_ids"] = kw["position_ids"].cuda()
-        out = lact_chunked(*dev, **kw, compile="graphs" if step else True)
+        mode = dict(compile=True) if step == 0 else dict(compile="graphs", graphs=graphs)
+        out = lact_chunked(*dev, **kw, **mode)
         got = torch.autograd.grad(out, dev, go.float().cuda(), allow_unused=True)
         assert rel(out.double().cpu(), ref) < 1e-4, step
         for name, a, b in zip(NAMES, got, want, strict=True):
             if name == "beta" and update == "gd":
                 continue
             assert rel(a.double().cpu(), b) < 1e-3, (step, name)
+    assert len(graphs._entries) == 1

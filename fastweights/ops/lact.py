@@ -45,9 +45,9 @@ Two implementations compute the same function:
   (:func:`_contiguous_step`) is compiled with ``torch.compile`` on CUDA unless
   ``compile=False`` or ``FASTWEIGHTS_LACT_COMPILE=0`` (when gradients are taken, the whole
   chunk loop is compiled instead: ``compile_scope``). Rows of packed documents (the trainer's
-  rows) take the same loop over a chunk layout aligned to the documents, with the state reset
-  where a document starts (:func:`_lact_packed`); only carried state (streaming, decoding)
-  takes the general grid loop.
+  rows) take the same loop, compiled and graphed alike, with their documents laid out on lanes
+  of chunks (:class:`_Lanes`) and the state reset where a document starts; only carried state
+  (streaming, decoding) takes the general grid loop.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -455,10 +456,10 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
     the chunk update (:func:`_contiguous_step`, or its compiled form). The loop runs only the
     updates; the reads go batched to :func:`_read_chunks`, up to :data:`READ_GROUP` chunks at once.
 
-    Packed rows come laid out on chunks (:func:`_lact_packed`): ``resets``, one entry per chunk,
-    None (no row starts a document there), True (every row does) or a (B,) bool tensor (the rows
-    that do), returns those rows to the initial state before the chunk; ``beta_bars`` (B, H, G)
-    gives each chunk's mean β over its tokens (else the mean of ``beta`` over the chunk)."""
+    Packed documents come laid out on lanes (:class:`_Lanes`): ``resets`` (B, G) bool marks the
+    chunks that start a document, where a row returns to the initial state (and zero momentum);
+    ``beta_bars`` (B, H, G) gives each chunk's mean β over its tokens (else the mean of ``beta``
+    over the chunk)."""
     B, H, N, D = q.shape
     mm = q.dtype
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -478,12 +479,10 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
     outs, reads = [], []
     cur = tuple(w.to(mm) for w in ws)  # the current weights in the matmul dtype
     for j in range(G):
-        if resets is not None and resets[j] is not None and j > 0:  # documents start: initial state
-            if resets[j] is True:
-                ws, ms = tuple(w.expand(B, *w.shape).contiguous() for w in init), None
-            else:
-                ws = tuple(torch.where(_rows(resets[j], w), i, w) for w, i in zip(ws, init, strict=True))
-                ms = None if ms is None else tuple(m.masked_fill(_rows(resets[j], m), 0) for m in ms)
+        if resets is not None and j > 0:  # rows whose document starts here: the initial state
+            r = resets[:, j]
+            ws = tuple(torch.where(_rows(r, w), i, w) for w, i in zip(ws, init, strict=True))
+            ms = None if ms is None else tuple(m.masked_fill(_rows(r, m), 0) for m in ms)
             cur = tuple(w.to(mm) for w in ws)
         if order == "apply_update":  # chunk j reads the weights before its own update
             reads.append(_read_weights(cur))
@@ -506,49 +505,81 @@ def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *[1] * (like.dim() - 1))
 
 
-def _lact_packed(q, k, v, lr, beta, w1, w2, w3, starts, chunk_size, update, order, compile_mode):
-    """The fast path for rows of packed documents (no carried state): tokens laid out on chunks
-    that start at each document start (:func:`_grid`), then :func:`_contiguous_loop` with the
-    state reset where documents start, its step compiled unless ``compile_mode`` is None (the
-    loop is not: the number of chunks depends on the documents). starts (B, N) bool.
+class _Lanes:
+    """Packed documents laid out on lanes, for :func:`_contiguous_loop`.
 
-    A chunk cut short by its document's end updates the state from its tokens alone (the empty
-    slots hold zeros: no gradient) and the next chunk resets it, so no token reads that update,
-    as the reference has it; under ``update_apply`` the chunk reads it, with β averaged over
-    its tokens alone (``beta_bars``)."""
-    B, H, N, D = q.shape
-    C = chunk_size
-    no_state = torch.zeros(B, dtype=torch.bool, device=q.device)
-    flat, inv, valid, reset, G, _ = _grid(starts, no_state, None, C)
-    S = G * C
-    idx = inv.view(B, 1, S, 1)
+    Each of the ``L`` lanes holds ``G = ceil(N / C)`` chunks of ``C`` slots (as a row of one
+    document). Each document of the (B, N) rows starts a chunk and takes ``ceil(n / C)`` of them;
+    documents go to lanes first fit, longest first (documents of different rows share lanes:
+    rows are independent), and ``L`` is rounded up to a power of two, so that a training run
+    meets few shapes (the compiled loop and its CUDA graphs are made per shape). The loop runs G
+    chunks in sequence whatever the documents, batched over lanes. Slots without a token hold
+    zeros (no gradient).
 
-    def grid(x):  # (B, H, N, F) -> (B, H, S, F), empty slots zero
-        x = torch.cat([x, x.new_zeros(B, H, 1, x.shape[-1])], 2)
-        return x.gather(2, idx.expand(B, H, S, x.shape[-1]))
+    flat (B·N,): each token's slot in the L·G·C slots; resets (L, G) bool: the chunks that
+    start a document; count (L, 1, G): tokens per chunk (at least 1).
+    """
 
-    qg, kg, vg, lg = (grid(x) for x in (q, k, v, lr))
-    beta_bars = None
-    if beta is not None:
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        count = valid.view(B, 1, G, C).sum(-1).clamp(min=1)
-        beta_bars = grid(beta.to(acc).unsqueeze(-1)).view(B, H, G, C).sum(-1) / count
-    all_rows, any_row = reset.all(0).tolist(), reset.any(0).tolist()
-    resets = [True if a else (reset[:, j] if s else None) for j, (a, s) in enumerate(zip(all_rows, any_row))]
-    step = _contiguous_step if compile_mode is None else _compiled(_contiguous_step, "step", compile_mode)
-    o = _contiguous_loop(qg, kg, vg, lg, None, w1, w2, w3, C, update, order, step, resets, beta_bars)
-    return o.gather(2, flat.view(B, 1, N, 1).expand(B, H, N, o.shape[-1]))
+    def __init__(self, starts: torch.Tensor, chunk_size: int):
+        B, N = starts.shape
+        C, G = chunk_size, -(-N // chunk_size)
+        cut = starts.cpu().numpy().copy()
+        cut[:, 0] = True
+        begin = np.flatnonzero(cut)  # documents in flat token order
+        length = np.diff(np.append(begin, B * N))  # every row starts one: none crosses a row's end
+        chunks = -(-length // C)
+        used: list[int] = []  # chunks taken per lane
+        lane, first = np.empty_like(chunks), np.empty_like(chunks)
+        for d in np.argsort(-chunks, kind="stable"):
+            n = int(chunks[d])
+            slot = next((i for i, u in enumerate(used) if u + n <= G), len(used))
+            if slot == len(used):
+                used.append(0)
+            lane[d], first[d], used[slot] = slot, used[slot], used[slot] + n
+        L = 1 << (len(used) - 1).bit_length()
+        S = G * C
+        doc = np.repeat(np.arange(len(begin)), length)  # each token's document
+        within = np.arange(B * N) - np.repeat(begin, length)
+        flat = lane[doc] * S + first[doc] * C + within
+        resets = np.zeros((L, G), dtype=bool)
+        resets[lane, first] = True
+        count = np.bincount(flat // C, minlength=L * G).reshape(L, 1, G)
+        dev = starts.device
+        self.B, self.N, self.L, self.S = B, N, L, S
+        self.flat = torch.from_numpy(flat).to(dev)
+        self.resets = torch.from_numpy(resets).to(dev)
+        self.count = torch.from_numpy(np.maximum(count, 1)).to(dev)
+
+    def to_lanes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, F) -> (L, H, G·C, F), empty slots zero."""
+        B, H, N, F_ = x.shape
+        src = x.transpose(0, 1).reshape(H, B * N, F_)
+        out = src.new_zeros(H, self.L * self.S, F_).index_copy(1, self.flat, src)
+        return out.view(H, self.L, self.S, F_).transpose(0, 1).contiguous()
+
+    def from_lanes(self, o: torch.Tensor) -> torch.Tensor:
+        """(L, H, G·C, F) -> (B, H, N, F)."""
+        H, F_ = o.shape[1], o.shape[-1]
+        out = o.transpose(0, 1).reshape(H, self.L * self.S, F_).index_select(1, self.flat)
+        return out.view(H, self.B, self.N, F_).transpose(0, 1).contiguous()
+
+    def beta_bars(self, beta: torch.Tensor) -> torch.Tensor:
+        """Each chunk's mean β over its tokens: (B, H, N) -> (L, H, G), float32 at least."""
+        acc = torch.promote_types(beta.dtype, torch.float32)
+        b = self.to_lanes(beta.to(acc).unsqueeze(-1))[..., 0]
+        return b.unflatten(2, (self.count.shape[-1], -1)).sum(-1) / self.count
 
 
-def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, compile_mode, scope="step"):
+def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, compile_mode, scope="step",
+                     resets=None, beta_bars=None):
     """The fast path: :func:`_contiguous_loop` eager, with a compiled step, or compiled whole."""
+    args = (q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
+    lanes = dict(resets=resets, beta_bars=beta_bars)
     if compile_mode is None:
-        return _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
+        return _contiguous_loop(*args, **lanes)
     if scope == "loop":
-        return _compiled(_contiguous_loop, "loop", compile_mode)(q, k, v, lr, beta, w1, w2, w3, chunk_size, update,
-                                                                order)
-    step = _compiled(_contiguous_step, "step", compile_mode)
-    return _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, step)
+        return _compiled(_contiguous_loop, "loop", compile_mode)(*args, **lanes)
+    return _contiguous_loop(*args, _compiled(_contiguous_step, "step", compile_mode), **lanes)
 
 
 class LoopGraphs:
@@ -606,12 +637,14 @@ class LoopGraphs:
                     return tuple(_alias(t.detach()) for t in qkv)
         return None
 
-    def __call__(self, q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str):
+    def __call__(self, q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str,
+                 resets=None, beta_bars=None):
         if q.device.type != "cuda":
             raise ValueError(f"LoopGraphs needs CUDA tensors, got device {q.device}")
-        inputs = tuple(t for t in (q, k, v, lr, beta, w1, w2, w3) if t is not None)
+        given = (beta, resets, beta_bars)
+        inputs = tuple(t for t in (q, k, v, lr, beta, w1, w2, w3, resets, beta_bars) if t is not None)
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
-        key = (chunk_size, update, order, beta is None, autocast,
+        key = (chunk_size, update, order, tuple(t is None for t in given), autocast,
                tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs))
         with on_device(q):  # capture and replay on the inputs' GPU, current or not
             if key in self._entries:
@@ -619,17 +652,24 @@ class LoopGraphs:
             else:
                 while len(self._entries) >= self.max_captures:
                     self._entries.popitem(last=False)
-                self._entries[key] = _GraphEntry(_loop_fn(chunk_size, update, order, beta is None), inputs)
+                self._entries[key] = _GraphEntry(_loop_fn(chunk_size, update, order, given), inputs)
             return _GraphedLoop.apply(self._entries[key], self.reuse_outputs, *inputs)
 
 
-def _loop_fn(chunk_size, update, order, no_beta):
+def _loop_fn(chunk_size, update, order, given):
+    """The compiled loop on the inputs present: q, k, v, lr, [beta], w1, w2, w3, [resets],
+    [beta_bars], those in brackets where ``given`` (beta, resets, beta_bars) is not None."""
     loop = _compiled(_contiguous_loop, "loop", "default")
+    present = [t is not None for t in given]
 
     def fn(*t):
-        if no_beta:
-            t = t[:4] + (None,) + t[4:]
-        return loop(*t, chunk_size, update, order)
+        it = iter(t)
+        q, k, v, lr = next(it), next(it), next(it), next(it)
+        beta = next(it) if present[0] else None
+        w1, w2, w3 = next(it), next(it), next(it)
+        resets = next(it) if present[1] else None
+        beta_bars = next(it) if present[2] else None
+        return loop(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, resets=resets, beta_bars=beta_bars)
 
     return fn
 
@@ -745,10 +785,9 @@ def lact_chunked(
     without it, or without gradients, as ``"default"``). ``compile_scope``: what is compiled,
     ``"step"`` (the chunk step), ``"loop"`` (the whole chunk loop) or ``"auto"`` (the loop when
     gradients are taken, else the step); None reads ``FASTWEIGHTS_LACT_COMPILE_SCOPE`` (default
-    ``auto``). Rows of packed documents without a state in or out take the same stacked,
-    compiled step on a chunk layout aligned to the documents (:func:`_lact_packed`: the step
-    compiled, never the loop, whose length depends on the documents; ``"graphs"`` runs as
-    ``"default"``). Returns o (B, H, N, D2), or ``(o, state)``.
+    ``auto``). Without a state in or out, rows of packed documents take the same path, their
+    documents laid out on lanes of ceil(N / C) chunks (:class:`_Lanes`; a new number of lanes
+    compiles and captures anew). Returns o (B, H, N, D2), or ``(o, state)``.
     """
     B, H, N, D = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
     C = chunk_size
@@ -761,20 +800,23 @@ def lact_chunked(
     if state is not None and (beta is None) != (state.buf_beta is None):
         raise ValueError("beta must be given iff the state was built with beta")
     starts_f = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=dev)
-    if not streaming and not bool(starts_f[:, 1:].any()):
+    if not streaming:  # the fast path: no state in or out
         training = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lr, beta, w1, w2, w3))
+        lanes, extra = None, {}
+        if bool(starts_f[:, 1:].any()):  # packed documents: laid out on lanes
+            lanes = _Lanes(starts_f, C)
+            q, k, v, lr = (lanes.to_lanes(x) for x in (q, k, v, lr))
+            extra = dict(resets=lanes.resets, beta_bars=None if beta is None else lanes.beta_bars(beta))
+            beta = None
         mode = _resolve_compile(compile, dev)
-        if mode == "graphs":
-            if training and graphs is not None:
-                return graphs(q, k, v, lr, beta, w1, w2, w3, C, update, order)
-            mode = "default"
-        return _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, C, update, order, mode,
-                                _resolve_scope(compile_scope, training))
-    if not streaming:  # packed documents, no state in or out
-        mode = _resolve_compile(compile, dev)
-        return _lact_packed(q, k, v, lr, beta, w1, w2, w3, starts_f, C, update, order,
-                            "default" if mode == "graphs" else mode)
+        if mode == "graphs" and training and graphs is not None:
+            o = graphs(q, k, v, lr, beta, w1, w2, w3, C, update, order, **extra)
+        else:
+            o = _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, C, update, order,
+                                 "default" if mode == "graphs" else mode, _resolve_scope(compile_scope, training),
+                                 **extra)
+        return o if lanes is None else lanes.from_lanes(o)
     if state is not None:
         explicit0 = torch.zeros(B, dtype=torch.bool, device=dev)
         if position_ids is not None:
