@@ -508,13 +508,14 @@ def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class _Lanes:
     """Packed documents laid out on lanes, for :func:`_contiguous_loop`.
 
-    Each of the ``L`` lanes holds ``G = ceil(N / C)`` chunks of ``C`` slots (as a row of one
-    document). Each document of the (B, N) rows starts a chunk and takes ``ceil(n / C)`` of them;
-    documents go to lanes first fit, longest first (documents of different rows share lanes:
-    rows are independent), and ``L`` is rounded up to a power of two, so that a training run
-    meets few shapes (the compiled loop and its CUDA graphs are made per shape). The loop runs G
-    chunks in sequence whatever the documents, batched over lanes. Slots without a token hold
-    zeros (no gradient).
+    Each document of the (B, N) rows starts a chunk of ``C`` slots and takes ``ceil(n / C)`` of
+    them. Documents go to ``L`` lanes of ``G`` chunks each, first fit, longest first (documents of
+    different rows share lanes: rows are independent). The loop runs G chunks in sequence,
+    batched over the lanes. ``G`` is the row's ``ceil(N / C)`` or, where the documents need more
+    chunks, their chunks per row rounded up to a multiple of a quarter of that, at most twice
+    it: one row of documents keeps one lane (a batch of two costs about twice as much per chunk
+    on the H100: docs/benchmarks.md), and a training run meets few shapes (the compiled loop and
+    its CUDA graphs are made per shape). Slots without a token hold zeros (no gradient).
 
     flat (B·N,): each token's slot in the L·G·C slots; resets (L, G) bool: the chunks that
     start a document; count (L, 1, G): tokens per chunk (at least 1).
@@ -522,12 +523,14 @@ class _Lanes:
 
     def __init__(self, starts: torch.Tensor, chunk_size: int):
         B, N = starts.shape
-        C, G = chunk_size, -(-N // chunk_size)
+        C, G0 = chunk_size, -(-N // chunk_size)
         cut = starts.cpu().numpy().copy()
         cut[:, 0] = True
         begin = np.flatnonzero(cut)  # documents in flat token order
         length = np.diff(np.append(begin, B * N))  # every row starts one: none crosses a row's end
         chunks = -(-length // C)
+        per_row, quarter = -(-int(chunks.sum()) // B), max(1, G0 // 4)
+        G = min(2 * G0, max(G0, -(-per_row // quarter) * quarter))
         used: list[int] = []  # chunks taken per lane
         lane, first = np.empty_like(chunks), np.empty_like(chunks)
         for d in np.argsort(-chunks, kind="stable"):
@@ -536,8 +539,7 @@ class _Lanes:
             if slot == len(used):
                 used.append(0)
             lane[d], first[d], used[slot] = slot, used[slot], used[slot] + n
-        L = 1 << (len(used) - 1).bit_length()
-        S = G * C
+        L, S = len(used), G * C
         doc = np.repeat(np.arange(len(begin)), length)  # each token's document
         within = np.arange(B * N) - np.repeat(begin, length)
         flat = lane[doc] * S + first[doc] * C + within
