@@ -158,6 +158,7 @@ def test_lanes_fill_up():
     assert shape([[16]], 4) == (1, 4)  # one document
     assert shape([[5] * 3 + [1]], 4) == (1, 7)  # 7 chunks: G0 = 4 rounded up by 1
     assert shape([[3] * 5 + [1]], 4) == (1, 6)  # 6 chunks
+    assert shape([[1] * 9 + [7]], 2) == (1, 14)  # G0 = 8: 13 chunks, rounded up to a multiple of 2
     assert shape([[1] * 16], 4) == (2, 8)  # 16 chunks: two lanes of the most, 2 G0
     assert shape([[4, 4], [8]], 4) == (2, 2)  # G0 = 2: each row fills its lane
     # chunks per document (2, 1), (1, 2), (2): 8 in all, 3 per row; two rows' documents share lanes
