@@ -359,10 +359,13 @@ def test_loop_graphs_evict_and_recapture_gpu():
 def test_packed_fast_path_on_cuda_matches_reference_gpu(update):
     """Packed rows on CUDA (float32) against the float64 CPU reference, output and every gradient:
     the whole loop compiled by inductor, then replayed from CUDA graphs for three sets of
-    documents on the same number of lanes (one capture, replayed with new resets)."""
+    documents, two of them on lanes of one shape (one capture per shape, replayed with new
+    resets)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     graphs = lact_op.LoopGraphs()
     sets = [PACKED, PACKED, [[3, 26], [29], [10, 10, 9]], [[29], [29], [1, 28]]]
+    shapes = {(lanes.L, lanes.S) for lanes in (lact_op._Lanes(packed_positions(r) == 0, 8) for r in sets[1:])}
+    assert len(shapes) == 2
     for step, rows in enumerate(sets):
         inputs = make(B=3, H=2, N=29, D=16, Dh=16, D2=16, dtype=torch.float64, seed=60 + step)
         kw = dict(chunk_size=8, update=update, position_ids=packed_positions(rows))
@@ -379,4 +382,4 @@ def test_packed_fast_path_on_cuda_matches_reference_gpu(update):
             if name == "beta" and update == "gd":
                 continue
             assert rel(a.double().cpu(), b) < 1e-3, (step, name)
-    assert len(graphs._entries) == 1
+    assert len(graphs._entries) == 2
