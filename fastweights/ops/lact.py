@@ -452,7 +452,7 @@ def _resolve_scope(scope, training: bool = False) -> str:
 
 def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str,
                      step=_contiguous_step, resets=None, beta_bars=None):
-    """LaCT over rows that are single documents, no carried state: o (B, H, N, D2). ``step``:
+    """LaCT over rows that are single documents (or lanes of them), no carried state: o (B, H, N, D2). ``step``:
     the chunk update (:func:`_contiguous_step`, or its compiled form). The loop runs only the
     updates; the reads go batched to :func:`_read_chunks`, up to :data:`READ_GROUP` chunks at once.
 
@@ -488,7 +488,10 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
             reads.append(_read_weights(cur))
         # apply-then-update never reads the last chunk's update
         if order == "update_apply" or j < G - 1:
-            bb = beta_bars[:, :, j] if beta_bars is not None else None if betas is None else betas[j].mean(-1)
+            if beta_bars is not None:
+                bb = beta_bars[:, :, j]
+            else:
+                bb = None if betas is None else betas[j].mean(-1)
             kj, vj, lj = (x[j] for x in parts)
             ws, ms = step(ws, cur, ms, norms, kj, vj, lj, bb, update)
             cur = tuple(w.to(mm) for w in ws)
@@ -788,8 +791,8 @@ def lact_chunked(
     ``"step"`` (the chunk step), ``"loop"`` (the whole chunk loop) or ``"auto"`` (the loop when
     gradients are taken, else the step); None reads ``FASTWEIGHTS_LACT_COMPILE_SCOPE`` (default
     ``auto``). Without a state in or out, rows of packed documents take the same path, their
-    documents laid out on lanes of ceil(N / C) chunks (:class:`_Lanes`; a new number of lanes
-    compiles and captures anew). Returns o (B, H, N, D2), or ``(o, state)``.
+    documents laid out on lanes of ceil(N / C) chunks or up to twice that (:class:`_Lanes`; a
+    new shape of lanes compiles and captures anew). Returns o (B, H, N, D2), or ``(o, state)``.
     """
     B, H, N, D = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
     C = chunk_size
