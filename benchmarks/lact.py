@@ -32,6 +32,7 @@ ops by GPU time (CPU time on CPU), plus the step's total CPU and GPU time and ke
     python benchmarks/lact.py --shape 3b-width    # the same at a 3B-scale width (d 3072, f 8192)
     python benchmarks/lact.py --tiny              # CPU smoke test at a tiny size
     python benchmarks/lact.py --variants lact-muon,lact-muon-eager,swa --profile
+    python benchmarks/lact.py --variants lact-muon,swa --doc-len 3000   # packed documents, as the trainer's rows
     python benchmarks/lact.py --output docs/results/lact_bench.md
 """
 

@@ -13,15 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "lact.py"
 
 
-def test_lact_benchmark_tiny_runs(tmp_path, capsys):
+@pytest.mark.parametrize("packed", [[], ["--doc-len", "50"]], ids=["one-document", "packed"])
+def test_lact_benchmark_tiny_runs(tmp_path, capsys, packed):
     spec = importlib.util.spec_from_file_location("bench_lact", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "table.md"
     variants = ["lact-muon", "lact-muon-graphs", "lact-gd", "swa"]
     rc = bench.main(["--tiny", "--variants", ",".join(variants), "--warmup", "1", "--iters", "1",
-                     "--output", str(out)])
+                     "--output", str(out), *packed])
     assert rc == 0
+    assert ("documents of 50 tokens packed" in out.read_text()) == bool(packed)
     rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
     for v in variants:
         assert v in rows and "nan" not in rows[v].split("|")[2], rows.get(v)
