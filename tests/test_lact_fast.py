@@ -34,20 +34,26 @@ def grads_vs_reference(inputs, kw, compile=False):
     return out, ref, gc, gr
 
 
+def assert_grads_match(got, want, inputs, unread=()):
+    """Each gradient within 1e-9 of the reference's and not zero, except those ``unread``
+    (names of :data:`NAMES`), zero on both sides."""
+    for name, a, b, x in zip(NAMES, got, want, inputs, strict=True):
+        a = torch.zeros_like(x) if a is None else a
+        b = torch.zeros_like(x) if b is None else b
+        if name in unread:
+            assert float(a.norm()) == 0 and float(b.norm()) == 0, name
+            continue
+        assert float(b.norm()) > 0, name  # the gradient is really exercised
+        assert rel(a, b) < 1e-9, name
+
+
 @pytest.mark.parametrize("update,order,C,dims", CASES, ids=[f"{u}-{o}-C{c}-{d[0]}{d[1]}{d[2]}" for u, o, c, d in CASES])
 def test_fast_path_matches_reference_fwd_and_grads(update, order, C, dims):
     D, Dh, D2 = dims
     inputs = make(B=2, H=3, N=29, D=D, Dh=Dh, D2=D2, seed=13)  # 29 % C != 0
     out, ref, gc, gr = grads_vs_reference(inputs, dict(chunk_size=C, update=update, order=order))
     assert rel(out, ref) < 1e-10
-    for name, a, b, x in zip(NAMES, gc, gr, inputs, strict=True):
-        a = torch.zeros_like(x) if a is None else a
-        b = torch.zeros_like(x) if b is None else b
-        if name == "beta" and (update == "gd" or C >= 29):
-            assert float(a.norm()) == 0 and float(b.norm()) == 0, name
-            continue
-        assert float(b.norm()) > 0, name  # the gradient is really exercised
-        assert rel(a, b) < 1e-9, name
+    assert_grads_match(gc, gr, inputs, unread={"beta"} if update == "gd" or C >= 29 else set())
 
 
 PACKED = [[29], [7, 20, 2], [16, 13]]  # per row: one document; short and long ones; chunk-aligned ones
@@ -74,14 +80,7 @@ def test_packed_fast_path_matches_reference_fwd_and_grads(monkeypatch, update, o
     assert G <= g <= 2 * G and L * g >= chunks
     assert rel(out, ref) < 1e-10
     unread = {"k", "v", "lr", "beta"} if C >= 29 and order == "apply_update" else set()
-    for name, a, b, x in zip(NAMES, gc, gr, inputs, strict=True):
-        a = torch.zeros_like(x) if a is None else a
-        b = torch.zeros_like(x) if b is None else b
-        if name in unread or (name == "beta" and update == "gd"):
-            assert float(a.norm()) == 0 and float(b.norm()) == 0, name
-            continue
-        assert float(b.norm()) > 0, name
-        assert rel(a, b) < 1e-9, name
+    assert_grads_match(gc, gr, inputs, unread | ({"beta"} if update == "gd" else set()))
 
 
 def test_packed_fast_path_compiled_loop(monkeypatch):
