@@ -2,8 +2,8 @@
 
 Each variant is a stack of ``--layers`` blocks of the hybrid model
 (``fastweights.models.hybrid``: RMSNorm → mixer → RMSNorm → MLP, d 1536, f 4096, 12 heads,
-window = chunk = 2048), timed forward + backward in bf16 on one sequence of ``--seqlen``
-tokens. Variants: LaCT GD / momentum / Muon, SWA alone, full attention, In-Place TTT on SWA
+window = chunk = 2048), timed forward + backward in bf16 on ``--batch`` rows (default 1) of
+``--seqlen`` tokens. Variants: LaCT GD / momentum / Muon, SWA alone, full attention, In-Place TTT on SWA
 (SWA mixer, In-Place TTT MLP), and GLA and DeltaNet (flash-linear-attention's layers; by default
 only on CUDA with ``flash-linear-attention`` installed). Ratios are against SWA and full attention of the same run.
 The LaCT op's chunk loop is compiled whole with torch.compile on CUDA by default when gradients
@@ -33,6 +33,7 @@ ops by GPU time (CPU time on CPU), plus the step's total CPU and GPU time and ke
     python benchmarks/lact.py --tiny              # CPU smoke test at a tiny size
     python benchmarks/lact.py --variants lact-muon,lact-muon-eager,swa --profile
     python benchmarks/lact.py --variants lact-muon,swa --doc-len 3000   # packed documents, as the trainer's rows
+    python benchmarks/lact.py --variants lact-muon,swa --batch 2          # two rows per step
     python benchmarks/lact.py --output docs/results/lact_bench.md
 """
 
@@ -114,7 +115,7 @@ def check_lact() -> float:
     return worst
 
 
-def time_variant(name, shape, layers, dtype, device, warmup, iters, profile=False, doc_len=None):
+def time_variant(name, shape, layers, dtype, device, warmup, iters, profile=False, doc_len=None, batch=1):
     """Median ms/step of forward + backward; the LaCT compile setting of the variant applies."""
     prev = {e: os.environ.get(e) for e in (COMPILE_ENV, SCOPE_ENV)}
     if device.type != "cuda":  # the CPU smoke test runs every variant eagerly
@@ -124,7 +125,7 @@ def time_variant(name, shape, layers, dtype, device, warmup, iters, profile=Fals
     if name in SCOPE:
         os.environ[SCOPE_ENV] = SCOPE[name]
     try:
-        return _time_variant(name, shape, layers, dtype, device, warmup, iters, profile, doc_len)
+        return _time_variant(name, shape, layers, dtype, device, warmup, iters, profile, doc_len, batch)
     finally:
         for e, val in prev.items():
             if val is None:
@@ -167,9 +168,10 @@ def top_by_name(events, attr: str, top: int) -> list[str]:
     return [f"{sum(ts) / 1e3:8.3f} | {len(ts):5d} | {sum(ts) / len(ts):8.1f} | {name[:100]}" for name, ts in ranked]
 
 
-def build_step(name, shape, layers, dtype, device, doc_len=None):
-    """``(step, sync)`` for variant ``name``: one forward + backward of ``layers`` blocks on one
-    sequence (one document, or packed documents of ``doc_len`` tokens, the last one shorter), and a
+def build_step(name, shape, layers, dtype, device, doc_len=None, batch=1):
+    """``(step, sync)`` for variant ``name``: one forward + backward of ``layers`` blocks on
+    ``batch`` rows (each one document, or packed documents of ``doc_len`` tokens, the last one
+    shorter), and a
     device synchronisation. Starts from a clean state: torch.compile's code for
     earlier variants is dropped (kept, it made LaCT variants timed after another variant 2-3 ms
     slower), and the last variant's blocks are freed (about 0.1 GiB per earlier variant stays
@@ -183,16 +185,16 @@ def build_step(name, shape, layers, dtype, device, doc_len=None):
     cfg = HybridConfig(vocab_size=256, num_hidden_layers=layers, lact_glue=glue, **cfg_kw, **VARIANTS[name])
     blocks = torch.nn.ModuleList(HybridBlock(cfg, i) for i in range(layers)).to(device=device, dtype=dtype)
     N, d = shape["seqlen"], cfg.hidden_size
-    x = torch.randn(1, N, d, device=device, dtype=dtype, requires_grad=True)
-    embeds = torch.randn(1, N, d, device=device, dtype=dtype)
-    pos = torch.arange(N, device=device).unsqueeze(0)
+    x = torch.randn(batch, N, d, device=device, dtype=dtype, requires_grad=True)
+    embeds = torch.randn(batch, N, d, device=device, dtype=dtype)
+    pos = torch.arange(N, device=device).expand(batch, N)
     if doc_len:  # packed documents: positions restart at each document start
         pos = pos % doc_len
 
     def step():
         if device.type == "cuda":  # a training step starts: CUDA-graph trees may reuse the last step's memory
             torch.compiler.cudagraph_mark_step_begin()
-        layout = _layout(pos, None, None, 1, N, device)
+        layout = _layout(pos, None, None, batch, N, device)
         h = x
         for blk in blocks:
             h, _ = blk(h, layout, embeds)
@@ -205,9 +207,9 @@ def build_step(name, shape, layers, dtype, device, doc_len=None):
     return step, sync
 
 
-def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile, doc_len=None):
-    N = shape["seqlen"]
-    step, sync = build_step(name, shape, layers, dtype, device, doc_len)
+def _time_variant(name, shape, layers, dtype, device, warmup, iters, profile, doc_len=None, batch=1):
+    N = shape["seqlen"] * batch  # tokens per step
+    step, sync = build_step(name, shape, layers, dtype, device, doc_len, batch)
     for _ in range(warmup):
         step()
     sync()
@@ -251,6 +253,7 @@ def main(argv=None) -> int:
                    help="comma-separated subset of " + ",".join(VARIANTS) + " (default: all that can run here)")
     p.add_argument("--doc-len", type=int, default=None,
                    help="pack documents of this many tokens into the sequence (default: one document)")
+    p.add_argument("--batch", type=int, default=1, help="rows per step (default 1)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -265,6 +268,8 @@ def main(argv=None) -> int:
         p.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
     if args.doc_len is not None and args.doc_len < 1:
         p.error(f"--doc-len must be >= 1, got {args.doc_len}")
+    if args.batch < 1:
+        p.error(f"--batch must be >= 1, got {args.batch}")
     shape = dict(SHAPES["tiny" if args.tiny else args.shape])
     if args.seqlen:
         shape["seqlen"] = args.seqlen
@@ -286,7 +291,7 @@ def main(argv=None) -> int:
     for n in names:
         try:
             rows.append(time_variant(n, shape, args.layers, dtype, device, args.warmup, args.iters, n in prof_names,
-                                     args.doc_len))
+                                     args.doc_len, args.batch))
         except Exception:  # report the failure, time the other variants
             traceback.print_exc()
             print(f"variant {n} failed (traceback above)", file=sys.stderr)
@@ -300,7 +305,7 @@ def main(argv=None) -> int:
     head = (f"{gpu}, {dtype}, torch {torch.__version__}, {args.layers} blocks, d={shape['hidden_size']}, "
             f"f={shape['intermediate_size']}, heads={shape['num_attention_heads']}, "
             f"fw heads={shape['lact_heads']}, window=chunk={shape['lact_chunk_size']}, "
-            f"N={shape['seqlen']}, batch 1, "
+            f"N={shape['seqlen']}, batch {args.batch}, "
             f"{f'documents of {args.doc_len} tokens packed' if args.doc_len else 'one document'}, "
             f"forward+backward, median of {args.iters}; LaCT chunk loop: "
             f"{COMPILE_ENV}={os.environ.get(COMPILE_ENV, 'auto')} unless the variant sets its own")

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "lact.py"
 
 
-@pytest.mark.parametrize("packed", [[], ["--doc-len", "50"]], ids=["one-document", "packed"])
+@pytest.mark.parametrize("packed", [[], ["--doc-len", "50"], ["--doc-len", "50", "--batch", "2"]],
+                         ids=["one-document", "packed", "packed-batch-2"])
 def test_lact_benchmark_tiny_runs(tmp_path, capsys, packed):
     spec = importlib.util.spec_from_file_location("bench_lact", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
@@ -24,6 +25,7 @@ def test_lact_benchmark_tiny_runs(tmp_path, capsys, packed):
                      "--output", str(out), *packed])
     assert rc == 0
     assert ("documents of 50 tokens packed" in out.read_text()) == bool(packed)
+    assert f"batch {2 if '--batch' in packed else 1}," in out.read_text()
     rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
     for v in variants:
         assert v in rows and "nan" not in rows[v].split("|")[2], rows.get(v)

@@ -352,9 +352,10 @@ def _contiguous_step(ws, ams, ms, norms, k, v, lr, beta_bar, update: str):
 
 
 def _read_weights(ams):
-    """(a13 (B, H, 2Dh, D), a2 (B, H, D2, Dh)) from the fast path's stacked weights (views)."""
+    """(a13 (..., 2Dh, D), a2 (..., D2, Dh)) from the fast path's stacked weights (views); ``ams``
+    as ``ws`` in :func:`_contiguous_step`, with any leading dimensions."""
     if len(ams) == 1:
-        return ams[0][:, :, :2].flatten(2, 3), ams[0][:, :, 2]
+        return ams[0][..., :2, :, :].flatten(-3, -2), ams[0][..., 2, :, :]
     return ams
 
 
@@ -375,19 +376,17 @@ def _ns_stacked(gs, mm):
 READ_GROUP = 16
 
 
-def _read_chunks(q, reads, chunk_size: int):
-    """The reads ``f_W(q_t)`` of ``g = len(reads)`` consecutive chunks at once.
+def _read_chunks(q, a13, a2, chunk_size: int):
+    """The reads ``f_W(q_t)`` of ``g`` consecutive chunks at once.
 
-    q (B, H, L, D) holds their tokens (L ≤ g·C, only the last chunk may be short); ``reads``
-    the weights each chunk reads, [(a13 (B, H, 2Dh, D), a2 (B, H, D2, Dh))] in the matmul
-    dtype. Returns o (B, H, L, D2). The read of a chunk depends on nothing but its weights, so
-    it leaves the sequential chain of updates: one product over g chunks instead of g small ones.
+    q (B, H, L, D) holds their tokens (L ≤ g·C, only the last chunk may be short); a13
+    (B, H, g, 2Dh, D) and a2 (B, H, g, D2, Dh) the weights each chunk reads, in the matmul dtype.
+    Returns o (B, H, L, D2). The read of a chunk depends on nothing but its weights, so it
+    leaves the sequential chain of updates: one product over g chunks instead of g small ones.
     """
     B, H, L, D = q.shape
-    g, C = len(reads), chunk_size
+    g, C = a13.shape[2], chunk_size
     x = F.pad(q, (0, 0, 0, g * C - L)) if g * C > L else q  # zero rows read 0; sliced off below
-    a13 = torch.stack([r[0] for r in reads], 2)  # (B, H, g, 2Dh, D)
-    a2 = torch.stack([r[1] for r in reads], 2)
     Dh = a2.shape[-1]
     h = x.unflatten(2, (g, C)) @ a13.mT  # (B, H, g, C, 2Dh)
     o = (F.silu(h[..., :Dh]) * h[..., Dh:]) @ a2.mT
@@ -450,24 +449,29 @@ def _resolve_scope(scope, training: bool = False) -> str:
     return scope
 
 
-def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str,
-                     step=_contiguous_step, resets=None, beta_bars=None):
-    """LaCT over rows that are single documents (or lanes of them), no carried state: o (B, H, N, D2). ``step``:
-    the chunk update (:func:`_contiguous_step`, or its compiled form). The loop runs only the
-    updates; the reads go batched to :func:`_read_chunks`, up to :data:`READ_GROUP` chunks at once.
-
-    Packed documents come laid out on lanes (:class:`_Lanes`): ``resets`` (B, G) bool marks the
-    chunks that start a document, where a row returns to the initial state (and zero momentum);
-    ``beta_bars`` (B, H, G) gives each chunk's mean β over its tokens (else the mean of ``beta``
-    over the chunk)."""
-    B, H, N, D = q.shape
-    mm = q.dtype
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+def _initial_state(w1, w2, w3, D: int, acc):
+    """The fast path's initial state (see :func:`_contiguous_step`) and its row norms."""
     if w1.shape[-2] == D and w2.shape[-2] == D:  # D = Dh = D2: one (3, D, D) tensor per head
         init = (torch.stack([w1, w3, w2], 1).to(acc),)
     else:
         init = (torch.cat([w1, w3], 1).to(acc), w2.to(acc))
-    norms = tuple(_row_norms(w) for w in init)
+    return init, tuple(_row_norms(w) for w in init)
+
+
+def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str,
+                     step=_contiguous_step, resets=None, beta_bars=None, read_from=None):
+    """LaCT over rows that are single documents, no carried state: o (B, H, N, D2). ``step``:
+    the chunk update (:func:`_contiguous_step`, or its compiled form). The loop runs only the
+    updates; the reads go batched to :func:`_read_chunks`, up to :data:`READ_GROUP` chunks at once.
+
+    Packed documents come laid out on lanes (:class:`_Lanes`) with ``read_from`` (B, G) given:
+    see :func:`_lanes_loop` for the arguments."""
+    if read_from is not None:
+        return _lanes_loop(q, k, v, lr, w1, w2, w3, chunk_size, update, step, resets, beta_bars, read_from)
+    B, H, N, D = q.shape
+    mm = q.dtype
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    init, norms = _initial_state(w1, w2, w3, D, acc)
     ws = tuple(w.expand(B, *w.shape).contiguous() for w in init)
     ms = None  # zero momentum: the first update sets it to the gradient
     G = -(-N // chunk_size)
@@ -475,31 +479,64 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
     # write a zero-filled tensor of the whole sequence and add it to the others
     parts = [x.split(chunk_size, dim=2) for x in (k, v, lr)]
     q_groups = q.split(READ_GROUP * chunk_size, dim=2)
-    betas = None if beta is None or beta_bars is not None else beta.to(acc).split(chunk_size, dim=2)
+    betas = None if beta is None else beta.to(acc).split(chunk_size, dim=2)
     outs, reads = [], []
     cur = tuple(w.to(mm) for w in ws)  # the current weights in the matmul dtype
     for j in range(G):
-        if resets is not None and j > 0:  # rows whose document starts here: the initial state
-            r = resets[:, j]
-            ws = tuple(torch.where(_rows(r, w), i, w) for w, i in zip(ws, init, strict=True))
-            ms = None if ms is None else tuple(m.masked_fill(_rows(r, m), 0) for m in ms)
-            cur = tuple(w.to(mm) for w in ws)
         if order == "apply_update":  # chunk j reads the weights before its own update
             reads.append(_read_weights(cur))
         # apply-then-update never reads the last chunk's update
         if order == "update_apply" or j < G - 1:
-            if beta_bars is not None:
-                bb = beta_bars[:, :, j]
-            else:
-                bb = None if betas is None else betas[j].mean(-1)
+            bb = None if betas is None else betas[j].mean(-1)
             kj, vj, lj = (x[j] for x in parts)
             ws, ms = step(ws, cur, ms, norms, kj, vj, lj, bb, update)
             cur = tuple(w.to(mm) for w in ws)
         if order == "update_apply":
             reads.append(_read_weights(cur))
         if len(reads) == READ_GROUP or j == G - 1:
-            outs.append(_read_chunks(q_groups[j // READ_GROUP], reads, chunk_size))
+            a13, a2 = (torch.stack(t, 2) for t in zip(*reads, strict=True))
+            outs.append(_read_chunks(q_groups[j // READ_GROUP], a13, a2, chunk_size))
             reads = []
+    return torch.cat(outs, 2).to(q.dtype)
+
+
+def _lanes_loop(q, k, v, lr, w1, w2, w3, chunk_size: int, update: str, step, resets, beta_bars, read_from):
+    """LaCT over packed documents laid out on L lanes (:class:`_Lanes`): o (L, H, G·C, D2).
+
+    q (L, H, G·C, D) holds every chunk of the documents, each document starting a chunk (the
+    read slots); k, v, lr (L, H, U·C, ·) only the chunks whose update some chunk reads (the
+    update slots: with apply-then-update, every chunk of a document but its last). The loop runs
+    the U update slots in sequence, batched over the lanes: ``resets`` (L, U) bool marks the
+    slots that start a document, where a lane returns to the initial state (and zero momentum);
+    ``beta_bars`` (L, H, U) gives each slot's mean β over its tokens (None: no momentum decay).
+    Then each read slot reads the state ``read_from`` (L, G) names: 0 for the initial weights,
+    1 + u for the weights after update slot u of its lane."""
+    L, H, _, D = q.shape
+    mm = q.dtype
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    init, norms = _initial_state(w1, w2, w3, D, acc)
+    ws = tuple(w.expand(L, *w.shape).contiguous() for w in init)
+    ms = None
+    parts = [x.split(chunk_size, dim=2) for x in (k, v, lr)]
+    cur = tuple(w.to(mm) for w in ws)
+    states = [cur]  # read index 0: the initial weights
+    for j in range(resets.shape[1]):
+        if j > 0:  # lanes whose document starts here: the initial state
+            r = resets[:, j]
+            ws = tuple(torch.where(_rows(r, w), i, w) for w, i in zip(ws, init, strict=True))
+            ms = None if ms is None else tuple(m.masked_fill(_rows(r, m), 0) for m in ms)
+            cur = tuple(w.to(mm) for w in ws)
+        bb = None if beta_bars is None else beta_bars[:, :, j]
+        ws, ms = step(ws, cur, ms, norms, *(x[j] for x in parts), bb, update)
+        cur = tuple(w.to(mm) for w in ws)
+        states.append(cur)
+    every = tuple(torch.stack(t, 1) for t in zip(*states, strict=True))  # (L, U + 1, H, ...) each
+    lanes = torch.arange(L, device=q.device).unsqueeze(1)
+    outs = []
+    for g0, qg in zip(range(0, read_from.shape[1], READ_GROUP), q.split(READ_GROUP * chunk_size, dim=2),
+                      strict=True):
+        picked = tuple(w[lanes, read_from[:, g0:g0 + READ_GROUP]].transpose(1, 2) for w in every)  # (L, H, g, ...)
+        outs.append(_read_chunks(qg, *_read_weights(picked), chunk_size))
     return torch.cat(outs, 2).to(q.dtype)
 
 
@@ -509,22 +546,31 @@ def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class _Lanes:
-    """Packed documents laid out on lanes, for :func:`_contiguous_loop`.
+    """Packed documents laid out on lanes, for :func:`_lanes_loop`.
 
     Each document of the (B, N) rows starts a chunk of ``C`` slots and takes ``ceil(n / C)`` of
     them. Documents go to ``L`` lanes of ``G`` chunks each, first fit, longest first (documents of
-    different rows share lanes: rows are independent). The loop runs G chunks in sequence,
-    batched over the lanes. ``G`` is the row's ``ceil(N / C)`` or, where the documents need more
-    chunks, their chunks per row rounded up to a multiple of a quarter of that, at most twice
-    it: one row of documents keeps one lane (a batch of two costs about twice as much per chunk
-    on the H100: docs/benchmarks.md), and a training run meets few shapes (the compiled loop and
-    its CUDA graphs are made per shape). Slots without a token hold zeros (no gradient).
+    different rows share lanes: rows are independent). ``G`` is the row's ``ceil(N / C)`` or,
+    where the documents need more chunks, their chunks per row rounded up to a multiple of a
+    quarter of that, at most twice it: one row of documents keeps one lane (a batch of two costs
+    about twice as much per chunk on the H100: docs/benchmarks.md), and a training run meets few
+    shapes (the compiled loop and its CUDA graphs are made per shape). These are the read slots.
 
-    flat (B·N,): each token's slot in the L·G·C slots; resets (L, G) bool: the chunks that
-    start a document; count (L, 1, G): tokens per chunk (at least 1).
+    The loop runs only the updates that some chunk reads: with ``order="apply_update"`` every
+    chunk of a document but its last (a document of one chunk updates nothing), with
+    ``"update_apply"`` every chunk. On each lane, its documents' update chunks follow one
+    another in ``U`` update slots: the most any lane needs, rounded up to a quarter of
+    ``ceil(N / C)`` (at least that quarter, at most G). Slots without a token hold zeros (no
+    gradient); the updates of empty slots are never read.
+
+    flat (B·N,): each token's read slot in the L·G·C slots; upd_tokens (T,): the tokens of update
+    chunks (flat token order), upd_flat (T,): their update slots in the L·U·C slots; resets (L, U)
+    bool: the update slots that start a document; upd_count (L, 1, U): tokens per update slot (at
+    least 1); read_from (L, G) int64: the state each read slot reads (0: the initial weights,
+    1 + u: the weights after update slot u of its lane).
     """
 
-    def __init__(self, starts: torch.Tensor, chunk_size: int):
+    def __init__(self, starts: torch.Tensor, chunk_size: int, order: str = "apply_update"):
         B, N = starts.shape
         C, G0 = chunk_size, -(-N // chunk_size)
         cut = starts.cpu().numpy().copy()
@@ -532,54 +578,81 @@ class _Lanes:
         begin = np.flatnonzero(cut)  # documents in flat token order
         length = np.diff(np.append(begin, B * N))  # every row starts one: none crosses a row's end
         chunks = -(-length // C)
+        updates = chunks - (order == "apply_update")  # update chunks per document
         per_row, quarter = -(-int(chunks.sum()) // B), max(1, G0 // 4)
         G = min(2 * G0, max(G0, -(-per_row // quarter) * quarter))
         used: list[int] = []  # chunks taken per lane
-        lane, first = np.empty_like(chunks), np.empty_like(chunks)
+        upd_used: list[int] = []  # update slots taken per lane
+        lane, first, upd_first = (np.empty_like(chunks) for _ in range(3))
         for d in np.argsort(-chunks, kind="stable"):
             n = int(chunks[d])
             slot = next((i for i, u in enumerate(used) if u + n <= G), len(used))
             if slot == len(used):
                 used.append(0)
-            lane[d], first[d], used[slot] = slot, used[slot], used[slot] + n
+                upd_used.append(0)
+            lane[d], first[d], upd_first[d] = slot, used[slot], upd_used[slot]
+            used[slot] += n
+            upd_used[slot] += int(updates[d])
         L, S = len(used), G * C
+        U = min(G, max(1, -(-max(upd_used) // quarter)) * quarter)
         doc = np.repeat(np.arange(len(begin)), length)  # each token's document
         within = np.arange(B * N) - np.repeat(begin, length)
         flat = lane[doc] * S + first[doc] * C + within
-        resets = np.zeros((L, G), dtype=bool)
-        resets[lane, first] = True
-        count = np.bincount(flat // C, minlength=L * G).reshape(L, 1, G)
+        in_upd = within // C < updates[doc]  # the token's chunk updates
+        upd_tokens = np.flatnonzero(in_upd)
+        upd_flat = lane[doc] * (U * C) + upd_first[doc] * C + within
+        resets = np.zeros((L, U), dtype=bool)
+        has = updates > 0
+        resets[lane[has], upd_first[has]] = True
+        upd_count = np.bincount(upd_flat[upd_tokens] // C, minlength=L * U).reshape(L, 1, U)
+        # read slot i of a document reads the state after its update i - 1 (apply-then-update) or i
+        read_from = np.zeros((L, G), dtype=np.int64)
+        for d in range(len(begin)):
+            i = np.arange(chunks[d])
+            after = i - 1 if order == "apply_update" else i
+            read_from[lane[d], first[d] + i] = np.where(after >= 0, 1 + upd_first[d] + after, 0)
         dev = starts.device
-        self.B, self.N, self.L, self.S = B, N, L, S
+        self.B, self.N, self.C, self.L, self.S, self.U = B, N, C, L, S, U
         self.flat = torch.from_numpy(flat).to(dev)
+        self.upd_tokens = torch.from_numpy(upd_tokens).to(dev)
+        self.upd_flat = torch.from_numpy(upd_flat[upd_tokens]).to(dev)
         self.resets = torch.from_numpy(resets).to(dev)
-        self.count = torch.from_numpy(np.maximum(count, 1)).to(dev)
+        self.upd_count = torch.from_numpy(np.maximum(upd_count, 1)).to(dev)
+        self.read_from = torch.from_numpy(read_from).to(dev)
 
     def to_lanes(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, N, F) -> (L, H, G·C, F), empty slots zero."""
+        """(B, H, N, F) -> (L, H, G·C, F) on the read slots, empty slots zero."""
         B, H, N, F_ = x.shape
         src = x.transpose(0, 1).reshape(H, B * N, F_)
         out = src.new_zeros(H, self.L * self.S, F_).index_copy(1, self.flat, src)
         return out.view(H, self.L, self.S, F_).transpose(0, 1).contiguous()
 
+    def to_updates(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, F) -> (L, H, U·C, F): the tokens of update chunks on the update slots,
+        empty slots zero."""
+        B, H, N, F_ = x.shape
+        src = x.transpose(0, 1).reshape(H, B * N, F_).index_select(1, self.upd_tokens)
+        out = src.new_zeros(H, self.L * self.U * self.C, F_).index_copy(1, self.upd_flat, src)
+        return out.view(H, self.L, self.U * self.C, F_).transpose(0, 1).contiguous()
+
     def from_lanes(self, o: torch.Tensor) -> torch.Tensor:
-        """(L, H, G·C, F) -> (B, H, N, F)."""
+        """(L, H, G·C, F) -> (B, H, N, F) from the read slots."""
         H, F_ = o.shape[1], o.shape[-1]
         out = o.transpose(0, 1).reshape(H, self.L * self.S, F_).index_select(1, self.flat)
         return out.view(H, self.B, self.N, F_).transpose(0, 1).contiguous()
 
     def beta_bars(self, beta: torch.Tensor) -> torch.Tensor:
-        """Each chunk's mean β over its tokens: (B, H, N) -> (L, H, G), float32 at least."""
+        """Each update slot's mean β over its tokens: (B, H, N) -> (L, H, U), float32 at least."""
         acc = torch.promote_types(beta.dtype, torch.float32)
-        b = self.to_lanes(beta.to(acc).unsqueeze(-1))[..., 0]
-        return b.unflatten(2, (self.count.shape[-1], -1)).sum(-1) / self.count
+        b = self.to_updates(beta.to(acc).unsqueeze(-1))[..., 0]
+        return b.unflatten(2, (self.U, -1)).sum(-1) / self.upd_count
 
 
 def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, compile_mode, scope="step",
-                     resets=None, beta_bars=None):
+                     resets=None, beta_bars=None, read_from=None):
     """The fast path: :func:`_contiguous_loop` eager, with a compiled step, or compiled whole."""
     args = (q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
-    lanes = dict(resets=resets, beta_bars=beta_bars)
+    lanes = dict(resets=resets, beta_bars=beta_bars, read_from=read_from)
     if compile_mode is None:
         return _contiguous_loop(*args, **lanes)
     if scope == "loop":
@@ -643,11 +716,11 @@ class LoopGraphs:
         return None
 
     def __call__(self, q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str,
-                 resets=None, beta_bars=None):
+                 resets=None, beta_bars=None, read_from=None):
         if q.device.type != "cuda":
             raise ValueError(f"LoopGraphs needs CUDA tensors, got device {q.device}")
-        given = (beta, resets, beta_bars)
-        inputs = tuple(t for t in (q, k, v, lr, beta, w1, w2, w3, resets, beta_bars) if t is not None)
+        given = (beta, resets, beta_bars, read_from)
+        inputs = tuple(t for t in (q, k, v, lr, beta, w1, w2, w3, resets, beta_bars, read_from) if t is not None)
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
         key = (chunk_size, update, order, tuple(t is None for t in given), autocast,
                tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs))
@@ -663,7 +736,8 @@ class LoopGraphs:
 
 def _loop_fn(chunk_size, update, order, given):
     """The compiled loop on the inputs present: q, k, v, lr, [beta], w1, w2, w3, [resets],
-    [beta_bars], those in brackets where ``given`` (beta, resets, beta_bars) is not None."""
+    [beta_bars], [read_from], those in brackets where ``given`` (beta, resets, beta_bars,
+    read_from) is not None."""
     loop = _compiled(_contiguous_loop, "loop", "default")
     present = [t is not None for t in given]
 
@@ -674,7 +748,9 @@ def _loop_fn(chunk_size, update, order, given):
         w1, w2, w3 = next(it), next(it), next(it)
         resets = next(it) if present[1] else None
         beta_bars = next(it) if present[2] else None
-        return loop(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, resets=resets, beta_bars=beta_bars)
+        read_from = next(it) if present[3] else None
+        return loop(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, resets=resets, beta_bars=beta_bars,
+                    read_from=read_from)
 
     return fn
 
@@ -810,9 +886,11 @@ def lact_chunked(
             t is not None and t.requires_grad for t in (q, k, v, lr, beta, w1, w2, w3))
         lanes, extra = None, {}
         if bool(starts_f[:, 1:].any()):  # packed documents: laid out on lanes
-            lanes = _Lanes(starts_f, C)
-            q, k, v, lr = (lanes.to_lanes(x) for x in (q, k, v, lr))
-            extra = dict(resets=lanes.resets, beta_bars=None if beta is None else lanes.beta_bars(beta))
+            lanes = _Lanes(starts_f, C, order)
+            q = lanes.to_lanes(q)
+            k, v, lr = (lanes.to_updates(x) for x in (k, v, lr))
+            extra = dict(resets=lanes.resets, beta_bars=None if beta is None else lanes.beta_bars(beta),
+                         read_from=lanes.read_from)
             beta = None
         mode = _resolve_compile(compile, dev)
         if mode == "graphs" and training and graphs is not None:
