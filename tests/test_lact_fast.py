@@ -70,17 +70,17 @@ def test_packed_fast_path_matches_reference_fwd_and_grads(monkeypatch, update, o
     never), updating only the chunks that some chunk reads: forward and every gradient equal the
     sequential reference's (float64)."""
     calls, fast = [], lact_op._lact_contiguous
-    monkeypatch.setattr(lact_op, "_lact_contiguous",
-                        lambda *a, **k: calls.append((*k["read_from"].shape, k["resets"].shape[1])) or fast(*a, **k))
+    monkeypatch.setattr(lact_op, "_lact_contiguous", lambda *a, **k: calls.append(k["resets"].shape) or fast(*a, **k))
     D, Dh, D2 = dims
     inputs = make(B=3, H=2, N=29, D=D, Dh=Dh, D2=D2, seed=17)
     kw = dict(chunk_size=C, update=update, order=order, position_ids=packed_positions())
     out, ref, gc, gr = grads_vs_reference(inputs, kw)
-    G = -(-29 // C)
     chunks = sum(-(-n // C) for lens in PACKED for n in lens)
     updates = chunks - (len(sum(PACKED, [])) if order == "apply_update" else 0)
-    (L, g, u), = calls  # the six documents on L lanes of g chunks, u update slots
-    assert G <= g <= 2 * G and L * g >= chunks and 1 <= u <= g and L * u >= updates
+    (L, U), = calls  # the six documents' update chunks on L lanes of U slots
+    assert L * U >= updates
+    if order == "apply_update":  # never more slots than a row of one document updates, rounded up
+        assert U <= -(-29 // C)
     assert rel(out, ref) < 1e-10
     unread = {"k", "v", "lr", "beta"} if C >= 29 and order == "apply_update" else set()
     assert_grads_match(gc, gr, inputs, unread | ({"beta"} if update == "gd" else set()))
@@ -114,90 +114,85 @@ def test_packed_fast_path_compiled_loop(monkeypatch):
 @pytest.mark.parametrize("rows,C", [(PACKED, 8), (PACKED, 5), ([[1] * 9, [9], [4, 5]], 4), ([[9], [9], [9]], 16),
                                     ([[2] * 20], 4), ([[1] * 40], 4), ([[12, 3, 9], [24]], 4)])
 def test_lanes_layout(rows, C, order):
-    """Packed documents on lanes. Read slots: each document starts a chunk and fills consecutive
-    slots of one lane, no two tokens share a slot, each lane holds G chunks, G0 = ceil(N / C) <=
-    G <= 2 G0, and tokens go to the lanes and back unchanged (with their gradient). Update slots:
-    exactly the tokens of the chunks whose update is read (all but each document's last with
-    apply-then-update), each document's in consecutive slots of its reads' lane from a chunk
-    start that resets; each read slot reads the initial weights or the update just before it
-    (apply-then-update) or its own (update-then-apply)."""
+    """Packed documents on lanes. Update slots: exactly the tokens of the chunks whose update is
+    read (all but each document's last with apply-then-update), each document's in consecutive
+    slots of one lane from a chunk start that resets, no two tokens in one slot. Reads: chunk i
+    of a document lies on the slot of its update i - 1 (apply-then-update) or i; the first
+    chunks (apply-then-update) are read apart; every token is read once, and the reads come
+    back in token order unchanged (with their gradient)."""
     pos = packed_positions(rows)
     B, N = pos.shape
-    G0 = -(-N // C)
     lanes = lact_op._Lanes(pos == 0, C, order)
-    L, flat = lanes.L, lanes.flat
-    G, U = lanes.read_from.shape[1], lanes.U
-    assert lanes.resets.shape == (L, U) and G0 <= G <= 2 * G0 and lanes.S == G * C and 1 <= U <= G
-    assert len(set(flat.tolist())) == B * N and int(flat.max()) < L * G * C
+    L, U = lanes.L, lanes.U
+    assert lanes.resets.shape == (L, U) and U >= 1
     ids = torch.arange(1, B * N + 1, dtype=torch.float64).view(B, 1, N, 1)
-    on_reads, on_updates = lanes.to_lanes(ids).flatten(), lanes.to_updates(ids).flatten()
-    assert on_updates.shape == (L * U * C,)
-    where_read = {int(t): i for i, t in enumerate(on_reads.tolist()) if t}
+    on_updates, on_reads = lanes.to_updates(ids).flatten(), lanes.to_reads(ids).flatten()
+    assert on_updates.shape == on_reads.shape == (L * U * C,)
     where_update = {int(t): i for i, t in enumerate(on_updates.tolist()) if t}
+    where_read = {int(t): i for i, t in enumerate(on_reads.tolist()) if t}
+    first = set(int(t) for t in lanes.first(ids).flatten().tolist())
+    assert len(where_update) == int((on_updates > 0).sum()) and len(where_read) == int((on_reads > 0).sum())
     used = torch.zeros(L * U, dtype=torch.long)
     update_tokens, starting = 0, 0
+    shift = 1 if order == "apply_update" else 0
     for b, lens in enumerate(rows):
         lo = 0
         for n in lens:
             toks = [b * N + lo + i + 1 for i in range(n)]
-            slots = torch.tensor([where_read[t] for t in toks])
-            assert int(slots[0]) % C == 0  # the document starts a chunk
-            assert torch.equal(slots, slots[0] + torch.arange(n))  # in consecutive slots of one lane
-            lane, chunk0 = int(slots[0]) // (G * C), int(slots[0]) % (G * C) // C
-            assert int(slots[-1]) // (G * C) == lane
+            lo += n
             chunks = -(-n // C)
-            ups = (chunks - 1 if order == "apply_update" else chunks)
-            mine = toks[:min(n, ups * C)]
+            mine = toks[:(chunks - shift) * C]
             update_tokens += len(mine)
-            if not ups:  # one chunk, read with the initial weights
-                assert int(lanes.read_from[lane, chunk0]) == 0
-                lo += n
+            for i in range(shift * C):  # the first chunk, read with the initial weights
+                if i < n:
+                    assert toks[i] in first and toks[i] not in where_read
+            if not mine:
                 continue
             starting += 1
             u = torch.tensor([where_update[t] for t in mine])
-            assert int(u[0]) % C == 0 and torch.equal(u, u[0] + torch.arange(len(mine)))
-            assert int(u[0]) // (U * C) == lane
-            slot0 = int(u[0]) % (U * C) // C
-            assert bool(lanes.resets[lane, slot0])
-            for i in range(chunks):
-                before = i - 1 if order == "apply_update" else i
-                assert int(lanes.read_from[lane, chunk0 + i]) == (0 if before < 0 else 1 + slot0 + before)
+            assert int(u[0]) % C == 0 and torch.equal(u, u[0] + torch.arange(len(mine)))  # consecutive
+            assert int(u[0]) // (U * C) == int(u[-1]) // (U * C)  # on one lane
+            assert bool(lanes.resets.flatten()[int(u[0]) // C])
+            for i in range(shift * C, n):  # read on the slot of the update before it
+                assert where_read[toks[i]] == int(u[0]) + i - shift * C
             used.index_add_(0, u // C, torch.ones(len(u), dtype=torch.long))  # tokens per update slot
-            lo += n
     assert len(where_update) == update_tokens  # no other token on the update slots
+    assert len(where_read) + len(first) == B * N and not first & set(where_read)
     assert int(lanes.resets.sum()) == starting
     assert torch.equal(lanes.upd_count.flatten(), used.clamp(min=1))
     x = torch.randn(B, 2, N, 3, dtype=torch.float64, requires_grad=True)
-    on = lanes.to_lanes(x)
-    assert on.shape == (L, 2, G * C, 3)
-    assert float(on.detach().abs().sum()) == pytest.approx(float(x.detach().abs().sum()))  # empty slots: zeros
-    back = lanes.from_lanes(on)
+    on = lanes.to_reads(x)
+    assert float(on.detach().abs().sum()) + float(lanes.first(x).detach().abs().sum()) == pytest.approx(
+        float(x.detach().abs().sum()))  # empty slots: zeros
+    back = lanes.tokens(on, lanes.first(x) if shift else None)
     assert torch.equal(back, x)
     (g,) = torch.autograd.grad(back, x, torch.ones_like(x))
     assert torch.equal(g, torch.ones_like(x))
 
 
 def test_lanes_fill_up():
-    """The lanes' length and count: one row keeps one lane while its documents need at most twice
-    ceil(N / C) chunks (rounded up to a quarter of it), then more lanes; several rows' documents
-    fill lanes of about their chunks per row, sharing lanes across rows. The update slots: the
-    most any lane needs, rounded up to a quarter of ceil(N / C), at least that quarter."""
+    """The lanes' count and length: U is the most update chunks of one document or per row,
+    rounded up to a quarter of ceil(N / C) (at least that quarter); documents fill lanes of U
+    slots first fit, so one row keeps one lane, and several rows' documents share lanes."""
     def shape(rows, C, order="apply_update"):
         lanes = lact_op._Lanes(packed_positions(rows) == 0, C, order)
-        return lanes.L, lanes.read_from.shape[1], lanes.U
+        return lanes.L, lanes.U
 
-    assert shape([[16]], 4) == (1, 4, 3)  # one document: 4 chunks, 3 updates
-    assert shape([[16]], 4, "update_apply") == (1, 4, 4)
-    assert shape([[5] * 3 + [1]], 4) == (1, 7, 3)  # 7 chunks: G0 = 4 rounded up by 1; one update per 5
-    assert shape([[3] * 5 + [1]], 4) == (1, 6, 1)  # 6 chunks, no update: one slot all the same
-    assert shape([[3] * 5 + [1]], 4, "update_apply") == (1, 6, 6)
-    assert shape([[1] * 9 + [7]], 2) == (1, 14, 4)  # G0 = 8: 13 chunks, rounded up to a multiple of 2; 3 updates
-    assert shape([[1] * 16], 4) == (2, 8, 1)  # 16 chunks: two lanes of the most, 2 G0
-    assert shape([[4, 4], [8]], 4) == (2, 2, 1)  # G0 = 2: each row fills its lane
-    # chunks per document (2, 1), (1, 2), (2): 8 in all, 3 per row; two rows' documents share lanes
-    assert shape([[6, 2], [1, 7], [8]], 4) == (3, 3, 1)  # one update per lane
-    assert shape([[8], [8]], 8) == (2, 1, 1)
-    assert shape([[8], [8]], 8, "update_apply") == (2, 1, 1)
+    assert shape([[16]], 4) == (1, 3)  # one document: 4 chunks, 3 updates
+    assert shape([[16]], 4, "update_apply") == (1, 4)
+    assert shape([[5] * 3 + [1]], 4) == (1, 3)  # one update per document of 5
+    assert shape([[3] * 5 + [1]], 4) == (1, 1)  # no update: one slot all the same
+    assert shape([[3] * 5 + [1]], 4, "update_apply") == (1, 6)
+    assert shape([[1] * 9 + [7]], 2) == (1, 4)  # G0 = 8: 3 updates, rounded up to a multiple of 2
+    assert shape([[1] * 16], 4) == (1, 1)
+    assert shape([[1] * 16], 4, "update_apply") == (1, 16)  # 16 chunks of one token: one lane of 16
+    assert shape([[16], [16]], 4) == (2, 3)  # a row each
+    # update chunks per document (1, 0), (0, 1), (1): 3 in all, 1 per row; the rows share lanes
+    assert shape([[6, 2], [1, 7], [8]], 4) == (3, 1)
+    assert shape([[6, 2], [1, 7], [8]], 4, "update_apply") == (3, 3)
+    assert shape([[12, 3, 9], [24]], 4) == (2, 5)  # 2, 0, 2 and 5 updates: 5 per lane at most
+    assert shape([[8], [8]], 8) == (1, 1)  # no update at all: one lane
+    assert shape([[8], [8]], 8, "update_apply") == (2, 1)
 
 
 def test_fast_path_muon_without_beta():
@@ -397,8 +392,8 @@ def test_packed_fast_path_on_cuda_matches_reference_gpu(update):
     resets)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     graphs = lact_op.LoopGraphs()
-    sets = [PACKED, PACKED, [[3, 26], [29], [10, 10, 9]], [[29], [29], [1, 28]]]
-    shapes = {(lanes.L, lanes.S, lanes.U) for lanes in (lact_op._Lanes(packed_positions(r) == 0, 8) for r in sets[1:])}
+    sets = [PACKED, PACKED, [[3, 26], [29], [10, 10, 9]], [[2] * 14 + [1], [29], [1, 28]]]
+    shapes = {(lanes.L, lanes.U) for lanes in (lact_op._Lanes(packed_positions(r) == 0, 8) for r in sets[1:])}
     assert len(shapes) == 2
     for step, rows in enumerate(sets):
         inputs = make(B=3, H=2, N=29, D=16, Dh=16, D2=16, dtype=torch.float64, seed=60 + step)

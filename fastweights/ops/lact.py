@@ -45,9 +45,11 @@ Two implementations compute the same function:
   (:func:`_contiguous_step`) is compiled with ``torch.compile`` on CUDA unless
   ``compile=False`` or ``FASTWEIGHTS_LACT_COMPILE=0`` (when gradients are taken, the whole
   chunk loop is compiled instead: ``compile_scope``). Rows of packed documents (the trainer's
-  rows) take the same loop, compiled and graphed alike, with their documents laid out on lanes
-  of chunks (:class:`_Lanes`) and the state reset where a document starts; only carried state
-  (streaming, decoding) takes the general grid loop.
+  rows) take the same loop, compiled and graphed alike: only the chunks whose update is read
+  (with apply-then-update, all but each document's last) are laid out on lanes of update slots
+  (:class:`_Lanes`), the state reset where a document starts, and each document's first chunk
+  is read with the initial weights outside the loop; only carried state (streaming, decoding)
+  takes the general grid loop.
 """
 
 from __future__ import annotations
@@ -459,15 +461,17 @@ def _initial_state(w1, w2, w3, D: int, acc):
 
 
 def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str,
-                     step=_contiguous_step, resets=None, beta_bars=None, read_from=None):
-    """LaCT over rows that are single documents, no carried state: o (B, H, N, D2). ``step``:
-    the chunk update (:func:`_contiguous_step`, or its compiled form). The loop runs only the
-    updates; the reads go batched to :func:`_read_chunks`, up to :data:`READ_GROUP` chunks at once.
+                     step=_contiguous_step, resets=None, beta_bars=None):
+    """LaCT over rows that are single documents (or lanes of them), no carried state: o (B, H, N, D2).
+    ``step``: the chunk update (:func:`_contiguous_step`, or its compiled form). The loop runs
+    only the updates; the reads go batched to :func:`_read_chunks`, up to :data:`READ_GROUP`
+    chunks at once.
 
-    Packed documents come laid out on lanes (:class:`_Lanes`) with ``read_from`` (B, G) given:
-    see :func:`_lanes_loop` for the arguments."""
-    if read_from is not None:
-        return _lanes_loop(q, k, v, lr, w1, w2, w3, chunk_size, update, step, resets, beta_bars, read_from)
+    Packed documents come laid out on lanes (:class:`_Lanes`, with ``order="update_apply"``:
+    chunk j of q reads the weights after update j): ``resets`` (B, G) bool marks the chunks
+    that start a document, where a row returns to the initial state (and zero momentum);
+    ``beta_bars`` (B, H, G) gives each chunk's mean β over its tokens (else the mean of ``beta``
+    over the chunk)."""
     B, H, N, D = q.shape
     mm = q.dtype
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -479,15 +483,23 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
     # write a zero-filled tensor of the whole sequence and add it to the others
     parts = [x.split(chunk_size, dim=2) for x in (k, v, lr)]
     q_groups = q.split(READ_GROUP * chunk_size, dim=2)
-    betas = None if beta is None else beta.to(acc).split(chunk_size, dim=2)
+    betas = None if beta is None or beta_bars is not None else beta.to(acc).split(chunk_size, dim=2)
     outs, reads = [], []
     cur = tuple(w.to(mm) for w in ws)  # the current weights in the matmul dtype
     for j in range(G):
+        if resets is not None and j > 0:  # rows whose document starts here: the initial state
+            r = resets[:, j]
+            ws = tuple(torch.where(_rows(r, w), i, w) for w, i in zip(ws, init, strict=True))
+            ms = None if ms is None else tuple(m.masked_fill(_rows(r, m), 0) for m in ms)
+            cur = tuple(w.to(mm) for w in ws)
         if order == "apply_update":  # chunk j reads the weights before its own update
             reads.append(_read_weights(cur))
         # apply-then-update never reads the last chunk's update
         if order == "update_apply" or j < G - 1:
-            bb = None if betas is None else betas[j].mean(-1)
+            if beta_bars is not None:
+                bb = beta_bars[:, :, j]
+            else:
+                bb = None if betas is None else betas[j].mean(-1)
             kj, vj, lj = (x[j] for x in parts)
             ws, ms = step(ws, cur, ms, norms, kj, vj, lj, bb, update)
             cur = tuple(w.to(mm) for w in ws)
@@ -500,74 +512,38 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
     return torch.cat(outs, 2).to(q.dtype)
 
 
-def _lanes_loop(q, k, v, lr, w1, w2, w3, chunk_size: int, update: str, step, resets, beta_bars, read_from):
-    """LaCT over packed documents laid out on L lanes (:class:`_Lanes`): o (L, H, G·C, D2).
-
-    q (L, H, G·C, D) holds every chunk of the documents, each document starting a chunk (the
-    read slots); k, v, lr (L, H, U·C, ·) only the chunks whose update some chunk reads (the
-    update slots: with apply-then-update, every chunk of a document but its last). The loop runs
-    the U update slots in sequence, batched over the lanes: ``resets`` (L, U) bool marks the
-    slots that start a document, where a lane returns to the initial state (and zero momentum);
-    ``beta_bars`` (L, H, U) gives each slot's mean β over its tokens (None: no momentum decay).
-    Then each read slot reads the state ``read_from`` (L, G) names: 0 for the initial weights,
-    1 + u for the weights after update slot u of its lane."""
-    L, H, _, D = q.shape
-    mm = q.dtype
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    init, norms = _initial_state(w1, w2, w3, D, acc)
-    ws = tuple(w.expand(L, *w.shape).contiguous() for w in init)
-    ms = None
-    parts = [x.split(chunk_size, dim=2) for x in (k, v, lr)]
-    cur = tuple(w.to(mm) for w in ws)
-    states = [cur]  # read index 0: the initial weights
-    for j in range(resets.shape[1]):
-        if j > 0:  # lanes whose document starts here: the initial state
-            r = resets[:, j]
-            ws = tuple(torch.where(_rows(r, w), i, w) for w, i in zip(ws, init, strict=True))
-            ms = None if ms is None else tuple(m.masked_fill(_rows(r, m), 0) for m in ms)
-            cur = tuple(w.to(mm) for w in ws)
-        bb = None if beta_bars is None else beta_bars[:, :, j]
-        ws, ms = step(ws, cur, ms, norms, *(x[j] for x in parts), bb, update)
-        cur = tuple(w.to(mm) for w in ws)
-        states.append(cur)
-    every = tuple(torch.stack(t, 1) for t in zip(*states, strict=True))  # (L, U + 1, H, ...) each
-    lanes = torch.arange(L, device=q.device).unsqueeze(1)
-    outs = []
-    for g0, qg in zip(range(0, read_from.shape[1], READ_GROUP), q.split(READ_GROUP * chunk_size, dim=2),
-                      strict=True):
-        picked = tuple(w[lanes, read_from[:, g0:g0 + READ_GROUP]].transpose(1, 2) for w in every)  # (L, H, g, ...)
-        outs.append(_read_chunks(qg, *_read_weights(picked), chunk_size))
-    return torch.cat(outs, 2).to(q.dtype)
-
-
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) ``mask`` viewed to broadcast over (B, ...) ``like``."""
     return mask.view(-1, *[1] * (like.dim() - 1))
 
 
 class _Lanes:
-    """Packed documents laid out on lanes, for :func:`_lanes_loop`.
-
-    Each document of the (B, N) rows starts a chunk of ``C`` slots and takes ``ceil(n / C)`` of
-    them. Documents go to ``L`` lanes of ``G`` chunks each, first fit, longest first (documents of
-    different rows share lanes: rows are independent). ``G`` is the row's ``ceil(N / C)`` or,
-    where the documents need more chunks, their chunks per row rounded up to a multiple of a
-    quarter of that, at most twice it: one row of documents keeps one lane (a batch of two costs
-    about twice as much per chunk on the H100: docs/benchmarks.md), and a training run meets few
-    shapes (the compiled loop and its CUDA graphs are made per shape). These are the read slots.
+    """Packed documents laid out on lanes, for :func:`_contiguous_loop`.
 
     The loop runs only the updates that some chunk reads: with ``order="apply_update"`` every
     chunk of a document but its last (a document of one chunk updates nothing), with
-    ``"update_apply"`` every chunk. On each lane, its documents' update chunks follow one
-    another in ``U`` update slots: the most any lane needs, rounded up to a quarter of
-    ``ceil(N / C)`` (at least that quarter, at most G). Slots without a token hold zeros (no
-    gradient); the updates of empty slots are never read.
+    ``"update_apply"`` every chunk. Each document's update chunks take consecutive chunk slots
+    of one of ``L`` lanes of ``U`` slots, first fit, longest first (documents of different rows
+    share lanes: rows are independent). The loop runs the U slots in sequence, batched over the
+    lanes, resetting a lane's state where a document starts. ``U`` is the most update chunks of
+    one document or per row, whichever is larger, rounded up to a multiple of a quarter of
+    ``ceil(N / C)`` (at least that quarter): with apply-then-update a row never needs more than
+    ``ceil(N / C) - 1``, so one row of documents keeps one lane (a batch of two costs about
+    twice as much per chunk on the H100: docs/benchmarks.md), and a training run meets few
+    shapes (the compiled loop and its CUDA graphs are made per shape).
 
-    flat (B·N,): each token's read slot in the L·G·C slots; upd_tokens (T,): the tokens of update
-    chunks (flat token order), upd_flat (T,): their update slots in the L·U·C slots; resets (L, U)
-    bool: the update slots that start a document; upd_count (L, 1, U): tokens per update slot (at
-    least 1); read_from (L, G) int64: the state each read slot reads (0: the initial weights,
-    1 + u: the weights after update slot u of its lane).
+    Reads: the chunk that reads the weights after update slot u (the next chunk of the same
+    document with apply-then-update, the same chunk with update-then-apply) lies on slot u of
+    the read lanes, so that the loop reads slot u right after updating it
+    (:func:`_contiguous_loop` with ``order="update_apply"``). With apply-then-update, each
+    document's first chunk reads the initial weights: those tokens are read apart, outside the
+    loop (:meth:`first`). Slots without a token hold zeros (no gradient); the updates of empty
+    slots are never read.
+
+    upd_tokens, upd_slots (T,): the tokens of update chunks (flat B·N order) and their slots in
+    the L·U·C slots; read_tokens, read_slots: the same for the tokens read after an update;
+    first_tokens: the tokens read with the initial weights; resets (L, U) bool: the slots that
+    start a document; upd_count (L, 1, U): tokens per update slot (at least 1).
     """
 
     def __init__(self, starts: torch.Tensor, chunk_size: int, order: str = "apply_update"):
@@ -577,68 +553,73 @@ class _Lanes:
         cut[:, 0] = True
         begin = np.flatnonzero(cut)  # documents in flat token order
         length = np.diff(np.append(begin, B * N))  # every row starts one: none crosses a row's end
-        chunks = -(-length // C)
-        updates = chunks - (order == "apply_update")  # update chunks per document
-        per_row, quarter = -(-int(chunks.sum()) // B), max(1, G0 // 4)
-        G = min(2 * G0, max(G0, -(-per_row // quarter) * quarter))
-        used: list[int] = []  # chunks taken per lane
-        upd_used: list[int] = []  # update slots taken per lane
-        lane, first, upd_first = (np.empty_like(chunks) for _ in range(3))
-        for d in np.argsort(-chunks, kind="stable"):
-            n = int(chunks[d])
-            slot = next((i for i, u in enumerate(used) if u + n <= G), len(used))
+        shift = int(order == "apply_update")  # chunk i reads the weights after update i - shift
+        updates = -(-length // C) - shift  # update chunks per document
+        quarter = max(1, G0 // 4)
+        need = max(-(-int(updates.sum()) // B), int(updates.max()), 1)
+        U = -(-need // quarter) * quarter
+        used: list[int] = []  # slots taken per lane
+        lane, first = np.zeros_like(updates), np.zeros_like(updates)
+        for d in np.argsort(-updates, kind="stable"):
+            n = int(updates[d])
+            if n == 0:
+                break  # this document and the rest update nothing
+            slot = next((i for i, u in enumerate(used) if u + n <= U), len(used))
             if slot == len(used):
                 used.append(0)
-                upd_used.append(0)
-            lane[d], first[d], upd_first[d] = slot, used[slot], upd_used[slot]
-            used[slot] += n
-            upd_used[slot] += int(updates[d])
-        L, S = len(used), G * C
-        U = min(G, max(1, -(-max(upd_used) // quarter)) * quarter)
+            lane[d], first[d], used[slot] = slot, used[slot], used[slot] + n
+        L = max(1, len(used))
         doc = np.repeat(np.arange(len(begin)), length)  # each token's document
         within = np.arange(B * N) - np.repeat(begin, length)
-        flat = lane[doc] * S + first[doc] * C + within
-        in_upd = within // C < updates[doc]  # the token's chunk updates
-        upd_tokens = np.flatnonzero(in_upd)
-        upd_flat = lane[doc] * (U * C) + upd_first[doc] * C + within
+        chunk = within // C
+        base = lane[doc] * (U * C) + first[doc] * C + within % C
+        upd = chunk < updates[doc]
+        read = chunk >= shift
         resets = np.zeros((L, U), dtype=bool)
         has = updates > 0
-        resets[lane[has], upd_first[has]] = True
-        upd_count = np.bincount(upd_flat[upd_tokens] // C, minlength=L * U).reshape(L, 1, U)
-        # read slot i of a document reads the state after its update i - 1 (apply-then-update) or i
-        read_from = np.zeros((L, G), dtype=np.int64)
-        for d in range(len(begin)):
-            i = np.arange(chunks[d])
-            after = i - 1 if order == "apply_update" else i
-            read_from[lane[d], first[d] + i] = np.where(after >= 0, 1 + upd_first[d] + after, 0)
+        resets[lane[has], first[has]] = True
+        upd_slots = base[upd] + chunk[upd] * C
+        count = np.bincount(upd_slots // C, minlength=L * U).reshape(L, 1, U)
         dev = starts.device
-        self.B, self.N, self.C, self.L, self.S, self.U = B, N, C, L, S, U
-        self.flat = torch.from_numpy(flat).to(dev)
-        self.upd_tokens = torch.from_numpy(upd_tokens).to(dev)
-        self.upd_flat = torch.from_numpy(upd_flat[upd_tokens]).to(dev)
-        self.resets = torch.from_numpy(resets).to(dev)
-        self.upd_count = torch.from_numpy(np.maximum(upd_count, 1)).to(dev)
-        self.read_from = torch.from_numpy(read_from).to(dev)
 
-    def to_lanes(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, N, F) -> (L, H, G·C, F) on the read slots, empty slots zero."""
+        def t(a):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+
+        self.B, self.N, self.C, self.L, self.U = B, N, C, L, U
+        self.upd_tokens, self.upd_slots = t(np.flatnonzero(upd)), t(upd_slots)
+        self.read_tokens, self.read_slots = t(np.flatnonzero(read)), t(base[read] + (chunk[read] - shift) * C)
+        self.first_tokens = t(np.flatnonzero(~read))
+        self.resets = t(resets)
+        self.upd_count = t(np.maximum(count, 1))
+
+    def _to(self, x: torch.Tensor, tokens, slots) -> torch.Tensor:
         B, H, N, F_ = x.shape
-        src = x.transpose(0, 1).reshape(H, B * N, F_)
-        out = src.new_zeros(H, self.L * self.S, F_).index_copy(1, self.flat, src)
-        return out.view(H, self.L, self.S, F_).transpose(0, 1).contiguous()
+        src = x.transpose(0, 1).reshape(H, B * N, F_).index_select(1, tokens)
+        out = src.new_zeros(H, self.L * self.U * self.C, F_).index_copy(1, slots, src)
+        return out.view(H, self.L, self.U * self.C, F_).transpose(0, 1)
 
     def to_updates(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, N, F) -> (L, H, U·C, F): the tokens of update chunks on the update slots,
-        empty slots zero."""
-        B, H, N, F_ = x.shape
-        src = x.transpose(0, 1).reshape(H, B * N, F_).index_select(1, self.upd_tokens)
-        out = src.new_zeros(H, self.L * self.U * self.C, F_).index_copy(1, self.upd_flat, src)
-        return out.view(H, self.L, self.U * self.C, F_).transpose(0, 1).contiguous()
+        """(B, H, N, F) -> (L, H, U·C, F): the tokens of update chunks on their slots, empty
+        slots zero."""
+        return self._to(x, self.upd_tokens, self.upd_slots)
 
-    def from_lanes(self, o: torch.Tensor) -> torch.Tensor:
-        """(L, H, G·C, F) -> (B, H, N, F) from the read slots."""
+    def to_reads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, F) -> (L, H, U·C, F): the tokens read after an update, on its slot."""
+        return self._to(x, self.read_tokens, self.read_slots)
+
+    def first(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, F) -> (H, T0, F): the tokens read with the initial weights."""
+        B, H, N, F_ = x.shape
+        return x.transpose(0, 1).reshape(H, B * N, F_).index_select(1, self.first_tokens)
+
+    def tokens(self, o: torch.Tensor, o_first: torch.Tensor | None) -> torch.Tensor:
+        """The reads back in token order: o (L, H, U·C, F) from :meth:`to_reads`' slots and
+        ``o_first`` (H, T0, F) from :meth:`first` (None when there are none) -> (B, H, N, F)."""
         H, F_ = o.shape[1], o.shape[-1]
-        out = o.transpose(0, 1).reshape(H, self.L * self.S, F_).index_select(1, self.flat)
+        src = o.transpose(0, 1).reshape(H, self.L * self.U * self.C, F_).index_select(1, self.read_slots)
+        out = src.new_zeros(H, self.B * self.N, F_).index_copy(1, self.read_tokens, src)
+        if o_first is not None:
+            out = out.index_copy(1, self.first_tokens, o_first.to(out.dtype))
         return out.view(H, self.B, self.N, F_).transpose(0, 1).contiguous()
 
     def beta_bars(self, beta: torch.Tensor) -> torch.Tensor:
@@ -649,10 +630,10 @@ class _Lanes:
 
 
 def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, compile_mode, scope="step",
-                     resets=None, beta_bars=None, read_from=None):
+                     resets=None, beta_bars=None):
     """The fast path: :func:`_contiguous_loop` eager, with a compiled step, or compiled whole."""
     args = (q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
-    lanes = dict(resets=resets, beta_bars=beta_bars, read_from=read_from)
+    lanes = dict(resets=resets, beta_bars=beta_bars)
     if compile_mode is None:
         return _contiguous_loop(*args, **lanes)
     if scope == "loop":
@@ -716,11 +697,11 @@ class LoopGraphs:
         return None
 
     def __call__(self, q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str, order: str,
-                 resets=None, beta_bars=None, read_from=None):
+                 resets=None, beta_bars=None):
         if q.device.type != "cuda":
             raise ValueError(f"LoopGraphs needs CUDA tensors, got device {q.device}")
-        given = (beta, resets, beta_bars, read_from)
-        inputs = tuple(t for t in (q, k, v, lr, beta, w1, w2, w3, resets, beta_bars, read_from) if t is not None)
+        given = (beta, resets, beta_bars)
+        inputs = tuple(t for t in (q, k, v, lr, beta, w1, w2, w3, resets, beta_bars) if t is not None)
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
         key = (chunk_size, update, order, tuple(t is None for t in given), autocast,
                tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in inputs))
@@ -736,8 +717,7 @@ class LoopGraphs:
 
 def _loop_fn(chunk_size, update, order, given):
     """The compiled loop on the inputs present: q, k, v, lr, [beta], w1, w2, w3, [resets],
-    [beta_bars], [read_from], those in brackets where ``given`` (beta, resets, beta_bars,
-    read_from) is not None."""
+    [beta_bars], those in brackets where ``given`` (beta, resets, beta_bars) is not None."""
     loop = _compiled(_contiguous_loop, "loop", "default")
     present = [t is not None for t in given]
 
@@ -748,9 +728,7 @@ def _loop_fn(chunk_size, update, order, given):
         w1, w2, w3 = next(it), next(it), next(it)
         resets = next(it) if present[1] else None
         beta_bars = next(it) if present[2] else None
-        read_from = next(it) if present[3] else None
-        return loop(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, resets=resets, beta_bars=beta_bars,
-                    read_from=read_from)
+        return loop(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, resets=resets, beta_bars=beta_bars)
 
     return fn
 
@@ -866,9 +844,10 @@ def lact_chunked(
     without it, or without gradients, as ``"default"``). ``compile_scope``: what is compiled,
     ``"step"`` (the chunk step), ``"loop"`` (the whole chunk loop) or ``"auto"`` (the loop when
     gradients are taken, else the step); None reads ``FASTWEIGHTS_LACT_COMPILE_SCOPE`` (default
-    ``auto``). Without a state in or out, rows of packed documents take the same path, their
-    documents laid out on lanes of ceil(N / C) chunks or up to twice that (:class:`_Lanes`; a
-    new shape of lanes compiles and captures anew). Returns o (B, H, N, D2), or ``(o, state)``.
+    ``auto``). Without a state in or out, rows of packed documents take the same path, the
+    update chunks of their documents laid out on lanes of at most ceil(N / C) slots per row
+    (:class:`_Lanes`; a new shape of lanes compiles and captures anew). Returns o (B, H, N, D2),
+    or ``(o, state)``.
     """
     B, H, N, D = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
     C = chunk_size
@@ -884,22 +863,23 @@ def lact_chunked(
     if not streaming:  # the fast path: no state in or out
         training = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lr, beta, w1, w2, w3))
-        lanes, extra = None, {}
-        if bool(starts_f[:, 1:].any()):  # packed documents: laid out on lanes
+        lanes, extra, loop_order, o_first = None, {}, order, None
+        if bool(starts_f[:, 1:].any()):  # packed documents: the updates laid out on lanes
             lanes = _Lanes(starts_f, C, order)
-            q = lanes.to_lanes(q)
+            if lanes.first_tokens.numel():  # first chunks, read with the initial weights
+                o_first = swiglu_fast(w1.to(q.dtype), w2.to(q.dtype), w3.to(q.dtype), lanes.first(q))
+            q = lanes.to_reads(q)
             k, v, lr = (lanes.to_updates(x) for x in (k, v, lr))
-            extra = dict(resets=lanes.resets, beta_bars=None if beta is None else lanes.beta_bars(beta),
-                         read_from=lanes.read_from)
-            beta = None
+            extra = dict(resets=lanes.resets, beta_bars=None if beta is None else lanes.beta_bars(beta))
+            beta, loop_order = None, "update_apply"  # slot u of q reads the weights after update u
         mode = _resolve_compile(compile, dev)
         if mode == "graphs" and training and graphs is not None:
-            o = graphs(q, k, v, lr, beta, w1, w2, w3, C, update, order, **extra)
+            o = graphs(q, k, v, lr, beta, w1, w2, w3, C, update, loop_order, **extra)
         else:
-            o = _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, C, update, order,
+            o = _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, C, update, loop_order,
                                  "default" if mode == "graphs" else mode, _resolve_scope(compile_scope, training),
                                  **extra)
-        return o if lanes is None else lanes.from_lanes(o)
+        return o if lanes is None else lanes.tokens(o, o_first)
     if state is not None:
         explicit0 = torch.zeros(B, dtype=torch.bool, device=dev)
         if position_ids is not None:
