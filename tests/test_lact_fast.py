@@ -212,7 +212,7 @@ def test_dispatch(monkeypatch):
     calls, packed_calls = [], []
     fast, lanes = lact_op._lact_contiguous, lact_op._Lanes
     monkeypatch.setattr(lact_op, "_lact_contiguous", lambda *a, **k: calls.append(1) or fast(*a, **k))
-    monkeypatch.setattr(lact_op, "_Lanes", lambda *a: packed_calls.append(1) or lanes(*a))
+    monkeypatch.setattr(lact_op, "_Lanes", lambda *a, **k: packed_calls.append(1) or lanes(*a, **k))
     inputs = make(B=2, N=12, grad=False)
     lact_chunked(*inputs, chunk_size=4, update="muon")
     lact_chunked(*inputs, chunk_size=4, update="muon", position_ids=torch.arange(12).expand(2, 12))

@@ -543,10 +543,11 @@ class _Lanes:
     upd_tokens, upd_slots (T,): the tokens of update chunks (flat B·N order) and their slots in
     the L·U·C slots; read_tokens, read_slots: the same for the tokens read after an update;
     first_tokens: the tokens read with the initial weights; resets (L, U) bool: the slots that
-    start a document; upd_count (L, 1, U): tokens per update slot (at least 1).
+    start a document; upd_count (L, 1, U): tokens per update slot (at least 1). All on ``device``
+    (default: that of ``starts``, (B, N) bool).
     """
 
-    def __init__(self, starts: torch.Tensor, chunk_size: int, order: str = "apply_update"):
+    def __init__(self, starts: torch.Tensor, chunk_size: int, order: str = "apply_update", device=None):
         B, N = starts.shape
         C, G0 = chunk_size, -(-N // chunk_size)
         cut = starts.cpu().numpy().copy()
@@ -580,7 +581,7 @@ class _Lanes:
         resets[lane[has], first[has]] = True
         upd_slots = base[upd] + chunk[upd] * C
         count = np.bincount(upd_slots // C, minlength=L * U).reshape(L, 1, U)
-        dev = starts.device
+        dev = starts.device if device is None else device
 
         def t(a):
             return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
@@ -864,8 +865,9 @@ def lact_chunked(
         training = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lr, beta, w1, w2, w3))
         lanes, extra, loop_order, o_first = None, {}, order, None
-        if bool(starts_f[:, 1:].any()):  # packed documents: the updates laid out on lanes
-            lanes = _Lanes(starts_f, C, order)
+        starts_cpu = starts_f.cpu()  # one device-to-host copy for the test and the layout
+        if bool(starts_cpu[:, 1:].any()):  # packed documents: the updates laid out on lanes
+            lanes = _Lanes(starts_cpu, C, order, device=dev)
             if lanes.first_tokens.numel():  # first chunks, read with the initial weights
                 o_first = swiglu_fast(w1.to(q.dtype), w2.to(q.dtype), w3.to(q.dtype), lanes.first(q))
             q = lanes.to_reads(q)
