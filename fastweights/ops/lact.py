@@ -846,9 +846,9 @@ def lact_chunked(
     ``"step"`` (the chunk step), ``"loop"`` (the whole chunk loop) or ``"auto"`` (the loop when
     gradients are taken, else the step); None reads ``FASTWEIGHTS_LACT_COMPILE_SCOPE`` (default
     ``auto``). Without a state in or out, rows of packed documents take the same path, the
-    update chunks of their documents laid out on lanes of at most ceil(N / C) slots per row
-    (:class:`_Lanes`; a new shape of lanes compiles and captures anew). Returns o (B, H, N, D2),
-    or ``(o, state)``.
+    chunks whose update is read laid out on lanes of update slots (:class:`_Lanes`; with
+    apply-then-update one row never needs more than ceil(N / C) - 1 of them; a new shape of
+    lanes compiles and captures anew). Returns o (B, H, N, D2), or ``(o, state)``.
     """
     B, H, N, D = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
     C = chunk_size
