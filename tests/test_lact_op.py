@@ -17,6 +17,22 @@ def rel(a, b, floor=1e-12):
     return float((a - b).detach().norm() / (b.detach().norm() + floor))
 
 
+NAMES = ["q", "k", "v", "lr", "beta", "w1", "w2", "w3"]  # the inputs of lact_reference, in order
+
+
+def assert_grads_match(got, want, inputs, unread=()):
+    """Each gradient within 1e-9 of the reference's and not zero, except those ``unread``
+    (names of :data:`NAMES`), zero on both sides."""
+    for name, a, b, x in zip(NAMES, got, want, inputs, strict=True):
+        a = torch.zeros_like(x) if a is None else a
+        b = torch.zeros_like(x) if b is None else b
+        if name in unread:
+            assert float(a.norm()) == 0 and float(b.norm()) == 0, name
+            continue
+        assert float(b.norm()) > 0, name  # the gradient is really exercised
+        assert rel(a, b) < 1e-9, name
+
+
 def make(B=2, H=2, N=29, D=6, Dh=10, D2=None, dtype=torch.float64, seed=0, grad=True):
     g = torch.Generator().manual_seed(seed)
     D2 = D if D2 is None else D2
@@ -97,19 +113,11 @@ def test_chunked_matches_reference_fwd_and_grads(update, order, C):
     go = torch.randn_like(ref)
     gr = torch.autograd.grad(ref, inputs, go, allow_unused=True)
     gc = torch.autograd.grad(out, inputs, go, allow_unused=True)
-    names = ["q", "k", "v", "lr", "beta", "w1", "w2", "w3"]
     # with one chunk per document and apply-then-update, no update is ever read
     unread = {"k", "v", "lr", "beta"} if (C >= 16 and order == "apply_update") else set()
     if update == "gd":
         unread.add("beta")
-    for name, a, b, x in zip(names, gc, gr, inputs, strict=True):
-        a = torch.zeros_like(x) if a is None else a
-        b = torch.zeros_like(x) if b is None else b
-        if name in unread:
-            assert float(a.norm()) == 0 and float(b.norm()) == 0, name
-            continue
-        assert rel(a, b) < 1e-9, name
-        assert float(b.norm()) > 0, name  # the gradient is really exercised
+    assert_grads_match(gc, gr, inputs, unread)
 
 
 def test_updates_change_outputs():
