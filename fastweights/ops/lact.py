@@ -593,11 +593,16 @@ class _Lanes:
         self.resets = t(resets)
         self.upd_count = t(np.maximum(count, 1))
 
-    def _to(self, x: torch.Tensor, tokens, slots) -> torch.Tensor:
+    @staticmethod
+    def _pick(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, F) -> (H, T, F): the tokens at flat (B·N) indices ``tokens``."""
         B, H, N, F_ = x.shape
-        src = x.transpose(0, 1).reshape(H, B * N, F_).index_select(1, tokens)
-        out = src.new_zeros(H, self.L * self.U * self.C, F_).index_copy(1, slots, src)
-        return out.view(H, self.L, self.U * self.C, F_).transpose(0, 1)
+        return x.transpose(0, 1).reshape(H, B * N, F_).index_select(1, tokens)
+
+    def _to(self, x: torch.Tensor, tokens, slots) -> torch.Tensor:
+        src = self._pick(x, tokens)
+        out = src.new_zeros(src.shape[0], self.L * self.U * self.C, src.shape[-1]).index_copy(1, slots, src)
+        return out.view(out.shape[0], self.L, self.U * self.C, -1).transpose(0, 1)
 
     def to_updates(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, N, F) -> (L, H, U·C, F): the tokens of update chunks on their slots, empty
@@ -610,8 +615,7 @@ class _Lanes:
 
     def first(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, N, F) -> (H, T0, F): the tokens read with the initial weights."""
-        B, H, N, F_ = x.shape
-        return x.transpose(0, 1).reshape(H, B * N, F_).index_select(1, self.first_tokens)
+        return self._pick(x, self.first_tokens)
 
     def tokens(self, o: torch.Tensor, o_first: torch.Tensor | None) -> torch.Tensor:
         """The reads back in token order: o (L, H, U·C, F) from :meth:`to_reads`' slots and
