@@ -79,10 +79,26 @@ def split(trace: dict, device: str) -> tuple[float, dict[str, float]]:
     return in_graphs, dict(groups)
 
 
-def profile_variant(name, shape, device, trace_dir: Path):
+def gaps(trace: dict, top: int = 8) -> tuple[float, list[tuple[float, str, str]]]:
+    """(ms the GPU idles between its first and last kernel, the ``top`` longest idle gaps as
+    (ms, kernel before, kernel after)) from a CUDA Chrome trace."""
+    ev = sorted((e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                key=lambda e: e["ts"])
+    idle, found, end, last = 0.0, [], None, ""
+    for e in ev:
+        if end is not None and e["ts"] > end:
+            idle += (e["ts"] - end) / 1e3
+            found.append(((e["ts"] - end) / 1e3, last[:60], e["name"][:60]))
+        if end is None or e["ts"] + e["dur"] > end:
+            end, last = e["ts"] + e["dur"], e["name"]
+    return idle, sorted(found, reverse=True)[:top]
+
+
+def profile_variant(name, shape, device, trace_dir: Path, doc_len=None):
     from torch.profiler import ProfilerActivity, profile
 
-    step, sync = bench.build_step(name, shape, 2, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    step, sync = bench.build_step(name, shape, 2, dtype, device, doc_len)
     for _ in range(4):
         step()
     sync()
@@ -98,7 +114,8 @@ def profile_variant(name, shape, device, trace_dir: Path):
         sync()
     path = trace_dir / f"{name}.json"
     prof.export_chrome_trace(str(path))
-    return statistics.median(times) * 1e3, split(json.loads(path.read_text()), device.type)
+    trace = json.loads(path.read_text())
+    return statistics.median(times) * 1e3, split(trace, device.type), gaps(trace) if device.type == "cuda" else None
 
 
 def main(argv=None) -> int:
@@ -106,7 +123,11 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="swa,lact-muon,lact-momentum")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (smoke test)")
     p.add_argument("--trace-dir", default=None, help="keep the Chrome traces here")
+    p.add_argument("--doc-len", type=int, default=None,
+                   help="pack documents of this many tokens into the sequence (default: one document)")
     args = p.parse_args(argv)
+    if args.doc_len is not None and args.doc_len < 1:
+        p.error(f"--doc-len must be >= 1, got {args.doc_len}")
     device = torch.device("cpu" if args.tiny else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("needs CUDA (or --tiny)")
@@ -118,20 +139,28 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {sorted(bench.VARIANTS)}")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    rows_of = f"documents of {args.doc_len} tokens packed" if args.doc_len else "one document"
     print(f"{gpu}, {bench.COMPILE_ENV}={os.environ.get(bench.COMPILE_ENV)}, 2 blocks, N {shape['seqlen']}, "
-          f"d {shape['hidden_size']}; one profiled step, kernel ms (CPU: ATen op self time) by group")
+          f"d {shape['hidden_size']}, {rows_of}; one profiled step, kernel ms (CPU: ATen op self time) by group")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         trace_dir = Path(args.trace_dir or tmp)
         trace_dir.mkdir(parents=True, exist_ok=True)
         for name in names:
-            rows[name] = profile_variant(name, shape, device, trace_dir)
-    groups = sorted({g for _, (_, gs) in rows.values() for g in gs})
-    print("| variant | ms/step | kernels in loop graphs (ms) | " + " | ".join(groups) + " | all kernels (ms) |")
-    print("|---|---|---|" + "---|" * len(groups) + "---|")
-    for name, (ms, (loop, gs)) in rows.items():
+            rows[name] = profile_variant(name, shape, device, trace_dir, args.doc_len)
+    groups = sorted({g for _, (_, gs), _ in rows.values() for g in gs})
+    print("| variant | ms/step | kernels in loop graphs (ms) | " + " | ".join(groups) + " | all kernels (ms) | "
+          "GPU idle (ms) |")
+    print("|---|---|---|" + "---|" * len(groups) + "---|---|")
+    for name, (ms, (loop, gs), idle) in rows.items():
         cells = " | ".join(f"{gs.get(g, 0.0):.2f}" for g in groups)
-        print(f"| {name} | {ms:.1f} | {loop:.2f} | {cells} | {loop + sum(gs.values()):.2f} |")
+        print(f"| {name} | {ms:.1f} | {loop:.2f} | {cells} | {loop + sum(gs.values()):.2f} | "
+              f"{'-' if idle is None else f'{idle[0]:.2f}'} |")
+    for name, (_, _, idle) in rows.items():
+        if idle:
+            print(f"\n{name}: the longest GPU idle gaps (ms, kernel before, kernel after)")
+            for ms, before, after in idle[1]:
+                print(f"  {ms:.3f}  {before}  ->  {after}")
     return 0
 
 

@@ -36,6 +36,7 @@ def test_lact_benchmark_tiny_runs(tmp_path, capsys, packed):
     (["benchmarks/generation.py", "--tiny"], "decode"),
     (["benchmarks/lact_loop_profile.py", "--tiny", "--iters", "1", "--top", "3"], "Newton-Schulz in the loop"),
     (["benchmarks/lact_step_profile.py", "--tiny", "--variants", "swa,lact-muon"], "| lact-muon | "),
+    (["benchmarks/lact_step_profile.py", "--tiny", "--variants", "lact-gd", "--doc-len", "20"], "| lact-gd | "),
     (["benchmarks/flex_mask.py", "--tiny", "--iters", "1", "--warmup", "0"], "| packed, keys = queries |"),
     (["benchmarks/fwl_inference_cost.py", "--size", "tiny", "--device", "cpu", "--length", "128", "--docs", "1",
       "--repeats", "1"], "In-Place TTT"),

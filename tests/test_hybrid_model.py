@@ -242,6 +242,47 @@ def test_packed_equals_one_by_one():
     assert rel(packed, alone) < 1e-5
 
 
+def test_packed_lanes_built_once_per_forward_pass(monkeypatch):
+    """The LaCT layers of one forward pass share one layout of the packed documents, built from
+    the layout's host copy of the document starts (no layer reads them from the device): logits
+    and gradients equal those of layers that each build their own from position_ids."""
+    import dataclasses
+
+    import fastweights.layers.lact as lact_layer
+    import fastweights.models.hybrid.modeling as modeling
+    import fastweights.ops.lact as lact_op
+
+    model = tiny(["lact", "swa", "lact"], lact_update="momentum").train()
+    _perturb_fast_params(model)
+    lens = [9, 14, 6, 17]
+    torch.manual_seed(4)
+    ids = torch.randint(0, VOCAB, (2, 23))
+    pos = torch.stack([torch.cat([torch.arange(n) for n in lens[:2]]), torch.cat([torch.arange(n) for n in lens[2:]])])
+
+    def run():
+        model.zero_grad()
+        logits = model(ids, position_ids=pos, use_cache=False).logits
+        logits.square().mean().backward()
+        return [logits.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    built, build = [], lact_layer.lact_lanes
+    monkeypatch.setattr(lact_layer, "lact_lanes", lambda *a, **k: built.append(a[0].device) or build(*a, **k))
+    starts = lact_op.doc_starts
+    with monkeypatch.context() as m:
+        m.setattr(lact_op, "doc_starts", lambda *a, **k: pytest.fail("a layer read the document starts"))
+        shared = run()
+    assert built == [torch.device("cpu")]  # once, from the host copy
+    layout = modeling._layout
+    monkeypatch.setattr(modeling, "_layout", lambda *a: dataclasses.replace(layout(*a), starts_host=None))
+    reads = []
+    monkeypatch.setattr(lact_op, "doc_starts", lambda *a, **k: reads.append(1) or starts(*a, **k))
+    own = run()
+    assert len(built) == 1 and len(reads) == 2  # each layer built its own
+    assert len(own) == len(shared) > 10
+    for a, b in zip(own, shared, strict=True):
+        assert torch.equal(a, b)
+
+
 def greedy_by_full_forwards(model, prompt, steps: int):
     """Greedy decoding by hand, a full uncached forward per token: (B, P) -> (B, P + steps)."""
     seq = prompt
@@ -383,8 +424,8 @@ def test_attention_backends_agree(window):
     assert rel(flex, ref) < 1e-5
     # the mask of a layout whose keys are its queries (layout_for shares the tensors) against the
     # general one (copies), with the first three keys padding: rows that see a key agree
-    padded = dataclasses.replace(lay, key_valid=torch.arange(37).unsqueeze(0) >= 3, block_masks={})
-    general = dataclasses.replace(padded, key_doc=lay.doc.clone(), key_index=lay.index.clone(), block_masks={})
+    padded = dataclasses.replace(lay, key_valid=torch.arange(37).unsqueeze(0) >= 3, shared={})
+    general = dataclasses.replace(padded, key_doc=lay.doc.clone(), key_index=lay.index.clone(), shared={})
     dense = attend(q, k, v, padded, window, backend="sdpa")[:, :, 3:]
     assert rel(attend(q, k, v, padded, window, backend="flex")[:, :, 3:], dense) < 1e-5
     assert rel(attend(q, k, v, general, window, backend="flex")[:, :, 3:], dense) < 1e-5
@@ -405,8 +446,8 @@ def test_attention_backends_agree(window):
     again.single_doc = True
     flex2 = attend(q2, k2, v2, again, window, backend="flex")
     assert rel(flex2, attend(q2, k2, v2, again, window, backend="sdpa")) < 1e-5
-    assert again.block_masks[(window, 37, 37)] is one.block_masks[(window, 37, 37)]
-    assert lay.block_masks[(window, 37, 37)] is not one.block_masks[(window, 37, 37)]  # packed: its own
+    assert again.shared[(window, 37, 37)] is one.shared[(window, 37, 37)]
+    assert lay.shared[(window, 37, 37)] is not one.shared[(window, 37, 37)]  # packed: its own
 
 
 def test_beam_search_with_cache_equals_without():

@@ -108,7 +108,7 @@ def test_lanes_layout(rows, C, order):
     back in token order unchanged (with their gradient)."""
     pos = packed_positions(rows)
     B, N = pos.shape
-    lanes = lact_op._Lanes(pos == 0, C, order)
+    lanes = lact_op.LaCTLanes(pos == 0, C, order)
     L, U = lanes.L, lanes.U
     assert lanes.resets.shape == (L, U) and U >= 1
     ids = torch.arange(1, B * N + 1, dtype=torch.float64).view(B, 1, N, 1)
@@ -161,7 +161,7 @@ def test_lanes_fill_up():
     rounded up to a quarter of ceil(N / C) (at least that quarter); documents fill lanes of U
     slots first fit, so one row keeps one lane, and several rows' documents share lanes."""
     def shape(rows, C, order="apply_update"):
-        lanes = lact_op._Lanes(packed_positions(rows) == 0, C, order)
+        lanes = lact_op.LaCTLanes(packed_positions(rows) == 0, C, order)
         return lanes.L, lanes.U
 
     assert shape([[16]], 4) == (1, 3)  # one document: 4 chunks, 3 updates
@@ -196,9 +196,9 @@ def test_dispatch(monkeypatch):
     """Whole-sequence rows take the fast path; packed documents take it on a document-aligned
     layout (test_packed_fast_path_matches_reference_fwd_and_grads); streaming takes neither."""
     calls, packed_calls = [], []
-    fast, lanes = lact_op._lact_contiguous, lact_op._Lanes
+    fast, lanes = lact_op._lact_contiguous, lact_op.LaCTLanes
     monkeypatch.setattr(lact_op, "_lact_contiguous", lambda *a, **k: calls.append(1) or fast(*a, **k))
-    monkeypatch.setattr(lact_op, "_Lanes", lambda *a, **k: packed_calls.append(1) or lanes(*a, **k))
+    monkeypatch.setattr(lact_op, "LaCTLanes", lambda *a, **k: packed_calls.append(1) or lanes(*a, **k))
     inputs = make(B=2, N=12, grad=False)
     lact_chunked(*inputs, chunk_size=4, update="muon")
     lact_chunked(*inputs, chunk_size=4, update="muon", position_ids=torch.arange(12).expand(2, 12))
@@ -211,6 +211,51 @@ def test_dispatch(monkeypatch):
     assert len(calls) == 3 and len(packed_calls) == 1
     alone = lact_reference(*[t[:, :, 5:] for t in inputs[:5]], *inputs[5:], chunk_size=4, update="muon")
     assert rel(packed[:, :, 5:], alone) < 1e-10
+
+
+@pytest.mark.parametrize("order", ["apply_update", "update_apply"])
+def test_shared_lanes_equal_the_call_s_own(monkeypatch, order):
+    """Lanes built once by lact_lanes (as the layers of one pass share them) give what the call
+    builds from position_ids, output and every gradient bitwise; the call then reads no
+    document starts; rows of one document need none."""
+    inputs = make(B=3, H=2, N=29, D=5, Dh=5, D2=5, seed=21)
+    pos = packed_positions()
+    kw = dict(chunk_size=6, update="muon", order=order)
+    own = lact_chunked(*inputs, **kw, position_ids=pos, compile=False)
+    lanes = lact_op.lact_lanes(pos == 0, 6, order)
+    assert isinstance(lanes, lact_op.LaCTLanes) and lanes.first_tokens.device == pos.device
+    monkeypatch.setattr(lact_op, "doc_starts", lambda *a, **k: pytest.fail("the call read document starts"))
+    shared = lact_chunked(*inputs, **kw, lanes=lanes, compile=False)
+    assert torch.equal(shared, own)
+    go = torch.randn_like(own)
+    ga = torch.autograd.grad(own, inputs, go, allow_unused=True)
+    gb = torch.autograd.grad(shared, inputs, go, allow_unused=True)
+    for name, a, b in zip(NAMES, ga, gb, strict=True):
+        assert (a is None) == (b is None), name
+        assert a is None or torch.equal(a, b), name
+    assert lact_op.lact_lanes(torch.arange(29).expand(3, 29) == 0, 6, order) is None
+
+
+def test_lanes_errors():
+    inputs = make(B=3, H=2, N=29, D=5, Dh=5, D2=5, seed=2, grad=False)
+    pos = packed_positions()
+    lanes = lact_op.lact_lanes(pos == 0, 6)
+    with pytest.raises(ValueError, match=r"\(B, N, chunk_size, order\) = \(3, 29, 6, 'apply_update'\).*\(3, 29, 7"):
+        lact_chunked(*inputs, chunk_size=7, lanes=lanes)
+    with pytest.raises(ValueError, match="update_apply"):
+        lact_chunked(*inputs, chunk_size=6, order="update_apply", lanes=lanes)
+    with pytest.raises(ValueError, match="not both"):
+        lact_chunked(*inputs, chunk_size=6, lanes=lanes, position_ids=pos)
+    with pytest.raises(ValueError, match="no state"):
+        lact_chunked(*inputs, chunk_size=6, lanes=lanes, output_final_state=True)
+    with pytest.raises(ValueError, match=r"\(B, N\) bool tensor, got \(29,\)"):
+        lact_op.lact_lanes(pos[0] == 0, 6)
+    with pytest.raises(ValueError, match=r"torch.int64"):
+        lact_op.lact_lanes(pos, 6)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        lact_op.lact_lanes(pos == 0, 0)
+    with pytest.raises(ValueError, match="order must be one of .*'sideways'"):
+        lact_op.lact_lanes(pos == 0, 6, "sideways")
 
 
 def test_bf16_fast_path_close_to_float32_path():
@@ -379,7 +424,7 @@ def test_packed_fast_path_on_cuda_matches_reference_gpu(update):
     torch.backends.cuda.matmul.allow_tf32 = False
     graphs = lact_op.LoopGraphs()
     sets = [PACKED, PACKED, [[3, 26], [29], [10, 10, 9]], [[2] * 14 + [1], [29], [1, 28]]]
-    shapes = {(lanes.L, lanes.U) for lanes in (lact_op._Lanes(packed_positions(r) == 0, 8) for r in sets[1:])}
+    shapes = {(lanes.L, lanes.U) for lanes in (lact_op.LaCTLanes(packed_positions(r) == 0, 8) for r in sets[1:])}
     assert len(shapes) == 2
     for step, rows in enumerate(sets):
         inputs = make(B=3, H=2, N=29, D=16, Dh=16, D2=16, dtype=torch.float64, seed=60 + step)

@@ -30,6 +30,10 @@ class TokenLayout:
     positions, restart at 0 per document), ``doc`` (document ids), ``index`` (stream index).
     Key side (B, M), prefix plus new tokens: ``key_doc``, ``key_index``, ``key_valid``.
     ``single_doc``: True when every row is one document with no padding (enables fast paths).
+    ``starts_host`` (B, N) bool on the CPU: where documents start (column 0 always; None when
+    the layout continues a cache), so that layers lay out packed documents without copying
+    from the device. ``shared``: what the layers build from the layout once and share (flex
+    block masks by window, :meth:`last_keys` views, LaCT's lanes).
     A document is a run of consecutive tokens of a row. Where the keys are the queries (no cached
     prefix), ``key_doc is doc`` and ``key_index is index`` (0..N-1): flex builds its mask faster."""
 
@@ -40,7 +44,8 @@ class TokenLayout:
     key_index: torch.Tensor
     key_valid: torch.Tensor
     single_doc: bool = False
-    block_masks: dict = field(default_factory=dict, repr=False)  # flex block masks by window; last_keys views
+    starts_host: torch.Tensor | None = None
+    shared: dict = field(default_factory=dict, repr=False)
 
     def last_keys(self, m: int) -> TokenLayout:
         """The same queries over only the newest ``m`` keys (a cache trimmed to a window)."""
@@ -49,11 +54,12 @@ class TokenLayout:
         if m > self.key_doc.shape[1]:
             raise ValueError(f"the layout has {self.key_doc.shape[1]} keys, asked for the last {m}")
         key = ("last_keys", m)  # one view per length, shared by the layers (and its block masks)
-        if key not in self.block_masks:
-            self.block_masks[key] = TokenLayout(
+        if key not in self.shared:
+            self.shared[key] = TokenLayout(
                 position_ids=self.position_ids, doc=self.doc, index=self.index, key_doc=self.key_doc[:, -m:],
-                key_index=self.key_index[:, -m:], key_valid=self.key_valid[:, -m:], single_doc=False)
-        return self.block_masks[key]
+                key_index=self.key_index[:, -m:], key_valid=self.key_valid[:, -m:], single_doc=False,
+                starts_host=self.starts_host)
+        return self.shared[key]
 
     def dense_mask(self, window: int | None) -> torch.Tensor:
         """(B, 1, N, M) boolean mask."""
@@ -137,12 +143,12 @@ def _flex(q, k, v, layout: TokenLayout, window: int | None):
     M = k.shape[2]
     key = (window, N, M)
     if layout.single_doc and N == M:
-        layout.block_masks[key] = _one_document_block_mask(N, window, q.device)
-    if key not in layout.block_masks:
+        layout.shared[key] = _one_document_block_mask(N, window, q.device)
+    if key not in layout.shared:
         own_keys = layout.key_doc is layout.doc and layout.key_index is layout.index
         mask_mod = (_own_keys_mask_mod if own_keys else _mask_mod)(layout, window)
-        layout.block_masks[key] = _block_mask_fn(q.is_cuda)(mask_mod, B, None, N, M, device=q.device)
-    return _flex_fn(q.is_cuda)(q, k, v, block_mask=layout.block_masks[key], enable_gqa=k.shape[1] != q.shape[1])
+        layout.shared[key] = _block_mask_fn(q.is_cuda)(mask_mod, B, None, N, M, device=q.device)
+    return _flex_fn(q.is_cuda)(q, k, v, block_mask=layout.shared[key], enable_gqa=k.shape[1] != q.shape[1])
 
 
 def attend(q, k, v, layout: TokenLayout, window: int | None = None, backend: str = "auto") -> torch.Tensor:

@@ -27,7 +27,16 @@ from torch import nn
 
 from fastweights.errors import check_positive_int
 from fastweights.layers.attention import TokenLayout, apply_rope, attend, keep_window, rope_cos_sin
-from fastweights.ops.lact import ORDERS, UPDATES, LoopGraphs, _compiled, _resolve_compile, lact_chunked, lact_reference
+from fastweights.ops.lact import (
+    ORDERS,
+    UPDATES,
+    LoopGraphs,
+    _compiled,
+    _resolve_compile,
+    lact_chunked,
+    lact_lanes,
+    lact_reference,
+)
 from fastweights.ops.lact_glue import IMPLS, fast_inputs, fast_inputs_reference, merge, merge_reference, pick_impl
 
 __all__ = ["LaCTLayer"]
@@ -166,6 +175,22 @@ class LaCTLayer(nn.Module):
         beta_raw = rest[0] if self.beta_proj is not None else None
         return gate_raw, lr_raw + self.lr_proj.bias, beta_raw
 
+    def _documents(self, layout: TokenLayout) -> dict:
+        """The documents of a whole pass, for :func:`lact_chunked`: nothing for rows of one
+        document each; else the lanes, built once from the layout's host copy of the document
+        starts and shared by the layers with this chunk size and order (none of them waits
+        for the device); position_ids where the layout has no host copy."""
+        if layout.single_doc:
+            return {}
+        if layout.starts_host is None:
+            return {"position_ids": layout.position_ids}
+        key = ("lact_lanes", self.chunk_size, self.order)
+        if key not in layout.shared:
+            layout.shared[key] = lact_lanes(layout.starts_host, self.chunk_size, self.order,
+                                            device=layout.position_ids.device)
+        lanes = layout.shared[key]
+        return {} if lanes is None else {"lanes": lanes}
+
     def forward(self, x: torch.Tensor, layout: TokenLayout, past=None, use_cache: bool = False):
         B, N, d = x.shape
         H, D = self.fw_heads, self.fw_dim
@@ -196,15 +221,17 @@ class LaCTLayer(nn.Module):
         a = attend(qa, ka, va, layout, self.window, self.attn_backend).transpose(1, 2).reshape(B, N, d)
         # fast-weight path
         args = (qf, kf, vf, lr, beta, self.w1, self.w2, self.w3)
-        kw = dict(chunk_size=self.chunk_size, update=self.update, order=self.order, position_ids=pos)
+        kw = dict(chunk_size=self.chunk_size, update=self.update, order=self.order)
         state = None
         if past is not None or use_cache:
             if self.impl != "chunked":
                 raise ValueError("cached decoding needs impl='chunked'")
-            f, state = lact_chunked(*args, **kw, state=None if past is None else past[2], output_final_state=True)
+            f, state = lact_chunked(*args, **kw, position_ids=pos, state=None if past is None else past[2],
+                                    output_final_state=True)
+        elif self.impl == "chunked":
+            f = lact_chunked(*args, **kw, **self._documents(layout), graphs=self.graphs)
         else:
-            f = (lact_chunked(*args, **kw, graphs=self.graphs) if self.impl == "chunked"
-                 else lact_reference(*args, **kw))
+            f = lact_reference(*args, **kw, position_ids=pos)
         merge_fn = _glue(merge, "layer-merge", x, training, self.glue)
         merged = merge_fn(a, gate_raw, f, self.fw_norm.weight, self.fw_norm.eps)
         return self.o_proj(merged), ((*keep_window(ka, va, self.window), state) if use_cache else None)

@@ -47,7 +47,7 @@ Two implementations compute the same function:
   chunk loop is compiled instead: ``compile_scope``). Rows of packed documents (the trainer's
   rows) take the same loop, compiled and graphed alike: only the chunks whose update is read
   (with apply-then-update, all but each document's last) are laid out on lanes of update slots
-  (:class:`_Lanes`), the state reset where a document starts, and each document's first chunk
+  (:class:`LaCTLanes`), the state reset where a document starts, and each document's first chunk
   is read with the initial weights outside the loop; only carried state (streaming, decoding)
   takes the general grid loop.
 """
@@ -70,11 +70,13 @@ __all__ = [
     "NS_COEFFS",
     "ORDERS",
     "UPDATES",
+    "LaCTLanes",
     "LaCTState",
     "LoopGraphs",
     "lact",
     "lact_chunked",
     "lact_inner_grads",
+    "lact_lanes",
     "lact_reference",
     "newton_schulz5",
     "swiglu_fast",
@@ -467,7 +469,7 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
     only the updates; the reads go batched to :func:`_read_chunks`, up to :data:`READ_GROUP`
     chunks at once.
 
-    Packed documents come laid out on lanes (:class:`_Lanes`, with ``order="update_apply"``:
+    Packed documents come laid out on lanes (:class:`LaCTLanes`, with ``order="update_apply"``:
     chunk j of q reads the weights after update j): ``resets`` (B, G) bool marks the chunks
     that start a document, where a row returns to the initial state (and zero momentum);
     ``beta_bars`` (B, H, G) gives each chunk's mean β over its tokens (else the mean of ``beta``
@@ -517,7 +519,7 @@ def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *[1] * (like.dim() - 1))
 
 
-class _Lanes:
+class LaCTLanes:
     """Packed documents laid out on lanes, for :func:`_contiguous_loop`.
 
     The loop runs only the updates that some chunk reads: with ``order="apply_update"`` every
@@ -586,7 +588,7 @@ class _Lanes:
         def t(a):
             return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
 
-        self.B, self.N, self.C, self.L, self.U = B, N, C, L, U
+        self.B, self.N, self.C, self.L, self.U, self.order = B, N, C, L, U, order
         self.upd_tokens, self.upd_slots = t(np.flatnonzero(upd)), t(upd_slots)
         self.read_tokens, self.read_slots = t(np.flatnonzero(read)), t(base[read] + (chunk[read] - shift) * C)
         self.first_tokens = t(np.flatnonzero(~read))
@@ -632,6 +634,25 @@ class _Lanes:
         acc = torch.promote_types(beta.dtype, torch.float32)
         b = self.to_updates(beta.to(acc).unsqueeze(-1))[..., 0]
         return b.unflatten(2, (self.U, -1)).sum(-1) / self.upd_count
+
+
+def lact_lanes(starts: torch.Tensor, chunk_size: int, order: str = "apply_update", device=None) -> LaCTLanes | None:
+    """The lanes that :func:`lact_chunked` lays packed rows out on, built once to be shared by
+    the calls over the same documents (``lanes=``; the layers of one forward pass). ``starts``
+    (B, N) bool: where documents start (column 0 always counts as one), best on the CPU: a
+    device tensor is copied to the host, which waits for the device. ``device``: where the
+    lanes' index tensors go (default: that of ``starts``). None when every row is one document
+    (nothing to lay out)."""
+    if starts.dim() != 2 or starts.dtype != torch.bool:
+        raise ValueError(f"starts must be a (B, N) bool tensor, got {tuple(starts.shape)} {starts.dtype}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    host = starts.cpu()
+    if not bool(host[:, 1:].any()):
+        return None
+    return LaCTLanes(host, chunk_size, order, device=starts.device if device is None else device)
 
 
 def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, compile_mode, scope="step",
@@ -835,7 +856,7 @@ def lact_chunked(
     q, k, v, lr, beta, w1, w2, w3, *, chunk_size: int, update: str = "gd", order: str = "apply_update",
     cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
     state: LaCTState | None = None, output_final_state: bool = False, compile=None, compile_scope=None,
-    graphs: LoopGraphs | None = None,
+    graphs: LoopGraphs | None = None, lanes: LaCTLanes | None = None,
 ):
     """LaCT training form; same arguments as :func:`lact_reference`, plus streaming.
 
@@ -850,9 +871,12 @@ def lact_chunked(
     ``"step"`` (the chunk step), ``"loop"`` (the whole chunk loop) or ``"auto"`` (the loop when
     gradients are taken, else the step); None reads ``FASTWEIGHTS_LACT_COMPILE_SCOPE`` (default
     ``auto``). Without a state in or out, rows of packed documents take the same path, the
-    chunks whose update is read laid out on lanes of update slots (:class:`_Lanes`; with
+    chunks whose update is read laid out on lanes of update slots (:class:`LaCTLanes`; with
     apply-then-update one row never needs more than ceil(N / C) - 1 of them; a new shape of
-    lanes compiles and captures anew). Returns o (B, H, N, D2), or ``(o, state)``.
+    lanes compiles and captures anew). ``lanes``: those lanes, built once by :func:`lact_lanes`
+    for every call over the same documents (without it the call copies the document starts to
+    the host, which waits for the device); they replace ``cu_seqlens`` and ``position_ids`` and
+    need no state in or out. Returns o (B, H, N, D2), or ``(o, state)``.
     """
     B, H, N, D = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
     C = chunk_size
@@ -864,14 +888,22 @@ def lact_chunked(
         raise ValueError("continuing a state needs position_ids (cu_seqlens always starts a document at 0)")
     if state is not None and (beta is None) != (state.buf_beta is None):
         raise ValueError("beta must be given iff the state was built with beta")
-    starts_f = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=dev)
+    if lanes is not None:
+        if streaming:
+            raise ValueError("lanes lay out a whole pass: they take no state in or out")
+        if cu_seqlens is not None or position_ids is not None:
+            raise ValueError("give document boundaries as lanes, or as cu_seqlens or position_ids, not both")
+        built, call = (lanes.B, lanes.N, lanes.C, lanes.order), (B, N, C, order)
+        if built != call:
+            raise ValueError(f"lanes were built for (B, N, chunk_size, order) = {built}, this call has {call}")
     if not streaming:  # the fast path: no state in or out
         training = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lr, beta, w1, w2, w3))
-        lanes, extra, loop_order, o_first = None, {}, order, None
-        starts_cpu = starts_f.cpu()  # one device-to-host copy for the test and the layout
-        if bool(starts_cpu[:, 1:].any()):  # packed documents: the updates laid out on lanes
-            lanes = _Lanes(starts_cpu, C, order, device=dev)
+        extra, loop_order, o_first = {}, order, None
+        if lanes is None and (cu_seqlens is not None or position_ids is not None):
+            starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=dev)
+            lanes = lact_lanes(starts, C, order)  # None when every row is one document
+        if lanes is not None:  # packed documents: the updates laid out on lanes
             if lanes.first_tokens.numel():  # first chunks, read with the initial weights
                 o_first = swiglu_fast(w1.to(q.dtype), w2.to(q.dtype), w3.to(q.dtype), lanes.first(q))
             q = lanes.to_reads(q)
@@ -895,6 +927,7 @@ def lact_chunked(
     else:
         cont = torch.zeros(B, dtype=torch.bool, device=dev)
         buf_len = None
+    starts_f = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=dev)
     flat, inv, valid, reset, G, g_last = _grid(starts_f, cont, buf_len, C)
 
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32

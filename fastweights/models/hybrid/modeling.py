@@ -163,10 +163,14 @@ def _layout(position_ids, attention_mask, cache: HybridCache | None, B, N, devic
         key_doc = torch.cat([cache.key_doc, doc], 1)
         key_valid = torch.cat([cache.key_valid, valid_new], 1)
     index = torch.arange(past, past + N, device=device).expand(B, N)
-    single = cache is None and not bool(starts[:, 1:].any()) and bool(valid_new.all())
+    starts_host, single = None, False
+    if cache is None:
+        host = torch.stack([starts, valid_new]).cpu()  # the forward pass's one copy to the host
+        starts_host = host[0]
+        single = not bool(starts_host[:, 1:].any()) and bool(host[1].all())
     key_index = index if key_doc is doc and past == 0 else torch.arange(past + N, device=device).expand(B, past + N)
     return TokenLayout(position_ids=position_ids, doc=doc, index=index, key_doc=key_doc, key_index=key_index,
-                       key_valid=key_valid, single_doc=single)
+                       key_valid=key_valid, single_doc=single, starts_host=starts_host)
 
 
 class HybridModel(HybridPreTrainedModel):
