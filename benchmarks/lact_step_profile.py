@@ -79,18 +79,26 @@ def split(trace: dict, device: str) -> tuple[float, dict[str, float]]:
     return in_graphs, dict(groups)
 
 
-def gaps(trace: dict, top: int = 8) -> tuple[float, list[tuple[float, str, str]]]:
+def gaps(trace: dict, top: int = 8) -> tuple[float, list[tuple[float, str, str, str]]]:
     """(ms the GPU idles between its first and last kernel, the ``top`` longest idle gaps as
-    (ms, kernel before, kernel after)) from a CUDA Chrome trace."""
-    ev = sorted((e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
-                key=lambda e: e["ts"])
-    idle, found, end, last = 0.0, [], None, ""
+    (ms, kernel before, kernel after, the longest host ops between their launches)) from a CUDA
+    Chrome trace. A gap whose host ops fill it is the host's: the GPU waited for the launch."""
+    events = trace["traceEvents"]
+    launch = {e["args"]["correlation"]: e["ts"] for e in events
+              if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    host = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
+    ev = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    idle, found, end, last = 0.0, [], None, None
     for e in ev:
         if end is not None and e["ts"] > end:
+            t0, t1 = launch.get(last["args"].get("correlation")), launch.get(e["args"].get("correlation"))
+            ops = "" if t0 is None or t1 is None else ", ".join(
+                f"{o['name'][:40]} {o['dur'] / 1e3:.2f}" for o in sorted(
+                    (o for o in host if t0 <= o["ts"] and o["ts"] + o["dur"] <= t1), key=lambda o: -o["dur"])[:3])
             idle += (e["ts"] - end) / 1e3
-            found.append(((e["ts"] - end) / 1e3, last[:60], e["name"][:60]))
+            found.append(((e["ts"] - end) / 1e3, last["name"][:50], e["name"][:50], ops))
         if end is None or e["ts"] + e["dur"] > end:
-            end, last = e["ts"] + e["dur"], e["name"]
+            end, last = e["ts"] + e["dur"], e
     return idle, sorted(found, reverse=True)[:top]
 
 
@@ -158,9 +166,10 @@ def main(argv=None) -> int:
               f"{'-' if idle is None else f'{idle[0]:.2f}'} |")
     for name, (_, _, idle) in rows.items():
         if idle:
-            print(f"\n{name}: the longest GPU idle gaps (ms, kernel before, kernel after)")
-            for ms, before, after in idle[1]:
-                print(f"  {ms:.3f}  {before}  ->  {after}")
+            print(f"\n{name}: the longest GPU idle gaps (ms, kernel before -> kernel after; the longest host "
+                  "ops between their launches, ms)")
+            for ms, before, after, ops in idle[1]:
+                print(f"  {ms:.3f}  {before}  ->  {after};  {ops}")
     return 0
 
 

@@ -583,17 +583,17 @@ class LaCTLanes:
         resets[lane[has], first[has]] = True
         upd_slots = base[upd] + chunk[upd] * C
         count = np.bincount(upd_slots // C, minlength=L * U).reshape(L, 1, U)
-        dev = starts.device if device is None else device
-
-        def t(a):
-            return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
-
+        parts = [np.flatnonzero(upd), upd_slots, np.flatnonzero(read), base[read] + (chunk[read] - shift) * C,
+                 np.flatnonzero(~read), resets.ravel(), np.maximum(count, 1).ravel()]
+        host = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+        dev = torch.device(starts.device if device is None else device)
+        if dev.type == "cuda":  # one copy that does not wait for the device (a pageable one would)
+            host = host.pin_memory()
+        flat = host.to(dev, non_blocking=True).split([len(a) for a in parts])
         self.B, self.N, self.C, self.L, self.U, self.order = B, N, C, L, U, order
-        self.upd_tokens, self.upd_slots = t(np.flatnonzero(upd)), t(upd_slots)
-        self.read_tokens, self.read_slots = t(np.flatnonzero(read)), t(base[read] + (chunk[read] - shift) * C)
-        self.first_tokens = t(np.flatnonzero(~read))
-        self.resets = t(resets)
-        self.upd_count = t(np.maximum(count, 1))
+        self.upd_tokens, self.upd_slots, self.read_tokens, self.read_slots, self.first_tokens = flat[:5]
+        self.resets = flat[5].view(L, U).bool()
+        self.upd_count = flat[6].view(L, 1, U)
 
     @staticmethod
     def _pick(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
