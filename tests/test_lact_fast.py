@@ -156,26 +156,6 @@ def test_lanes_layout(rows, C, order):
     assert torch.equal(g, torch.ones_like(x))
 
 
-def test_move_rows_is_a_gather_both_ways():
-    """The lanes' row move against a 0/1 matrix (float64): forward P x, backward Pᵀ g, where
-    P (R, S) maps each row r to source row src[r] (none where src is S); gradcheck too."""
-    g = torch.Generator().manual_seed(7)
-    S, R = 11, 14
-    chosen = torch.randperm(S, generator=g)[:8]  # 8 of the 11 source rows move
-    rows = torch.randperm(R, generator=g)[:8]  # onto 8 of the 14 target rows
-    src, dst = torch.full((R,), S), torch.full((S,), R)
-    src[rows], dst[chosen] = chosen, rows
-    P = torch.zeros(R, S, dtype=torch.float64)
-    P[rows, chosen] = 1
-    x = torch.randn(3, S, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    out = lact_op._MoveRows.apply(x, src, dst)
-    assert torch.equal(out, torch.einsum("rs,hsf->hrf", P, x))
-    go = torch.randn(out.shape, dtype=torch.float64, generator=g)
-    (gx,) = torch.autograd.grad(out, x, go)
-    assert torch.equal(gx, torch.einsum("rs,hrf->hsf", P, go))
-    assert torch.autograd.gradcheck(lambda t: lact_op._MoveRows.apply(t, src, dst), (x,))
-
-
 def test_lanes_fill_up():
     """The lanes' count and length: U is the most update chunks of one document or per row,
     rounded up to a quarter of ceil(N / C) (at least that quarter); documents fill lanes of U

@@ -54,7 +54,6 @@ Two implementations compute the same function:
 
 from __future__ import annotations
 
-import functools
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -520,39 +519,6 @@ def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *[1] * (like.dim() - 1))
 
 
-def _rows_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(H, S, F) -> (H, R, F): rows ``index`` (R,) of x, zeros where the index is S."""
-    return torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], 1).index_select(1, index)
-
-
-@functools.cache
-def _rows_at_compiled():
-    return torch.compile(_rows_at, dynamic=True, fullgraph=True)
-
-
-class _MoveRows(torch.autograd.Function):
-    """Rows moved between two layouts of the same rows (a one-to-one map between parts of them):
-    x (H, S, F) -> (H, R, F), row r = row ``src[r]`` of x (zeros where src is S). The backward is
-    the move back, row s of the gradient = row ``dst[s]`` of the output's (zeros where dst is R):
-    a gather both ways (index_select's backward scatters with atomic adds into zeros). On CUDA
-    each direction is one compiled kernel."""
-
-    @staticmethod
-    def forward(ctx, x, src, dst):
-        ctx.save_for_backward(dst)
-        return _move_rows(x, src)
-
-    @staticmethod
-    def backward(ctx, g):
-        (dst,) = ctx.saved_tensors
-        return _move_rows(g, dst), None, None
-
-
-def _move_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    compiled = x.is_cuda and not torch.compiler.is_compiling()
-    return (_rows_at_compiled() if compiled else _rows_at)(x, index)
-
-
 class LaCTLanes:
     """Packed documents laid out on lanes, for :func:`_contiguous_loop`.
 
@@ -576,11 +542,11 @@ class LaCTLanes:
     loop (:meth:`first`). Slots without a token hold zeros (no gradient); the updates of empty
     slots are never read.
 
-    Tokens move between layouts as rows (flat B·N token rows, L·U·C slot rows), each move a
-    gather both ways (:class:`_MoveRows`). first_tokens (T0,): the tokens read with the initial
-    weights; resets (L, U) bool: the slots that start a document; upd_count (L, 1, U): tokens
-    per update slot (at least 1). All on ``device`` (default: that of ``starts``, (B, N) bool),
-    copied there at once without waiting for the device.
+    upd_tokens, upd_slots (T,): the tokens of update chunks (flat B·N order) and their slots in
+    the L·U·C slots; read_tokens, read_slots: the same for the tokens read after an update;
+    first_tokens: the tokens read with the initial weights; resets (L, U) bool: the slots that
+    start a document; upd_count (L, 1, U): tokens per update slot (at least 1). All on ``device``
+    (default: that of ``starts``, (B, N) bool).
     """
 
     def __init__(self, starts: torch.Tensor, chunk_size: int, order: str = "apply_update", device=None):
@@ -617,63 +583,50 @@ class LaCTLanes:
         resets[lane[has], first[has]] = True
         upd_slots = base[upd] + chunk[upd] * C
         count = np.bincount(upd_slots // C, minlength=L * U).reshape(L, 1, U)
-        T, S = B * N, L * U * C  # token rows, slot rows
-        upd_tokens, read_tokens, first_tokens = np.flatnonzero(upd), np.flatnonzero(read), np.flatnonzero(~read)
-        read_slots = base[read] + (chunk[read] - shift) * C
-
-        def moves(tokens, slots, n_slots):  # each slot's token (else T) and each token's slot (else n_slots)
-            src, dst = np.full(n_slots, T), np.full(T, n_slots)
-            src[slots], dst[tokens] = tokens, slots
-            return src, dst
-
-        upd_src, upd_dst = moves(upd_tokens, upd_slots, S)
-        read_src, read_dst = moves(read_tokens, read_slots, S)
-        first_src, first_dst = moves(first_tokens, np.arange(len(first_tokens)), len(first_tokens))
-        back_src = np.where(read, read_dst, S + first_dst)  # rows of [reads' slots, first reads]
-        parts = [upd_src, upd_dst, read_src, read_dst, first_src, first_dst, back_src,
-                 np.concatenate([read_src, first_src]), resets.ravel(), np.maximum(count, 1).ravel()]
+        parts = [np.flatnonzero(upd), upd_slots, np.flatnonzero(read), base[read] + (chunk[read] - shift) * C,
+                 np.flatnonzero(~read), resets.ravel(), np.maximum(count, 1).ravel()]
         host = torch.from_numpy(np.concatenate(parts).astype(np.int64))
         dev = torch.device(starts.device if device is None else device)
         if dev.type == "cuda":  # one copy that does not wait for the device (a pageable one would)
             host = host.pin_memory()
         flat = host.to(dev, non_blocking=True).split([len(a) for a in parts])
         self.B, self.N, self.C, self.L, self.U, self.order = B, N, C, L, U, order
-        self._upd, self._read, self._first, self._back = (flat[i:i + 2] for i in range(0, 8, 2))
-        self.first_tokens = flat[4]
-        self.resets = flat[8].view(L, U).bool()
-        self.upd_count = flat[9].view(L, 1, U)
+        self.upd_tokens, self.upd_slots, self.read_tokens, self.read_slots, self.first_tokens = flat[:5]
+        self.resets = flat[5].view(L, U).bool()
+        self.upd_count = flat[6].view(L, 1, U)
 
-    def _tokens_to(self, x: torch.Tensor, moves) -> torch.Tensor:
-        """(B, H, N, F) -> (H, R, F): the token rows that ``moves`` (rows' tokens, tokens' rows)
-        puts on R rows, zeros where a row has none."""
+    @staticmethod
+    def _pick(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, F) -> (H, T, F): the tokens at flat (B·N) indices ``tokens``."""
         B, H, N, F_ = x.shape
-        return _MoveRows.apply(x.transpose(0, 1).reshape(H, B * N, F_), *moves)
+        return x.transpose(0, 1).reshape(H, B * N, F_).index_select(1, tokens)
 
-    def _slots_to(self, x: torch.Tensor, moves) -> torch.Tensor:
-        out = self._tokens_to(x, moves)
+    def _to(self, x: torch.Tensor, tokens, slots) -> torch.Tensor:
+        src = self._pick(x, tokens)
+        out = src.new_zeros(src.shape[0], self.L * self.U * self.C, src.shape[-1]).index_copy(1, slots, src)
         return out.view(out.shape[0], self.L, self.U * self.C, -1).transpose(0, 1)
 
     def to_updates(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, N, F) -> (L, H, U·C, F): the tokens of update chunks on their slots, empty
         slots zero."""
-        return self._slots_to(x, self._upd)
+        return self._to(x, self.upd_tokens, self.upd_slots)
 
     def to_reads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, N, F) -> (L, H, U·C, F): the tokens read after an update, on its slot."""
-        return self._slots_to(x, self._read)
+        return self._to(x, self.read_tokens, self.read_slots)
 
     def first(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, N, F) -> (H, T0, F): the tokens read with the initial weights."""
-        return self._tokens_to(x, self._first)
+        return self._pick(x, self.first_tokens)
 
     def tokens(self, o: torch.Tensor, o_first: torch.Tensor | None) -> torch.Tensor:
         """The reads back in token order: o (L, H, U·C, F) from :meth:`to_reads`' slots and
         ``o_first`` (H, T0, F) from :meth:`first` (None when there are none) -> (B, H, N, F)."""
         H, F_ = o.shape[1], o.shape[-1]
-        rows = o.transpose(0, 1).reshape(H, self.L * self.U * self.C, F_)
+        src = o.transpose(0, 1).reshape(H, self.L * self.U * self.C, F_).index_select(1, self.read_slots)
+        out = src.new_zeros(H, self.B * self.N, F_).index_copy(1, self.read_tokens, src)
         if o_first is not None:
-            rows = torch.cat([rows, o_first.to(rows.dtype)], 1)
-        out = _MoveRows.apply(rows, *self._back)
+            out = out.index_copy(1, self.first_tokens, o_first.to(out.dtype))
         return out.view(H, self.B, self.N, F_).transpose(0, 1).contiguous()
 
     def beta_bars(self, beta: torch.Tensor) -> torch.Tensor:
