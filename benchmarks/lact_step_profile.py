@@ -85,7 +85,7 @@ def gaps(trace: dict, top: int = 8) -> tuple[float, list[tuple[float, str, str, 
     Chrome trace. A gap whose host ops fill it is the host's: the GPU waited for the launch."""
     events = trace["traceEvents"]
     launch = {e["args"]["correlation"]: e["ts"] for e in events
-              if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+              if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     host = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
     ev = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     idle, found, end, last = 0.0, [], None, None

@@ -92,3 +92,30 @@ def test_newton_schulz_kernels_agree_with_float64_chain_on_cpu():
     assert loop, res.stdout
     diffs = [float(x) for x in loop[0].split(":")[-1].split()]
     assert len(diffs) == 9 and max(diffs) < 1e-3, loop[0]  # output + 8 gradients, float32
+
+
+def test_step_profile_gaps_from_a_trace(monkeypatch):
+    """lact_step_profile's idle-gap finder on a hand-made trace: overlapping kernels count once,
+    each gap names the kernels around it and the host ops between their launches."""
+    monkeypatch.setenv("FASTWEIGHTS_LACT_COMPILE", "0")  # the script sets a default on import
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("step_profile", ROOT / "benchmarks" / "lact_step_profile.py")
+    prof = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prof)
+
+    def kernel(name, ts, dur, corr):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    events = [kernel("a", 0, 10, 1), kernel("b", 30, 5, 2), kernel("c", 32, 18, 3), kernel("d", 75, 10, 4),
+              {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0, "dur": 1, "args": {"correlation": 1}},
+              {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 25, "dur": 1, "args": {"correlation": 2}},
+              {"cat": "cuda_driver", "name": "cuLaunchKernel", "ts": 26, "dur": 1, "args": {"correlation": 3}},
+              {"cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 65, "dur": 1, "args": {"correlation": 4}},
+              {"cat": "cpu_op", "name": "aten::slow", "ts": 3, "dur": 20, "args": {}},
+              {"cat": "cpu_op", "name": "aten::quick", "ts": 24, "dur": 1, "args": {}},
+              {"cat": "cpu_op", "name": "aten::later", "ts": 30, "dur": 30, "args": {}}]
+    idle, found = prof.gaps({"traceEvents": events})
+    assert idle == pytest.approx(0.045)  # 10..30 and 50..75 µs
+    assert [f[:3] for f in found] == [(pytest.approx(0.025), "c", "d"), (pytest.approx(0.020), "a", "b")]
+    assert found[0][3] == "aten::later 0.03"  # c was launched by the driver API: its launch time is known
+    assert found[1][3].startswith("aten::slow 0.02, aten::quick")

@@ -649,10 +649,11 @@ def lact_lanes(starts: torch.Tensor, chunk_size: int, order: str = "apply_update
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    host = starts.cpu()
-    if not bool(host[:, 1:].any()):
-        return None
-    return LaCTLanes(host, chunk_size, order, device=starts.device if device is None else device)
+    with torch.profiler.record_function("fastweights::lact_lanes"):  # host work: named in profiles
+        host = starts.cpu()
+        if not bool(host[:, 1:].any()):
+            return None
+        return LaCTLanes(host, chunk_size, order, device=starts.device if device is None else device)
 
 
 def _lact_contiguous(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order, compile_mode, scope="step",
