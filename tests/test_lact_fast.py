@@ -252,7 +252,9 @@ def test_lanes_errors():
         lact_op.lact_lanes(pos[0] == 0, 6)
     with pytest.raises(ValueError, match=r"torch.int64"):
         lact_op.lact_lanes(pos, 6)
-    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="lanes are on meta, the inputs on cpu"):
+        lact_chunked(*inputs, chunk_size=6, lanes=lact_op.lact_lanes(pos == 0, 6, device="meta"))
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1, got 0"):
         lact_op.lact_lanes(pos == 0, 0)
     with pytest.raises(ValueError, match="order must be one of .*'sideways'"):
         lact_op.lact_lanes(pos == 0, 6, "sideways")

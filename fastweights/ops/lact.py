@@ -591,6 +591,7 @@ class LaCTLanes:
             host = host.pin_memory()
         flat = host.to(dev, non_blocking=True).split([len(a) for a in parts])
         self.B, self.N, self.C, self.L, self.U, self.order = B, N, C, L, U, order
+        self.device = flat[0].device  # with its index: "cuda" becomes "cuda:0"
         self.upd_tokens, self.upd_slots, self.read_tokens, self.read_slots, self.first_tokens = flat[:5]
         self.resets = flat[5].view(L, U).bool()
         self.upd_count = flat[6].view(L, 1, U)
@@ -647,8 +648,7 @@ def lact_lanes(starts: torch.Tensor, chunk_size: int, order: str = "apply_update
         raise ValueError(f"starts must be a (B, N) bool tensor, got {tuple(starts.shape)} {starts.dtype}")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_positive_int("chunk_size", chunk_size)
     with torch.profiler.record_function("fastweights::lact_lanes"):  # host work: named in profiles
         host = starts.cpu()
         if not bool(host[:, 1:].any()):
@@ -897,6 +897,8 @@ def lact_chunked(
         built, call = (lanes.B, lanes.N, lanes.C, lanes.order), (B, N, C, order)
         if built != call:
             raise ValueError(f"lanes were built for (B, N, chunk_size, order) = {built}, this call has {call}")
+        if lanes.device != dev:
+            raise ValueError(f"lanes are on {lanes.device}, the inputs on {dev}")
     if not streaming:  # the fast path: no state in or out
         training = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lr, beta, w1, w2, w3))
