@@ -418,13 +418,20 @@ def test_loop_graphs_evict_and_recapture_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("update", ["gd", "momentum", "muon"])
-def test_packed_fast_path_on_cuda_matches_reference_gpu(update):
+def test_packed_fast_path_on_cuda_matches_reference_gpu(monkeypatch, update):
     """Packed rows on CUDA (float32) against the float64 CPU reference, output and every gradient:
     the whole loop compiled by inductor, then replayed from CUDA graphs for three sets of
     documents, two of them on lanes of one shape (one capture per shape, replayed with new
-    resets)."""
+    resets). The rows move by the Triton kernel, straight into the graphs' q, k, v buffers once
+    a capture of the lanes' shape exists."""
     torch.backends.cuda.matmul.allow_tf32 = False
+    from fastweights.ops import rows as rows_op
+
+    launch, into = rows_op._launch, []
+    monkeypatch.setattr(rows_op, "_launch", lambda *a, **k: into.append(len(a) > 4 and a[4] is not None)
+                        or launch(*a, **k))
     graphs = lact_op.LoopGraphs()
+    seen = set()
     sets = [PACKED, PACKED, [[3, 26], [29], [10, 10, 9]], [[2] * 14 + [1], [29], [1, 28]]]
     shapes = {(lanes.L, lanes.U) for lanes in (lact_op.LaCTLanes(packed_positions(r) == 0, 8) for r in sets[1:])}
     assert len(shapes) == 2
@@ -437,7 +444,13 @@ def test_packed_fast_path_on_cuda_matches_reference_gpu(update):
         dev = [t.detach().float().cuda().requires_grad_(True) for t in inputs]
         kw["position_ids"] = kw["position_ids"].cuda()
         mode = dict(compile=True) if step == 0 else dict(compile="graphs", graphs=graphs)
+        into.clear()
         out = lact_chunked(*dev, **kw, **mode)
+        shape = (lambda la: (la.L, la.U))(lact_op.LaCTLanes(packed_positions(rows) == 0, 8))
+        assert into.count(True) == (3 if step > 0 and shape in seen else 0), (step, into)
+        assert len(into) >= 6  # q, k, v, lr, β, the first reads and the way back: all on the kernel
+        if step > 0:
+            seen.add(shape)
         got = torch.autograd.grad(out, dev, go.float().cuda(), allow_unused=True)
         assert rel(out.double().cpu(), ref) < 1e-4, step
         for name, a, b in zip(NAMES, got, want, strict=True):

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from fastweights.errors import check_positive_int
 from fastweights.ops.inplace_ttt import doc_starts
 from fastweights.ops.inplace_ttt_triton import on_device
+from fastweights.ops.rows import move_rows
 
 __all__ = [
     "NS_COEFFS",
@@ -514,6 +515,15 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
     return torch.cat(outs, 2).to(q.dtype)
 
 
+def _row_map(src: np.ndarray, dst: np.ndarray, n_dst: int, n_src: int):
+    """A one-to-one map of rows ``src[i] -> dst[i]`` as :func:`fastweights.ops.rows.move_rows`
+    takes it: (index (n_dst,): each destination's source or -1, inverse (n_src,): each source's
+    destination or -1)."""
+    index, inverse = np.full(n_dst, -1, np.int64), np.full(n_src, -1, np.int64)
+    index[dst], inverse[src] = src, dst
+    return index, inverse
+
+
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) ``mask`` viewed to broadcast over (B, ...) ``like``."""
     return mask.view(-1, *[1] * (like.dim() - 1))
@@ -542,14 +552,18 @@ class LaCTLanes:
     loop (:meth:`first`). Slots without a token hold zeros (no gradient); the updates of empty
     slots are never read.
 
-    upd_tokens, upd_slots (T,): the tokens of update chunks (flat B·N order) and their slots in
-    the L·U·C slots; read_tokens, read_slots: the same for the tokens read after an update;
-    first_tokens: the tokens read with the initial weights; resets (L, U) bool: the slots that
-    start a document; upd_count (L, 1, U): tokens per update slot (at least 1). All on ``device``
-    (default: that of ``starts``, (B, N) bool).
+    The rows move by one-to-one maps (:func:`fastweights.ops.rows.move_rows`; ``impl``: ``auto``
+    is one Triton kernel each way on CUDA, torch indexing elsewhere): upd_index (L·U·C,) each
+    update slot's token (flat B·N order) or -1, upd_inverse (B·N,) each token's update slot or -1;
+    read_index, read_inverse: the same for the tokens read after an update; first_tokens (T0,)
+    the tokens read with the initial weights, first_inverse (B·N,) their places; token_index
+    (B·N,) each token's read slot, or -2 - its place among the first tokens; resets (L, U) bool:
+    the slots that start a document; upd_count (L, 1, U): tokens per update slot (at least 1). All
+    on ``device`` (default: that of ``starts``, (B, N) bool).
     """
 
-    def __init__(self, starts: torch.Tensor, chunk_size: int, order: str = "apply_update", device=None):
+    def __init__(self, starts: torch.Tensor, chunk_size: int, order: str = "apply_update", device=None,
+                 impl: str = "auto"):
         B, N = starts.shape
         C, G0 = chunk_size, -(-N // chunk_size)
         cut = starts.cpu().numpy().copy()
@@ -583,8 +597,15 @@ class LaCTLanes:
         resets[lane[has], first[has]] = True
         upd_slots = base[upd] + chunk[upd] * C
         count = np.bincount(upd_slots // C, minlength=L * U).reshape(L, 1, U)
-        parts = [np.flatnonzero(upd), upd_slots, np.flatnonzero(read), base[read] + (chunk[read] - shift) * C,
-                 np.flatnonzero(~read), resets.ravel(), np.maximum(count, 1).ravel()]
+        upd_index, upd_inverse = _row_map(np.flatnonzero(upd), upd_slots, L * U * C, B * N)
+        read_index, read_inverse = _row_map(np.flatnonzero(read), base[read] + (chunk[read] - shift) * C,
+                                            L * U * C, B * N)
+        first_tok = np.flatnonzero(~read)  # tokens read with the initial weights, in token order
+        _, first_inverse = _row_map(first_tok, np.arange(len(first_tok)), len(first_tok), B * N)
+        # back to token order: a read slot (>= 0), or -2 - j for the j-th first token
+        token_index = np.where(read_inverse >= 0, read_inverse, -2 - first_inverse)
+        parts = [upd_index, upd_inverse, read_index, read_inverse, first_tok, first_inverse, token_index,
+                 resets.ravel(), np.maximum(count, 1).ravel()]
         host = torch.from_numpy(np.concatenate(parts).astype(np.int64))
         dev = torch.device(starts.device if device is None else device)
         if dev.type == "cuda":  # one copy that does not wait for the device (a pageable one would)
@@ -592,43 +613,31 @@ class LaCTLanes:
         flat = host.to(dev, non_blocking=True).split([len(a) for a in parts])
         self.B, self.N, self.C, self.L, self.U, self.order = B, N, C, L, U, order
         self.device = flat[0].device  # with its index: "cuda" becomes "cuda:0"
-        self.upd_tokens, self.upd_slots, self.read_tokens, self.read_slots, self.first_tokens = flat[:5]
-        self.resets = flat[5].view(L, U).bool()
-        self.upd_count = flat[6].view(L, 1, U)
+        self.impl = impl
+        (self.upd_index, self.upd_inverse, self.read_index, self.read_inverse, self.first_tokens,
+         self.first_inverse, self.token_index) = flat[:7]
+        self.resets = flat[7].view(L, U).bool()
+        self.upd_count = flat[8].view(L, 1, U)
 
-    @staticmethod
-    def _pick(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, H, N, F) -> (H, T, F): the tokens at flat (B·N) indices ``tokens``."""
-        B, H, N, F_ = x.shape
-        return x.transpose(0, 1).reshape(H, B * N, F_).index_select(1, tokens)
-
-    def _to(self, x: torch.Tensor, tokens, slots) -> torch.Tensor:
-        src = self._pick(x, tokens)
-        out = src.new_zeros(src.shape[0], self.L * self.U * self.C, src.shape[-1]).index_copy(1, slots, src)
-        return out.view(out.shape[0], self.L, self.U * self.C, -1).transpose(0, 1)
-
-    def to_updates(self, x: torch.Tensor) -> torch.Tensor:
+    def to_updates(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(B, H, N, F) -> (L, H, U·C, F): the tokens of update chunks on their slots, empty
-        slots zero."""
-        return self._to(x, self.upd_tokens, self.upd_slots)
+        slots zero (written into ``out`` if given)."""
+        return move_rows(x, self.upd_index, self.upd_inverse, (self.L, self.U * self.C), impl=self.impl, out=out)
 
-    def to_reads(self, x: torch.Tensor) -> torch.Tensor:
+    def to_reads(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(B, H, N, F) -> (L, H, U·C, F): the tokens read after an update, on its slot."""
-        return self._to(x, self.read_tokens, self.read_slots)
+        return move_rows(x, self.read_index, self.read_inverse, (self.L, self.U * self.C), impl=self.impl, out=out)
 
     def first(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, N, F) -> (H, T0, F): the tokens read with the initial weights."""
-        return self._pick(x, self.first_tokens)
+        """(B, H, N, F) -> (1, H, T0, F): the tokens read with the initial weights."""
+        T0 = self.first_tokens.numel()
+        return move_rows(x, self.first_tokens, self.first_inverse, (1, T0), impl=self.impl)
 
     def tokens(self, o: torch.Tensor, o_first: torch.Tensor | None) -> torch.Tensor:
         """The reads back in token order: o (L, H, U·C, F) from :meth:`to_reads`' slots and
-        ``o_first`` (H, T0, F) from :meth:`first` (None when there are none) -> (B, H, N, F)."""
-        H, F_ = o.shape[1], o.shape[-1]
-        src = o.transpose(0, 1).reshape(H, self.L * self.U * self.C, F_).index_select(1, self.read_slots)
-        out = src.new_zeros(H, self.B * self.N, F_).index_copy(1, self.read_tokens, src)
-        if o_first is not None:
-            out = out.index_copy(1, self.first_tokens, o_first.to(out.dtype))
-        return out.view(H, self.B, self.N, F_).transpose(0, 1).contiguous()
+        ``o_first`` (1, H, T0, F) from :meth:`first` (None when there are none) -> (B, H, N, F)."""
+        b, inv_b = (None, None) if o_first is None else (o_first.to(o.dtype), self.first_tokens)
+        return move_rows(o, self.token_index, self.read_index, (self.B, self.N), b, inv_b, impl=self.impl)
 
     def beta_bars(self, beta: torch.Tensor) -> torch.Tensor:
         """Each update slot's mean β over its tokens: (B, H, N) -> (L, H, U), float32 at least."""
@@ -903,17 +912,22 @@ def lact_chunked(
         training = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lr, beta, w1, w2, w3))
         extra, loop_order, o_first = {}, order, None
+        mode = _resolve_compile(compile, dev)
         if lanes is None and (cu_seqlens is not None or position_ids is not None):
             starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=dev)
             lanes = lact_lanes(starts, C, order)  # None when every row is one document
         if lanes is not None:  # packed documents: the updates laid out on lanes
             if lanes.first_tokens.numel():  # first chunks, read with the initial weights
                 o_first = swiglu_fast(w1.to(q.dtype), w2.to(q.dtype), w3.to(q.dtype), lanes.first(q))
-            q = lanes.to_reads(q)
-            k, v, lr = (lanes.to_updates(x) for x in (k, v, lr))
+            bufs = None  # the graphed loop's q, k, v buffers: the moves write straight into them
+            if mode == "graphs" and training and graphs is not None:
+                bufs = graphs.input_buffers((lanes.L, H, lanes.U * C, D), q.dtype, dev)
+            bufs = bufs or (None, None, None)
+            q = lanes.to_reads(q, out=bufs[0])
+            k, v = lanes.to_updates(k, out=bufs[1]), lanes.to_updates(v, out=bufs[2])
+            lr = lanes.to_updates(lr)
             extra = dict(resets=lanes.resets, beta_bars=None if beta is None else lanes.beta_bars(beta))
             beta, loop_order = None, "update_apply"  # slot u of q reads the weights after update u
-        mode = _resolve_compile(compile, dev)
         if mode == "graphs" and training and graphs is not None:
             o = graphs(q, k, v, lr, beta, w1, w2, w3, C, update, loop_order, **extra)
         else:
