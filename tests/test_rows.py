@@ -72,10 +72,10 @@ def test_errors():
         rows.move_rows(a, idx, inv, (2, 3), impl="fast")
     with pytest.raises(ValueError, match=r"a must be \(B, H, N, F\), got shape \(3, 4, 5\)"):
         rows.move_rows(a[0], idx, inv, (2, 3))
-    with pytest.raises(ValueError, match=r"index must be int64 of shape \(6,\) for rows \(2, 3\), got \(6,\) "
-                                         r"torch.int32"):
-        rows.move_rows(a, idx.int(), inv, (2, 3))
-    with pytest.raises(ValueError, match=r"index must be int64 of shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"index must be int32 or int64 of shape \(6,\) for rows \(2, 3\), got "
+                                         r"\(6,\) torch.int16"):
+        rows.move_rows(a, idx.short(), inv, (2, 3))
+    with pytest.raises(ValueError, match=r"index must be int32 or int64 of shape \(4,\)"):
         rows.move_rows(a, idx, inv, (2, 2))
     with pytest.raises(ValueError, match="b must be .* with a's H, F, dtype and device"):
         rows.move_rows(a, idx, inv, (2, 3), torch.zeros(1, 3, 4, 6), inv)

@@ -515,13 +515,15 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
     return torch.cat(outs, 2).to(q.dtype)
 
 
-def _row_map(src: np.ndarray, dst: np.ndarray, n_dst: int, n_src: int):
-    """A one-to-one map of rows ``src[i] -> dst[i]`` as :func:`fastweights.ops.rows.move_rows`
-    takes it: (index (n_dst,): each destination's source or -1, inverse (n_src,): each source's
-    destination or -1)."""
-    index, inverse = np.full(n_dst, -1, np.int64), np.full(n_src, -1, np.int64)
-    index[dst], inverse[src] = src, dst
-    return index, inverse
+def _row_map(src: np.ndarray, dst: np.ndarray, index: np.ndarray | None, inverse: np.ndarray):
+    """Writes a one-to-one map of rows ``src[i] -> dst[i]`` as
+    :func:`fastweights.ops.rows.move_rows` takes it: ``index`` (destinations): each
+    destination's source or -1; ``inverse`` (sources): each source's destination or -1."""
+    if index is not None:
+        index.fill(-1)
+        index[dst] = src
+    inverse.fill(-1)
+    inverse[src] = dst
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -553,7 +555,7 @@ class LaCTLanes:
     slots are never read.
 
     The rows move by one-to-one maps (:func:`fastweights.ops.rows.move_rows`; ``impl``: ``auto``
-    is one Triton kernel each way on CUDA, torch indexing elsewhere): upd_index (L·U·C,) each
+    is one Triton kernel each way on CUDA, torch indexing elsewhere), int32: upd_index (L·U·C,) each
     update slot's token (flat B·N order) or -1, upd_inverse (B·N,) each token's update slot or -1;
     read_index, read_inverse: the same for the tokens read after an update; first_tokens (T0,)
     the tokens read with the initial weights, first_inverse (B·N,) their places; token_index
@@ -586,31 +588,37 @@ class LaCTLanes:
                 used.append(0)
             lane[d], first[d], used[slot] = slot, used[slot], used[slot] + n
         L = max(1, len(used))
-        doc = np.repeat(np.arange(len(begin)), length)  # each token's document
-        within = np.arange(B * N) - np.repeat(begin, length)
-        chunk = within // C
-        base = lane[doc] * (U * C) + first[doc] * C + within % C
-        upd = chunk < updates[doc]
-        read = chunk >= shift
+        if max(B * N, L * U * C) >= 2**31:
+            raise ValueError(f"lanes index tokens and slots in int32: B·N = {B * N} and L·U·C = {L * U * C} "
+                             f"must be below 2**31")
+        dev = torch.device(starts.device if device is None else device)
         resets = np.zeros((L, U), dtype=bool)
         has = updates > 0
         resets[lane[has], first[has]] = True
+        i32 = np.int32  # B·N < 2**31 (checked): half the bytes of int64 to build and copy
+        doc = np.repeat(np.arange(len(begin), dtype=i32), length)  # each token's document
+        within = np.arange(B * N, dtype=i32) - np.repeat(begin.astype(i32), length)
+        chunk = within // C
+        base = (lane * (U * C) + first * C).astype(i32)[doc] + (within - chunk * C)
+        upd = chunk < updates.astype(i32)[doc]
+        read = chunk >= shift
+        upd_tok, read_tok, first_tok = np.flatnonzero(upd), np.flatnonzero(read), np.flatnonzero(~read)
         upd_slots = base[upd] + chunk[upd] * C
-        count = np.bincount(upd_slots // C, minlength=L * U).reshape(L, 1, U)
-        upd_index, upd_inverse = _row_map(np.flatnonzero(upd), upd_slots, L * U * C, B * N)
-        read_index, read_inverse = _row_map(np.flatnonzero(read), base[read] + (chunk[read] - shift) * C,
-                                            L * U * C, B * N)
-        first_tok = np.flatnonzero(~read)  # tokens read with the initial weights, in token order
-        _, first_inverse = _row_map(first_tok, np.arange(len(first_tok)), len(first_tok), B * N)
+        count = np.bincount(upd_slots // C, minlength=L * U)
+        S, T0 = L * U * C, len(first_tok)
+        sizes = [S, B * N, S, B * N, T0, B * N, B * N, L * U, L * U]
+        # the index maps are written straight into one (pinned) host buffer and copied in one go
+        host = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=dev.type == "cuda")
+        parts = np.split(host.numpy(), np.cumsum(sizes)[:-1])
+        _row_map(upd_tok, upd_slots, *parts[0:2])
+        _row_map(read_tok, base[read] + (chunk[read] - shift) * C, *parts[2:4])
+        parts[4][:] = first_tok  # tokens read with the initial weights, in token order
+        _row_map(first_tok, np.arange(T0, dtype=i32), None, parts[5])
         # back to token order: a read slot (>= 0), or -2 - j for the j-th first token
-        token_index = np.where(read_inverse >= 0, read_inverse, -2 - first_inverse)
-        parts = [upd_index, upd_inverse, read_index, read_inverse, first_tok, first_inverse, token_index,
-                 resets.ravel(), np.maximum(count, 1).ravel()]
-        host = torch.from_numpy(np.concatenate(parts).astype(np.int64))
-        dev = torch.device(starts.device if device is None else device)
-        if dev.type == "cuda":  # one copy that does not wait for the device (a pageable one would)
-            host = host.pin_memory()
-        flat = host.to(dev, non_blocking=True).split([len(a) for a in parts])
+        np.copyto(parts[6], np.where(parts[3] >= 0, parts[3], -2 - parts[5]))
+        parts[7][:], parts[8][:] = resets.ravel(), np.maximum(count, 1)
+        # pinned: a copy that does not wait for the device (a pageable one would)
+        flat = host.to(dev, non_blocking=True).split(sizes)
         self.B, self.N, self.C, self.L, self.U, self.order = B, N, C, L, U, order
         self.device = flat[0].device  # with its index: "cuda" becomes "cuda:0"
         self.impl = impl

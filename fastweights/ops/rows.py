@@ -7,7 +7,7 @@ indexing (``impl="torch"``, any device) or as one Triton kernel (``impl="triton"
 backward is the same kernel run on the inverse map. A map is one-to-one (no source row goes
 to two output rows), so a move's backward is again a move, with no accumulation.
 
-Maps (int64, on the tensors' device): ``index`` (Bo·No,) gives each output row (flat over
+Maps (int32 or int64, on the tensors' device): ``index`` (Bo·No,) gives each output row (flat over
 (Bo, No)) its source: ``i >= 0`` row ``i`` of ``a`` (flat over its (Ba, Na)), ``i <= -2`` row
 ``-i - 2`` of ``b``, ``-1`` zeros. ``inverse_a`` (Ba·Na,) gives each row of ``a`` the output
 row it went to, or -1 (``inverse_b`` likewise for ``b``).
@@ -49,8 +49,8 @@ def _check(a, b, index, rows):
         raise ValueError(f"b must be (B, H, N, F) with a's H, F, dtype and device: a {tuple(a.shape)} {a.dtype} "
                          f"{a.device}, b {tuple(b.shape)} {b.dtype} {b.device}")
     Bo, No = rows
-    if index.shape != (Bo * No,) or index.dtype != torch.int64:
-        raise ValueError(f"index must be int64 of shape ({Bo * No},) for rows {rows}, got "
+    if index.shape != (Bo * No,) or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"index must be int32 or int64 of shape ({Bo * No},) for rows {rows}, got "
                          f"{tuple(index.shape)} {index.dtype}")
 
 
@@ -101,7 +101,7 @@ if HAVE_TRITON:
         h = tl.program_id(1)
         r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
         live = r < R
-        i = tl.load(idx_ptr + r, mask=live, other=-1)
+        i = tl.load(idx_ptr + r, mask=live, other=-1).to(tl.int64)
         o_off = (r // No) * so_b + h * so_h + (r % No) * so_n
         from_a = live & (i >= 0)
         ia = tl.where(from_a, i, 0)
