@@ -8,8 +8,10 @@ import torch
 
 from fastweights.ops import inplace_ttt_triton as T
 from fastweights.ops import lact_glue as G
+from fastweights.ops import rows as R
 from fastweights.ops.inplace_ttt import chunk_ids
 from fastweights.ops.rope import rope_cos_sin
+from tests.test_rows import random_map
 
 
 def _each_kernel(dev: torch.device) -> list[torch.Tensor]:
@@ -39,6 +41,11 @@ def _each_kernel(dev: torch.device) -> list[torch.Tensor]:
     fast.append(G.merge(leaves[5], leaves[6], fast[2], leaves[7], 1e-6, impl="triton"))
     loss = sum((o.float() * (i + 1)).sum() for i, o in enumerate(fast))
     outs += fast + list(torch.autograd.grad(loss, leaves))
+    # a row move from two sources, and its backward
+    srcs = [r(1, H, 30, D).requires_grad_(), r(2, H, 7, D).requires_grad_()]
+    index, inv_a, inv_b = (m.to(dev) for m in random_map(2 * 20, 30, 14, gen))
+    moved = R.move_rows(srcs[0], index, inv_a, (2, 20), srcs[1], inv_b, impl="triton")
+    outs += [moved, *torch.autograd.grad((moved.float() * 3).sum(), srcs)]
     return [o.detach().cpu() for o in outs]
 
 
@@ -51,7 +58,7 @@ def test_triton_kernels_run_on_their_tensors_gpu():
         want = _each_kernel(last)
     assert torch.cuda.current_device() == 0
     got = _each_kernel(last)  # GPU 0 current, tensors on the last GPU
-    assert len(got) == len(want) == 19
+    assert len(got) == len(want) == 22
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert torch.equal(a, b), i
         assert a.abs().sum() > 0, i  # each kernel wrote something
