@@ -102,6 +102,26 @@ def gaps(trace: dict, top: int = 8) -> tuple[float, list[tuple[float, str, str, 
     return idle, sorted(found, reverse=True)[:top]
 
 
+def graph_launches(trace: dict) -> list[tuple[float, float, int]]:
+    """Each CUDA graph replay in a CUDA Chrome trace, in launch order: (ms of host time in the
+    launch call, ms the GPU idled before the graph's first kernel, the graph's kernel count).
+    The GPU starts a graph only when its launch call returns, so a long call idles a GPU that has
+    nothing else queued."""
+    events = trace["traceEvents"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    out = []
+    for e in sorted((e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
+                     and "GraphLaunch" in e.get("name", "") and "dur" in e), key=lambda e: e["ts"]):
+        corr = e["args"].get("correlation")
+        mine = [k for k in gpu if k["args"].get("correlation") == corr]
+        if not mine:
+            continue
+        start = mine[0]["ts"]
+        before = [k["ts"] + k["dur"] for k in gpu if k["ts"] < start and k["args"].get("correlation") != corr]
+        out.append((e["dur"] / 1e3, max(0.0, start - max(before)) / 1e3 if before else 0.0, len(mine)))
+    return out
+
+
 def profile_variant(name, shape, device, trace_dir: Path, doc_len=None):
     from torch.profiler import ProfilerActivity, profile
 
@@ -123,7 +143,9 @@ def profile_variant(name, shape, device, trace_dir: Path, doc_len=None):
     path = trace_dir / f"{name}.json"
     prof.export_chrome_trace(str(path))
     trace = json.loads(path.read_text())
-    return statistics.median(times) * 1e3, split(trace, device.type), gaps(trace) if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    return (statistics.median(times) * 1e3, split(trace, device.type), gaps(trace) if cuda else None,
+            graph_launches(trace) if cuda else [])
 
 
 def main(argv=None) -> int:
@@ -156,20 +178,23 @@ def main(argv=None) -> int:
         trace_dir.mkdir(parents=True, exist_ok=True)
         for name in names:
             rows[name] = profile_variant(name, shape, device, trace_dir, args.doc_len)
-    groups = sorted({g for _, (_, gs), _ in rows.values() for g in gs})
+    groups = sorted({g for _, (_, gs), _, _ in rows.values() for g in gs})
     print("| variant | ms/step | kernels in loop graphs (ms) | " + " | ".join(groups) + " | all kernels (ms) | "
           "GPU idle (ms) |")
     print("|---|---|---|" + "---|" * len(groups) + "---|---|")
-    for name, (ms, (loop, gs), idle) in rows.items():
+    for name, (ms, (loop, gs), idle, _) in rows.items():
         cells = " | ".join(f"{gs.get(g, 0.0):.2f}" for g in groups)
         print(f"| {name} | {ms:.1f} | {loop:.2f} | {cells} | {loop + sum(gs.values()):.2f} | "
               f"{'-' if idle is None else f'{idle[0]:.2f}'} |")
-    for name, (_, _, idle) in rows.items():
+    for name, (_, _, idle, launches) in rows.items():
         if idle:
             print(f"\n{name}: the longest GPU idle gaps (ms, kernel before -> kernel after; the longest host "
                   "ops between their launches, ms)")
             for ms, before, after, ops in idle[1]:
                 print(f"  {ms:.3f}  {before}  ->  {after};  {ops}")
+        if launches:
+            print(f"{name}: CUDA graph replays (host ms in the launch call / GPU idle ms before it / kernels): "
+                  + ", ".join(f"{h:.2f} / {i:.3f} / {n}" for h, i, n in launches))
     return 0
 
 

@@ -119,3 +119,10 @@ def test_step_profile_gaps_from_a_trace(monkeypatch):
     assert [f[:3] for f in found] == [(pytest.approx(0.025), "c", "d"), (pytest.approx(0.020), "a", "b")]
     assert found[0][3] == "aten::later 0.03"  # c was launched by the driver API: its launch time is known
     assert found[1][3].startswith("aten::slow 0.02, aten::quick")
+    # CUDA graph replays: their launch call's host time, and the GPU's wait before their first kernel
+    events += [kernel("g1", 100, 5, 9), kernel("g2", 106, 5, 9), kernel("e", 112, 20, 10), kernel("g3", 132, 4, 11),
+               {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 70, "dur": 29, "args": {"correlation": 9}},
+               {"cat": "cuda_driver", "name": "cuGraphLaunch", "ts": 110, "dur": 3, "args": {"correlation": 11}},
+               {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 140, "dur": 2, "args": {"correlation": 12}}]
+    launches = prof.graph_launches({"traceEvents": events})
+    assert launches == [(pytest.approx(0.029), pytest.approx(0.015), 2), (pytest.approx(0.003), 0.0, 1)]
