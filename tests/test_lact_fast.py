@@ -258,6 +258,9 @@ def test_lanes_errors():
         lact_op.lact_lanes(pos == 0, 0)
     with pytest.raises(ValueError, match="order must be one of .*'sideways'"):
         lact_op.lact_lanes(pos == 0, 6, "sideways")
+    huge = torch.zeros(1, 1, dtype=torch.bool).expand(2, 2**30)  # no memory behind it
+    with pytest.raises(ValueError, match=r"int32: B·N = 2147483648 must be below 2\*\*31"):
+        lact_op.LaCTLanes(huge, 6)
 
 
 def test_bf16_fast_path_close_to_float32_path():

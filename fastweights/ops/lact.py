@@ -567,6 +567,8 @@ class LaCTLanes:
     def __init__(self, starts: torch.Tensor, chunk_size: int, order: str = "apply_update", device=None,
                  impl: str = "auto"):
         B, N = starts.shape
+        if B * N >= 2**31:
+            raise ValueError(f"lanes index tokens in int32: B·N = {B * N} must be below 2**31")
         C, G0 = chunk_size, -(-N // chunk_size)
         cut = starts.cpu().numpy().copy()
         cut[:, 0] = True
@@ -588,14 +590,13 @@ class LaCTLanes:
                 used.append(0)
             lane[d], first[d], used[slot] = slot, used[slot], used[slot] + n
         L = max(1, len(used))
-        if max(B * N, L * U * C) >= 2**31:
-            raise ValueError(f"lanes index tokens and slots in int32: B·N = {B * N} and L·U·C = {L * U * C} "
-                             f"must be below 2**31")
+        if L * U * C >= 2**31:
+            raise ValueError(f"lanes index slots in int32: L·U·C = {L * U * C} must be below 2**31")
         dev = torch.device(starts.device if device is None else device)
         resets = np.zeros((L, U), dtype=bool)
         has = updates > 0
         resets[lane[has], first[has]] = True
-        i32 = np.int32  # B·N < 2**31 (checked): half the bytes of int64 to build and copy
+        i32 = np.int32  # B·N, L·U·C < 2**31 (checked): half the bytes of int64 to build and copy
         doc = np.repeat(np.arange(len(begin), dtype=i32), length)  # each token's document
         within = np.arange(B * N, dtype=i32) - np.repeat(begin.astype(i32), length)
         chunk = within // C
