@@ -79,6 +79,11 @@ def split(trace: dict, device: str) -> tuple[float, dict[str, float]]:
     return in_graphs, dict(groups)
 
 
+def _gpu_events(events: list) -> list:
+    """The GPU's kernels, copies and memsets of a Chrome trace, by start time."""
+    return sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+
+
 def gaps(trace: dict, top: int = 8) -> tuple[float, list[tuple[float, str, str, str]]]:
     """(ms the GPU idles between its first and last kernel, the ``top`` longest idle gaps as
     (ms, kernel before, kernel after, the longest host ops between their launches)) from a CUDA
@@ -87,7 +92,7 @@ def gaps(trace: dict, top: int = 8) -> tuple[float, list[tuple[float, str, str, 
     launch = {e["args"]["correlation"]: e["ts"] for e in events
               if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     host = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
-    ev = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    ev = _gpu_events(events)
     idle, found, end, last = 0.0, [], None, None
     for e in ev:
         if end is not None and e["ts"] > end:
@@ -108,7 +113,7 @@ def graph_launches(trace: dict) -> list[tuple[float, float, int]]:
     The GPU starts a graph only when its launch call returns, so a long call idles a GPU that has
     nothing else queued."""
     events = trace["traceEvents"]
-    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    gpu = _gpu_events(events)
     out = []
     for e in sorted((e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
                      and "GraphLaunch" in e.get("name", "") and "dur" in e), key=lambda e: e["ts"]):

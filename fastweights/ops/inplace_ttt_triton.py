@@ -28,7 +28,10 @@ try:
 except ImportError:  # the `triton` extra is not installed
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "build_weights", "chunk_conv", "chunk_conv_backward", "on_device", "usable"]
+__all__ = ["HAVE_TRITON", "IMPLS", "build_weights", "chunk_conv", "chunk_conv_backward", "on_device", "pick_impl",
+           "usable"]
+
+IMPLS = ("auto", "torch", "triton")  # how an op with a Triton kernel runs
 
 # (tokens, channels) per program; measured on an H100 at d=4096, N=32768 (scripts/tune_conv.py)
 FWD_BLOCK = (16, 256)
@@ -40,6 +43,19 @@ def usable(x: torch.Tensor) -> bool:
     if not HAVE_TRITON:
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pick_impl(impl: str, x: torch.Tensor, dtypes: tuple | None = None) -> str:
+    """``torch`` or ``triton`` for ``impl`` in :data:`IMPLS` and a tensor on the target device:
+    ``auto`` takes Triton for CUDA tensors (of ``dtypes``, when given) outside torch.compile."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        fast = x.is_cuda and (dtypes is None or x.dtype in dtypes) and usable(x) and not torch.compiler.is_compiling()
+        return "triton" if fast else "torch"
+    if impl == "triton" and not usable(x):
+        raise ValueError("impl='triton' needs the triton package and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+    return impl
 
 
 def on_device(x: torch.Tensor):

@@ -515,13 +515,12 @@ def _contiguous_loop(q, k, v, lr, beta, w1, w2, w3, chunk_size: int, update: str
     return torch.cat(outs, 2).to(q.dtype)
 
 
-def _row_map(src: np.ndarray, dst: np.ndarray, index: np.ndarray | None, inverse: np.ndarray):
+def _row_map(src: np.ndarray, dst: np.ndarray, index: np.ndarray, inverse: np.ndarray):
     """Writes a one-to-one map of rows ``src[i] -> dst[i]`` as
     :func:`fastweights.ops.rows.move_rows` takes it: ``index`` (destinations): each
     destination's source or -1; ``inverse`` (sources): each source's destination or -1."""
-    if index is not None:
-        index.fill(-1)
-        index[dst] = src
+    index.fill(-1)
+    index[dst] = src
     inverse.fill(-1)
     inverse[src] = dst
 
@@ -613,8 +612,8 @@ class LaCTLanes:
         parts = np.split(host.numpy(), np.cumsum(sizes)[:-1])
         _row_map(upd_tok, upd_slots, *parts[0:2])
         _row_map(read_tok, base[read] + (chunk[read] - shift) * C, *parts[2:4])
-        parts[4][:] = first_tok  # tokens read with the initial weights, in token order
-        _row_map(first_tok, np.arange(T0, dtype=i32), None, parts[5])
+        # the tokens read with the initial weights, in token order, and their places
+        _row_map(first_tok, np.arange(T0, dtype=i32), *parts[4:6])
         # back to token order: a read slot (>= 0), or -2 - j for the j-th first token
         np.copyto(parts[6], np.where(parts[3] >= 0, parts[3], -2 - parts[5]))
         parts[7][:], parts[8][:] = resets.ravel(), np.maximum(count, 1)

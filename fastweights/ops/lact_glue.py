@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastweights.ops.inplace_ttt_triton import HAVE_TRITON, on_device, usable
+from fastweights.ops.inplace_ttt_triton import HAVE_TRITON, IMPLS, on_device
+from fastweights.ops.inplace_ttt_triton import pick_impl as _pick_impl
 from fastweights.ops.rope import apply_rope
 
 if HAVE_TRITON:
@@ -39,7 +40,6 @@ if HAVE_TRITON:
 
 __all__ = ["IMPLS", "fast_inputs", "merge", "pick_impl"]
 
-IMPLS = ("auto", "torch", "triton")
 NORM_EPS = 1e-12  # F.normalize's default
 # fast_inputs: tokens per program, per tile (a power of two dividing the tokens per program) and
 # warps, for the forward and for the backward kernels; merge: tokens per program and warps
@@ -52,15 +52,9 @@ AUTO_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes checked on a GPU (th
 
 
 def pick_impl(impl: str, x: torch.Tensor) -> str:
-    """``torch`` or ``triton`` for ``impl`` in :data:`IMPLS` and a tensor on the target device."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":  # Triton where it is measured faster (module docstring)
-        fast = x.is_cuda and x.dtype in AUTO_DTYPES and usable(x) and not torch.compiler.is_compiling()
-        return "triton" if fast else "torch"
-    if impl == "triton" and not usable(x):
-        raise ValueError("impl='triton' needs the triton package and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-    return impl
+    """``torch`` or ``triton`` for ``impl`` in :data:`IMPLS` and a tensor on the target device;
+    ``auto``: Triton where it is measured faster (module docstring), for :data:`AUTO_DTYPES`."""
+    return _pick_impl(impl, x, AUTO_DTYPES)
 
 
 # --------------------------------------------------------------------------- references

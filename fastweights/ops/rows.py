@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from fastweights.ops.inplace_ttt_triton import HAVE_TRITON, on_device, usable
+from fastweights.ops.inplace_ttt_triton import HAVE_TRITON, IMPLS, on_device, pick_impl
 
 if HAVE_TRITON:
     import triton
@@ -25,20 +25,7 @@ if HAVE_TRITON:
 
 __all__ = ["IMPLS", "move_rows", "move_rows_reference", "pick_impl"]
 
-IMPLS = ("auto", "torch", "triton")
 BLOCK_R, BLOCK_F, WARPS = 16, 128, 4  # rows and channels per program and tile, warps
-
-
-def pick_impl(impl: str, x: torch.Tensor) -> str:
-    """``torch`` or ``triton`` for ``impl`` in :data:`IMPLS`: ``auto`` takes Triton for CUDA
-    tensors outside torch.compile."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if x.is_cuda and usable(x) and not torch.compiler.is_compiling() else "torch"
-    if impl == "triton" and not usable(x):
-        raise ValueError("impl='triton' needs the triton package and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
-    return impl
 
 
 def _check(a, b, index, rows):
