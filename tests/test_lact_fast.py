@@ -261,6 +261,10 @@ def test_lanes_errors():
     huge = torch.zeros(1, 1, dtype=torch.bool).expand(2, 2**30)  # no memory behind it
     with pytest.raises(ValueError, match=r"int32: B·N = 2147483648 must be below 2\*\*31"):
         lact_op.LaCTLanes(huge, 6)
+    # one lane of one slot of a 2**31-token chunk: the slot maps overflow int32 (no memory behind it)
+    two_docs = torch.tensor([[True, False, True, False]])
+    with pytest.raises(ValueError, match=r"int32: L·U·C = 2147483648 must be below 2\*\*31"):
+        lact_op.LaCTLanes(two_docs, 2**31)
 
 
 def test_bf16_fast_path_close_to_float32_path():
