@@ -1,11 +1,12 @@
 """Drop-in conversion of Hugging Face causal LMs to In-Place TTT (issue 2)."""
 
 import json
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import FAMILIES, VOCAB, tiny_model
+from tiny_models import FAMILIES, VOCAB, load_in_fresh_process, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import fastweights
@@ -132,8 +133,9 @@ def test_loading_never_unpickles(tmp_path):
         (dict(layers=[0, 7]), r"layer index 7 is out of range: the model has 7 layers \(0..6\)"),
         (dict(layers=[-1]), "layer index -1 is out of range"),
         (dict(target="logits"), "target must be one of"),
-        (dict(lr=float("nan")), "lr must be a finite number, got nan"),
-        (dict(lr=float("inf")), "lr must be a finite number, got inf"),
+        (dict(lr=float("nan")), "lr must be a finite number >= 0, got nan"),
+        (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
+        (dict(lr=-1.0), "lr must be a finite number >= 0, got -1.0"),
     ],
 )
 def test_bad_settings_are_rejected(kwargs, match):
@@ -146,8 +148,28 @@ def test_bad_settings_are_rejected(kwargs, match):
 def test_unsupported_model_names_type_and_what_is_missing():
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(FastWeightsError, match="'gpt2'.*no decoder `layers`"):
+    with pytest.raises(FastWeightsError, match="'gpt2'.*no decoder `layers`.*llama, mistral, qwen2, qwen3 and alike"):
         convert(gpt2)
+
+
+def test_other_gated_families_warn_and_load_in_a_fresh_process(tmp_path):
+    """A gated-MLP family outside SUPPORTED_FAMILIES (Gemma) converts with a warning that says
+    how to load it, and the loader of the CLI loads the saved model in a fresh process."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(GemmaConfig(vocab_size=50, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=12)).eval()
+    with pytest.warns(UserWarning, match=r"'gemma' is not among the tested families .*load_pretrained"):
+        convert(model, layers=[1], chunk_size=4)
+    model.save_pretrained(tmp_path / "gemma-ttt")
+    name, logits = load_in_fresh_process(tmp_path / "gemma-ttt", tmp_path)
+    assert name == "InPlaceTTTGemmaForCausalLM"
+    with torch.no_grad():
+        assert torch.equal(logits, model(torch.arange(12).view(1, 12) % 50).logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tested families convert silently
+        convert(tiny_model("llama", layers=2))
 
 
 def test_converting_twice_is_an_error():

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import load_in_fresh_process
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fastweights.layers.attention import TokenLayout
@@ -321,6 +322,29 @@ def test_generate_save_load_and_auto(tmp_path):
     assert isinstance(loaded, HybridForCausalLM)
     with torch.no_grad():
         assert torch.equal(loaded(seq).logits, model(seq).logits)
+    # the CLI's loader, in a process where nothing imported the hybrid family yet
+    name, logits = load_in_fresh_process(tmp_path, tmp_path)
+    assert name == "HybridForCausalLM"
+    with torch.no_grad():
+        assert torch.equal(logits, model(torch.arange(12).view(1, 12) % 50).logits)
+
+
+def test_update_apply_runs_without_a_state_and_refuses_to_continue():
+    """order='update_apply' (not causal inside a chunk): a forward in eval mode, whose use_cache
+    defaults to True, equals the uncached one; continuing from its cache, by hand or in
+    generate, raises by name; generate with use_cache=False decodes by full forwards."""
+    model = tiny(["lact", "swa"], "swiglu", lact_order="update_apply")
+    _perturb_fast_params(model)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        out = model(ids)
+        assert torch.equal(out.logits, model(ids, use_cache=False).logits)
+        with pytest.raises(ValueError, match=r"'update_apply' .* cannot continue from a cache: pass use_cache=False"):
+            model(ids[:, :1], past_key_values=out.past_key_values)
+        with pytest.raises(ValueError, match="cannot continue from a cache"):
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(out, greedy_by_full_forwards(model, ids, 4))
 
 
 def test_config_errors():

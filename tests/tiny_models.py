@@ -1,6 +1,12 @@
-"""Tiny randomly initialised causal LMs of every supported family, for tests."""
+"""Tiny randomly initialised causal LMs of every supported family, for tests, and loading a
+saved model in a fresh interpreter."""
+
+import os
+import subprocess
+import sys
 
 import torch
+from safetensors.torch import load_file
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -30,3 +36,25 @@ def tiny_model(family: str, layers: int = 7, seed: int = 0, **overrides):
     kw.update(overrides)
     torch.manual_seed(seed)
     return model_cls(cfg_cls(**kw)).eval()
+
+
+FRESH_LOAD = """
+import sys, torch
+from safetensors.torch import save_file
+from fastweights.models.presets import load_model
+model = load_model(sys.argv[1]).eval()
+with torch.no_grad():
+    save_file({"logits": model(torch.arange(12).view(1, 12) % 50).logits}, sys.argv[2])
+print(type(model).__name__)
+"""
+
+
+def load_in_fresh_process(path, tmp_path):
+    """(class name, logits of ids 0..11) of ``load_model(path)`` (what the CLI loads with) in a
+    new interpreter, where nothing has been registered yet."""
+    out = tmp_path / "fresh.safetensors"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(path), str(out)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout.strip().splitlines()[-1], load_file(out)["logits"]

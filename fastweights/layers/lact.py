@@ -71,7 +71,9 @@ class LaCTLayer(nn.Module):
         window: SWA window, or None for full attention. The fast weights hold only earlier
             chunks, so with window >= chunk_size (SPEC §2) every earlier token of a token's own
             chunk is in its window; a smaller window warns. chunk_size: C.
-        update: ``gd`` | ``momentum`` | ``muon``. order: ``apply_update`` | ``update_apply``.
+        update: ``gd`` | ``momentum`` | ``muon``. order: ``apply_update`` | ``update_apply`` (not
+            causal inside a chunk: its ``present`` holds no fast-weight state, and continuing
+            from a ``past`` raises).
         lr_init: initial per-token learning rate. init_rank: rank r of W1, W3's init.
         rope_base: RoPE base for both paths. impl: ``chunked`` | ``reference`` (the op).
         glue: the elementwise work around the op (fastweights.ops.lact_glue): ``auto`` (the
@@ -223,7 +225,13 @@ class LaCTLayer(nn.Module):
         args = (qf, kf, vf, lr, beta, self.w1, self.w2, self.w3)
         kw = dict(chunk_size=self.chunk_size, update=self.update, order=self.order)
         state = None
-        if past is not None or use_cache:
+        if past is not None and self.order != "apply_update":
+            raise ValueError(
+                f"a LaCT layer with order={self.order!r} reads each chunk with the chunk's own update (not "
+                "causal inside a chunk), so it cannot continue from a cache: pass use_cache=False (generate "
+                "then recomputes the prefix each step) or use order='apply_update'")
+        # with update-then-apply a cache holds the window's keys and values but no fast-weight state
+        if past is not None or (use_cache and self.order == "apply_update"):
             if self.impl != "chunked":
                 raise ValueError("cached decoding needs impl='chunked'")
             f, state = lact_chunked(*args, **kw, position_ids=pos, state=None if past is None else past[2],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -194,7 +195,8 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise FastWeightsError(
-            f"model type {_model_type(model)!r} is not supported: no decoder `layers` ModuleList found"
+            f"model type {_model_type(model)!r} is not supported: no decoder `layers` ModuleList found "
+            f"(In-Place TTT converts decoders with gated MLPs: {', '.join(SUPPORTED_FAMILIES)} and alike)"
         )
     return layers
 
@@ -218,8 +220,8 @@ def _validate(model, layers, chunk_size, lr, target):
         lr_f = float(lr)
     except (TypeError, ValueError) as err:
         raise ValueError(f"lr must be a finite number, got {lr!r}") from err
-    if not math.isfinite(lr_f):
-        raise ValueError(f"lr must be a finite number, got {lr!r}")
+    if not math.isfinite(lr_f) or lr_f < 0:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     target = normalize_target(target)
     chosen = default_layers(n) if layers is None else list(layers)
     for i in chosen:
@@ -321,6 +323,12 @@ def convert(
         raise FastWeightsError("model is already converted to In-Place TTT")
     layers, chunk_size, lr, target = _validate(model, layers, chunk_size, lr, target)
     cfg_cls, model_cls = register_family(model.config.model_type)
+    if model.config.model_type not in SUPPORTED_FAMILIES:
+        warnings.warn(
+            f"model type {model.config.model_type!r} is not among the tested families {SUPPORTED_FAMILIES}; "
+            f"`import fastweights` registers only those with the Auto classes, so load the saved model with "
+            f"fastweights.load_pretrained (or call fastweights.models.register_family("
+            f"{model.config.model_type!r}) before AutoModelForCausalLM.from_pretrained)", stacklevel=2)
     _install(model, layers, chunk_size, lr, target, proj)
     model.config.__class__ = cfg_cls
     _write_config(model.config, layers, chunk_size, lr, target, proj)

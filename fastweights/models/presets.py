@@ -91,15 +91,16 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FastWeightsError(f"no config.json in model directory {path}")
-    import fastweights.models  # noqa: F401  (registers the inplace_ttt_* model types)
+    raw = json.loads(cfg_file.read_text())
+    if raw.get("ttt_layers") is not None:  # In-Place TTT: registers its inplace_ttt_<family> itself
+        from fastweights.models import load_pretrained
 
-    model_type = json.loads(cfg_file.read_text()).get("model_type")
+        return load_pretrained(path, dtype=dtype, local_files_only=True)
+    import fastweights.models.hybrid  # noqa: F401  (registers fastweights_hybrid)
+
+    model_type = raw.get("model_type")
     if model_type not in CONFIG_MAPPING:
         close = get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
         hint = f" (close: {', '.join(close)})" if close else ""
         raise FastWeightsError(f"unknown model family {model_type!r} in {cfg_file}{hint}")
-    if json.loads(cfg_file.read_text()).get("ttt_layers") is not None:
-        from fastweights.models import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, local_files_only=True)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, local_files_only=True)
