@@ -95,6 +95,40 @@ def test_pipeline_end_to_end(workdir, capsys):
         assert out.startswith("def train") and len(out.strip()) > len("def train")
 
 
+def test_hybrid_model_through_the_cli(workdir, capsys):
+    """A saved hybrid model (LaCT + SWA) trains (not converted: its config picks its MLPs),
+    evaluates and generates through the CLI, which must load it in a process where nothing
+    imported the hybrid family (checked in tests/test_hybrid_model.py)."""
+    from fastweights.models.hybrid import HybridConfig, HybridForCausalLM
+
+    corpus, data = write_corpus(workdir / "hybrid-corpus", docs=8), workdir / "hybrid-data"
+    code, out, err = run(["prepare", *prepare_args(corpus, data)], capsys)
+    assert code == 0, err
+    vocab = json.loads((data / "meta.json").read_text())["tokenizer"]["vocab_size"]
+    for mlps in (["swiglu", "swiglu"], ["inplace_ttt", "swiglu"]):
+        cfg = HybridConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, mixers=["lact", "swa"], mlps=mlps,
+                           lact_heads=2, lact_chunk_size=16, sliding_window=16, lact_init_rank=4, ttt_chunk=8)
+        torch.manual_seed(0)
+        HybridForCausalLM(cfg).save_pretrained(workdir / "hybrid")
+        run_dir = workdir / f"hybrid-run-{mlps[0]}"
+        code, out, err = run(["train", *train_args(data, run_dir, steps=2, model=workdir / "hybrid")], capsys)
+        assert code == 0, err
+        saved = json.loads((run_dir / "model" / "config.json").read_text())
+        assert saved["model_type"] == "fastweights_hybrid" and saved["architectures"] == ["HybridForCausalLM"]
+        assert saved["mlps"] == mlps and "ttt_layers" not in saved
+        code, out, err = run(["eval", "--model", str(run_dir / "model"), "--data", str(data), "--out",
+                              str(run_dir / "eval.json"), "--seq-len", "32", "--ppl-rows", "2", "--length", "64",
+                              "--first-bucket", "16", "--max-docs", "2", "--passkey-lengths", "128",
+                              "--passkey-depths", "0", "--passkey-trials", "1"], capsys)
+        assert code == 0, err
+        assert json.loads((run_dir / "eval.json").read_text())["perplexity"]["tokens"] > 0
+        code, out, err = run(["generate", "--model", str(run_dir / "model"), "--prompt", "def train",
+                              "--max-new-tokens", "5"], capsys)
+        assert code == 0, err
+        assert out.startswith("def train")
+
+
 def test_main_job_tiny(workdir, capsys):
     out_dir = workdir / "main"
     code, out, err = run(["main", "--out", str(out_dir), "--steps", "2", "--max-mb", "1", "--max-doc-kb", "24",

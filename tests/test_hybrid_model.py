@@ -360,6 +360,46 @@ def test_config_errors():
         HybridConfig(lact_glue="cuda")
 
 
+def test_convert_refuses_a_hybrid_model():
+    """Hybrid models pick In-Place TTT per layer in their config; convert names that."""
+    from fastweights.errors import FastWeightsError
+    from fastweights.models import convert
+
+    with pytest.raises(FastWeightsError, match=r"fastweights_hybrid model picks In-Place TTT per layer .*mlps="):
+        convert(tiny(["lact", "swa"]))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_hidden_layers=2, mixers=["mamba", "mamba"]), r"mixers entries must be in \(.*\), got \['mamba'\]$"),
+    (dict(mixers=None), r"mixers must be one name or a list of 24 \(num_hidden_layers\), got None"),
+    (dict(num_hidden_layers=-1), r"num_hidden_layers must be an integer >= 1, got -1"),
+    (dict(num_attention_heads=0), r"num_attention_heads must be an integer >= 1, got 0"),
+    (dict(lact_heads=0), r"lact_heads must be an integer >= 1, got 0"),
+    (dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, lact_heads=3),
+     r"hidden_size 32 divisible by num_attention_heads 4 and lact_heads 3"),
+    (dict(num_key_value_heads=5), r"num_attention_heads 12 must be a multiple of num_key_value_heads 5"),
+    (dict(lact_chunk_size=0), r"lact_chunk_size must be an integer >= 1, got 0"),
+    (dict(ttt_chunk=0), r"ttt_chunk must be an integer >= 1, got 0"),
+    (dict(lact_init_rank=0), r"lact_init_rank must be an integer >= 1, got 0"),
+    (dict(vocab_size=0), r"vocab_size must be an integer >= 1, got 0"),
+    (dict(sliding_window=0), r"sliding_window must be an integer >= 1, got 0"),
+    (dict(ttt_lr=-1.0), r"ttt_lr must be a finite number >= 0, got -1.0"),
+    (dict(lact_lr_init=0.0), r"lact_lr_init must be a finite number > 0, got 0.0"),
+    (dict(rope_base=float("nan")), r"rope_base must be a finite number > 0, got nan"),
+])
+def test_config_checks_numbers_by_their_keys(kw, match):
+    """Bad numbers fail when the config is made (not first in a layer), named by their keys."""
+    with pytest.raises(ValueError, match=match):
+        HybridConfig(**kw)
+
+
+def test_config_accepts_the_lact_heads_check_only_with_lact_layers():
+    """lact_heads need not divide hidden_size when no layer is LaCT; None turns the window off."""
+    cfg = HybridConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, lact_heads=3, mixers="swa",
+                       sliding_window=None)
+    assert cfg.lact_heads == 3 and cfg.sliding_window is None
+
+
 def test_lact_glue_reaches_the_layers_and_survives_save_load(tmp_path):
     """``lact_glue`` picks each LaCT layer's glue and is saved with the config."""
     model = tiny(["lact", "swa"], "swiglu", lact_glue="torch")

@@ -69,6 +69,23 @@ def test_resume_after_kill_is_bitwise_exact(data, tmp_path):
     assert ref["loss"] == a[steps]
 
 
+def test_resume_refuses_other_settings_and_reschedules_new_steps(data, tmp_path, capsys):
+    """--resume with settings that change the computation (row length, learning rate) raises,
+    naming each; more --steps continue on the schedule of the new step count."""
+    run = tmp_path / "run"
+    _train(train_args(data, run, steps=4))
+    with pytest.raises(FastWeightsError, match=r"these differ: seq_len 48 \(now 32\); lr 0.003 \(now 0.001\); pass"):
+        _train([*train_args(data, run, steps=4, seq_len=32, lr=1e-3), "--resume"])
+    capsys.readouterr()
+    _train([*train_args(data, run, steps=8, keep=1), "--resume"])
+    assert "with --steps 8 (was 4)" in capsys.readouterr().err
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(lrs) == list(range(1, 9))
+    for s in range(5, 9):  # step s runs at the rate the scheduler set after step s - 1
+        assert lrs[s] == pytest.approx(3e-3 * warmup_cosine(s - 1, 2, 8, 0.1), rel=1e-12), s
+    assert json.loads((run / "train_config.json").read_text())["steps"] == 8
+
+
 def test_checkpoints_are_safetensors_and_json_and_pruned(data, tmp_path):
     run = tmp_path / "run"
     _train(train_args(data, run, steps=6, save_every=2, keep=2))

@@ -49,6 +49,7 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_LR = 3.0
 DEFAULT_CHUNK = 4096
 PREFIX = "inplace_ttt_"
+HYBRID = "fastweights_hybrid"  # fastweights.models.hybrid: In-Place TTT MLPs chosen in its config
 
 
 # --------------------------------------------------------------------------- registry
@@ -321,6 +322,9 @@ def convert(
         raise FastWeightsError(f"convert needs a transformers PreTrainedModel, got {type(model).__name__}")
     if is_converted(model):
         raise FastWeightsError("model is already converted to In-Place TTT")
+    if _model_type(model) == HYBRID:
+        raise FastWeightsError("a fastweights_hybrid model picks In-Place TTT per layer in its config "
+                               "(mlps='inplace_ttt', ttt_chunk, ttt_lr, ...); convert does not apply to it")
     layers, chunk_size, lr, target = _validate(model, layers, chunk_size, lr, target)
     cfg_cls, model_cls = register_family(model.config.model_type)
     if model.config.model_type not in SUPPORTED_FAMILIES:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -42,7 +43,7 @@ class TrainConfig:
     data: str = option("prepared dataset directory (from `fastweights prepare`)", "")
     out: str = option("run directory: checkpoints, metrics.jsonl, model/", "runs/run")
     model: str = option("a size (tiny, 20m, 60m, 150m) or a local Hugging Face model directory", "tiny")
-    ttt: bool = option("convert to In-Place TTT before training", True)
+    ttt: bool = option("convert to In-Place TTT before training (a hybrid model's config picks its MLPs)", True)
     ttt_target: str = option("TTT target: embed, hidden, or auto (embed for a size, hidden for a local model)", "auto")
     ttt_layers: list[int] | None = option("TTT layer indices (default: the size's, or every 6th from 0)", None)
     ttt_chunk: int = option("TTT chunk length (0: the size's default, or 1024 for a local model)", 0)
@@ -153,8 +154,10 @@ def make_model(cfg: TrainConfig, vocab_size: int):
         layers, chunk, target = None, 1024, "hidden"
     if cfg.ttt:
         from fastweights.models import convert, is_converted
+        from fastweights.models.inplace_ttt import HYBRID
 
-        if not is_converted(model):
+        # a hybrid model's MLPs (In-Place TTT or not) are chosen per layer in its config
+        if not is_converted(model) and model.config.model_type != HYBRID:
             convert(
                 model,
                 layers=cfg.ttt_layers if cfg.ttt_layers is not None else layers,
@@ -238,6 +241,31 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
+# settings that --resume may change: they do not change what the remaining steps compute
+# (``steps`` does: the schedule then ends at the new step count, from the step resumed at)
+RESUMABLE = frozenset({"out", "resume", "progress", "threads", "save_every", "keep", "device", "compile",
+                       "activation_checkpointing", "parallel", "steps"})
+
+
+def _check_resume(out: Path, cfg: TrainConfig) -> bool:
+    """Raise unless ``cfg`` continues the run in ``out`` with its settings (those outside
+    RESUMABLE); True when ``steps`` changed."""
+    saved_file = out / "train_config.json"
+    if not saved_file.exists():
+        return False
+    saved, now = json.loads(saved_file.read_text()), asdict(cfg)
+    diff = [f"{k} {saved[k]!r} (now {now[k]!r})" for k in now
+            if k in saved and k not in RESUMABLE and saved[k] != now[k]]
+    if diff:
+        raise FastWeightsError(f"--resume continues {out} with the settings it started with, but these differ: "
+                               f"{'; '.join(diff)}; pass the run's values, or train into a new --out")
+    if saved.get("steps", cfg.steps) != cfg.steps:
+        print(f"resuming {out} with --steps {cfg.steps} (was {saved['steps']}): the learning-rate schedule now "
+              f"ends at step {cfg.steps}", file=sys.stderr)
+        return True
+    return False
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run training as configured; return a summary (final loss, steps, tokens, paths)."""
     if not cfg.data:
@@ -264,6 +292,7 @@ def train(cfg: TrainConfig) -> dict:
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not cfg.resume:
         raise FastWeightsError(f"{out} already has checkpoints ({ckpt.name}): pass --resume or choose another --out")
+    new_schedule = _check_resume(out, cfg) if cfg.resume and ckpt is not None else False
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -294,6 +323,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume and ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         step, rows_done = state["step"], state["rows"]
+        if new_schedule:  # the next step takes the new schedule's rate, not the old one's last
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
         if rank == 0:
             _truncate_metrics(metrics_path, step)
     elif metrics_path.exists() and rank == 0:

@@ -8,8 +8,12 @@ One config expresses every row of the fast-weight comparison: each layer picks a
 
 from __future__ import annotations
 
+import math
+
+from fastweights.errors import check_positive_int
 from fastweights.layers.inplace_ttt import TARGETS
 from fastweights.models.hybrid.compat import PreTrainedConfig
+from fastweights.models.inplace_ttt import HYBRID
 from fastweights.ops.lact import ORDERS, UPDATES
 from fastweights.ops.lact_glue import IMPLS as GLUE_IMPLS
 
@@ -26,13 +30,41 @@ def _one_of(value, allowed, name):
 
 
 def _per_layer(value, allowed, n, name):
+    if not isinstance(value, (str, list, tuple)):
+        raise ValueError(f"{name} must be one name or a list of {n} (num_hidden_layers), got {value!r}")
     names = [value] * n if isinstance(value, str) else list(value)
     if len(names) != n:
         raise ValueError(f"{name} must name one value or {n} (num_hidden_layers), got {len(names)}")
-    bad = [v for v in names if v not in allowed]
+    bad = list(dict.fromkeys(v for v in names if v not in allowed))
     if bad:
         raise ValueError(f"{name} entries must be in {allowed}, got {bad}")
     return names
+
+
+def _number(name: str, value, low: float, strict: bool) -> None:
+    """Raise ValueError naming the config key unless ``value`` is a finite number > low (>= low)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (strict and value == low):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
+
+
+def _check(cfg: HybridConfig) -> None:
+    """The numeric keys, named as in the config (the layers would name their own arguments)."""
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "lact_heads", "lact_chunk_size",
+                "lact_init_rank", "ttt_chunk"):
+        check_positive_int(key, getattr(cfg, key))
+    if cfg.sliding_window is not None:
+        check_positive_int("sliding_window", cfg.sliding_window)
+    for key, low, strict in (("rms_norm_eps", 0, True), ("rope_base", 0, True), ("initializer_range", 0, False),
+                             ("lact_lr_init", 0, True), ("ttt_lr", 0, False)):
+        _number(key, getattr(cfg, key), low, strict)
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ValueError(f"num_attention_heads {cfg.num_attention_heads} must be a multiple of num_key_value_heads "
+                         f"{cfg.num_key_value_heads}")
+    if "lact" in cfg.mixers and (cfg.hidden_size % cfg.num_attention_heads or cfg.hidden_size % cfg.lact_heads):
+        raise ValueError(f"LaCT layers need hidden_size {cfg.hidden_size} divisible by num_attention_heads "
+                         f"{cfg.num_attention_heads} and lact_heads {cfg.lact_heads}")
 
 
 class HybridConfig(PreTrainedConfig):
@@ -47,7 +79,7 @@ class HybridConfig(PreTrainedConfig):
     ``ttt_lr``, ``ttt_target`` (``embed`` | ``hidden``), ``ttt_proj``.
     """
 
-    model_type = "fastweights_hybrid"
+    model_type = HYBRID
     keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(
@@ -82,6 +114,9 @@ class HybridConfig(PreTrainedConfig):
         use_cache: bool = True,
         **kwargs,
     ):
+        for key, value in (("num_hidden_layers", num_hidden_layers), ("hidden_size", hidden_size),
+                           ("num_attention_heads", num_attention_heads)):  # used below
+            check_positive_int(key, value)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -110,3 +145,4 @@ class HybridConfig(PreTrainedConfig):
         self.attn_backend = _one_of(attn_backend, ("auto", "sdpa", "flex"), "attn_backend")
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        _check(self)

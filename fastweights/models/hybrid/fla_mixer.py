@@ -78,7 +78,8 @@ class FlaMixer(nn.Module):
         Padding positions of y are zero."""
         if not triton_usable(x):
             raise ValueError(f"mixer {self.kind!r} (flash-linear-attention) needs CUDA tensors, got {x.device} "
-                             f"(CPU works only under TRITON_INTERPRET=1, for tests)")
+                             "(the project's CPU tests run fla under TRITON_INTERPRET=1 with Triton's autotuner "
+                             "timing patched out: tests/test_hybrid_fla.py)")
         if layout.single_doc and past is None and not use_cache:
             return self._layer(x), None
         from fla.models.utils import Cache
