@@ -22,6 +22,15 @@ from fastweights.errors import FastWeightsError
 __all__ = ["load_config_file", "option", "parse"]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each default, unless the help text names its own or there is none."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.default in ("", None, []):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def option(help: str, default=None, factory=None):
     """A dataclass field for :func:`parse`: its default (or ``factory``) and its ``--help`` text."""
     if factory is not None:
@@ -80,9 +89,7 @@ def parse(cls, argv: list[str], prog: str, description: str):
     """Parse ``argv`` into an instance of dataclass ``cls`` (see the module docstring)."""
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; the command line overrides it")
     for f in fields:
         elem, is_list, _ = _base_type(hints[f.name])

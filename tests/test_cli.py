@@ -1,6 +1,7 @@
 """The CLI: every subcommand end to end on tiny settings, --help, one-line errors."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -37,6 +38,9 @@ def test_help(name, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: fastweights {name}") and "--config" in out
+    flat = " ".join(out.split())
+    assert "(default: )" not in flat and not re.search(r"\(default[^)]*\) \(default", flat), flat
+    assert "(default: " in flat  # defaults are still shown
 
 
 def test_pipeline_end_to_end(workdir, capsys):
@@ -99,6 +103,8 @@ def test_hybrid_model_through_the_cli(workdir, capsys):
     """A saved hybrid model (LaCT + SWA) trains (not converted: its config picks its MLPs),
     evaluates and generates through the CLI, which must load it in a process where nothing
     imported the hybrid family (checked in tests/test_hybrid_model.py)."""
+    from transformers.utils import logging as hf_logging
+
     from fastweights.models.hybrid import HybridConfig, HybridForCausalLM
 
     corpus, data = write_corpus(workdir / "hybrid-corpus", docs=8), workdir / "hybrid-data"
@@ -111,9 +117,12 @@ def test_hybrid_model_through_the_cli(workdir, capsys):
                            lact_heads=2, lact_chunk_size=16, sliding_window=16, lact_init_rank=4, ttt_chunk=8)
         torch.manual_seed(0)
         HybridForCausalLM(cfg).save_pretrained(workdir / "hybrid")
+        capsys.readouterr()  # the save's own progress bar
         run_dir = workdir / f"hybrid-run-{mlps[0]}"
         code, out, err = run(["train", *train_args(data, run_dir, steps=2, model=workdir / "hybrid")], capsys)
         assert code == 0, err
+        assert "Loading weights" not in err and "Writing model" not in err  # --no-progress: transformers' too
+        assert hf_logging.is_progress_bar_enabled()  # and back on afterwards
         saved = json.loads((run_dir / "model" / "config.json").read_text())
         assert saved["model_type"] == "fastweights_hybrid" and saved["architectures"] == ["HybridForCausalLM"]
         assert saved["mlps"] == mlps and "ttt_layers" not in saved
@@ -159,6 +168,24 @@ def test_missing_paths(workdir, capsys):
     assert "not found" in line
     line = _one_line_error(*run(["train", "--config", str(workdir / "none.yaml")], capsys)[::2])
     assert "config file not found" in line
+    (workdir / "a-run" / "model").mkdir(parents=True, exist_ok=True)  # a run directory given as the model
+    (workdir / "a-run" / "model" / "config.json").write_text("{}")
+    line = _one_line_error(*run(["generate", "--model", str(workdir / "a-run"), "--prompt", "x"], capsys)[::2])
+    assert f"no config.json in model directory {workdir / 'a-run'} (a training run? its model is " in line
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--lr", "-1", "lr must be > 0, got -1.0"),
+    ("--lr", "nan", "lr must be > 0, got nan"),
+    ("--min-lr-ratio", "1.5", r"min_lr_ratio must be in \[0, 1\], got 1.5"),
+    ("--warmup", "-2", "warmup must be >= 0, got -2"),
+    ("--weight-decay", "-0.1", "weight_decay must be >= 0, got -0.1"),
+    ("--clip", "-1", r"clip must be >= 0 \(0: off\), got -1.0"),
+    ("--keep", "-1", r"keep must be >= 0 \(0: all\), got -1"),
+])
+def test_bad_training_numbers_name_their_setting(workdir, capsys, flag, value, match):
+    line = _one_line_error(*run(["train", "--data", str(workdir), flag, value], capsys)[::2])
+    assert re.search(match, line), line
 
 
 def test_bad_config_key_names_close_matches(workdir, capsys):

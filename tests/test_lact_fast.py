@@ -286,15 +286,21 @@ def test_resolve_compile(monkeypatch):
     assert _resolve_compile(None, cuda) is None
     monkeypatch.setenv(lact_op.COMPILE_ENV, "reduce-overhead")
     assert _resolve_compile(None, cuda) == "reduce-overhead"
-    with pytest.raises(ValueError, match="compile"):
+    with pytest.raises(ValueError, match=r"^compile must be None, .*got 'fast'"):
         _resolve_compile("fast", cuda)
+    monkeypatch.setenv(lact_op.COMPILE_ENV, "bogus")  # named by the variable it came from
+    with pytest.raises(ValueError, match=rf"^{lact_op.COMPILE_ENV} must be None, .*got 'bogus'"):
+        _resolve_compile(None, cuda)
     monkeypatch.delenv(lact_op.SCOPE_ENV, raising=False)
     assert lact_op._resolve_scope(None) == "step" and lact_op._resolve_scope(None, training=True) == "loop"
     assert lact_op._resolve_scope("loop") == "loop" and lact_op._resolve_scope("step", training=True) == "step"
     monkeypatch.setenv(lact_op.SCOPE_ENV, "loop")
     assert lact_op._resolve_scope(None) == "loop"
-    with pytest.raises(ValueError, match="scope must be one of"):
+    with pytest.raises(ValueError, match="^compile scope must be one of"):
         lact_op._resolve_scope("layer")
+    monkeypatch.setenv(lact_op.SCOPE_ENV, "layer")
+    with pytest.raises(ValueError, match=rf"^{lact_op.SCOPE_ENV} must be one of .*got 'layer'"):
+        lact_op._resolve_scope(None)
 
 
 def test_whole_loop_traces_as_one_graph():

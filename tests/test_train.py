@@ -86,6 +86,17 @@ def test_resume_refuses_other_settings_and_reschedules_new_steps(data, tmp_path,
     assert json.loads((run / "train_config.json").read_text())["steps"] == 8
 
 
+def test_rows_longer_than_the_models_positions_warn(data, tmp_path, capsys):
+    """A local model trained on rows longer than its max_position_embeddings says so."""
+    model = build_model("tiny", 300, max_position_embeddings=32)
+    model.save_pretrained(tmp_path / "short")
+    capsys.readouterr()
+    _train(train_args(data, tmp_path / "run", steps=1, model=tmp_path / "short"))
+    assert "--seq-len 48 exceeds the model's max_position_embeddings 32" in capsys.readouterr().err
+    _train(train_args(data, tmp_path / "run2", steps=1, model=tmp_path / "short", seq_len=32))
+    assert "exceeds" not in capsys.readouterr().err
+
+
 def test_checkpoints_are_safetensors_and_json_and_pruned(data, tmp_path):
     run = tmp_path / "run"
     _train(train_args(data, run, steps=6, save_every=2, keep=2))

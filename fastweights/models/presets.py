@@ -90,7 +90,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
         raise FastWeightsError(f"model directory not found: {path}")
     cfg_file = path / "config.json"
     if not cfg_file.exists():
-        raise FastWeightsError(f"no config.json in model directory {path}")
+        hint = f" (a training run? its model is {path / 'model'})" if (path / "model" / "config.json").exists() else ""
+        raise FastWeightsError(f"no config.json in model directory {path}{hint}")
     raw = json.loads(cfg_file.read_text())
     if raw.get("ttt_layers") is not None:  # In-Place TTT: registers its inplace_ttt_<family> itself
         from fastweights.models import load_pretrained

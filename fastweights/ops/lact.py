@@ -421,8 +421,9 @@ def _compiled(fn, scope: str, compile_mode: str):
 def _resolve_compile(compile, device) -> str | None:
     """``compile``: None (read :data:`COMPILE_ENV`, default ``auto``), ``auto`` (compile on CUDA),
     True/False, or a torch.compile mode name. Returns the mode to use or None for eager."""
+    source = "compile"
     if compile is None:
-        compile = os.environ.get(COMPILE_ENV, "auto")
+        compile, source = os.environ.get(COMPILE_ENV, "auto"), COMPILE_ENV
     if compile in ("0", "off", "false", "eager"):
         compile = False
     elif compile in ("1", "on", "true"):
@@ -437,7 +438,7 @@ def _resolve_compile(compile, device) -> str | None:
         return "graphs" if device.type == "cuda" else None
     if compile in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
         return compile
-    raise ValueError(f"compile must be None, 'auto', a bool, 'graphs' or a torch.compile mode, got {compile!r}")
+    raise ValueError(f"{source} must be None, 'auto', a bool, 'graphs' or a torch.compile mode, got {compile!r}")
 
 
 def _resolve_scope(scope, training: bool = False) -> str:
@@ -446,11 +447,12 @@ def _resolve_scope(scope, training: bool = False) -> str:
     chunk: a new sequence length recompiles at most the last chunk's step) or ``loop`` (compile
     the whole chunk loop: one graph forward and one backward, the chunks unrolled; 21% less time
     per training step on the H100 benchmark, but each new sequence length compiles it anew)."""
+    source = "compile scope" if scope is not None else SCOPE_ENV
     scope = os.environ.get(SCOPE_ENV, "auto") if scope is None else scope
     if scope == "auto":
         scope = "loop" if training else "step"
     if scope not in SCOPES:
-        raise ValueError(f"compile scope must be one of {SCOPES} or 'auto', got {scope!r}")
+        raise ValueError(f"{source} must be one of {SCOPES} or 'auto', got {scope!r}")
     return scope
 
 

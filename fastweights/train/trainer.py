@@ -76,7 +76,7 @@ class TrainConfig:
     activation_checkpointing: bool = option("recompute each decoder layer's activations in the backward pass: "
                                             "less memory for long rows, one more forward of the layers", False)
     save_every: int = option("checkpoint every K steps (and at the end)", 100)
-    keep: int = option("checkpoints to keep", 3)
+    keep: int = option("checkpoints to keep (0: all)", 3)
     resume: bool = option("resume from the latest checkpoint in --out", False)
     progress: bool = option("show a progress bar", True)
     threads: int = option("torch CPU threads (0: auto, 1 when the load average exceeds the core count, "
@@ -268,6 +268,19 @@ def _check_resume(out: Path, cfg: TrainConfig) -> bool:
 
 def train(cfg: TrainConfig) -> dict:
     """Run training as configured; return a summary (final loss, steps, tokens, paths)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not cfg.progress:  # transformers' own bars too (loading and saving the model)
+        hf_logging.disable_progress_bar()
+    try:
+        return _train(cfg)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _train(cfg: TrainConfig) -> dict:
     if not cfg.data:
         raise FastWeightsError("no dataset given: pass --data DIR (from `fastweights prepare`)")
     if cfg.optimizer not in OPTIMIZERS:
@@ -279,6 +292,11 @@ def train(cfg: TrainConfig) -> dict:
     for name in ("steps", "batch_size", "seq_len", "accum", "save_every"):
         if getattr(cfg, name) < 1:
             raise FastWeightsError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name, ok, allowed in (("lr", cfg.lr > 0, "> 0"), ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+                              ("warmup", cfg.warmup >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+                              ("clip", cfg.clip >= 0, ">= 0 (0: off)"), ("keep", cfg.keep >= 0, ">= 0 (0: all)")):
+        if not ok or not math.isfinite(getattr(cfg, name)):
+            raise FastWeightsError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
     rank, world, dp_device, created = _setup_parallel(cfg)
     if cfg.batch_size % world:
         raise FastWeightsError(f"--batch-size {cfg.batch_size} (the global micro-batch) must be divisible by the "
@@ -298,6 +316,10 @@ def train(cfg: TrainConfig) -> dict:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     model = make_model(cfg, ds.vocab_size).to(device)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if rank == 0 and isinstance(max_pos, int) and cfg.seq_len > max_pos:
+        print(f"warning: --seq-len {cfg.seq_len} exceeds the model's max_position_embeddings {max_pos}: positions "
+              f"past it were never trained, and memory grows with the row length", file=sys.stderr)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())
