@@ -188,6 +188,18 @@ def test_bad_training_numbers_name_their_setting(workdir, capsys, flag, value, m
     assert re.search(match, line), line
 
 
+@pytest.mark.parametrize("flag,value,match", [
+    ("--first-bucket", "0", "first_bucket must be >= 1, got 0"),
+    ("--length", "1", "length must be >= 2, got 1"),
+    ("--seq-len", "0", "seq_len must be >= 1, got 0"),
+    ("--ppl-rows", "-1", "ppl_rows must be >= 0, got -1"),
+    ("--passkey-trials", "0", "passkey_trials must be >= 1, got 0"),
+])
+def test_bad_eval_numbers_name_their_setting(workdir, capsys, flag, value, match):
+    line = _one_line_error(*run(["eval", "--model", str(workdir), "--data", str(workdir), flag, value], capsys)[::2])
+    assert line.endswith(match), line
+
+
 def test_bad_config_key_names_close_matches(workdir, capsys):
     cfg = workdir / "bad.yaml"
     cfg.write_text("stpes: 3\nseq_len: 64\n")

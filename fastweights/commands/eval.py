@@ -53,6 +53,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Run the evaluations of ``cfg`` and write the JSON (and heatmap); return the results."""
     if not cfg.model or not cfg.data:
         raise FastWeightsError("pass --model DIR and --data DIR")
+    for flag, value, low in (("seq_len", cfg.seq_len, 1), ("batch_size", cfg.batch_size, 1), ("length", cfg.length, 2),
+                             ("first_bucket", cfg.first_bucket, 1), ("ppl_rows", cfg.ppl_rows, 0),
+                             ("max_docs", cfg.max_docs, 0), ("passkey_trials", cfg.passkey_trials, 1)):
+        if value < low:
+            raise FastWeightsError(f"{flag} must be >= {low}, got {value}")
     ds = Dataset(cfg.data)
     device = pick_device(cfg.device)
     set_threads(cfg.threads, device)
