@@ -99,7 +99,14 @@ def test_pipeline_end_to_end(workdir, capsys):
         assert out.startswith("def train") and len(out.strip()) > len("def train")
 
 
-def test_hybrid_model_through_the_cli(workdir, capsys):
+@pytest.fixture(scope="module")
+def small_data(workdir):
+    corpus, data = write_corpus(workdir / "small-corpus", docs=8), workdir / "small-data"
+    assert cli.main(["prepare", *prepare_args(corpus, data)]) == 0
+    return data
+
+
+def test_hybrid_model_through_the_cli(workdir, small_data, capsys):
     """A saved hybrid model (LaCT + SWA) trains (not converted: its config picks its MLPs),
     evaluates and generates through the CLI, which must load it in a process where nothing
     imported the hybrid family (checked in tests/test_hybrid_model.py)."""
@@ -107,9 +114,7 @@ def test_hybrid_model_through_the_cli(workdir, capsys):
 
     from fastweights.models.hybrid import HybridConfig, HybridForCausalLM
 
-    corpus, data = write_corpus(workdir / "hybrid-corpus", docs=8), workdir / "hybrid-data"
-    code, out, err = run(["prepare", *prepare_args(corpus, data)], capsys)
-    assert code == 0, err
+    data = small_data
     vocab = json.loads((data / "meta.json").read_text())["tokenizer"]["vocab_size"]
     for mlps in (["swiglu", "swiglu"], ["inplace_ttt", "swiglu"]):
         cfg = HybridConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -136,6 +141,24 @@ def test_hybrid_model_through_the_cli(workdir, capsys):
                               "--max-new-tokens", "5"], capsys)
         assert code == 0, err
         assert out.startswith("def train")
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--dynamic-rule", "adam", r"rule must be one of \('sgd', 'rms'\), got 'adam'"),
+    ("--dynamic-params", "last:7", r"params 'last:7': the model has 4 decoder layers; K must be in 1..4"),
+    ("--dynamic-lr", "-1", r"lr must be a finite number >= 0, got -1.0"),
+])
+def test_dynamic_eval_settings_fail_before_any_evaluation(workdir, small_data, capsys, flag, value, match):
+    from fastweights.models.presets import build_model
+
+    model_dir = workdir / "small-model"
+    if not (model_dir / "config.json").exists():
+        build_model("tiny", 300).save_pretrained(model_dir)
+    capsys.readouterr()
+    code, out, err = run(["eval", "--model", str(model_dir), "--data", str(small_data), "--dynamic", flag, value,
+                          "--seq-len", "32", "--ppl-rows", "2", "--length", "64"], capsys)
+    assert code == 2 and re.search(match, err.strip().splitlines()[-1]), err
+    assert "perplexity" not in err and "loss by position" not in err  # nothing was evaluated first
 
 
 def test_main_job_tiny(workdir, capsys):

@@ -132,6 +132,7 @@ def test_loading_never_unpickles(tmp_path):
         (dict(chunk_size=-4), "chunk_size must be a positive integer, got -4"),
         (dict(layers=[0, 7]), r"layer index 7 is out of range: the model has 7 layers \(0..6\)"),
         (dict(layers=[-1]), "layer index -1 is out of range"),
+        (dict(layers=[]), r"layers must name at least one decoder layer \(0..6\), got \[\]"),
         (dict(target="logits"), "target must be one of"),
         (dict(lr=float("nan")), "lr must be a finite number >= 0, got nan"),
         (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),

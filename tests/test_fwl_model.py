@@ -12,12 +12,16 @@ from fastweights.ops.fwl import FWLParams, FWLState, fwl_reference
 V = 53
 
 
-def tiny(step_size=0.3, seed=0):
+def plain(seed=0):
     torch.manual_seed(seed)
     cfg = Qwen3Config(vocab_size=V, hidden_size=20, intermediate_size=36, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=10, max_position_embeddings=64,
                       tie_word_embeddings=True, pad_token_id=0)
-    return add_fwl(Qwen3ForCausalLM(cfg), step_size=step_size, block_size=5, grad_scale=1.0).eval()
+    return Qwen3ForCausalLM(cfg)
+
+
+def tiny(step_size=0.3, seed=0):
+    return add_fwl(plain(seed), step_size=step_size, block_size=5, grad_scale=1.0).eval()
 
 
 def rel(a, b):
@@ -178,3 +182,24 @@ def test_errors():
         m(torch.randint(1, V, (1, 2)), past_key_values=filled, use_cache=True)
     with pytest.raises(FastWeightsError, match="not supported"):
         add_fwl(type("NoHead", (Qwen3ForCausalLM,), {"get_output_embeddings": lambda self: None})(m.config))
+    ids = torch.randint(1, V, (2, 4))
+    with pytest.raises(FastWeightsError, match=r"cache_implementation='static' cannot carry the FWL state"):
+        m.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static", pad_token_id=0)
+    cache = FWLCache(config=m.config)
+    m(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(FastWeightsError, match="batch size changed .* holds 2 sequences, the input has 3"):
+        m(torch.randint(1, V, (3, 1)), past_key_values=cache, use_cache=True)
+    for eps in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            add_fwl(plain(), eps=eps)
+
+
+def test_fwl_and_inplace_ttt_do_not_combine():
+    """Each needs its own generation cache: either order is refused by name."""
+    from fastweights.models import convert
+
+    with pytest.raises(FastWeightsError, match="FWL head cannot also be converted to In-Place TTT"):
+        convert(tiny(), layers=[0], chunk_size=4)
+    ttt = convert(plain(), layers=[0], chunk_size=4)
+    with pytest.raises(FastWeightsError, match="In-Place TTT model cannot also take an FWL head"):
+        add_fwl(ttt)

@@ -211,3 +211,5 @@ def test_train_with_a_fast_weight_layer(data, tmp_path):
     assert not torch.allclose(fw.step_sizes, torch.full((6,), 0.01))  # the step sizes are trained
     with pytest.raises(FastWeightsError, match="fwl_grad_scale"):
         _train(train_args(data, tmp_path / "bad", steps=1) + ["--no-ttt", "--fwl", "--fwl-grad-scale", "-1"])
+    with pytest.raises(FastWeightsError, match="--fwl trains a Fast Weight Layer instead of In-Place TTT"):
+        _train(train_args(data, tmp_path / "both", steps=1) + ["--fwl"])

@@ -62,6 +62,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = pick_device(cfg.device)
     set_threads(cfg.threads, device)
     model = load_model(cfg.model).to(device)
+    if cfg.dynamic:
+        _dynamic_config(model, cfg)  # bad settings fail before the static evaluations run
     val = ds.split("val")
     res: dict = {"model": str(cfg.model), "data": str(cfg.data)}
     with torch.inference_mode():
@@ -95,20 +97,36 @@ def _docs(store, n: int, length: int) -> list[torch.Tensor]:
     return docs
 
 
+def _dynamic_config(model, cfg: EvalConfig):
+    """The dynamic evaluation settings, checked (with the parameters they select) before any
+    evaluation runs."""
+    from fastweights.eval.dynamic import DynamicEvalConfig, select_parameters
+
+    if cfg.dynamic_calibration_docs < 0:
+        raise FastWeightsError(f"--dynamic-calibration-docs must be >= 0, got {cfg.dynamic_calibration_docs}")
+    if cfg.dynamic_docs < 1:
+        raise FastWeightsError(f"--dynamic-docs must be >= 1, got {cfg.dynamic_docs}")
+    dcfg = DynamicEvalConfig(rule=cfg.dynamic_rule, segment_length=cfg.dynamic_segment, lr=cfg.dynamic_lr,
+                             decay=cfg.dynamic_decay, eps=cfg.dynamic_eps, params=cfg.dynamic_params)
+    try:
+        dcfg.validate()
+        select_parameters(model, dcfg.params)
+    except ValueError as err:
+        raise FastWeightsError(str(err)) from None
+    return dcfg
+
+
 def _dynamic(model, ds: Dataset, cfg: EvalConfig) -> dict:
     """Dynamic evaluation next to static evaluation over the same windows (SPEC §3)."""
-    from fastweights.eval.dynamic import DynamicEvalConfig, dynamic_eval
+    from fastweights.eval.dynamic import dynamic_eval
 
+    dcfg = _dynamic_config(model, cfg)
     docs = _docs(ds.split("val"), cfg.dynamic_docs, cfg.length)
     if not docs:
         raise FastWeightsError("dynamic evaluation found no validation document with 2 or more tokens")
     calibration = None
-    if cfg.dynamic_calibration_docs < 0:
-        raise FastWeightsError(f"--dynamic-calibration-docs must be >= 0, got {cfg.dynamic_calibration_docs}")
     if cfg.dynamic_rule == "rms" and cfg.dynamic_calibration_docs > 0:
         calibration = _docs(ds.split("train"), cfg.dynamic_calibration_docs, cfg.length)
-    dcfg = DynamicEvalConfig(rule=cfg.dynamic_rule, segment_length=cfg.dynamic_segment, lr=cfg.dynamic_lr,
-                             decay=cfg.dynamic_decay, eps=cfg.dynamic_eps, params=cfg.dynamic_params)
     try:
         result = dynamic_eval(model, docs, dcfg, calibration=calibration or None)
     except ValueError as err:

@@ -57,6 +57,8 @@ class FastWeightLayer(nn.Module):
             raise ValueError(f"residual needs width == hidden_size, got {width} and {hidden_size}")
         if not math.isfinite(step_size):
             raise ValueError(f"step_size must be finite, got {step_size!r}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
         if not (math.isfinite(grad_scale) and grad_scale > 0):
             raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
         self.hidden_size, self.width, self.expansion = hidden_size, width, expansion

@@ -33,7 +33,7 @@ from transformers.cache_utils import Cache
 
 from fastweights.errors import FastWeightsError
 from fastweights.layers.fwl import DEFAULT_GRAD_SCALE, DEFAULT_STEP_SIZE, FastWeightLayer
-from fastweights.models.compat import DynamicCache, keep_positions, resolve_use_cache
+from fastweights.models.compat import DynamicCache, cache_implementation, keep_positions, resolve_use_cache
 from fastweights.ops.fwl import IGNORE, FWLState
 
 __all__ = ["FWLCache", "FWLHead", "add_fwl", "fwl_layer", "has_fwl", "register_fwl_family"]
@@ -155,6 +155,9 @@ def _capture_inputs(model: PreTrainedModel, args, kwargs):
         if cache.get_seq_length() > 0:
             raise FastWeightsError(f"an FWL model needs an FWLCache, got a filled {type(cache).__name__}")
         cache = None
+    if isinstance(cache, FWLCache) and cache.fwl_last is not None and cache.fwl_last.shape[0] != ids.shape[0]:
+        raise FastWeightsError(f"batch size changed in the middle of a cache: it holds {cache.fwl_last.shape[0]} "
+                               f"sequences, the input has {ids.shape[0]}; start a new cache for a new batch")
     if cache is None and use_cache:
         cache = FWLCache(config=model.config)
     if cache is not None:
@@ -193,8 +196,16 @@ def register_fwl_family(model_type: str) -> tuple[type, type]:
         base_model.__init__(self, config, *args, **kwargs)
         _install(self, _options_from_config(config))
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        impl = cache_implementation(generation_config)
+        if impl not in (None, "dynamic"):
+            raise FastWeightsError(f"cache_implementation={impl!r} cannot carry the FWL state; use the default "
+                                   f"(dynamic) cache")
+        base_model._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+
     model_cls = type("FWL" + base_model.__name__, (base_model,), {
         "config_class": cfg_cls, "__init__": __init__, "__module__": __name__,
+        "_prepare_cache_for_generation": _prepare_cache_for_generation,
         "__doc__": f"{base_model.__name__} with a Fast Weight Layer before the unembedding (see add_fwl).",
     })
     setattr(mod, cfg_cls.__name__, cfg_cls)
@@ -279,6 +290,9 @@ def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DE
         raise FastWeightsError(f"add_fwl needs a transformers PreTrainedModel, got {type(model).__name__}")
     if has_fwl(model):
         raise FastWeightsError("model already has an FWL head")
+    if model.config.model_type.startswith("inplace_ttt_"):
+        raise FastWeightsError("an In-Place TTT model cannot also take an FWL head: each needs its own generation "
+                               "cache (InPlaceTTTCache, FWLCache)")
     options = {"expansion": expansion, "step_size": float(step_size), "eps": float(eps), "block_size": block_size,
                "residual": bool(residual), "grad_scale": float(grad_scale), "tied": bool(tied)}
     cfg_cls, model_cls = register_fwl_family(model.config.model_type)

@@ -225,6 +225,8 @@ def _validate(model, layers, chunk_size, lr, target):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     target = normalize_target(target)
     chosen = default_layers(n) if layers is None else list(layers)
+    if not chosen:
+        raise ValueError(f"layers must name at least one decoder layer (0..{n - 1}), got []")
     for i in chosen:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
             raise ValueError(f"layer index {i!r} is out of range: the model has {n} layers (0..{n - 1})")
@@ -322,6 +324,9 @@ def convert(
         raise FastWeightsError(f"convert needs a transformers PreTrainedModel, got {type(model).__name__}")
     if is_converted(model):
         raise FastWeightsError("model is already converted to In-Place TTT")
+    if _model_type(model).startswith("fwl_"):
+        raise FastWeightsError("a model with an FWL head cannot also be converted to In-Place TTT: each needs its "
+                               "own generation cache (FWLCache, InPlaceTTTCache)")
     if _model_type(model) == HYBRID:
         raise FastWeightsError("a fastweights_hybrid model picks In-Place TTT per layer in its config "
                                "(mlps='inplace_ttt', ttt_chunk, ttt_lr, ...); convert does not apply to it")

@@ -287,6 +287,8 @@ def _train(cfg: TrainConfig) -> dict:
         raise FastWeightsError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     if cfg.forgetting not in FORGETTING:
         raise FastWeightsError(f"forgetting must be one of {', '.join(FORGETTING)}, got {cfg.forgetting!r}")
+    if cfg.fwl and cfg.ttt:
+        raise FastWeightsError("--fwl trains a Fast Weight Layer instead of In-Place TTT: pass --no-ttt with it")
     if cfg.forgetting == "temporary" and cfg.forgetting_until < 1:
         raise FastWeightsError(f"temporary forgetting needs --forgetting-until >= 1, got {cfg.forgetting_until}")
     for name in ("steps", "batch_size", "seq_len", "accum", "save_every"):
