@@ -223,6 +223,17 @@ def test_bad_eval_numbers_name_their_setting(workdir, capsys, flag, value, match
     assert line.endswith(match), line
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--forgetting", "temporary", "--forgetting-every", "5", "--forgetting-until", "3"],
+     "--forgetting-until 3 < --forgetting-every 5: temporary forgetting would never reset"),
+    (["--forgetting", "active", "--forgetting-until", "5"], "--forgetting-until 5 applies to temporary forgetting"),
+    (["--forgetting", "active", "--trainable", "fast"], "which --trainable fast freezes: use --trainable all"),
+])
+def test_forgetting_settings_that_cannot_work_are_refused(workdir, capsys, args, match):
+    line = _one_line_error(*run(["train", "--data", str(workdir), *args], capsys)[::2])
+    assert match in line, line
+
+
 def test_bad_config_key_names_close_matches(workdir, capsys):
     cfg = workdir / "bad.yaml"
     cfg.write_text("stpes: 3\nseq_len: 64\n")

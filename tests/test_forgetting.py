@@ -134,3 +134,5 @@ def test_build_forgetting_from_a_config_name():
         build_forgetting("temporary", model, opt, every=5)
     with pytest.raises(ValueError, match="unknown forgetting"):
         build_forgetting("sometimes", model, opt)
+    with pytest.raises(ValueError, match="until=3 < every=5 never resets"):
+        build_forgetting("temporary", model, opt, every=5, until=3)

@@ -1,5 +1,7 @@
 """Lookahead and SLRLA against plain references (SPEC §6)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -178,6 +180,40 @@ def test_checkpoint_resume_is_exact(tmp_path, name):
     assert [g["lr"] for g in o1.param_groups] == [g["lr"] for g in o3.param_groups]
 
 
+@pytest.mark.parametrize("name", ["lookahead_adamw", "slrla_sgd"])
+def test_deepcopy_mid_training_continues_identically(name):
+    """copy.deepcopy of a model with its optimiser (inside a k cycle) trains on exactly as the
+    original does."""
+    model = _model()
+    opt = build_optimizer(name, model.parameters(), lr=0.05, k=4, alpha=0.5, beta=0.1)
+    batches = _batches(11)
+    _train(model, opt, batches[:6])
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.fast_steps == 6 and opt2.optimizer is not opt.optimizer
+    _train(model, opt, batches[6:])
+    _train(model2, opt2, batches[6:])
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q) and torch.equal(opt.slow_param(p), opt2.slow_param(q))
+
+
+def test_a_refused_state_dict_changes_nothing():
+    """A shape mismatch raises before the inner optimiser's state is replaced."""
+    model = _model()
+    opt = build_optimizer("lookahead_adamw", model.parameters(), lr=0.05)
+    _train(model, opt, _batches(3))
+    before = copy.deepcopy(opt.optimizer.state_dict())
+    other = _model()
+    other[2] = torch.nn.Linear(13, 6).double()  # a bigger last layer
+    bad = build_optimizer("lookahead_adamw", other.parameters(), lr=0.05)
+    _train(other, bad, [(x, torch.cat([y, y[:, :1]], 1)) for x, y in _batches(3)])
+    with pytest.raises(ValueError, match=r"slow weight 2 has shape \(6, 13\), parameter \(5, 13\)"):
+        opt.load_state_dict(bad.state_dict())
+    after = opt.optimizer.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for i, st in before["state"].items():
+        assert all(torch.equal(v, after["state"][i][k]) for k, v in st.items())
+
+
 def test_stagewise_lr_milestones():
     model = _model()
     opt = build_optimizer("slrla_sgd", model.parameters(), lr=1.0)
@@ -226,6 +262,8 @@ def test_bad_arguments():
         Lookahead(torch.optim.SGD(params, lr=1.0), alpha=1.5)
     with pytest.raises(ValueError, match="beta"):
         SLRLA(torch.optim.SGD(params, lr=1.0), beta=-1.0)
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0, got inf"):
+        SLRLA(torch.optim.SGD(params, lr=1.0), beta=float("inf"))
     with pytest.raises(ValueError, match="missing key"):
         Lookahead(torch.optim.SGD(params, lr=1.0)).load_state_dict(
             torch.optim.SGD(params, lr=1.0).state_dict()

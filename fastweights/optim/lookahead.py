@@ -12,6 +12,7 @@ Equations (docs: ``../shared/SPEC.md`` §6):
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -59,6 +60,11 @@ class Lookahead(Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(k={self.k}, alpha={self.alpha}, optimizer={self.optimizer!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything (the inner optimiser, k, α, the step count), where torch's keeps only its
+        defaults, state and groups: ``copy.deepcopy`` and pickling keep a working wrapper."""
+        return dict(self.__dict__)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -153,13 +159,12 @@ class Lookahead(Optimizer):
             raise ValueError(
                 f"state dict has slow weights for {len(slow)} parameters, optimiser has {len(params)}"
             )
+        for i, p in enumerate(params):  # every check before anything is loaded
+            if slow[i].shape != p.shape:
+                raise ValueError(f"slow weight {i} has shape {tuple(slow[i].shape)}, parameter {tuple(p.shape)}")
         self.optimizer.load_state_dict(state_dict["inner"])
         with torch.no_grad():
             for i, p in enumerate(params):
-                if slow[i].shape != p.shape:
-                    raise ValueError(
-                        f"slow weight {i} has shape {tuple(slow[i].shape)}, parameter {tuple(p.shape)}"
-                    )
                 self.state[p][_SLOW].copy_(slow[i])
         for name, value in meta.items():
             setattr(self, name, value)
@@ -178,8 +183,8 @@ class SLRLA(Lookahead):
     """
 
     def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5, beta: float = 0.2) -> None:
-        if not float(beta) >= 0.0:
-            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        if not (math.isfinite(float(beta)) and float(beta) >= 0.0):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         self.beta = float(beta)
         super().__init__(optimizer, k=k, alpha=alpha)
 

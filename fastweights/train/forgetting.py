@@ -160,4 +160,7 @@ def build_forgetting(
         raise ValueError("temporary forgetting needs until (the last step with resets)")
     if kind == "active" and until is not None:
         raise ValueError(f"active forgetting resets forever; got until={until} (use kind='temporary')")
+    if kind == "temporary" and until < every:
+        raise ValueError(f"temporary forgetting with until={until} < every={every} never resets (the first reset "
+                         f"is at step {every})")
     return EmbeddingForgetting.from_model(model, optimizer, every, until=until, **kwargs)

@@ -291,6 +291,15 @@ def _train(cfg: TrainConfig) -> dict:
         raise FastWeightsError("--fwl trains a Fast Weight Layer instead of In-Place TTT: pass --no-ttt with it")
     if cfg.forgetting == "temporary" and cfg.forgetting_until < 1:
         raise FastWeightsError(f"temporary forgetting needs --forgetting-until >= 1, got {cfg.forgetting_until}")
+    if cfg.forgetting == "temporary" and cfg.forgetting_until < cfg.forgetting_every:
+        raise FastWeightsError(f"--forgetting-until {cfg.forgetting_until} < --forgetting-every "
+                               f"{cfg.forgetting_every}: temporary forgetting would never reset")
+    if cfg.forgetting == "active" and cfg.forgetting_until:
+        raise FastWeightsError(f"--forgetting-until {cfg.forgetting_until} applies to temporary forgetting only "
+                               f"(active forgetting resets every --forgetting-every steps to the end)")
+    if cfg.forgetting != "none" and cfg.trainable == "fast":
+        raise FastWeightsError("forgetting re-initialises the token embeddings, which --trainable fast freezes: "
+                               "use --trainable all with it")
     for name in ("steps", "batch_size", "seq_len", "accum", "save_every"):
         if getattr(cfg, name) < 1:
             raise FastWeightsError(f"{name} must be >= 1, got {getattr(cfg, name)}")
