@@ -44,6 +44,13 @@ def test_experiment_rejects_bad_args():
         assert main(["experiment", "associative-retrieval", "--dropout", bad]) == 2
 
 
+def test_associative_retrieval_checks_model_settings_before_any_run(tmp_path):
+    """A bad fast-weights setting fails before the other models' runs, naming it."""
+    with pytest.raises(SystemExit, match=r"fw with R=20: lam must be in \[0, 1\], got 1.5"):
+        ar.main(["--quick", "--lam", "1.5", "--out-dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # no run finished: each writes the report
+
+
 def test_dropout_acts_only_in_training_and_zero_is_the_plain_model():
     """--dropout p: training-mode outputs are random, eval-mode outputs equal the same weights
     without dropout; p = 0 adds no module with an effect (outputs equal in both modes)."""

@@ -429,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     deadline = None if args.time_budget_s is None else time.time() + args.time_budget_s
     jobs = [(k, h, s) for h in args.hidden_sizes for k in args.models for s in args.seeds]
+    for k, h in sorted({(k, h) for k, h, _ in jobs}):  # bad model settings fail now, not after hours of other runs
+        try:
+            RetrievalModel(k, h, eta=args.eta, lam=args.lam, inner_steps=args.inner_steps, dropout=args.dropout)
+        except ValueError as err:
+            raise SystemExit(f"associative-retrieval: {k} with R={h}: {err}") from None
     results = []
 
     def done(r: dict) -> None:
