@@ -97,6 +97,12 @@ def test_rows_longer_than_the_models_positions_warn(data, tmp_path, capsys):
     assert "exceeds" not in capsys.readouterr().err
 
 
+def test_a_model_setting_that_fails_leaves_no_run_directory(data, tmp_path):
+    with pytest.raises(ValueError, match="layer index 99 is out of range"):
+        _train(train_args(data, tmp_path / "bad", steps=1, ttt_layers=99))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_checkpoints_are_safetensors_and_json_and_pruned(data, tmp_path):
     run = tmp_path / "run"
     _train(train_args(data, run, steps=6, save_every=2, keep=2))

@@ -322,9 +322,6 @@ def _train(cfg: TrainConfig) -> dict:
     if ckpt is not None and not cfg.resume:
         raise FastWeightsError(f"{out} already has checkpoints ({ckpt.name}): pass --resume or choose another --out")
     new_schedule = _check_resume(out, cfg) if cfg.resume and ckpt is not None else False
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     model = make_model(cfg, ds.vocab_size).to(device)
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -336,6 +333,9 @@ def _train(cfg: TrainConfig) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     emb = model.get_input_embeddings().weight.numel()
     params = _trainable(model, cfg.trainable)
+    out.mkdir(parents=True, exist_ok=True)  # only once the model is made: a bad setting leaves no run behind
+    if rank == 0:
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     plain = model
     if world > 1 or cfg.parallel != "none":
         model, params = _wrap(model, cfg, params)
