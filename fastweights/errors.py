@@ -9,3 +9,17 @@ def check_positive_int(name: str, value) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is an int >= 1 (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_float_tensors(**tensors) -> None:
+    """Raise ValueError naming the tensors unless every given tensor (None and non-tensors are
+    skipped) is floating point and all of them lie on one device."""
+    import torch  # here: the CLI imports this module before it needs torch
+
+    given = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    bad = [f"{name} {t.dtype}" for name, t in given.items() if not t.is_floating_point()]
+    if bad:
+        raise ValueError(f"inputs must be floating point, got {', '.join(bad)}")
+    if len({t.device for t in given.values()}) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in given.items())
+        raise ValueError(f"inputs must lie on one device, got {where}")

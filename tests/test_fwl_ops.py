@@ -222,3 +222,9 @@ def test_bad_inputs_raise():
     st = FWLState(*(torch.zeros(1, *t.shape, dtype=DT) for t in p))
     with pytest.raises(ValueError, match="cu_seqlens"):
         fwl_chunked(h, y, p, eta, E, eb, state=st, cu_seqlens=torch.tensor([0, 4]))
+    for fn in (fwl_chunked, fwl_reference):  # both refuse ids outside [0, V) but -100, and other devices
+        for bad in (-1, 10):
+            with pytest.raises(ValueError, match=rf"targets must be token ids in \[0, 10\) or -100 .*got \[{bad}\]"):
+                fn(h, torch.where(torch.arange(4) == 2, bad, y), p, eta, E, eb)
+        with pytest.raises(ValueError, match="inputs must lie on one device, .*unembed_weight on meta"):
+            fn(h, y, p, eta, E.to("meta"), eb)

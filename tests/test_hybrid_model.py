@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from fastweights.layers.attention import TokenLayout
 from fastweights.layers.lact import LaCTLayer
 from fastweights.models.hybrid import HybridCache, HybridConfig, HybridForCausalLM
+from fastweights.ops.rope import rope_cos_sin
 
 VOCAB = 61
 
@@ -241,6 +242,11 @@ def test_packed_equals_one_by_one():
         packed = model(torch.cat(docs, 1), position_ids=pos, use_cache=False).logits
         alone = torch.cat([model(d, use_cache=False).logits for d in docs], 1)
     assert rel(packed, alone) < 1e-5
+    model.double()  # in float64 every step stays float64 (η and β too): equal to rounding
+    with torch.no_grad():
+        packed = model(torch.cat(docs, 1), position_ids=pos, use_cache=False).logits
+        alone = torch.cat([model(d, use_cache=False).logits for d in docs], 1)
+    assert packed.dtype == torch.float64 and rel(packed, alone) < 1e-12
 
 
 def test_packed_lanes_built_once_per_forward_pass(monkeypatch):
@@ -416,11 +422,33 @@ def test_lact_glue_reaches_the_layers_and_survives_save_load(tmp_path):
     (dict(chunk_size=8.0), "chunk_size must be an integer >= 1, got 8.0"),
     (dict(window=0), "window must be None or an integer >= 1, got 0"),
     (dict(window="8"), "window must be None or an integer >= 1, got '8'"),
+    (dict(num_heads=0), "num_heads must be an integer >= 1, got 0"),
+    (dict(fw_heads=0), "fw_heads must be an integer >= 1, got 0"),
+    (dict(init_rank=-3), "init_rank must be an integer >= 1, got -3"),
+    (dict(hidden_size=40, num_heads=4, fw_heads=8), r"RoPE needs even head widths: hidden_size 40 / num_heads 4 = 10, "
+                                                     r"/ fw_heads 8 = 5"),
+    (dict(attn_backend="xx"), r"attention backend must be one of \('auto', 'sdpa', 'flex'\), got 'xx'"),
 ])
 def test_lact_layer_errors(kw, match):
-    """Bad chunk or window sizes fail when the layer is built, naming the value."""
+    """Bad sizes fail when the layer is built, naming the value."""
     with pytest.raises(ValueError, match=match):
-        LaCTLayer(48, 4, **{"window": 8, "chunk_size": 8, **kw})
+        LaCTLayer(**{"hidden_size": 48, "num_heads": 4, "window": 8, "chunk_size": 8, **kw})
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_kv_heads=0), "num_kv_heads must be an integer >= 1, got 0"),
+    (dict(head_dim=0), "head_dim must be an integer >= 1, got 0"),
+    (dict(window=2.5), "window must be an integer >= 1, got 2.5"),
+    (dict(window=True), "window must be an integer >= 1, got True"),
+    (dict(backend="xx"), r"attention backend must be one of \('auto', 'sdpa', 'flex'\), got 'xx'"),
+])
+def test_attention_layer_errors(kw, match):
+    from fastweights.layers.attention import Attention
+
+    with pytest.raises(ValueError, match=match):
+        Attention(**{"hidden_size": 32, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, **kw})
+    with pytest.raises(ValueError, match="RoPE needs an even width >= 2, got dim 5"):
+        rope_cos_sin(torch.zeros(1, 3, dtype=torch.long), 5, 1e4, torch.float32)
 
 
 def test_lact_layer_warns_when_the_window_is_shorter_than_the_chunk():

@@ -206,3 +206,8 @@ def test_dispatch_and_bad_input():
         run(inplace_ttt, x, 4, impl="magic")
     with pytest.raises(ValueError, match="cu_seqlens"):
         run(inplace_ttt, x, 4, cu_seqlens=torch.tensor([0, 3, 9]))
+    for fn in (inplace_ttt, inplace_ttt_reference):  # integers, and a second device, are named
+        with pytest.raises(ValueError, match=r"inputs must be floating point, got z torch.int64, s torch.int64"):
+            fn(x["z"].long(), x["s"].long(), x["w0"], x["conv"], x["proj"], 1.0, 4)
+        with pytest.raises(ValueError, match=r"inputs must lie on one device, got z on cpu, s on cpu, w0 on meta"):
+            fn(x["z"], x["s"], x["w0"].to("meta"), x["conv"], x["proj"], 1.0, 4)

@@ -211,3 +211,26 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="causal"):
         lact_chunked(q, k, v, lr, beta, w1, w2, w3, chunk_size=4, order="update_apply",
                      output_final_state=True)
+    for fn in (lact_chunked, lact_reference):
+        with pytest.raises(ValueError, match="q, k and v must share a dtype, got torch.float32, torch.float64"):
+            fn(q.float(), k, v, lr, beta, w1, w2, w3, chunk_size=4)
+        with pytest.raises(ValueError, match="inputs must be floating point, got q torch.int64, k torch.int64, v"):
+            fn(q.long(), k.long(), v.long(), lr, beta, w1, w2, w3, chunk_size=4)
+        with pytest.raises(ValueError, match="inputs must lie on one device, .*w1 on meta"):
+            fn(q, k, v, lr, beta, w1.to("meta"), w2, w3, chunk_size=4)
+
+
+@pytest.mark.parametrize("update", ["gd", "momentum", "muon"])
+def test_a_state_from_another_call_is_refused(update):
+    """A streaming state continues only a call of its batch, heads, chunk and update."""
+    q, k, v, lr, beta, w1, w2, w3 = make(grad=False)
+    _, state = lact_chunked(q, k, v, lr, beta, w1, w2, w3, chunk_size=4, update=update, output_final_state=True)
+    x = (q[:, :, :3], k[:, :, :3], v[:, :, :3], lr[:, :, :3], beta[:, :, :3], w1, w2, w3)
+    with pytest.raises(ValueError, match=r"\(batch, heads, chunk_size\) = \(2, 2, 4\), this call has \(2, 2, 3\)"):
+        lact_chunked(*x, chunk_size=3, update=update, state=state)
+    with pytest.raises(ValueError, match=r"\(batch, heads, chunk_size\) = \(2, 2, 4\), this call has \(1, 2, 4\)"):
+        lact_chunked(*(t[:1] if t.dim() == 4 or t is x[4] else t for t in x), chunk_size=4, update=update,
+                     state=state)
+    other = "momentum" if update == "gd" else "gd"
+    with pytest.raises(ValueError, match=f"so it was not made with update='{other}'"):
+        lact_chunked(*x, chunk_size=4, update=other, state=state)

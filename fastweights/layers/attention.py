@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastweights.errors import check_positive_int
 from fastweights.ops.rope import apply_rope, rope_cos_sin
+
+BACKENDS = ("auto", "sdpa", "flex")
+
+
+def _check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
 
 __all__ = ["Attention", "TokenLayout", "apply_rope", "attend", "rope_cos_sin"]
 
@@ -155,8 +163,7 @@ def attend(q, k, v, layout: TokenLayout, window: int | None = None, backend: str
     """Masked softmax attention. q (B, Hq, N, dh), k, v (B, Hkv, M, dh); Hq % Hkv == 0; the keys
     are the layout's newest M (all of them, or a cache trimmed by :func:`keep_window`).
     Returns (B, Hq, N, dh). ``backend``: ``auto`` | ``sdpa`` | ``flex``."""
-    if backend not in ("auto", "sdpa", "flex"):
-        raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'flex', got {backend!r}")
+    _check_backend(backend)
     N, M = q.shape[2], k.shape[2]
     layout = layout.last_keys(M)
     gqa = k.shape[1] != q.shape[1]
@@ -190,10 +197,14 @@ class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  window: int | None = None, eps: float = 1e-6, backend: str = "auto"):
         super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            check_positive_int(name, value)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if window is not None and window < 1:
-            raise ValueError(f"window must be None or >= 1, got {window}")
+        if window is not None:
+            check_positive_int("window", window)
+        _check_backend(backend)
         self.num_heads, self.num_kv_heads, self.head_dim, self.window = num_heads, num_kv_heads, head_dim, window
         self.backend = backend
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastweights.errors import check_positive_int
-from fastweights.layers.attention import TokenLayout, apply_rope, attend, keep_window, rope_cos_sin
+from fastweights.layers.attention import TokenLayout, _check_backend, apply_rope, attend, keep_window, rope_cos_sin
 from fastweights.ops.lact import (
     ORDERS,
     UPDATES,
@@ -87,9 +87,15 @@ class LaCTLayer(nn.Module):
                  lr_init: float = 1e-3, init_rank: int = 32, rope_base: float = 1e6, eps: float = 1e-6,
                  impl: str = "chunked", attn_backend: str = "auto", glue: str = "auto"):
         super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("fw_heads", fw_heads),
+                            ("init_rank", init_rank)):
+            check_positive_int(name, value)
         if hidden_size % num_heads or hidden_size % fw_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads} "
                              f"and fw_heads {fw_heads}")
+        if (hidden_size // num_heads) % 2 or (hidden_size // fw_heads) % 2:
+            raise ValueError(f"RoPE needs even head widths: hidden_size {hidden_size} / num_heads {num_heads} = "
+                             f"{hidden_size // num_heads}, / fw_heads {fw_heads} = {hidden_size // fw_heads}")
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
         if order not in ORDERS:
@@ -98,6 +104,7 @@ class LaCTLayer(nn.Module):
             raise ValueError(f"impl must be 'chunked' or 'reference', got {impl!r}")
         if glue not in IMPLS:
             raise ValueError(f"glue must be one of {IMPLS}, got {glue!r}")
+        _check_backend(attn_backend)
         if not lr_init > 0:
             raise ValueError(f"lr_init must be > 0, got {lr_init}")
         check_positive_int("chunk_size", chunk_size)

@@ -50,6 +50,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from fastweights.errors import check_float_tensors
 from fastweights.ops.inplace_ttt import doc_starts
 
 __all__ = [
@@ -95,12 +96,16 @@ def _check(h, targets, p: FWLParams, step_sizes, unembed_weight, unembed_bias, s
            grad_scale=1.0):
     if not (isinstance(grad_scale, int | float) and math.isfinite(grad_scale) and grad_scale > 0):
         raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
+    check_float_tensors(h=h, step_sizes=step_sizes, unembed_weight=unembed_weight, unembed_bias=unembed_bias,
+                        **{name: getattr(p, name) for name in p._fields})
     if h.dim() != 3:
         raise ValueError(f"h must be (B, N, d), got shape {tuple(h.shape)}")
     B, N, d = h.shape
     if targets.shape != (B, N) or targets.dtype != torch.long:
         raise ValueError(f"targets must be a (B, N) = ({B}, {N}) long tensor, got {tuple(targets.shape)} "
                          f"{targets.dtype}")
+    if targets.device != h.device:
+        raise ValueError(f"targets must lie on h's device {h.device}, got {targets.device}")
     f, s = p.w1.shape[0], p.w2.shape[0]
     if residual and s != d:
         raise ValueError(f"the residual variant needs the block width s = d = {d}, got s = {s}")
@@ -116,6 +121,11 @@ def _check(h, targets, p: FWLParams, step_sizes, unembed_weight, unembed_bias, s
     if unembed_bias is not None and tuple(unembed_bias.shape) != (unembed_weight.shape[0],):
         raise ValueError(
             f"unembed_bias must be ({unembed_weight.shape[0]},), got {tuple(unembed_bias.shape)}")
+    V = unembed_weight.shape[0]
+    bad = (targets != IGNORE) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):  # one host sync per call: out-of-range ids would index the wrong logits
+        raise ValueError(f"targets must be token ids in [0, {V}) or {IGNORE} (no target), got "
+                         f"{targets[bad][:5].tolist()}")
     if state is not None:
         for name, shape in shapes.items():
             got = tuple(getattr(state, name).shape)

@@ -33,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastweights.errors import check_positive_int
+from fastweights.errors import check_float_tensors, check_positive_int
 
 __all__ = [
     "KERNEL_SIZE",
@@ -69,6 +69,7 @@ def _conv_2d(conv_weight: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def _check_inputs(z, s, w0, conv_weight, proj, lr):
+    check_float_tensors(z=z, s=s, w0=w0, conv_weight=conv_weight, proj=proj, lr=lr)
     if z.dim() != 3 or s.dim() != 3:
         raise ValueError(f"z and s must be (B, N, f) and (B, N, d), got {tuple(z.shape)} and {tuple(s.shape)}")
     B, N, f = z.shape

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastweights.errors import check_positive_int
+from fastweights.errors import check_float_tensors, check_positive_int
 from fastweights.ops.inplace_ttt import doc_starts
 from fastweights.ops.inplace_ttt_triton import on_device
 from fastweights.ops.rows import move_rows
@@ -210,6 +210,9 @@ def _step(ws, ms, grads, beta_bar, update, norms0, mm_dtype):
 
 
 def _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order):
+    check_float_tensors(q=q, k=k, v=v, lr=lr, beta=beta, w1=w1, w2=w2, w3=w3)
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be (B, H, N, D), got {tuple(q.shape)} and {tuple(k.shape)}")
     B, H, N, D = q.shape
@@ -307,6 +310,16 @@ class LaCTState:
             f.name: None if getattr(self, f.name) is None else getattr(self, f.name).index_select(0, index)
             for f in fields(self)
         })
+
+
+def _check_state(state: LaCTState, B: int, H: int, C: int, update: str) -> None:
+    """Raise unless ``state`` was made by a call with this batch, heads, chunk and update."""
+    got = (state.buf_k.shape[0], state.buf_k.shape[1], state.buf_k.shape[2])
+    if got != (B, H, C):
+        raise ValueError(f"the state holds (batch, heads, chunk_size) = {got}, this call has {(B, H, C)}")
+    if (state.m1 is None) != (update == "gd"):
+        raise ValueError(f"the state {'has no' if state.m1 is None else 'has a'} momentum, so it was not made "
+                         f"with update={update!r}")
 
 
 # --------------------------------------------------------------------------- fast path
@@ -908,6 +921,8 @@ def lact_chunked(
         raise ValueError("continuing a state needs position_ids (cu_seqlens always starts a document at 0)")
     if state is not None and (beta is None) != (state.buf_beta is None):
         raise ValueError("beta must be given iff the state was built with beta")
+    if state is not None:
+        _check_state(state, B, H, C, update)
     if lanes is not None:
         if streaming:
             raise ValueError("lanes lay out a whole pass: they take no state in or out")

@@ -79,8 +79,9 @@ def fast_inputs_reference(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, hea
 
 def _rates(lr_raw, beta_raw, heads: int, dtype):
     B, N, _ = lr_raw.shape
-    lr = F.softplus(lr_raw.float()).view(B, N, heads, 3).transpose(1, 2).to(dtype)
-    beta = None if beta_raw is None else torch.sigmoid(beta_raw.float()).transpose(1, 2).to(dtype)
+    acc = torch.promote_types(lr_raw.dtype, torch.float32)  # at least float32; float64 stays float64
+    lr = F.softplus(lr_raw.to(acc)).view(B, N, heads, 3).transpose(1, 2).to(dtype)
+    beta = None if beta_raw is None else torch.sigmoid(beta_raw.to(acc)).transpose(1, 2).to(dtype)
     return lr, beta
 
 

@@ -10,7 +10,9 @@ __all__ = ["apply_rope", "rope_cos_sin"]
 
 
 def rope_cos_sin(position_ids: torch.Tensor, dim: int, base: float, dtype: torch.dtype):
-    """cos, sin (B, N, dim) for positions (B, N) (half-split layout, as Qwen3)."""
+    """cos, sin (B, N, dim) for positions (B, N) (half-split layout, as Qwen3); dim even."""
+    if dim % 2 or dim < 2:
+        raise ValueError(f"RoPE needs an even width >= 2, got dim {dim}")
     inv = 1.0 / (base ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim))
     ang = position_ids.float().unsqueeze(-1) * inv
     ang = torch.cat([ang, ang], dim=-1)
