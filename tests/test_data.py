@@ -1,5 +1,7 @@
 """fastweights.data: corpus determinism, tokenisation cache, packing boundaries."""
 
+import json
+
 import numpy as np
 import pytest
 from pipeline_helpers import write_corpus
@@ -77,6 +79,86 @@ def test_bad_corpus_inputs(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"content": "x"}\n')
     with pytest.raises(FastWeightsError, match="no field 'text'"):
         build_corpus(str(tmp_path))
+    cases = [('{"text": "ok"}\n["text"]\n', r"a.jsonl:2: each line must be a JSON object with field 'text', got a "
+                                            r"list"),
+             ('"some text"\n', r"a.jsonl:1: each line must be a JSON object .* got a str"),
+             ('{"text": null}\n', r"a.jsonl:1: field 'text' must be a string, got null"),
+             ('{"text": 42}\n', r"a.jsonl:1: field 'text' must be a string, got 42"),
+             ('{"text": "ok"}\n{"text": "a\tb}\n', r"a.jsonl:2: invalid JSON \(.* at column \d+\)")]
+    for text, match in cases:
+        (tmp_path / "a.jsonl").write_text(text)
+        with pytest.raises(FastWeightsError, match=match):
+            build_corpus(str(tmp_path))
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(FastWeightsError, match=r"a.jsonl:2: not UTF-8 \(invalid continuation byte at byte 13\)"):
+        build_corpus(str(tmp_path))
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.txt").write_text("")
+    with pytest.raises(FastWeightsError, match="has no document with text"):
+        build_corpus(str(tmp_path))
+    (tmp_path / "b.txt").write_text("text")
+    with pytest.raises(FastWeightsError, match=r"max_bytes must be >= 0 \(0: no cap\), got -1"):
+        build_corpus(str(tmp_path), max_bytes=-1)
+
+
+def test_literal_eos_inside_a_document_is_text(tmp_path, monkeypatch):
+    """A document that contains the EOS string keeps it as text: its only EOS id is the last."""
+    monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
+    root = write_corpus(tmp_path / "corpus", docs=6)
+    (root / "eos.txt").write_text("before <|endoftext|> after")
+    corpus = build_corpus(str(root), val_fraction=0.25)
+    tok = train_bpe(corpus, 300)
+    ds = tokenize_corpus(corpus, tok, tmp_path / "data")
+    for split in ("train", "val"):
+        store = ds.split(split)
+        if "eos.txt" in store.names:
+            ids = np.asarray(store.doc(store.names.index("eos.txt")))
+            assert (ids == tok.eos_token_id).sum() == 1 and ids[-1] == tok.eos_token_id
+            assert tok.decode(ids[:-1].tolist()) == "before <|endoftext|> after"
+            break
+    else:
+        raise AssertionError("eos.txt is in no split")
+
+
+def test_val_fraction_and_earlier_datasets(tmp_path, monkeypatch):
+    """Another val_fraction is another dataset (and tokenizer); a dataset of the same documents
+    and tokenizer prepared by an earlier fastweights is rebuilt; anything else in --out is refused."""
+    from fastweights.data import store
+
+    monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
+    root = write_corpus(tmp_path / "corpus", docs=12)
+    quarter, half = build_corpus(str(root), val_fraction=0.25), build_corpus(str(root), val_fraction=0.5)
+    a = tokenize_corpus(quarter, train_bpe(quarter, 300), tmp_path / "a")
+    assert dataset_key(quarter, train_bpe(quarter, 300)) != dataset_key(half, train_bpe(half, 300))
+    with pytest.raises(FastWeightsError, match="holds another dataset"):
+        tokenize_corpus(half, train_bpe(half, 300), tmp_path / "a")
+    b = tokenize_corpus(half, train_bpe(half, 300), tmp_path / "b")
+    assert b.meta["splits"]["val"]["documents"] == len(half.split("val")) != len(quarter.split("val"))
+    # the key an earlier fastweights wrote: rebuilt, with this fraction's split
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    meta["key"] = store._earlier_key(half, train_bpe(half, 300))
+    (tmp_path / "a" / "meta.json").write_text(json.dumps(meta))
+    again = tokenize_corpus(half, train_bpe(half, 300), tmp_path / "a")
+    assert again.meta["key"] == b.meta["key"] and again.meta["splits"] == b.meta["splits"]
+    assert a.meta["splits"] != again.meta["splits"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(FastWeightsError, match="exists and is not a dataset directory"):
+        tokenize_corpus(half, train_bpe(half, 300), tmp_path / "c")
+    assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
+
+
+def test_bpe_training_cuts_long_words():
+    """The BPE learns from words of at most 1024 characters (its time grows with the square
+    of a word's length); the pieces still join to the documents' text."""
+    from fastweights.data.corpus import Corpus, Document
+    from fastweights.data.tokenizer import _sample
+
+    text = "short words " + "x" * 5000 + " tail " + "y" * 1024
+    corpus = Corpus([Document("d", text)], "test", 1e-9)
+    pieces = list(_sample(corpus, 1 << 20))
+    assert "".join(pieces) == text
+    assert max(len(w) for p in pieces for w in p.split()) == 1024
 
 
 def test_tokenised_once_and_cached(dataset, corpus_dir):

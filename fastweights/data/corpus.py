@@ -131,27 +131,43 @@ def _user_documents(root: Path, text_field: str) -> list[Document]:
         if f.suffix == ".txt":
             docs.append(Document(rel, f.read_text(encoding="utf-8", errors="replace")))
         elif f.suffix == ".jsonl":
-            with f.open(encoding="utf-8") as fh:
-                for i, line in enumerate(fh):
+            with f.open("rb") as fh:
+                for i, raw in enumerate(fh):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        raise FastWeightsError(f"{f}:{i + 1}: not UTF-8 ({err.reason} at byte {err.start})") from None
                     if not line.strip():
                         continue
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as err:
-                        raise FastWeightsError(f"{f}:{i + 1}: invalid JSON ({err.msg})") from None
+                        raise FastWeightsError(f"{f}:{i + 1}: invalid JSON ({err.msg} at column {err.colno})") from None
+                    if not isinstance(row, dict):
+                        raise FastWeightsError(f"{f}:{i + 1}: each line must be a JSON object with field "
+                                               f"{text_field!r}, got a {type(row).__name__}")
                     if text_field not in row:
                         raise FastWeightsError(f"{f}:{i + 1}: no field {text_field!r} (fields: {sorted(row)})")
-                    docs.append(Document(f"{rel}:{i}", str(row[text_field])))
+                    docs.append(Document(f"{rel}:{i}", _text(row[text_field], f"{f}:{i + 1}", text_field)))
         else:
             try:
                 import pyarrow.parquet as pq
             except ImportError:
-                raise FastWeightsError(f"{f}: reading parquet needs pyarrow (pip install pyarrow)") from None
+                raise FastWeightsError(f"{f}: reading parquet needs pyarrow (pip install 'fastweights[parquet]', "
+                                       f"or pip install pyarrow)") from None
             table = pq.read_table(f)
             if text_field not in table.column_names:
                 raise FastWeightsError(f"{f}: no column {text_field!r} (columns: {table.column_names})")
-            docs.extend(Document(f"{rel}:{i}", str(t)) for i, t in enumerate(table.column(text_field).to_pylist()))
+            docs.extend(Document(f"{rel}:{i}", _text(t, f"{f} row {i}", text_field))
+                        for i, t in enumerate(table.column(text_field).to_pylist()))
     return docs
+
+
+def _text(value, where: str, field: str) -> str:
+    """A document's text, which must be a string (not a number, a list or null)."""
+    if not isinstance(value, str):
+        raise FastWeightsError(f"{where}: field {field!r} must be a string, got {json.dumps(value)[:60]}")
+    return value
 
 
 def build_corpus(
@@ -177,6 +193,9 @@ def build_corpus(
     """
     if not 0.0 < val_fraction < 1.0:
         raise FastWeightsError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    for name, value in (("max_doc_bytes", max_doc_bytes), ("max_bytes", max_bytes)):
+        if value < 0:
+            raise FastWeightsError(f"{name} must be >= 0 (0: no cap), got {value}")
     if source == "python":
         units = _python_documents()
         if max_bytes:  # choose the sample from file sizes, then read only what it keeps
@@ -200,6 +219,8 @@ def build_corpus(
             raise FastWeightsError(f"corpus source must be 'python' or a directory, got the file {source}")
         docs = _user_documents(root, text_field)
     docs = [d for d in docs if d.text]
+    if not docs:
+        raise FastWeightsError(f"the corpus {source} has no document with text")
     if max_bytes and source != "python":
         by_hash = sorted(docs, key=lambda d: _sample_key(d.name))
         keep, total = set(), 0

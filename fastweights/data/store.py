@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,20 @@ def _tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
+# how documents become tokens; a change here makes earlier datasets rebuild (2: a literal EOS
+# string inside a document is text, not the EOS id)
+ENCODING = 2
+
+
 def dataset_key(corpus: Corpus, tokenizer) -> str:
-    """``<corpus sha256[:16]>-<tokenizer sha256[:16]>``."""
+    """``<corpus sha256[:16]>-<tokenizer sha256[:16]>-val<val_fraction>-e<ENCODING>``: what the
+    documents are, how they split and how they are encoded."""
+    return (f"{corpus.manifest['sha256'][:16]}-{_tokenizer_hash(tokenizer)[:16]}-val{corpus.val_fraction:g}"
+            f"-e{ENCODING}")
+
+
+def _earlier_key(corpus: Corpus, tokenizer) -> str:
+    """The key that fastweights before ENCODING 2 gave the same corpus and tokenizer."""
     return f"{corpus.manifest['sha256'][:16]}-{_tokenizer_hash(tokenizer)[:16]}"
 
 
@@ -126,7 +139,10 @@ def _write_split(docs, tokenizer, dtype, out: Path, shard_tokens: int, bar) -> d
         for group in _groups(docs):
             pieces = [_pieces(doc.text) for doc in group]
             flat = [p for ps in pieces for p in ps]
-            ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+            # split_special_tokens: a document's own "<|endoftext|>" is text; only the EOS appended
+            # below ends a document
+            ids = iter(tokenizer(flat, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                       if flat else [])
             for doc, ps in zip(group, pieces, strict=True):
                 arr = np.concatenate([np.asarray(next(ids), dtype=np.int64) for _ in ps] + [eos]).astype(dtype)
                 if pos and pos + len(arr) > shard_tokens:
@@ -156,9 +172,17 @@ def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tok
         ds = Dataset(out)
         if ds.meta.get("key") == key:
             return ds
-        raise FastWeightsError(
-            f"{out} holds another dataset (key {ds.meta.get('key')}, want {key}); pick another --out"
-        )
+        if ds.meta.get("key") != _earlier_key(corpus, tokenizer):
+            raise FastWeightsError(
+                f"{out} holds another dataset (key {ds.meta.get('key')}, want {key}); pick another --out"
+            )
+        # the same documents and tokenizer, prepared by an earlier fastweights (its split may
+        # have had another val_fraction, its encoding an EOS inside a document): built anew
+        print(f"rebuilding {out}: prepared by an earlier fastweights (key {ds.meta['key']})", file=sys.stderr)
+        shutil.rmtree(out)
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FastWeightsError(f"{out} exists and is not a dataset directory: pick another --out (an empty or new "
+                               f"directory)")
     vocab = len(tokenizer)
     dtype = "uint16" if vocab <= 1 << 16 else "uint32"
     tmp = out.with_name(out.name + ".tmp")

@@ -4,6 +4,7 @@ checksum and vocabulary size), or the tokenizer of a local Hugging Face model di
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,14 +22,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTWEIGHTS_CACHE", Path.home() / ".cache" / "fastweights"))
 
 
+# runs of this many non-space characters are cut apart for the BPE's training: its time grows
+# with the square of a word's length (a 1 MB line of base64 took minutes)
+_LONG_WORD = re.compile(r"(\S{1024})")
+
+
 def _sample(corpus: Corpus, sample_bytes: int):
-    """Training text for the BPE: train documents in corpus order, cut into ~1 MB pieces,
-    up to ``sample_bytes`` in all."""
+    """Training text for the BPE: train documents in corpus order, cut into ~1 MB pieces (and
+    words of 1024 characters or more cut into pieces of 1024), up to ``sample_bytes`` in all."""
     total = 0
     for doc in corpus.split("train"):
         for i in range(0, len(doc.text), 1 << 20):
             piece = doc.text[i : i + (1 << 20)]
-            yield piece
+            yield from (p for p in _LONG_WORD.split(piece) if p) if _LONG_WORD.search(piece) else (piece,)
             total += len(piece)
             if total >= sample_bytes:
                 return
@@ -44,7 +50,8 @@ def train_bpe(corpus: Corpus, vocab_size: int, sample_bytes: int = 8 << 20):
 
     if vocab_size < 257 + 1:
         raise FastWeightsError(f"vocab_size must be >= 258 (256 bytes + EOS + 1 merge), got {vocab_size}")
-    key = f"{corpus.manifest['sha256'][:16]}-v{vocab_size}-s{sample_bytes}"
+    # the split decides the training text, and the long-word cut (w1024) changed it
+    key = f"{corpus.manifest['sha256'][:16]}-v{vocab_size}-s{sample_bytes}-val{corpus.val_fraction:g}-w1024"
     path = cache_dir() / "tokenizers" / key
     if not (path / "tokenizer.json").exists():
         tok = Tokenizer(models.BPE())
