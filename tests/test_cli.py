@@ -167,6 +167,7 @@ def test_main_job_tiny(workdir, capsys):
                           "--vocab-size", "300", "--seq-len", "64", "--batch-size", "2", "--eval-length", "128",
                           "--first-bucket", "32", "--max-docs", "2", "--ppl-rows", "2", "--no-progress"], capsys)
     assert code == 0, err
+    assert "%|" not in err, err  # --no-progress: no bar at all (reading, BPE, tokenising, training, evaluation)
     summary = json.loads((out_dir / "summary.json").read_text())
     assert set(summary["runs"]) == {"baseline", "inplace-ttt"}
     assert summary["runs"]["inplace-ttt"]["train"]["parameters"] > summary["runs"]["baseline"]["train"]["parameters"]

@@ -14,6 +14,7 @@ from fastweights.errors import FastWeightsError
 from fastweights.eval.lm import loss_by_position, perplexity
 from fastweights.eval.passkey import passkey_eval
 from fastweights.eval.plot import plot_passkey
+from fastweights.models.compat import hf_progress_bars
 from fastweights.models.presets import load_model
 from fastweights.train.trainer import pick_device, set_threads
 
@@ -36,6 +37,7 @@ class EvalConfig:
     device: str = option("auto, cpu or cuda[:i]", "auto")
     seed: int = option("seed for passkey sampling", 0)
     threads: int = option("torch CPU threads (0: auto, see `fastweights train --help`)", 0)
+    progress: bool = option("show progress bars", True)
     dynamic: bool = option("also run dynamic evaluation (fastweights.eval.dynamic) next to static evaluation", False)
     dynamic_rule: str = option("dynamic evaluation rule: sgd, or rms (Krause et al., decay toward the original)", "rms")
     dynamic_segment: int = option("dynamic evaluation: tokens scored, then updated on, per step", 64)
@@ -51,6 +53,11 @@ class EvalConfig:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run the evaluations of ``cfg`` and write the JSON (and heatmap); return the results."""
+    with hf_progress_bars(cfg.progress):  # transformers' bar of loading the model too
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: EvalConfig) -> dict:
     if not cfg.model or not cfg.data:
         raise FastWeightsError("pass --model DIR and --data DIR")
     for flag, value, low in (("seq_len", cfg.seq_len, 1), ("batch_size", cfg.batch_size, 1), ("length", cfg.length, 2),
@@ -67,8 +74,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     val = ds.split("val")
     res: dict = {"model": str(cfg.model), "data": str(cfg.data)}
     with torch.inference_mode():
-        res["perplexity"] = perplexity(model, val, cfg.seq_len, cfg.batch_size, cfg.ppl_rows or None)
-        res["loss_by_position"] = loss_by_position(model, val, cfg.length, cfg.first_bucket, cfg.max_docs or None)
+        res["perplexity"] = perplexity(model, val, cfg.seq_len, cfg.batch_size, cfg.ppl_rows or None,
+                                       progress=cfg.progress)
+        res["loss_by_position"] = loss_by_position(model, val, cfg.length, cfg.first_bucket, cfg.max_docs or None,
+                                                   progress=cfg.progress)
     if cfg.dynamic:
         res["dynamic_eval"] = _dynamic(model, ds, cfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
@@ -76,7 +85,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         tok = ds.tokenizer()
         with torch.inference_mode():
             res["passkey"] = passkey_eval(model, tok, val, cfg.passkey_lengths, cfg.passkey_depths,
-                                          cfg.passkey_trials, cfg.seed)
+                                          cfg.passkey_trials, cfg.seed, progress=cfg.progress)
         png = Path(cfg.png) if cfg.png else out.with_name(out.stem + "-passkey.png")
         res["passkey"]["png"] = str(plot_passkey(res["passkey"], png))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +137,7 @@ def _dynamic(model, ds: Dataset, cfg: EvalConfig) -> dict:
     if cfg.dynamic_rule == "rms" and cfg.dynamic_calibration_docs > 0:
         calibration = _docs(ds.split("train"), cfg.dynamic_calibration_docs, cfg.length)
     try:
-        result = dynamic_eval(model, docs, dcfg, calibration=calibration or None)
+        result = dynamic_eval(model, docs, dcfg, calibration=calibration or None, progress=cfg.progress)
     except ValueError as err:
         raise FastWeightsError(str(err)) from None
     return result.to_dict()

@@ -87,7 +87,7 @@ def run(cfg: MainConfig) -> dict:
     out = Path(cfg.out)
     t0 = time.perf_counter()
     ds = prepare(PrepareConfig(corpus="python", out=str(out / "data"), vocab_size=s["vocab_size"], val_fraction=0.1,
-                               max_doc_kb=s["max_doc_kb"], max_mb=s["max_mb"]))
+                               max_doc_kb=s["max_doc_kb"], max_mb=s["max_mb"], progress=cfg.progress))
     m = ds.meta
     print(f"corpus: {m['manifest']['documents']} documents, {m['manifest']['files']} files, "
           f"{m['manifest']['bytes'] / 1e6:.1f} MB, sha256 {m['manifest']['sha256'][:12]}; "
@@ -106,7 +106,7 @@ def run(cfg: MainConfig) -> dict:
                         seq_len=s["seq_len"], ppl_rows=s["ppl_rows"], length=s["eval_length"],
                         first_bucket=s["first_bucket"], max_docs=s["max_docs"],
                         passkey_lengths=s["passkey_lengths"], device=cfg.device, seed=cfg.seed,
-                        threads=cfg.threads)
+                        threads=cfg.threads, progress=cfg.progress)
         with torch.inference_mode():
             runs[name] = {"train": summary, "eval": evaluate(ec)}
     curves = [(k, v["eval"]["loss_by_position"]) for k, v in runs.items()]

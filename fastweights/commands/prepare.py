@@ -26,6 +26,7 @@ class PrepareConfig:
     max_mb: int = option("keep a deterministic sample of documents up to this many MB (0: all)", 0)
     text_field: str = option("JSONL field / parquet column holding the text", "text")
     shard_tokens: int = option("tokens per shard file", 1 << 28)
+    progress: bool = option("show progress bars", True)
 
 
 def prepare(cfg: PrepareConfig) -> Dataset:
@@ -34,13 +35,13 @@ def prepare(cfg: PrepareConfig) -> Dataset:
         if getattr(cfg, name) < low:
             raise FastWeightsError(f"{name} must be >= {low}, got {getattr(cfg, name)}")
     corpus = build_corpus(cfg.corpus, cfg.val_fraction, max_doc_bytes=cfg.max_doc_kb << 10,
-                          max_bytes=cfg.max_mb << 20, text_field=cfg.text_field)
+                          max_bytes=cfg.max_mb << 20, text_field=cfg.text_field, progress=cfg.progress)
     if cfg.tokenizer == "bpe":
-        tok = train_bpe(corpus, cfg.vocab_size, sample_bytes=cfg.tokenizer_sample_mb << 20)
+        tok = train_bpe(corpus, cfg.vocab_size, sample_bytes=cfg.tokenizer_sample_mb << 20, progress=cfg.progress)
     else:
         tok = load_tokenizer(cfg.tokenizer)
     out = Path(cfg.out) if cfg.out else cache_dir() / "datasets" / dataset_key(corpus, tok)
-    return tokenize_corpus(corpus, tok, out, shard_tokens=cfg.shard_tokens)
+    return tokenize_corpus(corpus, tok, out, shard_tokens=cfg.shard_tokens, progress=cfg.progress)
 
 
 def main(argv: list[str]) -> int:

@@ -119,14 +119,14 @@ def _sample_key(name: str) -> bytes:
     return hashlib.sha256(b"sample:" + name.encode()).digest()
 
 
-def _user_documents(root: Path, text_field: str) -> list[Document]:
+def _user_documents(root: Path, text_field: str, progress: bool = True) -> list[Document]:
     """Documents from a directory of ``.txt``, ``.jsonl`` (one document per line, field
     ``text_field``) and, with pyarrow installed, ``.parquet`` files."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".parquet"))
     if not files:
         raise FastWeightsError(f"no .txt, .jsonl or .parquet files under {root}")
     docs = []
-    for f in tqdm(files, desc="reading corpus", unit="file", disable=len(files) < 20):
+    for f in tqdm(files, desc="reading corpus", unit="file", disable=len(files) < 20 or not progress):
         rel = f.relative_to(root).as_posix()
         if f.suffix == ".txt":
             docs.append(Document(rel, f.read_text(encoding="utf-8", errors="replace")))
@@ -176,6 +176,7 @@ def build_corpus(
     max_doc_bytes: int = 0,
     max_bytes: int = 0,
     text_field: str = "text",
+    progress: bool = True,
 ) -> Corpus:
     """Build a corpus.
 
@@ -190,6 +191,7 @@ def build_corpus(
             sizes before reading):
             a deterministic sample of the corpus.
         text_field: the JSONL field / parquet column holding the text.
+        progress: show progress bars while reading.
     """
     if not 0.0 < val_fraction < 1.0:
         raise FastWeightsError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -208,7 +210,7 @@ def build_corpus(
                 total += min(size, max_doc_bytes) if max_doc_bytes else size
             units = [u for u in units if u[0] in keep]
         docs = []
-        for name, root, files in tqdm(units, desc="reading Python sources", unit="doc"):
+        for name, root, files in tqdm(units, desc="reading Python sources", unit="doc", disable=not progress):
             text, nfiles = _read_python_doc(root, files, max_doc_bytes)
             docs.append(Document(name, text, nfiles))
     else:
@@ -217,7 +219,7 @@ def build_corpus(
             raise FastWeightsError(f"corpus directory not found: {source}")
         if not root.is_dir():
             raise FastWeightsError(f"corpus source must be 'python' or a directory, got the file {source}")
-        docs = _user_documents(root, text_field)
+        docs = _user_documents(root, text_field, progress)
     docs = [d for d in docs if d.text]
     if not docs:
         raise FastWeightsError(f"the corpus {source} has no document with text")

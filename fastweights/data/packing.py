@@ -59,7 +59,8 @@ class PackedRows:
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
         if store.total_tokens < seq_len + 1:
-            raise ValueError(f"the split has {store.total_tokens} tokens, fewer than one row of {seq_len + 1}")
+            raise ValueError(f"the split has {store.total_tokens} tokens, fewer than one row of seq_len + 1 = "
+                             f"{seq_len + 1}: lower seq_len or add documents")
         self.store, self.seq_len, self.seed, self.shuffle = store, seq_len, seed, shuffle
         self.epoch_tokens = store.total_tokens
         self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None

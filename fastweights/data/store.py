@@ -162,7 +162,8 @@ def _write_split(docs, tokenizer, dtype, out: Path, shard_tokens: int, bar) -> d
     return {"documents": len(index), "tokens": total, "shards": shard + 1}
 
 
-def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tokens: int = 1 << 28) -> Dataset:
+def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tokens: int = 1 << 28,
+                    progress: bool = True) -> Dataset:
     """Tokenise ``corpus`` into the dataset directory ``out`` and return it. If ``out``
     already holds this corpus tokenised with this tokenizer, nothing is redone. The
     directory is built under a temporary name and renamed into place when complete."""
@@ -190,7 +191,8 @@ def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tok
     tmp.mkdir(parents=True)
     tokenizer.save_pretrained(tmp / "tokenizer")
     splits = {}
-    with tqdm(total=corpus.manifest["bytes"], desc="tokenising", unit="B", unit_scale=True) as bar:
+    with tqdm(total=corpus.manifest["bytes"], desc="tokenising", unit="B", unit_scale=True,
+              disable=not progress) as bar:
         for name in ("train", "val"):
             splits[name] = _write_split(corpus.split(name), tokenizer, dtype, tmp / name, shard_tokens, bar)
     meta = {

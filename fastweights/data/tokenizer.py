@@ -40,7 +40,7 @@ def _sample(corpus: Corpus, sample_bytes: int):
                 return
 
 
-def train_bpe(corpus: Corpus, vocab_size: int, sample_bytes: int = 8 << 20):
+def train_bpe(corpus: Corpus, vocab_size: int, sample_bytes: int = 8 << 20, progress: bool = True):
     """A byte-level BPE tokenizer for ``corpus`` with ``vocab_size`` entries (``EOS``
     included), trained on up to ``sample_bytes`` of its train split. Cached under
     ``cache_dir()/tokenizers/<corpus sha256[:16]>-v<vocab>-s<sample>``: the same corpus and
@@ -61,7 +61,7 @@ def train_bpe(corpus: Corpus, vocab_size: int, sample_bytes: int = 8 << 20):
             vocab_size=vocab_size,
             special_tokens=[EOS],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=True,
+            show_progress=progress,
         )
         tok.train_from_iterator(_sample(corpus, sample_bytes), trainer=trainer)
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)

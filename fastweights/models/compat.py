@@ -18,13 +18,15 @@ recomputation (the padding plan) from state that outlives the hooks; see
 
 from __future__ import annotations
 
+import contextlib
+
 import transformers
 from packaging.version import Version
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
 __all__ = ["TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "enable_activation_checkpointing",
-           "keep_positions", "resolve_use_cache"]
+           "hf_progress_bars", "keep_positions", "resolve_use_cache"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):
@@ -70,3 +72,19 @@ def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = Fals
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool):
+    """transformers' own progress bars (loading and saving models) on or off inside the block,
+    as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

@@ -27,7 +27,7 @@ from fastweights.config import option
 from fastweights.data.packing import IGNORE, PackedRows
 from fastweights.data.store import Dataset
 from fastweights.errors import FastWeightsError
-from fastweights.models.compat import enable_activation_checkpointing
+from fastweights.models.compat import enable_activation_checkpointing, hf_progress_bars
 from fastweights.models.presets import SIZES, build_model, load_model, resolve_model
 from fastweights.optim import OPTIMIZERS, Lookahead, build_optimizer
 from fastweights.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -268,16 +268,8 @@ def _check_resume(out: Path, cfg: TrainConfig) -> bool:
 
 def train(cfg: TrainConfig) -> dict:
     """Run training as configured; return a summary (final loss, steps, tokens, paths)."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    if not cfg.progress:  # transformers' own bars too (loading and saving the model)
-        hf_logging.disable_progress_bar()
-    try:
+    with hf_progress_bars(cfg.progress):  # transformers' own bars too (loading and saving the model)
         return _train(cfg)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _train(cfg: TrainConfig) -> dict:
