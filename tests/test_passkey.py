@@ -80,3 +80,32 @@ def test_passkey_eval_scores_hits(tokenizer):
     bad = passkey_eval(_Oracle(V, wrong=True), tokenizer, store, [150, 200], [0.0, 1.0], trials=2, progress=False)
     assert good["accuracy"] == [[1.0, 1.0], [1.0, 1.0]]
     assert bad["accuracy"] == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_passkey_eval_bad_arguments(tokenizer):
+    store = _Store([np.asarray(tokenizer("a = 1\n" * 100, add_special_tokens=False)["input_ids"])])
+    model = _Oracle(len(tokenizer))
+    with pytest.raises(ValueError, match=r"at least one length and one depth, got \[\] and \[0.0\]"):
+        passkey_eval(model, tokenizer, store, [], [0.0], progress=False)
+    with pytest.raises(ValueError, match="trials must be an integer >= 1, got 0"):
+        passkey_eval(model, tokenizer, store, [150], [0.0], trials=0, progress=False)
+    with pytest.raises(ValueError, match="the haystack split has no tokens"):  # it used to loop forever
+        passkey_eval(model, tokenizer, _Store([]), [150], [0.0], progress=False)
+
+
+def test_position_plot_puts_each_loss_on_its_bucket():
+    """A bucket without a loss leaves a gap, and runs with other buckets share one axis."""
+    from fastweights.eval.lm import position_edges
+    from fastweights.eval.plot import bucket_axis
+
+    def res(edges, losses):
+        return {"buckets": [{"start": a, "end": b, "loss": v} for a, b, v in zip(edges, edges[1:], losses)]}
+
+    spans, lines = bucket_axis([("a", res([0, 8, 16, 32], [1.0, None, 3.0])), ("b", res([0, 16, 32], [2.0, 4.0]))])
+    assert spans == [(0, 8), (0, 16), (8, 16), (16, 32)]
+    assert lines == [("a", [0, 3], [1.0, 3.0]), ("b", [1, 3], [2.0, 4.0])]
+    with pytest.raises(ValueError, match="at least one run"):
+        bucket_axis([])
+    with pytest.raises(ValueError, match=r"need integers first >= 1 and length >= 2, got first=1.5"):
+        position_edges(100, 1.5)
+

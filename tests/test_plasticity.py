@@ -145,10 +145,22 @@ def test_bad_config_and_inputs_raise():
     with pytest.raises(ValueError, match="rule"):
         small_cfg("oja")
     model = PlasticTransformer(small_cfg("hebbian"))
-    with pytest.raises(ValueError, match="max_len"):
+    with pytest.raises(ValueError, match="max_len=16: step 17"):
         model(torch.randn(1, 17, 6))
-    with pytest.raises(ValueError, match="x must be"):
+    with pytest.raises(ValueError, match=r"inputs must be \(B, T >= 1, 6\), got \(1, 4, 5\)"):
         model(torch.randn(1, 4, 5))
+    with pytest.raises(ValueError, match=r"inputs must be \(B, T >= 1, 6\), got \(1, 0, 6\)"):
+        model(torch.randn(1, 0, 6))
+    with pytest.raises(ValueError, match="x must be"):
+        model.step(torch.randn(2, 5), model.init_state(2))
+    with pytest.raises(ValueError, match="x has batch 3, the state 2"):
+        model.step(torch.randn(3, 6), model.init_state(2))
+    for kw, match in ((dict(n_heads=0), "n_heads must be an integer >= 1, got 0"),
+                      (dict(d_model=0), "d_model must be an integer >= 1, got 0"),
+                      (dict(n_layers=0), "n_layers must be an integer >= 1, got 0"),
+                      (dict(eta0=-0.1), "eta0 must be a finite number >= 0, got -0.1")):
+        with pytest.raises(ValueError, match=match):
+            PlasticConfig(**{**vars(small_cfg("hebbian")), **kw})
 
 
 def test_plastic_linear_bad_arguments_raise():

@@ -53,8 +53,8 @@ def perplexity(model, store: TokenStore, seq_len: int, batch_size: int = 8, max_
 
 def position_edges(length: int, first: int = 1024) -> list[int]:
     """Bucket edges ``[0, first, 2·first, 4·first, ...]`` up to ``length`` (the last edge)."""
-    if first < 1 or length < 2:
-        raise ValueError(f"need first >= 1 and length >= 2, got first={first}, length={length}")
+    if not isinstance(first, int) or not isinstance(length, int) or first < 1 or length < 2:
+        raise ValueError(f"need integers first >= 1 and length >= 2, got first={first!r}, length={length!r}")
     edges = [0]
     e = first
     while e < length:

@@ -22,6 +22,8 @@ def haystack(store: TokenStore, tokens: int) -> np.ndarray:
     (repeated if the split is shorter)."""
     parts, n = [], 0
     while n < tokens:
+        if n == 0 and not any(len(store.doc(i)) for i in range(len(store))):
+            raise ValueError("the haystack split has no tokens")
         for i in range(len(store)):
             parts.append(np.asarray(store.doc(i)))
             n += len(parts[-1])
@@ -68,6 +70,11 @@ def passkey_eval(model, tokenizer, store: TokenStore, lengths: list[int], depths
                  trials: int = 5, seed: int = 0, progress: bool = True) -> dict:
     """Retrieval accuracy for each (length, depth). Returns ``{"lengths", "depths",
     "trials", "accuracy"}`` with ``accuracy[i][j]`` for ``lengths[i]``, ``depths[j]``."""
+    if not lengths or not depths:
+        raise ValueError(f"passkey_eval needs at least one length and one depth, got {list(lengths)} and "
+                         f"{list(depths)}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
     rng = np.random.default_rng(seed)
     hay = haystack(store, max(lengths))
     device = next(model.parameters()).device

@@ -25,18 +25,32 @@ def _bucket_label(start: int, end: int) -> str:
     return f"{k(start)}–{k(end)}"
 
 
+def bucket_axis(runs: list[tuple[str, dict]]) -> tuple[list[tuple[int, int]], list[tuple[str, list, list]]]:
+    """The x axis of :func:`plot_position_losses`: every bucket (start, end) of any run, in
+    position order, and per run (label, x indices, losses), each point on its own bucket (a
+    bucket without a loss leaves a gap; runs with other buckets share the axis)."""
+    if not runs:
+        raise ValueError("plot_position_losses needs at least one run")
+    spans = sorted({(x["start"], x["end"]) for _, res in runs for x in res["buckets"]})
+    where = {span: i for i, span in enumerate(spans)}
+    lines = []
+    for label, res in runs:
+        b = [x for x in res["buckets"] if x["loss"] is not None]
+        lines.append((label, [where[(x["start"], x["end"])] for x in b], [x["loss"] for x in b]))
+    return spans, lines
+
+
 def plot_position_losses(runs: list[tuple[str, dict]], out: str | os.PathLike, title: str = "") -> Path:
     """One line per run: mean next-token loss in each position bucket.
 
     ``runs``: (label, result of :func:`fastweights.eval.lm.loss_by_position`)."""
+    spans, lines = bucket_axis(runs)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for label, res in runs:
-        b = [x for x in res["buckets"] if x["loss"] is not None]
-        ax.plot(range(len(b)), [x["loss"] for x in b], marker="o", label=label)
-    longest = max((r for _, r in runs), key=lambda r: len(r["buckets"]))
-    ax.set_xticks(range(len(longest["buckets"])))
-    ax.set_xticklabels([_bucket_label(x["start"], x["end"]) for x in longest["buckets"]])
+    for label, xs, ys in lines:
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xticks(range(len(spans)))
+    ax.set_xticklabels([_bucket_label(*span) for span in spans])
     ax.set_xlabel("token position")
     ax.set_ylabel("mean next-token loss (nats)")
     ax.set_title(title or "Loss by position")

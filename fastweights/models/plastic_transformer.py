@@ -18,11 +18,13 @@ from the task loss through the unrolled updates.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from fastweights.errors import check_positive_int
 from fastweights.layers.plastic import PlasticFFN
 
 __all__ = ["PlasticConfig", "PlasticState", "PlasticTransformer", "RULES"]
@@ -48,6 +50,12 @@ class PlasticConfig:
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        for name in ("input_size", "output_size", "d_model", "d_ff", "n_heads", "n_layers", "max_len"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("eta0", "max_norm"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
 
@@ -113,7 +121,9 @@ class PlasticTransformer(nn.Module):
         if x.dim() != 2 or x.shape[1] != cfg.input_size:
             raise ValueError(f"x must be (B, {cfg.input_size}), got {tuple(x.shape)}")
         if state.position >= cfg.max_len:
-            raise ValueError(f"sequence longer than max_len={cfg.max_len}")
+            raise ValueError(f"sequence longer than max_len={cfg.max_len}: step {state.position + 1}")
+        if state.keys and state.keys[0].shape[0] != x.shape[0]:
+            raise ValueError(f"x has batch {x.shape[0]}, the state {state.keys[0].shape[0]}")
         outer_grad = torch.is_grad_enabled()
         # The gradient rule differentiates L_int even when the caller runs without autograd.
         with torch.enable_grad() if cfg.rule == "gradient" else contextlib.nullcontext():
@@ -147,8 +157,8 @@ class PlasticTransformer(nn.Module):
         """inputs (B, T, input_size) -> outputs (B, T, output_size), run step by step from a
         fresh state (fast weights reset for every sequence). With ``return_state`` also the
         final :class:`PlasticState`."""
-        if inputs.dim() != 3:
-            raise ValueError(f"inputs must be (B, T, {self.cfg.input_size}), got {tuple(inputs.shape)}")
+        if inputs.dim() != 3 or inputs.shape[1] < 1 or inputs.shape[2] != self.cfg.input_size:
+            raise ValueError(f"inputs must be (B, T >= 1, {self.cfg.input_size}), got {tuple(inputs.shape)}")
         state = self.init_state(inputs.shape[0], inputs.device, inputs.dtype)
         outs = []
         for t in range(inputs.shape[1]):
