@@ -242,6 +242,11 @@ def default_variants(tiny: bool) -> list[str]:
     return [v for v in VARIANTS if fla_ok or v not in FLA_VARIANTS]
 
 
+def _gib(x: float) -> str:
+    """Peak memory for the table: "-" where none was measured (the CPU, a failed variant)."""
+    return "-" if x != x else f"{x:.1f}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (smoke test)")
@@ -297,7 +302,7 @@ def main(argv=None) -> int:
             print(f"variant {n} failed (traceback above)", file=sys.stderr)
             rows.append({"name": n, "ms": float("nan"), "tok_s": float("nan"), "mem_gib": float("nan")})
         r = rows[-1]  # each variant as it ends: a run cut short still reports what it timed
-        print(f"{n}: {r['ms']:.1f} ms/step, {r['tok_s']:.0f} tokens/s, peak {r['mem_gib']:.1f} GiB", flush=True)
+        print(f"{n}: {r['ms']:.1f} ms/step, {r['tok_s']:.0f} tokens/s, peak {_gib(r['mem_gib'])} GiB", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     by = {r["name"]: r for r in rows if r["tok_s"] == r["tok_s"]}
@@ -314,7 +319,7 @@ def main(argv=None) -> int:
     for r in rows:
         vs_swa = f"{r['tok_s'] / by['swa']['tok_s']:.2f}" if "swa" in by else "-"
         vs_att = f"{r['tok_s'] / by['attention']['tok_s']:.2f}" if "attention" in by else "-"
-        lines.append(f"| {r['name']} | {r['ms']:.1f} | {r['tok_s']:.0f} | {vs_swa} | {vs_att} | {r['mem_gib']:.1f} |")
+        lines.append(f"| {r['name']} | {r['ms']:.1f} | {r['tok_s']:.0f} | {vs_swa} | {vs_att} | {_gib(r['mem_gib'])} |")
     text = "\n".join(lines)
     print(text)
     if args.output:

@@ -29,6 +29,7 @@ def test_lact_benchmark_tiny_runs(tmp_path, capsys, packed):
     rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
     for v in variants:
         assert v in rows and "nan" not in rows[v].split("|")[2], rows.get(v)
+        assert rows[v].split("|")[6].strip() == "-", rows[v]  # no peak memory measured on the CPU
     assert "failed" not in capsys.readouterr().err
 
 
