@@ -221,6 +221,22 @@ def _prefix_attention_errors(dtype, device="cpu", ref_dtype=None, cases=PREFIX_C
     return worst
 
 
+def test_cp_batch_checks_its_inputs_by_name():
+    """Shapes first (no process group needed), then the process group itself."""
+    from fastweights.distributed.context_parallel import cp_batch
+
+    assert not dist.is_initialized()
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, N\), got \(9,\)"):
+        cp_batch(ids[0])
+    with pytest.raises(ValueError, match=r"labels must be \(B, N\) = \(2, 9\) like input_ids, got \(2, 7\)"):
+        cp_batch(ids, labels=ids[:, :7])
+    with pytest.raises(ValueError, match=r"position_ids must be \(B, N\) = \(2, 9\) or \(1, N\), got \(3, 9\)"):
+        cp_batch(ids, position_ids=torch.zeros(3, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs an initialised process group"):
+        cp_batch(ids)
+
+
 def test_prefix_causal_attention_matches_masked_attention():
     assert _prefix_attention_errors(torch.float64) <= 1e-12
     assert _prefix_attention_errors(torch.float32) <= 1e-5

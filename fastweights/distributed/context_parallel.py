@@ -118,7 +118,16 @@ def cp_batch(
     here (as HF's loss does) so that the last token of a shard keeps its target on the next
     rank. ``lengths``: shard lengths (default :func:`balanced_split` with ``attention_share=0``).
     """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, N), got {tuple(input_ids.shape)}")
     B, N = input_ids.shape
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels must be (B, N) = {(B, N)} like input_ids, got {tuple(labels.shape)}")
+    if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[1] != N
+                                     or position_ids.shape[0] not in (1, B)):
+        raise ValueError(f"position_ids must be (B, N) = {(B, N)} or (1, N), got {tuple(position_ids.shape)}")
+    if not dist.is_initialized():
+        raise ValueError("cp_batch needs an initialised process group (torch.distributed.init_process_group)")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if position_ids is not None and cu_seqlens is not None:
         raise ValueError("give documents as position_ids or cu_seqlens, not both")
@@ -149,7 +158,8 @@ def cp_loss(logits: torch.Tensor, targets: torch.Tensor, group: dist.ProcessGrou
     """This rank's share of the global mean next-token loss, scaled so that the mean over the
     group's ranks (what DDP/FSDP or :func:`all_reduce_gradients` average) is the loss of the
     whole sequence. ``logits`` (B, n, V), ``targets`` (B, n) from :func:`cp_batch`."""
-    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    acc = torch.promote_types(logits.dtype, torch.float32)  # at least float32; float64 stays float64
+    total = F.cross_entropy(logits.to(acc).flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     count = (targets != IGNORE).sum().to(torch.float64)
     dist.all_reduce(count, group=group)
     return total * dist.get_world_size(group) / count.clamp(min=1).to(total.dtype)

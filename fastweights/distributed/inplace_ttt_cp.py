@@ -152,7 +152,8 @@ def inplace_ttt_cp(
     pos = position_ids.to(device=z.device, dtype=torch.long)
     pos = pos.unsqueeze(0) if pos.dim() == 1 else pos
     if pos.shape[-1] != n or pos.shape[0] not in (1, B):
-        raise ValueError(f"position_ids must be (B, n) = ({B}, {n}) or (1, {n}), got {tuple(position_ids.shape)}")
+        allowed = f"(B, n) = ({B}, {n})" + ("" if B == 1 else f" or (1, {n})")
+        raise ValueError(f"position_ids must be {allowed}, got {tuple(position_ids.shape)}")
     if bool((pos < 0).any()):
         raise ValueError("position_ids must be >= 0")
     pos = pos.expand(B, n)
