@@ -1,5 +1,8 @@
 """Errors that the CLI shows as one line, without a traceback, and shared argument checks."""
 
+import math
+from numbers import Real
+
 
 class FastWeightsError(Exception):
     """A user-facing error: bad input, a missing path, an unsupported model."""
@@ -9,6 +12,20 @@ def check_positive_int(name: str, value) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is an int >= 1 (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_number(name: str, value, low: float = 0.0, strict: bool = False) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a finite real number ``>= low``
+    (``> low`` with ``strict``; a bool is not a number here)."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (strict and value == low):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
+def check_at_least(name: str, value, low: int) -> None:
+    """Raise the CLI's one-line :class:`FastWeightsError` naming ``name`` unless ``value >= low``."""
+    if value < low:
+        raise FastWeightsError(f"{name} must be >= {low}, got {value}")
 
 
 def check_float_tensors(**tensors) -> None:

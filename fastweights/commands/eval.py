@@ -10,7 +10,7 @@ import torch
 
 from fastweights.config import option, parse
 from fastweights.data.store import Dataset
-from fastweights.errors import FastWeightsError
+from fastweights.errors import FastWeightsError, check_at_least
 from fastweights.eval.lm import loss_by_position, perplexity
 from fastweights.eval.passkey import passkey_eval
 from fastweights.eval.plot import plot_passkey
@@ -60,17 +60,14 @@ def evaluate(cfg: EvalConfig) -> dict:
 def _evaluate(cfg: EvalConfig) -> dict:
     if not cfg.model or not cfg.data:
         raise FastWeightsError("pass --model DIR and --data DIR")
-    for flag, value, low in (("seq_len", cfg.seq_len, 1), ("batch_size", cfg.batch_size, 1), ("length", cfg.length, 2),
-                             ("first_bucket", cfg.first_bucket, 1), ("ppl_rows", cfg.ppl_rows, 0),
-                             ("max_docs", cfg.max_docs, 0), ("passkey_trials", cfg.passkey_trials, 1)):
-        if value < low:
-            raise FastWeightsError(f"{flag} must be >= {low}, got {value}")
+    for name, low in (("seq_len", 1), ("batch_size", 1), ("length", 2), ("first_bucket", 1), ("ppl_rows", 0),
+                      ("max_docs", 0), ("passkey_trials", 1)):
+        check_at_least(name, getattr(cfg, name), low)
     ds = Dataset(cfg.data)
     device = pick_device(cfg.device)
     set_threads(cfg.threads, device)
     model = load_model(cfg.model).to(device)
-    if cfg.dynamic:
-        _dynamic_config(model, cfg)  # bad settings fail before the static evaluations run
+    dcfg = _dynamic_config(model, cfg) if cfg.dynamic else None  # bad settings fail before any evaluation
     val = ds.split("val")
     res: dict = {"model": str(cfg.model), "data": str(cfg.data)}
     with torch.inference_mode():
@@ -78,8 +75,8 @@ def _evaluate(cfg: EvalConfig) -> dict:
                                        progress=cfg.progress)
         res["loss_by_position"] = loss_by_position(model, val, cfg.length, cfg.first_bucket, cfg.max_docs or None,
                                                    progress=cfg.progress)
-    if cfg.dynamic:
-        res["dynamic_eval"] = _dynamic(model, ds, cfg)
+    if dcfg is not None:
+        res["dynamic_eval"] = _dynamic(model, ds, cfg, dcfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
     if cfg.passkey_lengths:
         tok = ds.tokenizer()
@@ -125,11 +122,11 @@ def _dynamic_config(model, cfg: EvalConfig):
     return dcfg
 
 
-def _dynamic(model, ds: Dataset, cfg: EvalConfig) -> dict:
-    """Dynamic evaluation next to static evaluation over the same windows (SPEC §3)."""
+def _dynamic(model, ds: Dataset, cfg: EvalConfig, dcfg) -> dict:
+    """Dynamic evaluation next to static evaluation over the same windows (SPEC §3), with the
+    settings ``dcfg`` from :func:`_dynamic_config`."""
     from fastweights.eval.dynamic import dynamic_eval
 
-    dcfg = _dynamic_config(model, cfg)
     docs = _docs(ds.split("val"), cfg.dynamic_docs, cfg.length)
     if not docs:
         raise FastWeightsError("dynamic evaluation found no validation document with 2 or more tokens")

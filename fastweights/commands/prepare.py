@@ -10,7 +10,7 @@ from fastweights.config import option, parse
 from fastweights.data.corpus import build_corpus
 from fastweights.data.store import Dataset, dataset_key, tokenize_corpus
 from fastweights.data.tokenizer import cache_dir, load_tokenizer, train_bpe
-from fastweights.errors import FastWeightsError
+from fastweights.errors import check_at_least
 
 
 @dataclass
@@ -32,8 +32,7 @@ class PrepareConfig:
 def prepare(cfg: PrepareConfig) -> Dataset:
     """Build, tokenise (unless already done) and return the dataset."""
     for name, low in (("max_mb", 0), ("max_doc_kb", 0), ("tokenizer_sample_mb", 1), ("shard_tokens", 1)):
-        if getattr(cfg, name) < low:
-            raise FastWeightsError(f"{name} must be >= {low}, got {getattr(cfg, name)}")
+        check_at_least(name, getattr(cfg, name), low)
     corpus = build_corpus(cfg.corpus, cfg.val_fraction, max_doc_bytes=cfg.max_doc_kb << 10,
                           max_bytes=cfg.max_mb << 20, text_field=cfg.text_field, progress=cfg.progress)
     if cfg.tokenizer == "bpe":

@@ -95,16 +95,16 @@ def _tokenizer_hash(tokenizer) -> str:
 ENCODING = 2
 
 
-def dataset_key(corpus: Corpus, tokenizer) -> str:
-    """``<corpus sha256[:16]>-<tokenizer sha256[:16]>-val<val_fraction>-e<ENCODING>``: what the
-    documents are, how they split and how they are encoded."""
-    return (f"{corpus.manifest['sha256'][:16]}-{_tokenizer_hash(tokenizer)[:16]}-val{corpus.val_fraction:g}"
-            f"-e{ENCODING}")
-
-
 def _earlier_key(corpus: Corpus, tokenizer) -> str:
-    """The key that fastweights before ENCODING 2 gave the same corpus and tokenizer."""
+    """``<corpus sha256[:16]>-<tokenizer sha256[:16]>``: the whole key before ENCODING 2."""
     return f"{corpus.manifest['sha256'][:16]}-{_tokenizer_hash(tokenizer)[:16]}"
+
+
+def dataset_key(corpus: Corpus, tokenizer, earlier: str | None = None) -> str:
+    """``<corpus sha256[:16]>-<tokenizer sha256[:16]>-val<val_fraction>-e<ENCODING>``: what the
+    documents are, how they split and how they are encoded (``earlier``: the first two parts,
+    if already at hand)."""
+    return f"{earlier or _earlier_key(corpus, tokenizer)}-val{corpus.val_fraction:g}-e{ENCODING}"
 
 
 def _pieces(text: str) -> list[str]:
@@ -168,12 +168,13 @@ def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tok
     already holds this corpus tokenised with this tokenizer, nothing is redone. The
     directory is built under a temporary name and renamed into place when complete."""
     out = Path(out)
-    key = dataset_key(corpus, tokenizer)
+    earlier = _earlier_key(corpus, tokenizer)  # hashes the tokenizer once for both keys
+    key = dataset_key(corpus, tokenizer, earlier)
     if (out / "meta.json").exists():
         ds = Dataset(out)
         if ds.meta.get("key") == key:
             return ds
-        if ds.meta.get("key") != _earlier_key(corpus, tokenizer):
+        if ds.meta.get("key") != earlier:
             raise FastWeightsError(
                 f"{out} holds another dataset (key {ds.meta.get('key')}, want {key}); pick another --out"
             )

@@ -34,7 +34,7 @@ def _sample(corpus: Corpus, sample_bytes: int):
     for doc in corpus.split("train"):
         for i in range(0, len(doc.text), 1 << 20):
             piece = doc.text[i : i + (1 << 20)]
-            yield from (p for p in _LONG_WORD.split(piece) if p) if _LONG_WORD.search(piece) else (piece,)
+            yield from (p for p in _LONG_WORD.split(piece) if p)  # the piece itself when no word is long
             total += len(piece)
             if total >= sample_bytes:
                 return

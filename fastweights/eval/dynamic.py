@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastweights.errors import check_number
 from fastweights.eval.flops import flop_counter
 
 __all__ = ["DynamicEvalConfig", "DynamicEvalResult", "ModeResult", "dynamic_eval", "select_parameters"]
@@ -63,9 +64,7 @@ class DynamicEvalConfig:
                 or self.segment_length < 1:
             raise ValueError(f"segment_length must be a positive integer, got {self.segment_length!r}")
         for name in ("lr", "decay", "eps"):
-            val = getattr(self, name)
-            if not isinstance(val, int | float) or not math.isfinite(val) or val < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {val!r}")
+            check_number(name, getattr(self, name))
         if self.context is not None and (not isinstance(self.context, int) or self.context < 0):
             raise ValueError(f"context must be None or an integer >= 0, got {self.context!r}")
 

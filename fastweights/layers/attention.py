@@ -25,7 +25,7 @@ from fastweights.ops.rope import apply_rope, rope_cos_sin
 BACKENDS = ("auto", "sdpa", "flex")
 
 
-def _check_backend(backend) -> None:
+def check_backend(backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -163,7 +163,7 @@ def attend(q, k, v, layout: TokenLayout, window: int | None = None, backend: str
     """Masked softmax attention. q (B, Hq, N, dh), k, v (B, Hkv, M, dh); Hq % Hkv == 0; the keys
     are the layout's newest M (all of them, or a cache trimmed by :func:`keep_window`).
     Returns (B, Hq, N, dh). ``backend``: ``auto`` | ``sdpa`` | ``flex``."""
-    _check_backend(backend)
+    check_backend(backend)
     N, M = q.shape[2], k.shape[2]
     layout = layout.last_keys(M)
     gqa = k.shape[1] != q.shape[1]
@@ -204,7 +204,7 @@ class Attention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if window is not None:
             check_positive_int("window", window)
-        _check_backend(backend)
+        check_backend(backend)
         self.num_heads, self.num_kv_heads, self.head_dim, self.window = num_heads, num_kv_heads, head_dim, window
         self.backend = backend
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from fastweights.errors import check_number
 from fastweights.ops.fwl import FAST_TENSORS, FWLParams, FWLState, fwl
 
 __all__ = ["DEFAULT_GRAD_SCALE", "DEFAULT_STEP_SIZE", "FastWeightLayer"]
@@ -57,10 +58,8 @@ class FastWeightLayer(nn.Module):
             raise ValueError(f"residual needs width == hidden_size, got {width} and {hidden_size}")
         if not math.isfinite(step_size):
             raise ValueError(f"step_size must be finite, got {step_size!r}")
-        if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-        if not (math.isfinite(grad_scale) and grad_scale > 0):
-            raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
+        check_number("eps", eps, strict=True)
+        check_number("grad_scale", grad_scale, strict=True)
         self.hidden_size, self.width, self.expansion = hidden_size, width, expansion
         self.eps, self.block_size, self.step_size_init = float(eps), block_size, float(step_size)
         self.residual, self.grad_scale = bool(residual), float(grad_scale)

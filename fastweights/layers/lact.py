@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastweights.errors import check_positive_int
-from fastweights.layers.attention import TokenLayout, _check_backend, apply_rope, attend, keep_window, rope_cos_sin
+from fastweights.layers.attention import TokenLayout, apply_rope, attend, check_backend, keep_window, rope_cos_sin
 from fastweights.ops.lact import (
     ORDERS,
     UPDATES,
@@ -104,7 +104,7 @@ class LaCTLayer(nn.Module):
             raise ValueError(f"impl must be 'chunked' or 'reference', got {impl!r}")
         if glue not in IMPLS:
             raise ValueError(f"glue must be one of {IMPLS}, got {glue!r}")
-        _check_backend(attn_backend)
+        check_backend(attn_backend)
         if not lr_init > 0:
             raise ValueError(f"lr_init must be > 0, got {lr_init}")
         check_positive_int("chunk_size", chunk_size)

@@ -26,7 +26,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 __all__ = ["TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "enable_activation_checkpointing",
-           "hf_progress_bars", "keep_positions", "resolve_use_cache"]
+           "check_dynamic_cache", "hf_progress_bars", "keep_positions", "resolve_use_cache"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):
@@ -50,6 +50,16 @@ def resolve_use_cache(base_model: nn.Module, kwargs: dict) -> bool:
 def cache_implementation(generation_config) -> str | None:
     """The cache kind ``generate`` was asked for (None: the default dynamic cache)."""
     return getattr(generation_config, "cache_implementation", None)
+
+
+def check_dynamic_cache(generation_config, what: str) -> None:
+    """Raise unless ``generate`` asks for the default (dynamic) cache, the only kind that a
+    fast-weight model's cache (carrying ``what``) can stand in for."""
+    from fastweights.errors import FastWeightsError
+
+    impl = cache_implementation(generation_config)
+    if impl not in (None, "dynamic"):
+        raise FastWeightsError(f"cache_implementation={impl!r} cannot carry {what}; use the default (dynamic) cache")
 
 
 def keep_positions(x, keep):

@@ -33,7 +33,7 @@ from transformers.cache_utils import Cache
 
 from fastweights.errors import FastWeightsError
 from fastweights.layers.fwl import DEFAULT_GRAD_SCALE, DEFAULT_STEP_SIZE, FastWeightLayer
-from fastweights.models.compat import DynamicCache, cache_implementation, keep_positions, resolve_use_cache
+from fastweights.models.compat import DynamicCache, check_dynamic_cache, keep_positions, resolve_use_cache
 from fastweights.ops.fwl import IGNORE, FWLState
 
 __all__ = ["FWLCache", "FWLHead", "add_fwl", "fwl_layer", "has_fwl", "register_fwl_family"]
@@ -197,10 +197,7 @@ def register_fwl_family(model_type: str) -> tuple[type, type]:
         _install(self, _options_from_config(config))
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        impl = cache_implementation(generation_config)
-        if impl not in (None, "dynamic"):
-            raise FastWeightsError(f"cache_implementation={impl!r} cannot carry the FWL state; use the default "
-                                   f"(dynamic) cache")
+        check_dynamic_cache(generation_config, "the FWL state")
         base_model._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
 
     model_cls = type("FWL" + base_model.__name__, (base_model,), {
@@ -290,7 +287,9 @@ def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DE
         raise FastWeightsError(f"add_fwl needs a transformers PreTrainedModel, got {type(model).__name__}")
     if has_fwl(model):
         raise FastWeightsError("model already has an FWL head")
-    if model.config.model_type.startswith("inplace_ttt_"):
+    from fastweights.models.inplace_ttt import PREFIX as TTT_PREFIX  # inplace_ttt imports this module
+
+    if model.config.model_type.startswith(TTT_PREFIX):
         raise FastWeightsError("an In-Place TTT model cannot also take an FWL head: each needs its own generation "
                                "cache (InPlaceTTTCache, FWLCache)")
     options = {"expansion": expansion, "step_size": float(step_size), "eps": float(eps), "block_size": block_size,

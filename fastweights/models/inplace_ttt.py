@@ -28,7 +28,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from fastweights.errors import FastWeightsError
 from fastweights.layers.inplace_ttt import OFFICIAL_TARGET, InPlaceTTTMLP, TTTContext, normalize_target
 from fastweights.models.cache import InPlaceTTTCache
-from fastweights.models.compat import cache_implementation, resolve_use_cache
+from fastweights.models.compat import check_dynamic_cache, resolve_use_cache
+from fastweights.models.fwl import has_fwl
 from fastweights.ops.inplace_ttt_decode import StepPlan
 
 __all__ = [
@@ -107,11 +108,7 @@ def _generation_cache(model, generation_config, model_kwargs) -> bool:
 
     Returns False when generate's own logic should run (a user's cache, or no cache at all).
     """
-    impl = cache_implementation(generation_config)
-    if impl not in (None, "dynamic"):
-        raise FastWeightsError(
-            f"cache_implementation={impl!r} cannot carry In-Place TTT fast weights; use the default (dynamic) cache"
-        )
+    check_dynamic_cache(generation_config, "In-Place TTT fast weights")
     if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
         return False
     model_kwargs["past_key_values"] = InPlaceTTTCache(config=model.config.get_text_config(decoder=True))
@@ -324,7 +321,7 @@ def convert(
         raise FastWeightsError(f"convert needs a transformers PreTrainedModel, got {type(model).__name__}")
     if is_converted(model):
         raise FastWeightsError("model is already converted to In-Place TTT")
-    if _model_type(model).startswith("fwl_"):
+    if has_fwl(model):
         raise FastWeightsError("a model with an FWL head cannot also be converted to In-Place TTT: each needs its "
                                "own generation cache (FWLCache, InPlaceTTTCache)")
     if _model_type(model) == HYBRID:

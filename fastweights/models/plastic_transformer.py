@@ -18,13 +18,12 @@ from the task loss through the unrolled updates.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fastweights.errors import check_positive_int
+from fastweights.errors import check_number, check_positive_int
 from fastweights.layers.plastic import PlasticFFN
 
 __all__ = ["PlasticConfig", "PlasticState", "PlasticTransformer", "RULES"]
@@ -53,9 +52,7 @@ class PlasticConfig:
         for name in ("input_size", "output_size", "d_model", "d_ff", "n_heads", "n_layers", "max_len"):
             check_positive_int(name, getattr(self, name))
         for name in ("eta0", "max_norm"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_number(name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
 

@@ -44,13 +44,12 @@ back in (``state=``) to continue that document, as generation does.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from fastweights.errors import check_float_tensors
+from fastweights.errors import check_float_tensors, check_number
 from fastweights.ops.inplace_ttt import doc_starts
 
 __all__ = [
@@ -94,8 +93,7 @@ class FWLState(NamedTuple):
 # --------------------------------------------------------------------------- validation
 def _check(h, targets, p: FWLParams, step_sizes, unembed_weight, unembed_bias, state, residual=False,
            grad_scale=1.0):
-    if not (isinstance(grad_scale, int | float) and math.isfinite(grad_scale) and grad_scale > 0):
-        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
+    check_number("grad_scale", grad_scale, strict=True)
     check_float_tensors(h=h, step_sizes=step_sizes, unembed_weight=unembed_weight, unembed_bias=unembed_bias,
                         **{name: getattr(p, name) for name in p._fields})
     if h.dim() != 3:

@@ -12,7 +12,6 @@ Equations (docs: ``../shared/SPEC.md`` §6):
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import MultiStepLR
 
-from fastweights.errors import check_positive_int
+from fastweights.errors import check_number, check_positive_int
 
 _SLOW = "slow_param"
 
@@ -183,8 +182,7 @@ class SLRLA(Lookahead):
     """
 
     def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5, beta: float = 0.2) -> None:
-        if not (math.isfinite(float(beta)) and float(beta) >= 0.0):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        check_number("beta", beta)
         self.beta = float(beta)
         super().__init__(optimizer, k=k, alpha=alpha)
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from fastweights.config import option
 from fastweights.data.packing import IGNORE, PackedRows
 from fastweights.data.store import Dataset
-from fastweights.errors import FastWeightsError
+from fastweights.errors import FastWeightsError, check_at_least
 from fastweights.models.compat import enable_activation_checkpointing, hf_progress_bars
 from fastweights.models.presets import SIZES, build_model, load_model, resolve_model
 from fastweights.optim import OPTIMIZERS, Lookahead, build_optimizer
@@ -293,8 +293,7 @@ def _train(cfg: TrainConfig) -> dict:
         raise FastWeightsError("forgetting re-initialises the token embeddings, which --trainable fast freezes: "
                                "use --trainable all with it")
     for name in ("steps", "batch_size", "seq_len", "accum", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise FastWeightsError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        check_at_least(name, getattr(cfg, name), 1)
     for name, ok, allowed in (("lr", cfg.lr > 0, "> 0"), ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
                               ("warmup", cfg.warmup >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
                               ("clip", cfg.clip >= 0, ">= 0 (0: off)"), ("keep", cfg.keep >= 0, ">= 0 (0: all)")):

@@ -8,9 +8,8 @@ One config expresses every row of the fast-weight comparison: each layer picks a
 
 from __future__ import annotations
 
-import math
-
-from fastweights.errors import check_positive_int
+from fastweights.errors import check_number, check_positive_int
+from fastweights.layers.attention import BACKENDS
 from fastweights.layers.inplace_ttt import TARGETS
 from fastweights.models.hybrid.compat import PreTrainedConfig
 from fastweights.models.inplace_ttt import HYBRID
@@ -41,13 +40,6 @@ def _per_layer(value, allowed, n, name):
     return names
 
 
-def _number(name: str, value, low: float, strict: bool) -> None:
-    """Raise ValueError naming the config key unless ``value`` is a finite number > low (>= low)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (strict and value == low):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
-
-
 def _check(cfg: HybridConfig) -> None:
     """The numeric keys, named as in the config (the layers would name their own arguments)."""
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -58,7 +50,7 @@ def _check(cfg: HybridConfig) -> None:
         check_positive_int("sliding_window", cfg.sliding_window)
     for key, low, strict in (("rms_norm_eps", 0, True), ("rope_base", 0, True), ("initializer_range", 0, False),
                              ("lact_lr_init", 0, True), ("ttt_lr", 0, False)):
-        _number(key, getattr(cfg, key), low, strict)
+        check_number(key, getattr(cfg, key), low, strict)
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise ValueError(f"num_attention_heads {cfg.num_attention_heads} must be a multiple of num_key_value_heads "
                          f"{cfg.num_key_value_heads}")
@@ -142,7 +134,7 @@ class HybridConfig(PreTrainedConfig):
         self.ttt_lr = ttt_lr
         self.ttt_target = _one_of(ttt_target, TARGETS, "ttt_target")
         self.ttt_proj = ttt_proj
-        self.attn_backend = _one_of(attn_backend, ("auto", "sdpa", "flex"), "attn_backend")
+        self.attn_backend = _one_of(attn_backend, BACKENDS, "attn_backend")
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         _check(self)
