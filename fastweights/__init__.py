@@ -1,11 +1,11 @@
 """fastweights: fast weights and test-time training for language models.
 
-Importing the package registers the In-Place TTT model types (``inplace_ttt_<family>``) with
-the transformers Auto classes, so that ``AutoModelForCausalLM.from_pretrained`` loads
-converted checkpoints.
+Importing the package registers its model types with the transformers Auto classes (the
+In-Place TTT ``inplace_ttt_<family>``, the FWL ``fwl_<family>`` and the hybrid
+``fastweights_hybrid``), so that ``AutoModelForCausalLM.from_pretrained`` loads their checkpoints.
 """
 
-from fastweights.models import convert, is_converted, load_pretrained, ttt_parameters
+from fastweights.models import convert, hybrid, is_converted, load_pretrained, ttt_parameters
 from fastweights.ops import inplace_ttt
 
 __version__ = "0.1.0"

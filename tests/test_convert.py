@@ -133,6 +133,11 @@ def test_loading_never_unpickles(tmp_path):
         (dict(layers=[0, 7]), r"layer index 7 is out of range: the model has 7 layers \(0..6\)"),
         (dict(layers=[-1]), "layer index -1 is out of range"),
         (dict(layers=[]), r"layers must name at least one decoder layer \(0..6\), got \[\]"),
+        (dict(layers=1), r"layers must be a list of decoder layer indices \(0..6\), got 1"),
+        (dict(layers="02"), r"layers must be a list of decoder layer indices \(0..6\), got '02'"),
+        (dict(layers=[1.0]), r"layer indices must be integers, got 1.0 \(float\)"),
+        (dict(layers=[True]), r"layer indices must be integers, got True \(bool\)"),
+        (dict(proj="no"), "proj must be True or False, got 'no'"),
         (dict(target="logits"), "target must be one of"),
         (dict(lr=float("nan")), "lr must be a finite number >= 0, got nan"),
         (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
@@ -144,6 +149,16 @@ def test_bad_settings_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         convert(model, **kwargs)
     assert not ttt_modules(model)
+
+
+def test_integer_scalars_name_layers():
+    """NumPy integers and 0-d integer tensors are layer indices like ints."""
+    import numpy as np
+
+    for layers in ([np.int64(1), 4], torch.tensor([1, 4]), (1, 4)):
+        model = convert(tiny_model("qwen3"), layers=layers)
+        assert model.config.ttt_layers == [1, 4]
+        assert all(type(i) is int for i in model.config.ttt_layers)
 
 
 def test_unsupported_model_names_type_and_what_is_missing():

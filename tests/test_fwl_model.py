@@ -166,8 +166,11 @@ def test_cache_reorder_indexes_the_fwl_state():
     cache.reorder_cache(idx)
     for a, b in zip(cache.fwl_state, before, strict=True):
         assert torch.equal(a, b[idx])
-    with pytest.raises(NotImplementedError):
-        cache.crop(2)
+    for bad in (2, -1):  # keep two tokens (the older, positive form); remove one
+        with pytest.raises(FastWeightsError, match=r"cannot crop an FWLCache from 6 to \d tokens"):
+            cache.crop(bad)
+    cache.crop(0)  # removes nothing
+    assert cache.get_seq_length() == 6
 
 
 def test_errors():

@@ -246,6 +246,8 @@ def test_cache_mismatch_raises():
             model(input_ids=ids[:1, :1], past_key_values=ttt_cache, use_cache=True)
         with pytest.raises(FastWeightsError, match="cannot crop"):
             ttt_cache.crop(3)
+        ttt_cache.crop(0)  # removes nothing (transformers 5: crop(n <= 0) removes -n tokens)
+        assert ttt_cache.get_seq_length() == 6
         with pytest.raises(FastWeightsError, match="cannot carry"):
             model.generate(ids, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
 

@@ -5,6 +5,9 @@ import copy
 import dataclasses
 import inspect
 import json.decoder
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -12,6 +15,7 @@ import torch
 from tiny_models import load_in_fresh_process
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from fastweights.errors import FastWeightsError
 from fastweights.layers.attention import TokenLayout
 from fastweights.layers.lact import LaCTLayer
 from fastweights.models.hybrid import HybridCache, HybridConfig, HybridForCausalLM
@@ -351,6 +355,65 @@ def test_update_apply_runs_without_a_state_and_refuses_to_continue():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(out, greedy_by_full_forwards(model, ids, 4))
+
+
+def test_cache_refuses_another_model_another_batch_cropping_and_assisted_decoding():
+    """A HybridCache continues only with the configuration and batch that filled it; it cannot be
+    cropped, so generate's assisted and prompt-lookup decoding raise by name."""
+    model = tiny(["swa", "swa"], "swiglu")
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        # same sizes, so nothing else would notice: attention would read keys cut to the window
+        other = tiny(["attention", "attention"], "swiglu")
+        with pytest.raises(FastWeightsError, match=r"another configuration: mixers \('swa', 'swa'\) \(model: "
+                                                   r"\('attention', 'attention'\)\)"):
+            other(ids[:, :1], past_key_values=cache)
+        deeper = tiny(["swa", "swa", "swa"], "swiglu")
+        with pytest.raises(FastWeightsError, match="num_hidden_layers 2 \\(model: 3\\)"):
+            deeper(ids[:, :1], past_key_values=cache)
+        with pytest.raises(FastWeightsError, match="batch size changed .* holds 2 sequences, the input has 1"):
+            model(ids[:1, :1], past_key_values=cache)
+        for bad in (-2, 3):  # remove two tokens; keep three (the older, positive form)
+            with pytest.raises(FastWeightsError, match=r"cannot crop a HybridCache from 12 to \d+ tokens"):
+                cache.crop(bad)
+        cache.crop(0)  # removes nothing
+        cache.crop(12)
+        assert cache.get_seq_length() == 12
+        step = model(ids[:, :1], past_key_values=cache).logits
+        assert rel(step, model(torch.cat([ids, ids[:, :1]], 1), use_cache=False).logits[:, -1:]) < 1e-5
+        for kw in ({"prompt_lookup_num_tokens": 2}, {"assistant_model": tiny(["swa", "swa"], "swiglu", seed=1)}):
+            with pytest.raises(FastWeightsError, match="assisted or speculative decoding"):
+                model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=4,
+                               do_sample=False, **kw)
+
+
+def test_muon_streaming_equals_full_in_float64_over_many_chunks():
+    """300 tokens (18 LaCT chunks, Muon) streamed in pieces of 7 equal one forward in float64:
+    Newton–Schulz amplifies rounding along the sequence, not the streaming form's own error."""
+    model = tiny(["lact", "swa"], "inplace_ttt", hidden_size=64, lact_chunk_size=16, sliding_window=16,
+                 lact_update="muon", max_position_embeddings=512).double()
+    ids = torch.randint(0, VOCAB, (2, 300), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache, pieces = None, []
+        for s in range(0, 300, 7):
+            out = model(ids[:, s:s + 7], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            pieces.append(out.logits)
+    assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10
+
+
+def test_import_fastweights_registers_the_hybrid_family(tmp_path):
+    """``import fastweights`` alone lets AutoModelForCausalLM load a hybrid checkpoint (fresh process)."""
+    tiny(["lact", "swa"]).save_pretrained(tmp_path)
+    code = ("import sys, fastweights\nfrom transformers import AutoModelForCausalLM\n"
+            "print(type(AutoModelForCausalLM.from_pretrained(sys.argv[1])).__name__)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "HybridForCausalLM"
 
 
 def test_config_errors():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastweights.errors import FastWeightsError
-from fastweights.models.compat import DynamicCache
+from fastweights.models.compat import DynamicCache, crop_length
 from fastweights.ops.inplace_ttt_decode import STATE_FORMS, InPlaceTTTState, StepPlan
 
 __all__ = ["InPlaceTTTCache"]
@@ -123,13 +123,13 @@ class InPlaceTTTCache(DynamicCache):
         self.ttt_states.clear()
         self.ttt_tokens = None
 
-    def crop(self, max_length: int) -> None:
+    def crop(self, tokens_to_remove: int) -> None:
         """Only a no-op crop is possible: fast-weight updates cannot be undone."""
         seen = self.get_seq_length()
-        keep = seen + max_length if max_length < 0 else max_length
+        keep = crop_length(seen, tokens_to_remove)
         if keep < seen and self.ttt_tokens is not None:
             raise FastWeightsError(
                 f"cannot crop an InPlaceTTTCache from {seen} to {keep} tokens: fast-weight updates cannot be "
                 "rolled back (assisted or speculative decoding is not supported with In-Place TTT)"
             )
-        super().crop(max_length)
+        super().crop(tokens_to_remove)

@@ -25,8 +25,8 @@ from packaging.version import Version
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-__all__ = ["TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "enable_activation_checkpointing",
-           "check_dynamic_cache", "hf_progress_bars", "keep_positions", "resolve_use_cache"]
+__all__ = ["TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "crop_length",
+           "enable_activation_checkpointing", "check_dynamic_cache", "hf_progress_bars", "keep_positions", "resolve_use_cache"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):
@@ -60,6 +60,15 @@ def check_dynamic_cache(generation_config, what: str) -> None:
     impl = cache_implementation(generation_config)
     if impl not in (None, "dynamic"):
         raise FastWeightsError(f"cache_implementation={impl!r} cannot carry {what}; use the default (dynamic) cache")
+
+
+def crop_length(seen: int, tokens_to_remove: int) -> int:
+    """The length that ``Cache.crop(tokens_to_remove)`` leaves of ``seen`` tokens: a negative value
+    removes that many (0 removes none); a positive one is the length to keep (deprecated in 5.17,
+    refused by later releases, whose own ``crop`` then raises)."""
+    if tokens_to_remove <= 0:
+        return max(seen + tokens_to_remove, 0)
+    return min(tokens_to_remove, seen)
 
 
 def keep_positions(x, keep):

@@ -33,7 +33,7 @@ from transformers.cache_utils import Cache
 
 from fastweights.errors import FastWeightsError
 from fastweights.layers.fwl import DEFAULT_GRAD_SCALE, DEFAULT_STEP_SIZE, FastWeightLayer
-from fastweights.models.compat import DynamicCache, check_dynamic_cache, keep_positions, resolve_use_cache
+from fastweights.models.compat import DynamicCache, check_dynamic_cache, crop_length, keep_positions, resolve_use_cache
 from fastweights.ops.fwl import IGNORE, FWLState
 
 __all__ = ["FWLCache", "FWLHead", "add_fwl", "fwl_layer", "has_fwl", "register_fwl_family"]
@@ -75,8 +75,12 @@ class FWLCache(DynamicCache):
         self._index_fwl(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
-        if self.fwl_state is not None and tokens_to_remove != 0:
-            raise NotImplementedError("an FWL cache cannot be cropped: its summed gradients cannot be undone")
+        """Only a no-op crop is possible: the summed gradients cannot be undone."""
+        seen = self.get_seq_length()
+        keep = crop_length(seen, tokens_to_remove)
+        if self.fwl_state is not None and keep < seen:
+            raise FastWeightsError(f"cannot crop an FWLCache from {seen} to {keep} tokens: its summed gradients "
+                                   "cannot be rolled back (assisted or speculative decoding is not supported with FWL)")
         super().crop(tokens_to_remove)
 
 

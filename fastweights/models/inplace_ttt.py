@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import sys
 import warnings
 from functools import partial
@@ -209,7 +210,17 @@ def default_layers(num_layers: int) -> list[int]:
     return list(range(0, num_layers, 6))
 
 
-def _validate(model, layers, chunk_size, lr, target):
+def _layer_index(i) -> int:
+    """A layer index as a Python int: ints and integer scalars (NumPy, 0-d tensors), not bools."""
+    try:
+        if isinstance(i, bool) or getattr(i, "dtype", None) == bool:
+            raise TypeError
+        return operator.index(i)
+    except TypeError:
+        raise ValueError(f"layer indices must be integers, got {i!r} ({type(i).__name__})") from None
+
+
+def _validate(model, layers, chunk_size, lr, target, proj):
     layers_list = _decoder_layers(model)
     n = len(layers_list)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -221,11 +232,13 @@ def _validate(model, layers, chunk_size, lr, target):
     if not math.isfinite(lr_f) or lr_f < 0:
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     target = normalize_target(target)
-    chosen = default_layers(n) if layers is None else list(layers)
+    if layers is not None and (isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__")):
+        raise ValueError(f"layers must be a list of decoder layer indices (0..{n - 1}), got {layers!r}")
+    chosen = default_layers(n) if layers is None else [_layer_index(i) for i in layers]
     if not chosen:
         raise ValueError(f"layers must name at least one decoder layer (0..{n - 1}), got []")
     for i in chosen:
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+        if not 0 <= i < n:
             raise ValueError(f"layer index {i!r} is out of range: the model has {n} layers (0..{n - 1})")
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"layer indices must be distinct, got {chosen}")
@@ -238,6 +251,8 @@ def _validate(model, layers, chunk_size, lr, target):
                 f"model type {_model_type(model)!r} is not supported: decoder layer {i} lacks {what} "
                 "(In-Place TTT needs a gated MLP with gate_proj/up_proj/down_proj)"
             )
+    if not isinstance(proj, bool):
+        raise ValueError(f"proj must be True or False, got {proj!r}")
     return sorted(chosen), chunk_size, lr_f, target
 
 
@@ -274,7 +289,8 @@ def _convert_from_config(model: PreTrainedModel, config) -> None:
     if getattr(config, "ttt_layers", None) is None:
         raise FastWeightsError(f"config of type {config.model_type!r} has no ttt_layers: not an In-Place TTT model")
     layers, chunk, lr, target = _validate(
-        model, config.ttt_layers, int(config.ttt_chunk), config.ttt_lr, getattr(config, "ttt_target", "hidden")
+        model, config.ttt_layers, int(config.ttt_chunk), config.ttt_lr, getattr(config, "ttt_target", "hidden"),
+        bool(getattr(config, "ttt_proj", True)),
     )
     _install(model, layers, chunk, lr, target, bool(getattr(config, "ttt_proj", True)))
 
@@ -327,7 +343,7 @@ def convert(
     if _model_type(model) == HYBRID:
         raise FastWeightsError("a fastweights_hybrid model picks In-Place TTT per layer in its config "
                                "(mlps='inplace_ttt', ttt_chunk, ttt_lr, ...); convert does not apply to it")
-    layers, chunk_size, lr, target = _validate(model, layers, chunk_size, lr, target)
+    layers, chunk_size, lr, target = _validate(model, layers, chunk_size, lr, target, proj)
     cfg_cls, model_cls = register_family(model.config.model_type)
     if model.config.model_type not in SUPPORTED_FAMILIES:
         warnings.warn(

@@ -14,17 +14,33 @@ Per layer ``states[i] = {"mixer": ..., "mlp": ...}``:
 Shared across layers: ``key_doc`` (B, M) document ids and ``key_valid`` (B, M) padding mask of
 all earlier tokens, ``seen`` (M), and ``ttt_tokens`` (per row, real tokens of its open document,
 for the In-Place TTT step plans).
+
+A cache belongs to the model configuration that filled it (:data:`STATE_KEYS`); another model,
+another batch size, and cropping (fast-weight updates cannot be undone, so assisted and
+speculative decoding are unsupported) raise :class:`~fastweights.errors.FastWeightsError`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fastweights.errors import FastWeightsError
+from fastweights.models.compat import crop_length
 from fastweights.models.hybrid.compat import Cache, empty_cache_base
 from fastweights.ops.inplace_ttt_decode import InPlaceTTTState
 from fastweights.ops.lact import LaCTState
 
-__all__ = ["HybridCache"]
+__all__ = ["STATE_KEYS", "HybridCache"]
+
+# The config keys that decide what a layer keeps in the cache and how it reads it.
+STATE_KEYS = ("num_hidden_layers", "mixers", "mlps", "sliding_window", "hidden_size", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "lact_heads", "lact_chunk_size", "lact_update", "lact_order",
+              "ttt_chunk", "ttt_target")
+
+
+def state_layout(config) -> dict:
+    """The values of :data:`STATE_KEYS` in ``config`` (lists as tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k in STATE_KEYS for v in [getattr(config, k)]}
 
 
 def _select(obj, index):
@@ -45,13 +61,34 @@ def _select(obj, index):
 class HybridCache(Cache):
     """Generation cache for :class:`HybridForCausalLM`; see the module docstring."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, config):
+        """``config``: the :class:`~fastweights.models.hybrid.HybridConfig` of the model that fills it."""
         empty_cache_base(self)
-        self.states: list[dict | None] = [None] * num_layers
+        self.layout = state_layout(config)
+        self.states: list[dict | None] = [None] * config.num_hidden_layers
         self.key_doc: torch.Tensor | None = None
         self.key_valid: torch.Tensor | None = None
         self.seen = 0
         self.ttt_tokens: list[int] | None = None
+
+    def check(self, config, batch: int) -> None:
+        """Raise unless a model of ``config`` may continue this cache with ``batch`` rows."""
+        other = state_layout(config)
+        diff = [f"{k} {self.layout[k]!r} (model: {other[k]!r})" for k in STATE_KEYS if self.layout[k] != other[k]]
+        if diff:
+            raise FastWeightsError(f"this HybridCache was filled by a model with another configuration: "
+                                   f"{'; '.join(diff)}; start a new cache for this model")
+        if self.key_doc is not None and self.key_doc.shape[0] != batch:
+            raise FastWeightsError(f"batch size changed in the middle of a cache: it holds {self.key_doc.shape[0]} "
+                                   f"sequences, the input has {batch}; start a new cache for a new batch")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Only a no-op crop is possible: fast-weight updates and SWA's dropped keys cannot be undone."""
+        keep = crop_length(self.seen, tokens_to_remove)
+        if keep < self.seen:
+            raise FastWeightsError(
+                f"cannot crop a HybridCache from {self.seen} to {keep} tokens: its states cannot be rolled back "
+                "(assisted or speculative decoding is not supported by fastweights_hybrid models)")
 
     @property
     def is_compileable(self) -> bool:

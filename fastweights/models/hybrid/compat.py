@@ -12,6 +12,8 @@ here, so the rest of the package imports these names only.
 * ``_supports_default_dynamic_cache`` (GenerationMixin, a classmethod in all 5.x releases)
   decides whether ``generate()`` builds a ``DynamicCache``; returning False lets our model
   create its own cache on the first forward.
+* ``GenerationMixin._assisted_decoding`` (all 5.x releases) runs assisted and prompt-lookup
+  decoding; :class:`HybridForCausalLM` overrides it to refuse them by name.
 """
 
 from __future__ import annotations

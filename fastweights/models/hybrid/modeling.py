@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
+from fastweights.errors import FastWeightsError
 from fastweights.layers.attention import Attention, TokenLayout, rope_cos_sin
 from fastweights.layers.inplace_ttt import InPlaceTTTMLP
 from fastweights.layers.lact import LaCTLayer
@@ -203,7 +204,9 @@ class HybridModel(HybridPreTrainedModel):
         use_cache = bool(use_cache) or past_key_values is not None
         cache = past_key_values
         if cache is None and use_cache:
-            cache = HybridCache(len(self.layers))
+            cache = HybridCache(self.config)
+        elif cache is not None:
+            cache.check(self.config, B)
         self._check_checkpointing(x.device)
         layout = _layout(position_ids, attention_mask, cache if (cache is not None and cache.seen) else None,
                          B, N, x.device)
@@ -211,9 +214,6 @@ class HybridModel(HybridPreTrainedModel):
         plan = None
         if cache is not None and "inplace_ttt" in self.config.mlps:
             before = cache.ttt_tokens if cache.ttt_tokens is not None else [0] * B
-            if len(before) != B:
-                raise ValueError(f"batch size changed in the middle of a cache: it holds {len(before)} "
-                                 f"sequences, the input has {B}; start a new cache for a new batch")
             plan = StepPlan(before, N, layout.key_valid[:, -N:], layout.position_ids == 0)
             cache.ttt_tokens = plan.after
         for i, layer in enumerate(self.layers):
@@ -252,6 +252,11 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def _assisted_decoding(self, *args, **kwargs):
+        """``generate()``'s assisted and prompt-lookup decoding: refused (see :meth:`HybridCache.crop`)."""
+        raise FastWeightsError("assisted or speculative decoding (assistant_model, prompt_lookup_num_tokens) is not "
+                               "supported by fastweights_hybrid models: their cache cannot be rolled back")
 
     def set_output_embeddings(self, value):
         self.lm_head = value
