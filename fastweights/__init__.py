@@ -5,7 +5,8 @@ In-Place TTT ``inplace_ttt_<family>``, the FWL ``fwl_<family>`` and the hybrid
 ``fastweights_hybrid``), so that ``AutoModelForCausalLM.from_pretrained`` loads their checkpoints.
 """
 
-from fastweights.models import convert, hybrid, is_converted, load_pretrained, ttt_parameters
+from fastweights.models import convert, is_converted, load_pretrained, ttt_parameters
+from fastweights.models import hybrid as _hybrid  # noqa: F401  (registers fastweights_hybrid)
 from fastweights.ops import inplace_ttt
 
 __version__ = "0.1.0"

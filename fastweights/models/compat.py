@@ -25,8 +25,8 @@ from packaging.version import Version
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-__all__ = ["TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "crop_length",
-           "enable_activation_checkpointing", "check_dynamic_cache", "hf_progress_bars", "keep_positions", "resolve_use_cache"]
+__all__ = ["TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "check_dynamic_cache", "crop_length",
+           "enable_activation_checkpointing", "hf_progress_bars", "keep_positions", "resolve_use_cache"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):

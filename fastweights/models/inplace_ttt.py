@@ -213,7 +213,7 @@ def default_layers(num_layers: int) -> list[int]:
 def _layer_index(i) -> int:
     """A layer index as a Python int: ints and integer scalars (NumPy, 0-d tensors), not bools."""
     try:
-        if isinstance(i, bool) or getattr(i, "dtype", None) == bool:
+        if isinstance(i, bool) or (isinstance(i, torch.Tensor) and i.dtype is torch.bool):
             raise TypeError
         return operator.index(i)
     except TypeError:
