@@ -197,6 +197,11 @@ def test_missing_paths(workdir, capsys):
     (workdir / "a-run" / "model" / "config.json").write_text("{}")
     line = _one_line_error(*run(["generate", "--model", str(workdir / "a-run"), "--prompt", "x"], capsys)[::2])
     assert f"no config.json in model directory {workdir / 'a-run'} (a training run? its model is " in line
+    for flag, value, match in (("--temperature", "-1", "temperature must be >= 0 (0: greedy), got -1.0"),
+                               ("--top-k", "-1", "top_k must be >= 0, got -1"),
+                               ("--max-new-tokens", "0", "max_new_tokens must be >= 1, got 0")):
+        line = _one_line_error(*run(["generate", "--model", str(workdir / "nomodel"), flag, value], capsys)[::2])
+        assert match in line, line
 
 
 @pytest.mark.parametrize("flag,value,match", [

@@ -154,3 +154,20 @@ def test_parallel_runs_equal_serial_runs(tmp_path, experiment):
         else:
             assert r["curve"] == pytest.approx(r2["curve"], rel=1e-5)
             assert r["test"] == pytest.approx(r2["test"], rel=1e-5)
+
+
+def test_quick_runs_never_write_the_committed_results():
+    """--quick without an output flag writes under runs/quick, not docs/results; the experiment
+    list offers only experiments."""
+    from pathlib import Path
+
+    from fastweights.cli import _experiments
+    from fastweights.experiments import associative_retrieval, forgetting, lookahead, plasticity
+
+    for mod, attr, full in ((associative_retrieval, "out_dir", "docs/results"), (plasticity, "out_dir", "docs/results"),
+                            (lookahead, "out", "docs/results/lookahead"),
+                            (forgetting, "out", "docs/results/forgetting")):
+        assert getattr(mod.parse_args([]), attr) == Path(full)
+        quick = getattr(mod.parse_args(["--quick"]), attr)
+        assert quick.parts[:2] == ("runs", "quick"), mod.__name__
+    assert _experiments() == ["associative-retrieval", "forgetting", "fwl-dynamic-eval", "lookahead", "plasticity"]

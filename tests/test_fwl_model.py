@@ -206,3 +206,19 @@ def test_fwl_and_inplace_ttt_do_not_combine():
     ttt = convert(plain(), layers=[0], chunk_size=4)
     with pytest.raises(FastWeightsError, match="In-Place TTT model cannot also take an FWL head"):
         add_fwl(ttt)
+
+
+def test_a_loaded_model_converted_in_memory_takes_the_new_type(tmp_path):
+    """A config from from_pretrained holds its own model_type: convert and add_fwl replace it, and
+    add_fwl refuses the converted model (before: it took the head, and generate failed later)."""
+    from transformers import AutoModelForCausalLM
+
+    from fastweights.models import convert
+
+    plain().save_pretrained(tmp_path / "p")
+    ttt = convert(AutoModelForCausalLM.from_pretrained(tmp_path / "p"), layers=[0], chunk_size=4)
+    assert ttt.config.model_type == "inplace_ttt_" + plain().config.model_type
+    with pytest.raises(FastWeightsError, match="In-Place TTT model cannot also take an FWL head"):
+        add_fwl(ttt)
+    fwl = add_fwl(AutoModelForCausalLM.from_pretrained(tmp_path / "p"))
+    assert fwl.config.model_type == "fwl_" + plain().config.model_type

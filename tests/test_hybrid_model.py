@@ -431,11 +431,11 @@ def test_config_errors():
 
 def test_convert_refuses_a_hybrid_model():
     """Hybrid models pick In-Place TTT per layer in their config; convert names that."""
-    from fastweights.errors import FastWeightsError
     from fastweights.models import convert
 
-    with pytest.raises(FastWeightsError, match=r"fastweights_hybrid model picks In-Place TTT per layer .*mlps="):
-        convert(tiny(["lact", "swa"]))
+    for mlps in ("swiglu", "inplace_ttt"):  # also one that has In-Place TTT MLPs already
+        with pytest.raises(FastWeightsError, match=r"fastweights_hybrid model picks In-Place TTT per layer .*mlps="):
+            convert(tiny(["lact", "swa"], mlps))
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -86,6 +86,80 @@ def test_resume_refuses_other_settings_and_reschedules_new_steps(data, tmp_path,
     assert json.loads((run / "train_config.json").read_text())["steps"] == 8
 
 
+def test_a_resume_cut_short_keeps_the_new_schedule(data, tmp_path, monkeypatch):
+    """A resume with more --steps that fails before its first checkpoint, resumed again, trains
+    exactly as one resume does (before: the second resume ran at the old schedule's last rate)."""
+    from fastweights.train import trainer
+
+    _train(train_args(data, tmp_path / "once", steps=4))
+    shutil.copytree(tmp_path / "once", tmp_path / "twice")
+    _train([*train_args(data, tmp_path / "once", steps=8, save_every=1), "--resume"])
+    real = trainer.save_checkpoint
+
+    def fail(*args, **kwargs):
+        raise FastWeightsError("disk full")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", fail)
+    with pytest.raises(FastWeightsError, match="disk full"):
+        _train([*train_args(data, tmp_path / "twice", steps=8, save_every=1), "--resume"])
+    monkeypatch.setattr(trainer, "save_checkpoint", real)
+    _train([*train_args(data, tmp_path / "twice", steps=8, save_every=1), "--resume"])
+    a, b = (list(map(json.loads, (tmp_path / r / "metrics.jsonl").read_text().splitlines())) for r in ("once", "twice"))
+    assert [(r["step"], r["loss"], r["lr"]) for r in a] == [(r["step"], r["loss"], r["lr"]) for r in b]
+    assert len(a) == 8
+
+
+def test_resume_checks_the_dataset_and_the_steps_done(data, tmp_path):
+    """The dataset is known by its key: a moved copy resumes, another dataset at the run's path
+    does not; --steps below the steps done is refused."""
+    shutil.copytree(data, tmp_path / "d")
+    run = tmp_path / "run"
+    _train(train_args(tmp_path / "d", run, steps=4))
+    shutil.move(tmp_path / "d", tmp_path / "moved")
+    _train([*train_args(tmp_path / "moved", run, steps=6), "--resume"])
+    other = prepare(parse(PrepareConfig, prepare_args(write_corpus(tmp_path / "c2", seed=1), tmp_path / "d"), "t", ""))
+    with pytest.raises(FastWeightsError, match=r"these differ: the dataset at --data .*d' \(key .*, the run's: "):
+        _train([*train_args(other.path, run, steps=8), "--resume"])
+    with pytest.raises(FastWeightsError, match=r"step-00000006 is at step 6: --resume needs --steps >= 6, got 5"):
+        _train([*train_args(tmp_path / "moved", run, steps=5), "--resume"])
+
+
+def test_broken_run_files_are_named(data, tmp_path, capsys):
+    """An unfinished last metrics line is dropped; a broken checkpoint names itself and the one
+    before it; a failed checkpoint write names its directory and is cleaned up by the next save."""
+    from fastweights.train import checkpoint
+
+    run = tmp_path / "run"
+    _train(train_args(data, run, steps=4))
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 5, "loss": 3.9')
+    capsys.readouterr()
+    _train([*train_args(data, run, steps=6), "--resume"])
+    assert "dropped the unfinished last line" in capsys.readouterr().err
+    assert sorted(_losses(run)) == list(range(1, 7))
+    model_file = run / "checkpoints" / "step-00000006" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    with pytest.raises(FastWeightsError, match=r"cannot resume from .*step-00000006: .*; move it away to resume "
+                                               r"from step-00000004"):
+        _train([*train_args(data, run, steps=8), "--resume"])
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    real = checkpoint.save_model
+
+    def fail(*args, **kwargs):
+        raise OSError(27, "File too large")
+
+    checkpoint.save_model = fail
+    try:
+        with pytest.raises(FastWeightsError, match=r"could not write checkpoint .*step-00000006.tmp: .*File too large"):
+            _train([*train_args(data, run, steps=6), "--resume"])
+    finally:
+        checkpoint.save_model = real
+    assert (run / "checkpoints" / "step-00000006.tmp").exists()
+    _train([*train_args(data, run, steps=6), "--resume"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004",
+                                                                       "step-00000006"]
+
+
 def test_rows_longer_than_the_models_positions_warn(data, tmp_path, capsys):
     """A local model trained on rows longer than its max_position_embeddings says so."""
     model = build_model("tiny", 300, max_position_embeddings=32)
@@ -100,6 +174,12 @@ def test_rows_longer_than_the_models_positions_warn(data, tmp_path, capsys):
 def test_a_model_setting_that_fails_leaves_no_run_directory(data, tmp_path):
     with pytest.raises(ValueError, match="layer index 99 is out of range"):
         _train(train_args(data, tmp_path / "bad", steps=1, ttt_layers=99))
+    for kw, match in ((dict(optimizer="lookahead_adamw", lookahead_k=0), "lookahead_k must be >= 1, got 0"),
+                      (dict(forgetting="active", forgetting_every=0), "forgetting_every must be >= 1, got 0"),
+                      (dict(ttt_lr="nan"), "ttt_lr must be >= 0, got nan"),
+                      (dict(optimizer="lookahead_adamw", lookahead_alpha=2), "alpha")):
+        with pytest.raises((FastWeightsError, ValueError), match=match):
+            _train(train_args(data, tmp_path / "bad", steps=1, **kw))
     assert not (tmp_path / "bad").exists()
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from fastweights.config import option, parse
 from fastweights.data.tokenizer import load_tokenizer
-from fastweights.errors import FastWeightsError
+from fastweights.errors import FastWeightsError, check_at_least
 from fastweights.models.presets import load_model
 from fastweights.train.trainer import pick_device
 
@@ -29,6 +30,10 @@ def generate(cfg: GenerateConfig) -> str:
     in its cache (``InPlaceTTTCache``), so decoding is cached for every model."""
     if not cfg.model:
         raise FastWeightsError("pass --model DIR")
+    check_at_least("max_new_tokens", cfg.max_new_tokens, 1)
+    check_at_least("top_k", cfg.top_k, 0)
+    if not math.isfinite(cfg.temperature) or cfg.temperature < 0:
+        raise FastWeightsError(f"temperature must be >= 0 (0: greedy), got {cfg.temperature}")
     model = load_model(cfg.model).to(pick_device(cfg.device)).eval()
     tok = load_tokenizer(cfg.model)
     ids = tok(cfg.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)

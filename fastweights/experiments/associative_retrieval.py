@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastweights.data.associative_retrieval import VOCAB, associative_retrieval_splits
-from fastweights.experiments.runs import merge_reports, run_in_workers
+from fastweights.experiments._runs import merge_reports, run_in_workers
 from fastweights.layers.fast_weights_rnn import IRNN, LSTM, AttentionLSTM, FastWeightsRNN
 
 MODELS = {
@@ -384,12 +384,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device of every run, e.g. cpu or cuda")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="wall-clock budget of the whole command: every run stops at it and reports its step")
-    p.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="default: docs/results (the committed results); with --quick, runs/quick")
     p.add_argument("--report-from", nargs="+", type=Path, metavar="JSON",
                    help="train nothing: merge these associative_retrieval.json files into one report")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke run: R=20, one seed, 30 steps, 2k/500/500 sequences")
     args = p.parse_args(argv)
+    if args.out_dir is None:  # a smoke run never overwrites the committed results
+        args.out_dir = Path("runs/quick" if args.quick else "docs/results")
     if args.quick:
         args.hidden_sizes, args.seeds, args.steps, args.eval_every = [20], [0], 30, 15
         args.train_size, args.valid_size, args.test_size = 2000, 500, 500

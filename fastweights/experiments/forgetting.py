@@ -28,7 +28,7 @@ from tqdm import tqdm
 from transformers import BertConfig, BertForMaskedLM
 
 from fastweights.data.dual_process import COP, N_TARGETS, PAD, DualProcessTask
-from fastweights.experiments.runs import group_runs
+from fastweights.experiments._runs import group_runs
 from fastweights.train.forgetting import build_forgetting
 
 METHODS = ("vanilla", "active", "temporary")
@@ -183,7 +183,9 @@ def seed_average(runs: dict[int, dict]) -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastweights experiment forgetting", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model and few steps (the test suite's setting)")
-    p.add_argument("--out", type=Path, default=Path("docs/results/forgetting"), help="output folder")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: docs/results/forgetting, the committed results; with --quick, "
+                        "runs/quick/forgetting)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--vocab", type=int, default=10_000, help="content tokens V (SPEC: 10,000)")
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of token frequencies")
@@ -203,6 +205,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--combine", type=Path, nargs="+", help="merge the outputs of these single-method runs into --out")
     args = p.parse_args(argv)
+    if args.out is None:  # a smoke run never overwrites the committed results
+        args.out = Path("runs/quick/forgetting" if args.quick else "docs/results/forgetting")
     if args.quick:
         args.steps, args.batch_size, args.hidden, args.layers, args.heads = 40, 32, 32, 1, 2
         args.every, args.until, args.eval_every, args.eval_size = 10, 20, 10, 64

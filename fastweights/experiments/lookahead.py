@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from fastweights.errors import FastWeightsError
-from fastweights.experiments.runs import group_runs
+from fastweights.experiments._runs import group_runs
 from fastweights.optim import Lookahead, build_optimizer, stagewise_lr
 
 METHODS = {"digits": ("sgd", "lookahead_sgd", "slrla_sgd"), "lm": ("adamw", "lookahead_adamw", "slrla_adamw")}
@@ -198,7 +198,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastweights experiment lookahead", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=tuple(METHODS), default="digits")
     p.add_argument("--quick", action="store_true", help="a few steps (the test suite's setting)")
-    p.add_argument("--out", type=Path, default=Path("docs/results/lookahead"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: docs/results/lookahead (the committed results); with --quick, runs/quick/lookahead")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=None, help="a subset of the task's methods (default: all)")
     p.add_argument("--combine", type=Path, nargs="+", help="merge the outputs of these runs (subsets) into --out")
@@ -219,6 +220,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.out is None:  # a smoke run never overwrites the committed results
+        args.out = Path("runs/quick/lookahead" if args.quick else "docs/results/lookahead")
     lm = args.task == "lm"
     args.lr = args.lr if args.lr is not None else (3e-3 if lm else 0.05)
     args.weight_decay = args.weight_decay if args.weight_decay is not None else (0.1 if lm else 5e-4)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastweights.data.plasticity_tasks import TaskBatch, copy_task, digits_few_shot, regression_task
+from fastweights.experiments._runs import merge_reports, run_in_workers
 from fastweights.experiments.associative_retrieval import host
-from fastweights.experiments.runs import merge_reports, run_in_workers
 from fastweights.models.plastic_transformer import RULES, PlasticConfig, PlasticTransformer
 
 TASKS = {  # name: (input size, output size, metric, higher is better)
@@ -267,12 +267,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device of every run, e.g. cpu or cuda")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="wall-clock budget of the whole command: every run stops at it and reports its step")
-    p.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="default: docs/results (the committed results); with --quick, runs/quick")
     p.add_argument("--report-from", nargs="+", type=Path, metavar="JSON",
                    help="train nothing: merge these plasticity.json files into one report")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke run: one seed, 2 steps of 4 episodes, d 16, 16 test episodes")
     args = p.parse_args(argv)
+    if args.out_dir is None:  # a smoke run never overwrites the committed results
+        args.out_dir = Path("runs/quick" if args.quick else "docs/results")
     if args.quick:
         args.seeds, args.steps, args.batch_size, args.test_size = [0], 2, 4, 16
         args.d_model, args.d_ff, args.n_heads = 16, 32, 2

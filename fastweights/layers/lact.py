@@ -201,6 +201,11 @@ class LaCTLayer(nn.Module):
         return {} if lanes is None else {"lanes": lanes}
 
     def forward(self, x: torch.Tensor, layout: TokenLayout, past=None, use_cache: bool = False):
+        """x (B, N, d) → (y (B, N, d), state). ``layout`` (:class:`TokenLayout`) says where the
+        tokens sit (documents, padding, cached prefix); ``past`` is the state returned by the
+        previous call of a cache, ``(k, v, LaCTState)`` with the SWA keys/values (B, H, ≤ window−1,
+        dh) and the fast weights; ``state`` is that tuple for the next call when ``use_cache``,
+        else None."""
         B, N, d = x.shape
         H, D = self.fw_heads, self.fw_dim
         # three products from the one stored weight, as the SWA layer's three projections: q, k, v

@@ -292,8 +292,9 @@ def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DE
     if has_fwl(model):
         raise FastWeightsError("model already has an FWL head")
     from fastweights.models.inplace_ttt import PREFIX as TTT_PREFIX  # inplace_ttt imports this module
+    from fastweights.models.inplace_ttt import is_converted
 
-    if model.config.model_type.startswith(TTT_PREFIX):
+    if model.config.model_type.startswith(TTT_PREFIX) or is_converted(model):
         raise FastWeightsError("an In-Place TTT model cannot also take an FWL head: each needs its own generation "
                                "cache (InPlaceTTTCache, FWLCache)")
     options = {"expansion": expansion, "step_size": float(step_size), "eps": float(eps), "block_size": block_size,
@@ -301,6 +302,7 @@ def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DE
     cfg_cls, model_cls = register_fwl_family(model.config.model_type)
     _install(model, options)
     model.config.__class__ = cfg_cls
+    model.config.__dict__.pop("model_type", None)  # a loaded config's own copy would hide the new type
     for key, val in options.items():
         setattr(model.config, "fwl_" + key, val)
     model.__class__ = model_cls

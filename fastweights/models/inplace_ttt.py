@@ -383,14 +383,14 @@ def convert(
     """
     if not isinstance(model, PreTrainedModel):
         raise FastWeightsError(f"convert needs a transformers PreTrainedModel, got {type(model).__name__}")
+    if _model_type(model) == HYBRID:
+        raise FastWeightsError("a fastweights_hybrid model picks In-Place TTT per layer in its config "
+                               "(mlps='inplace_ttt', ttt_chunk, ttt_lr, ...); convert does not apply to it")
     if is_converted(model):
         raise FastWeightsError("model is already converted to In-Place TTT")
     if has_fwl(model):
         raise FastWeightsError("a model with an FWL head cannot also be converted to In-Place TTT: each needs its "
                                "own generation cache (FWLCache, InPlaceTTTCache)")
-    if _model_type(model) == HYBRID:
-        raise FastWeightsError("a fastweights_hybrid model picks In-Place TTT per layer in its config "
-                               "(mlps='inplace_ttt', ttt_chunk, ttt_lr, ...); convert does not apply to it")
     layers, chunk_size, lr, target = _validate(model, layers, chunk_size, lr, target, proj)
     cfg_cls, model_cls = register_family(model.config.model_type)
     if model.config.model_type not in SUPPORTED_FAMILIES:
@@ -401,6 +401,7 @@ def convert(
             f"{model.config.model_type!r}) before AutoModelForCausalLM.from_pretrained)", stacklevel=2)
     _install(model, layers, chunk_size, lr, target, proj)
     model.config.__class__ = cfg_cls
+    model.config.__dict__.pop("model_type", None)  # a loaded config's own copy would hide the new type
     _write_config(model.config, layers, chunk_size, lr, target, proj)
     model.__class__ = model_cls
     return model

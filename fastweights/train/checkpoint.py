@@ -4,8 +4,11 @@ A checkpoint is a directory ``<run>/checkpoints/step-XXXXXXXX/`` holding
 ``model.safetensors``, ``optimizer.safetensors`` (optimizer and scheduler state through
 :mod:`fastweights.optim.state`), ``rng.safetensors`` and ``state.json`` (step, data
 position, Python/NumPy RNG states and anything else the trainer records). It is written
-under a temporary name and renamed into place, so a killed run never leaves a half-written
-checkpoint.
+under a temporary name, flushed to disk (``fsync``) and renamed into place, so neither a killed
+run nor a crash of the machine leaves a half-written checkpoint; temporary directories of
+earlier failed writes are removed by the next save. A failed write raises
+:class:`~fastweights.errors.FastWeightsError` naming the directory, and leaves the older
+checkpoints as they were.
 
 Under data parallelism (the model wrapped in DDP or FSDP2, docs/distributed.md) every rank
 calls both functions. The files stay those of one process: full tensors under their plain
@@ -27,10 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
+from fastweights.errors import FastWeightsError
 from fastweights.optim.state import load_state, save_state
 
 __all__ = ["latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
@@ -107,6 +111,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 
@@ -125,36 +130,55 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, state: dict
         model_sd, optim_sd = _untie(full_state_dict(model)), _full_optimizer_state(model, optimizer)
     rng_tensors, rng_meta = _rng_state()
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if fsdp:
-            save_file(model_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            save_model(plain, str(tmp / "model.safetensors"))
-        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        save_state(tmp / "optimizer.safetensors",
-                   {"optimizer": optim_sd if fsdp else optimizer.state_dict(), "scheduler": sched})
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        payload = {
-            "step": step,
-            "rng": rng_meta,
-            **state,
-        }
-        if world > 1:
-            payload["world_size"] = world
-        (tmp / "state.json").write_text(json.dumps(payload))
+        for stale in root.glob("step-*.tmp") if root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            _write(tmp, plain, fsdp, model_sd if fsdp else None, optim_sd if fsdp else optimizer.state_dict(),
+                   scheduler, rng_tensors, {"step": step, "rng": rng_meta, **state,
+                                            **({"world_size": world} if world > 1 else {})})
+        except (OSError, RuntimeError, SafetensorError) as err:
+            raise FastWeightsError(f"could not write checkpoint {tmp}: {err} (the older checkpoints are "
+                                   f"unchanged)") from err
     barrier()
     if rank > 0:
         save_file(rng_tensors, str(tmp / f"rng-{rank}.safetensors"), metadata={"rng": json.dumps(rng_meta)})
+        _fsync(tmp / f"rng-{rank}.safetensors")
     barrier()
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
+        _fsync(tmp)
         os.replace(tmp, final)
+        _fsync(root)
         for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     barrier()
     return final
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(tmp: Path, plain, fsdp: bool, model_sd, optim_sd, scheduler, rng_tensors, payload: dict) -> None:
+    """Rank 0's files of one checkpoint, each flushed to disk."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if fsdp:
+        save_file(model_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        save_model(plain, str(tmp / "model.safetensors"))
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    save_state(tmp / "optimizer.safetensors", {"optimizer": optim_sd, "scheduler": sched})
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(payload))
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        _fsync(tmp / name)
 
 
 def _model_tensors(path: Path, plain: nn.Module) -> dict[str, torch.Tensor]:

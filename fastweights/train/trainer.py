@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from fastweights.config import option
@@ -30,7 +32,7 @@ from fastweights.errors import FastWeightsError, check_at_least
 from fastweights.models.compat import enable_activation_checkpointing, hf_progress_bars
 from fastweights.models.presets import SIZES, build_model, load_model, resolve_model
 from fastweights.optim import OPTIMIZERS, Lookahead, build_optimizer
-from fastweights.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastweights.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from fastweights.train.forgetting import FORGETTING, build_forgetting
 
 __all__ = ["TrainConfig", "causal_lm_loss", "peak_flops", "train", "warmup_cosine"]
@@ -235,10 +237,36 @@ def _wrap(model, cfg: TrainConfig, trainable: list[torch.nn.Parameter]):
     return wrapped, [params[n] for n in order]
 
 
+def _read_json(path: Path):
+    """A run's JSON file, or a FastWeightsError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FastWeightsError(f"cannot read {path}: {err}") from err
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+    """Keep the records of steps <= ``step``, replacing the file atomically. A last line that is
+    not JSON (a write cut short) is dropped with a warning; a broken line before it raises."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i < len(lines) - 1:
+                raise FastWeightsError(f"{path}:{i + 1} is not a JSON record: {err}") from err
+            print(f"warning: dropped the unfinished last line of {path}", file=sys.stderr)
+            continue
+        if rec.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
 
 
 # settings that --resume may change: they do not change what the remaining steps compute
@@ -247,23 +275,40 @@ RESUMABLE = frozenset({"out", "resume", "progress", "threads", "save_every", "ke
                        "activation_checkpointing", "parallel", "steps"})
 
 
-def _check_resume(out: Path, cfg: TrainConfig) -> bool:
-    """Raise unless ``cfg`` continues the run in ``out`` with its settings (those outside
-    RESUMABLE); True when ``steps`` changed."""
+def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str) -> None:
+    """Raise unless ``cfg`` continues the run in ``out`` (latest checkpoint ``ckpt``) with its
+    settings (those outside RESUMABLE) and its dataset (by the dataset's key: a moved dataset is
+    the same one, another dataset at the same path is not), and with ``steps`` at least the
+    steps done."""
+    done = _read_json(ckpt / "state.json").get("step", 0)
+    if cfg.steps < done:
+        raise FastWeightsError(f"{ckpt} is at step {done}: --resume needs --steps >= {done}, got {cfg.steps}")
     saved_file = out / "train_config.json"
     if not saved_file.exists():
-        return False
-    saved, now = json.loads(saved_file.read_text()), asdict(cfg)
-    diff = [f"{k} {saved[k]!r} (now {now[k]!r})" for k in now
-            if k in saved and k not in RESUMABLE and saved[k] != now[k]]
+        return
+    saved, now = _read_json(saved_file), asdict(cfg)
+    same_data = saved.get("dataset_key")
+    skip = RESUMABLE | ({"data"} if same_data else set())
+    diff = [f"{k} {saved[k]!r} (now {now[k]!r})" for k in now if k in saved and k not in skip and saved[k] != now[k]]
+    if same_data and same_data != dataset_key:
+        diff.insert(0, f"the dataset at --data {cfg.data!r} (key {dataset_key[:12]}…, the run's: {same_data[:12]}…)")
     if diff:
         raise FastWeightsError(f"--resume continues {out} with the settings it started with, but these differ: "
                                f"{'; '.join(diff)}; pass the run's values, or train into a new --out")
-    if saved.get("steps", cfg.steps) != cfg.steps:
-        print(f"resuming {out} with --steps {cfg.steps} (was {saved['steps']}): the learning-rate schedule now "
-              f"ends at step {cfg.steps}", file=sys.stderr)
-        return True
-    return False
+
+
+def _save_model(model, out: Path, tokenizer, state_dict=None) -> None:
+    """Export ``out/model`` (safetensors, config, tokenizer) through a temporary directory, so that
+    a crash leaves either the old export or the new one."""
+    final, tmp, old = out / "model", out / "model.tmp", out / "model.old"
+    for d in (tmp, old):
+        shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -292,11 +337,13 @@ def _train(cfg: TrainConfig) -> dict:
     if cfg.forgetting != "none" and cfg.trainable == "fast":
         raise FastWeightsError("forgetting re-initialises the token embeddings, which --trainable fast freezes: "
                                "use --trainable all with it")
-    for name in ("steps", "batch_size", "seq_len", "accum", "save_every"):
+    for name in ("steps", "batch_size", "seq_len", "accum", "save_every", "lookahead_k", "forgetting_every"):
         check_at_least(name, getattr(cfg, name), 1)
+    check_at_least("ttt_chunk", cfg.ttt_chunk, 0)  # 0: the model's default
     for name, ok, allowed in (("lr", cfg.lr > 0, "> 0"), ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
                               ("warmup", cfg.warmup >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-                              ("clip", cfg.clip >= 0, ">= 0 (0: off)"), ("keep", cfg.keep >= 0, ">= 0 (0: all)")):
+                              ("clip", cfg.clip >= 0, ">= 0 (0: off)"), ("keep", cfg.keep >= 0, ">= 0 (0: all)"),
+                              ("ttt_lr", cfg.ttt_lr >= 0, ">= 0")):
         if not ok or not math.isfinite(getattr(cfg, name)):
             raise FastWeightsError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
     rank, world, dp_device, created = _setup_parallel(cfg)
@@ -312,7 +359,8 @@ def _train(cfg: TrainConfig) -> dict:
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not cfg.resume:
         raise FastWeightsError(f"{out} already has checkpoints ({ckpt.name}): pass --resume or choose another --out")
-    new_schedule = _check_resume(out, cfg) if cfg.resume and ckpt is not None else False
+    if cfg.resume and ckpt is not None:
+        _check_resume(out, ckpt, cfg, ds.meta["key"])
 
     model = make_model(cfg, ds.vocab_size).to(device)
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -324,9 +372,6 @@ def _train(cfg: TrainConfig) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     emb = model.get_input_embeddings().weight.numel()
     params = _trainable(model, cfg.trainable)
-    out.mkdir(parents=True, exist_ok=True)  # only once the model is made: a bad setting leaves no run behind
-    if rank == 0:
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     plain = model
     if world > 1 or cfg.parallel != "none":
         model, params = _wrap(model, cfg, params)
@@ -342,14 +387,26 @@ def _train(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     )
+    out.mkdir(parents=True, exist_ok=True)  # only once everything is built: a bad setting leaves no run behind
+    if rank == 0:
+        (out / "train_config.json").write_text(json.dumps({**asdict(cfg), "dataset_key": ds.meta["key"]}, indent=2))
     step, rows_done = 0, 0
     metrics_path = out / "metrics.jsonl"
     if cfg.resume and ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        try:
+            state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+            earlier = [p.name for p in list_checkpoints(out)[:-1]]
+            hint = f"; move it away to resume from {earlier[-1]}" if earlier else ""
+            raise FastWeightsError(f"cannot resume from {ckpt}: {type(err).__name__}: {err}{hint}") from err
         step, rows_done = state["step"], state["rows"]
-        if new_schedule:  # the next step takes the new schedule's rate, not the old one's last
-            for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-                group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
+        old_steps = state.get("schedule_steps")
+        if rank == 0 and old_steps is not None and old_steps != cfg.steps:
+            print(f"resuming {out} with --steps {cfg.steps} (was {old_steps}): the learning-rate schedule now ends "
+                  f"at step {cfg.steps}", file=sys.stderr)
+        # the next step's rate comes from this run's schedule (the optimizer holds the saved one's)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
         if rank == 0:
             _truncate_metrics(metrics_path, step)
     elif metrics_path.exists() and rank == 0:
@@ -445,7 +502,8 @@ def _train(cfg: TrainConfig) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if step % cfg.save_every == 0 or step == cfg.steps:
-                last_good = save_checkpoint(out, step, model, optimizer, scheduler, {"rows": rows_done}, keep=cfg.keep)
+                last_good = save_checkpoint(out, step, model, optimizer, scheduler,
+                                            {"rows": rows_done, "schedule_steps": cfg.steps}, keep=cfg.keep)
     bar.close()
     if tb is not None:
         tb.close()
@@ -459,11 +517,9 @@ def _train(cfg: TrainConfig) -> dict:
 
             sd = full_state_dict(model)  # a collective; full tensors on rank 0
             if rank == 0:
-                plain.save_pretrained(out / "model", state_dict=sd)
+                _save_model(plain, out, ds.tokenizer(), state_dict=sd)
         elif rank == 0:
-            plain.save_pretrained(out / "model")
-    if rank == 0:
-        ds.tokenizer().save_pretrained(out / "model")
+            _save_model(plain, out, ds.tokenizer())
     if world > 1:
         dist.barrier()
     if created:
