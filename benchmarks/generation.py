@@ -26,6 +26,7 @@ from tqdm import tqdm
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from fastweights.models import InPlaceTTTCache, convert, ttt_modules
+from fastweights.models.compat import CACHE_KWARG
 
 # Qwen3-0.6B shapes (about 0.6B parameters with tied embeddings).
 FULL = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -102,7 +103,7 @@ def check_exact(base, model, args) -> tuple[float, float]:
     out = model(input_ids=ids[:, :n], use_cache=True)
     steps = [out.logits]
     for t in range(n, n + 8):
-        out = model(input_ids=ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=ids[:, t:t + 1], **{CACHE_KWARG: getattr(out, CACHE_KWARG)}, use_cache=True)
         steps.append(out.logits)
     return rel(torch.cat(steps, 1), full), rel(plain, full)
 
@@ -129,7 +130,7 @@ def time_decode(model, ids, args, profile: bool = False) -> tuple[float, float, 
     decode is bound by kernel launches on the CPU, so both numbers are reported.
     """
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_KWARG)
     nxt = out.logits[:, -1:].argmax(-1)
     for _ in range(args.warmup):
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)

@@ -1,6 +1,8 @@
 """The one place where fastweights meets transformers internals that differ between versions.
 
-Supported: transformers 5.17 (the GPU machines) up to the newest 5.x (checked: 5.17 and 5.23).
+Supported: transformers 5.17 (the GPU machines) up to the newest 5.x (checked: 5.17, 5.23 and
+5.24). 5.24 renamed the cache argument ``past_key_values`` to ``cache`` (:data:`CACHE_KWARG`,
+:func:`take_cache`).
 For the In-Place TTT cache, the two agree on everything used here: ``DynamicCache(config=...)``,
 ``Cache.update(key, value, layer_idx, *args, **kwargs)``, ``reorder_cache`` / ``crop`` /
 ``batch_repeat_interleave`` / ``batch_select_indices`` / ``reset``, and
@@ -25,12 +27,33 @@ from packaging.version import Version
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-__all__ = ["TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "check_dynamic_cache", "crop_length",
-           "enable_activation_checkpointing", "hf_progress_bars", "keep_positions", "resolve_use_cache"]
+__all__ = ["CACHE_KWARG", "TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "check_dynamic_cache",
+           "crop_length", "enable_activation_checkpointing", "hf_progress_bars", "keep_positions",
+           "resolve_use_cache", "take_cache"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):
     raise ImportError(f"fastweights needs transformers >= 5.17, found {transformers.__version__}")
+
+
+# 5.24 renamed the models' cache argument (and generate's model_kwargs key) from
+# ``past_key_values`` to ``cache``, and the outputs' field likewise; the old names still work
+# there, with a deprecation warning (also when reading ``output.past_key_values``, which every
+# supported release still has). Read ``getattr(output, CACHE_KWARG)`` where no warning should show.
+CACHE_KWARG = "cache" if TRANSFORMERS_VERSION >= Version("5.24") else "past_key_values"
+_OLD_CACHE_KWARG = "past_key_values"
+
+
+def take_cache(kwargs: dict):
+    """The cache that a model call (or generate's ``model_kwargs``) carries under either name,
+    left under :data:`CACHE_KWARG` only (as the 5.24 models' own argument renaming would)."""
+    if CACHE_KWARG != _OLD_CACHE_KWARG and _OLD_CACHE_KWARG in kwargs:
+        old = kwargs.pop(_OLD_CACHE_KWARG)
+        if old is not None and kwargs.get(CACHE_KWARG) is not None and old is not kwargs[CACHE_KWARG]:
+            raise ValueError("give the cache once: both cache and past_key_values were passed")
+        if kwargs.get(CACHE_KWARG) is None:
+            kwargs[CACHE_KWARG] = old
+    return kwargs.get(CACHE_KWARG)
 
 
 def resolve_use_cache(base_model: nn.Module, kwargs: dict) -> bool:

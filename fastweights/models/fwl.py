@@ -33,7 +33,15 @@ from transformers.cache_utils import Cache
 
 from fastweights.errors import FastWeightsError
 from fastweights.layers.fwl import DEFAULT_GRAD_SCALE, DEFAULT_STEP_SIZE, FastWeightLayer
-from fastweights.models.compat import DynamicCache, check_dynamic_cache, crop_length, keep_positions, resolve_use_cache
+from fastweights.models.compat import (
+    CACHE_KWARG,
+    DynamicCache,
+    check_dynamic_cache,
+    crop_length,
+    keep_positions,
+    resolve_use_cache,
+    take_cache,
+)
 from fastweights.ops.fwl import IGNORE, FWLState
 
 __all__ = ["FWLCache", "FWLHead", "add_fwl", "fwl_layer", "has_fwl", "register_fwl_family"]
@@ -153,7 +161,7 @@ def _capture_inputs(model: PreTrainedModel, args, kwargs):
     if ids is None:
         raise FastWeightsError("an FWL model needs input_ids (its fast weights learn from the next tokens), "
                                "not only inputs_embeds")
-    cache = kwargs.get("past_key_values")
+    cache = take_cache(kwargs)
     use_cache = resolve_use_cache(getattr(model, "model", model), kwargs)
     if isinstance(cache, Cache) and not isinstance(cache, FWLCache):
         if cache.get_seq_length() > 0:
@@ -165,7 +173,7 @@ def _capture_inputs(model: PreTrainedModel, args, kwargs):
     if cache is None and use_cache:
         cache = FWLCache(config=model.config)
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs[CACHE_KWARG] = cache
     head: FWLHead = model.lm_head
     keep = kwargs.get("logits_to_keep", 0)
     if model._fwl_takes_keep:

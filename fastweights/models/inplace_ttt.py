@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from fastweights.errors import FastWeightsError
 from fastweights.layers.inplace_ttt import OFFICIAL_TARGET, InPlaceTTTMLP, TTTContext, normalize_target
 from fastweights.models.cache import InPlaceTTTCache
-from fastweights.models.compat import check_dynamic_cache, resolve_use_cache
+from fastweights.models.compat import CACHE_KWARG, check_dynamic_cache, resolve_use_cache, take_cache
 from fastweights.models.fwl import has_fwl
 from fastweights.ops.inplace_ttt_decode import StepPlan
 
@@ -110,9 +110,9 @@ def _generation_cache(model, generation_config, model_kwargs) -> bool:
     Returns False when generate's own logic should run (a user's cache, or no cache at all).
     """
     check_dynamic_cache(generation_config, "In-Place TTT fast weights")
-    if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+    if take_cache(model_kwargs) is not None or generation_config.use_cache is False:
         return False
-    model_kwargs["past_key_values"] = InPlaceTTTCache(config=model.config.get_text_config(decoder=True))
+    model_kwargs[CACHE_KWARG] = InPlaceTTTCache(config=model.config.get_text_config(decoder=True))
     return True
 
 
@@ -146,11 +146,11 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
     if x is None:
         return args, kwargs  # the model's own forward reports the missing input
     B, N = x.shape[:2]
-    cache = kwargs.get("past_key_values")
+    cache = take_cache(kwargs)
     if cache is None and module.training and kwargs.get("use_cache") is None:
         kwargs["use_cache"] = False  # a training forward carries no cache unless asked to
     if cache is None and resolve_use_cache(module, kwargs):
-        cache = kwargs["past_key_values"] = InPlaceTTTCache(config=module.config)
+        cache = kwargs[CACHE_KWARG] = InPlaceTTTCache(config=module.config)
     if cache is not None and module.training and getattr(module, "gradient_checkpointing", False):
         raise FastWeightsError(
             "gradient checkpointing cannot be combined with a cache on an In-Place TTT model: the recomputation "

@@ -17,6 +17,7 @@ from fastweights.errors import FastWeightsError
 from fastweights.layers.attention import Attention, TokenLayout, rope_cos_sin
 from fastweights.layers.inplace_ttt import InPlaceTTTMLP
 from fastweights.layers.lact import LaCTLayer
+from fastweights.models.compat import CACHE_KWARG, take_cache
 from fastweights.models.hybrid.cache import HybridCache
 from fastweights.models.hybrid.compat import (
     BaseModelOutputWithPast,
@@ -189,10 +190,12 @@ class HybridModel(HybridPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, cache=None, **kwargs) -> BaseModelOutputWithPast:
         """input_ids (B, N) or inputs_embeds (B, N, d); attention_mask (B, M) with M = cached + N;
         position_ids (B, N). Returns last_hidden_state (B, N, d) and, with use_cache, the cache
-        (``use_cache`` defaults to ``config.use_cache`` in eval mode and to False in training)."""
+        (``use_cache`` defaults to ``config.use_cache`` in eval mode and to False in training).
+        The cache comes as ``cache`` (the transformers >= 5.24 name) or ``past_key_values``."""
+        past_key_values = take_cache({"past_key_values": past_key_values, "cache": cache})
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if past_key_values is not None and not isinstance(past_key_values, HybridCache):
@@ -223,7 +226,7 @@ class HybridModel(HybridPreTrainedModel):
                 cache.states[i] = state
         if cache is not None:
             cache.key_doc, cache.key_valid, cache.seen = layout.key_doc, layout.key_valid, cache.seen + N
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{CACHE_KWARG: cache})
 
 
     def _check_checkpointing(self, device: torch.device) -> None:
@@ -262,12 +265,13 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, cache=None,
                 **kwargs) -> CausalLMOutputWithPast:
         """Logits (B, N, V) (the last ``logits_to_keep`` positions when > 0); with ``labels``
         (B, N) the mean next-token cross-entropy (labels are shifted inside; -100 ignored)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                         past_key_values=take_cache({"past_key_values": past_key_values, "cache": cache}),
+                         inputs_embeds=inputs_embeds, use_cache=use_cache)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -276,4 +280,4 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
