@@ -24,6 +24,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from fastweights.errors import FastWeightsError
+
 __all__ = ["TaskBatch", "copy_task", "digits_few_shot", "regression_task", "DELIMITER", "BLANK"]
 
 BLANK, DELIMITER = 0, 9
@@ -76,7 +78,10 @@ def regression_task(n: int, seed: int = 0, dim: int = 3, support: int = 10, quer
 
 
 def _digits_pool(split: str) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise FastWeightsError("the digits task needs scikit-learn: pip install 'fastweights[experiments]'") from err
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")

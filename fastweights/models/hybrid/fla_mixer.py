@@ -67,7 +67,7 @@ class FlaMixer(nn.Module):
             from fla.layers import DeltaNet, GatedLinearAttention
         except ImportError as err:
             raise ValueError(f"mixer {kind!r} needs flash-linear-attention (its layers; fla-core alone has only "
-                             f"the kernels): pip install flash-linear-attention") from err
+                             f"the kernels): pip install 'fastweights[fla]' (or flash-linear-attention)") from err
         self.kind = kind
         cls = GatedLinearAttention if kind == "gla" else DeltaNet
         # layer_idx 0: each call hands the layer a one-layer fla cache holding this mixer's state
