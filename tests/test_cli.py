@@ -272,3 +272,21 @@ def test_unknown_model_family(workdir, capsys):
     (bad / "config.json").write_text(json.dumps({"model_type": "qwen33"}))
     line = _one_line_error(*run(["generate", "--model", str(bad)], capsys)[::2])
     assert "unknown model family 'qwen33'" in line and "qwen3" in line
+
+
+def test_plot_labels_name_what_differs_and_mixed_buckets_warn(tmp_path, capsys):
+    from fastweights.commands.plot import default_labels
+
+    assert default_labels(["runs/a/model/eval.json", "runs/b/model/eval.json"]) == ["a", "b"]
+    assert default_labels(["runs/a/model/eval.json", "runs/a/model/eval-dyn.json"]) == ["eval", "eval-dyn"]
+    assert default_labels(["runs/a/model/eval.json"]) == ["model/eval"]
+    assert default_labels(["e.json", "e.json"]) == ["e", "e"]
+    paths = []
+    for name, spans in (("a", [(0, 16), (16, 32)]), ("b", [(0, 32)])):
+        (tmp_path / name).mkdir()
+        buckets = [{"start": s, "end": e, "loss": 3.0, "tokens": e - s} for s, e in spans]
+        (tmp_path / name / "eval.json").write_text(json.dumps({"loss_by_position": {"buckets": buckets}}))
+        paths.append(str(tmp_path / name / "eval.json"))
+    code, out, err = run(["plot", "--inputs", *paths, "--out", str(tmp_path / "p.png")], capsys)
+    assert code == 0 and (tmp_path / "p.png").exists()
+    assert "the inputs use different position buckets" in err

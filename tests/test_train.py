@@ -299,3 +299,49 @@ def test_train_with_a_fast_weight_layer(data, tmp_path):
         _train(train_args(data, tmp_path / "bad", steps=1) + ["--no-ttt", "--fwl", "--fwl-grad-scale", "-1"])
     with pytest.raises(FastWeightsError, match="--fwl trains a Fast Weight Layer instead of In-Place TTT"):
         _train(train_args(data, tmp_path / "both", steps=1) + ["--fwl"])
+
+
+def test_model_flops_per_token_counts_each_matrix_once():
+    """MFU's FLOPs: the output head once whether tied or not, and attention over the window for
+    SWA layers; the matmul part agrees with torch's FLOP counter (which leaves attention out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastweights.models.hybrid import HybridConfig, HybridForCausalLM
+    from fastweights.train.trainer import model_flops_per_token
+
+    T = 64
+
+    def counted(model):
+        with FlopCounterMode(display=False) as fc:
+            model(torch.randint(0, 97, (1, T)), use_cache=False).logits.sum().backward()
+        return fc.get_total_flops() / T
+
+    kw = dict(num_hidden_layers=2, hidden_size=48, intermediate_size=80, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, vocab_size=97)
+    for tied in (False, True):
+        for mixers, window in (("attention", None), ("swa", 16)):
+            torch.manual_seed(0)
+            model = HybridForCausalLM(HybridConfig(**kw, mixers=mixers, sliding_window=window or 2048,
+                                                   tie_word_embeddings=tied))
+            attention = 2 * 12 * 4 * 16 * (window or T)  # layers x 12 x heads' width x keys
+            dense = model_flops_per_token(model, T) - attention
+            assert abs(dense - counted(model)) <= 0.01 * dense, (tied, mixers, dense, counted(model))
+
+
+def test_rows_within_one_fast_weight_chunk_warn(capsys):
+    """A row no longer than a chunk never reads a fast-weight update: the trainer says so."""
+    from fastweights.models.hybrid import HybridConfig, HybridForCausalLM
+    from fastweights.train.trainer import _warn_short_rows
+
+    model = HybridForCausalLM(HybridConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                           num_attention_heads=4, num_key_value_heads=4, vocab_size=97,
+                                           mixers=["lact", "swa"], mlps=["swiglu", "inplace_ttt"],
+                                           lact_chunk_size=64, ttt_chunk=32, sliding_window=64))
+    _warn_short_rows(model, 64)
+    err = capsys.readouterr().err
+    assert "--seq-len 64 fits in one fast-weight chunk (InPlaceTTTMLP chunk 32" not in err
+    assert "(LaCTLayer chunk 64)" in err and "do nothing" in err
+    _warn_short_rows(model, 65)
+    assert capsys.readouterr().err == ""
+    _warn_short_rows(model, 32)
+    assert "InPlaceTTTMLP chunk 32, LaCTLayer chunk 64" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from fastweights.eval.plot import plot_position_losses
 @dataclass
 class PlotConfig:
     inputs: list[str] = field(default_factory=list, metadata={"help": "eval JSON files (from `fastweights eval`)"})
-    labels: list[str] = field(default_factory=list, metadata={"help": "one label per input (default: file names)"})
+    labels: list[str] = field(default_factory=list,
+                              metadata={"help": "one label per input (default: the differing part of each path)"})
     out: str = field(default="loss_by_position.png", metadata={"help": "PNG to write"})
     title: str = field(default="", metadata={"help": "chart title"})
 
@@ -34,14 +36,33 @@ def load_result(path: str) -> dict:
     return data
 
 
+def default_labels(paths: list[str]) -> list[str]:
+    """What tells the inputs apart: their paths without the parts all of them share at the start
+    and at the end (``runs/a/model/eval.json``, ``runs/b/model/eval.json`` → ``a``, ``b``)."""
+    parts = [Path(p).with_suffix("").parts for p in paths]
+    if len(set(parts)) < len(parts) or len(parts) == 1:
+        return ["/".join(filter(None, (Path(p).parent.name, Path(p).stem))) for p in paths]
+    head = 0
+    while all(len(x) > head + 1 for x in parts) and len({x[head] for x in parts}) == 1:
+        head += 1
+    tail = 0
+    while all(len(x) > head + tail + 1 for x in parts) and len({x[-1 - tail] for x in parts}) == 1:
+        tail += 1
+    return ["/".join(x[head:len(x) - tail]) for x in parts]
+
+
 def main(argv: list[str]) -> int:
     cfg = parse(PlotConfig, argv, "fastweights plot", __doc__)
     if not cfg.inputs:
         raise FastWeightsError("pass --inputs FILE [FILE ...]")
     if cfg.labels and len(cfg.labels) != len(cfg.inputs):
         raise FastWeightsError(f"got {len(cfg.labels)} labels for {len(cfg.inputs)} inputs")
-    labels = cfg.labels or [Path(p).parent.name + "/" + Path(p).stem for p in cfg.inputs]
+    labels = cfg.labels or default_labels(cfg.inputs)
     curves = [(lab, load_result(p)) for lab, p in zip(labels, cfg.inputs, strict=True)]
+    schemes = {tuple((x["start"], x["end"]) for x in res["buckets"]) for _, res in curves}
+    if len(schemes) > 1:
+        print("warning: the inputs use different position buckets (eval --length/--first-bucket differ); "
+              "each loss is drawn on its own bucket, on one axis", file=sys.stderr)
     out = plot_position_losses(curves, cfg.out, cfg.title)
     print(f"wrote {out}")
     return 0

@@ -30,6 +30,7 @@ from fastweights.data.packing import IGNORE, PackedRows
 from fastweights.data.store import Dataset
 from fastweights.errors import FastWeightsError, check_at_least
 from fastweights.models.compat import enable_activation_checkpointing, hf_progress_bars
+from fastweights.models.inplace_ttt import HYBRID
 from fastweights.models.presets import SIZES, build_model, load_model, resolve_model
 from fastweights.optim import OPTIMIZERS, Lookahead, build_optimizer
 from fastweights.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -72,7 +73,8 @@ class TrainConfig:
     warmup: int = option("linear warmup steps", 20)
     weight_decay: float = option("AdamW weight decay (matrices only)", 0.1)
     clip: float = option("gradient-norm clipping threshold (0: off)", 1.0)
-    seed: int = option("seed for the model init and the data order", 0)
+    seed: int = option("seed for the data order and, for a preset --model, the model init (a --model DIR "
+                       "brings its own weights: save one init per seed to compare seeds)", 0)
     device: str = option("auto, cpu or cuda[:i]", "auto")
     compile: bool = option("torch.compile the model", False)
     activation_checkpointing: bool = option("recompute each decoder layer's activations in the backward pass: "
@@ -156,7 +158,6 @@ def make_model(cfg: TrainConfig, vocab_size: int):
         layers, chunk, target = None, 1024, "hidden"
     if cfg.ttt:
         from fastweights.models import convert, is_converted
-        from fastweights.models.inplace_ttt import HYBRID
 
         # a hybrid model's MLPs (In-Place TTT or not) are chosen per layer in its config
         if not is_converted(model) and model.config.model_type != HYBRID:
@@ -177,6 +178,41 @@ def make_model(cfg: TrainConfig, vocab_size: int):
     return model
 
 
+def model_flops_per_token(model, seq_len: int) -> int:
+    """Training FLOPs per token of the dense model (forward + backward, 6 per weight, for MFU):
+    every weight matrix but the input embedding (the output head counted once, tied or not),
+    plus the attention scores over at most ``seq_len`` keys (the window for sliding-window
+    layers) at the heads' width. Fast-weight updates (In-Place TTT, LaCT) are not counted."""
+    c = model.config
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    params = sum(p.numel() for p in model.parameters())  # shared tensors once
+    flops = 6 * (params - emb.numel() + (emb.numel() if out is not None and out.weight is emb else 0))
+    width = getattr(c, "num_attention_heads", 1) * (getattr(c, "head_dim", None)
+                                                    or c.hidden_size // getattr(c, "num_attention_heads", 1))
+    mixers = getattr(c, "mixers", None) or ["attention"] * c.num_hidden_layers
+    window = getattr(c, "sliding_window", None)
+    for kind in mixers:
+        if kind in ("attention", "swa", "lact"):
+            keys = min(seq_len, window) if kind != "attention" and window else seq_len
+            flops += 12 * width * keys  # QK^T and PV, forward + backward
+    return flops
+
+
+def _warn_short_rows(model, seq_len: int) -> None:
+    """Rows no longer than a fast-weight chunk never read an update: say so (the comparison
+    would be with a model whose fast weights do nothing)."""
+    from fastweights.layers.inplace_ttt import InPlaceTTTMLP
+    from fastweights.layers.lact import LaCTLayer
+
+    chunks = {f"{type(m).__name__} chunk {m.chunk_size}" for m in model.modules()
+              if isinstance(m, (InPlaceTTTMLP, LaCTLayer)) and m.chunk_size >= seq_len}
+    if chunks:
+        print(f"warning: --seq-len {seq_len} fits in one fast-weight chunk ({', '.join(sorted(chunks))}): no token of "
+              f"a row reads an update, so these fast weights do nothing and their parameters get no gradient; "
+              f"train on longer rows or use a smaller chunk", file=sys.stderr)
+
+
 def _trainable(model, mode: str) -> list[torch.nn.Parameter]:
     if mode == "all":
         return [p for p in model.parameters() if p.requires_grad]
@@ -186,7 +222,8 @@ def _trainable(model, mode: str) -> list[torch.nn.Parameter]:
 
     fast = [p for _, p in ttt_parameters(model)]
     if not fast:
-        raise FastWeightsError("trainable=fast needs a converted model (--ttt), but it has no fast-weight parameters")
+        raise FastWeightsError("trainable=fast trains only In-Place TTT parameters (ttt_conv, ttt_proj): a model "
+                               "converted with --ttt, or a hybrid with inplace_ttt MLPs; this model has none")
     ids = {id(p) for p in fast}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
@@ -367,10 +404,15 @@ def _train(cfg: TrainConfig) -> dict:
     if rank == 0 and isinstance(max_pos, int) and cfg.seq_len > max_pos:
         print(f"warning: --seq-len {cfg.seq_len} exceeds the model's max_position_embeddings {max_pos}: positions "
               f"past it were never trained, and memory grows with the row length", file=sys.stderr)
+    if rank == 0:
+        _warn_short_rows(model, cfg.seq_len)
+        if model.config.model_type == HYBRID and (cfg.ttt_layers is not None or cfg.ttt_chunk or cfg.ttt_lr != 3.0
+                                                  or cfg.ttt_target != "auto"):
+            print("warning: a fastweights_hybrid model takes its In-Place TTT settings from its config (mlps, "
+                  "ttt_chunk, ttt_lr, ttt_target); the --ttt-* flags are ignored", file=sys.stderr)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())
-    emb = model.get_input_embeddings().weight.numel()
     params = _trainable(model, cfg.trainable)
     plain = model
     if world > 1 or cfg.parallel != "none":
@@ -414,9 +456,7 @@ def _train(cfg: TrainConfig) -> dict:
 
     fwd = torch.compile(model) if cfg.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    c = plain.config
-    flops_per_token = 6 * (n_params - emb + c.vocab_size * c.hidden_size)  # matmuls, lm_head included
-    flops_per_token += 12 * c.num_hidden_layers * c.hidden_size * cfg.seq_len  # attention scores
+    flops_per_token = model_flops_per_token(plain, cfg.seq_len)
     peak = peak_flops(device)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.accum
     tb = None
