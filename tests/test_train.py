@@ -345,3 +345,18 @@ def test_rows_within_one_fast_weight_chunk_warn(capsys):
     assert capsys.readouterr().err == ""
     _warn_short_rows(model, 32)
     assert "InPlaceTTTMLP chunk 32, LaCTLayer chunk 64" in capsys.readouterr().err
+
+
+def test_two_identical_runs_write_identical_checkpoints(data, tmp_path):
+    """Every file of the last checkpoint, RNG states included, is the same bytes in two runs."""
+    import random
+
+    import numpy as np
+
+    for name, other in (("a", 1), ("b", 2)):  # whatever state the global generators are in
+        random.seed(other)
+        np.random.seed(other)
+        _train(train_args(data, tmp_path / name, steps=2))
+    last = Path("checkpoints") / "step-00000002"
+    for f in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        assert (tmp_path / "a" / last / f).read_bytes() == (tmp_path / "b" / last / f).read_bytes(), f

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -19,6 +20,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -389,6 +391,8 @@ def _train(cfg: TrainConfig) -> dict:
                                f"world size {world}")
     device = dp_device if dp_device is not None else pick_device(cfg.device)
     set_threads(cfg.threads, device)
+    random.seed(cfg.seed)  # nothing draws from the global Python/NumPy generators, but checkpoints
+    np.random.seed(cfg.seed % 2**32)  # save their states: seeded, two identical runs save identical files
     resolve_model(cfg.model)  # a bad model name fails before any work
     ds = Dataset(cfg.data)
     rows = PackedRows(ds.split("train"), cfg.seq_len, seed=cfg.seed)
