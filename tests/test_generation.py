@@ -308,10 +308,55 @@ def test_checkpointing_with_several_forwards_before_backward(target, reentrant):
 
 
 def test_embed_target_refuses_reentrant_checkpointing():
-    model = ttt_model(chunk=4, target="embed").train()
+    model = ttt_model(chunk=4, target="embed").double().train()
     enable_activation_checkpointing(model, use_reentrant=True)
     ids = torch.randint(1, VOCAB, (1, 9))
     with pytest.raises(FastWeightsError, match="target='embed' cannot be trained with reentrant"):
         model(ids, labels=ids)
     with torch.no_grad():  # nothing to differentiate: allowed
         model(ids)
+    # frozen embeddings (only the fast-weight parameters train): allowed, and exact
+    for name, p in model.named_parameters():
+        p.requires_grad_("ttt_" in name)
+    plain = copy.deepcopy(model)
+    plain.gradient_checkpointing_disable()
+    grads = []
+    for m in (plain, model):
+        m(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], rtol=0, atol=1e-14)
+
+
+def test_a_decoder_layer_called_alone_reads_its_own_documents():
+    """Outside a model call, a TTT layer takes position_ids from its own kwargs (float64)."""
+    model = ttt_model(chunk=4).double()
+    ids = torch.randint(1, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    pos = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    layer, seen = model.model.layers[0], {}
+    layer.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("in", (a, dict(kw))), with_kwargs=True)
+    layer.register_forward_hook(lambda m, a, kw, out: seen.__setitem__("out", out), with_kwargs=True)
+    with torch.no_grad():
+        model(ids, position_ids=pos, use_cache=False)
+        args, kw = seen["in"]
+        inside = seen["out"][0] if isinstance(seen["out"], tuple) else seen["out"]
+        alone = layer(*args, **{k: v for k, v in kw.items() if not k.startswith("_fastweights")})
+        alone = alone[0] if isinstance(alone, tuple) else alone
+    assert torch.equal(alone, inside)
+
+
+def test_the_cache_under_either_name_and_no_context_left_after_an_error():
+    """``cache=`` and ``past_key_values=`` continue alike on every transformers release; an error
+    inside a layer leaves no call's inputs behind in its MLPs."""
+    model = ttt_model(chunk=4).double()
+    ids = torch.randint(1, VOCAB, (2, 13), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        for name in ("cache", "past_key_values"):
+            first = model(ids[:, :8], use_cache=True)
+            cache = getattr(first, "cache", None) or first.past_key_values
+            out = model(ids[:, 8:], use_cache=True, **{name: cache})
+            assert (out.logits - full[:, 8:]).abs().max() < 1e-12, name
+        model.model.layers[0].self_attn.register_forward_pre_hook(lambda *a: 1 / 0, with_kwargs=True)
+        with pytest.raises(ZeroDivisionError):
+            model(ids)
+    assert all(m.ctx is None for m in ttt_modules(model))

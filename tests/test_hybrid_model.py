@@ -799,3 +799,16 @@ def test_activation_checkpointing_on_cuda_with_compiled_lact():
         grads.append([loss.detach()] + [p.grad for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         assert rel(b, a) < 1e-4
+
+
+def test_the_cache_continues_under_either_name():
+    """``cache=`` (transformers >= 5.24) and ``past_key_values=`` continue a hybrid cache alike."""
+    model = tiny(["attention", "lact"], "inplace_ttt").double()
+    ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        for name in ("cache", "past_key_values"):
+            first = model(ids[:, :8], use_cache=True)
+            cache = getattr(first, "cache", None) or first.past_key_values
+            out = model(ids[:, 8:], use_cache=True, **{name: cache})
+            assert (out.logits - full[:, 8:]).abs().max() < 1e-10, name

@@ -46,14 +46,16 @@ _OLD_CACHE_KWARG = "past_key_values"
 
 def take_cache(kwargs: dict):
     """The cache that a model call (or generate's ``model_kwargs``) carries under either name,
-    left under :data:`CACHE_KWARG` only (as the 5.24 models' own argument renaming would)."""
-    if CACHE_KWARG != _OLD_CACHE_KWARG and _OLD_CACHE_KWARG in kwargs:
-        old = kwargs.pop(_OLD_CACHE_KWARG)
-        if old is not None and kwargs.get(CACHE_KWARG) is not None and old is not kwargs[CACHE_KWARG]:
-            raise ValueError("give the cache once: both cache and past_key_values were passed")
-        if kwargs.get(CACHE_KWARG) is None:
-            kwargs[CACHE_KWARG] = old
-    return kwargs.get(CACHE_KWARG)
+    ``cache`` or ``past_key_values``, left under :data:`CACHE_KWARG` only (so a cache given under
+    the other release's name is not silently ignored)."""
+    given = [kwargs.pop(name) for name in ("cache", _OLD_CACHE_KWARG) if name in kwargs]
+    caches = [c for c in given if c is not None]
+    if len(caches) == 2 and caches[0] is not caches[1]:
+        raise ValueError("give the cache once: both cache and past_key_values were passed")
+    cache = caches[0] if caches else None
+    if given:
+        kwargs[CACHE_KWARG] = cache
+    return cache
 
 
 def resolve_use_cache(base_model: nn.Module, kwargs: dict) -> bool:

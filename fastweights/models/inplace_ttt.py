@@ -163,7 +163,7 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
             "fastweights.models.InPlaceTTTCache(model.config)"
         )
     if module.training and torch.is_grad_enabled() and module._ttt_embed:
-        _check_embed_checkpointing(module)
+        _check_embed_checkpointing(module, kwargs.get("inputs_embeds"))
     mask = kwargs.get("attention_mask")
     real = mask[:, -N:] != 0 if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == B else None
     pos = kwargs.get("position_ids")
@@ -176,9 +176,13 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
     return args, kwargs
 
 
-def _check_embed_checkpointing(base: nn.Module) -> None:
+def _check_embed_checkpointing(base: nn.Module, inputs_embeds) -> None:
     """Reentrant checkpointing cannot give ``target="embed"`` its gradient: the embeddings reach
-    the layers outside the checkpoint's inputs, and its inner backward would free their graph."""
+    the layers outside the checkpoint's inputs, and its inner backward would free their graph.
+    Frozen embeddings (no gradient wanted) are fine."""
+    wanted = base.get_input_embeddings().weight.requires_grad if inputs_embeds is None else inputs_embeds.requires_grad
+    if not wanted:
+        return
     for layer in base.layers:
         func = getattr(layer, "_gradient_checkpointing_func", None)
         if (getattr(layer, "gradient_checkpointing", False) and isinstance(func, partial)
@@ -195,9 +199,11 @@ def _route_call(module: nn.Module, args, kwargs, *, mlp: nn.Module, layer_idx: i
     It runs inside the decoder layer's forward, so also when gradient checkpointing recomputes
     it, and it takes the context out of the kwargs before the attention sees them."""
     ctx = kwargs.pop(CALL_KEY, None)
+    if ctx is None:  # the layer called on its own: its documents come from its own kwargs
+        ctx = TTTContext()
+        ctx.position_ids, ctx.cu_seqlens = kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q")
     mlp.ctx = ctx
-    if ctx is not None:
-        ctx.state = None if ctx.cache is None else ctx.cache.ttt_layer(layer_idx, mlp.chunk_size)
+    ctx.state = None if ctx.cache is None else ctx.cache.ttt_layer(layer_idx, mlp.chunk_size)
     return args, kwargs
 
 
@@ -221,6 +227,8 @@ def _release_model_inputs(module: nn.Module, args, kwargs, output):
         if ctx.cache is not None:
             ctx.cache = ctx.plan = None
     module._ttt_ctx = None
+    for mlp in module._ttt_mlps:  # also where an error stopped a layer between its attention and MLP
+        mlp.ctx = None
 
 
 def _capture_embeddings(module: nn.Module, args, output, *, base: nn.Module):
@@ -317,6 +325,7 @@ def _install(model: PreTrainedModel, layers: list[int], chunk_size: int, lr: flo
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     base._ttt_ctx = None
     base._ttt_layers = tuple(layers)
+    base._ttt_mlps = [layers_list[i].mlp for i in layers]
     base._ttt_embed = target == "embed"
     base.register_forward_pre_hook(_capture_model_inputs, with_kwargs=True)
     base.register_forward_hook(_release_model_inputs, with_kwargs=True, always_call=True)
