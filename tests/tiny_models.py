@@ -58,3 +58,17 @@ def load_in_fresh_process(path, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout.strip().splitlines()[-1], load_file(out)["logits"]
+
+
+def continuation_errors(model, ids, cut: int) -> dict[str, float]:
+    """Per cache argument name (``cache``, ``past_key_values``): the largest logit difference
+    between continuing ``ids[:, cut:]`` from the cache of ``ids[:, :cut]`` and one full forward."""
+    errors = {}
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        for name in ("cache", "past_key_values"):
+            first = model(ids[:, :cut], use_cache=True)
+            cache = getattr(first, "cache", None) or first.past_key_values
+            out = model(ids[:, cut:], use_cache=True, **{name: cache})
+            errors[name] = float((out.logits - full[:, cut:]).abs().max())
+    return errors
