@@ -345,11 +345,11 @@ def _convert_from_config(model: PreTrainedModel, config) -> None:
     """Install TTT MLPs as a checkpoint's config describes (used when loading)."""
     if getattr(config, "ttt_layers", None) is None:
         raise FastWeightsError(f"config of type {config.model_type!r} has no ttt_layers: not an In-Place TTT model")
+    proj = bool(getattr(config, "ttt_proj", True))
     layers, chunk, lr, target = _validate(
-        model, config.ttt_layers, int(config.ttt_chunk), config.ttt_lr, getattr(config, "ttt_target", "hidden"),
-        bool(getattr(config, "ttt_proj", True)),
+        model, config.ttt_layers, int(config.ttt_chunk), config.ttt_lr, getattr(config, "ttt_target", "hidden"), proj
     )
-    _install(model, layers, chunk, lr, target, bool(getattr(config, "ttt_proj", True)))
+    _install(model, layers, chunk, lr, target, proj)
 
 
 def is_converted(model: nn.Module) -> bool:

@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -410,10 +410,11 @@ def _train(cfg: TrainConfig) -> dict:
               f"past it were never trained, and memory grows with the row length", file=sys.stderr)
     if rank == 0:
         _warn_short_rows(model, cfg.seq_len)
-        if model.config.model_type == HYBRID and (cfg.ttt_layers is not None or cfg.ttt_chunk or cfg.ttt_lr != 3.0
-                                                  or cfg.ttt_target != "auto"):
-            print("warning: a fastweights_hybrid model takes its In-Place TTT settings from its config (mlps, "
-                  "ttt_chunk, ttt_lr, ttt_target); the --ttt-* flags are ignored", file=sys.stderr)
+        ttt_flags = ["--" + f.name.replace("_", "-") for f in fields(TrainConfig)
+                     if f.name.startswith("ttt_") and getattr(cfg, f.name) != f.default]
+        if model.config.model_type == HYBRID and ttt_flags:
+            print(f"warning: a fastweights_hybrid model takes its In-Place TTT settings from its config (mlps, "
+                  f"ttt_chunk, ttt_lr, ttt_target); ignored: {', '.join(ttt_flags)}", file=sys.stderr)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())

@@ -256,13 +256,13 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
     def _assisted_decoding(self, *args, **kwargs):
         """``generate()``'s assisted and prompt-lookup decoding: refused (see :meth:`HybridCache.crop`)."""
         raise FastWeightsError("assisted or speculative decoding (assistant_model, prompt_lookup_num_tokens) is not "
                                "supported by fastweights_hybrid models: their cache cannot be rolled back")
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, cache=None,
@@ -270,8 +270,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         """Logits (B, N, V) (the last ``logits_to_keep`` positions when > 0); with ``labels``
         (B, N) the mean next-token cross-entropy (labels are shifted inside; -100 ignored)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=take_cache({"past_key_values": past_key_values, "cache": cache}),
-                         inputs_embeds=inputs_embeds, use_cache=use_cache)
+                         past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
