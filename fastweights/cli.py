@@ -32,9 +32,12 @@ def _run_experiment(argv: list[str]) -> int:
     names = _experiments()
     parser = argparse.ArgumentParser(prog="fastweights experiment", description="Run a named experiment.")
     parser.add_argument("name", choices=names, help="one of: " + ", ".join(names))
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
+    if not argv:  # a missing argument, as argparse reports one: usage on stderr, status 2
+        parser.print_help(sys.stderr)
+        return 2
     args, rest = parser.parse_known_args(argv[:1])
     mod = importlib.import_module("fastweights.experiments." + args.name.replace("-", "_"))
     return int(mod.main(argv[1:]) or 0)
@@ -47,9 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help in available.items():
         sub.add_parser(name, help=help, add_help=False)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
+    if not argv:  # no subcommand: the help on stderr, status 2 (argparse's code for a missing argument)
+        parser.print_help(sys.stderr)
+        return 2
     if argv[0] not in available:
         parser.parse_args(argv[:1])  # prints the usage error and exits 2
     try:

@@ -290,3 +290,17 @@ def test_plot_labels_name_what_differs_and_mixed_buckets_warn(tmp_path, capsys):
     code, out, err = run(["plot", "--inputs", *paths, "--out", str(tmp_path / "p.png")], capsys)
     assert code == 0 and (tmp_path / "p.png").exists()
     assert "the inputs use different position buckets" in err
+
+
+@pytest.mark.parametrize("argv", [[], ["experiment"]])
+def test_no_subcommand_prints_usage_and_fails(argv, capsys):
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("usage: fastweights")
+    assert ("COMMAND" if not argv else "{associative-retrieval") in err  # the choices are listed
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["experiment", "--help"]])
+def test_top_level_help_succeeds(argv, capsys):
+    code, out, err = run(argv, capsys)
+    assert code == 0 and out.startswith("usage: fastweights") and err == ""
