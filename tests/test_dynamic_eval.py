@@ -66,6 +66,25 @@ def test_sgd_matches_hand_written_loop_and_restores_weights():
     assert res.dynamic.tokens == res.static.tokens == sum(x.numel() - 1 for x in d)
 
 
+def test_float64_model_is_scored_in_float64():
+    """A float64 model's losses (static and dynamic) keep float64 precision: no float32 cast."""
+    model = tiny().double()
+    d = docs()
+    cfg = DynamicEvalConfig(rule="sgd", segment_length=6, lr=0.5)
+    res = dynamic_eval(model, d, cfg, count_flops=False, progress=False)
+
+    def sgd(n, p, p0):
+        p.sub_(0.5 * p.grad)
+
+    exp = torch.cat([manual(model, doc, 6, sgd) for doc in d])
+    assert exp.dtype == torch.float64
+    assert abs(res.dynamic.loss - exp.mean().item()) < 1e-12
+    with torch.no_grad():
+        static = torch.cat([F.cross_entropy(model(input_ids=doc[None, :-1]).logits[0], doc[1:], reduction="none")
+                            for doc in d])
+    assert abs(res.static.loss - static.mean().item()) < 1e-12
+
+
 def test_rms_rule_with_calibration_matches_formula():
     model = tiny(2)
     d = docs(3, lens=(13,))

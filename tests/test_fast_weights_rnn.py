@@ -138,6 +138,9 @@ def test_bad_inputs_raise():
         layer(torch.randn(2, 5, 4))
     with pytest.raises(ValueError, match="mask"):
         layer(torch.randn(2, 5, 3), torch.ones(2, 5))
+    for cls in (FastWeightsRNN, IRNN, LSTM, AttentionLSTM):  # an empty sequence is named, not a torch error
+        with pytest.raises(ValueError, match=r"x must be \(B, T >= 1, 3\), got shape \(2, 0, 3\)"):
+            cls(3, 4)(torch.randn(2, 0, 3))
 
 
 @pytest.mark.parametrize("cls", [FastWeightsRNN, IRNN, LSTM, AttentionLSTM])

@@ -226,3 +226,21 @@ def test_digits_generator_labels_match_classes():
                 pools[split].add(inp[j, :64].tobytes())
     assert not pools["train"] & pools["test"]  # disjoint image pools
     assert torch.equal(digits_few_shot(5, seed=9).inputs, digits_few_shot(5, seed=9).inputs)
+
+
+@pytest.mark.parametrize("rule", ["hebbian", "gradient"])
+def test_frozen_model_gives_the_same_outputs(rule):
+    """Evaluating with frozen parameters (requires_grad False) must not change the outputs: the
+    gradient rule still differentiates L_int with respect to the q's."""
+    torch.manual_seed(7)
+    model = PlasticTransformer(small_cfg(rule)).double()
+    x = copy_task(2, seed=8, num_symbols=4, blanks=3).inputs.double()
+    with torch.no_grad():
+        ref = model(x)
+    model.requires_grad_(False)
+    assert torch.equal(model(x), ref)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    if rule == "gradient":
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.no_grad"):
+            model(x)

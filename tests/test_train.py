@@ -360,3 +360,21 @@ def test_two_identical_runs_write_identical_checkpoints(data, tmp_path):
     last = Path("checkpoints") / "step-00000002"
     for f in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
         assert (tmp_path / "a" / last / f).read_bytes() == (tmp_path / "b" / last / f).read_bytes(), f
+
+
+def test_causal_lm_loss_keeps_float64_and_scores_half_precision_in_float32():
+    from fastweights.train import causal_lm_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 11, generator=g, dtype=torch.float64) * 4
+    targets = torch.randint(0, 11, (2, 5), generator=g)
+    targets[1, 2] = -100
+    keep = targets != -100
+    exact = -torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    loss = causal_lm_loss(logits, targets)
+    assert loss.dtype == torch.float64 and abs(loss.item() - exact[keep].mean().item()) < 1e-14
+    per_token = causal_lm_loss(logits, targets, reduction="none")
+    assert torch.allclose(per_token, torch.where(keep, exact, 0), rtol=0, atol=1e-14)
+    half = causal_lm_loss(logits.to(torch.bfloat16), targets)
+    assert half.dtype == torch.float32
+    assert torch.equal(half, causal_lm_loss(logits.to(torch.bfloat16).float(), targets))

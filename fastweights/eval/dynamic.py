@@ -150,7 +150,8 @@ def _segment_loss(model, doc: torch.Tensor, lo: int, s: int, e: int) -> torch.Te
     """Per-token losses (e - s,) of targets [s, e), reading tokens [lo, e - 1]."""
     ids = doc[lo:e].unsqueeze(0)
     logits = model(input_ids=ids[:, :-1], use_cache=False).logits[0, s - 1 - lo:]
-    return F.cross_entropy(logits.float(), doc[s:e], reduction="none")
+    # half precision is scored in float32; float32 and float64 models keep their own precision
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), doc[s:e], reduction="none")
 
 
 class _Updater:

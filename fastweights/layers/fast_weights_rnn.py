@@ -35,8 +35,8 @@ FORMS = ("matrix", "attention", "auto")
 
 
 def _check_inputs(x: torch.Tensor, mask: torch.Tensor | None, input_size: int) -> torch.Tensor:
-    if x.dim() != 3 or x.shape[2] != input_size:
-        raise ValueError(f"x must be (B, T, {input_size}), got shape {tuple(x.shape)}")
+    if x.dim() != 3 or x.shape[2] != input_size or x.shape[1] < 1:
+        raise ValueError(f"x must be (B, T >= 1, {input_size}), got shape {tuple(x.shape)}")
     if mask is None:
         return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     if mask.shape != x.shape[:2] or mask.dtype != torch.bool:

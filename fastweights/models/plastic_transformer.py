@@ -122,9 +122,14 @@ class PlasticTransformer(nn.Module):
         if state.keys and state.keys[0].shape[0] != x.shape[0]:
             raise ValueError(f"x has batch {x.shape[0]}, the state {state.keys[0].shape[0]}")
         outer_grad = torch.is_grad_enabled()
+        if cfg.rule == "gradient" and torch.is_inference_mode_enabled():
+            raise RuntimeError("the gradient rule differentiates L_int at every step, which "
+                               "torch.inference_mode() forbids: run it under torch.no_grad() instead")
         # The gradient rule differentiates L_int even when the caller runs without autograd.
         with torch.enable_grad() if cfg.rule == "gradient" else contextlib.nullcontext():
             h = self.inp(x) + self.pos.weight[state.position]
+            if cfg.rule == "gradient" and not h.requires_grad:  # frozen model: the q's still need a graph
+                h = h.detach().requires_grad_()
             keys, values, records = [], [], []
             for blk, k, v, fast in zip(self.blocks, state.keys, state.values, state.fast, strict=True):
                 h, k, v, rec = blk(h, k, v, fast)

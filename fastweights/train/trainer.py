@@ -102,7 +102,8 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy. ``logits`` (B, L, V); ``targets`` (B, L), already shifted,
     -100 where ignored. ``reduction="none"`` gives (B, L) with 0 at ignored positions."""
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction=reduction)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision scored in float32
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction=reduction)
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
