@@ -43,6 +43,7 @@ def test_lact_benchmark_tiny_runs(tmp_path, capsys, packed):
       "--repeats", "1"], "In-Place TTT"),
     (["benchmarks/associative_retrieval_step.py", "--hidden-sizes", "20", "--steps", "2", "--repeats", "1",
       "--warmup", "1"], "sum over cells"),
+    (["benchmarks/lact_muon_precision.py", "--chunks", "3"], "| 3 | 9 |"),
 ])
 def test_benchmark_script_cpu_size_runs(argv, expect):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
