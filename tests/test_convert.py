@@ -235,3 +235,26 @@ def test_package_import_registers_auto_classes():
     for family in FAMILIES:
         assert AutoConfig.for_model(f"inplace_ttt_{family}").model_type == f"inplace_ttt_{family}"
     assert fastweights.convert is convert
+
+
+@pytest.mark.parametrize("how", ["convert", "add_fwl"])
+def test_conversion_leaves_a_shared_config_alone(how):
+    """from_config(cfg) does not copy cfg: converting one model must not convert the others
+    built from it, nor cfg. The converted model's layers follow its own config afterwards."""
+    from fastweights.models import add_fwl
+
+    base = tiny_model("qwen3", layers=2)
+    cfg = base.config
+    other = AutoModelForCausalLM.from_config(cfg).eval()
+    assert other.config is cfg
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    convert(model, layers=[1], chunk_size=4) if how == "convert" else add_fwl(model)
+    for m in (base, other):
+        assert type(m.config).__name__ == "Qwen3Config" and m.config.model_type == "qwen3"
+        assert not hasattr(m.config, "ttt_layers") and not hasattr(m.config, "fwl_expansion")
+        assert type(AutoModelForCausalLM.from_config(m.config)).__name__ == "Qwen3ForCausalLM"
+    assert all(m.config is model.config for m in model.modules() if "config" in m.__dict__)
+    model.set_attn_implementation("eager")
+    layer_cfg = model.model.layers[0].self_attn.config
+    assert layer_cfg is model.config and layer_cfg._attn_implementation == "eager"
+    assert cfg._attn_implementation != "eager"

@@ -21,6 +21,7 @@ attention, inside the layer's forward; see ``fastweights.models.inplace_ttt._cap
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import transformers
 from packaging.version import Version
@@ -29,7 +30,7 @@ from transformers.cache_utils import DynamicCache
 
 __all__ = ["CACHE_KWARG", "TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "check_dynamic_cache",
            "crop_length", "enable_activation_checkpointing", "hf_progress_bars", "keep_positions",
-           "resolve_use_cache", "take_cache"]
+           "own_config", "resolve_use_cache", "take_cache"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):
@@ -56,6 +57,18 @@ def take_cache(kwargs: dict):
     if given:
         kwargs[CACHE_KWARG] = cache
     return cache
+
+
+def own_config(model: nn.Module) -> None:
+    """Give ``model`` a config of its own before converting it in place: a copy of its config,
+    which every submodule that held the old object now holds instead. ``from_config(cfg)`` does
+    not copy ``cfg``, so without this a conversion would also rewrite other models built from it
+    (and ``cfg`` itself)."""
+    old = model.config
+    new = copy.deepcopy(old)
+    for m in model.modules():
+        if m.__dict__.get("config") is old:
+            m.config = new
 
 
 def resolve_use_cache(base_model: nn.Module, kwargs: dict) -> bool:

@@ -39,6 +39,7 @@ from fastweights.models.compat import (
     check_dynamic_cache,
     crop_length,
     keep_positions,
+    own_config,
     resolve_use_cache,
     take_cache,
 )
@@ -308,6 +309,7 @@ def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DE
     options = {"expansion": expansion, "step_size": float(step_size), "eps": float(eps), "block_size": block_size,
                "residual": bool(residual), "grad_scale": float(grad_scale), "tied": bool(tied)}
     cfg_cls, model_cls = register_fwl_family(model.config.model_type)
+    own_config(model)
     _install(model, options)
     model.config.__class__ = cfg_cls
     model.config.__dict__.pop("model_type", None)  # a loaded config's own copy would hide the new type

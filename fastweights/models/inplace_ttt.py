@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from fastweights.errors import FastWeightsError
 from fastweights.layers.inplace_ttt import OFFICIAL_TARGET, InPlaceTTTMLP, TTTContext, normalize_target
 from fastweights.models.cache import InPlaceTTTCache
-from fastweights.models.compat import CACHE_KWARG, check_dynamic_cache, resolve_use_cache, take_cache
+from fastweights.models.compat import CACHE_KWARG, check_dynamic_cache, own_config, resolve_use_cache, take_cache
 from fastweights.models.fwl import has_fwl
 from fastweights.ops.inplace_ttt_decode import StepPlan
 
@@ -408,6 +408,7 @@ def convert(
             f"`import fastweights` registers only those with the Auto classes, so load the saved model with "
             f"fastweights.load_pretrained (or call fastweights.models.register_family("
             f"{model.config.model_type!r}) before AutoModelForCausalLM.from_pretrained)", stacklevel=2)
+    own_config(model)
     _install(model, layers, chunk_size, lr, target, proj)
     model.config.__class__ = cfg_cls
     model.config.__dict__.pop("model_type", None)  # a loaded config's own copy would hide the new type
