@@ -258,3 +258,14 @@ def test_conversion_leaves_a_shared_config_alone(how):
     layer_cfg = model.model.layers[0].self_attn.config
     assert layer_cfg is model.config and layer_cfg._attn_implementation == "eager"
     assert cfg._attn_implementation != "eager"
+
+
+def test_a_bare_decoder_is_refused():
+    """AutoModel gives the decoder without its head: relabelling it as a causal LM broke forward
+    and save_pretrained; convert names what it needs instead."""
+    from transformers import AutoModel
+
+    decoder = AutoModel.from_config(tiny_model("qwen3", layers=2).config)
+    with pytest.raises(FastWeightsError, match="needs the causal LM \\(Qwen3ForCausalLM.*got Qwen3Model"):
+        convert(decoder, layers=[1])
+    assert type(decoder).__name__ == "Qwen3Model" and not fastweights.models.is_converted(decoder)

@@ -401,6 +401,10 @@ def convert(
         raise FastWeightsError("a model with an FWL head cannot also be converted to In-Place TTT: each needs its "
                                "own generation cache (FWLCache, InPlaceTTTCache)")
     layers, chunk_size, lr, target = _validate(model, layers, chunk_size, lr, target, proj)
+    causal_lm = _family_classes(model.config.model_type)[1]
+    if not isinstance(model, causal_lm):
+        raise FastWeightsError(f"convert needs the causal LM ({causal_lm.__name__}, e.g. from AutoModelForCausalLM), "
+                               f"got {type(model).__name__}")
     cfg_cls, model_cls = register_family(model.config.model_type)
     if model.config.model_type not in SUPPORTED_FAMILIES:
         warnings.warn(
