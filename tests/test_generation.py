@@ -255,6 +255,20 @@ def test_cache_mismatch_raises():
             model.generate(ids, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
 
 
+@pytest.mark.parametrize("other", [dict(chunk=4), dict(target="embed"), dict(chunk=8, target="embed")])
+def test_a_cache_of_a_model_with_other_ttt_settings_is_refused(other):
+    """Same TTT layers, another chunk or target: the cache's fast weights would be read wrongly."""
+    a = ttt_model(chunk=8)
+    b = ttt_model(**{"chunk": 8, **other})
+    ids = torch.randint(1, VOCAB, (2, 6))
+    with torch.no_grad():
+        cache = a(input_ids=ids, use_cache=True).past_key_values
+        with pytest.raises(FastWeightsError, match="made for another model's fast weights: ttt_"):
+            b(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+        a(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)  # its own model continues it
+    assert InPlaceTTTCache(b.config).ttt_settings["ttt_target"] == other.get("target", "hidden")
+
+
 def test_default_caches():
     """use_cache=True (or the config default) gives an InPlaceTTTCache; training mode gives none by default."""
     model = ttt_model(chunk=4)

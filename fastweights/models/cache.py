@@ -18,10 +18,19 @@ from __future__ import annotations
 import torch
 
 from fastweights.errors import FastWeightsError
+from fastweights.layers.inplace_ttt import normalize_target
 from fastweights.models.compat import DynamicCache, crop_length
 from fastweights.ops.inplace_ttt_decode import STATE_FORMS, InPlaceTTTState, StepPlan
 
-__all__ = ["InPlaceTTTCache"]
+__all__ = ["InPlaceTTTCache", "ttt_settings"]
+
+
+def ttt_settings(config) -> dict:
+    """The settings of a converted model's config that shape its fast-weight state (a cache made
+    for one model is wrong for a model whose settings differ)."""
+    target = getattr(config, "ttt_target", "hidden")
+    return {"ttt_chunk": int(config.ttt_chunk), "ttt_lr": float(config.ttt_lr),
+            "ttt_target": normalize_target(target), "ttt_proj": bool(getattr(config, "ttt_proj", True))}
 
 
 class InPlaceTTTCache(DynamicCache):
@@ -45,6 +54,7 @@ class InPlaceTTTCache(DynamicCache):
             raise ValueError(f"state_form must be one of {STATE_FORMS}, got {state_form!r}")
         super().__init__(config=config, **kwargs)
         self.ttt_layers = tuple(int(i) for i in layers)
+        self.ttt_settings = ttt_settings(config)
         self.state_form = state_form
         self.ttt_states: dict[int, InPlaceTTTState] = {}
         self.ttt_tokens: list[int] | None = None  # per row: real tokens of its open document
@@ -52,16 +62,22 @@ class InPlaceTTTCache(DynamicCache):
 
     # ------------------------------------------------------------------ use by the model
     def ttt_begin(self, batch: int, length: int, real: torch.Tensor | None, starts: torch.Tensor | None,
-                  layers: tuple[int, ...]) -> StepPlan:
+                  layers: tuple[int, ...], settings: dict | None = None) -> StepPlan:
         """Start one model call of ``length`` tokens per row; returns the plan shared by its TTT layers.
 
-        ``real`` (B, N) is False on padding, ``starts`` (B, N) True where a document starts.
+        ``real`` (B, N) is False on padding, ``starts`` (B, N) True where a document starts;
+        ``settings``: the calling model's :func:`ttt_settings`, which must be the cache's.
         """
         if tuple(layers) != self.ttt_layers:
             raise FastWeightsError(
                 f"this InPlaceTTTCache holds fast weights for layers {list(self.ttt_layers)}, "
                 f"but the model's In-Place TTT layers are {list(layers)}"
             )
+        if settings is not None and settings != self.ttt_settings:
+            diff = ", ".join(f"{k} {self.ttt_settings[k]!r} (the model: {settings[k]!r})"
+                             for k in self.ttt_settings if settings[k] != self.ttt_settings[k])
+            raise FastWeightsError(f"this InPlaceTTTCache was made for another model's fast weights: {diff}; "
+                                   "start a new cache for this model")
         if self.ttt_tokens is None:
             if self.get_seq_length() > 0:
                 raise FastWeightsError("this InPlaceTTTCache holds attention states but no fast weights")

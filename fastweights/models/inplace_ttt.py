@@ -170,7 +170,7 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
     starts = pos == 0 if torch.is_tensor(pos) and pos.dim() == 2 and pos.shape[-1] == N else None
     if cache is not None:
         ctx.cache = cache
-        ctx.plan = cache.ttt_begin(B, N, real, starts, module._ttt_layers)
+        ctx.plan = cache.ttt_begin(B, N, real, starts, module._ttt_layers, module._ttt_settings)
     elif real is not None and not bool(real.all()):
         ctx.plan = StepPlan([0] * B, N, real, starts)
     return args, kwargs
@@ -327,6 +327,7 @@ def _install(model: PreTrainedModel, layers: list[int], chunk_size: int, lr: flo
     base._ttt_layers = tuple(layers)
     base._ttt_mlps = [layers_list[i].mlp for i in layers]
     base._ttt_embed = target == "embed"
+    base._ttt_settings = {"ttt_chunk": chunk_size, "ttt_lr": float(lr), "ttt_target": target, "ttt_proj": bool(proj)}
     base.register_forward_pre_hook(_capture_model_inputs, with_kwargs=True)
     base.register_forward_hook(_release_model_inputs, with_kwargs=True, always_call=True)
     if target == "embed":
