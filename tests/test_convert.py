@@ -115,6 +115,31 @@ def test_official_checkpoint_layout_loads(tmp_path):
     assert torch.equal(logits(loaded, x), logits(ours, x))
 
 
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_a_checkpoint_without_ttt_weights_loads_as_its_base_model(family, tmp_path):
+    """Converting at load time (a plain checkpoint, a config with ttt_* keys): the missing conv and
+    P get convert's init (zero conv, diagonal P), so the model equals the base model; a checkpoint
+    that holds them keeps its values."""
+    base = tiny_model(family)
+    base.save_pretrained(tmp_path / "base")
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    cfg.update(ttt_layers=[1, 4], ttt_lr=3.0, ttt_chunk=4, ttt_proj=True, ttt_target="hidden_states")
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    loaded = load_pretrained(tmp_path / "base").eval()
+    x = ids()
+    assert torch.equal(logits(loaded, x), logits(base, x))
+    for m in ttt_modules(loaded):
+        assert m.ttt_conv.weight.abs().max() == 0
+        P = m.ttt_proj.weight
+        assert torch.equal(P, torch.diag(torch.diag(P))) and 0 < P.abs().max() < 0.2
+    trained = convert(tiny_model(family), layers=[1, 4], chunk_size=4)
+    perturb(trained)
+    trained.save_pretrained(tmp_path / "trained")
+    again = load_pretrained(tmp_path / "trained")
+    for a, b in zip(ttt_parameters(again), ttt_parameters(trained), strict=True):
+        assert a[0] == b[0] and torch.equal(a[1], b[1])
+
+
 def test_loading_never_unpickles(tmp_path):
     model = convert(tiny_model("llama", layers=2), chunk_size=4)
     model.save_pretrained(tmp_path)

@@ -83,6 +83,10 @@ class InPlaceTTTMLP(nn.Module):
         w = self.down_proj.weight
         self.ttt_conv = nn.Conv1d(d, d, 5, padding=2, groups=d, bias=False, device=w.device, dtype=w.dtype)
         self.ttt_proj = nn.Linear(d, d, bias=False, device=w.device, dtype=w.dtype) if proj else None
+        # How a loader initialises these when a checkpoint lacks them (models.inplace_ttt.init_ttt_weights)
+        self.ttt_conv.ttt_init = "zeros"
+        if self.ttt_proj is not None:
+            self.ttt_proj.ttt_init = "diag"
         self.ctx: TTTContext | None = None
         # Optional replacement of ``inplace_ttt`` with its signature, set per instance by wrappers
         # such as ``fastweights.distributed.apply_context_parallel``.

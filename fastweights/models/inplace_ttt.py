@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import initialization as init
 
 from fastweights.errors import FastWeightsError
 from fastweights.layers.inplace_ttt import OFFICIAL_TARGET, InPlaceTTTMLP, TTTContext, normalize_target
@@ -39,6 +40,7 @@ __all__ = [
     "SUPPORTED_FAMILIES",
     "convert",
     "default_layers",
+    "init_ttt_weights",
     "is_converted",
     "load_pretrained",
     "register_family",
@@ -91,9 +93,17 @@ def register_family(model_type: str) -> tuple[type, type]:
         if not _generation_cache(self, generation_config, model_kwargs):
             base_model._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
 
+    def initialize_weights(self):
+        # the decoder inside is a PreTrainedModel of the base family, which transformers
+        # initialises with that family's _init_weights: the TTT weights left unloaded are set
+        # again here (the guarded init leaves loaded ones alone)
+        base_model.initialize_weights(self)
+        for module in self.modules():
+            init_ttt_weights(module)
+
     model_cls = type(model_name, (base_model,), {
         "config_class": cfg_cls, "__init__": __init__, "__module__": __name__,
-        "_prepare_cache_for_generation": _prepare_cache_for_generation,
+        "_prepare_cache_for_generation": _prepare_cache_for_generation, "initialize_weights": initialize_weights,
         "__doc__": f"{base_model.__name__} with In-Place TTT MLPs (created by fastweights.convert).",
     })
     setattr(mod, cfg_name, cfg_cls)
@@ -102,6 +112,20 @@ def register_family(model_type: str) -> tuple[type, type]:
     AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
     _REGISTERED[model_type] = (cfg_cls, model_cls)
     return cfg_cls, model_cls
+
+
+def init_ttt_weights(module: nn.Module) -> bool:
+    """``_init_weights`` for the weights an :class:`InPlaceTTTMLP` adds, as :func:`convert` leaves
+    them (zero conv; P diagonal with N(0, 0.02²) entries), so that a checkpoint without them loads
+    as its base model; weights the checkpoint holds are left alone (transformers' ``init``).
+    Returns whether ``module`` was one of them (then the family's own init must not run on it)."""
+    how = getattr(module, "ttt_init", None)
+    if how == "zeros":
+        init.zeros_(module.weight)
+    elif how == "diag":
+        w = module.weight
+        init.copy_(w, torch.diag(torch.randn(w.shape[0], device=w.device) * 0.02).to(w.dtype))
+    return how is not None
 
 
 def _generation_cache(model, generation_config, model_kwargs) -> bool:

@@ -28,6 +28,7 @@ from fastweights.models.hybrid.compat import (
 )
 from fastweights.models.hybrid.configuration import HybridConfig
 from fastweights.models.hybrid.fla_mixer import FlaMixer
+from fastweights.models.inplace_ttt import init_ttt_weights
 from fastweights.ops.inplace_ttt_decode import InPlaceTTTState, StepPlan
 from fastweights.ops.lact import COMPILE_ENV, _resolve_compile
 
@@ -125,6 +126,8 @@ class HybridPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        if init_ttt_weights(module):
+            return
         super()._init_weights(module)
         if isinstance(module, LaCTLayer):
             for name, value in module.fast_init().items():
@@ -133,11 +136,6 @@ class HybridPreTrainedModel(PreTrainedModel):
                 for p in path:
                     obj = getattr(obj, p)
                 init.copy_(getattr(obj, leaf), value.to(getattr(obj, leaf).dtype))
-        elif isinstance(module, InPlaceTTTMLP):
-            init.zeros_(module.ttt_conv.weight)
-            if module.ttt_proj is not None:
-                w = module.ttt_proj.weight
-                init.copy_(w, torch.diag(torch.randn(w.shape[0], device=w.device) * 0.02).to(w.dtype))
 
 
 def _layout(position_ids, attention_mask, cache: HybridCache | None, B, N, device) -> TokenLayout:
