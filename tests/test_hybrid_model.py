@@ -427,6 +427,42 @@ def test_config_errors():
         HybridConfig(attn_backend="flash")
     with pytest.raises(ValueError, match=r"lact_glue must be one of \('auto', 'torch', 'triton'\), got 'cuda'"):
         HybridConfig(lact_glue="cuda")
+    with pytest.raises(ValueError, match="ttt_proj must be True or False, got 'false'"):
+        HybridConfig(ttt_proj="false")
+
+
+def test_hidden_states_and_the_trainers_token_count():
+    """output_hidden_states gives the embeddings and each block's output (the last one normed);
+    num_items_in_batch (the HF Trainer's, under gradient accumulation) makes the loss a sum over
+    that count, so two half batches add up to the whole batch's mean loss and gradient."""
+    model = tiny(["attention", "lact"], mlps="inplace_ttt").double()
+    _perturb_fast_params(model)
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
+    outs = []
+    hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o[0])) for b in model.model.layers]
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True, use_cache=False)
+    for h in hooks:
+        h.remove()
+    hs = out.hidden_states
+    assert len(hs) == 3 and torch.equal(hs[0], model.model.embed_tokens(ids))
+    assert torch.equal(hs[1], outs[0]) and torch.equal(hs[2], model.model.norm(outs[1]))
+    assert torch.equal(model.lm_head(hs[2]), out.logits)
+    assert model(ids, use_cache=False).hidden_states is None
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(ids, output_attentions=True)
+
+    labels = ids.clone()
+    labels[1, 4:7] = -100
+    whole = model(ids, labels=labels, use_cache=False).loss
+    whole_grads = torch.autograd.grad(whole, list(model.parameters()), allow_unused=True)
+    n = int((labels[:, 1:] != -100).sum())
+    halves = [model(ids[i:i + 1], labels=labels[i:i + 1], use_cache=False, num_items_in_batch=torch.tensor(n)).loss
+              for i in range(2)]
+    assert abs((halves[0] + halves[1]).item() - whole.item()) < 1e-12
+    half_grads = torch.autograd.grad(halves[0] + halves[1], list(model.parameters()), allow_unused=True)
+    for a, b in zip(whole_grads, half_grads, strict=True):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-10, atol=1e-12))
 
 
 def test_convert_refuses_a_hybrid_model():

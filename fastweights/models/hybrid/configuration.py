@@ -51,6 +51,8 @@ def _check(cfg: HybridConfig) -> None:
     for key, low, strict in (("rms_norm_eps", 0, True), ("rope_base", 0, True), ("initializer_range", 0, False),
                              ("lact_lr_init", 0, True), ("ttt_lr", 0, False)):
         check_number(key, getattr(cfg, key), low, strict)
+    if not isinstance(cfg.ttt_proj, bool):
+        raise ValueError(f"ttt_proj must be True or False, got {cfg.ttt_proj!r}")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise ValueError(f"num_attention_heads {cfg.num_attention_heads} must be a multiple of num_key_value_heads "
                          f"{cfg.num_key_value_heads}")

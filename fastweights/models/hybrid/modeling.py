@@ -188,11 +188,20 @@ class HybridModel(HybridPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, cache=None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, cache=None, output_hidden_states=None,
+                **kwargs) -> BaseModelOutputWithPast:
         """input_ids (B, N) or inputs_embeds (B, N, d); attention_mask (B, M) with M = cached + N;
         position_ids (B, N). Returns last_hidden_state (B, N, d) and, with use_cache, the cache
         (``use_cache`` defaults to ``config.use_cache`` in eval mode and to False in training).
-        The cache comes as ``cache`` (the transformers >= 5.24 name) or ``past_key_values``."""
+        The cache comes as ``cache`` (the transformers >= 5.24 name) or ``past_key_values``.
+        ``output_hidden_states`` (default ``config.output_hidden_states``): also ``hidden_states``,
+        the embeddings and each block's output (the last one after the final norm), L + 1 of
+        (B, N, d), as transformers' decoders give them."""
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions is not supported by fastweights_hybrid models (LaCT and the "
+                             "fla mixers have no attention weights to return)")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         past_key_values = take_cache({"past_key_values": past_key_values, "cache": cache})
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -217,14 +226,21 @@ class HybridModel(HybridPreTrainedModel):
             before = cache.ttt_tokens if cache.ttt_tokens is not None else [0] * B
             plan = StepPlan(before, N, layout.key_valid[:, -N:], layout.position_ids == 0)
             cache.ttt_tokens = plan.after
+        hidden = [x] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             past = cache.states[i] if cache is not None else None
             x, state = layer(x, layout, embeds, past, use_cache, ttt_plan=plan)
             if cache is not None:
                 cache.states[i] = state
+            if hidden is not None:
+                hidden.append(x)
         if cache is not None:
             cache.key_doc, cache.key_valid, cache.seen = layout.key_doc, layout.key_valid, cache.seen + N
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{CACHE_KWARG: cache})
+        x = self.norm(x)
+        if hidden is not None:
+            hidden[-1] = x
+        return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=None if hidden is None else tuple(hidden),
+                                       **{CACHE_KWARG: cache})
 
 
     def _check_checkpointing(self, device: torch.device) -> None:
@@ -264,18 +280,27 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, cache=None,
-                **kwargs) -> CausalLMOutputWithPast:
+                output_hidden_states=None, num_items_in_batch=None, **kwargs) -> CausalLMOutputWithPast:
         """Logits (B, N, V) (the last ``logits_to_keep`` positions when > 0); with ``labels``
-        (B, N) the mean next-token cross-entropy (labels are shifted inside; -100 ignored)."""
+        (B, N) the next-token cross-entropy (labels are shifted inside; -100 ignored): the mean,
+        or the sum over ``num_items_in_batch`` when given (the Hugging Face Trainer passes it under
+        gradient accumulation)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
-                         use_cache=use_cache)
+                         use_cache=use_cache, output_hidden_states=output_hidden_states, **kwargs)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
+            flat = logits[:, :-1].flatten(0, 1)
+            flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+            targets = labels[:, 1:].flatten().to(logits.device)
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(flat, targets, ignore_index=-100)
+            else:
+                loss = F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum")
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
