@@ -843,3 +843,16 @@ def test_the_cache_continues_under_either_name():
     ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
     errors = continuation_errors(model, ids, 8)
     assert max(errors.values()) < 1e-10, errors
+
+
+def test_generate_with_chunked_prefill_equals_plain_generate():
+    """prefill_chunk_size needs a cache before the first forward: generate gets a HybridCache."""
+    model = tiny(["lact", "swa"], mlps="inplace_ttt")
+    _perturb_fast_params(model)
+    x = torch.randint(0, VOCAB, (1, 23), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model.generate(x, max_new_tokens=6, do_sample=False)
+        assert torch.equal(model.generate(x, max_new_tokens=6, do_sample=False, prefill_chunk_size=5), ref)
+        assert torch.equal(greedy_by_full_forwards(model, x, 6), ref)
+        with pytest.raises(FastWeightsError, match="cannot carry"):
+            model.generate(x, max_new_tokens=2, cache_implementation="static")

@@ -17,7 +17,7 @@ from fastweights.errors import FastWeightsError
 from fastweights.layers.attention import Attention, TokenLayout, rope_cos_sin
 from fastweights.layers.inplace_ttt import InPlaceTTTMLP
 from fastweights.layers.lact import LaCTLayer
-from fastweights.models.compat import CACHE_KWARG, take_cache
+from fastweights.models.compat import CACHE_KWARG, check_dynamic_cache, take_cache
 from fastweights.models.hybrid.cache import HybridCache
 from fastweights.models.hybrid.compat import (
     BaseModelOutputWithPast,
@@ -272,6 +272,13 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """``generate()``: a :class:`HybridCache` where transformers would put its default cache
+        (chunked prefill needs one before the first forward); a user's cache is kept."""
+        check_dynamic_cache(generation_config, "fastweights_hybrid states")
+        if take_cache(model_kwargs) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_KWARG] = HybridCache(self.config)
 
     def _assisted_decoding(self, *args, **kwargs):
         """``generate()``'s assisted and prompt-lookup decoding: refused (see :meth:`HybridCache.crop`)."""
