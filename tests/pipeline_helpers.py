@@ -10,13 +10,13 @@ WORDS = ("def class return import self value data model train token layer weight
          "loss step chunk update memory state key query index list dict print yield").split()
 
 
-def write_corpus(root: Path, docs: int = 24, seed: int = 0) -> Path:
-    """``docs`` text documents (half .txt, half as JSONL lines) of 50..1500 words."""
+def write_corpus(root: Path, docs: int = 24, seed: int = 0, max_words: int = 1500) -> Path:
+    """``docs`` text documents (half .txt, half as JSONL lines) of 50..``max_words`` words."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(docs):
-        n = rng.randint(50, 1500)
+        n = rng.randint(min(50, max_words), max_words)
         text = " ".join(rng.choice(WORDS) + ("\n" if rng.random() < 0.1 else "") for _ in range(n))
         if i % 2:
             lines.append(json.dumps({"text": text, "id": i}))

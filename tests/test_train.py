@@ -378,3 +378,32 @@ def test_causal_lm_loss_keeps_float64_and_scores_half_precision_in_float32():
     half = causal_lm_loss(logits.to(torch.bfloat16), targets)
     assert half.dtype == torch.float32
     assert torch.equal(half, causal_lm_loss(logits.to(torch.bfloat16).float(), targets))
+
+
+def test_gradient_accumulation_takes_the_token_mean_of_the_whole_step(tmp_path, monkeypatch):
+    """--batch-size 2 --accum 2 reads the rows of --batch-size 4 --accum 1 and must give the same
+    step: the mean over all the step's targets, also when its micro-batches hold different
+    numbers of ignored (-100) targets (before, the micro-batches' means were averaged)."""
+    from fastweights.data.packing import PackedRows
+    from fastweights.data.store import Dataset
+
+    monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "corpus", docs=60, max_words=40)  # documents shorter than a few rows
+    data = prepare(parse(PrepareConfig, prepare_args(corpus, tmp_path / "data"), "t", "")).path
+    split = Dataset(data).split("train")
+    for seed in range(200):
+        rows = PackedRows(split, 48, seed=seed)
+        ignored = [int((rows.batch(s, 2)["targets"] == -100).sum()) for s in (0, 2, 4, 6)]
+        if ignored[0] != ignored[1] and ignored[2] != ignored[3]:
+            break
+    else:
+        pytest.fail("no seed gives micro-batches with different numbers of ignored targets")
+    one = _train(train_args(data, tmp_path / "one", steps=2, seed=seed, batch_size=4, accum=1))
+    two = _train(train_args(data, tmp_path / "two", steps=2, seed=seed, batch_size=2, accum=2))
+    a, b = ([json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+            for r in ("one", "two"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b, strict=True):  # step 2's loss also checks step 1's update
+        for key in ("loss", "grad_norm"):
+            assert abs(ra[key] - rb[key]) < 2e-6 * abs(ra[key]), (key, ra, rb)
+    assert one["loss"] == a[-1]["loss"] and two["loss"] == b[-1]["loss"]

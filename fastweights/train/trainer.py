@@ -484,31 +484,36 @@ def _train(cfg: TrainConfig) -> dict:
             t0 = time.perf_counter()
             step += 1
             total = 0.0
+            # rank r takes rows [r·local, (r+1)·local) of each global micro-batch
+            batches = []
             for _ in range(cfg.accum):
-                # rank r takes rows [r·local, (r+1)·local) of the global micro-batch
-                batch = {k: v.to(device) for k, v in rows.batch(rows_done + rank * local, local).items()}
+                batches.append({k: v.to(device) for k, v in rows.batch(rows_done + rank * local, local).items()})
                 rows_done += cfg.batch_size
+            # the step's loss is the mean over all its targets (every micro-batch, every rank)
+            count = sum((b["targets"] != IGNORE).sum() for b in batches).to(torch.float32)
+            if world > 1:
+                dist.all_reduce(count)
+            for batch in batches:
                 with autocast:
                     ids, pos = batch["input_ids"], batch["position_ids"]
                     logits = fwd(input_ids=ids, position_ids=pos, use_cache=False).logits
-                if world == 1:
+                if world == 1 and cfg.accum == 1:
                     loss = causal_lm_loss(logits, batch["targets"])
                     value = loss.detach()
-                else:  # the global token mean: DDP/FSDP average the ranks' gradients
-                    count = (batch["targets"] != IGNORE).sum().to(torch.float32)
-                    dist.all_reduce(count)
+                else:  # DDP/FSDP average the ranks' gradients, hence × world
                     loss = causal_lm_loss(logits, batch["targets"], reduction="sum") * world / count.clamp(min=1)
                     value = loss.detach().clone()
-                    dist.all_reduce(value)
-                    value = value / world
+                    if world > 1:
+                        dist.all_reduce(value)
+                        value = value / world
                 if not torch.isfinite(value):
                     bar.close()
                     raise FastWeightsError(
                         f"non-finite loss ({value.item()}) at step {step}; training stopped, "
                         f"last good checkpoint: {last_good if last_good else 'none'}"
                     )
-                (loss / cfg.accum).backward()
-                total += value.item() / cfg.accum
+                loss.backward()
+                total += value.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                 grad_norm = grad_norm.full_tensor()
