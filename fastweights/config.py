@@ -72,17 +72,36 @@ def _coerce(name: str, value, field_type, source: str):
     elem, is_list, optional = _base_type(field_type)
     if value is None and optional:
         return None
+    kind = getattr(elem, "__name__", elem)
     try:
         if is_list:
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
-            return [elem(v) for v in value]
-        if elem is bool and not isinstance(value, bool):
-            raise TypeError
-        return elem(value)
+            elif not isinstance(value, (list, tuple)):
+                value = [value]  # one value for a list option
+            return [_strict(elem, v) for v in value]
+        return _strict(elem, value)
     except (TypeError, ValueError):
-        kind = getattr(elem, "__name__", elem)
-        raise FastWeightsError(f"{source}: option {name!r} must be {kind}, got {value!r}") from None
+        what = f"a list of {kind}" if is_list else kind
+        raise FastWeightsError(f"{source}: option {name!r} must be {what}, got {value!r}") from None
+
+
+def _strict(elem, v):
+    """``elem(v)`` without the conversions that lose or invent information: a bool only from a
+    bool, an int not from a bool or a fractional float, no number from a bool, no container."""
+    if isinstance(v, (list, tuple, dict)):
+        raise TypeError
+    if elem is bool:
+        if not isinstance(v, bool):
+            raise TypeError
+        return v
+    if elem in (int, float) and isinstance(v, bool):
+        raise TypeError
+    if elem is int and isinstance(v, float):
+        if not v.is_integer():
+            raise ValueError
+        return int(v)
+    return elem(v)
 
 
 def parse(cls, argv: list[str], prog: str, description: str):

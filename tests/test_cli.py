@@ -252,6 +252,42 @@ def test_bad_config_key_names_close_matches(workdir, capsys):
     assert "'batch_size' must be int" in line
 
 
+@pytest.mark.parametrize("cmd,key,value,what", [
+    ("train", "steps", 2.9, "int"),
+    ("train", "steps", True, "int"),
+    ("train", "lr", True, "float"),
+    ("train", "lookahead_k", 2.5, "int"),
+    ("train", "ttt", "yes", "bool"),
+    ("convert", "chunk_size", 64.7, "int"),
+    ("eval", "passkey_lengths", [128, 1.5], "a list of int"),
+])
+def test_config_file_values_are_not_converted_silently(workdir, capsys, cmd, key, value, what):
+    """A config file's value that the command line would refuse is refused too (a float for an
+    int was truncated, a bool read as 1)."""
+    cfg = workdir / "typed.json"
+    cfg.write_text(json.dumps({key: value}))
+    line = _one_line_error(*run([cmd, "--config", str(cfg)], capsys)[::2])
+    assert f"option {key!r} must be {what}, got {value!r}" in line
+
+
+def test_config_file_values_that_convert_exactly(tmp_path):
+    """Integral floats for ints, numbers as strings (YAML reads 1e-3 as a string) and one value
+    for a list option are read as the command line would read them."""
+    import yaml
+
+    from fastweights.commands.eval import EvalConfig
+    from fastweights.config import parse
+    from fastweights.train.trainer import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 3.0\nlr: 1e-3\nttt_layers: 1\n")
+    cfg = parse(TrainConfig, ["--config", str(path)], "t", "")
+    assert (cfg.steps, cfg.lr, cfg.ttt_layers) == (3, 1e-3, [1]) and type(cfg.steps) is int
+    assert yaml.safe_load("lr: 1e-3")["lr"] == "1e-3"  # why strings must still convert to numbers
+    path.write_text("passkey_lengths: [128, 256]\n")
+    assert parse(EvalConfig, ["--config", str(path)], "t", "").passkey_lengths == [128, 256]
+
+
 def test_config_file_with_command_line_override(workdir, capsys):
     data = workdir / "data"
     if not (data / "meta.json").exists():
