@@ -340,3 +340,28 @@ def test_no_subcommand_prints_usage_and_fails(argv, capsys):
 def test_top_level_help_succeeds(argv, capsys):
     code, out, err = run(argv, capsys)
     assert code == 0 and out.startswith("usage: fastweights") and err == ""
+
+
+def test_convert_keeps_the_checkpoints_dtype(tmp_path, capsys):
+    """A bf16 checkpoint is saved in bf16 (it was written back as float32, twice the size);
+    --dtype picks another; a bad --dtype is named."""
+    from safetensors import safe_open
+    from tiny_models import tiny_model
+
+    src = tmp_path / "bf16"
+    tiny_model("qwen3", layers=2).to(torch.bfloat16).save_pretrained(src)
+
+    def dtypes(path):
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+    assert dtypes(src) == {"BF16"}
+    code, out, err = run(["convert", "--model", str(src), "--out", str(tmp_path / "a"), "--layers", "1"], capsys)
+    assert code == 0, err
+    assert dtypes(tmp_path / "a") == {"BF16"} and "bfloat16" in out
+    code, out, err = run(["convert", "--model", str(src), "--out", str(tmp_path / "b"), "--layers", "1",
+                          "--dtype", "float32"], capsys)
+    assert code == 0, err
+    assert dtypes(tmp_path / "b") == {"F32"}
+    code, out, err = run(["convert", "--model", str(src), "--out", str(tmp_path / "c"), "--dtype", "fp8"], capsys)
+    assert code == 2 and "--dtype must be one of auto, float32, bfloat16, float16, got 'fp8'" in err

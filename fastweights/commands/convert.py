@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fastweights.config import option, parse
 from fastweights.errors import FastWeightsError
 from fastweights.models.presets import load_model
@@ -19,6 +21,10 @@ class ConvertConfig:
     lr: float = option("inner learning rate eta", 3.0)
     target: str = option("target source: hidden (continual training) or embed (from scratch)", "hidden")
     proj: bool = option("learn the target projection P", True)
+    dtype: str = option("dtype of the saved model: auto (the checkpoint's own), float32, bfloat16 or float16", "auto")
+
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv: list[str]) -> int:
@@ -27,7 +33,9 @@ def main(argv: list[str]) -> int:
     cfg = parse(ConvertConfig, argv, "fastweights convert", __doc__)
     if not cfg.model or not cfg.out:
         raise FastWeightsError("pass --model DIR and --out DIR")
-    model = load_model(cfg.model)
+    if cfg.dtype not in DTYPES:
+        raise FastWeightsError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    model = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
     convert(model, layers=cfg.layers, chunk_size=cfg.chunk_size, lr=cfg.lr, target=cfg.target, proj=cfg.proj)
     model.save_pretrained(cfg.out)
     src = Path(cfg.model)
@@ -36,5 +44,5 @@ def main(argv: list[str]) -> int:
 
         load_tokenizer(src).save_pretrained(cfg.out)
     print(f"converted layers {model.config.ttt_layers} (chunk {cfg.chunk_size}, lr {cfg.lr}, "
-          f"target {cfg.target}) -> {cfg.out}")
+          f"target {cfg.target}, {str(model.dtype).removeprefix('torch.')}) -> {cfg.out}")
     return 0

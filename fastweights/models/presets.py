@@ -79,9 +79,9 @@ def build_model(size: str, vocab_size: int, max_position_embeddings: int = 32768
     return Qwen3ForCausalLM(config)
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """A causal LM from a local Hugging Face directory, converted or not. Never runs remote
-    code. An unknown ``model_type`` raises a one-line :class:`FastWeightsError`."""
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32):
+    """A causal LM from a local Hugging Face directory, converted or not (``dtype="auto"``: the
+    checkpoint's own). Never runs remote code. An unknown ``model_type`` raises a one-line :class:`FastWeightsError`."""
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
