@@ -171,6 +171,23 @@ def test_rows_longer_than_the_models_positions_warn(data, tmp_path, capsys):
     assert "exceeds" not in capsys.readouterr().err
 
 
+def test_a_converted_model_keeps_its_settings_and_says_which_flags_it_ignores(data, tmp_path, capsys):
+    """--ttt-* flags and --no-ttt cannot change a model that is converted already: each is named."""
+    model = convert(build_model("tiny", 300), layers=[1], chunk_size=24, lr=0.5)
+    model.save_pretrained(tmp_path / "ttt")
+    capsys.readouterr()
+    _train(train_args(data, tmp_path / "run", steps=1, model=tmp_path / "ttt", ttt_chunk=16, ttt_lr=0.25))
+    err = capsys.readouterr().err
+    assert "is already converted to In-Place TTT (layers [1], chunk 24, lr 0.5)" in err
+    assert "ignored: --ttt-chunk, --ttt-lr" in err
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert (saved["ttt_layers"], saved["ttt_chunk"], saved["ttt_lr"]) == ([1], 24, 0.5)
+    _train([*train_args(data, tmp_path / "run2", steps=1, model=tmp_path / "ttt"), "--no-ttt"])
+    assert "--no-ttt: " in capsys.readouterr().err
+    _train(train_args(data, tmp_path / "run3", steps=1, model=tmp_path / "ttt"))
+    assert "already converted" not in capsys.readouterr().err
+
+
 def test_a_model_setting_that_fails_leaves_no_run_directory(data, tmp_path):
     with pytest.raises(ValueError, match="layer index 99 is out of range"):
         _train(train_args(data, tmp_path / "bad", steps=1, ttt_layers=99))

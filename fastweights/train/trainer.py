@@ -416,6 +416,16 @@ def _train(cfg: TrainConfig) -> dict:
         if model.config.model_type == HYBRID and ttt_flags:
             print(f"warning: a fastweights_hybrid model takes its In-Place TTT settings from its config (mlps, "
                   f"ttt_chunk, ttt_lr, ttt_target); ignored: {', '.join(ttt_flags)}", file=sys.stderr)
+        given = (_read_json(Path(cfg.model) / "config.json").get("ttt_layers")
+                 if resolve_model(cfg.model) == "local" else None)
+        if given is not None:  # the model was converted before: its settings stay
+            if ttt_flags:
+                print(f"warning: {cfg.model} is already converted to In-Place TTT (layers {given}, chunk "
+                      f"{model.config.ttt_chunk}, lr {model.config.ttt_lr}); its settings are kept; ignored: "
+                      f"{', '.join(ttt_flags)}", file=sys.stderr)
+            if not cfg.ttt:
+                print(f"warning: --no-ttt: {cfg.model} is already converted to In-Place TTT (layers {given}); it "
+                      f"trains with its fast weights (train its base model for a run without them)", file=sys.stderr)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())
