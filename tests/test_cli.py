@@ -365,3 +365,39 @@ def test_convert_keeps_the_checkpoints_dtype(tmp_path, capsys):
     assert dtypes(tmp_path / "b") == {"F32"}
     code, out, err = run(["convert", "--model", str(src), "--out", str(tmp_path / "c"), "--dtype", "fp8"], capsys)
     assert code == 2 and "--dtype must be one of auto, float32, bfloat16, float16, got 'fp8'" in err
+
+
+def test_generate_follows_its_options_not_the_models_saved_sampling(small_data, tmp_path, capsys, monkeypatch):
+    """A model saved with top_k 1 (Qwen3 ships top_k 20, top_p 0.95): --temperature 1 --top-k 0
+    samples from every token, so two seeds differ; the model's end-of-text token is kept."""
+    from tiny_models import tiny_model
+    from transformers import GenerationConfig
+
+    from fastweights.commands import generate as gen_cmd
+    from fastweights.data.tokenizer import load_tokenizer
+
+    model = tiny_model("qwen3", layers=2, vocab_size=300)
+    model.generation_config = GenerationConfig(top_k=1, top_p=0.05, eos_token_id=299, do_sample=True)
+    model.save_pretrained(tmp_path / "m")
+    load_tokenizer(small_data / "tokenizer").save_pretrained(tmp_path / "m")
+    seen = []
+    real = gen_cmd.load_model
+
+    def spy(path):
+        m = real(path)
+        orig = m.generate
+        m.generate = lambda *a, **kw: seen.append(kw["generation_config"]) or orig(*a, **kw)
+        return m
+
+    monkeypatch.setattr(gen_cmd, "load_model", spy)
+    outs = []
+    for seed in (0, 1):
+        code, out, err = run(["generate", "--model", str(tmp_path / "m"), "--prompt", "def", "--max-new-tokens", "12",
+                              "--temperature", "1", "--top-k", "0", "--seed", str(seed)], capsys)
+        assert code == 0, err
+        outs.append(out)
+    assert outs[0] != outs[1]
+    g = seen[0]
+    assert (g.top_k, g.top_p, g.temperature, g.do_sample, g.eos_token_id) == (0, 1.0, 1.0, True, 299)
+    code, out, err = run(["generate", "--model", str(tmp_path / "m"), "--top-p", "0"], capsys)
+    assert code == 2 and "top_p must be in (0, 1]" in err

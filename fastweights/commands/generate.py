@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
 from fastweights.config import option, parse
 from fastweights.data.tokenizer import load_tokenizer
@@ -21,29 +22,37 @@ class GenerateConfig:
     max_new_tokens: int = option("tokens to generate", 64)
     temperature: float = option("sampling temperature (0: greedy)", 0.0)
     top_k: int = option("sample from the k most likely tokens (0: all)", 0)
+    top_p: float = option("sample from the smallest set of tokens whose probability reaches p (1: all)", 1.0)
     seed: int = option("sampling seed", 0)
     device: str = option("auto, cpu or cuda[:i]", "auto")
 
 
 def generate(cfg: GenerateConfig) -> str:
     """The generated continuation (prompt excluded). A converted model carries its fast weights
-    in its cache (``InPlaceTTTCache``), so decoding is cached for every model."""
+    in its cache (``InPlaceTTTCache``), so decoding is cached for every model. Decoding follows
+    these options alone: the sampling settings saved with the model (e.g. Qwen3's top_p 0.95,
+    top_k 20) are not applied; its end-of-text tokens are."""
     if not cfg.model:
         raise FastWeightsError("pass --model DIR")
     check_at_least("max_new_tokens", cfg.max_new_tokens, 1)
     check_at_least("top_k", cfg.top_k, 0)
     if not math.isfinite(cfg.temperature) or cfg.temperature < 0:
         raise FastWeightsError(f"temperature must be >= 0 (0: greedy), got {cfg.temperature}")
+    if not (0 < cfg.top_p <= 1):
+        raise FastWeightsError(f"top_p must be in (0, 1] (1: all tokens), got {cfg.top_p}")
     model = load_model(cfg.model).to(pick_device(cfg.device)).eval()
     tok = load_tokenizer(cfg.model)
     ids = tok(cfg.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
     if ids.shape[1] == 0:
         raise FastWeightsError("the prompt is empty")
     torch.manual_seed(cfg.seed)
-    kwargs = {"do_sample": cfg.temperature > 0, "max_new_tokens": cfg.max_new_tokens, "pad_token_id": tok.eos_token_id}
+    saved = model.generation_config
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
+                           eos_token_id=saved.eos_token_id if saved.eos_token_id is not None else tok.eos_token_id,
+                           bos_token_id=saved.bos_token_id, pad_token_id=tok.eos_token_id)
     if cfg.temperature > 0:
-        kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), use_cache=True, **kwargs)
+        gen.temperature, gen.top_k, gen.top_p = cfg.temperature, cfg.top_k, cfg.top_p
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), use_cache=True, generation_config=gen)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
