@@ -212,6 +212,8 @@ def test_missing_paths(workdir, capsys):
     ("--weight-decay", "-0.1", "weight_decay must be >= 0, got -0.1"),
     ("--clip", "-1", r"clip must be >= 0 \(0: off\), got -1.0"),
     ("--keep", "-1", r"keep must be >= 0 \(0: all\), got -1"),
+    ("--seed", "-1", "seed must be >= 0, got -1"),
+    ("--threads", "-1", "threads must be >= 0, got -1"),
 ])
 def test_bad_training_numbers_name_their_setting(workdir, capsys, flag, value, match):
     line = _one_line_error(*run(["train", "--data", str(workdir), flag, value], capsys)[::2])
@@ -224,9 +226,14 @@ def test_bad_training_numbers_name_their_setting(workdir, capsys, flag, value, m
     ("--seq-len", "0", "seq_len must be >= 1, got 0"),
     ("--ppl-rows", "-1", "ppl_rows must be >= 0, got -1"),
     ("--passkey-trials", "0", "passkey_trials must be >= 1, got 0"),
+    ("--seed", "-1", "seed must be >= 0, got -1"),
+    ("--threads", "-1", "threads must be >= 0, got -1"),
+    ("--passkey-lengths", "0", "passkey lengths must be integers >= 1, got 0"),
+    ("--passkey-lengths", "128 --passkey-depths 1.5", "passkey depths must be in [0, 1], got 1.5"),
 ])
 def test_bad_eval_numbers_name_their_setting(workdir, capsys, flag, value, match):
-    line = _one_line_error(*run(["eval", "--model", str(workdir), "--data", str(workdir), flag, value], capsys)[::2])
+    argv = ["eval", "--model", str(workdir), "--data", str(workdir), flag, *value.split()]
+    line = _one_line_error(*run(argv, capsys)[::2])
     assert line.endswith(match), line
 
 

@@ -12,7 +12,7 @@ from fastweights.config import option, parse
 from fastweights.data.store import Dataset
 from fastweights.errors import FastWeightsError, check_at_least
 from fastweights.eval.lm import loss_by_position, perplexity
-from fastweights.eval.passkey import passkey_eval
+from fastweights.eval.passkey import check_passkey_settings, passkey_eval
 from fastweights.eval.plot import plot_passkey
 from fastweights.models.compat import hf_progress_bars
 from fastweights.models.presets import load_model
@@ -61,8 +61,13 @@ def _evaluate(cfg: EvalConfig) -> dict:
     if not cfg.model or not cfg.data:
         raise FastWeightsError("pass --model DIR and --data DIR")
     for name, low in (("seq_len", 1), ("batch_size", 1), ("length", 2), ("first_bucket", 1), ("ppl_rows", 0),
-                      ("max_docs", 0), ("passkey_trials", 1)):
+                      ("max_docs", 0), ("passkey_trials", 1), ("seed", 0), ("threads", 0)):
         check_at_least(name, getattr(cfg, name), low)
+    if cfg.passkey_lengths:  # before the other evaluations, not after them
+        try:
+            check_passkey_settings(cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_trials, cfg.seed)
+        except ValueError as err:
+            raise FastWeightsError(f"--passkey-*: {err}") from None
     ds = Dataset(cfg.data)
     device = pick_device(cfg.device)
     set_threads(cfg.threads, device)

@@ -36,6 +36,7 @@ def generate(cfg: GenerateConfig) -> str:
         raise FastWeightsError("pass --model DIR")
     check_at_least("max_new_tokens", cfg.max_new_tokens, 1)
     check_at_least("top_k", cfg.top_k, 0)
+    check_at_least("seed", cfg.seed, 0)
     if not math.isfinite(cfg.temperature) or cfg.temperature < 0:
         raise FastWeightsError(f"temperature must be >= 0 (0: greedy), got {cfg.temperature}")
     if not (0 < cfg.top_p <= 1):

@@ -65,16 +65,30 @@ def passkey_sample(tokenizer, hay: np.ndarray, length: int, depth: float, rng: n
     }
 
 
+def check_passkey_settings(lengths, depths, trials: int = 1, seed: int = 0) -> None:
+    """Raise a ValueError naming the first bad setting of :func:`passkey_eval` (so that a caller
+    can check them before other work)."""
+    if not lengths or not depths:
+        raise ValueError(f"passkey evaluation needs at least one length and one depth, got {list(lengths)} and "
+                         f"{list(depths)}")
+    for n in lengths:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"passkey lengths must be integers >= 1, got {n!r}")
+    for d in depths:
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1:
+            raise ValueError(f"passkey depths must be in [0, 1], got {d!r}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+
+
 @torch.no_grad()
 def passkey_eval(model, tokenizer, store: TokenStore, lengths: list[int], depths: list[float],
                  trials: int = 5, seed: int = 0, progress: bool = True) -> dict:
     """Retrieval accuracy for each (length, depth). Returns ``{"lengths", "depths",
     "trials", "accuracy"}`` with ``accuracy[i][j]`` for ``lengths[i]``, ``depths[j]``."""
-    if not lengths or not depths:
-        raise ValueError(f"passkey_eval needs at least one length and one depth, got {list(lengths)} and "
-                         f"{list(depths)}")
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
+    check_passkey_settings(lengths, depths, trials, seed)
     rng = np.random.default_rng(seed)
     hay = haystack(store, max(lengths))
     device = next(model.parameters()).device

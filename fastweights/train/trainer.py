@@ -380,6 +380,8 @@ def _train(cfg: TrainConfig) -> dict:
     for name in ("steps", "batch_size", "seq_len", "accum", "save_every", "lookahead_k", "forgetting_every"):
         check_at_least(name, getattr(cfg, name), 1)
     check_at_least("ttt_chunk", cfg.ttt_chunk, 0)  # 0: the model's default
+    check_at_least("seed", cfg.seed, 0)
+    check_at_least("threads", cfg.threads, 0)  # 0: auto
     for name, ok, allowed in (("lr", cfg.lr > 0, "> 0"), ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
                               ("warmup", cfg.warmup >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
                               ("clip", cfg.clip >= 0, ">= 0 (0: off)"), ("keep", cfg.keep >= 0, ">= 0 (0: all)"),
