@@ -227,6 +227,35 @@ def test_stagewise_lr_milestones():
     assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.008)
 
 
+@pytest.mark.parametrize("total,expected", [(1, [1.0]), (3, [1.0, 0.04, 0.008]), (2, [1.0, 0.008])])
+def test_stagewise_lr_starts_at_the_base_rate_on_short_runs(total, expected):
+    """A milestone that rounds to step 0 lowered the rate before the first step."""
+    opt = build_optimizer("slrla_sgd", _model().parameters(), lr=1.0)
+    sched = stagewise_lr(opt, total_steps=total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(expected)
+
+
+def test_slrla_takes_sparse_gradients_as_dense():
+    """nn.Embedding(sparse=True): SLRLA's pull toward φ is dense, so its step is the dense one."""
+    torch.manual_seed(0)
+    sparse, dense = torch.nn.Embedding(7, 3, sparse=True).double(), torch.nn.Embedding(7, 3).double()
+    dense.load_state_dict(sparse.state_dict())
+    opts = [SLRLA(torch.optim.SGD(m.parameters(), lr=0.1), k=2, alpha=0.5, beta=0.3) for m in (sparse, dense)]
+    for step in range(5):
+        idx = torch.tensor([step % 7, (3 * step + 1) % 7])
+        for m, opt in zip((sparse, dense), opts, strict=True):
+            opt.zero_grad()
+            (m(idx) ** 2).sum().backward()
+            opt.step()
+        assert sparse.weight.grad.is_sparse  # the user's gradient is left as it was
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-14, atol=1e-15)
+
+
 def test_slow_weights_context_swaps_and_restores():
     model = _model()
     opt = Lookahead(torch.optim.SGD(model.parameters(), lr=0.1), k=4, alpha=0.5)

@@ -206,7 +206,9 @@ class SLRLA(Lookahead):
                 if p.grad is None:
                     continue
                 originals.append((p, p.grad))
-                p.grad = p.grad + (2.0 * self.beta) * (p.detach() - self.state[p][_SLOW])
+                # the pull toward φ is dense, so a sparse gradient (nn.Embedding(sparse=True)) becomes dense
+                g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                p.grad = g + (2.0 * self.beta) * (p.detach() - self.state[p][_SLOW])
         try:
             self.optimizer.step()
         finally:
@@ -226,10 +228,12 @@ def stagewise_lr(
 ) -> MultiStepLR:
     """Stagewise schedule (SLRLA): multiply the LR by ``gamma`` at these fractions of training.
 
-    Call ``scheduler.step()`` once per optimiser step; milestones are ``int(f * total_steps)``.
+    Call ``scheduler.step()`` once per optimiser step; milestones are ``max(1, int(f * total_steps))``
+    (the first step always runs at the base rate).
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     if not all(0.0 < f < 1.0 for f in milestones) or list(milestones) != sorted(milestones):
         raise ValueError(f"milestones must be increasing fractions in (0, 1), got {list(milestones)}")
-    return MultiStepLR(optimizer, milestones=[int(f * total_steps) for f in milestones], gamma=gamma)
+    # at least step 1: with few steps a milestone rounded to 0 lowered the rate before the first step
+    return MultiStepLR(optimizer, milestones=[max(1, int(f * total_steps)) for f in milestones], gamma=gamma)
