@@ -171,3 +171,19 @@ def test_quick_runs_never_write_the_committed_results():
         quick = getattr(mod.parse_args(["--quick"]), attr)
         assert quick.parts[:2] == ("runs", "quick"), mod.__name__
     assert _experiments() == ["associative-retrieval", "forgetting", "fwl-dynamic-eval", "lookahead", "plasticity"]
+
+
+@pytest.mark.parametrize("module,argv,expect", [
+    ("associative_retrieval", ["--quick", "--steps", "5", "--seeds", "3"],
+     {"steps": 5, "seeds": [3], "train_size": 2000}),
+    ("associative_retrieval", ["--quick", "--steps=7"], {"steps": 7, "seeds": [0]}),
+    ("plasticity", ["--quick", "--d-model", "24"], {"d_model": 24, "steps": 2}),
+    ("forgetting", ["--quick", "--steps", "60"], {"steps": 60, "hidden": 32}),
+    ("lookahead", ["--quick", "--steps", "20", "--task", "digits"], {"steps": 20, "epochs": 1}),
+])
+def test_quick_keeps_the_flags_given_with_it(module, argv, expect):
+    """--quick fills in the options not given; it used to overwrite explicit ones silently."""
+    import importlib
+
+    args = importlib.import_module(f"fastweights.experiments.{module}").parse_args(argv)
+    assert {k: getattr(args, k) for k in expect} == expect

@@ -3,8 +3,10 @@ result files (``--jobs``, ``--report-from``) and grouping runs by method and see
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
+import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -63,3 +65,15 @@ def group_runs(
     if len({tuple(v) for v in seed_sets.values()}) > 1:
         raise ValueError(f"every method needs the same seeds to be combined, got {seed_sets}")
     return first, runs, next(iter(seed_sets.values()))
+
+
+def apply_quick(parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace,
+                **settings) -> None:
+    """``--quick``'s settings, for the options not given on the command line (an explicit flag
+    wins: ``--quick --steps 5`` runs 5 steps)."""
+    argv = sys.argv[1:] if argv is None else argv
+    given = {a.dest for a in parser._actions
+             if any(x == o or x.startswith(o + "=") for o in a.option_strings for x in argv)}
+    for name, value in settings.items():
+        if name not in given:
+            setattr(args, name, value)

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastweights.data.associative_retrieval import VOCAB, associative_retrieval_splits
-from fastweights.experiments._runs import merge_reports, run_in_workers
+from fastweights.experiments._runs import apply_quick, merge_reports, run_in_workers
 from fastweights.layers.fast_weights_rnn import IRNN, LSTM, AttentionLSTM, FastWeightsRNN
 
 MODELS = {
@@ -394,8 +394,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.out_dir is None:  # a smoke run never overwrites the committed results
         args.out_dir = Path("runs/quick" if args.quick else "docs/results")
     if args.quick:
-        args.hidden_sizes, args.seeds, args.steps, args.eval_every = [20], [0], 30, 15
-        args.train_size, args.valid_size, args.test_size = 2000, 500, 500
+        apply_quick(p, argv, args, hidden_sizes=[20], seeds=[0], steps=30, eval_every=15, train_size=2000,
+                    valid_size=500, test_size=500)
     for name in ("steps", "batch_size", "eval_every", "train_size", "valid_size", "test_size", "threads", "jobs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

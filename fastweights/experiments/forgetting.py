@@ -28,7 +28,7 @@ from tqdm import tqdm
 from transformers import BertConfig, BertForMaskedLM
 
 from fastweights.data.dual_process import COP, N_TARGETS, PAD, DualProcessTask
-from fastweights.experiments._runs import group_runs
+from fastweights.experiments._runs import apply_quick, group_runs
 from fastweights.train.forgetting import build_forgetting
 
 METHODS = ("vanilla", "active", "temporary")
@@ -208,8 +208,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.out is None:  # a smoke run never overwrites the committed results
         args.out = Path("runs/quick/forgetting" if args.quick else "docs/results/forgetting")
     if args.quick:
-        args.steps, args.batch_size, args.hidden, args.layers, args.heads = 40, 32, 32, 1, 2
-        args.every, args.until, args.eval_every, args.eval_size = 10, 20, 10, 64
+        apply_quick(p, argv, args, steps=40, batch_size=32, hidden=32, layers=1, heads=2, every=10, until=20,
+                    eval_every=10, eval_size=64)
     for name in ("steps", "batch_size", "every", "eval_every", "eval_size", "hidden", "layers", "heads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from fastweights.errors import FastWeightsError
-from fastweights.experiments._runs import group_runs
+from fastweights.experiments._runs import apply_quick, group_runs
 from fastweights.optim import Lookahead, build_optimizer, stagewise_lr
 
 METHODS = {"digits": ("sgd", "lookahead_sgd", "slrla_sgd"), "lm": ("adamw", "lookahead_adamw", "slrla_adamw")}
@@ -231,9 +231,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if bad:
         p.error(f"--methods {bad} not in the {args.task} task's {list(METHODS[args.task])}")
     if args.quick:
-        args.epochs, args.seeds = 1, args.seeds[:2]
-        args.steps, args.seq_len, args.model = 12, 64, "tiny"
-        args.batch_size, args.val_tokens = 4, 4096
+        apply_quick(p, argv, args, epochs=1, seeds=args.seeds[:2], steps=12, seq_len=64, model="tiny", batch_size=4,
+                    val_tokens=4096)
     if lm and not args.combine and not args.data:
         p.error("--task lm needs --data DIR: a dataset from `fastweights prepare` (the default corpus: "
                 "`fastweights prepare --out DIR`)")

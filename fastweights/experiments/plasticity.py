@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastweights.data.plasticity_tasks import TaskBatch, copy_task, digits_few_shot, regression_task
-from fastweights.experiments._runs import merge_reports, run_in_workers
+from fastweights.experiments._runs import apply_quick, merge_reports, run_in_workers
 from fastweights.experiments.associative_retrieval import host
 from fastweights.models.plastic_transformer import RULES, PlasticConfig, PlasticTransformer
 
@@ -277,8 +277,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.out_dir is None:  # a smoke run never overwrites the committed results
         args.out_dir = Path("runs/quick" if args.quick else "docs/results")
     if args.quick:
-        args.seeds, args.steps, args.batch_size, args.test_size = [0], 2, 4, 16
-        args.d_model, args.d_ff, args.n_heads = 16, 32, 2
+        apply_quick(p, argv, args, seeds=[0], steps=2, batch_size=4, test_size=16, d_model=16, d_ff=32, n_heads=2)
     for name in ("steps", "batch_size", "test_size", "threads", "jobs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
