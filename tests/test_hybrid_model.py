@@ -856,3 +856,23 @@ def test_generate_with_chunked_prefill_equals_plain_generate():
         assert torch.equal(greedy_by_full_forwards(model, x, 6), ref)
         with pytest.raises(FastWeightsError, match="cannot carry"):
             model.generate(x, max_new_tokens=2, cache_implementation="static")
+
+
+@pytest.mark.parametrize("name", ["qkv_proj", "gate_proj", "lr_proj"])
+def test_an_adapter_on_a_lact_weight_read_directly_is_refused(name):
+    """LaCT stacks or splits these weights itself: an adapter wrapping them would be ignored."""
+
+    class Adapter(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+
+        @property
+        def weight(self):
+            return self.base_layer.weight
+
+    model = tiny(["lact", "swa"])
+    mixer = model.model.layers[0].mixer
+    setattr(mixer, name, Adapter(getattr(mixer, name)))
+    with pytest.raises(FastWeightsError, match=f"{name} of a LaCT layer is wrapped by Adapter"):
+        model(torch.randint(0, VOCAB, (1, 9)), use_cache=False)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fastweights.errors import check_positive_int
+from fastweights.layers._weights import weight_of
 from fastweights.ops.inplace_ttt import inplace_ttt
 from fastweights.ops.inplace_ttt_decode import InPlaceTTTState, StepPlan
 
@@ -128,8 +129,9 @@ class InPlaceTTTMLP(nn.Module):
         and document starts (shared by all TTT layers of one model call)."""
         s = self.target_source(x, target_source)
         z = self.hidden(x)
-        proj = None if self.ttt_proj is None else self.ttt_proj.weight
-        o = state.step(z, s, self.down_proj.weight, self.ttt_conv.weight, proj, self.lr, plan)
+        proj = None if self.ttt_proj is None else weight_of(self.ttt_proj, "ttt_proj of an In-Place TTT MLP")
+        o = state.step(z, s, weight_of(self.down_proj, "down_proj of an In-Place TTT MLP"),
+                       weight_of(self.ttt_conv, "ttt_conv of an In-Place TTT MLP"), proj, self.lr, plan)
         return o if self.down_proj.bias is None else o + self.down_proj.bias
 
     def forward(
@@ -161,9 +163,10 @@ class InPlaceTTTMLP(nn.Module):
             position_ids = None
         s = self.target_source(x, target_source)
         z = self.hidden(x)
-        proj = None if self.ttt_proj is None else self.ttt_proj.weight
+        proj = None if self.ttt_proj is None else weight_of(self.ttt_proj, "ttt_proj of an In-Place TTT MLP")
         op = inplace_ttt if self.ttt_op is None else self.ttt_op
-        o = op(z, s, self.down_proj.weight, self.ttt_conv.weight, proj, self.lr, self.chunk_size,
+        o = op(z, s, weight_of(self.down_proj, "down_proj of an In-Place TTT MLP"),
+               weight_of(self.ttt_conv, "ttt_conv of an In-Place TTT MLP"), proj, self.lr, self.chunk_size,
                cu_seqlens=cu_seqlens, position_ids=position_ids)
         if self.down_proj.bias is not None:
             o = o + self.down_proj.bias

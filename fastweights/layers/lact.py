@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastweights.errors import check_positive_int
+from fastweights.layers._weights import weight_of
 from fastweights.layers.attention import TokenLayout, apply_rope, attend, check_backend, keep_window, rope_cos_sin
 from fastweights.ops.lact import (
     ORDERS,
@@ -174,7 +175,8 @@ class LaCTLayer(nn.Module):
         product with the three weights stacked: the η/β products alone have 12 and 4 output
         columns, which cuBLAS runs on slow unaligned kernels, and each adds its own ∂x to the
         gate's in the backward (docs/benchmarks.md, sixteenth measurement)."""
-        ws = [self.gate_proj.weight, self.lr_proj.weight] + ([] if self.beta_proj is None else [self.beta_proj.weight])
+        named = (("gate_proj", self.gate_proj), ("lr_proj", self.lr_proj), ("beta_proj", self.beta_proj))
+        ws = [weight_of(m, f"{name} of a LaCT layer") for name, m in named if m is not None]
         rows = [w.shape[0] for w in ws]
         pad = -sum(rows) % 8  # output rows of 16-byte multiples (bf16), else cuBLAS takes its slow path
         if pad:
@@ -210,7 +212,7 @@ class LaCTLayer(nn.Module):
         H, D = self.fw_heads, self.fw_dim
         # three products from the one stored weight, as the SWA layer's three projections: q, k, v
         # come out contiguous (chunks of one product are strided views, which RMSNorm copies)
-        q, k, v = (F.linear(x, w) for w in self.qkv_proj.weight.split(d))
+        q, k, v = (F.linear(x, w) for w in weight_of(self.qkv_proj, "qkv_proj of a LaCT layer").split(d))
         pos = layout.position_ids
         # the fast branch's inputs first: the glue passes q, k, v on to the attention path, so that
         # its Triton backward adds both branches' gradients of each in one pass
