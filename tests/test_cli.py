@@ -408,3 +408,16 @@ def test_generate_follows_its_options_not_the_models_saved_sampling(small_data, 
     assert (g.top_k, g.top_p, g.temperature, g.do_sample, g.eos_token_id) == (0, 1.0, 1.0, True, 299)
     code, out, err = run(["generate", "--model", str(tmp_path / "m"), "--top-p", "0"], capsys)
     assert code == 2 and "top_p must be in (0, 1]" in err
+
+
+def test_a_model_with_a_smaller_vocabulary_than_the_data_is_named(small_data, tmp_path, capsys):
+    """eval crashed with an IndexError inside the embedding; train already named the sizes."""
+    from tiny_models import tiny_model
+
+    tiny_model("qwen3", layers=1, vocab_size=50).save_pretrained(tmp_path / "small-vocab")
+    capsys.readouterr()
+    for cmd in ("eval", "train"):
+        argv = [cmd, "--model", str(tmp_path / "small-vocab"), "--data", str(small_data)]
+        argv += ["--out", str(tmp_path / f"{cmd}-out"), "--no-progress"] + (["--steps", "1"] if cmd == "train" else [])
+        line = _one_line_error(*run(argv, capsys)[::2])
+        assert "the dataset's tokenizer has 300 tokens but" in line and "has vocab_size 50" in line, line

@@ -15,7 +15,7 @@ from fastweights.eval.lm import loss_by_position, perplexity
 from fastweights.eval.passkey import check_passkey_settings, passkey_eval
 from fastweights.eval.plot import plot_passkey
 from fastweights.models.compat import hf_progress_bars
-from fastweights.models.presets import load_model
+from fastweights.models.presets import check_vocab, load_model
 from fastweights.train.trainer import pick_device, set_threads
 
 
@@ -72,6 +72,7 @@ def _evaluate(cfg: EvalConfig) -> dict:
     device = pick_device(cfg.device)
     set_threads(cfg.threads, device)
     model = load_model(cfg.model).to(device)
+    check_vocab(model, ds.vocab_size, cfg.model)
     dcfg = _dynamic_config(model, cfg) if cfg.dynamic else None  # bad settings fail before any evaluation
     val = ds.split("val")
     res: dict = {"model": str(cfg.model), "data": str(cfg.data)}

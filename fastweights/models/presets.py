@@ -16,7 +16,7 @@ import torch
 
 from fastweights.errors import FastWeightsError
 
-__all__ = ["SIZES", "ModelSize", "build_model", "load_model", "resolve_model"]
+__all__ = ["SIZES", "ModelSize", "build_model", "check_vocab", "load_model", "resolve_model"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,14 @@ def build_model(size: str, vocab_size: int, max_position_embeddings: int = 32768
     )
     torch.manual_seed(seed)
     return Qwen3ForCausalLM(config)
+
+
+def check_vocab(model, vocab_size: int, name) -> None:
+    """Refuse a dataset whose tokenizer has more tokens than ``model``'s vocabulary (its ids
+    would index past the embedding)."""
+    if model.config.vocab_size < vocab_size:
+        raise FastWeightsError(f"the dataset's tokenizer has {vocab_size} tokens but {name} has vocab_size "
+                               f"{model.config.vocab_size}: prepare the data with --tokenizer {name}")
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32):

@@ -33,7 +33,7 @@ from fastweights.data.store import Dataset
 from fastweights.errors import FastWeightsError, check_at_least
 from fastweights.models.compat import enable_activation_checkpointing, hf_progress_bars
 from fastweights.models.inplace_ttt import HYBRID
-from fastweights.models.presets import SIZES, build_model, load_model, resolve_model
+from fastweights.models.presets import SIZES, build_model, check_vocab, load_model, resolve_model
 from fastweights.optim import OPTIMIZERS, Lookahead, build_optimizer
 from fastweights.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from fastweights.train.forgetting import FORGETTING, build_forgetting
@@ -153,11 +153,7 @@ def make_model(cfg: TrainConfig, vocab_size: int):
     else:
         torch.manual_seed(cfg.seed)
         model = load_model(cfg.model)
-        if model.config.vocab_size < vocab_size:
-            raise FastWeightsError(
-                f"the dataset's tokenizer has {vocab_size} tokens but {cfg.model} has vocab_size "
-                f"{model.config.vocab_size}: prepare the data with --tokenizer {cfg.model}"
-            )
+        check_vocab(model, vocab_size, cfg.model)
         layers, chunk, target = None, 1024, "hidden"
     if cfg.ttt:
         from fastweights.models import convert, is_converted
