@@ -421,3 +421,25 @@ def test_a_model_with_a_smaller_vocabulary_than_the_data_is_named(small_data, tm
         argv += ["--out", str(tmp_path / f"{cmd}-out"), "--no-progress"] + (["--steps", "1"] if cmd == "train" else [])
         line = _one_line_error(*run(argv, capsys)[::2])
         assert "the dataset's tokenizer has 300 tokens but" in line and "has vocab_size 50" in line, line
+
+
+def test_an_empty_validation_split_and_a_default_corpus_setting_are_named(tmp_path, capsys, monkeypatch):
+    """Two documents and --val-fraction 0.01: prepare warns that the validation split is empty and
+    eval names that split; --max-doc-kb, a default-corpus setting, is said to be ignored."""
+    from tiny_models import tiny_model
+
+    monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "corpus", docs=2)
+    argv = ["prepare", "--corpus", str(corpus), "--out", str(tmp_path / "data"), "--vocab-size", "300",
+            "--val-fraction", "0.01", "--max-doc-kb", "1", "--no-progress"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert "--max-doc-kb caps the default corpus's documents (Python packages) only; ignored" in err
+    assert "warning: the validation split is empty: 2 documents with --val-fraction 0.01" in err
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["val_documents"] == 0 and manifest["max_doc_bytes"] == 0
+    tiny_model("qwen3", layers=1, vocab_size=300).save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    line = _one_line_error(*run(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data"),
+                                 "--no-progress"], capsys)[::2])
+    assert "the validation split of" in line and "is empty" in line, line

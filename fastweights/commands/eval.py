@@ -75,6 +75,9 @@ def _evaluate(cfg: EvalConfig) -> dict:
     check_vocab(model, ds.vocab_size, cfg.model)
     dcfg = _dynamic_config(model, cfg) if cfg.dynamic else None  # bad settings fail before any evaluation
     val = ds.split("val")
+    if val.total_tokens == 0:
+        raise FastWeightsError(f"the validation split of {cfg.data} is empty: prepare it with more documents or a "
+                               "larger --val-fraction")
     res: dict = {"model": str(cfg.model), "data": str(cfg.data)}
     with torch.inference_mode():
         res["perplexity"] = perplexity(model, val, cfg.seq_len, cfg.batch_size, cfg.ppl_rows or None,

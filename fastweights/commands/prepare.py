@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,17 @@ def prepare(cfg: PrepareConfig) -> Dataset:
     """Build, tokenise (unless already done) and return the dataset."""
     for name, low in (("max_mb", 0), ("max_doc_kb", 0), ("tokenizer_sample_mb", 1), ("shard_tokens", 1)):
         check_at_least(name, getattr(cfg, name), low)
+    if cfg.max_doc_kb and cfg.corpus != "python":
+        print(f"warning: --max-doc-kb caps the default corpus's documents (Python packages) only; "
+              f"ignored for {cfg.corpus}", file=sys.stderr)
     corpus = build_corpus(cfg.corpus, cfg.val_fraction, max_doc_bytes=cfg.max_doc_kb << 10,
                           max_bytes=cfg.max_mb << 20, text_field=cfg.text_field, progress=cfg.progress)
+    m = corpus.manifest
+    for split, n in (("validation", m["val_documents"]), ("training", m["train_documents"])):
+        if n == 0:
+            print(f"warning: the {split} split is empty: {m['documents']} documents with --val-fraction "
+                  f"{cfg.val_fraction} (documents go by a hash of their name); add documents or change "
+                  f"--val-fraction", file=sys.stderr)
     if cfg.tokenizer == "bpe":
         tok = train_bpe(corpus, cfg.vocab_size, sample_bytes=cfg.tokenizer_sample_mb << 20, progress=cfg.progress)
     else:

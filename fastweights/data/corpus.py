@@ -249,7 +249,7 @@ def build_corpus(
         "files": sum(d.files for d in docs),
         "bytes": sum(len(d.text.encode()) for d in docs),
         "val_fraction": val_fraction,
-        "max_doc_bytes": max_doc_bytes,
+        "max_doc_bytes": max_doc_bytes if source == "python" else 0,  # a default-corpus setting only
         "max_bytes": max_bytes,
         "sha256": digest.hexdigest(),
     }
