@@ -174,6 +174,11 @@ def test_main_job_tiny(workdir, capsys):
     assert summary["runs"]["inplace-ttt"]["train"]["parameters"] > summary["runs"]["baseline"]["train"]["parameters"]
     assert (out_dir / "loss_by_position.png").stat().st_size > 1000
     assert "baseline" in out and "inplace-ttt" in out and "32-64" in out
+    # the same --out with another setting: main resumes its runs, and says so (it has no --resume)
+    line = _one_line_error(*run(["main", "--out", str(out_dir), "--steps", "2", "--max-mb", "1", "--max-doc-kb", "24",
+                                 "--vocab-size", "300", "--seq-len", "32", "--batch-size", "2", "--no-progress"],
+                                capsys)[::2])
+    assert "fastweights main (which resumes the runs in its --out) continues" in line and "seq_len 64 (now 32)" in line
 
 
 def _one_line_error(code, err):

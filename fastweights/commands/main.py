@@ -100,7 +100,7 @@ def run(cfg: MainConfig) -> dict:
                          seed=cfg.seed, device=cfg.device, compile=cfg.compile, save_every=max(1, s["steps"] // 2),
                          resume=True, progress=cfg.progress, threads=cfg.threads)
         t = time.perf_counter()
-        summary = train(tc)
+        summary = train(tc, resumer="fastweights main (which resumes the runs in its --out)")
         summary["train_seconds"] = time.perf_counter() - t
         ec = EvalConfig(model=summary["model"], data=str(ds.path), out=str(out / name / "eval.json"),
                         seq_len=s["seq_len"], ppl_rows=s["ppl_rows"], length=s["eval_length"],

@@ -311,14 +311,14 @@ RESUMABLE = frozenset({"out", "resume", "progress", "threads", "save_every", "ke
                        "activation_checkpointing", "parallel", "steps"})
 
 
-def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str) -> None:
+def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str, resumer: str = "--resume") -> None:
     """Raise unless ``cfg`` continues the run in ``out`` (latest checkpoint ``ckpt``) with its
     settings (those outside RESUMABLE) and its dataset (by the dataset's key: a moved dataset is
     the same one, another dataset at the same path is not), and with ``steps`` at least the
-    steps done."""
+    steps done. ``resumer`` names what asked to continue it, in the messages."""
     done = _read_json(ckpt / "state.json").get("step", 0)
     if cfg.steps < done:
-        raise FastWeightsError(f"{ckpt} is at step {done}: --resume needs --steps >= {done}, got {cfg.steps}")
+        raise FastWeightsError(f"{ckpt} is at step {done}: {resumer} needs --steps >= {done}, got {cfg.steps}")
     saved_file = out / "train_config.json"
     if not saved_file.exists():
         return
@@ -329,7 +329,7 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str) -> 
     if same_data and same_data != dataset_key:
         diff.insert(0, f"the dataset at --data {cfg.data!r} (key {dataset_key[:12]}…, the run's: {same_data[:12]}…)")
     if diff:
-        raise FastWeightsError(f"--resume continues {out} with the settings it started with, but these differ: "
+        raise FastWeightsError(f"{resumer} continues {out} with the settings it started with, but these differ: "
                                f"{'; '.join(diff)}; pass the run's values, or train into a new --out")
 
 
@@ -347,13 +347,15 @@ def _save_model(model, out: Path, tokenizer, state_dict=None) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run training as configured; return a summary (final loss, steps, tokens, paths)."""
+def train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
+    """Run training as configured; return a summary (final loss, steps, tokens, paths).
+    ``resumer``: how the messages name what resumes the run (a caller that always resumes, such
+    as ``fastweights main``, names itself)."""
     with hf_progress_bars(cfg.progress):  # transformers' own bars too (loading and saving the model)
-        return _train(cfg)
+        return _train(cfg, resumer)
 
 
-def _train(cfg: TrainConfig) -> dict:
+def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
     if not cfg.data:
         raise FastWeightsError("no dataset given: pass --data DIR (from `fastweights prepare`)")
     if cfg.optimizer not in OPTIMIZERS:
@@ -400,7 +402,7 @@ def _train(cfg: TrainConfig) -> dict:
     if ckpt is not None and not cfg.resume:
         raise FastWeightsError(f"{out} already has checkpoints ({ckpt.name}): pass --resume or choose another --out")
     if cfg.resume and ckpt is not None:
-        _check_resume(out, ckpt, cfg, ds.meta["key"])
+        _check_resume(out, ckpt, cfg, ds.meta["key"], resumer)
 
     model = make_model(cfg, ds.vocab_size).to(device)
     max_pos = getattr(model.config, "max_position_embeddings", None)
