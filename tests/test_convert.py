@@ -324,3 +324,31 @@ def test_an_adapter_on_a_weight_read_directly_is_refused(name):
     model.model.layers[0].mlp.gate_proj = _Adapter(model.model.layers[0].mlp.gate_proj)  # a plain layer: fine
     setattr(mlp, name, getattr(mlp, name).base_layer)
     logits(model, ids())
+
+
+def test_embed_target_follows_a_replaced_embedding():
+    """target="embed" reads the embeddings through a hook: an embedding module set after the
+    conversion (set_input_embeddings, an adapter's wrapper) must be hooked too (it raised
+    'needs the token embeddings')."""
+    import copy
+
+    model = convert(tiny_model("qwen3", layers=2), layers=[1], chunk_size=4, target="embed").eval()
+    perturb(model)
+    x = ids()
+    ref = logits(model, x)
+    model.set_input_embeddings(copy.deepcopy(model.get_input_embeddings()))
+    assert torch.equal(logits(model, x), ref)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids):
+            return self.inner(input_ids) * 1.0
+
+    model.set_input_embeddings(Wrapper(model.get_input_embeddings()))
+    assert torch.equal(logits(model, x), ref)
+    model.model.embed_tokens.inner.weight.requires_grad_(True)
+    model(x, use_cache=False).logits.sum().backward()
+    assert model.model.embed_tokens.inner.weight.grad.abs().sum() > 0

@@ -160,6 +160,8 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
     skip (with or without a cache).
     """
     ctx = module._ttt_ctx = TTTContext()
+    if module._ttt_embed:
+        _hook_embeddings(module)
     ctx.embeds = kwargs.get("inputs_embeds")
     ctx.position_ids = kwargs.get("position_ids")
     ctx.cu_seqlens = kwargs.get("cu_seq_lens_q")
@@ -253,6 +255,15 @@ def _release_model_inputs(module: nn.Module, args, kwargs, output):
     module._ttt_ctx = None
     for mlp in module._ttt_mlps:  # also where an error stopped a layer between its attention and MLP
         mlp.ctx = None
+
+
+def _hook_embeddings(base: nn.Module) -> None:
+    """Put :func:`_capture_embeddings` on the decoder's current input embeddings, once: a module
+    set later (``set_input_embeddings``, an adapter's wrapper) gets it on the next call."""
+    emb = base.get_input_embeddings()
+    if not any(getattr(h, "func", None) is _capture_embeddings and h.keywords.get("base") is base
+               for h in emb._forward_hooks.values()):
+        emb.register_forward_hook(partial(_capture_embeddings, base=base))
 
 
 def _capture_embeddings(module: nn.Module, args, output, *, base: nn.Module):
@@ -355,7 +366,7 @@ def _install(model: PreTrainedModel, layers: list[int], chunk_size: int, lr: flo
     base.register_forward_pre_hook(_capture_model_inputs, with_kwargs=True)
     base.register_forward_hook(_release_model_inputs, with_kwargs=True, always_call=True)
     if target == "embed":
-        model.get_input_embeddings().register_forward_hook(partial(_capture_embeddings, base=base))
+        _hook_embeddings(base)
 
 
 def _write_config(config, layers, chunk_size, lr, target, proj):
