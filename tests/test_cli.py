@@ -448,3 +448,31 @@ def test_an_empty_validation_split_and_a_default_corpus_setting_are_named(tmp_pa
     line = _one_line_error(*run(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data"),
                                  "--no-progress"], capsys)[::2])
     assert "the validation split of" in line and "is empty" in line, line
+
+
+def test_data_from_another_tokenizer_than_the_models_is_refused(small_data, tmp_path, capsys, monkeypatch):
+    """A model saved with its tokenizer and a dataset prepared with another one of the same size:
+    every id would be read as another token; train and eval name it (both went on silently)."""
+    from tiny_models import tiny_model
+
+    from fastweights.data.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "m"
+    tiny_model("qwen3", layers=1, vocab_size=300).save_pretrained(model_dir)
+    load_tokenizer(small_data / "tokenizer").save_pretrained(model_dir)
+    other = tmp_path / "other-data"
+    corpus = write_corpus(tmp_path / "other-corpus", docs=8, seed=5)
+    assert run(["prepare", "--corpus", str(corpus), "--out", str(other), "--vocab-size", "280", "--no-progress"],
+               capsys)[0] == 0
+    capsys.readouterr()
+    for cmd in ("eval", "train"):
+        argv = [cmd, "--model", str(model_dir), "--data", str(other), "--out", str(tmp_path / f"{cmd}-out"),
+                "--no-progress"] + (["--steps", "1", "--seq-len", "32"] if cmd == "train" else [])
+        line = _one_line_error(*run(argv, capsys)[::2])
+        assert "was tokenised with another tokenizer than the one saved with" in line, line
+        assert f"prepare the data with --tokenizer {model_dir}" in line
+    code, out, err = run(["eval", "--model", str(model_dir), "--data", str(small_data), "--out",
+                          str(tmp_path / "same.json"), "--no-progress", "--ppl-rows", "1", "--length", "64",
+                          "--max-docs", "1", "--seq-len", "32", "--first-bucket", "16"], capsys)
+    assert code == 0, err  # the model's own tokenizer: no complaint

@@ -10,6 +10,7 @@ import torch
 
 from fastweights.config import option, parse
 from fastweights.data.store import Dataset
+from fastweights.data.tokenizer import check_dataset_tokenizer
 from fastweights.errors import FastWeightsError, check_at_least
 from fastweights.eval.lm import loss_by_position, perplexity
 from fastweights.eval.passkey import check_passkey_settings, passkey_eval
@@ -71,6 +72,7 @@ def _evaluate(cfg: EvalConfig) -> dict:
     ds = Dataset(cfg.data)
     device = pick_device(cfg.device)
     set_threads(cfg.threads, device)
+    check_dataset_tokenizer(cfg.model, ds)
     model = load_model(cfg.model).to(device)
     check_vocab(model, ds.vocab_size, cfg.model)
     dcfg = _dynamic_config(model, cfg) if cfg.dynamic else None  # bad settings fail before any evaluation

@@ -88,3 +88,29 @@ def load_tokenizer(path: str | os.PathLike):
     if tok.eos_token_id is None:
         raise FastWeightsError(f"the tokenizer in {path} has no EOS token")
     return tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def check_dataset_tokenizer(model_dir: str | os.PathLike, dataset) -> None:
+    """Refuse a prepared ``dataset`` (:class:`fastweights.data.store.Dataset`) whose tokenizer
+    maps tokens to other ids than the tokenizer saved with the model in ``model_dir`` (none saved:
+    nothing to compare). Training or scoring on it would read every id as another token."""
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).exists() for f in TOKENIZER_FILES):
+        return
+    try:
+        mine = load_tokenizer(model_dir).get_vocab()
+    except FastWeightsError:
+        return  # a tokenizer this library cannot use: nothing it would compare against
+    theirs = dataset.tokenizer().get_vocab()
+    if mine == theirs:
+        return
+    moved = sorted((t for t in theirs if mine.get(t) != theirs[t]), key=theirs.get)
+    example = next((t for t in moved if t in mine), moved[0])
+    where = f"{mine[example]} for the model" if example in mine else "not in the model's vocabulary"
+    raise FastWeightsError(
+        f"{dataset.path} was tokenised with another tokenizer than the one saved with {model_dir}: {len(moved)} of "
+        f"{len(theirs)} tokens have other ids (e.g. {example!r}: {theirs[example]} in the data, {where}); prepare "
+        f"the data with --tokenizer {model_dir}")

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from fastweights.config import option
 from fastweights.data.packing import IGNORE, PackedRows
 from fastweights.data.store import Dataset
+from fastweights.data.tokenizer import check_dataset_tokenizer
 from fastweights.errors import FastWeightsError, check_at_least
 from fastweights.models.compat import enable_activation_checkpointing, hf_progress_bars
 from fastweights.models.inplace_ttt import HYBRID
@@ -404,6 +405,8 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
     if cfg.resume and ckpt is not None:
         _check_resume(out, ckpt, cfg, ds.meta["key"], resumer)
 
+    if resolve_model(cfg.model) == "local":
+        check_dataset_tokenizer(cfg.model, ds)
     model = make_model(cfg, ds.vocab_size).to(device)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if rank == 0 and isinstance(max_pos, int) and cfg.seq_len > max_pos:
