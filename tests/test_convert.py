@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import FAMILIES, VOCAB, load_in_fresh_process, tiny_model
+from tiny_models import FAMILIES, VOCAB, Adapter, load_in_fresh_process, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import fastweights
@@ -296,32 +296,16 @@ def test_a_bare_decoder_is_refused():
     assert type(decoder).__name__ == "Qwen3Model" and not fastweights.models.is_converted(decoder)
 
 
-class _Adapter(torch.nn.Module):
-    """What a peft LoRA layer looks like from outside: the linear as ``base_layer``, its weight
-    proxied, and a forward that adds to it."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base_layer = base
-
-    @property
-    def weight(self):
-        return self.base_layer.weight
-
-    def forward(self, x):
-        return self.base_layer(x) + 1.0
-
-
 @pytest.mark.parametrize("name", ["down_proj", "ttt_proj"])
 def test_an_adapter_on_a_weight_read_directly_is_refused(name):
     """The fast-weight op reads down_proj's and P's weights directly: an adapter on them would be
     dropped silently (peft LoRA: no gradient, and the logits changed on merging)."""
     model = convert(tiny_model("qwen3", layers=2), layers=[1], chunk_size=4).eval()
     mlp = model.model.layers[1].mlp
-    setattr(mlp, name, _Adapter(getattr(mlp, name)))
-    with pytest.raises(FastWeightsError, match=f"{name} of an In-Place TTT MLP is wrapped by _Adapter"):
+    setattr(mlp, name, Adapter(getattr(mlp, name)))
+    with pytest.raises(FastWeightsError, match=f"{name} of an In-Place TTT MLP is wrapped by Adapter"):
         logits(model, ids())
-    model.model.layers[0].mlp.gate_proj = _Adapter(model.model.layers[0].mlp.gate_proj)  # a plain layer: fine
+    model.model.layers[0].mlp.gate_proj = Adapter(model.model.layers[0].mlp.gate_proj)  # a plain layer: fine
     setattr(mlp, name, getattr(mlp, name).base_layer)
     logits(model, ids())
 

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import continuation_errors, load_in_fresh_process
+from tiny_models import Adapter, continuation_errors, load_in_fresh_process
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fastweights.errors import FastWeightsError
@@ -861,16 +861,6 @@ def test_generate_with_chunked_prefill_equals_plain_generate():
 @pytest.mark.parametrize("name", ["qkv_proj", "gate_proj", "lr_proj"])
 def test_an_adapter_on_a_lact_weight_read_directly_is_refused(name):
     """LaCT stacks or splits these weights itself: an adapter wrapping them would be ignored."""
-
-    class Adapter(torch.nn.Module):
-        def __init__(self, base):
-            super().__init__()
-            self.base_layer = base
-
-        @property
-        def weight(self):
-            return self.base_layer.weight
-
     model = tiny(["lact", "swa"])
     mixer = model.model.layers[0].mixer
     setattr(mixer, name, Adapter(getattr(mixer, name)))

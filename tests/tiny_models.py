@@ -72,3 +72,19 @@ def continuation_errors(model, ids, cut: int) -> dict[str, float]:
             out = model(ids[:, cut:], use_cache=True, **{name: cache})
             errors[name] = float((out.logits - full[:, cut:]).abs().max())
     return errors
+
+
+class Adapter(torch.nn.Module):
+    """What a peft LoRA layer looks like from outside: the linear as ``base_layer``, its weight
+    proxied, and a forward that adds to it."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + 1.0
