@@ -270,3 +270,32 @@ def test_parquet_reads_with_pyarrow_or_names_it(tmp_path):
     pq.write_table(pa.table({"text": ["first doc", "second doc"]}), tmp_path / "t.parquet")
     corpus = build_corpus(str(tmp_path), val_fraction=0.5)
     assert [(d.name, d.text) for d in corpus.documents] == [("t.parquet:0", "first doc"), ("t.parquet:1", "second doc")]
+
+
+def test_whole_split_perplexity_scores_every_target_once(dataset):
+    """max_rows None: the full rows and the last partial one cover every target of the split
+    (all tokens but one per document); the partial row's share is checked by hand in float64."""
+    import torch
+    import torch.nn.functional as F
+    from tiny_models import tiny_model
+
+    from fastweights.eval.lm import perplexity
+
+    _, ds = dataset
+    store = ds.split("val")
+    rows = PackedRows(store, 48, shuffle=False)
+    tail = rows.tail()
+    assert tail is not None and 0 < tail["input_ids"].shape[1] < 48  # the case under test
+    stream = np.concatenate([store.doc(i) for i in range(len(store))])
+    assert np.array_equal(np.concatenate([rows.row(r)["input_ids"] for r in range(len(rows))]
+                                         + [tail["input_ids"][0].numpy()]), stream[:-1])
+    model = tiny_model("qwen3", layers=1, vocab_size=300).double()
+    whole = perplexity(model, store, 48, batch_size=4, progress=False)
+    full = perplexity(model, store, 48, batch_size=4, max_rows=len(rows), progress=False)
+    assert whole["tokens"] == store.total_tokens - len(store) and whole["rows"] == len(rows) + 1
+    with torch.no_grad():
+        logits = model(input_ids=tail["input_ids"], position_ids=tail["position_ids"], use_cache=False).logits[0]
+    keep = tail["targets"][0] != IGNORE
+    tail_sum = F.cross_entropy(logits[keep], tail["targets"][0][keep], reduction="sum").item()
+    assert whole["tokens"] == full["tokens"] + int(keep.sum())
+    assert abs(whole["loss"] * whole["tokens"] - (full["loss"] * full["tokens"] + tail_sum)) < 1e-9

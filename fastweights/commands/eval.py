@@ -26,7 +26,7 @@ class EvalConfig:
     data: str = option("prepared dataset directory; its validation split is evaluated", "")
     out: str = option("result JSON (default: <model>/eval.json)", "")
     seq_len: int = option("row length for perplexity", 512)
-    ppl_rows: int = option("rows for perplexity (0: the whole split)", 64)
+    ppl_rows: int = option("rows for perplexity (0: the whole split, its last partial row included)", 64)
     batch_size: int = option("rows per batch for perplexity", 8)
     length: int = option("document length for loss by position", 4096)
     first_bucket: int = option("end of the first position bucket; buckets double after it", 1024)

@@ -98,6 +98,15 @@ class PackedRows:
         toks, ids = self._span(r * self.seq_len, (r + 1) * self.seq_len + 1)
         return row_fields(toks, ids)
 
+    def tail(self) -> dict[str, torch.Tensor] | None:
+        """The tokens of one epoch after its last full row, as a (1, r) batch with r < seq_len
+        (None when the rows use them all): with the rows, it covers every target of the split."""
+        start = len(self) * self.seq_len
+        if self.epoch_tokens - 1 <= start:
+            return None
+        fields = row_fields(*self._span(start, self.epoch_tokens))
+        return {k: torch.from_numpy(v)[None] for k, v in fields.items()}
+
     def batch(self, first_row: int, batch_size: int) -> dict[str, torch.Tensor]:
         """Rows ``first_row .. first_row + batch_size - 1`` stacked into (B, L) tensors."""
         rows = [self.row(first_row + i) for i in range(batch_size)]

@@ -32,7 +32,8 @@ def token_losses(model, fields: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def perplexity(model, store: TokenStore, seq_len: int, batch_size: int = 8, max_rows: int | None = None,
                progress: bool = True) -> dict:
-    """Mean loss and perplexity over packed rows of ``store`` in corpus order (no shuffle).
+    """Mean loss and perplexity over packed rows of ``store`` in corpus order (no shuffle);
+    ``max_rows`` None: the whole split, its last partial row included (every target once).
 
     Returns ``{"loss", "perplexity", "tokens", "rows"}``."""
     rows = PackedRows(store, seq_len, shuffle=False)
@@ -47,6 +48,11 @@ def perplexity(model, store: TokenStore, seq_len: int, batch_size: int = 8, max_
         valid = batch["targets"] != -100
         total += losses.sum().item()
         count += int(valid.sum())
+    tail = rows.tail() if max_rows is None else None
+    if tail is not None:
+        total += token_losses(model, tail).sum().item()
+        count += int((tail["targets"] != -100).sum())
+        n += 1
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "rows": n}
 
