@@ -104,6 +104,27 @@ def test_op_context_parallel_rejects_bad_input():
         inplace_ttt_cp(z, s, w0, conv, None, 1.0, 0, position_ids=torch.arange(6))
 
 
+def _offset_row_worker(rank, world):
+    """A row whose first document started before it (positions 3, 4, ...): every rank must
+    refuse it together (the chunk grid would differ from the one-process op's)."""
+    g = torch.Generator().manual_seed(0)
+    z, s = torch.randn(1, 16, 3, generator=g), torch.randn(1, 16, 4, generator=g)
+    w0, conv = torch.randn(4, 3, generator=g), torch.randn(4, 5, generator=g)
+    pos = torch.arange(16).unsqueeze(0) + 3
+    lo, hi = rank * 16 // world, (rank + 1) * 16 // world
+    try:
+        inplace_ttt_cp(z[:, lo:hi], s[:, lo:hi], w0, conv, None, 0.5, 4, position_ids=pos[:, lo:hi])
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_op_context_parallel_refuses_a_row_that_continues_a_document():
+    """It gave outputs up to 1.9 off the one-process op, silently; now every rank raises."""
+    for msg in run_world(2, _offset_row_worker):
+        assert "needs each row to start a document: rank 0's first position_ids are [3]" in msg, msg
+
+
 # --------------------------------------------------------------------------- model
 MODEL_CASES = {
     # B, N, documents per row (None: one per row), target, shard lengths (None: even)

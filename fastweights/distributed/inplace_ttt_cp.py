@@ -138,7 +138,7 @@ def inplace_ttt_cp(
         w0, conv_weight, proj, lr, chunk_size: as in ``inplace_ttt`` (the same on every rank).
         position_ids: (B, n_r) or (1, n_r) in-document positions of the shard's tokens (0 at
             each document start; the global index for one document per row). Rank 0's first
-            token always starts a document.
+            token must start a document (position 0; others raise a ValueError on every rank).
         group: the context-parallel process group (default: the world). Shards are in rank
             order; every rank must call this with the same B, d, f.
         block_size: tokens per block of the local scan.
@@ -158,6 +158,16 @@ def inplace_ttt_cp(
         raise ValueError("position_ids must be >= 0")
     pos = pos.expand(B, n)
     rank, _ = _rank_world(group)
+    # chunks are counted from each document's start (position 0): a row whose first document
+    # started earlier (rank 0's first position > 0) would be cut on another grid than the
+    # one-process op's, which counts that document's chunks from the row's first token. Rank 0
+    # sends its first positions, so that every rank refuses the row together (no rank left
+    # waiting in a collective).
+    first = pos[:, 0].contiguous() if rank == 0 else torch.empty(B, dtype=torch.long, device=z.device)
+    dist.broadcast(first, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    if bool((first != 0).any()):
+        raise ValueError(f"context parallelism needs each row to start a document: rank 0's first position_ids are "
+                         f"{first.tolist()}, allowed: 0 (give positions counted from the row's first token)")
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
 
     starts = pos == 0  # (B, n) document starts
