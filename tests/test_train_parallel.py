@@ -75,6 +75,15 @@ def test_data_parallel_train_resumes_exactly_and_loads_at_another_world_size(dat
     one = tmp_path / "one"
     train(parse(TrainConfig, _args(data, one), "t", ""))
     assert rel(_losses(one), full) < 1e-5
+    # the exported model holds the same tensors whatever the parallel mode (FSDP wrote a tied
+    # lm_head.weight twice)
+    from safetensors import safe_open
+
+    keys = []
+    for run in (one, tmp_path / f"{mode}-full"):
+        with safe_open(str(run / "model" / "model.safetensors"), "pt") as f:
+            keys.append(set(f.keys()))
+    assert keys[0] == keys[1], keys[0] ^ keys[1]
     # the world-size-2 checkpoint continues at world size 1 (plain trainer) as at world size 2
     cont = tmp_path / "cont"
     _as_if_killed(tmp_path / f"{mode}-full", cont)

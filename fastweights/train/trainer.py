@@ -340,6 +340,15 @@ def _save_model(model, out: Path, tokenizer, state_dict=None) -> None:
     final, tmp, old = out / "model", out / "model.tmp", out / "model.old"
     for d in (tmp, old):
         shutil.rmtree(d, ignore_errors=True)
+    if state_dict is not None and getattr(model.config, "tie_word_embeddings", False):
+        # a gathered (FSDP) state dict holds tied weights as two tensors: share them again, so
+        # that save_pretrained writes the tied weight once, as for a model saved in one process
+        names = {id(m): n for n, m in model.named_modules()}
+        emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
+        if emb_in is not None and emb_out is not None and id(emb_in) in names and id(emb_out) in names:
+            src, dst = names[id(emb_in)] + ".weight", names[id(emb_out)] + ".weight"
+            if src in state_dict and dst in state_dict:
+                state_dict = {**state_dict, dst: state_dict[src]}
     model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if final.exists():
