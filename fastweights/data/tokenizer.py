@@ -75,6 +75,9 @@ def train_bpe(corpus: Corpus, vocab_size: int, sample_bytes: int = 8 << 20, prog
     return load_tokenizer(path)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved in a local directory (a model or a prepared dataset)."""
     from transformers import AutoTokenizer
@@ -82,15 +85,12 @@ def load_tokenizer(path: str | os.PathLike):
     path = Path(path)
     if not path.exists():
         raise FastWeightsError(f"tokenizer directory not found: {path}")
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
         raise FastWeightsError(f"no tokenizer files (tokenizer.json, tokenizer_config.json) in {path}")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     if tok.eos_token_id is None:
         raise FastWeightsError(f"the tokenizer in {path} has no EOS token")
     return tok
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def check_dataset_tokenizer(model_dir: str | os.PathLike, dataset) -> None:

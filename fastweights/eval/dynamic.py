@@ -33,12 +33,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from fastweights.errors import check_number
 from fastweights.eval.flops import flop_counter
+from fastweights.train.trainer import causal_lm_loss
 
 __all__ = ["DynamicEvalConfig", "DynamicEvalResult", "ModeResult", "dynamic_eval", "select_parameters"]
 
@@ -149,9 +149,8 @@ def _windows(n_tokens: int, seg: int, context: int):
 def _segment_loss(model, doc: torch.Tensor, lo: int, s: int, e: int) -> torch.Tensor:
     """Per-token losses (e - s,) of targets [s, e), reading tokens [lo, e - 1]."""
     ids = doc[lo:e].unsqueeze(0)
-    logits = model(input_ids=ids[:, :-1], use_cache=False).logits[0, s - 1 - lo:]
-    # half precision is scored in float32; float32 and float64 models keep their own precision
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), doc[s:e], reduction="none")
+    logits = model(input_ids=ids[:, :-1], use_cache=False).logits[:, s - 1 - lo:]
+    return causal_lm_loss(logits, doc[s:e].unsqueeze(0), reduction="none")[0]
 
 
 class _Updater:

@@ -22,7 +22,7 @@ from fastweights.layers._weights import weight_of
 from fastweights.ops.inplace_ttt import inplace_ttt
 from fastweights.ops.inplace_ttt_decode import InPlaceTTTState, StepPlan
 
-__all__ = ["TARGETS", "InPlaceTTTMLP", "TTTContext", "normalize_target"]
+__all__ = ["TARGETS", "InPlaceTTTMLP", "TTTContext", "normalize_target", "ttt_init_value"]
 
 # Our names and the official config's names for the target source.
 TARGETS = {"hidden": "hidden", "embed": "embed", "hidden_states": "hidden", "input_embed": "embed"}
@@ -53,6 +53,15 @@ class TTTContext:
         self.plan: StepPlan | None = None
         self.state: InPlaceTTTState | None = None
         self.cache = None  # the model's InPlaceTTTCache during a cached call
+
+
+def ttt_init_value(module: nn.Module) -> torch.Tensor:
+    """The initial weight of an In-Place TTT MLP's conv (``ttt_init == "zeros"``: zero) or P
+    (``"diag"``: diagonal with N(0, 0.02²) entries), in the module's dtype and device."""
+    w = module.weight
+    if module.ttt_init == "zeros":
+        return torch.zeros_like(w)
+    return torch.diag(torch.randn(w.shape[0], device=w.device) * 0.02).to(w.dtype)
 
 
 class InPlaceTTTMLP(nn.Module):
@@ -95,12 +104,17 @@ class InPlaceTTTMLP(nn.Module):
         self.reset_ttt_parameters()
 
     def reset_ttt_parameters(self) -> None:
-        """Official init: zero conv; P diagonal with N(0, 0.02²) entries."""
+        """Official init: zero conv; P diagonal with N(0, 0.02²) entries (:func:`ttt_init_value`)."""
         with torch.no_grad():
-            self.ttt_conv.weight.zero_()
-            if self.ttt_proj is not None:
-                diag = torch.randn(self.ttt_proj.weight.shape[0], device=self.ttt_proj.weight.device) * 0.02
-                self.ttt_proj.weight.copy_(torch.diag(diag).to(self.ttt_proj.weight.dtype))
+            for m in (self.ttt_conv, self.ttt_proj):
+                if m is not None:
+                    m.weight.copy_(ttt_init_value(m))
+
+    def _fast_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(W0 (d, f), conv (d, 1, 5), P (d, d) or None), read directly by the op (adapters refused)."""
+        proj = None if self.ttt_proj is None else weight_of(self.ttt_proj, "ttt_proj of an In-Place TTT MLP")
+        return (weight_of(self.down_proj, "down_proj of an In-Place TTT MLP"),
+                weight_of(self.ttt_conv, "ttt_conv of an In-Place TTT MLP"), proj)
 
     def extra_repr(self) -> str:
         return f"chunk_size={self.chunk_size}, lr={self.lr}, target={self.target!r}"
@@ -129,9 +143,7 @@ class InPlaceTTTMLP(nn.Module):
         and document starts (shared by all TTT layers of one model call)."""
         s = self.target_source(x, target_source)
         z = self.hidden(x)
-        proj = None if self.ttt_proj is None else weight_of(self.ttt_proj, "ttt_proj of an In-Place TTT MLP")
-        o = state.step(z, s, weight_of(self.down_proj, "down_proj of an In-Place TTT MLP"),
-                       weight_of(self.ttt_conv, "ttt_conv of an In-Place TTT MLP"), proj, self.lr, plan)
+        o = state.step(z, s, *self._fast_weights(), self.lr, plan)
         return o if self.down_proj.bias is None else o + self.down_proj.bias
 
     def forward(
@@ -163,11 +175,8 @@ class InPlaceTTTMLP(nn.Module):
             position_ids = None
         s = self.target_source(x, target_source)
         z = self.hidden(x)
-        proj = None if self.ttt_proj is None else weight_of(self.ttt_proj, "ttt_proj of an In-Place TTT MLP")
         op = inplace_ttt if self.ttt_op is None else self.ttt_op
-        o = op(z, s, weight_of(self.down_proj, "down_proj of an In-Place TTT MLP"),
-               weight_of(self.ttt_conv, "ttt_conv of an In-Place TTT MLP"), proj, self.lr, self.chunk_size,
-               cu_seqlens=cu_seqlens, position_ids=position_ids)
+        o = op(z, s, *self._fast_weights(), self.lr, self.chunk_size, cu_seqlens=cu_seqlens, position_ids=position_ids)
         if self.down_proj.bias is not None:
             o = o + self.down_proj.bias
         return o

@@ -28,8 +28,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
 
 from fastweights.errors import FastWeightsError
-from fastweights.layers.inplace_ttt import OFFICIAL_TARGET, InPlaceTTTMLP, TTTContext, normalize_target
-from fastweights.models.cache import InPlaceTTTCache
+from fastweights.layers.inplace_ttt import OFFICIAL_TARGET, InPlaceTTTMLP, TTTContext, normalize_target, ttt_init_value
+from fastweights.models.cache import InPlaceTTTCache, ttt_settings
 from fastweights.models.compat import CACHE_KWARG, check_dynamic_cache, own_config, resolve_use_cache, take_cache
 from fastweights.models.fwl import has_fwl
 from fastweights.ops.inplace_ttt_decode import StepPlan
@@ -119,13 +119,10 @@ def init_ttt_weights(module: nn.Module) -> bool:
     them (zero conv; P diagonal with N(0, 0.02²) entries), so that a checkpoint without them loads
     as its base model; weights the checkpoint holds are left alone (transformers' ``init``).
     Returns whether ``module`` was one of them (then the family's own init must not run on it)."""
-    how = getattr(module, "ttt_init", None)
-    if how == "zeros":
-        init.zeros_(module.weight)
-    elif how == "diag":
-        w = module.weight
-        init.copy_(w, torch.diag(torch.randn(w.shape[0], device=w.device) * 0.02).to(w.dtype))
-    return how is not None
+    if getattr(module, "ttt_init", None) is None:
+        return False
+    init.copy_(module.weight, ttt_init_value(module))
+    return True
 
 
 def _generation_cache(model, generation_config, model_kwargs) -> bool:
@@ -196,7 +193,7 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
     starts = pos == 0 if torch.is_tensor(pos) and pos.dim() == 2 and pos.shape[-1] == N else None
     if cache is not None:
         ctx.cache = cache
-        ctx.plan = cache.ttt_begin(B, N, real, starts, module._ttt_layers, module._ttt_settings)
+        ctx.plan = cache.ttt_begin(B, N, real, starts, module._ttt_layers, ttt_settings(module.config))
     elif real is not None and not bool(real.all()):
         ctx.plan = StepPlan([0] * B, N, real, starts)
     return args, kwargs
@@ -362,7 +359,6 @@ def _install(model: PreTrainedModel, layers: list[int], chunk_size: int, lr: flo
     base._ttt_layers = tuple(layers)
     base._ttt_mlps = [layers_list[i].mlp for i in layers]
     base._ttt_embed = target == "embed"
-    base._ttt_settings = {"ttt_chunk": chunk_size, "ttt_lr": float(lr), "ttt_target": target, "ttt_proj": bool(proj)}
     base.register_forward_pre_hook(_capture_model_inputs, with_kwargs=True)
     base.register_forward_hook(_release_model_inputs, with_kwargs=True, always_call=True)
     if target == "embed":
