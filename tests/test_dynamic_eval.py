@@ -163,3 +163,15 @@ def test_parameter_subsets_and_errors():
         dynamic_eval(model, docs(), DynamicEvalConfig(rule="adam"))
     with pytest.raises(ValueError, match="at least 2"):
         dynamic_eval(model, [torch.tensor([3])])
+
+
+def test_bad_values_are_refused():
+    model = tiny()
+    with pytest.raises(ValueError, match=r"documents 1 holds token id -100; token ids must be >= 0"):
+        dynamic_eval(model, [torch.tensor([3, 4, 5]), torch.tensor([3, 4, -100])])
+    with pytest.raises(ValueError, match=r"calibration 0 holds token id -1"):
+        dynamic_eval(model, docs(), DynamicEvalConfig(rule="rms"), calibration=[torch.tensor([3, -1, 4])])
+    # rms divides by sqrt(mean g²) + eps: eps = 0 gives 0/0 on entries no calibration gradient reached
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got 0.0"):
+        dynamic_eval(model, docs(), DynamicEvalConfig(rule="rms", eps=0.0))
+    DynamicEvalConfig(rule="sgd", eps=0.0).validate()  # sgd does not read eps

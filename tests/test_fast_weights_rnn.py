@@ -154,6 +154,16 @@ def test_bad_sizes_raise(cls, sizes, match):
         cls(*sizes)
 
 
+@pytest.mark.parametrize("kw,match", [
+    ({"eta": float("nan")}, "eta must be a finite number >= 0, got nan"),
+    ({"eta": -3.0}, "eta must be a finite number >= 0, got -3.0"),
+    ({"inner_steps": True}, "inner_steps must be an integer >= 0, got True"),
+])
+def test_bad_fast_weight_settings_raise(kw, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        FastWeightsRNN(2, 3, **kw)
+
+
 def test_associative_retrieval_answers_recomputed_from_strings():
     tokens, answers = associative_retrieval(500, num_pairs=4, seed=7)
     assert tokens.shape == (500, 11)

@@ -49,3 +49,37 @@ def test_bad_options_are_rejected(tmp_path, capsys):
     assert cli_main(["experiment", "fwl-dynamic-eval", "--size", "21m", "--out", str(tmp_path)]) != 0
     assert "--size must be one of" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # rejected before any work
+
+
+class _Store:
+    """The part of a TokenStore that long_rows reads: documents of the given lengths."""
+
+    def __init__(self, lengths):
+        import numpy as np
+
+        self.lengths = np.array(lengths)
+        self.names = [f"d{i}" for i in range(len(lengths))]
+        self._docs = [np.arange(1, n + 1) for n in lengths]
+
+    def __len__(self):
+        return len(self._docs)
+
+    def doc(self, i):
+        return self._docs[i]
+
+
+def test_scored_documents_have_a_target_at_every_position():
+    """A document of exactly --doc-length tokens ends on an ignored target, which the
+    per-token means counted as a loss of 0 (and dynamic evaluation read as token -100)."""
+    from dataclasses import replace
+
+    from fastweights.experiments.fwl_dynamic_eval import QUICK, as_sequence, documents
+
+    st = replace(QUICK, doc_length=8, tune_docs=1, test_docs=5)
+    tune, test = documents(_Store([8, 13, 9, 8, 20, 3]), st)
+    got = tune + test
+    assert [int(f["input_ids"][0, 0]) for f in got] == [1, 1, 1]  # the 13, 9 and 20 token documents
+    for f in got:
+        assert f["input_ids"].shape == (1, 8) and bool((f["targets"] >= 0).all())
+        seq = as_sequence(f)
+        assert seq.tolist() == list(range(1, 10))  # 8 inputs and the last target

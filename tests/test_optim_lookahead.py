@@ -299,3 +299,10 @@ def test_bad_arguments():
         )
     assert set(OPTIMIZERS) == {"adamw", "sgd", "lookahead_adamw", "slrla_adamw", "lookahead_sgd", "slrla_sgd"}
     assert type(build_optimizer("lookahead_sgd", params, lr=1.0)) is Lookahead
+
+
+@pytest.mark.parametrize("gamma", [-0.2, 0.0, float("nan"), True])
+def test_stagewise_lr_refuses_a_gamma_that_is_not_positive(gamma):
+    opt = build_optimizer("slrla_sgd", _model().parameters(), lr=1.0)
+    with pytest.raises(ValueError, match=r"gamma must be a finite number > 0"):
+        stagewise_lr(opt, total_steps=10, gamma=gamma)

@@ -63,8 +63,10 @@ class DynamicEvalConfig:
         if isinstance(self.segment_length, bool) or not isinstance(self.segment_length, int) \
                 or self.segment_length < 1:
             raise ValueError(f"segment_length must be a positive integer, got {self.segment_length!r}")
-        for name in ("lr", "decay", "eps"):
+        for name in ("lr", "decay"):
             check_number(name, getattr(self, name))
+        # rms divides by sqrt(mean g²) + eps: a parameter entry with no calibration gradient is 0/0
+        check_number("eps", self.eps, strict=self.rule == "rms")
         if self.context is not None and (not isinstance(self.context, int) or self.context < 0):
             raise ValueError(f"context must be None or an integer >= 0, got {self.context!r}")
 
@@ -242,6 +244,16 @@ def _summarise(per_doc: list[list[torch.Tensor]], seconds: float, flops: float |
                       flops_per_token=flops, loss_by_position=(tot / cnt).tolist())
 
 
+def _token_docs(seqs: Iterable, what: str, device) -> list[torch.Tensor]:
+    """``seqs`` as 1-D long tensors on ``device``; a negative id (an ignored target, -100,
+    appended as a token, say) raises: it would be scored as a loss of 0."""
+    docs = [torch.as_tensor(d).flatten().long() for d in seqs]
+    for i, d in enumerate(docs):
+        if d.numel() and int(d.min()) < 0:
+            raise ValueError(f"{what} {i} holds token id {int(d.min())}; token ids must be >= 0")
+    return [d.to(device) for d in docs]
+
+
 def dynamic_eval(
     model: nn.Module,
     documents: Iterable[torch.Tensor],
@@ -270,14 +282,13 @@ def dynamic_eval(
     """
     cfg = config or DynamicEvalConfig()
     cfg.validate()
-    docs = [torch.as_tensor(d).flatten().long() for d in documents]
+    device = next(model.parameters()).device
+    docs = _token_docs(documents, "documents", device)
     if not docs:
         raise ValueError("documents is empty")
     for i, d in enumerate(docs):
         if d.numel() < 2:
             raise ValueError(f"document {i} has {d.numel()} tokens; at least 2 are needed")
-    device = next(model.parameters()).device
-    docs = [d.to(device) for d in docs]
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     context = cfg.context if cfg.context is not None else (max_pos - cfg.segment_length if max_pos else 1 << 30)
     if context < 0:
@@ -293,7 +304,7 @@ def dynamic_eval(
             p.requires_grad_(id(p) in chosen_ids)
         ms = None
         if cfg.rule == "rms" and calibration is not None:
-            cal = [torch.as_tensor(d).flatten().long().to(device) for d in calibration]
+            cal = _token_docs(calibration, "calibration", device)
             ms = _mean_square_gradients(model, cal, cfg, context, params)
 
         flops = {"static": None, "dynamic": None}

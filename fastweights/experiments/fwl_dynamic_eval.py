@@ -105,15 +105,23 @@ def _sync(device: torch.device) -> None:
 
 
 def documents(store, st: Setting) -> tuple[list[dict], list[dict]]:
-    """(tuning, test) documents: validation documents with ``doc_length`` tokens or more, cut
-    to it, in store order: the first ``tune_docs``, then up to ``test_docs`` (at least one);
-    each a dict of (1, L) ``input_ids``/``position_ids``/``targets``."""
-    docs = [f for _, f in long_rows(store, st.doc_length, max_docs=st.tune_docs + st.test_docs)]
+    """(tuning, test) documents: validation documents longer than ``doc_length`` tokens, cut to
+    ``doc_length`` inputs that each have a target, in store order: the first ``tune_docs``,
+    then up to ``test_docs`` (at least one); each a dict of (1, L) ``input_ids``/
+    ``position_ids``/``targets`` with L = ``doc_length``."""
+    docs = list(_full_rows(store, st.doc_length, st.tune_docs + st.test_docs))
     if len(docs) <= st.tune_docs:
-        raise FastWeightsError(f"the validation split has {len(docs)} documents of >= {st.doc_length} tokens, "
+        raise FastWeightsError(f"the validation split has {len(docs)} documents of > {st.doc_length} tokens, "
                                f"need more than --tune-docs {st.tune_docs}: lower --doc-length or raise "
                                f"--val-fraction")
     return docs[: st.tune_docs], docs[st.tune_docs:]
+
+
+def _full_rows(store, length: int, max_docs: int | None):
+    """Rows of documents longer than ``length``: ``length`` inputs, every one with a target (a
+    document of exactly ``length`` tokens would end on an ignored target, which the per-token
+    means and :func:`as_sequence` would count)."""
+    return (f for _, f in long_rows(store, length, min_length=length + 1, max_docs=max_docs))
 
 
 def as_sequence(fields: dict) -> torch.Tensor:
@@ -239,7 +247,7 @@ def run(st: Setting, out: Path, *, seed: int = 0, device_name: str = "auto", thr
 
 def dynamic_row(static, tune, test, ds, st: Setting, res: dict, device, progress: bool) -> dict:
     """Dynamic evaluation of the static model: η picked on the tuning documents, then the test ones."""
-    calib = [as_sequence(f) for _, f in long_rows(ds.split("train"), st.doc_length, max_docs=st.calib_docs)] \
+    calib = [as_sequence(f) for f in _full_rows(ds.split("train"), st.doc_length, st.calib_docs)] \
         if st.calib_docs else []
     tune_seqs, test_seqs = [as_sequence(f) for f in tune], [as_sequence(f) for f in test]
     tuning = {}

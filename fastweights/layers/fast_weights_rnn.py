@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastweights.errors import check_positive_int
+from fastweights.errors import check_number, check_positive_int
 from fastweights.ops.hebbian import decay_weights, hebbian_read, hebbian_read_attention, hebbian_update
 
 __all__ = ["AttentionLSTM", "FastWeightsRNN", "IRNN", "LSTM", "last_valid"]
@@ -84,8 +84,9 @@ class FastWeightsRNN(nn.Module):
         _check_sizes(input_size, hidden_size)
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        if not isinstance(inner_steps, int) or inner_steps < 0:
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
+        check_number("eta", eta)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam!r}")
         self.input_size, self.hidden_size = input_size, hidden_size

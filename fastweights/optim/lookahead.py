@@ -235,5 +235,6 @@ def stagewise_lr(
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     if not all(0.0 < f < 1.0 for f in milestones) or list(milestones) != sorted(milestones):
         raise ValueError(f"milestones must be increasing fractions in (0, 1), got {list(milestones)}")
+    check_number("gamma", gamma, strict=True)  # <= 0 would zero the rate or turn descent into ascent
     # at least step 1: with few steps a milestone rounded to 0 lowered the rate before the first step
     return MultiStepLR(optimizer, milestones=[max(1, int(f * total_steps)) for f in milestones], gamma=gamma)
