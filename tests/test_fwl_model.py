@@ -188,6 +188,10 @@ def test_errors():
     ids = torch.randint(1, V, (2, 4))
     with pytest.raises(FastWeightsError, match=r"cache_implementation='static' cannot carry the FWL state"):
         m.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static", pad_token_id=0)
+    # no cache at all: transformers ignores the cache kind, and so does the FWL model
+    m.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static", pad_token_id=0, use_cache=False)
+    with pytest.raises(FastWeightsError, match=r"assisted or speculative decoding .* not supported by FWLQwen3"):
+        m.generate(ids[:1], max_new_tokens=2, do_sample=False, prompt_lookup_num_tokens=2, pad_token_id=0)
     cache = FWLCache(config=m.config)
     m(ids, past_key_values=cache, use_cache=True)
     with pytest.raises(FastWeightsError, match="batch size changed .* holds 2 sequences, the input has 3"):

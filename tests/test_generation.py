@@ -255,6 +255,26 @@ def test_cache_mismatch_raises():
             model.generate(ids, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
 
 
+def test_assisted_decoding_is_refused_up_front_and_a_static_cache_without_a_cache_runs():
+    """Prompt-lookup decoding raised from the cache's crop, and only once a candidate was
+    rejected (after forward passes had run); cache_implementation='static' with use_cache=False
+    (transformers ignores the cache kind then) was refused."""
+    model = ttt_model(chunk=4)
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 9, 5, 6, 7, 8, 5, 6]])
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    for kw in ({"prompt_lookup_num_tokens": 2}, {"assistant_model": copy.deepcopy(model)}):
+        with pytest.raises(FastWeightsError, match=r"assisted or speculative decoding .* not supported by "
+                                                   r"InPlaceTTTQwen3ForCausalLM"):
+            model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, **kw)
+    assert not calls
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=False)
+        static = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=False,
+                                cache_implementation="static")
+    assert torch.equal(plain, static)
+
+
 @pytest.mark.parametrize("other", [dict(chunk=4), dict(target="embed"), dict(chunk=8, target="embed")])
 def test_a_cache_of_a_model_with_other_ttt_settings_is_refused(other):
     """Same TTT layers, another chunk or target: the cache's fast weights would be read wrongly."""

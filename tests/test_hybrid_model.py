@@ -253,6 +253,65 @@ def test_packed_equals_one_by_one():
     assert packed.dtype == torch.float64 and rel(packed, alone) < 1e-12
 
 
+def test_masked_tokens_inside_a_row_never_reach_the_ttt_fast_weights():
+    """In-Place TTT MLPs without a cache read a masked gap into their fast weights (the chunked
+    op took no mask): the row must equal the row without the gap, cached or not, in training too."""
+    model = tiny(["attention", "swa"], "inplace_ttt", ttt_chunk=3, ttt_target="hidden", sliding_window=64).double()
+    _perturb_fast_params(model)
+    torch.manual_seed(3)
+    ids = torch.randint(1, VOCAB, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, 5:11] = 0
+    other = ids.clone()
+    other[1, 5:11] = 7  # other contents under the mask
+    real, keep = mask.bool(), mask[1].bool()
+    with torch.no_grad():
+        alone = model(ids[1:2, keep], use_cache=False).logits[0]
+        for use_cache in (False, True):
+            got = model(ids, attention_mask=mask, use_cache=use_cache).logits
+            assert (got[1, keep] - alone).abs().max() < 1e-12
+            assert (got - model(other, attention_mask=mask, use_cache=use_cache).logits)[real].abs().max() < 1e-12
+    model.train()
+    loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "ttt_conv" in n)
+
+
+def test_lact_refuses_masked_tokens_that_a_later_token_would_read():
+    """LaCT reads every token into its fast weights: a masked gap inside a document (or, with
+    update-then-apply, right padding) raises; left padding, padding before a document start and
+    right padding with apply-then-update leave the real tokens as without the padding."""
+    model = tiny(["lact", "lact"], lact_chunk_size=3, lact_update="gd", sliding_window=64).double()
+    _perturb_fast_params(model)
+    torch.manual_seed(4)
+    ids = torch.randint(1, VOCAB, (1, 16))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+
+        def padded(mask, **kw):
+            return model(ids, attention_mask=torch.tensor([mask]), use_cache=False, **kw).logits
+
+        gap = [1] * 16
+        gap[5:8] = [0, 0, 0]
+        with pytest.raises(FastWeightsError, match=r"masked token inside a document \(row 0, token 8 of this call\)"):
+            padded(gap)
+        left = [0] * 4 + [1] * 12
+        got = padded(left)
+        assert (got[0, 4:] - model(ids[:, 4:], use_cache=False).logits[0]).abs().max() < 1e-12
+        right = [1] * 12 + [0] * 4
+        assert (padded(right)[0, :12] - full[0, :12]).abs().max() < 1e-12
+        # a gap that ends where a document starts: the next document reads none of it
+        pos = torch.cat([torch.arange(8), torch.arange(8)])[None]
+        packed = model(ids, position_ids=pos, use_cache=False).logits
+        got = padded(gap, position_ids=pos)
+        assert (got[0, 8:] - packed[0, 8:]).abs().max() < 1e-12
+        model.config.lact_order = "update_apply"
+        for layer in model.model.layers:
+            layer.mixer.order = "update_apply"
+        with pytest.raises(FastWeightsError, match=r"after real tokens \(lact_order='update_apply'"):
+            padded(right)
+
+
 def test_packed_lanes_built_once_per_forward_pass(monkeypatch):
     """The LaCT layers of one forward pass share one layout of the packed documents, built from
     the layout's host copy of the document starts (no layer reads them from the device): logits
@@ -386,6 +445,9 @@ def test_cache_refuses_another_model_another_batch_cropping_and_assisted_decodin
             with pytest.raises(FastWeightsError, match="assisted or speculative decoding"):
                 model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=4,
                                do_sample=False, **kw)
+        # no cache at all: transformers ignores the cache kind, and so does the hybrid model
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, use_cache=False)
+        assert torch.equal(model.generate(ids, **kw), model.generate(ids, cache_implementation="static", **kw))
 
 
 def test_muon_streaming_equals_full_in_float64_over_many_chunks():

@@ -30,7 +30,7 @@ from transformers.cache_utils import DynamicCache
 
 __all__ = ["CACHE_KWARG", "TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "check_dynamic_cache",
            "crop_length", "enable_activation_checkpointing", "hf_progress_bars", "keep_positions",
-           "own_config", "resolve_use_cache", "take_cache"]
+           "own_config", "refuse_assisted_decoding", "resolve_use_cache", "take_cache"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):
@@ -92,12 +92,27 @@ def cache_implementation(generation_config) -> str | None:
 
 def check_dynamic_cache(generation_config, what: str) -> None:
     """Raise unless ``generate`` asks for the default (dynamic) cache, the only kind that a
-    fast-weight model's cache (carrying ``what``) can stand in for."""
+    fast-weight model's cache (carrying ``what``) can stand in for, or for no cache at all
+    (``use_cache=False``, with which transformers ignores ``cache_implementation``)."""
     from fastweights.errors import FastWeightsError
 
+    if generation_config.use_cache is False:
+        return
     impl = cache_implementation(generation_config)
     if impl not in (None, "dynamic"):
         raise FastWeightsError(f"cache_implementation={impl!r} cannot carry {what}; use the default (dynamic) cache")
+
+
+def refuse_assisted_decoding(self, *args, **kwargs):
+    """``GenerationMixin._assisted_decoding`` (assisted and prompt-lookup decoding, all 5.x
+    releases) for a fast-weight model: refused by name before any forward pass. A rejected
+    candidate token needs the cache cropped, which fast weights cannot be; without this the
+    refusal came from ``crop`` partway through, and only when a candidate was rejected."""
+    from fastweights.errors import FastWeightsError
+
+    raise FastWeightsError(f"assisted or speculative decoding (assistant_model, prompt_lookup_num_tokens) is not "
+                           f"supported by {type(self).__name__}: its fast weights cannot be rolled back when a "
+                           "candidate token is rejected")
 
 
 def crop_length(seen: int, tokens_to_remove: int) -> int:

@@ -40,6 +40,7 @@ from fastweights.models.compat import (
     crop_length,
     keep_positions,
     own_config,
+    refuse_assisted_decoding,
     resolve_use_cache,
     take_cache,
 )
@@ -215,7 +216,7 @@ def register_fwl_family(model_type: str) -> tuple[type, type]:
 
     model_cls = type("FWL" + base_model.__name__, (base_model,), {
         "config_class": cfg_cls, "__init__": __init__, "__module__": __name__,
-        "_prepare_cache_for_generation": _prepare_cache_for_generation,
+        "_prepare_cache_for_generation": _prepare_cache_for_generation, "_assisted_decoding": refuse_assisted_decoding,
         "__doc__": f"{base_model.__name__} with a Fast Weight Layer before the unembedding (see add_fwl).",
     })
     setattr(mod, cfg_cls.__name__, cfg_cls)

@@ -30,7 +30,14 @@ from transformers import initialization as init
 from fastweights.errors import FastWeightsError
 from fastweights.layers.inplace_ttt import OFFICIAL_TARGET, InPlaceTTTMLP, TTTContext, normalize_target, ttt_init_value
 from fastweights.models.cache import InPlaceTTTCache, ttt_settings
-from fastweights.models.compat import CACHE_KWARG, check_dynamic_cache, own_config, resolve_use_cache, take_cache
+from fastweights.models.compat import (
+    CACHE_KWARG,
+    check_dynamic_cache,
+    own_config,
+    refuse_assisted_decoding,
+    resolve_use_cache,
+    take_cache,
+)
 from fastweights.models.fwl import has_fwl
 from fastweights.ops.inplace_ttt_decode import StepPlan
 
@@ -104,6 +111,7 @@ def register_family(model_type: str) -> tuple[type, type]:
     model_cls = type(model_name, (base_model,), {
         "config_class": cfg_cls, "__init__": __init__, "__module__": __name__,
         "_prepare_cache_for_generation": _prepare_cache_for_generation, "initialize_weights": initialize_weights,
+        "_assisted_decoding": refuse_assisted_decoding,
         "__doc__": f"{base_model.__name__} with In-Place TTT MLPs (created by fastweights.convert).",
     })
     setattr(mod, cfg_name, cfg_cls)

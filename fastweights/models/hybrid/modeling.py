@@ -17,7 +17,7 @@ from fastweights.errors import FastWeightsError
 from fastweights.layers.attention import Attention, TokenLayout, rope_cos_sin
 from fastweights.layers.inplace_ttt import InPlaceTTTMLP
 from fastweights.layers.lact import LaCTLayer
-from fastweights.models.compat import CACHE_KWARG, check_dynamic_cache, take_cache
+from fastweights.models.compat import CACHE_KWARG, check_dynamic_cache, refuse_assisted_decoding, take_cache
 from fastweights.models.hybrid.cache import HybridCache
 from fastweights.models.hybrid.compat import (
     BaseModelOutputWithPast,
@@ -102,7 +102,7 @@ class HybridBlock(GradientCheckpointingLayer):
         mlp_state = None
         if self.mlp_type == "inplace_ttt":
             s = embeds if self.mlp.target == "embed" else h
-            if ttt_plan is not None:  # through a cache: advance the fast-weight state
+            if ttt_plan is not None:  # a cache's state, or (padding without a cache) this call's
                 mlp_state = past.get("mlp") or InPlaceTTTState(self.mlp.chunk_size)
                 y = self.mlp.step(h, mlp_state, ttt_plan, target_source=s)
             else:
@@ -173,6 +173,31 @@ def _layout(position_ids, attention_mask, cache: HybridCache | None, B, N, devic
                        key_valid=key_valid, single_doc=single, starts_host=starts_host)
 
 
+def _check_lact_padding(layout: TokenLayout, N: int, order: str) -> None:
+    """LaCT reads every token of a document into its fast weights, masked or not: refuse masked
+    tokens that a later token of the same document would read. Left padding (before a row's
+    first token) and padding before a document start are fine; with apply-then-update, so is
+    right padding (a chunk's update reaches only later chunks)."""
+    if layout.single_doc:
+        return
+    valid = layout.key_valid  # (B, M): the cached prefix's tokens, then this call's N
+    before = valid.long().cumsum(1)[:, -N:] - valid[:, -N:].long()  # valid tokens before each new one
+    prev = F.pad(valid, (1, 0))[:, -N - 1:-1]  # is the token before each new one valid
+    new = valid[:, -N:]
+    gap = new & ~prev & (before > 0) & (layout.position_ids != 0)
+    if order != "apply_update":  # the chunk's own update is read: masked tokens after any real one
+        gap = gap | (~new & (before > 0))
+    if bool(gap.any()):
+        row, col = (int(i) for i in gap.nonzero()[0])
+        where = ("after a masked token inside a document" if order == "apply_update"
+                 else "after real tokens (lact_order='update_apply' reads a chunk with its own update)")
+        raise FastWeightsError(
+            f"attention_mask of a LaCT model masks tokens {where} (row {row}, token {col} of this call): LaCT "
+            "would read them into its fast weights. Allowed: left padding, padding before a document start "
+            "(position_ids 0)" + (", and right padding" if order == "apply_update" else "")
+            + "; remove the masked tokens from the row instead")
+
+
 class HybridModel(HybridPreTrainedModel):
     def __init__(self, config: HybridConfig):
         super().__init__(config)
@@ -220,12 +245,19 @@ class HybridModel(HybridPreTrainedModel):
         self._check_checkpointing(x.device)
         layout = _layout(position_ids, attention_mask, cache if (cache is not None and cache.seen) else None,
                          B, N, x.device)
+        if "lact" in self.config.mixers and attention_mask is not None:
+            _check_lact_padding(layout, N, self.config.lact_order)
         embeds = x
         plan = None
+        real = layout.key_valid[:, -N:]
         if cache is not None and "inplace_ttt" in self.config.mlps:
             before = cache.ttt_tokens if cache.ttt_tokens is not None else [0] * B
-            plan = StepPlan(before, N, layout.key_valid[:, -N:], layout.position_ids == 0)
+            plan = StepPlan(before, N, real, layout.position_ids == 0)
             cache.ttt_tokens = plan.after
+        elif "inplace_ttt" in self.config.mlps and not bool(real.all()):
+            # padding without a cache: the TTT MLPs stream a state of this call only, which skips
+            # the masked tokens (the chunked op would read them into the fast weights)
+            plan = StepPlan([0] * B, N, real, layout.position_ids == 0)
         hidden = [x] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             past = cache.states[i] if cache is not None else None
@@ -280,10 +312,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         if take_cache(model_kwargs) is None and generation_config.use_cache is not False:
             model_kwargs[CACHE_KWARG] = HybridCache(self.config)
 
-    def _assisted_decoding(self, *args, **kwargs):
-        """``generate()``'s assisted and prompt-lookup decoding: refused (see :meth:`HybridCache.crop`)."""
-        raise FastWeightsError("assisted or speculative decoding (assistant_model, prompt_lookup_num_tokens) is not "
-                               "supported by fastweights_hybrid models: their cache cannot be rolled back")
+    _assisted_decoding = refuse_assisted_decoding  # see HybridCache.crop
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, cache=None,
