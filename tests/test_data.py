@@ -73,6 +73,27 @@ def test_python_corpus_is_deterministic_and_structured():
         assert first[:200] in doc.text
 
 
+def test_duplicates_are_dropped_and_jsonl_records_keep_their_split(tmp_path):
+    """The split goes by name: a text saved twice could land in both splits, and JSONL records
+    named by line moved between splits when an earlier line was deleted."""
+    texts = [f"document number {i} " * 3 for i in range(300)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "d.jsonl").write_bytes(
+        ("\ufeff" + "".join(json.dumps({"text": t}) + "\n" for t in texts)).encode())  # with a BOM
+    (tmp_path / "a" / "copy.txt").write_text(texts[7])
+    (tmp_path / "a" / "sub").mkdir()
+    (tmp_path / "a" / "sub" / "copy.txt").write_text(texts[7])
+    full = build_corpus(str(tmp_path / "a"), val_fraction=0.3, progress=False)
+    assert full.manifest["documents"] == 300 and full.manifest["duplicates_dropped"] == 2
+    assert full.manifest["files"] == 3
+    split = {d.text: s for s in ("train", "val") for d in full.split(s)}
+    assert len(split) == 300 and set(split.values()) == {"train", "val"}
+    (tmp_path / "b").mkdir()  # the first 20 lines deleted, the rest reversed
+    (tmp_path / "b" / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:19:-1]))
+    part = build_corpus(str(tmp_path / "b"), val_fraction=0.3, progress=False)
+    assert {d.text: s for s in ("train", "val") for d in part.split(s)} == {t: split[t] for t in texts[20:]}
+
+
 def test_bad_corpus_inputs(tmp_path):
     with pytest.raises(FastWeightsError, match="not found"):
         build_corpus(str(tmp_path / "nope"))
@@ -91,6 +112,10 @@ def test_bad_corpus_inputs(tmp_path):
             build_corpus(str(tmp_path))
     (tmp_path / "a.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(FastWeightsError, match=r"a.jsonl:2: not UTF-8 \(invalid continuation byte at byte 13\)"):
+        build_corpus(str(tmp_path))
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": "bad \\ud800 surrogate"}\n')
+    with pytest.raises(FastWeightsError, match=r"a.jsonl:2: field 'text' is not valid Unicode \(surrogates not "
+                                               r"allowed at character 4\)"):
         build_corpus(str(tmp_path))
     (tmp_path / "a.jsonl").write_text("")
     (tmp_path / "b.txt").write_text("")
@@ -299,3 +324,35 @@ def test_whole_split_perplexity_scores_every_target_once(dataset):
     tail_sum = F.cross_entropy(logits[keep], tail["targets"][0][keep], reduction="sum").item()
     assert whole["tokens"] == full["tokens"] + int(keep.sum())
     assert abs(whole["loss"] * whole["tokens"] - (full["loss"] * full["tokens"] + tail_sum)) < 1e-9
+
+
+def test_concurrent_prepares_take_turns_and_a_cut_shard_is_named(dataset, tmp_path):
+    """Two runs preparing one --out shared its temporary directory (one died with a raw
+    traceback, or moved the other's half-written files into place); a cut shard opened and
+    failed later with a numpy broadcasting error."""
+    import threading
+
+    corpus, ds = dataset
+    tok = ds.tokenizer()
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(tokenize_corpus(corpus, tok, tmp_path / "both", progress=False))
+        except Exception as err:  # noqa: BLE001 - the test reports any failure
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 3
+    for split in ("train", "val"):
+        a, b = ds.split(split), results[0].split(split)
+        assert len(a) == len(b) and all(np.array_equal(a.doc(i), b.doc(i)) for i in range(len(a)))
+    shard = tmp_path / "both" / "val" / "shard-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(FastWeightsError, match=r"shard-00000.bin is 100 bytes, its documents need \d+: the dataset "
+                                               r"is damaged"):
+        results[0].split("val")

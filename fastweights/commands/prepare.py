@@ -40,6 +40,9 @@ def prepare(cfg: PrepareConfig) -> Dataset:
     corpus = build_corpus(cfg.corpus, cfg.val_fraction, max_doc_bytes=cfg.max_doc_kb << 10,
                           max_bytes=cfg.max_mb << 20, text_field=cfg.text_field, progress=cfg.progress)
     m = corpus.manifest
+    if m["duplicates_dropped"]:
+        print(f"note: dropped {m['duplicates_dropped']} documents that repeat an earlier document's text "
+              f"(a copy could otherwise land in the other split)", file=sys.stderr)
     for split, n in (("validation", m["val_documents"]), ("training", m["train_documents"])):
         if n == 0:
             print(f"warning: the {split} split is empty: {m['documents']} documents with --val-fraction "

@@ -2,7 +2,9 @@
 
 A corpus is a list of :class:`Document` (name, text) in a fixed order, a deterministic
 train/validation split by a hash of each name, and a manifest (file, byte and document
-counts plus a SHA-256 checksum) that makes a run reproducible.
+counts plus a SHA-256 checksum) that makes a run reproducible. Exact repeats of a document's
+text are dropped (a copy could otherwise land in the other split). JSONL and parquet records
+are named by their file and a hash of their text.
 
 The default corpus (``source="python"``) is the Python source of the running interpreter:
 the standard library plus site-packages. Each top-level package or stdlib module is one
@@ -119,9 +121,15 @@ def _sample_key(name: str) -> bytes:
     return hashlib.sha256(b"sample:" + name.encode()).digest()
 
 
-def _user_documents(root: Path, text_field: str, progress: bool = True) -> list[Document]:
+def _record_name(rel: str, text: str) -> str:
+    """The name of a JSONL/parquet record: its file and a hash of its text (not its line, so that
+    deleting or reordering lines moves no other record between the splits)."""
+    return f"{rel}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def _user_documents(root: Path, text_field: str, progress: bool = True) -> tuple[list[Document], int]:
     """Documents from a directory of ``.txt``, ``.jsonl`` (one document per line, field
-    ``text_field``) and, with pyarrow installed, ``.parquet`` files."""
+    ``text_field``) and, with pyarrow installed, ``.parquet`` files; and the number of files."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".parquet"))
     if not files:
         raise FastWeightsError(f"no .txt, .jsonl or .parquet files under {root}")
@@ -134,7 +142,7 @@ def _user_documents(root: Path, text_field: str, progress: bool = True) -> list[
             with f.open("rb") as fh:
                 for i, raw in enumerate(fh):
                     try:
-                        line = raw.decode("utf-8")
+                        line = raw.decode("utf-8-sig" if i == 0 else "utf-8")  # a BOM may open the file
                     except UnicodeDecodeError as err:
                         raise FastWeightsError(f"{f}:{i + 1}: not UTF-8 ({err.reason} at byte {err.start})") from None
                     if not line.strip():
@@ -148,7 +156,8 @@ def _user_documents(root: Path, text_field: str, progress: bool = True) -> list[
                                                f"{text_field!r}, got a {type(row).__name__}")
                     if text_field not in row:
                         raise FastWeightsError(f"{f}:{i + 1}: no field {text_field!r} (fields: {sorted(row)})")
-                    docs.append(Document(f"{rel}:{i}", _text(row[text_field], f"{f}:{i + 1}", text_field)))
+                    text = _text(row[text_field], f"{f}:{i + 1}", text_field)
+                    docs.append(Document(_record_name(rel, text), text))
         else:
             try:
                 import pyarrow.parquet as pq
@@ -158,16 +167,39 @@ def _user_documents(root: Path, text_field: str, progress: bool = True) -> list[
             table = pq.read_table(f)
             if text_field not in table.column_names:
                 raise FastWeightsError(f"{f}: no column {text_field!r} (columns: {table.column_names})")
-            docs.extend(Document(f"{rel}:{i}", _text(t, f"{f} row {i}", text_field))
-                        for i, t in enumerate(table.column(text_field).to_pylist()))
-    return docs
+            for i, t in enumerate(table.column(text_field).to_pylist()):
+                text = _text(t, f"{f} row {i}", text_field)
+                docs.append(Document(_record_name(rel, text), text))
+    return docs, len(files)
 
 
 def _text(value, where: str, field: str) -> str:
-    """A document's text, which must be a string (not a number, a list or null)."""
+    """A document's text, which must be a string (not a number, a list, bytes or null) that
+    UTF-8 can encode (JSON's escapes allow lone surrogates)."""
     if not isinstance(value, str):
-        raise FastWeightsError(f"{where}: field {field!r} must be a string, got {json.dumps(value)[:60]}")
+        try:
+            shown = json.dumps(value)
+        except (TypeError, ValueError):  # not JSON: parquet bytes, say
+            shown = f"{type(value).__name__} {value!r}"
+        raise FastWeightsError(f"{where}: field {field!r} must be a string, got {shown[:60]}")
+    try:
+        value.encode()
+    except UnicodeEncodeError as err:
+        raise FastWeightsError(f"{where}: field {field!r} is not valid Unicode ({err.reason} at character "
+                               f"{err.start})") from None
     return value
+
+
+def _drop_duplicates(docs: list[Document]) -> tuple[list[Document], int]:
+    """``docs`` without exact repeats of an earlier document's text (the split goes by name, so
+    two copies could land in both splits); and how many were dropped."""
+    seen, kept = set(), []
+    for d in docs:
+        key = hashlib.sha256(d.text.encode()).digest()
+        if key not in seen:
+            seen.add(key)
+            kept.append(d)
+    return kept, len(docs) - len(kept)
 
 
 def build_corpus(
@@ -213,16 +245,18 @@ def build_corpus(
         for name, root, files in tqdm(units, desc="reading Python sources", unit="doc", disable=not progress):
             text, nfiles = _read_python_doc(root, files, max_doc_bytes)
             docs.append(Document(name, text, nfiles))
+        nfiles = None  # each document counts its files
     else:
         root = Path(source)
         if not root.exists():
             raise FastWeightsError(f"corpus directory not found: {source}")
         if not root.is_dir():
             raise FastWeightsError(f"corpus source must be 'python' or a directory, got the file {source}")
-        docs = _user_documents(root, text_field, progress)
+        docs, nfiles = _user_documents(root, text_field, progress)
     docs = [d for d in docs if d.text]
     if not docs:
         raise FastWeightsError(f"the corpus {source} has no document with text")
+    docs, duplicates = _drop_duplicates(docs)
     if max_bytes and source != "python":
         by_hash = sorted(docs, key=lambda d: _sample_key(d.name))
         keep, total = set(), 0
@@ -246,7 +280,8 @@ def build_corpus(
         "documents": len(docs),
         "train_documents": len(docs) - n_val,
         "val_documents": n_val,
-        "files": sum(d.files for d in docs),
+        "files": sum(d.files for d in docs) if nfiles is None else nfiles,
+        "duplicates_dropped": duplicates,
         "bytes": sum(len(d.text.encode()) for d in docs),
         "val_fraction": val_fraction,
         "max_doc_bytes": max_doc_bytes if source == "python" else 0,  # a default-corpus setting only

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from fastweights.data.corpus import Corpus
@@ -43,6 +44,14 @@ class TokenStore:
         self.names = json.loads((self.path / "names.json").read_text())
         self.dtype = np.dtype(dtype)
         self._shards: dict[int, np.memmap] = {}
+        for shard in np.unique(self.index[:, 0]) if len(self.index) else ():  # a cut shard fails here, by name
+            rows = self.index[self.index[:, 0] == shard]
+            need = int((rows[:, 1] + rows[:, 2]).max()) * self.dtype.itemsize
+            f = self.path / f"shard-{int(shard):05d}.bin"
+            size = f.stat().st_size if f.exists() else None
+            if size is None or size < need:
+                raise FastWeightsError(f"{f} is {'missing' if size is None else f'{size} bytes'}, its documents "
+                                       f"need {need}: the dataset is damaged; prepare it again into a new --out")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -166,10 +175,19 @@ def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tok
                     progress: bool = True) -> Dataset:
     """Tokenise ``corpus`` into the dataset directory ``out`` and return it. If ``out``
     already holds this corpus tokenised with this tokenizer, nothing is redone. The
-    directory is built under a temporary name and renamed into place when complete."""
+    directory is built under a temporary name and renamed into place when complete; runs
+    preparing the same ``out`` at once take turns (a lock file ``<out>.lock``), so the later
+    one finds the dataset done."""
     out = Path(out)
     earlier = _earlier_key(corpus, tokenizer)  # hashes the tokenizer once for both keys
     key = dataset_key(corpus, tokenizer, earlier)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out.with_name(out.name + ".lock")):
+        return _tokenize_locked(corpus, tokenizer, out, shard_tokens, progress, key, earlier)
+
+
+def _tokenize_locked(corpus: Corpus, tokenizer, out: Path, shard_tokens: int, progress: bool, key: str,
+                     earlier: str) -> Dataset:
     if (out / "meta.json").exists():
         ds = Dataset(out)
         if ds.meta.get("key") == key:
@@ -205,6 +223,5 @@ def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tok
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     (tmp / "manifest.json").write_text(json.dumps(corpus.manifest, indent=2))
-    out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return Dataset(out)
