@@ -162,6 +162,25 @@ def test_dynamic_eval_settings_fail_before_any_evaluation(workdir, small_data, c
     assert "perplexity" not in err and "loss by position" not in err  # nothing was evaluated first
 
 
+@pytest.mark.parametrize("flags,match", [
+    (["--length", "64", "--passkey-lengths", "20"],
+     r"--passkey-lengths: length 20 is too short for a passkey prompt \(needs > \d+\)"),
+    (["--length", "100000"], r"no validation document has 100000 tokens \(the longest has \d+\)"),
+])
+def test_eval_lengths_fail_before_any_evaluation(workdir, small_data, capsys, flags, match):
+    """Both used to fail only after perplexity (and loss by position) had run, writing nothing."""
+    from fastweights.models.presets import build_model
+
+    model_dir = workdir / "small-model"
+    if not (model_dir / "config.json").exists():
+        build_model("tiny", 300).save_pretrained(model_dir)
+    capsys.readouterr()
+    code, out, err = run(["eval", "--model", str(model_dir), "--data", str(small_data), "--seq-len", "32",
+                          "--ppl-rows", "2", *flags], capsys)
+    assert code == 2 and re.search(match, err.strip().splitlines()[-1]), err
+    assert "perplexity" not in err and "loss by position" not in err  # nothing was evaluated first
+
+
 def test_main_job_tiny(workdir, capsys):
     out_dir = workdir / "main"
     code, out, err = run(["main", "--out", str(out_dir), "--steps", "2", "--max-mb", "1", "--max-doc-kb", "24",
@@ -476,3 +495,12 @@ def test_data_from_another_tokenizer_than_the_models_is_refused(small_data, tmp_
                           str(tmp_path / "same.json"), "--no-progress", "--ppl-rows", "1", "--length", "64",
                           "--max-docs", "1", "--seq-len", "32", "--first-bucket", "16"], capsys)
     assert code == 0, err  # the model's own tokenizer: no complaint
+
+
+def test_plot_names_an_input_that_is_not_a_result(tmp_path, capsys):
+    """A JSON array raised AttributeError ('list' object has no attribute 'get')."""
+    for text in ("[1, 2]", '{"loss": 3}', '"text"'):
+        (tmp_path / "x.json").write_text(text)
+        line = _one_line_error(*run(["plot", "--inputs", str(tmp_path / "x.json"), "--out",
+                                     str(tmp_path / "x.png")], capsys)[::2])
+        assert "x.json: no loss-by-position result (expected a 'buckets' list)" in line

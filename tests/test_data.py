@@ -318,6 +318,8 @@ def test_whole_split_perplexity_scores_every_target_once(dataset):
     whole = perplexity(model, store, 48, batch_size=4, progress=False)
     full = perplexity(model, store, 48, batch_size=4, max_rows=len(rows), progress=False)
     assert whole["tokens"] == store.total_tokens - len(store) and whole["rows"] == len(rows) + 1
+    # more rows asked for than the split has: the whole split, not the full rows only
+    assert perplexity(model, store, 48, batch_size=4, max_rows=len(rows) + 5, progress=False) == whole
     with torch.no_grad():
         logits = model(input_ids=tail["input_ids"], position_ids=tail["position_ids"], use_cache=False).logits[0]
     keep = tail["targets"][0] != IGNORE

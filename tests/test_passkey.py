@@ -109,3 +109,25 @@ def test_position_plot_puts_each_loss_on_its_bucket():
     with pytest.raises(ValueError, match=r"need integers first >= 1 and length >= 2, got first=1.5"):
         position_edges(100, 1.5)
 
+
+
+def test_haystack_holds_no_eos_and_joins_documents_with_a_blank_line(tokenizer):
+    """The haystack used to be the stored documents as they are, each ending in EOS: a model
+    trained on packed documents never reads on past an EOS within one sequence."""
+    from fastweights.eval.passkey import haystack, passkey_prompts
+
+    eos = tokenizer.eos_token_id
+
+    def doc(text):
+        return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
+
+    store = _Store([doc("a = 1\n" * 20), doc(""), doc("def f():\n    return 2\n" * 20)])
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    hay = haystack(store, 400, eos, sep)
+    assert len(hay) == 400 and eos not in hay.tolist()
+    expect = (tokenizer.decode(store.doc(0)[:-1]) + "\n\n" + tokenizer.decode(store.doc(2)[:-1]) + "\n\n") * 3
+    assert tokenizer.decode(hay) == tokenizer.decode(tokenizer(expect, add_special_tokens=False)["input_ids"][:400])
+    for s in passkey_prompts(tokenizer, store, [150, 333], [0.0, 0.5, 1.0], trials=2):
+        assert eos not in s["input_ids"].tolist()
+    with pytest.raises(ValueError, match=r"length 20 is too short for a passkey prompt"):
+        passkey_prompts(tokenizer, store, [150, 20], [0.5], trials=1)

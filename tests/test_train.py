@@ -424,3 +424,15 @@ def test_gradient_accumulation_takes_the_token_mean_of_the_whole_step(tmp_path, 
         for key in ("loss", "grad_norm"):
             assert abs(ra[key] - rb[key]) < 2e-6 * abs(ra[key]), (key, ra, rb)
     assert one["loss"] == a[-1]["loss"] and two["loss"] == b[-1]["loss"]
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                       ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+                                       ("NVIDIA A10", 125e12), ("NVIDIA A10G", None),
+                                       ("NVIDIA GeForce RTX 4090", 165e12)])
+def test_peak_flops_by_whole_gpu_names(name, peak):
+    """Substrings matched "L40S" as an L40, "A10G" as an A10 and an H100 PCIe as the SXM part."""
+    from fastweights.train.trainer import peak_flops_of
+
+    assert peak_flops_of(name) == peak

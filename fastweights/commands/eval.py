@@ -12,8 +12,8 @@ from fastweights.config import option, parse
 from fastweights.data.store import Dataset
 from fastweights.data.tokenizer import check_dataset_tokenizer
 from fastweights.errors import FastWeightsError, check_at_least
-from fastweights.eval.lm import loss_by_position, perplexity
-from fastweights.eval.passkey import check_passkey_settings, passkey_eval
+from fastweights.eval.lm import long_docs_error, loss_by_position, perplexity
+from fastweights.eval.passkey import check_passkey_settings, passkey_eval, passkey_prompts
 from fastweights.eval.plot import plot_passkey
 from fastweights.models.compat import hf_progress_bars
 from fastweights.models.presets import check_vocab, load_model
@@ -80,6 +80,14 @@ def _evaluate(cfg: EvalConfig) -> dict:
     if val.total_tokens == 0:
         raise FastWeightsError(f"the validation split of {cfg.data} is empty: prepare it with more documents or a "
                                "larger --val-fraction")
+    if err := long_docs_error(val, cfg.length):  # before perplexity runs, not after
+        raise FastWeightsError(err)
+    if cfg.passkey_lengths:  # the prompts (tokenisation only): a length too short for the needle fails now
+        try:
+            passkey_prompts(ds.tokenizer(), val, cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_trials,
+                            cfg.seed)
+        except ValueError as err:
+            raise FastWeightsError(f"--passkey-lengths: {err}") from None
     res: dict = {"model": str(cfg.model), "data": str(cfg.data)}
     with torch.inference_mode():
         res["perplexity"] = perplexity(model, val, cfg.seq_len, cfg.batch_size, cfg.ppl_rows or None,

@@ -30,8 +30,9 @@ def load_result(path: str) -> dict:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as err:
         raise FastWeightsError(f"{path}: not JSON ({err.msg})") from None
-    data = data.get("loss_by_position", data)
-    if "buckets" not in data:
+    if isinstance(data, dict):
+        data = data.get("loss_by_position", data)
+    if not isinstance(data, dict) or "buckets" not in data:
         raise FastWeightsError(f"{path}: no loss-by-position result (expected a 'buckets' list)")
     return data
 

@@ -12,7 +12,7 @@ from fastweights.data.packing import PackedRows, long_rows
 from fastweights.data.store import TokenStore
 from fastweights.errors import FastWeightsError
 
-__all__ = ["loss_by_position", "perplexity", "position_edges", "token_losses"]
+__all__ = ["long_docs_error", "loss_by_position", "perplexity", "position_edges", "token_losses"]
 
 
 @torch.no_grad()
@@ -33,7 +33,8 @@ def token_losses(model, fields: dict[str, torch.Tensor]) -> torch.Tensor:
 def perplexity(model, store: TokenStore, seq_len: int, batch_size: int = 8, max_rows: int | None = None,
                progress: bool = True) -> dict:
     """Mean loss and perplexity over packed rows of ``store`` in corpus order (no shuffle);
-    ``max_rows`` None: the whole split, its last partial row included (every target once).
+    ``max_rows`` None (or more rows than the split has): the whole split, its last partial
+    row included (every target once).
 
     Returns ``{"loss", "perplexity", "tokens", "rows"}``."""
     rows = PackedRows(store, seq_len, shuffle=False)
@@ -48,7 +49,7 @@ def perplexity(model, store: TokenStore, seq_len: int, batch_size: int = 8, max_
         valid = batch["targets"] != -100
         total += losses.sum().item()
         count += int(valid.sum())
-    tail = rows.tail() if max_rows is None else None
+    tail = rows.tail() if max_rows is None or max_rows > len(rows) else None  # asked for more: the whole split
     if tail is not None:
         total += token_losses(model, tail).sum().item()
         count += int((tail["targets"] != -100).sum())
@@ -68,6 +69,15 @@ def position_edges(length: int, first: int = 1024) -> list[int]:
         e *= 2
     edges.append(length)
     return edges
+
+
+def long_docs_error(store: TokenStore, length: int) -> str | None:
+    """The error when no document of ``store`` has ``length`` tokens (else None)."""
+    longest = int(store.lengths.max()) if len(store) else 0
+    if longest >= length:
+        return None
+    return (f"no validation document has {length} tokens (the longest has {longest}): lower --length or use a "
+            "corpus with longer documents")
 
 
 def loss_by_position(model, store: TokenStore, length: int, first_bucket: int = 1024,
@@ -92,10 +102,8 @@ def loss_by_position(model, store: TokenStore, length: int, first_bucket: int = 
             counts[b] += valid[edges[b] : edges[b + 1]].sum()
         ndocs += 1
     if ndocs == 0:
-        raise FastWeightsError(
-            f"no validation document has {min_length or length} tokens: "
-            "lower --length or use a corpus with longer documents"
-        )
+        n = min_length or length
+        raise FastWeightsError(long_docs_error(store, n) or f"no validation document has {n} tokens")
     buckets = [
         {"start": edges[b], "end": edges[b + 1], "loss": (sums[b] / counts[b]).item() if counts[b] else None,
          "tokens": int(counts[b])}

@@ -10,25 +10,32 @@ from tqdm.auto import tqdm
 
 from fastweights.data.store import TokenStore
 
-__all__ = ["haystack", "passkey_eval", "passkey_sample"]
+__all__ = ["haystack", "passkey_eval", "passkey_prompts", "passkey_sample"]
 
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 ANSWER = " {key}"
 
 
-def haystack(store: TokenStore, tokens: int) -> np.ndarray:
-    """At least ``tokens`` haystack token ids: the split's documents concatenated in order
-    (repeated if the split is shorter)."""
+def haystack(store: TokenStore, tokens: int, eos_id: int | None = None, sep: list[int] | tuple = ()) -> np.ndarray:
+    """``tokens`` haystack token ids: the split's documents in order (repeated if the split is
+    shorter), each without its closing ``eos_id`` and followed by ``sep``. A model trained on
+    packed documents never reads past an EOS within one sequence, so the prompt holds none."""
     parts, n = [], 0
+    sep = np.asarray(sep, dtype=np.int64)
     while n < tokens:
-        if n == 0 and not any(len(store.doc(i)) for i in range(len(store))):
-            raise ValueError("the haystack split has no tokens")
         for i in range(len(store)):
-            parts.append(np.asarray(store.doc(i)))
-            n += len(parts[-1])
+            doc = np.asarray(store.doc(i), dtype=np.int64)
+            if eos_id is not None and len(doc) and doc[-1] == eos_id:
+                doc = doc[:-1]
+            if not len(doc):
+                continue
+            parts += [doc, sep]
+            n += len(doc) + len(sep)
             if n >= tokens:
                 break
+        if n == 0:
+            raise ValueError("the haystack split has no tokens")
     return np.concatenate(parts)[:tokens]
 
 
@@ -83,33 +90,37 @@ def check_passkey_settings(lengths, depths, trials: int = 1, seed: int = 0) -> N
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
 
 
+def passkey_prompts(tokenizer, store: TokenStore, lengths: list[int], depths: list[float], trials: int = 5,
+                    seed: int = 0) -> list[dict]:
+    """Every prompt of :func:`passkey_eval` (:func:`passkey_sample`), length by length, depth by
+    depth, trial by trial: the settings and the lengths' room for the needle are checked here,
+    before any model runs. The haystack's documents are joined by a blank line."""
+    check_passkey_settings(lengths, depths, trials, seed)
+    rng = np.random.default_rng(seed)
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    hay = haystack(store, max(lengths), tokenizer.eos_token_id, sep)
+    return [passkey_sample(tokenizer, hay, length, depth, rng)
+            for length in lengths for depth in depths for _ in range(trials)]
+
+
 @torch.no_grad()
 def passkey_eval(model, tokenizer, store: TokenStore, lengths: list[int], depths: list[float],
                  trials: int = 5, seed: int = 0, progress: bool = True) -> dict:
     """Retrieval accuracy for each (length, depth). Returns ``{"lengths", "depths",
     "trials", "accuracy"}`` with ``accuracy[i][j]`` for ``lengths[i]``, ``depths[j]``."""
-    check_passkey_settings(lengths, depths, trials, seed)
-    rng = np.random.default_rng(seed)
-    hay = haystack(store, max(lengths))
+    prompts = passkey_prompts(tokenizer, store, lengths, depths, trials, seed)
     device = next(model.parameters()).device
     model.eval()
-    acc = []
-    with tqdm(total=len(lengths) * len(depths) * trials, desc="passkey", unit="trial", disable=not progress) as bar:
-        for length in lengths:
-            row = []
-            for depth in depths:
-                hits = 0
-                for _ in range(trials):
-                    s = passkey_sample(tokenizer, hay, length, depth, rng)
-                    # the whole prompt, answer included: a causal model's logits before the
-                    # last token do not see it, and one forward scores every answer token
-                    ids = s["input_ids"][None].to(device)
-                    pos = torch.arange(ids.shape[1], device=device)[None]
-                    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
-                    a = s["answer_start"]
-                    pred = logits[a - 1 : a - 1 + len(s["answer_ids"])].argmax(-1).cpu()
-                    hits += bool((pred == s["answer_ids"]).all())
-                    bar.update(1)
-                row.append(hits / trials)
-            acc.append(row)
+    hits = []
+    for s in tqdm(prompts, desc="passkey", unit="trial", disable=not progress):
+        # the whole prompt, answer included: a causal model's logits before the last token do
+        # not see it, and one forward scores every answer token
+        ids = s["input_ids"][None].to(device)
+        pos = torch.arange(ids.shape[1], device=device)[None]
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+        a = s["answer_start"]
+        pred = logits[a - 1 : a - 1 + len(s["answer_ids"])].argmax(-1).cpu()
+        hits.append(bool((pred == s["answer_ids"]).all()))
+    per = np.array(hits, dtype=np.float64).reshape(len(lengths), len(depths), trials)  # the prompts' order
+    acc = per.mean(-1).tolist()
     return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "accuracy": acc}

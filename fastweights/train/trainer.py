@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -108,16 +109,23 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str =
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
-_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "L4": 121e12, "A10": 125e12,
-              "4090": 165e12}
+# Dense bf16 tensor-core peaks (NVIDIA's datasheets list twice these, with sparsity). Matched as
+# whole words, most specific first: "A10" is not "A10G", "L40" is not "L40S".
+_PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
+              ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+              ("A10", 125e12), ("4090", 165e12))
 
 
 def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak FLOP/s of a known GPU, else None (MFU is then not reported)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in _PEAK_BF16.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> float | None:
+    """The dense bf16 peak of the GPU called ``name`` (as CUDA names it), else None."""
+    return next((v for k, v in _PEAK_BF16 if re.search(rf"\b{re.escape(k)}\b", name)), None)
 
 
 def pick_device(name: str) -> torch.device:
