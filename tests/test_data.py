@@ -358,3 +358,21 @@ def test_concurrent_prepares_take_turns_and_a_cut_shard_is_named(dataset, tmp_pa
     with pytest.raises(FastWeightsError, match=r"shard-00000.bin is 100 bytes, its documents need \d+: the dataset "
                                                r"is damaged"):
         results[0].split("val")
+
+
+def test_tokenising_in_bounded_batches_gives_each_documents_pieces(dataset, monkeypatch):
+    """A long document used to be tokenised in one batch (its encodings took ~15 bytes per
+    byte of text); pieces now go in bounded batches that cut across documents."""
+    from fastweights.data import store as store_mod
+
+    corpus, ds = dataset
+    tok = ds.tokenizer()
+    monkeypatch.setattr(store_mod, "_PIECE", 40)  # many pieces per document
+    docs = corpus.split("train")[:6]
+    got = list(store_mod._tokenized(docs, tok, np.uint16, batch_chars=150))
+    assert [d.name for d, _ in got] == [d.name for d in docs]
+    for doc, ids in got:
+        pieces = store_mod._pieces(doc.text)
+        assert len(pieces) > 3 and "".join(pieces) == doc.text
+        want = [t for p in pieces for t in tok(p, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+        assert ids.dtype == np.uint16 and ids.tolist() == want

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -126,44 +127,66 @@ def _pieces(text: str) -> list[str]:
     return out
 
 
-def _groups(docs, group_bytes: int = 4 << 20):
-    """Consecutive documents in groups of about ``group_bytes``, tokenised in one batch."""
-    group, size = [], 0
+def _tokenized(docs, tokenizer, dtype, batch_chars: int = 4 << 20):
+    """Yield ``(doc, ids)`` for each of ``docs`` in order, ids (L,) in ``dtype`` without the EOS.
+
+    Documents are cut into pieces (:func:`_pieces`) that are tokenised in batches of about
+    ``batch_chars`` characters, so a batch's encodings stay bounded however long a document is
+    (a long one spans batches; a piece's ids do not depend on its batch)."""
+    queue: deque = deque()  # [doc, ids of its pieces so far, pieces not yet tokenised, all pieces listed]
+    batch, owners, size = [], [], 0
+
+    def run():
+        # split_special_tokens: a document's own "<|endoftext|>" is text; only the EOS appended
+        # by the caller ends a document
+        for entry, ids in zip(owners, tokenizer(batch, add_special_tokens=False, split_special_tokens=True)[
+                "input_ids"], strict=True):
+            entry[1].append(np.asarray(ids, dtype=dtype))
+            entry[2] -= 1
+        batch.clear()
+        owners.clear()
+
+    def ready():
+        while queue and queue[0][3] and queue[0][2] == 0:
+            doc, parts, _, _ = queue.popleft()
+            yield doc, np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
     for doc in docs:
-        group.append(doc)
-        size += len(doc.text)
-        if size >= group_bytes:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
+        entry = [doc, [], 0, False]
+        queue.append(entry)
+        for piece in _pieces(doc.text):
+            batch.append(piece)
+            owners.append(entry)
+            entry[2] += 1
+            size += len(piece)
+            if size >= batch_chars:
+                run()
+                size = 0
+                yield from ready()
+        entry[3] = True
+    if batch:
+        run()
+    yield from ready()
 
 
 def _write_split(docs, tokenizer, dtype, out: Path, shard_tokens: int, bar) -> dict:
     out.mkdir(parents=True)
-    eos = np.asarray([tokenizer.eos_token_id])
+    eos = np.asarray([tokenizer.eos_token_id], dtype=dtype)
     index, names, shard, pos, total = [], [], 0, 0, 0
     fh = open(out / f"shard-{shard:05d}.bin", "wb")
     try:
-        for group in _groups(docs):
-            pieces = [_pieces(doc.text) for doc in group]
-            flat = [p for ps in pieces for p in ps]
-            # split_special_tokens: a document's own "<|endoftext|>" is text; only the EOS appended
-            # below ends a document
-            ids = iter(tokenizer(flat, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-                       if flat else [])
-            for doc, ps in zip(group, pieces, strict=True):
-                arr = np.concatenate([np.asarray(next(ids), dtype=np.int64) for _ in ps] + [eos]).astype(dtype)
-                if pos and pos + len(arr) > shard_tokens:
-                    fh.close()
-                    shard, pos = shard + 1, 0
-                    fh = open(out / f"shard-{shard:05d}.bin", "wb")
-                fh.write(arr.tobytes())
-                index.append((shard, pos, len(arr)))
-                names.append(doc.name)
-                pos += len(arr)
-                total += len(arr)
-                bar.update(len(doc.text.encode()))
+        for doc, ids in _tokenized(docs, tokenizer, dtype):
+            arr = np.concatenate([ids, eos])
+            if pos and pos + len(arr) > shard_tokens:
+                fh.close()
+                shard, pos = shard + 1, 0
+                fh = open(out / f"shard-{shard:05d}.bin", "wb")
+            fh.write(arr.tobytes())
+            index.append((shard, pos, len(arr)))
+            names.append(doc.name)
+            pos += len(arr)
+            total += len(arr)
+            bar.update(len(doc.text.encode()))
     finally:
         fh.close()
     np.save(out / "docs.npy", np.asarray(index, dtype=np.int64).reshape(-1, 3), allow_pickle=False)
