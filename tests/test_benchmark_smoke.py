@@ -35,6 +35,7 @@ def test_lact_benchmark_tiny_runs(tmp_path, capsys, packed):
 
 @pytest.mark.parametrize("argv,expect", [
     (["benchmarks/generation.py", "--tiny"], "decode"),
+    (["benchmarks/prepare_memory.py", "--big", "1", "--big-mb", "0.05"], "peak memory"),
     (["benchmarks/lact_loop_profile.py", "--tiny", "--iters", "1", "--top", "3"], "Newton-Schulz in the loop"),
     (["benchmarks/lact_step_profile.py", "--tiny", "--variants", "swa,lact-muon"], "| lact-muon | "),
     (["benchmarks/lact_step_profile.py", "--tiny", "--variants", "lact-gd", "--doc-len", "20"], "| lact-gd | "),
