@@ -517,3 +517,28 @@ def test_plot_names_an_input_that_is_not_a_result(tmp_path, capsys):
         line = _one_line_error(*run(["plot", "--inputs", str(tmp_path / "x.json"), "--out",
                                      str(tmp_path / "x.png")], capsys)[::2])
         assert "x.json: no loss-by-position result (expected a 'buckets' list)" in line
+
+
+def test_prepare_names_txt_files_that_are_not_utf8_and_a_python_directory(tmp_path, capsys, monkeypatch):
+    """Bad bytes in a .txt were replaced silently; a BOM stayed in the text; ./python was taken
+    for the built-in corpus without a word."""
+    monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "corpus", docs=6)
+    (corpus / "bad.txt").write_bytes(b"caf\xe9 au lait\r\nsecond line\rthird line")
+    (corpus / "bom.txt").write_bytes("\ufeffwith a byte order mark".encode())
+    code, out, err = run(["prepare", "--corpus", str(corpus), "--out", str(tmp_path / "data"), "--vocab-size", "300",
+                          "--no-progress"], capsys)
+    assert code == 0, err
+    assert "warning: 1 .txt files are not valid UTF-8 and were read with U+FFFD for their bad bytes, e.g. bad.txt " \
+           "(byte 3)" in err
+    from fastweights.data.corpus import build_corpus
+
+    corpus_docs = {d.name: d.text for d in build_corpus(str(corpus), 0.25, progress=False).documents}
+    assert corpus_docs["bad.txt"] == "caf\ufffd au lait\nsecond line\nthird line"
+    assert corpus_docs["bom.txt"] == "with a byte order mark"
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["not_utf8_files"] == 1 and manifest["not_utf8"] == ["bad.txt (byte 3)"]
+    (tmp_path / "python").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(["prepare", "--corpus", "python", "--val-fraction", "2"], capsys)
+    assert code != 0 and "--corpus python is the built-in corpus" in err and "--corpus ./python" in err

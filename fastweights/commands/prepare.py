@@ -34,12 +34,18 @@ def prepare(cfg: PrepareConfig) -> Dataset:
     """Build, tokenise (unless already done) and return the dataset."""
     for name, low in (("max_mb", 0), ("max_doc_kb", 0), ("tokenizer_sample_mb", 1), ("shard_tokens", 1)):
         check_at_least(name, getattr(cfg, name), low)
+    if cfg.corpus == "python" and Path("python").is_dir():
+        print("note: --corpus python is the built-in corpus (this interpreter's sources), not the directory "
+              "./python; pass --corpus ./python for that", file=sys.stderr)
     if cfg.max_doc_kb and cfg.corpus != "python":
         print(f"warning: --max-doc-kb caps the default corpus's documents (Python packages) only; "
               f"ignored for {cfg.corpus}", file=sys.stderr)
     corpus = build_corpus(cfg.corpus, cfg.val_fraction, max_doc_bytes=cfg.max_doc_kb << 10,
                           max_bytes=cfg.max_mb << 20, text_field=cfg.text_field, progress=cfg.progress)
     m = corpus.manifest
+    if m["not_utf8_files"]:
+        print(f"warning: {m['not_utf8_files']} .txt files are not valid UTF-8 and were read with U+FFFD for their "
+              f"bad bytes, e.g. {m['not_utf8'][0]} (the manifest lists up to 20)", file=sys.stderr)
     if m["duplicates_dropped"]:
         print(f"note: dropped {m['duplicates_dropped']} documents that repeat an earlier document's text "
               f"(a copy could otherwise land in the other split)", file=sys.stderr)

@@ -127,17 +127,25 @@ def _record_name(rel: str, text: str) -> str:
     return f"{rel}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-def _user_documents(root: Path, text_field: str, progress: bool = True) -> tuple[list[Document], int]:
+def _user_documents(root: Path, text_field: str, progress: bool = True) -> tuple[list[Document], int, list[str]]:
     """Documents from a directory of ``.txt``, ``.jsonl`` (one document per line, field
-    ``text_field``) and, with pyarrow installed, ``.parquet`` files; and the number of files."""
+    ``text_field``) and, with pyarrow installed, ``.parquet`` files; the number of files; and
+    the ``.txt`` files that are not valid UTF-8 (read with U+FFFD for their bad bytes)."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".parquet"))
     if not files:
         raise FastWeightsError(f"no .txt, .jsonl or .parquet files under {root}")
-    docs = []
+    docs, replaced = [], []
     for f in tqdm(files, desc="reading corpus", unit="file", disable=len(files) < 20 or not progress):
         rel = f.relative_to(root).as_posix()
         if f.suffix == ".txt":
-            docs.append(Document(rel, f.read_text(encoding="utf-8", errors="replace")))
+            raw = f.read_bytes()
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as err:  # kept, with U+FFFD for the bad bytes: prepare says so
+                text = raw.decode("utf-8-sig", errors="replace")
+                replaced.append(f"{rel} (byte {err.start})")
+            # as a text-mode read would (JSONL and parquet texts keep theirs: "\r\n" is in their strings)
+            docs.append(Document(rel, text.replace("\r\n", "\n").replace("\r", "\n")))
         elif f.suffix == ".jsonl":
             with f.open("rb") as fh:
                 for i, raw in enumerate(fh):
@@ -170,7 +178,7 @@ def _user_documents(root: Path, text_field: str, progress: bool = True) -> tuple
             for i, t in enumerate(table.column(text_field).to_pylist()):
                 text = _text(t, f"{f} row {i}", text_field)
                 docs.append(Document(_record_name(rel, text), text))
-    return docs, len(files)
+    return docs, len(files), replaced
 
 
 def _text(value, where: str, field: str) -> str:
@@ -245,14 +253,14 @@ def build_corpus(
         for name, root, files in tqdm(units, desc="reading Python sources", unit="doc", disable=not progress):
             text, nfiles = _read_python_doc(root, files, max_doc_bytes)
             docs.append(Document(name, text, nfiles))
-        nfiles = None  # each document counts its files
+        nfiles, replaced = None, []  # each document counts its files
     else:
         root = Path(source)
         if not root.exists():
             raise FastWeightsError(f"corpus directory not found: {source}")
         if not root.is_dir():
             raise FastWeightsError(f"corpus source must be 'python' or a directory, got the file {source}")
-        docs, nfiles = _user_documents(root, text_field, progress)
+        docs, nfiles, replaced = _user_documents(root, text_field, progress)
     docs = [d for d in docs if d.text]
     if not docs:
         raise FastWeightsError(f"the corpus {source} has no document with text")
@@ -282,6 +290,8 @@ def build_corpus(
         "val_documents": n_val,
         "files": sum(d.files for d in docs) if nfiles is None else nfiles,
         "duplicates_dropped": duplicates,
+        "not_utf8": replaced[:20],  # .txt files read with U+FFFD for their bad bytes (the first 20)
+        "not_utf8_files": len(replaced),
         "bytes": sum(len(d.text.encode()) for d in docs),
         "val_fraction": val_fraction,
         "max_doc_bytes": max_doc_bytes if source == "python" else 0,  # a default-corpus setting only
