@@ -254,7 +254,8 @@ class HybridModel(HybridPreTrainedModel):
             before = cache.ttt_tokens if cache.ttt_tokens is not None else [0] * B
             plan = StepPlan(before, N, real, layout.position_ids == 0)
             cache.ttt_tokens = plan.after
-        elif "inplace_ttt" in self.config.mlps and not bool(real.all()):
+        elif ("inplace_ttt" in self.config.mlps and attention_mask is not None and not layout.single_doc
+              and not bool(real.all())):  # single_doc: no padding, known on the host (no sync)
             # padding without a cache: the TTT MLPs stream a state of this call only, which skips
             # the masked tokens (the chunked op would read them into the fast weights)
             plan = StepPlan([0] * B, N, real, layout.position_ids == 0)
