@@ -193,6 +193,43 @@ def test_streaming_pieces_equal_one_forward():
     assert cache.ttt_tokens == [64 * 256]
 
 
+def test_streaming_under_autocast_and_with_mixed_dtypes():
+    """The fast-weight state under CPU bf16 autocast (generate, padded batches) raised dtype errors
+    (a bf16 buffer for the float32 target source, bf16 products added into float32 sums), and a
+    float64 z with float32 weights failed on the second call."""
+    from fastweights.ops.inplace_ttt_decode import InPlaceTTTState, StepPlan
+
+    model = ttt_model(chunk=4)
+    ids, mask, pos = left_padded(2, 11, [0, 3])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        cache, steps = None, []
+        for i in range(ids.shape[1]):  # token by token through the cache
+            out = model(input_ids=ids[:, i:i + 1], attention_mask=mask[:, :i + 1], position_ids=pos[:, i:i + 1],
+                        past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits.float())
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    assert rel(torch.cat(steps, 1)[real], full[real]) < 2e-2 and rel(full[real], ref[real]) < 2e-2  # bf16 rounding
+    assert gen.shape == (2, 17)
+    # float64 activations with float32 weights: the state computes in float64, as the op does
+    from fastweights.ops import inplace_ttt
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 9, F, dtype=torch.float64, generator=g)
+    x = torch.randn(2, 9, D, dtype=torch.float64, generator=g)
+    w0, conv = torch.randn(D, F, generator=g) * 0.2, torch.randn(D, 1, 5, generator=g)
+    proj = torch.randn(D, D, generator=g)
+    want = inplace_ttt(z, x, w0, conv, proj, 0.7, 4)
+    st = InPlaceTTTState(4)
+    parts = [st.step(z[:, i:j], x[:, i:j], w0, conv, proj, 0.7, StepPlan([i, i], j - i, None, None))
+             for i, j in ((0, 5), (5, 6), (6, 9))]
+    assert want.dtype == parts[0].dtype == torch.float64 and (torch.cat(parts, 1) - want).abs().max() < 1e-12
+
+
 # --------------------------------------------------------------------------- generate
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_generate_greedy_and_beam_match_uncached(family):

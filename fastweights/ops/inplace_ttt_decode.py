@@ -158,7 +158,7 @@ class InPlaceTTTState:
 
     Tensors (all with the batch first, so beam search can reorder them):
         dense (B, d, f), or past_z (B, n, f) and past_v (B, n, d) (rows zero past their own n);
-        buf_z (B, cap, f), buf_s (B, cap, d): the open chunk, in the model's dtype.
+        buf_z (B, cap, f), buf_s (B, cap, d): the open chunk, in the dtypes of z and s.
     """
 
     def __init__(self, chunk_size: int, form: str = "auto"):
@@ -201,13 +201,14 @@ class InPlaceTTTState:
             if t is not None and rows:
                 t[rows] = 0
 
-    def _ensure_buffer(self, B: int, need: int, f: int, d: int, like: torch.Tensor) -> None:
+    def _ensure_buffer(self, B: int, need: int, f: int, d: int, z: torch.Tensor, s: torch.Tensor) -> None:
+        """Room for ``need`` open-chunk tokens per row: z's buffer in z's dtype, s's in s's."""
         cap = 0 if self.buf_z is None else self.buf_z.shape[1]
         if need <= cap:
             return
         new_cap = min(self.chunk_size, max(need, 2 * cap))
-        bz = like.new_zeros(B, new_cap, f)
-        bs = like.new_zeros(B, new_cap, d)
+        bz = z.new_zeros(B, new_cap, f)
+        bs = s.new_zeros(B, new_cap, d)
         if cap:
             bz[:, :cap] = self.buf_z
             bs[:, :cap] = self.buf_s
@@ -264,9 +265,13 @@ class InPlaceTTTState:
             raise ValueError(f"inputs of shape {tuple(z.shape[:2])} do not match the step plan ({plan.batch}, {N})")
         fresh = [b for b in range(B) if plan.fresh[b] and plan.before[b] > 0]
         self._zero_rows(fresh)
-        if plan.decode:
-            return self._decode(z, s, w0, conv_weight, proj, lr, plan, d, f)
-        return self._window(z, s, w0, conv_weight, proj, lr, plan, d, f)
+        # the state's arithmetic picks its own precisions (the accumulators are float32 or float64):
+        # autocast would hand it half-precision products; the plain product reads W0 in z's dtype
+        with torch.autocast(z.device.type, enabled=False):
+            w0 = w0.to(z.dtype)
+            if plan.decode:
+                return self._decode(z, s, w0, conv_weight, proj, lr, plan, d, f)
+            return self._window(z, s, w0, conv_weight, proj, lr, plan, d, f)
 
     def _targets(self, s: torch.Tensor, conv_weight, proj, g: torch.Tensor) -> torch.Tensor:
         acc = _acc(s.dtype)
@@ -280,7 +285,7 @@ class InPlaceTTTState:
         u = self.read(z)
         if u is not None:
             o = (o.to(u.dtype) + lr * u).to(z.dtype)
-        self._ensure_buffer(B, max(lay.buf) + 1, f, d, z)
+        self._ensure_buffer(B, max(lay.buf) + 1, f, d, z, s)
         if min(lay.buf) == max(lay.buf):  # rows in step (no left-padding differences)
             self.buf_z[:, lay.buf[0]] = z[:, 0]
             self.buf_s[:, lay.buf[0]] = s[:, 0]
@@ -334,9 +339,9 @@ class InPlaceTTTState:
             idx, valid = idx[:, :Lmax].to(dev), valid[:, :Lmax].to(dev)
             src_z = z if nb == 0 else torch.cat([self.buf_z[:, :nb], z], 1)
             src_s = s if nb == 0 else torch.cat([self.buf_s[:, :nb], s], 1)
-            m = valid.unsqueeze(-1).to(z.dtype)
-            zc = torch.gather(src_z, 1, idx.unsqueeze(-1).expand(-1, -1, f)) * m
-            sc = torch.gather(src_s, 1, idx.unsqueeze(-1).expand(-1, -1, d)) * m
+            m = valid.unsqueeze(-1)
+            zc = torch.gather(src_z, 1, idx.unsqueeze(-1).expand(-1, -1, f)) * m.to(z.dtype)
+            sc = torch.gather(src_s, 1, idx.unsqueeze(-1).expand(-1, -1, d)) * m.to(s.dtype)
             pos = (~starts[:, :Lmax]).long().to(dev)
         if Lmax == 0:
             return F.linear(z, w0)
@@ -378,7 +383,7 @@ class InPlaceTTTState:
         # the open chunk of each row's last document becomes the buffer
         bufs = [lay.length[b] - lay.last[b] - lay.done[b] for b in range(B)]
         if any(bufs):
-            self._ensure_buffer(B, max(bufs), f, d, z)
+            self._ensure_buffer(B, max(bufs), f, d, z, s)
             rows_h = [b for b in range(B) for _ in range(bufs[b])]
             dst_h = [i for b in range(B) for i in range(bufs[b])]
             src_h = [lay.last[b] + lay.done[b] + i for b in range(B) for i in range(bufs[b])]
