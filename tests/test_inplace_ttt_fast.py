@@ -361,3 +361,17 @@ def test_triton_conv_kernels_interpreted():
     res = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_double_backward_is_refused_by_name():
+    """create_graph through the hand-written backward failed in an out= matmul (or could return no
+    second derivative); the chunked form differentiates twice."""
+    gen = torch.Generator().manual_seed(3)
+    x = make_inputs(1, 7, 3, 4, gen)
+    xs = [x[k].requires_grad_() for k in ("z", "s", "w0", "conv", "proj")]
+    o = inplace_ttt_fast(*xs, 0.3, 4)
+    with pytest.raises(RuntimeError, match="differentiates once .* use impl='chunked'"):
+        torch.autograd.grad(o.square().sum(), xs, create_graph=True)
+    o = inplace_ttt_chunked(*xs, 0.3, 4)
+    gs = torch.autograd.grad(o.square().sum(), xs, create_graph=True)
+    assert all(g is not None for g in torch.autograd.grad(sum(g.square().sum() for g in gs), xs))

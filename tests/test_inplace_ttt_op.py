@@ -211,3 +211,39 @@ def test_dispatch_and_bad_input():
             fn(x["z"].long(), x["s"].long(), x["w0"], x["conv"], x["proj"], 1.0, 4)
         with pytest.raises(ValueError, match=r"inputs must lie on one device, got z on cpu, s on cpu, w0 on meta"):
             fn(x["z"], x["s"], x["w0"].to("meta"), x["conv"], x["proj"], 1.0, 4)
+
+
+def test_boundaries_and_rates_of_the_wrong_kind_are_named():
+    """Float cu_seqlens were truncated, 2-D ones flattened, bool position_ids read as positions,
+    lists raised AttributeError, a (2,) lr failed in a broadcast and lr='0.1' was read by float()."""
+    x = make_inputs(1, 6, 3, 4)
+    bad = [(dict(cu_seqlens=torch.tensor([0.0, 2.5, 6.0])), r"cu_seqlens must be a 1-D integer tensor, got torch.fl"),
+           (dict(cu_seqlens=torch.tensor([[0, 2], [4, 6]])), r"cu_seqlens must be a 1-D integer .* shape \(2, 2\)"),
+           (dict(position_ids=torch.ones(1, 6, dtype=torch.bool)), r"position_ids must be a \(B, N\) or \(N,\) int"),
+           (dict(position_ids=torch.zeros(1, 1, 6, dtype=torch.long)), r"position_ids .* shape \(1, 1, 6\)")]
+    for fn in (inplace_ttt, inplace_ttt_reference):
+        for kw, match in bad:
+            with pytest.raises(ValueError, match=match):
+                run(fn, x, 4, **kw)
+        assert rel(run(fn, x, 4, cu_seqlens=[0, 2, 6]), run(fn, x, 4, cu_seqlens=torch.tensor([0, 2, 6]))) == 0
+        assert rel(run(fn, x, 4, position_ids=[0, 1, 0, 1, 2, 3]),
+                   run(fn, x, 4, position_ids=torch.tensor([[0, 1, 0, 1, 2, 3]]))) == 0
+        args = [x[k] for k in ("z", "s", "w0", "conv", "proj")]
+        with pytest.raises(ValueError, match=r"lr must be a number or a 1-element tensor, got shape \(2,\)"):
+            fn(*args, torch.tensor([0.1, 0.2], dtype=torch.float64), 4)
+        with pytest.raises(ValueError, match=r"lr must be finite: a real number .* got '0.1'"):
+            fn(*args, "0.1", 4)
+        empty = {k: (v[:0] if k in ("z", "s") else v) for k, v in x.items()}  # batch of 0
+        assert run(fn, empty, 4).shape == (0, 6, 3)
+
+
+def test_layer_refuses_both_boundary_kinds():
+    """The layer dropped position_ids when cu_seqlens came too (the op refuses both)."""
+    from tiny_models import tiny_model
+
+    from fastweights.layers.inplace_ttt import InPlaceTTTMLP
+
+    layer = InPlaceTTTMLP(tiny_model("qwen3", layers=1).model.layers[0].mlp, chunk_size=4)
+    x = torch.randn(1, 9, 24)  # tiny_model's width
+    with pytest.raises(ValueError, match="cu_seqlens or position_ids, not both"):
+        layer(x, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]]), cu_seqlens=torch.tensor([0, 2, 9]))

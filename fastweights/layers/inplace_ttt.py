@@ -160,6 +160,8 @@ class InPlaceTTTMLP(nn.Module):
         Inside a converted model called with a cache (or with padding in ``attention_mask``), the
         hooks hand over a fast-weight state: the output is then computed by advancing that state
         (``InPlaceTTTState.step``), which skips padding and continues from earlier calls."""
+        if position_ids is not None and cu_seqlens is not None:  # the op refuses both; here one was dropped
+            raise ValueError("give document boundaries as cu_seqlens or position_ids, not both")
         explicit = target_source is not None or position_ids is not None or cu_seqlens is not None
         if self.ctx is not None and self.ctx.plan is not None and not explicit:
             if self.ctx.cu_seqlens is not None:

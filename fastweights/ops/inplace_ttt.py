@@ -29,6 +29,7 @@ at 0 at each document start. Position 0 of every row always starts a document.
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 import torch.nn.functional as F
@@ -80,12 +81,23 @@ def _check_inputs(z, s, w0, conv_weight, proj, lr):
         raise ValueError(f"w0 must have shape (d, f) = ({d}, {f}), got {tuple(w0.shape)}")
     if proj is not None and tuple(proj.shape) != (d, d):
         raise ValueError(f"proj must have shape ({d}, {d}), got {tuple(proj.shape)}")
-    if not torch.is_tensor(lr) and not math.isfinite(float(lr)):
-        raise ValueError(f"lr must be finite, got {lr!r}")
+    if torch.is_tensor(lr):
+        if lr.numel() != 1:  # a per-row or per-token rate is not a documented input
+            raise ValueError(f"lr must be a number or a 1-element tensor, got shape {tuple(lr.shape)}")
+    elif isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr):
+        raise ValueError(f"lr must be finite: a real number or a 1-element tensor, got {lr!r}")
     return B, N, d, f, _conv_2d(conv_weight, d)
 
 
 # --------------------------------------------------------------------------- documents
+def _index_tensor(name: str, t, dims: tuple[int, ...], shape: str) -> torch.Tensor:
+    """``t`` (a tensor or a list) as a tensor, checked to be integer (not bool) with ``dims`` dims."""
+    t = torch.as_tensor(t)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.dim() not in dims:
+        raise ValueError(f"{name} must be {shape} integer tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    return t
+
+
 def doc_starts(
     batch: int,
     seqlen: int,
@@ -104,7 +116,11 @@ def doc_starts(
         raise ValueError("give document boundaries as cu_seqlens or position_ids, not both")
     starts = torch.zeros(batch, seqlen, dtype=torch.bool, device=device)
     if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=device, dtype=torch.long).flatten()
+        cu_seqlens = _index_tensor("cu_seqlens", cu_seqlens, (1,), "a 1-D")
+    if position_ids is not None:
+        position_ids = _index_tensor("position_ids", position_ids, (1, 2), "a (B, N) or (N,)")
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
         if batch != 1:
             raise ValueError(f"cu_seqlens needs batch size 1 (packed into one row), got batch {batch}")
         if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != seqlen or bool((cu[1:] < cu[:-1]).any()):
@@ -219,7 +235,7 @@ def inplace_ttt_reference(
                 W = W + lr * (v.T @ torch.stack(buf_z))
                 buf_z, buf_s = [], []
         rows.append(torch.stack(outs) if outs else z.new_zeros(0, d, dtype=acc))
-    return torch.stack(rows).to(z.dtype)
+    return torch.stack(rows).to(z.dtype) if rows else z.new_zeros(0, N, d)
 
 
 # --------------------------------------------------------------------------- chunked

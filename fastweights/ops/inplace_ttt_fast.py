@@ -248,6 +248,15 @@ def _conv_apply(x: torch.Tensor, w: torch.Tensor, pairs: dict, transpose: bool) 
     return out
 
 
+def _first_order_only() -> None:
+    """The hand-written backwards are first order: with ``create_graph`` (grad mode on inside a
+    backward) refuse by name, where torch would fail on an ``out=`` matmul or, worse, return
+    no second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("the fast In-Place TTT path differentiates once (no create_graph / double backward); "
+                           "use impl='chunked' for higher-order gradients")
+
+
 class ChunkConvProj(torch.autograd.Function):
     """``v = ChunkConvProj.apply(s, w, proj, plan)``: v = Conv_K(s) @ P (B, N, d).
 
@@ -267,6 +276,7 @@ class ChunkConvProj(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dv):
+        _first_order_only()
         s, w, proj = ctx.saved_tensors
         plan = ctx.plan
         dproj = None
@@ -377,6 +387,7 @@ class InplaceTTTScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_o):
+        _first_order_only()
         z, v, w0c, last_states = ctx.saved_tensors
         eta, C, layout = ctx.eta, ctx.chunk_size, ctx.layout
         B, N, f = z.shape
