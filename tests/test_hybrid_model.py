@@ -560,6 +560,38 @@ def test_config_checks_numbers_by_their_keys(kw, match):
         HybridConfig(**kw)
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(mixers="lact", head_dim=8), r"LaCT layers use heads of hidden_size / num_attention_heads = 16; head_dim 8"),
+    (dict(mixers="lact", hidden_size=40, num_attention_heads=4, num_key_value_heads=4, lact_heads=8),
+     r"RoPE needs even head widths: hidden_size 40 / lact_heads 8 = 5"),
+    (dict(mixers="lact", hidden_size=30, num_attention_heads=2, num_key_value_heads=2, lact_heads=2),
+     r"RoPE needs even head widths: hidden_size 30 / num_attention_heads 2 = 15"),
+    (dict(mixers="swa", head_dim=7), r"RoPE needs even head widths: head_dim 7"),
+])
+def test_config_names_head_widths_the_layers_cannot_take(kw, match):
+    """These passed the config and failed in a layer, named by its arguments (or, for head_dim
+    with LaCT, were ignored by the LaCT layers)."""
+    with pytest.raises(ValueError, match=match):
+        HybridConfig(**{"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2, "lact_heads": 2, **kw})
+
+
+def test_overrides_given_when_loading_are_checked_at_model_build(tmp_path):
+    """from_pretrained(dir, key=value) sets keys after the config's __init__: 'swa' stayed a string
+    (its letters read as mixer names), and num_hidden_layers=1 built a model that could not be loaded."""
+    from transformers import AutoConfig
+
+    tiny(["lact", "swa", "attention"]).config.save_pretrained(tmp_path)
+    cfg = AutoConfig.from_pretrained(tmp_path, mixers="swa")
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert model.config.mixers == ["swa"] * 3
+    assert {type(b.mixer).__name__ for b in model.model.layers} == {"AttentionMixer"}
+    for kw, match in ((dict(num_hidden_layers=1), r"mixers must name one value or 1 \(num_hidden_layers\), got 3"),
+                      (dict(lact_update="adam"), r"lact_update must be one of \('gd', 'momentum', 'muon'\)"),
+                      (dict(lact_chunk_size=0), r"lact_chunk_size must be an integer >= 1, got 0")):
+        with pytest.raises(ValueError, match=match):
+            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path, **kw))
+
+
 def test_config_accepts_the_lact_heads_check_only_with_lact_layers():
     """lact_heads need not divide hidden_size when no layer is LaCT; None turns the window off."""
     cfg = HybridConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, lact_heads=3, mixers="swa",

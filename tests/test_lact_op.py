@@ -231,6 +231,7 @@ def test_a_state_from_another_call_is_refused(update):
     with pytest.raises(ValueError, match=r"\(batch, heads, chunk_size\) = \(2, 2, 4\), this call has \(1, 2, 4\)"):
         lact_chunked(*(t[:1] if t.dim() == 4 or t is x[4] else t for t in x), chunk_size=4, update=update,
                      state=state)
-    other = "momentum" if update == "gd" else "gd"
-    with pytest.raises(ValueError, match=f"so it was not made with update='{other}'"):
-        lact_chunked(*x, chunk_size=4, update=other, state=state)
+    for other in {"gd", "momentum", "muon"} - {update}:  # momentum and muon states look alike: recorded
+        with pytest.raises(ValueError, match=f"state was made with update='{update}', this call has update='{other}'"):
+            lact_chunked(*x, chunk_size=4, update=other, state=state)
+    assert state.select(torch.tensor([1, 0])).update == update

@@ -38,9 +38,15 @@ def test_rope_rotates_each_pair_by_its_angle():
     want = _rotated_pairs(x, pos, 1e4)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1), rtol=1e-12, atol=1e-12)
-    # rope_cos_sin forms the angles in float32 (as Qwen3): within float32 rounding of them
-    cos, sin = rope.rope_cos_sin(pos, 10, 1e4, torch.float64)
-    torch.testing.assert_close(rope.apply_rope(x, cos, sin), want, rtol=1e-5, atol=1e-5)
+    # rope_cos_sin forms the angles in float64 for a float64 model (float32 angles were off by
+    # ~1e-4 at position 30k), in float32 otherwise (as Qwen3)
+    far = pos + 30000
+    cos, sin = rope.rope_cos_sin(far, 10, 1e4, torch.float64)
+    # (a 3e4-radian angle carries ~3e-12 of float64 rounding)
+    torch.testing.assert_close(rope.apply_rope(x, cos, sin), _rotated_pairs(x, far, 1e4), rtol=0, atol=1e-10)
+    cos, sin = rope.rope_cos_sin(pos, 10, 1e4, torch.float32)
+    assert cos.dtype == torch.float32
+    torch.testing.assert_close(rope.apply_rope(x.float(), cos, sin).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def _grads(x, pos):

@@ -303,11 +303,12 @@ class LaCTState:
     buf_lr: torch.Tensor
     buf_beta: torch.Tensor | None
     buf_len: torch.Tensor
+    update: str = ""  # the rule that made it ("" in states made before it was recorded)
 
     def select(self, index: torch.Tensor) -> LaCTState:
         """The state of rows ``index`` (for beam search and batch reordering)."""
         return LaCTState(**{
-            f.name: None if getattr(self, f.name) is None else getattr(self, f.name).index_select(0, index)
+            f.name: t.index_select(0, index) if torch.is_tensor(t := getattr(self, f.name)) else t
             for f in fields(self)
         })
 
@@ -317,9 +318,9 @@ def _check_state(state: LaCTState, B: int, H: int, C: int, update: str) -> None:
     got = (state.buf_k.shape[0], state.buf_k.shape[1], state.buf_k.shape[2])
     if got != (B, H, C):
         raise ValueError(f"the state holds (batch, heads, chunk_size) = {got}, this call has {(B, H, C)}")
-    if (state.m1 is None) != (update == "gd"):
-        raise ValueError(f"the state {'has no' if state.m1 is None else 'has a'} momentum, so it was not made "
-                         f"with update={update!r}")
+    if (state.m1 is None) != (update == "gd") or state.update not in ("", update):
+        made = state.update or ("gd" if state.m1 is None else "momentum or muon")
+        raise ValueError(f"the state was made with update={made!r}, this call has update={update!r}")
 
 
 # --------------------------------------------------------------------------- fast path
@@ -1044,7 +1045,7 @@ def lact_chunked(
         m1=ms[0] if has_m else None, m2=ms[1] if has_m else None, m3=ms[2] if has_m else None,
         buf_k=take(kg, D), buf_v=take(vg, D2), buf_lr=take(lg, 3),
         buf_beta=None if bg is None else take(bg.unsqueeze(-1), 1)[..., 0],
-        buf_len=n_open.long(),
+        buf_len=n_open.long(), update=update,
     )
     return o, new_state
 

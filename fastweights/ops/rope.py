@@ -10,11 +10,14 @@ __all__ = ["apply_rope", "rope_cos_sin"]
 
 
 def rope_cos_sin(position_ids: torch.Tensor, dim: int, base: float, dtype: torch.dtype):
-    """cos, sin (B, N, dim) for positions (B, N) (half-split layout, as Qwen3); dim even."""
+    """cos, sin (B, N, dim) for positions (B, N) (half-split layout, as Qwen3); dim even. The
+    angles are computed in float32, or in float64 for a float64 ``dtype`` (float32 angles are
+    off by up to 1e-3 at position 30k)."""
     if dim % 2 or dim < 2:
         raise ValueError(f"RoPE needs an even width >= 2, got dim {dim}")
-    inv = 1.0 / (base ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim))
-    ang = position_ids.float().unsqueeze(-1) * inv
+    acc = torch.promote_types(dtype, torch.float32)
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=acc) / dim))
+    ang = position_ids.to(acc).unsqueeze(-1) * inv
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos().to(dtype), ang.sin().to(dtype)
 

@@ -56,9 +56,20 @@ def _check(cfg: HybridConfig) -> None:
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise ValueError(f"num_attention_heads {cfg.num_attention_heads} must be a multiple of num_key_value_heads "
                          f"{cfg.num_key_value_heads}")
-    if "lact" in cfg.mixers and (cfg.hidden_size % cfg.num_attention_heads or cfg.hidden_size % cfg.lact_heads):
-        raise ValueError(f"LaCT layers need hidden_size {cfg.hidden_size} divisible by num_attention_heads "
-                         f"{cfg.num_attention_heads} and lact_heads {cfg.lact_heads}")
+    if "lact" in cfg.mixers:
+        if cfg.hidden_size % cfg.num_attention_heads or cfg.hidden_size % cfg.lact_heads:
+            raise ValueError(f"LaCT layers need hidden_size {cfg.hidden_size} divisible by num_attention_heads "
+                             f"{cfg.num_attention_heads} and lact_heads {cfg.lact_heads}")
+        width = cfg.hidden_size // cfg.num_attention_heads
+        if cfg.head_dim != width:
+            raise ValueError(f"LaCT layers use heads of hidden_size / num_attention_heads = {width}; head_dim "
+                             f"{cfg.head_dim} would apply to the other layers only: leave it unset or make it {width}")
+        for key, w in (("num_attention_heads", width), ("lact_heads", cfg.hidden_size // cfg.lact_heads)):
+            if w % 2:
+                raise ValueError(f"RoPE needs even head widths: hidden_size {cfg.hidden_size} / {key} "
+                                 f"{getattr(cfg, key)} = {w}")
+    if cfg.head_dim % 2 and any(m in ("attention", "swa") for m in cfg.mixers):
+        raise ValueError(f"RoPE needs even head widths: head_dim {cfg.head_dim}")
 
 
 class HybridConfig(PreTrainedConfig):
@@ -122,21 +133,32 @@ class HybridConfig(PreTrainedConfig):
         self.rope_base = rope_base
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
-        self.mixers = _per_layer(mixers, MIXERS, num_hidden_layers, "mixers")
-        self.mlps = _per_layer(mlps, MLPS, num_hidden_layers, "mlps")
+        self.mixers, self.mlps = mixers, mlps
         self.sliding_window = sliding_window
         self.lact_heads = lact_heads
         self.lact_chunk_size = lact_chunk_size
-        self.lact_update = _one_of(lact_update, UPDATES, "lact_update")
-        self.lact_order = _one_of(lact_order, ORDERS, "lact_order")
+        self.lact_update = lact_update
+        self.lact_order = lact_order
         self.lact_lr_init = lact_lr_init
         self.lact_init_rank = lact_init_rank
-        self.lact_glue = _one_of(lact_glue, GLUE_IMPLS, "lact_glue")
+        self.lact_glue = lact_glue
         self.ttt_chunk = ttt_chunk
         self.ttt_lr = ttt_lr
-        self.ttt_target = _one_of(ttt_target, TARGETS, "ttt_target")
+        self.ttt_target = ttt_target
         self.ttt_proj = ttt_proj
-        self.attn_backend = _one_of(attn_backend, BACKENDS, "attn_backend")
+        self.attn_backend = attn_backend
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.check_keys()
+
+    def check_keys(self) -> None:
+        """Normalise the per-layer keys and check every key, naming it: run when the config is made
+        and again when a model is built from it (``from_pretrained(dir, key=value)`` sets
+        overrides after ``__init__``)."""
+        check_positive_int("num_hidden_layers", self.num_hidden_layers)
+        self.mixers = _per_layer(self.mixers, MIXERS, self.num_hidden_layers, "mixers")
+        self.mlps = _per_layer(self.mlps, MLPS, self.num_hidden_layers, "mlps")
+        for key, allowed in (("lact_update", UPDATES), ("lact_order", ORDERS), ("lact_glue", GLUE_IMPLS),
+                             ("ttt_target", TARGETS), ("attn_backend", BACKENDS)):
+            _one_of(getattr(self, key), allowed, key)
         _check(self)

@@ -200,6 +200,7 @@ def _check_lact_padding(layout: TokenLayout, N: int, order: str) -> None:
 
 class HybridModel(HybridPreTrainedModel):
     def __init__(self, config: HybridConfig):
+        config.check_keys()  # overrides given to from_pretrained skip the config's __init__
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(HybridBlock(config, i) for i in range(config.num_hidden_layers))
