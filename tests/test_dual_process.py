@@ -168,3 +168,16 @@ def test_combine_averages_seeds(tmp_path):
     assert (out / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="same seeds"):
         forgetting.main(["--combine", *dirs[:3], "--out", str(out)])
+
+
+def test_every_panel_of_the_forgetting_plot_names_its_y_axis(tmp_path, monkeypatch):
+    """The panels had titles and a step axis but no y label."""
+    import matplotlib.figure
+
+    seen = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: seen.append(fig))
+    curves = {"step": [0, 1], "loss": [2.0, 1.0], **{m: [0.1, 0.2] for m in forgetting.METRICS}}
+    forgetting.plot({"vanilla": curves}, tmp_path / "x.png", "t")
+    panels = [ax for ax in seen[0].axes if ax.axison]
+    assert len(panels) == len(forgetting.METRICS) + 1
+    assert all(ax.get_ylabel() and ax.get_xlabel() == "step" for ax in panels)

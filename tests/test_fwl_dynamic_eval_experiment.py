@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from pipeline_helpers import write_corpus
 
@@ -37,6 +38,7 @@ def test_quick_run(tmp_path, monkeypatch):
     # the results page: command, table and a plot link that resolves from the page's directory
     text = page.read_text()
     assert res["table"] in text and "fastweights experiment fwl-dynamic-eval --quick" in text
+    assert f"raw numbers in `{page.with_suffix('.json').name}` next to the plot" in text  # it named results.json
     link = text.split("![loss by position](")[1].split(")")[0]
     assert (page.parent / link).read_bytes() == (out / "loss_by_position.png").read_bytes()
     assert json.loads(page.with_suffix(".json").read_text())["table"] == res["table"]
@@ -48,6 +50,9 @@ def test_bad_options_are_rejected(tmp_path, capsys):
     assert "--methods: need static" in capsys.readouterr().err
     assert cli_main(["experiment", "fwl-dynamic-eval", "--size", "21m", "--out", str(tmp_path)]) != 0
     assert "--size must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a full run has no default output directory
+        cli_main(["experiment", "fwl-dynamic-eval", "--size", "tiny"])
+    assert "--out is required (only --quick has a default, runs/quick/fwl-dynamic-eval)" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # rejected before any work
 
 

@@ -61,6 +61,11 @@ def target_logits(model: BertForMaskedLM, input_ids: torch.Tensor) -> torch.Tens
     return model.cls(hidden)
 
 
+# y axes of the plot's panels (the rest: the fraction of sequences with all three targets right)
+YLABELS = {"loss": "training loss", "switch_iwl": "sequences following the memorised roles",
+           "holdout_choice": "all 3 right (choice of 2 tokens)"}
+
+
 @torch.no_grad()
 def evaluate(model: BertForMaskedLM, sets: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
     """All-three-correct accuracy per set; ``switch_iwl``; ``holdout_choice`` (argmax over the two
@@ -141,6 +146,7 @@ def plot(results: dict, path: Path, title: str) -> None:
                 ax.fill_between(curves["step"], lo, hi, color=line.get_color(), alpha=0.2)
         ax.set_title(labels[key])
         ax.set_xlabel("step")
+        ax.set_ylabel(YLABELS.get(key, "sequences with all 3 targets right"))
         ax.set_ylim(0, None if key == "loss" else 1.02)
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
