@@ -139,8 +139,8 @@ def test_broken_run_files_are_named(data, tmp_path, capsys):
     assert sorted(_losses(run)) == list(range(1, 7))
     model_file = run / "checkpoints" / "step-00000006" / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:1000])
-    with pytest.raises(FastWeightsError, match=r"cannot resume from .*step-00000006: .*; move it away to resume "
-                                               r"from step-00000004"):
+    with pytest.raises(FastWeightsError, match=r"cannot resume from .*step-00000006: .*; move it out of "
+                                               r".*checkpoints to resume from step-00000004"):
         _train([*train_args(data, run, steps=8), "--resume"])
     shutil.rmtree(run / "checkpoints" / "step-00000006")
     real = checkpoint.save_model
@@ -186,6 +186,42 @@ def test_a_converted_model_keeps_its_settings_and_says_which_flags_it_ignores(da
     assert "--no-ttt: " in capsys.readouterr().err
     _train(train_args(data, tmp_path / "run3", steps=1, model=tmp_path / "ttt"))
     assert "already converted" not in capsys.readouterr().err
+
+
+def test_resume_checks_the_model_by_its_config_and_keeps_the_runs_record(data, tmp_path, capsys):
+    """--model DIR was compared as a path string (an edited config.json resumed silently; ./m/ for m
+    was refused); a missing train_config.json skipped every check, a failed resume rewrote it; a
+    renamed broken checkpoint still counted as the newest; --no-ttt on a hybrid was ignored silently."""
+    from fastweights.models.hybrid import HybridConfig, HybridForCausalLM
+
+    build_model("tiny", 300).save_pretrained(tmp_path / "m")
+    run = tmp_path / "run"
+    _train(train_args(data, run, steps=2, save_every=1, model=tmp_path / "m"))
+    _train([*train_args(data, run, steps=3, save_every=1, model=f"{tmp_path / 'm'}/"), "--resume"])  # same dir
+    record = (run / "train_config.json").read_text()
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-3}))
+    with pytest.raises(FastWeightsError, match=r"these differ: the model --model .*m' \(config "):
+        _train([*train_args(data, run, steps=4, model=tmp_path / "m"), "--resume"])
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FastWeightsError, match=r"these differ: lr 0.003 \(now 0.1\)"):
+        _train([*train_args(data, run, steps=4, model=tmp_path / "m"), "--resume", "--lr", "0.1"])
+    assert (run / "train_config.json").read_text() == record  # the failed resume left it alone
+    ckpts = run / "checkpoints"
+    broken = ckpts / "step-00000003" / "model.safetensors"
+    broken.write_bytes(broken.read_bytes()[:1000])
+    (ckpts / "step-00000003").rename(ckpts / "step-00000003.broken")  # as the error message suggests
+    _train([*train_args(data, run, steps=4, model=tmp_path / "m"), "--resume"])  # from step 2, not ".broken"
+    assert json.loads((ckpts / "step-00000004" / "state.json").read_text())["step"] == 4
+    (run / "train_config.json").unlink()
+    with pytest.raises(FastWeightsError, match=r"has checkpoints but no train_config.json"):
+        _train([*train_args(data, run, steps=5, model=tmp_path / "m"), "--resume"])
+    HybridForCausalLM(HybridConfig(vocab_size=300, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, mixers="swa", mlps="inplace_ttt",
+                                   sliding_window=8, ttt_chunk=8)).save_pretrained(tmp_path / "h")
+    capsys.readouterr()
+    _train([*train_args(data, tmp_path / "hrun", steps=1, model=tmp_path / "h"), "--no-ttt"])
+    assert "ignored: --no-ttt" in capsys.readouterr().err
 
 
 def test_a_model_setting_that_fails_leaves_no_run_directory(data, tmp_path):

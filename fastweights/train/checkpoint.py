@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -106,8 +107,10 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()
-                  and not p.name.endswith(".tmp"))
+    # exactly step-NNNNNNNN (a renamed "step-00000006.broken" is not one), in step order
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d{8}", p.name)
+             and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

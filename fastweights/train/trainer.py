@@ -9,6 +9,7 @@ so the data position is a row count and resuming needs no data-loader state. Met
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -73,7 +74,8 @@ class TrainConfig:
     forgetting_every: int = option("forgetting: steps between re-initialisations of the token embeddings", 1000)
     forgetting_until: int = option("temporary forgetting: last step with a re-initialisation", 0)
     lr: float = option("peak learning rate", 3e-3)
-    min_lr_ratio: float = option("final learning rate as a fraction of the peak", 0.1)
+    min_lr_ratio: float = option("the floor the cosine decays toward, as a fraction of the peak (reached at step "
+                                 "--steps, one past the last)", 0.1)
     warmup: int = option("linear warmup steps", 20)
     weight_decay: float = option("AdamW weight decay (matrices only)", 0.1)
     clip: float = option("gradient-norm clipping threshold (0: off)", 1.0)
@@ -314,6 +316,24 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _write_json(path: Path, data: dict) -> None:
+    """Write ``data`` through a temporary file: a crash leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def model_key(name: str) -> str:
+    """What ``--model`` names, for a resume to compare: a local directory by its config.json (keys
+    sorted, transformers' version left out; a moved or re-saved directory is the same model, an
+    edited config is not), a preset by its name."""
+    path = Path(name) / "config.json"
+    if path.is_file():
+        config = {k: v for k, v in _read_json(path).items() if k != "transformers_version"}
+        return "config " + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return "preset " + name
+
+
 # settings that --resume may change: they do not change what the remaining steps compute
 # (``steps`` does: the schedule then ends at the new step count, from the step resumed at)
 RESUMABLE = frozenset({"out", "resume", "progress", "threads", "save_every", "keep", "device", "compile",
@@ -330,13 +350,18 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str, res
         raise FastWeightsError(f"{ckpt} is at step {done}: {resumer} needs --steps >= {done}, got {cfg.steps}")
     saved_file = out / "train_config.json"
     if not saved_file.exists():
-        return
+        raise FastWeightsError(f"{out} has checkpoints but no train_config.json, the settings it started with: "
+                               f"{resumer} cannot check that they still hold; restore the file, or train into a "
+                               f"new --out")
     saved, now = _read_json(saved_file), asdict(cfg)
-    same_data = saved.get("dataset_key")
-    skip = RESUMABLE | ({"data"} if same_data else set())
+    same_data, same_model = saved.get("dataset_key"), saved.get("model_key")
+    skip = RESUMABLE | ({"data"} if same_data else set()) | ({"model"} if same_model else set())
     diff = [f"{k} {saved[k]!r} (now {now[k]!r})" for k in now if k in saved and k not in skip and saved[k] != now[k]]
     if same_data and same_data != dataset_key:
         diff.insert(0, f"the dataset at --data {cfg.data!r} (key {dataset_key[:12]}…, the run's: {same_data[:12]}…)")
+    if same_model and same_model != model_key(cfg.model):
+        diff.insert(0, f"the model --model {cfg.model!r} ({model_key(cfg.model)[:20]}…, the run's: "
+                       f"{same_model[:20]}…)")
     if diff:
         raise FastWeightsError(f"{resumer} continues {out} with the settings it started with, but these differ: "
                                f"{'; '.join(diff)}; pass the run's values, or train into a new --out")
@@ -433,9 +458,10 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
         _warn_short_rows(model, cfg.seq_len)
         ttt_flags = ["--" + f.name.replace("_", "-") for f in fields(TrainConfig)
                      if f.name.startswith("ttt_") and getattr(cfg, f.name) != f.default]
-        if model.config.model_type == HYBRID and ttt_flags:
+        if model.config.model_type == HYBRID and (ttt_flags or not cfg.ttt):
+            ignored = ttt_flags + ([] if cfg.ttt else ["--no-ttt"])
             print(f"warning: a fastweights_hybrid model takes its In-Place TTT settings from its config (mlps, "
-                  f"ttt_chunk, ttt_lr, ttt_target); ignored: {', '.join(ttt_flags)}", file=sys.stderr)
+                  f"ttt_chunk, ttt_lr, ttt_target); ignored: {', '.join(ignored)}", file=sys.stderr)
         given = (_read_json(Path(cfg.model) / "config.json").get("ttt_layers")
                  if resolve_model(cfg.model) == "local" else None)
         if given is not None:  # the model was converted before: its settings stay
@@ -466,8 +492,6 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
         optimizer, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     )
     out.mkdir(parents=True, exist_ok=True)  # only once everything is built: a bad setting leaves no run behind
-    if rank == 0:
-        (out / "train_config.json").write_text(json.dumps({**asdict(cfg), "dataset_key": ds.meta["key"]}, indent=2))
     step, rows_done = 0, 0
     metrics_path = out / "metrics.jsonl"
     if cfg.resume and ckpt is not None:
@@ -475,7 +499,7 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
             state = load_checkpoint(ckpt, model, optimizer, scheduler)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
             earlier = [p.name for p in list_checkpoints(out)[:-1]]
-            hint = f"; move it away to resume from {earlier[-1]}" if earlier else ""
+            hint = f"; move it out of {ckpt.parent} to resume from {earlier[-1]}" if earlier else ""
             raise FastWeightsError(f"cannot resume from {ckpt}: {type(err).__name__}: {err}{hint}") from err
         step, rows_done = state["step"], state["rows"]
         old_steps = state.get("schedule_steps")
@@ -489,6 +513,9 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
             _truncate_metrics(metrics_path, step)
     elif metrics_path.exists() and rank == 0:
         metrics_path.unlink()
+    if rank == 0:  # after a resume has loaded: a failed one leaves the run's record as it was
+        _write_json(out / "train_config.json",
+                    {**asdict(cfg), "dataset_key": ds.meta["key"], "model_key": model_key(cfg.model)})
 
     fwd = torch.compile(model) if cfg.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
