@@ -409,6 +409,9 @@ def test_convert_keeps_the_checkpoints_dtype(tmp_path, capsys):
     assert dtypes(tmp_path / "b") == {"F32"}
     code, out, err = run(["convert", "--model", str(src), "--out", str(tmp_path / "c"), "--dtype", "fp8"], capsys)
     assert code == 2 and "--dtype must be one of auto, float32, bfloat16, float16, got 'fp8'" in err
+    (tmp_path / "afile").touch()  # save_pretrained only logs a file in the way: convert said it had converted
+    code, out, err = run(["convert", "--model", str(src), "--out", str(tmp_path / "afile")], capsys)
+    assert code == 2 and f"--out {tmp_path / 'afile'} exists and is not a directory" in err
 
 
 def test_generate_follows_its_options_not_the_models_saved_sampling(small_data, tmp_path, capsys, monkeypatch):

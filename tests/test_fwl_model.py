@@ -76,6 +76,24 @@ def test_left_padded_batch_equals_rows_alone():
         assert rel(torch.stack(out.logits, 1)[i], torch.stack(alone.logits, 1)[0]) < 1e-4
 
 
+def test_positional_arguments_mean_what_their_keywords_do():
+    """The head's hook read the mask, positions and cache from keywords only: m(ids, mask) let the
+    padding into the fast weights, positional position_ids did not reset documents, and a
+    positional cache raised."""
+    m = tiny(seed=2).double()
+    ids = torch.randint(1, V, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]] * 2)
+    with torch.no_grad():
+        assert torch.equal(m(ids, mask).logits, m(ids, attention_mask=mask).logits)
+        assert torch.equal(m(ids, None, pos, use_cache=False).logits,
+                           m(ids, position_ids=pos, use_cache=False).logits)
+        cache = m(ids[:, :5], use_cache=True).past_key_values
+        assert torch.equal(m(ids[:, 5:], None, None, cache).logits,
+                           m(ids[:, 5:], past_key_values=m(ids[:, :5], use_cache=True).past_key_values).logits)
+
+
 def test_save_load_round_trip(tmp_path):
     m = tiny()
     fwl_layer(m).grad_scale = m.config.fwl_grad_scale = 0.25

@@ -35,6 +35,8 @@ def main(argv: list[str]) -> int:
         raise FastWeightsError("pass --model DIR and --out DIR")
     if cfg.dtype not in DTYPES:
         raise FastWeightsError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():  # save_pretrained would only log it and return
+        raise FastWeightsError(f"--out {cfg.out} exists and is not a directory")
     model = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
     convert(model, layers=cfg.layers, chunk_size=cfg.chunk_size, lr=cfg.lr, target=cfg.target, proj=cfg.proj)
     model.save_pretrained(cfg.out)

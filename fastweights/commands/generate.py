@@ -48,12 +48,12 @@ def generate(cfg: GenerateConfig) -> str:
         raise FastWeightsError("the prompt is empty")
     torch.manual_seed(cfg.seed)
     saved = model.generation_config
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0, use_cache=True,
                            eos_token_id=saved.eos_token_id if saved.eos_token_id is not None else tok.eos_token_id,
                            bos_token_id=saved.bos_token_id, pad_token_id=tok.eos_token_id)
     if cfg.temperature > 0:
         gen.temperature, gen.top_k, gen.top_p = cfg.temperature, cfg.top_k, cfg.top_p
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), use_cache=True, generation_config=gen)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

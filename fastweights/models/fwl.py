@@ -157,8 +157,21 @@ class FWLHead(nn.Module):
         return keep_positions(logits, ctx.keep)
 
 
+def _positional_as_keywords(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``forward``'s positional arguments moved into ``kwargs`` by their names (``m(ids, mask)`` is
+    ``m(input_ids=ids, attention_mask=mask)``), so that the hook reads them as the model does."""
+    if not args:
+        return args, kwargs
+    params = list(inspect.signature(type(model).forward).parameters.values())[1:len(args) + 1]  # after self
+    if len(params) < len(args) or any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name in kwargs
+                                      for p in params):
+        return args, kwargs  # forward reports the mistake itself
+    return (), {**{p.name: a for p, a in zip(params, args, strict=True)}, **kwargs}
+
+
 def _capture_inputs(model: PreTrainedModel, args, kwargs):
     """Causal-LM pre-hook: hand the FWL head its inputs; put an :class:`FWLCache` in place."""
+    args, kwargs = _positional_as_keywords(model, args, kwargs)
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is None:
         raise FastWeightsError("an FWL model needs input_ids (its fast weights learn from the next tokens), "
