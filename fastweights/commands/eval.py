@@ -82,10 +82,12 @@ def _evaluate(cfg: EvalConfig) -> dict:
                                "larger --val-fraction")
     if err := long_docs_error(val, cfg.length):  # before perplexity runs, not after
         raise FastWeightsError(err)
+    prompts = None
     if cfg.passkey_lengths:  # the prompts (tokenisation only): a length too short for the needle fails now
         try:
-            passkey_prompts(ds.tokenizer(), val, cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_trials,
-                            cfg.seed)
+            tok = ds.tokenizer()
+            prompts = passkey_prompts(tok, val, cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_trials,
+                                      cfg.seed)
         except ValueError as err:
             raise FastWeightsError(f"--passkey-lengths: {err}") from None
     res: dict = {"model": str(cfg.model), "data": str(cfg.data)}
@@ -97,11 +99,10 @@ def _evaluate(cfg: EvalConfig) -> dict:
     if dcfg is not None:
         res["dynamic_eval"] = _dynamic(model, ds, cfg, dcfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
-    if cfg.passkey_lengths:
-        tok = ds.tokenizer()
+    if prompts is not None:
         with torch.inference_mode():
             res["passkey"] = passkey_eval(model, tok, val, cfg.passkey_lengths, cfg.passkey_depths,
-                                          cfg.passkey_trials, cfg.seed, progress=cfg.progress)
+                                          cfg.passkey_trials, cfg.seed, progress=cfg.progress, prompts=prompts)
         png = Path(cfg.png) if cfg.png else out.with_name(out.stem + "-passkey.png")
         res["passkey"]["png"] = str(plot_passkey(res["passkey"], png))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -105,10 +105,12 @@ def passkey_prompts(tokenizer, store: TokenStore, lengths: list[int], depths: li
 
 @torch.no_grad()
 def passkey_eval(model, tokenizer, store: TokenStore, lengths: list[int], depths: list[float],
-                 trials: int = 5, seed: int = 0, progress: bool = True) -> dict:
+                 trials: int = 5, seed: int = 0, progress: bool = True, prompts: list[dict] | None = None) -> dict:
     """Retrieval accuracy for each (length, depth). Returns ``{"lengths", "depths",
-    "trials", "accuracy"}`` with ``accuracy[i][j]`` for ``lengths[i]``, ``depths[j]``."""
-    prompts = passkey_prompts(tokenizer, store, lengths, depths, trials, seed)
+    "trials", "accuracy"}`` with ``accuracy[i][j]`` for ``lengths[i]``, ``depths[j]``.
+    ``prompts``: those :func:`passkey_prompts` made for these settings (None: made here)."""
+    if prompts is None:
+        prompts = passkey_prompts(tokenizer, store, lengths, depths, trials, seed)
     device = next(model.parameters()).device
     model.eval()
     hits = []

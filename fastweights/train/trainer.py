@@ -311,15 +311,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
             kept.append(line)
     if len(kept) == len(lines):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, path)
+    _replace_text(path, "".join(ln + "\n" for ln in kept))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Write ``data`` through a temporary file: a crash leaves the old file or the new one."""
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file: a crash leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -514,8 +512,8 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
     elif metrics_path.exists() and rank == 0:
         metrics_path.unlink()
     if rank == 0:  # after a resume has loaded: a failed one leaves the run's record as it was
-        _write_json(out / "train_config.json",
-                    {**asdict(cfg), "dataset_key": ds.meta["key"], "model_key": model_key(cfg.model)})
+        _replace_text(out / "train_config.json", json.dumps(
+            {**asdict(cfg), "dataset_key": ds.meta["key"], "model_key": model_key(cfg.model)}, indent=2))
 
     fwd = torch.compile(model) if cfg.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
