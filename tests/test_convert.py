@@ -167,6 +167,8 @@ def test_loading_never_unpickles(tmp_path):
         (dict(lr=float("nan")), "lr must be a finite number >= 0, got nan"),
         (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
         (dict(lr=-1.0), "lr must be a finite number >= 0, got -1.0"),
+        (dict(lr=True), "lr must be a finite number >= 0, got True"),  # a bool is not a rate
+        (dict(lr="0.1"), "lr must be a finite number >= 0, got '0.1'"),
     ],
 )
 def test_bad_settings_are_rejected(kwargs, match):
@@ -336,3 +338,21 @@ def test_embed_target_follows_a_replaced_embedding():
     model.model.embed_tokens.inner.weight.requires_grad_(True)
     model(x, use_cache=False).logits.sum().backward()
     assert model.model.embed_tokens.inner.weight.grad.abs().sum() > 0
+
+
+def test_flattened_rows_in_eval_mode_equal_documents_one_at_a_time():
+    """transformers' DataCollatorWithFlattening gives cu_seq_lens_q; in eval mode the hook made a
+    cache by default, and the TTT MLP then refused the packed rows naming a cache nobody passed."""
+    from transformers import DataCollatorWithFlattening
+
+    model = convert(tiny_model("llama"), layers=[0, 3], chunk_size=4).eval()
+    perturb(model)
+    docs = [ids(1, n, seed=i)[0].tolist() for i, n in enumerate([9, 4, 11])]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": d} for d in docs])
+    batch.pop("labels")
+    with torch.no_grad():
+        out = model(**batch).logits
+    singles = torch.cat([logits(model, torch.tensor([d])) for d in docs], dim=1)
+    assert rel(out, singles) < 1e-5
+    with pytest.raises(ValueError, match="pass use_cache=False"), torch.no_grad():
+        model(**batch, use_cache=True)

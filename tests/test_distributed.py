@@ -527,3 +527,217 @@ def test_data_parallel_training_resume_and_other_world_size(tmp_path):
     # which changes the order of the 4-rank all-reduce sums in the first step after a resume
     assert r4["fsdp-resume-max-diff"] == 0.0 and r4["fsdp-resume-loss-diff"] == 0.0, r4
     assert r4["ddp-resume-max-diff"] <= 1e-6 and r4["ddp-resume-loss-diff"] <= 1e-6, r4
+
+
+# --------------------------------------------------------------------------- misuse of the CP model
+def _cp_misuse_worker(rank, world):
+    from tiny_models import VOCAB, tiny_model
+
+    from fastweights.distributed import apply_context_parallel, cp_batch, cp_loss
+    from fastweights.models import InPlaceTTTCache, ttt_modules
+    from fastweights.models.fwl import add_fwl
+    from fastweights.models.hybrid import HybridConfig, HybridForCausalLM
+
+    out = {}
+    ids = torch.randint(0, VOCAB, (1, 26), generator=torch.Generator().manual_seed(5))
+    pos = _positions(1, 26, [[6, 15]])
+    batch = cp_batch(ids, labels=ids, position_ids=pos)
+    # eval mode: the default use_cache made a cache, and the TTT MLPs stepped a local state
+    model = _tiny_converted("hidden").eval()
+    handle = apply_context_parallel(model)
+    with torch.no_grad():
+        default = model(batch.input_ids, position_ids=batch.position_ids).logits
+        off = model(batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    out["eval-default-vs-off"] = rel(default, off)
+    refused = []
+    for kw in ({"use_cache": True}, {"past_key_values": InPlaceTTTCache(model.config)}):
+        try:
+            model(batch.input_ids, position_ids=batch.position_ids, **kw)
+        except ValueError as err:
+            refused.append(str(err).split(" (")[0])
+    out["cache-refused"] = refused
+    # apply twice: refused; remove twice: a no-op; the layers' own ttt_op comes back
+    try:
+        apply_context_parallel(model)
+        out["twice"] = "accepted"
+    except ValueError as err:
+        out["twice"] = str(err)
+    handle.remove()
+    handle.remove()
+    with torch.no_grad():
+        out["removed-plain"] = model(ids, use_cache=False).logits.shape[1]
+    own = ttt_modules(model)[0]
+    own.ttt_op = marker = lambda *a, **k: None  # noqa: E731
+    apply_context_parallel(model).remove()
+    out["own-op-restored"] = own.ttt_op is marker
+    own.ttt_op = None
+
+    # gradient checkpointing, two forwards (different documents) before one backward
+    def grads(checkpointing):
+        m = _tiny_converted("hidden")
+        if checkpointing:
+            m.gradient_checkpointing_enable()
+        apply_context_parallel(m, attention="allgather")
+        total = 0
+        for starts in ([[6, 15]], [[3, 20]]):
+            b = cp_batch(ids, labels=ids, position_ids=_positions(1, 26, starts))
+            total = total + cp_loss(m(b.input_ids, position_ids=b.position_ids).logits, b.targets)
+        total.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    plain, ckpt = grads(False), grads(True)
+    out["checkpointing-grad"] = max(rel(ckpt[n], plain[n], 1e-6) for n in plain)
+    # other fast weights: refused before anything changes
+    for name, make in (("fwl", lambda: add_fwl(tiny_model("qwen3", layers=2), block_size=4)),
+                       ("hybrid", lambda: HybridForCausalLM(HybridConfig(
+                           num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=2,
+                           num_key_value_heads=2, vocab_size=VOCAB, mixers="attention", mlps="inplace_ttt",
+                           ttt_chunk=4)))):
+        m = make().eval()
+        with torch.no_grad():
+            before = m(ids, use_cache=False).logits
+        try:
+            apply_context_parallel(m)
+            out[name] = "accepted"
+        except ValueError as err:
+            out[name] = str(err)
+        with torch.no_grad():
+            out[f"{name}-unchanged"] = torch.equal(m(ids, use_cache=False).logits, before)
+    try:
+        cp_loss(default, None)
+    except ValueError as err:
+        out["cp_loss-none"] = str(err)
+    return out
+
+
+def test_context_parallel_refuses_what_it_would_get_wrong():
+    """Found by a review: eval-mode calls made a cache (each rank then stepped a local state:
+    rank 1 off by 5e-3), checkpointed layers read the last forward's shard layout (gradients
+    0.9 off), FWL models and a second apply were accepted, and a hybrid model was left half
+    changed by a raw AttributeError."""
+    r = run_world(2, _cp_misuse_worker)
+    for out in r:
+        assert out["eval-default-vs-off"] == 0.0, out
+        assert out["cache-refused"] == ["context parallelism runs without a cache"] * 2, out
+        assert out["twice"].startswith("context parallelism is already applied to this model"), out
+        assert out["removed-plain"] == 26 and out["own-op-restored"], out
+        assert out["checkpointing-grad"] <= 1e-6, out
+        assert "has FastWeightLayer, whose fast weights would stay local" in out["fwl"], out
+        assert out["hybrid"].startswith("context parallelism needs a Hugging Face decoder whose layers have self_attn"), out
+        assert out["fwl-unchanged"] and out["hybrid-unchanged"], out
+        assert out["cp_loss-none"] == "cp_loss needs targets: pass labels to cp_batch", out
+
+
+def test_balanced_split_gives_every_feasible_split():
+    from fastweights.distributed import balanced_split
+
+    assert balanced_split(8, 4) == [2, 2, 2, 2]  # was refused: rounding gave [3, 2, 2, 1]
+    for N in range(2, 90):
+        for world in range(1, N // 2 + 1):
+            for share in (0.0, 0.5, 1.0):
+                lengths = balanced_split(N, world, share)
+                assert len(lengths) == world and sum(lengths) == N and min(lengths) >= 2, (N, world, share)
+    assert balanced_split(100, 2, 0.0) == [50, 50]
+    with pytest.raises(ValueError, match="seqlen must be an integer >= 1, got 100.0"):
+        balanced_split(100.0, 2)
+    with pytest.raises(ValueError, match="a sequence of 7 tokens is too short for 4 shards of at least 2 tokens"):
+        balanced_split(7, 4)
+
+
+# --------------------------------------------------------------------------- checkpoints that go wrong
+def _ckpt_misuse_worker(rank, world, path):
+    import os
+
+    import fastweights.distributed.data_parallel as dp
+    from fastweights.distributed.data_parallel import full_state_dict, load_checkpoint, save_checkpoint
+
+    out = {}
+    model, opt = _dp_model("ddp")
+    _train(model, opt, 1, 0, rank, world)
+    ck = f"{path}/ck"
+    save_checkpoint(ck, model, opt, {"step": 1})
+    first = full_state_dict(model)
+    _train(model, opt, 1, 1, rank, world)
+    # a second save into the same directory fails while rank 0 writes the optimizer: the first stays whole
+    real = dp.save_file
+
+    def broken(tensors, filename, *a, **k):
+        if filename.endswith("optimizer.safetensors"):
+            raise OSError("disk full")
+        return real(tensors, filename, *a, **k)
+
+    dp.save_file = broken
+    try:
+        save_checkpoint(ck, model, opt, {"step": 2})
+        out["failed-save"] = "no error"
+    except RuntimeError as err:
+        out["failed-save"] = str(err)
+    dp.save_file = real
+    fresh, fresh_opt = _dp_model("ddp", seed=4)
+    out["kept-step"] = load_checkpoint(ck, fresh, fresh_opt)["step"]
+    if rank == 0:
+        now = full_state_dict(fresh)
+        out["kept-weights"] = all(torch.equal(now[n], first[n]) for n in first)
+    # an optimizer whose lr is a tensor
+    for g in opt.param_groups:
+        g["lr"] = torch.tensor(g["lr"])
+    save_checkpoint(f"{path}/tensor-lr", model, opt, {"step": 2})
+    out["tensor-lr"] = load_checkpoint(f"{path}/tensor-lr", fresh, fresh_opt)["step"]
+    # incomplete checkpoints: the error reaches every rank (rank 0 alone read the files, the others hung)
+    dist.barrier()
+    if rank == 0:
+        os.remove(f"{ck}/rng-1.safetensors")
+    dist.barrier()
+    try:
+        load_checkpoint(ck, fresh, fresh_opt)
+        out["missing-rng"] = "no error"
+    except FileNotFoundError as err:
+        out["missing-rng"] = str(err)
+    dist.barrier()
+    if rank == 0:
+        with open(f"{ck}/model.safetensors", "r+b") as fh:
+            fh.truncate(40)
+    dist.barrier()
+    try:
+        load_checkpoint(ck, fresh, fresh_opt)
+        out["truncated"] = "no error"
+    except RuntimeError as err:
+        out["truncated"] = str(err)
+    return out
+
+
+def test_checkpoints_that_go_wrong_fail_on_every_rank(tmp_path):
+    """Found by a review: a failed re-save left the directory half old, half new (step 1's state
+    with step 2's weights); a missing RNG file lost exact resume silently; a tensor lr raised on
+    rank 0 only, after the model file was written; an unreadable file raised on rank 0 while the
+    other ranks waited forever."""
+    for out in run_world(2, _ckpt_misuse_worker, str(tmp_path), timeout=90):
+        assert out["failed-save"].startswith("could not write checkpoint") and "disk full" in out["failed-save"], out
+        assert out["kept-step"] == 1 and out.get("kept-weights", True), out
+        assert out["tensor-lr"] == 2, out
+        assert "lacks the RNG state of rank(s) [1]" in out["missing-rng"], out
+        assert "model.safetensors cannot be read" in out["truncated"], out
+
+
+def test_checkpoint_without_a_process_group(tmp_path):
+    """One process, no torch.distributed: save and load an unwrapped model and its optimizer."""
+    from tiny_models import tiny_model
+
+    from fastweights.distributed.data_parallel import load_checkpoint, save_checkpoint
+
+    assert not dist.is_initialized()
+    torch.manual_seed(0)
+    model = tiny_model("qwen3", layers=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 50, (2, 9))
+    model(x, labels=x).loss.backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ck", model, opt, {"step": 1})
+    draw = torch.rand(3)
+    other = tiny_model("qwen3", layers=2)
+    other_opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    assert load_checkpoint(tmp_path / "ck", other, other_opt) == {"step": 1, "world_size": 1}
+    assert torch.equal(torch.rand(3), draw)  # the RNG state came back
+    for (n, p), q in zip(model.named_parameters(), other.parameters()):
+        assert torch.equal(p, q), n
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])

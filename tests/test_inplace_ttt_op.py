@@ -247,3 +247,14 @@ def test_layer_refuses_both_boundary_kinds():
     x = torch.randn(1, 9, 24)  # tiny_model's width
     with pytest.raises(ValueError, match="cu_seqlens or position_ids, not both"):
         layer(x, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]]), cu_seqlens=torch.tensor([0, 2, 9]))
+
+
+@pytest.mark.parametrize("lr", [True, "0.1", float("nan"), -1.0])
+def test_layer_refuses_a_rate_that_is_not_a_number(lr):
+    """A bool or a string was stored as a rate (True became 1.0, "0.1" 0.1)."""
+    from tiny_models import tiny_model
+
+    from fastweights.layers.inplace_ttt import InPlaceTTTMLP
+
+    with pytest.raises(ValueError, match=r"lr must be a finite number >= 0, got "):
+        InPlaceTTTMLP(tiny_model("qwen3", layers=1).model.layers[0].mlp, chunk_size=4, lr=lr)

@@ -36,6 +36,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from numbers import Real
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from fastweights.distributed.inplace_ttt_cp import all_gather_autograd, inplace_ttt_cp
+from fastweights.errors import check_positive_int
 from fastweights.layers.inplace_ttt import InPlaceTTTMLP
+from fastweights.models.compat import take_cache
 
 __all__ = [
     "ATTN_NAME",
@@ -73,10 +76,12 @@ def balanced_split(seqlen: int, world: int, attention_share: float = 0.5) -> lis
     """Contiguous shard lengths whose estimated work is even: a fraction ``attention_share``
     of the single-process step is causal attention (work ∝ the square of the prefix), the
     rest is linear in tokens. ``attention_share=0`` gives even lengths."""
-    if world < 1 or seqlen < world:
-        raise ValueError(f"need 1 <= world <= seqlen, got world={world}, seqlen={seqlen}")
-    if not 0.0 <= attention_share <= 1.0:
-        raise ValueError(f"attention_share must be in [0, 1], got {attention_share}")
+    check_positive_int("seqlen", seqlen)
+    check_positive_int("world", world)
+    if seqlen < 2 * world:
+        raise ValueError(f"a sequence of {seqlen} tokens is too short for {world} shards of at least 2 tokens")
+    if not (isinstance(attention_share, Real) and 0.0 <= attention_share <= 1.0):
+        raise ValueError(f"attention_share must be a number in [0, 1], got {attention_share!r}")
     x = torch.linspace(0, 1, 4097, dtype=torch.float64)
     work = (1 - attention_share) * x + attention_share * x**2  # cumulative work of a prefix
     cuts = [0]
@@ -84,10 +89,11 @@ def balanced_split(seqlen: int, world: int, attention_share: float = 0.5) -> lis
         cuts.append(int(round(float(x[torch.searchsorted(work, torch.tensor(r / world, dtype=torch.float64))])
                               * seqlen)))
     cuts.append(seqlen)
-    lengths = [b - a for a, b in zip(cuts, cuts[1:])]
-    if min(lengths) < 2:
-        raise ValueError(f"sequence of {seqlen} tokens is too short for {world} shards: {lengths}")
-    return lengths
+    for r in range(1, world):  # at least 2 tokens per shard: move cuts the rounding put too close
+        cuts[r] = max(cuts[r], cuts[r - 1] + 2)
+    for r in range(world - 1, 0, -1):
+        cuts[r] = min(cuts[r], cuts[r + 1] - 2)
+    return [b - a for a, b in zip(cuts, cuts[1:])]
 
 
 @dataclass
@@ -158,6 +164,8 @@ def cp_loss(logits: torch.Tensor, targets: torch.Tensor, group: dist.ProcessGrou
     """This rank's share of the global mean next-token loss, scaled so that the mean over the
     group's ranks (what DDP/FSDP or :func:`all_reduce_gradients` average) is the loss of the
     whole sequence. ``logits`` (B, n, V), ``targets`` (B, n) from :func:`cp_batch`."""
+    if targets is None:
+        raise ValueError("cp_loss needs targets: pass labels to cp_batch")
     acc = torch.promote_types(logits.dtype, torch.float32)  # at least float32; float64 stays float64
     total = F.cross_entropy(logits.to(acc).flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     count = (targets != IGNORE).sum().to(torch.float64)
@@ -176,15 +184,21 @@ def all_reduce_gradients(model: nn.Module, group: dist.ProcessGroup | None = Non
 
 
 # --------------------------------------------------------------------------- attention
-class _CPState:
-    """Per-forward layout of the shards, shared by the attention layers of one model."""
+# The keyword under which one model call's shard layout travels from the base model's pre-hook,
+# through each decoder layer's kwargs (which gradient checkpointing keeps for its recomputation),
+# to the attention function.
+LAYOUT_KEY = "_fastweights_cp_layout"
 
-    def __init__(self, group, split: bool = False):
+
+class _CPLayout:
+    """One forward's layout of the shards, read by every attention layer of that call."""
+
+    def __init__(self, group, split: bool, lengths: list[int], start: int, mask: torch.Tensor | None):
         self.group = group
         self.split = split  # one-document rows: local causal + prefix blocks (_PrefixCausalAttention)
-        self.lengths: list[int] = []
-        self.start = 0
-        self.mask: torch.Tensor | None = None  # (B, 1, n, start + n) bool for packed rows
+        self.lengths = lengths
+        self.start = start
+        self.mask = mask  # (B, 1, n, start + n) bool for packed rows
 
 
 def _gather_seq(x: torch.Tensor, lengths: list[int], upto: int, group) -> torch.Tensor:
@@ -310,7 +324,10 @@ def prefix_causal_attention(q, k, v, start: int, scale: float | None = None) -> 
 def _allgather_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The attention function registered as :data:`ATTN_NAME`: ``query`` (B, H, n, D) of this
     shard, ``key``/``value`` (B, H_kv, n, D); returns (B, n, H, D) and no weights."""
-    state: _CPState = module._fw_cp_state
+    state: _CPLayout | None = kwargs.get(LAYOUT_KEY)
+    if state is None:
+        raise ValueError("context-parallel attention called without its shard layout: call the model "
+                         "(apply_context_parallel hooks its base model), not a layer on its own")
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
         raise ValueError("context-parallel attention supports full causal attention only (no sliding window, "
                          "no softcap)")
@@ -367,8 +384,20 @@ AttentionInterface.register(RING_ATTN_NAME, _ring_attention)
 AttentionMaskInterface.register(RING_ATTN_NAME, _no_mask)
 
 
-def _shard_layout(state: _CPState, module, args, kwargs):
-    """Base-model pre-hook: learn the shard lengths and, for packed rows, build the mask."""
+def _no_cache(module, args, kwargs):
+    """Base-model pre-hook (first of its hooks): a context-parallel call runs without a cache.
+    A cache would make the TTT MLPs step a local state instead of the cross-rank op, and
+    generation cannot be sharded: ``use_cache=True`` or a cache raise, and the default is off."""
+    if take_cache(kwargs) is not None or kwargs.get("use_cache") is True:
+        raise ValueError("context parallelism runs without a cache (no generation, no past_key_values, no "
+                         "use_cache=True): call handle.remove() to generate with the plain model")
+    kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def _shard_layout(group, split: bool, module, args, kwargs):
+    """Base-model pre-hook: learn the shard lengths and, for packed rows, build the mask; the
+    layout travels to the attention layers in this call's kwargs (:data:`LAYOUT_KEY`)."""
     pos = kwargs.get("position_ids")
     if pos is None:
         raise ValueError("under context parallelism pass position_ids (see fastweights.distributed.cp_batch)")
@@ -376,29 +405,29 @@ def _shard_layout(state: _CPState, module, args, kwargs):
     if mask is not None and not bool(mask.all()):
         raise ValueError("context parallelism does not take padding masks: pack documents and mark them with "
                          "position_ids (cp_batch)")
-    group = state.group
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     n = pos.shape[-1]
     pos = pos if pos.dim() == 2 else pos.unsqueeze(0)
-    lengths = [torch.zeros(1, dtype=torch.long, device=pos.device) for _ in range(world)]
-    dist.all_gather(lengths, torch.tensor([n], device=pos.device), group=group)
-    state.lengths = [int(x) for x in lengths]
-    state.start = sum(state.lengths[:rank])
+    gathered = [torch.zeros(1, dtype=torch.long, device=pos.device) for _ in range(world)]
+    dist.all_gather(gathered, torch.tensor([n], device=pos.device), group=group)
+    lengths = [int(x) for x in gathered]
+    start = sum(lengths[:rank])
     # gather the positions of all shards to find document boundaries
-    pad = max(state.lengths) - n
-    parts = [torch.zeros(pos.shape[0], max(state.lengths), dtype=torch.long, device=pos.device) for _ in range(world)]
+    pad = max(lengths) - n
+    parts = [torch.zeros(pos.shape[0], max(lengths), dtype=torch.long, device=pos.device) for _ in range(world)]
     dist.all_gather(parts, F.pad(pos.long(), (0, pad), value=0).contiguous(), group=group)
-    full = torch.cat([p[:, :m] for p, m in zip(parts, state.lengths)], dim=1)  # (B or 1, N)
-    upto = state.start + n
+    full = torch.cat([p[:, :m] for p, m in zip(parts, lengths)], dim=1)  # (B or 1, N)
+    upto = start + n
     full = full[:, :upto]
+    mask = None
     if bool((full[:, 1:] == 0).any()):
         doc = torch.cumsum((full == 0).long(), dim=1)  # (B, upto) document index
-        q = torch.arange(state.start, upto, device=pos.device)
+        q = torch.arange(start, upto, device=pos.device)
         k = torch.arange(upto, device=pos.device)
         causal = k.unsqueeze(0) <= q.unsqueeze(1)  # (n, upto)
-        state.mask = (causal & (doc[:, state.start:upto].unsqueeze(2) == doc.unsqueeze(1))).unsqueeze(1)
-    else:
-        state.mask = None
+        mask = (causal & (doc[:, start:upto].unsqueeze(2) == doc.unsqueeze(1))).unsqueeze(1)
+    kwargs[LAYOUT_KEY] = _CPLayout(group, split, lengths, start, mask)
+    return args, kwargs
 
 
 # --------------------------------------------------------------------------- apply
@@ -409,21 +438,45 @@ def _ttt_op(group, z, s, w0, conv_weight, proj, lr, chunk_size, *, cu_seqlens=No
 
 
 class ContextParallel:
-    """Handle returned by :func:`apply_context_parallel`; ``remove()`` restores the model."""
+    """Handle returned by :func:`apply_context_parallel`; ``remove()`` restores the model (the
+    attention implementation and each TTT MLP's ``ttt_op`` as they were). Removing twice is a
+    no-op."""
 
-    def __init__(self, model, group, attn_before, hooks, modules):
+    def __init__(self, model, group, attn_before, hooks, ops_before):
         self.model, self.group = model, group
-        self._attn_before, self._hooks, self._modules = attn_before, hooks, modules
+        self._attn_before, self._hooks, self._ops_before = attn_before, hooks, ops_before
 
     def remove(self) -> None:
+        if self.model is None:
+            return
         for h in self._hooks:
             h.remove()
-        for m in self._modules:
-            if isinstance(m, InPlaceTTTMLP):
-                m.ttt_op = None
-            else:
-                del m._fw_cp_state
+        for m, op in self._ops_before:
+            m.ttt_op = op
         self.model.set_attn_implementation(self._attn_before)
+        del self.model._fw_context_parallel
+        self.model = None
+
+
+def _check_supported(model: nn.Module):
+    """The decoder of a model that context parallelism can run (raises naming what it cannot),
+    checked before anything is changed."""
+    from fastweights.layers.fwl import FastWeightLayer
+    from fastweights.layers.lact import LaCTLayer
+
+    if getattr(model, "_fw_context_parallel", None) is not None:
+        raise ValueError("context parallelism is already applied to this model: call remove() on its handle "
+                         "first")
+    other = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (FastWeightLayer, LaCTLayer))})
+    if other:
+        raise ValueError(f"context parallelism carries the fast weights of In-Place TTT MLPs only; this model also "
+                         f"has {', '.join(other)}, whose fast weights would stay local to each shard")
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise ValueError(f"context parallelism needs a Hugging Face decoder whose layers have self_attn (Llama, "
+                         f"Qwen2/3, Mistral, converted or not), got {type(model).__name__}")
+    return base
 
 
 def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None = None,
@@ -443,23 +496,23 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None = N
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
     if not dist.is_initialized():
         raise ValueError("context parallelism needs an initialised torch.distributed process group")
-    modules, hooks = [], []
+    base = _check_supported(model)
+    ops_before = []
     for m in model.modules():
         if isinstance(m, InPlaceTTTMLP):
+            ops_before.append((m, m.ttt_op))
             m.ttt_op = partial(_ttt_op, group)
-            modules.append(m)
     attn_before = model.config._attn_implementation
+    # first of the base model's pre-hooks: the converted model's own hook must not make a cache
+    hooks = [base.register_forward_pre_hook(_no_cache, with_kwargs=True, prepend=True)]
     if attention != "ring":
-        state = _CPState(group, split=attention == "split")
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        hooks.append(base.register_forward_pre_hook(partial(_shard_layout, state), with_kwargs=True))
-        for layer in base.layers:
-            layer.self_attn._fw_cp_state = state
-            modules.append(layer.self_attn)
+        hooks.append(base.register_forward_pre_hook(partial(_shard_layout, group, attention == "split"),
+                                                    with_kwargs=True))
         model.set_attn_implementation(ATTN_NAME)
     else:
         model.set_attn_implementation(RING_ATTN_NAME)
-    return ContextParallel(model, group, attn_before, hooks, modules)
+    handle = model._fw_context_parallel = ContextParallel(model, group, attn_before, hooks, ops_before)
+    return handle
 
 
 @contextmanager

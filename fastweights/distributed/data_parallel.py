@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -60,7 +62,8 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+        # device_id binds the group to this rank's GPU (NCCL's barrier otherwise warns that it guesses)
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), device_id=device if cuda else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -139,66 +142,163 @@ def _plain(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _rank_world() -> tuple[int, int]:
+    """``(rank, world size)``: (0, 1) without a process group (one process, an unwrapped model)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _agree(error: str | None, src: int = 0) -> None:
+    """Raise ``error`` (a message from rank ``src``, or None) on every rank: a rank that failed
+    alone would leave the others waiting in the next collective."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=src)
+        error = box[0]
+    if error is not None:
+        raise RuntimeError(error)
+
+
+def _json_value(x):
+    """JSON for optimizer hyperparameters: tensors (a tensor lr) as numbers, tuples as lists."""
+    if torch.is_tensor(x):
+        return x.tolist()
+    return list(x)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     state: dict | None = None) -> Path:
     """Write a world-size independent checkpoint directory (module docstring). Every rank
-    calls it; rank 0 writes the shared files, each rank its RNG state. ``state``: JSON-able
-    values (step, data position, scheduler...) stored in ``state.json``."""
+    calls it (or one process without a process group); rank 0 writes the shared files, each
+    rank its RNG state. ``state``: JSON-able values (step, data position, scheduler...) stored
+    in ``state.json``. The files go to ``<path>.tmp`` first, which then replaces ``path``: a
+    crash leaves the previous checkpoint at ``path`` whole."""
     path = Path(path)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    tmp = path.with_name(path.name + ".tmp")
+    rank, world = _rank_world()
     model_sd = full_state_dict(model)
     optim_sd = (get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
                 if optimizer is not None else None)
+    error = None
     if rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(_untie(model_sd), str(path / "model.safetensors"), metadata={"format": "pt"})
-        config = getattr(_plain(model), "config", None)
-        if config is not None:
-            config.save_pretrained(path)
-        if optim_sd is not None:
-            tensors = {f"{name}/{k}": v.contiguous() for name, st in optim_sd["state"].items()
-                       for k, v in st.items() if torch.is_tensor(v)}
-            other = {name: {k: v for k, v in st.items() if not torch.is_tensor(v)}
-                     for name, st in optim_sd["state"].items()}
-            save_file(tensors, str(path / "optimizer.safetensors"))
-            (path / "optimizer.json").write_text(json.dumps(
-                {"param_groups": optim_sd["param_groups"], "state": other}, indent=1, default=list))
-        (path / "state.json").write_text(json.dumps({**(state or {}), "world_size": world}, indent=1))
-    dist.barrier()
+        try:
+            _write_shared(tmp, model, model_sd, optim_sd, {**(state or {}), "world_size": world})
+        except (OSError, TypeError, ValueError, RuntimeError) as err:
+            error = f"could not write checkpoint {tmp}: {type(err).__name__}: {err} ({path} is unchanged)"
+    _agree(error)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(path / f"rng-{rank}.safetensors"))
-    dist.barrier()
+    save_file(rng, str(tmp / f"rng-{rank}.safetensors"))
+    _fsync(tmp / f"rng-{rank}.safetensors")
+    _barrier()
+    if rank == 0:
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return path
+
+
+def _write_shared(tmp: Path, model: nn.Module, model_sd: dict, optim_sd: dict | None, state: dict) -> None:
+    """Rank 0's files of one checkpoint, in the directory ``tmp`` (made anew), each flushed."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_untie(model_sd), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = getattr(_plain(model), "config", None)
+    if config is not None:
+        config.save_pretrained(tmp)
+    if optim_sd is not None:
+        tensors = {f"{name}/{k}": v.contiguous() for name, st in optim_sd["state"].items()
+                   for k, v in st.items() if torch.is_tensor(v)}
+        other = {name: {k: v for k, v in st.items() if not torch.is_tensor(v)}
+                 for name, st in optim_sd["state"].items()}
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(
+            {"param_groups": optim_sd["param_groups"], "state": other}, indent=1, default=_json_value))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for f in tmp.iterdir():
+        _fsync(f)
+
+
+def _read_shared(path: Path, optimizer) -> tuple[dict, dict]:
+    """Rank 0's reads of a checkpoint: (model tensors, optimizer state dict or {})."""
+    def tensors(name):
+        try:
+            return load_file(str(path / name))
+        except (OSError, SafetensorError) as err:
+            raise RuntimeError(f"{path / name} cannot be read ({err}): the checkpoint is incomplete") from err
+
+    model_sd = tensors("model.safetensors")
+    if optimizer is None:
+        return model_sd, {}
+    if not (path / "optimizer.json").is_file():
+        raise FileNotFoundError(f"{path} has optimizer.safetensors but no optimizer.json: the checkpoint is "
+                                "incomplete")
+    meta = json.loads((path / "optimizer.json").read_text())
+    st: dict[str, dict] = {name: dict(v) for name, v in meta["state"].items()}
+    for key, v in tensors("optimizer.safetensors").items():
+        name, k = key.rsplit("/", 1)
+        st.setdefault(name, {})[k] = v
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return model_sd, {"state": st, "param_groups": groups}
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load a :func:`save_checkpoint` directory into a model wrapped (or not) at any world
-    size; restores the per-rank RNG when the world size is the one that wrote it. Returns
-    ``state.json``. Every rank calls it; only rank 0 reads the tensor files."""
+    size, or into one process without a process group; restores the per-rank RNG when the
+    world size is the one that wrote it. Returns ``state.json``. Every rank calls it; only
+    rank 0 reads the tensor files, and an error there is raised on every rank."""
     path = Path(path)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = _rank_world()
     for name in ("model.safetensors", "state.json"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint: {name} is missing")
+    if optimizer is not None and not (path / "optimizer.safetensors").is_file():
+        raise FileNotFoundError(f"{path} has no optimizer state (optimizer.safetensors)")
     state = json.loads((path / "state.json").read_text())
-    load_full_state_dict(model, load_file(str(path / "model.safetensors")) if rank == 0 else {})
+    rng_file = path / f"rng-{rank}.safetensors"
+    same_world = state.get("world_size") == world
+    error, model_sd, osd = None, {}, {}
+    if rank == 0:
+        try:
+            model_sd, osd = _read_shared(path, optimizer)
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            error = f"{type(err).__name__}: {err}"
+    _agree(error)
+    lacks = same_world and not rng_file.is_file()  # each rank checks its own RNG file; one missing fails all
+    flags = [lacks]
+    if world > 1:
+        flags = [None] * world
+        dist.all_gather_object(flags, lacks)
+    if any(flags):
+        ranks = [r for r, f in enumerate(flags) if f]
+        raise FileNotFoundError(f"{path} lacks the RNG state of rank(s) {ranks} (rng-<rank>.safetensors), "
+                                "written at this world size: the checkpoint is incomplete and resume would not "
+                                "be exact")
+    broadcast = dist.is_initialized()
+    set_model_state_dict(model, model_sd, options=_options(broadcast_from_rank0=broadcast))
     if optimizer is not None:
-        if not (path / "optimizer.safetensors").is_file():
-            raise FileNotFoundError(f"{path} has no optimizer state (optimizer.safetensors)")
-        osd: dict = {}
-        if rank == 0:
-            meta = json.loads((path / "optimizer.json").read_text())
-            st: dict[str, dict] = {name: dict(v) for name, v in meta["state"].items()}
-            for key, v in load_file(str(path / "optimizer.safetensors")).items():
-                name, k = key.rsplit("/", 1)
-                st.setdefault(name, {})[k] = v
-            groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
-            osd = {"state": st, "param_groups": groups}
-        set_optimizer_state_dict(model, optimizer, osd, options=_options(broadcast_from_rank0=True))
-    if state.get("world_size") == world and (path / f"rng-{rank}.safetensors").is_file():
-        rng = load_file(str(path / f"rng-{rank}.safetensors"))
+        set_optimizer_state_dict(model, optimizer, osd, options=_options(broadcast_from_rank0=broadcast))
+    if same_world:
+        rng = load_file(str(rng_file))
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

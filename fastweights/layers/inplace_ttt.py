@@ -12,12 +12,10 @@ release, with their names, shapes and initialisation:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from fastweights.errors import check_positive_int
+from fastweights.errors import check_number, check_positive_int
 from fastweights.layers._weights import weight_of
 from fastweights.ops.inplace_ttt import inplace_ttt
 from fastweights.ops.inplace_ttt_decode import InPlaceTTTState, StepPlan
@@ -86,8 +84,7 @@ class InPlaceTTTMLP(nn.Module):
             raise ValueError(f"{type(mlp).__name__} has no activation attribute (act_fn, activation_fn or act)")
         self.act_fn = act
         check_positive_int("chunk_size", chunk_size)
-        if not math.isfinite(float(lr)):
-            raise ValueError(f"lr must be a finite number, got {lr!r}")
+        check_number("lr", lr)
         self.chunk_size, self.lr, self.target = chunk_size, float(lr), normalize_target(target)
         d = self.down_proj.out_features
         w = self.down_proj.weight
@@ -165,7 +162,8 @@ class InPlaceTTTMLP(nn.Module):
         explicit = target_source is not None or position_ids is not None or cu_seqlens is not None
         if self.ctx is not None and self.ctx.plan is not None and not explicit:
             if self.ctx.cu_seqlens is not None:
-                raise ValueError("packed sequences (cu_seqlens) cannot be combined with a cache or padding")
+                raise ValueError("packed sequences (cu_seqlens) cannot be combined with a cache or padding: "
+                                 "pass use_cache=False and no attention_mask with zeros")
             # the cache's state of this layer, or (padding without a cache) one for this call only
             state = self.ctx.state if self.ctx.state is not None else InPlaceTTTState(self.chunk_size)
             return self.step(x, state, self.ctx.plan)

@@ -15,7 +15,6 @@ the official release (a base model_type plus those keys).
 from __future__ import annotations
 
 import json
-import math
 import operator
 import sys
 import warnings
@@ -27,7 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
 
-from fastweights.errors import FastWeightsError
+from fastweights.errors import FastWeightsError, check_number
 from fastweights.layers.inplace_ttt import OFFICIAL_TARGET, InPlaceTTTMLP, TTTContext, normalize_target, ttt_init_value
 from fastweights.models.cache import InPlaceTTTCache, ttt_settings
 from fastweights.models.compat import (
@@ -159,8 +158,9 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
     keeps for its recomputation, so a recomputed layer reads its own call's inputs even after
     later calls (several forwards before one backward). Without a cache and with ``use_cache``
     on, it creates the :class:`InPlaceTTTCache` that the base model would otherwise create as a
-    plain ``DynamicCache`` (in training mode only when ``use_cache=True`` is passed explicitly: the
-    state would cost time and hold the graph). A cache that is not an ``InPlaceTTTCache`` raises:
+    plain ``DynamicCache`` (in training mode, or for packed rows given by ``cu_seq_lens_q``, only
+    when ``use_cache=True`` is passed explicitly: the state would cost time and hold the graph,
+    and packed rows cannot use one). A cache that is not an ``InPlaceTTTCache`` raises:
     it cannot hold the fast weights. A 2-D ``attention_mask`` marks padding, which the fast weights
     skip (with or without a cache).
     """
@@ -178,8 +178,10 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
         return args, kwargs  # the model's own forward reports the missing input
     B, N = x.shape[:2]
     cache = take_cache(kwargs)
-    if cache is None and module.training and kwargs.get("use_cache") is None:
-        kwargs["use_cache"] = False  # a training forward carries no cache unless asked to
+    if cache is None and kwargs.get("use_cache") is None and (module.training or ctx.cu_seqlens is not None):
+        # a training forward, or packed rows given by cu_seqlens (transformers' flattening
+        # collator), carries no cache unless asked to: the packed rows could not use one
+        kwargs["use_cache"] = False
     if cache is None and resolve_use_cache(module, kwargs):
         cache = kwargs[CACHE_KWARG] = InPlaceTTTCache(config=module.config)
     if cache is not None and module.training and getattr(module, "gradient_checkpointing", False):
@@ -314,12 +316,7 @@ def _validate(model, layers, chunk_size, lr, target, proj):
     n = len(layers_list)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    try:
-        lr_f = float(lr)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"lr must be a finite number, got {lr!r}") from err
-    if not math.isfinite(lr_f) or lr_f < 0:
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    check_number("lr", lr)  # a bool or a string is not a rate
     target = normalize_target(target)
     if layers is not None and (isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__")):
         raise ValueError(f"layers must be a list of decoder layer indices (0..{n - 1}), got {layers!r}")
@@ -348,7 +345,7 @@ def _validate(model, layers, chunk_size, lr, target, proj):
             )
     if not isinstance(proj, bool):
         raise ValueError(f"proj must be True or False, got {proj!r}")
-    return sorted(chosen), chunk_size, lr_f, target
+    return sorted(chosen), chunk_size, float(lr), target
 
 
 def _install(model: PreTrainedModel, layers: list[int], chunk_size: int, lr: float, target: str,
