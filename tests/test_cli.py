@@ -157,6 +157,60 @@ def test_hybrid_model_through_the_cli(workdir, small_data, capsys):
         assert out.startswith("def train")
 
 
+def _hybrid_config(vocab, **kw):
+    from fastweights.models.hybrid import HybridConfig
+
+    return HybridConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, mixers=["lact", "swa"], lact_heads=2,
+                        lact_chunk_size=16, sliding_window=16, lact_init_rank=4, **kw)
+
+
+def test_a_config_alone_trains_from_scratch_with_its_seed(workdir, small_data, capsys):
+    """Found by a review: a directory holding only config.json (the natural input for a
+    from-scratch comparison) gave transformers' raw OSError; and the exported model had no
+    eos_token_id, so model.generate() ran past the end of text."""
+    data = small_data
+    vocab = json.loads((data / "meta.json").read_text())["tokenizer"]["vocab_size"]
+    _hybrid_config(vocab, lact_update="gd").save_pretrained(workdir / "cfg-only")
+    losses = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        code, out, err = run(["train", *train_args(data, workdir / f"scratch-{name}", steps=2,
+                                                   model=workdir / "cfg-only", seed=seed)], capsys)
+        assert code == 0, err
+        assert "holds no weights: a model initialised from its config.json" in err
+        losses.append(json.loads((workdir / f"scratch-{name}" / "metrics.jsonl").read_text().splitlines()[0])["loss"])
+    assert losses[0] == losses[1] != losses[2]  # the seed makes the init
+    saved = json.loads((workdir / "scratch-a" / "model" / "config.json").read_text())
+    from fastweights.data.tokenizer import load_tokenizer
+
+    assert saved["eos_token_id"] == load_tokenizer(data / "tokenizer").eos_token_id is not None
+    code, out, err = run(["eval", "--model", str(workdir / "cfg-only"), "--data", str(data)], capsys)
+    assert code == 2 and "holds a config.json but no weights (model.safetensors)" in err
+
+
+def test_a_model_that_is_not_causal_is_refused_for_losses_and_decodes_without_a_cache(workdir, small_data, capsys):
+    """Found by a review: LaCT with lact_order='update_apply' reads each chunk with its own
+    update (token 10 moved the logits of tokens 0..9 by 0.12), yet train and eval scored it as a
+    causal LM (its passkey prompt holds the answer); generate asked it for a cache it cannot keep."""
+    from fastweights.models.hybrid import HybridForCausalLM
+
+    data = small_data
+    vocab = json.loads((data / "meta.json").read_text())["tokenizer"]["vocab_size"]
+    torch.manual_seed(0)
+    HybridForCausalLM(_hybrid_config(vocab, lact_order="update_apply")).save_pretrained(workdir / "ua")
+    capsys.readouterr()
+    for argv in (["train", *train_args(data, workdir / "ua-run", steps=2, model=workdir / "ua")],
+                 ["eval", "--model", str(workdir / "ua"), "--data", str(data)]):
+        code, out, err = run(argv, capsys)
+        assert code == 2 and "is not a causal LM: its LaCT layers [0] read each chunk with their own update" in err
+    from fastweights.data.tokenizer import load_tokenizer
+
+    load_tokenizer(data / "tokenizer").save_pretrained(workdir / "ua")
+    code, out, err = run(["generate", "--model", str(workdir / "ua"), "--prompt", "def", "--max-new-tokens", "3"],
+                         capsys)
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("flag,value,match", [
     ("--dynamic-rule", "adam", r"rule must be one of \('sgd', 'rms'\), got 'adam'"),
     ("--dynamic-params", "last:7", r"params 'last:7': the model has 4 decoder layers; K must be in 1..4"),

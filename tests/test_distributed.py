@@ -623,7 +623,8 @@ def test_context_parallel_refuses_what_it_would_get_wrong():
         assert out["removed-plain"] == 26 and out["own-op-restored"], out
         assert out["checkpointing-grad"] <= 1e-6, out
         assert "has FastWeightLayer, whose fast weights would stay local" in out["fwl"], out
-        assert out["hybrid"].startswith("context parallelism needs a Hugging Face decoder whose layers have self_attn"), out
+        assert out["hybrid"].startswith("context parallelism needs a Hugging Face decoder whose layers have "
+                                        "self_attn"), out
         assert out["fwl-unchanged"] and out["hybrid-unchanged"], out
         assert out["cp_loss-none"] == "cp_loss needs targets: pass labels to cp_batch", out
 

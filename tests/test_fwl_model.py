@@ -244,3 +244,19 @@ def test_a_loaded_model_converted_in_memory_takes_the_new_type(tmp_path):
         add_fwl(ttt)
     fwl = add_fwl(AutoModelForCausalLM.from_pretrained(tmp_path / "p"))
     assert fwl.config.model_type == "fwl_" + plain().config.model_type
+
+
+def test_an_fwl_model_of_another_family_loads_in_a_fresh_process(tmp_path):
+    """add_fwl works on any causal LM, but only four families were registered at import: the CLI
+    could not load a saved fwl_gpt2 (unknown model family)."""
+    from tiny_models import load_in_fresh_process
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = add_fwl(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0,
+                                               eos_token_id=0)), block_size=4).eval()
+    model.save_pretrained(tmp_path)
+    name, logits = load_in_fresh_process(tmp_path, tmp_path)
+    assert name == "FWLGPT2LMHeadModel"
+    with torch.no_grad():
+        assert torch.allclose(logits, model(torch.arange(12)[None], use_cache=False).logits, atol=1e-5)

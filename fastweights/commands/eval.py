@@ -16,7 +16,7 @@ from fastweights.eval.lm import long_docs_error, loss_by_position, perplexity
 from fastweights.eval.passkey import check_passkey_settings, passkey_eval, passkey_prompts
 from fastweights.eval.plot import plot_passkey
 from fastweights.models.compat import hf_progress_bars
-from fastweights.models.presets import check_vocab, load_model
+from fastweights.models.presets import check_causal, check_vocab, load_model
 from fastweights.train.trainer import pick_device, set_threads
 
 
@@ -75,6 +75,7 @@ def _evaluate(cfg: EvalConfig) -> dict:
     check_dataset_tokenizer(cfg.model, ds)
     model = load_model(cfg.model).to(device)
     check_vocab(model, ds.vocab_size, cfg.model)
+    check_causal(model, cfg.model)
     dcfg = _dynamic_config(model, cfg) if cfg.dynamic else None  # bad settings fail before any evaluation
     val = ds.split("val")
     if val.total_tokens == 0:

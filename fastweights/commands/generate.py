@@ -29,7 +29,8 @@ class GenerateConfig:
 
 def generate(cfg: GenerateConfig) -> str:
     """The generated continuation (prompt excluded). A converted model carries its fast weights
-    in its cache (``InPlaceTTTCache``), so decoding is cached for every model. Decoding follows
+    in its cache (``InPlaceTTTCache``), so decoding is cached for every causal model (a hybrid
+    with LaCT ``update_apply`` layers, not causal inside a chunk, decodes by full forwards). Decoding follows
     these options alone: the sampling settings saved with the model (e.g. Qwen3's top_p 0.95,
     top_k 20) are not applied; its end-of-text tokens are."""
     if not cfg.model:
@@ -48,7 +49,9 @@ def generate(cfg: GenerateConfig) -> str:
         raise FastWeightsError("the prompt is empty")
     torch.manual_seed(cfg.seed)
     saved = model.generation_config
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0, use_cache=True,
+    # a model that is not causal inside a chunk (LaCT update_apply) decodes by full forwards
+    cached = not getattr(model.config, "noncausal_layers", None)
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0, use_cache=cached,
                            eos_token_id=saved.eos_token_id if saved.eos_token_id is not None else tok.eos_token_id,
                            bos_token_id=saved.bos_token_id, pad_token_id=tok.eos_token_id)
     if cfg.temperature > 0:

@@ -83,6 +83,9 @@ class LaCTLayer(nn.Module):
             ``triton`` (fused kernels with hand-written backwards).
     """
 
+    # per-channel scales and shifts (SPEC §2), stored (2, d): not matrices, so not weight-decayed
+    NO_WEIGHT_DECAY = ("qk_scale", "qk_shift")
+
     def __init__(self, hidden_size: int, num_heads: int, fw_heads: int = 4, window: int = 2048,
                  chunk_size: int = 2048, update: str = "muon", order: str = "apply_update",
                  lr_init: float = 1e-3, init_rank: int = 32, rope_base: float = 1e6, eps: float = 1e-6,

@@ -317,6 +317,9 @@ def add_fwl(model: PreTrainedModel, *, expansion: int = 4, step_size: float = DE
     from fastweights.models.inplace_ttt import PREFIX as TTT_PREFIX  # inplace_ttt imports this module
     from fastweights.models.inplace_ttt import is_converted
 
+    if model.config.model_type == "fastweights_hybrid":
+        raise FastWeightsError("a fastweights_hybrid model cannot take an FWL head: its HybridCache and the FWL's "
+                               "cache (FWLCache) cannot be one; add LaCT or In-Place TTT layers through its config")
     if model.config.model_type.startswith(TTT_PREFIX) or is_converted(model):
         raise FastWeightsError("an In-Place TTT model cannot also take an FWL head: each needs its own generation "
                                "cache (InPlaceTTTCache, FWLCache)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
@@ -87,9 +88,25 @@ def check_vocab(model, vocab_size: int, name) -> None:
                                f"{model.config.vocab_size}: prepare the data with --tokenizer {name}")
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32):
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_causal(model, name) -> None:
+    """Refuse a model whose outputs see later tokens (a hybrid with ``lact_order="update_apply"``):
+    its next-token losses, perplexity and passkey scores would read the answers."""
+    layers = getattr(model.config, "noncausal_layers", None)
+    if layers:
+        raise FastWeightsError(f"{name} is not a causal LM: its LaCT layers {layers} read each chunk with their own "
+                               "update (lact_order='update_apply'), so next-token losses would see later tokens; "
+                               "train and evaluate with lact_order='apply_update'")
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, init_missing: bool = False):
     """A causal LM from a local Hugging Face directory, converted or not (``dtype="auto"``: the
-    checkpoint's own). Never runs remote code. An unknown ``model_type`` raises a one-line :class:`FastWeightsError`."""
+    checkpoint's own). Never runs remote code. An unknown ``model_type`` raises a one-line :class:`FastWeightsError`.
+    ``init_missing``: a directory with a ``config.json`` and no weights gives a model freshly
+    initialised from that config (under the caller's RNG seed); otherwise it raises."""
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -101,15 +118,36 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
         hint = f" (a training run? its model is {path / 'model'})" if (path / "model" / "config.json").exists() else ""
         raise FastWeightsError(f"no config.json in model directory {path}{hint}")
     raw = json.loads(cfg_file.read_text())
-    if raw.get("ttt_layers") is not None:  # In-Place TTT: registers its inplace_ttt_<family> itself
+    converted = raw.get("ttt_layers") is not None
+    weights = any((path / f).exists() for f in WEIGHT_FILES)
+    if converted and weights:  # In-Place TTT: registers its inplace_ttt_<family> itself
         from fastweights.models import load_pretrained
 
         return load_pretrained(path, dtype=dtype, local_files_only=True)
     import fastweights.models.hybrid  # noqa: F401  (registers fastweights_hybrid)
 
     model_type = raw.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if isinstance(model_type, str) and model_type.startswith("fwl_") and model_type not in CONFIG_MAPPING:
+        from fastweights.models.fwl import register_fwl_family  # families beyond those registered at import
+
+        if model_type[4:] in CONFIG_MAPPING:
+            register_fwl_family(model_type)
+    if not converted and model_type not in CONFIG_MAPPING:
         close = get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
         hint = f" (close: {', '.join(close)})" if close else ""
         raise FastWeightsError(f"unknown model family {model_type!r} in {cfg_file}{hint}")
+    if not weights:
+        if not init_missing or converted or str(model_type).startswith("fwl_"):
+            what = ("save the converted model with its weights" if converted else
+                    "train it first (fastweights train --model DIR initialises a plain or hybrid config)")
+            raise FastWeightsError(f"{path} holds a config.json but no weights ({WEIGHT_FILES[0]}): {what}")
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        except (ValueError, KeyError) as err:
+            raise FastWeightsError(f"cannot build a model from {cfg_file}: {err}") from None
+        print(f"{path} holds no weights: a model initialised from its config.json", file=sys.stderr)
+        model = AutoModelForCausalLM.from_config(config)
+        return model.to(dtype) if isinstance(dtype, torch.dtype) else model
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, local_files_only=True)

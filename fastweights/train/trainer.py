@@ -36,7 +36,7 @@ from fastweights.data.tokenizer import check_dataset_tokenizer
 from fastweights.errors import FastWeightsError, check_at_least
 from fastweights.models.compat import enable_activation_checkpointing, hf_progress_bars
 from fastweights.models.inplace_ttt import HYBRID
-from fastweights.models.presets import SIZES, build_model, check_vocab, load_model, resolve_model
+from fastweights.models.presets import SIZES, build_model, check_causal, check_vocab, load_model, resolve_model
 from fastweights.optim import OPTIMIZERS, Lookahead, build_optimizer
 from fastweights.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from fastweights.train.forgetting import FORGETTING, build_forgetting
@@ -79,8 +79,8 @@ class TrainConfig:
     warmup: int = option("linear warmup steps", 20)
     weight_decay: float = option("AdamW weight decay (matrices only)", 0.1)
     clip: float = option("gradient-norm clipping threshold (0: off)", 1.0)
-    seed: int = option("seed for the data order and, for a preset --model, the model init (a --model DIR "
-                       "brings its own weights: save one init per seed to compare seeds)", 0)
+    seed: int = option("seed for the data order and the model init of a preset --model or of a --model DIR "
+                       "that holds a config.json alone (a DIR with weights brings its own)", 0)
     device: str = option("auto, cpu or cuda[:i]", "auto")
     compile: bool = option("torch.compile the model", False)
     activation_checkpointing: bool = option("recompute each decoder layer's activations in the backward pass: "
@@ -162,9 +162,10 @@ def make_model(cfg: TrainConfig, vocab_size: int):
         size = SIZES[cfg.model]
         layers, chunk, target = list(size.ttt_layers), size.ttt_chunk, "embed"
     else:
-        torch.manual_seed(cfg.seed)
-        model = load_model(cfg.model)
+        torch.manual_seed(cfg.seed)  # also the init of a directory that holds a config.json alone
+        model = load_model(cfg.model, init_missing=True)
         check_vocab(model, vocab_size, cfg.model)
+        check_causal(model, cfg.model)
         layers, chunk, target = None, 1024, "hidden"
     if cfg.ttt:
         from fastweights.models import convert, is_converted
@@ -238,6 +239,14 @@ def _trainable(model, mode: str) -> list[torch.nn.Parameter]:
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
     return fast
+
+
+def _decays(model, params: list[torch.nn.Parameter]) -> list[bool]:
+    """Whether each of ``params`` takes weight decay: matrices do, except the per-channel
+    parameters a layer names in its ``NO_WEIGHT_DECAY`` (LaCT's q/k scale and shift, (2, d));
+    vectors (norms, biases) do not."""
+    exempt = {id(getattr(m, n)) for m in model.modules() for n in getattr(m, "NO_WEIGHT_DECAY", ())}
+    return [p.dim() >= 2 and id(p) not in exempt for p in params]
 
 
 PARALLEL = ("none", "ddp", "fsdp")
@@ -380,6 +389,10 @@ def _save_model(model, out: Path, tokenizer, state_dict=None) -> None:
             src, dst = names[id(emb_in)] + ".weight", names[id(emb_out)] + ".weight"
             if src in state_dict and dst in state_dict:
                 state_dict = {**state_dict, dst: state_dict[src]}
+    for key in ("eos_token_id", "bos_token_id"):  # generate() stops at the tokenizer's end of text
+        if getattr(model.config, key, None) is None and getattr(tokenizer, key, None) is not None:
+            setattr(model.config, key, getattr(tokenizer, key))
+            setattr(model.generation_config, key, getattr(tokenizer, key))
     model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if final.exists():
@@ -474,11 +487,12 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
         enable_activation_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())
     params = _trainable(model, cfg.trainable)
+    decays = _decays(model, params)
     plain = model
     if world > 1 or cfg.parallel != "none":
         model, params = _wrap(model, cfg, params)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p, d in zip(params, decays, strict=True) if d]
+    no_decay = [p for p, d in zip(params, decays, strict=True) if not d]
     optimizer = build_optimizer(
         cfg.optimizer,
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

@@ -53,7 +53,7 @@ def _check(cfg: HybridConfig) -> None:
         check_number(key, getattr(cfg, key), low, strict)
     if not isinstance(cfg.ttt_proj, bool):
         raise ValueError(f"ttt_proj must be True or False, got {cfg.ttt_proj!r}")
-    if cfg.num_attention_heads % cfg.num_key_value_heads:
+    if any(m in ("attention", "swa") for m in cfg.mixers) and cfg.num_attention_heads % cfg.num_key_value_heads:
         raise ValueError(f"num_attention_heads {cfg.num_attention_heads} must be a multiple of num_key_value_heads "
                          f"{cfg.num_key_value_heads}")
     if "lact" in cfg.mixers:
@@ -150,6 +150,14 @@ class HybridConfig(PreTrainedConfig):
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.check_keys()
+
+    @property
+    def noncausal_layers(self) -> list[int]:
+        """LaCT layers that read each chunk with its own update (``lact_order="update_apply"``):
+        their outputs see later tokens of the chunk, so the model is not a causal LM."""
+        if self.lact_order != "update_apply":
+            return []
+        return [i for i, m in enumerate(self.mixers) if m == "lact"]
 
     def check_keys(self) -> None:
         """Normalise the per-layer keys and check every key, naming it: run when the config is made
