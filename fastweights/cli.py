@@ -50,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help in available.items():
         sub.add_parser(name, help=help, add_help=False)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     if argv and argv[0] in ("-h", "--help"):
         parser.print_help()
+        return 0
+    if argv and argv[0] == "--version":
+        print(f"fastweights {_version()}")
         return 0
     if not argv:  # no subcommand: the help on stderr, status 2 (argparse's code for a missing argument)
         parser.print_help(sys.stderr)
@@ -63,10 +67,25 @@ def main(argv: list[str] | None = None) -> int:
             return _run_experiment(argv[1:])
         mod = importlib.import_module("fastweights.commands." + argv[0])
         return int(mod.main(argv[1:]) or 0)
-    except (FastWeightsError, FileNotFoundError, ValueError, KeyError) as err:
+    except (FastWeightsError, OSError, ValueError, KeyError) as err:  # OSError: a path that cannot be written
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"fastweights {argv[0]}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = " (`--resume` continues a training run from its last checkpoint)" if argv[0] in ("train", "main") else ""
+        print(f"\nfastweights {argv[0]}: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastweights")
+    except PackageNotFoundError:  # run from a source tree without installing
+        from fastweights import __version__
+
+        return __version__
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def _strict(elem, v):
         if not isinstance(v, bool):
             raise TypeError
         return v
-    if elem in (int, float) and isinstance(v, bool):
+    if elem in (int, float, str) and isinstance(v, bool):  # YAML reads yes/no/on/off as bools
         raise TypeError
     if elem is int and isinstance(v, float):
         if not v.is_integer():
@@ -108,7 +108,10 @@ def parse(cls, argv: list[str], prog: str, description: str):
     """Parse ``argv`` into an instance of dataclass ``cls`` (see the module docstring)."""
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter)
+    # allow_abbrev=False: "--conf FILE" was read as --config by argparse but not by the scan
+    # below, so the file was silently ignored; prefixes of the other flags are refused alike
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; the command line overrides it")
     for f in fields:
         elem, is_list, _ = _base_type(hints[f.name])
@@ -129,13 +132,18 @@ def parse(cls, argv: list[str], prog: str, description: str):
             config_path = a.split("=", 1)[1]
     if config_path is not None and not any(a in ("-h", "--help") for a in argv):
         names = {f.name for f in fields}
-        overrides = {}
+        overrides, given = {}, {}
         for key, value in load_config_file(config_path).items():
             norm = str(key).replace("-", "_")
             if norm not in names:
                 close = difflib.get_close_matches(norm, sorted(names), n=3)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
                 raise FastWeightsError(f"{config_path}: unknown config key {key!r}{hint}")
+            if norm in given:
+                raise FastWeightsError(f"{config_path}: option {norm!r} is given twice ({given[norm]!r} and {key!r})")
+            given[norm] = key
+            if value is None and not _base_type(hints[norm])[2]:
+                continue  # an empty YAML value ("out:"): the option's default, not the string "None"
             overrides[norm] = _coerce(norm, value, hints[norm], config_path)
         parser.set_defaults(**overrides)
     ns = parser.parse_args(argv)

@@ -28,6 +28,19 @@ def check_at_least(name: str, value, low: int) -> None:
         raise FastWeightsError(f"{name} must be >= {low}, got {value}")
 
 
+def check_file_path(flag: str, path) -> None:
+    """Raise the CLI's :class:`FastWeightsError` naming ``--flag`` unless ``path`` can become a
+    file: not an existing directory, and no file where a parent directory should be."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise FastWeightsError(f"--{flag} {path} is a directory: give a file path")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise FastWeightsError(f"--{flag} {path}: {parent} is a file, not a directory")
+
+
 def check_float_tensors(**tensors) -> None:
     """Raise ValueError naming the tensors unless every given tensor (None and non-tensors are
     skipped) is floating point and all of them lie on one device."""

@@ -8,6 +8,7 @@ import torch
 from pipeline_helpers import prepare_args, train_args, write_corpus
 
 from fastweights import cli
+from fastweights.errors import FastWeightsError
 
 SUBCOMMANDS = ["prepare", "train", "eval", "convert", "generate", "plot", "main"]
 
@@ -599,3 +600,118 @@ def test_prepare_names_txt_files_that_are_not_utf8_and_a_python_directory(tmp_pa
     monkeypatch.chdir(tmp_path)
     code, out, err = run(["prepare", "--corpus", "python", "--val-fraction", "2"], capsys)
     assert code != 0 and "--corpus python is the built-in corpus" in err and "--corpus ./python" in err
+
+
+def test_a_model_tokenizer_that_extends_the_datas_is_accepted(small_data, tmp_path, capsys):
+    """A tokenizer with an added <pad> (every data id the same token) crashed train and eval with
+    an IndexError in the tokenizer comparison."""
+    from tiny_models import tiny_model
+
+    from fastweights.data.tokenizer import load_tokenizer
+
+    model_dir = tmp_path / "m"
+    tiny_model("qwen3", layers=1, vocab_size=320).save_pretrained(model_dir)
+    tok = load_tokenizer(small_data / "tokenizer")
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.save_pretrained(model_dir)
+    code, out, err = run(["eval", "--model", str(model_dir), "--data", str(small_data), "--out",
+                          str(tmp_path / "e.json"), "--no-progress", "--ppl-rows", "1", "--length", "64",
+                          "--max-docs", "1", "--seq-len", "32", "--first-bucket", "16"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("text,match", [
+    ("out:\n", None),  # empty: the default, not the string "None"
+    ("prompt: no\n", r"option 'prompt' must be str, got False"),  # YAML's no is a bool
+    ("max_new_tokens: 3\nmax-new-tokens: 4\n", r"option 'max_new_tokens' is given twice"),
+])
+def test_config_file_values_yaml_would_misread(tmp_path, text, match):
+    from fastweights.commands.generate import GenerateConfig
+    from fastweights.commands.prepare import PrepareConfig
+    from fastweights.config import parse
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    if match is None:
+        assert parse(PrepareConfig, ["--config", str(path)], "t", "").out == PrepareConfig().out
+    else:
+        with pytest.raises(FastWeightsError, match=match):
+            parse(GenerateConfig, ["--config", str(path)], "t", "")
+
+
+def test_a_prefix_of_config_is_refused_not_ignored(tmp_path, capsys):
+    """argparse read --conf as --config while the scan for the file did not: the file was ignored."""
+    (tmp_path / "g.yaml").write_text("max_new_tokens: 2\n")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["generate", "--model", str(tmp_path), "--conf", str(tmp_path / "g.yaml")])
+    assert stop.value.code == 2 and "unrecognized arguments: --conf" in capsys.readouterr().err
+
+
+def test_version_interrupts_and_unwritable_paths(workdir, small_data, tmp_path, capsys, monkeypatch):
+    from fastweights import __version__
+    from fastweights.commands import eval as eval_cmd
+
+    code, out, err = run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"fastweights {__version__}"
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fastweights.commands.train.main", interrupted)
+    code, out, err = run(["train"], capsys)
+    assert code == 130 and "interrupted (`--resume` continues a training run from its last checkpoint)" in err
+    # an --out that cannot be a file fails before the evaluation (it raised IsADirectoryError after it)
+    monkeypatch.setattr(eval_cmd, "load_model", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    (tmp_path / "afile").write_text("x")
+    for out_path, match in ((tmp_path, "is a directory: give a file path"),
+                            (tmp_path / "afile" / "e.json", "afile is a file, not a directory")):
+        line = _one_line_error(*run(["eval", "--model", str(tmp_path), "--data", str(small_data), "--out",
+                                     str(out_path)], capsys)[::2])
+        assert match in line, line
+    # other commands' OSErrors are one line too (a traceback before)
+    corpus = write_corpus(tmp_path / "corpus", docs=4)
+    code, out, err = run(["prepare", "--corpus", str(corpus), "--out", str(tmp_path / "afile" / "d"), "--no-progress",
+                          "--val-fraction", "0.5"], capsys)
+    assert code == 2 and "Traceback" not in err and "afile" in err.strip().splitlines()[-1], err
+
+
+def test_plots_report_the_file_they_wrote(tmp_path):
+    """matplotlib adds .png to a name without a suffix; plot printed, and eval.json recorded, the
+    name as given."""
+    from fastweights.eval.plot import plot_passkey, plot_position_losses
+
+    curve = {"buckets": [{"start": 0, "end": 4, "loss": 1.0}, {"start": 4, "end": 8, "loss": 0.9}]}
+    assert plot_position_losses([("a", curve)], tmp_path / "runs") == tmp_path / "runs.png"
+    assert (tmp_path / "runs.png").is_file()
+    res = {"accuracy": [[1.0]], "depths": [0.5], "lengths": [64]}
+    assert plot_passkey(res, tmp_path / "pk") == tmp_path / "pk.png" and (tmp_path / "pk.png").is_file()
+    assert plot_passkey(res, tmp_path / "pk.pdf") == tmp_path / "pk.pdf"
+
+
+def test_main_checks_its_flags_before_preparing_the_corpus(tmp_path, capsys, monkeypatch):
+    from fastweights.commands import main as main_cmd
+
+    monkeypatch.setattr(main_cmd, "prepare", lambda *a, **k: pytest.fail("prepared before checking the flags"))
+    for flag, value, match in (("--steps", "-1", "steps must be >= 0, got -1"),
+                               ("--ttt-lr", "-1", "ttt_lr must be a finite number >= 0"),
+                               ("--passkey-lengths", "0", "passkey lengths must be integers >= 1, got 0")):
+        line = _one_line_error(*run(["main", flag, value, "--out", str(tmp_path / "m")], capsys)[::2])
+        assert match in line, line
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_training_checkpoint_is_a_model_directory_eval_reads(small_data, tmp_path, capsys):
+    """Checkpoints held no config.json: `eval --model <checkpoint>` said there was none."""
+    run_dir = tmp_path / "r"
+    code, out, err = run(["train", *train_args(small_data, run_dir, steps=2)], capsys)
+    assert code == 0, err
+    ckpt = run_dir / "checkpoints" / "step-00000002"
+    code, out, err = run(["eval", "--model", str(ckpt), "--data", str(small_data), "--out", str(tmp_path / "e.json"),
+                          "--no-progress", "--ppl-rows", "1", "--length", "64", "--max-docs", "1", "--seq-len", "32",
+                          "--first-bucket", "16"], capsys)
+    assert code == 0, err
+    final = json.loads((tmp_path / "e.json").read_text())["perplexity"]["perplexity"]
+    code, out, err = run(["eval", "--model", str(run_dir / "model"), "--data", str(small_data), "--out",
+                          str(tmp_path / "f.json"), "--no-progress", "--ppl-rows", "1", "--length", "64",
+                          "--max-docs", "1", "--seq-len", "32", "--first-bucket", "16"], capsys)
+    assert json.loads((tmp_path / "f.json").read_text())["perplexity"]["perplexity"] == final  # same weights

@@ -242,7 +242,7 @@ def test_checkpoints_are_safetensors_and_json_and_pruned(data, tmp_path):
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step-00000004", "step-00000006"]
     files = sorted(p.name for p in (run / "checkpoints" / ckpts[-1]).iterdir())
-    assert files == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    assert files == ["config.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
     state = json.loads((run / "checkpoints" / ckpts[-1] / "state.json").read_text())
     assert state["step"] == 6 and state["rows"] == 6 * 2
     assert (run / "model" / "config.json").exists() and (run / "model" / "tokenizer.json").exists()

@@ -11,7 +11,7 @@ import torch
 from fastweights.config import option, parse
 from fastweights.data.store import Dataset
 from fastweights.data.tokenizer import check_dataset_tokenizer
-from fastweights.errors import FastWeightsError, check_at_least
+from fastweights.errors import FastWeightsError, check_at_least, check_file_path
 from fastweights.eval.lm import long_docs_error, loss_by_position, perplexity
 from fastweights.eval.passkey import check_passkey_settings, passkey_eval, passkey_prompts
 from fastweights.eval.plot import plot_passkey
@@ -69,6 +69,10 @@ def _evaluate(cfg: EvalConfig) -> dict:
             check_passkey_settings(cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_trials, cfg.seed)
         except ValueError as err:
             raise FastWeightsError(f"--passkey-*: {err}") from None
+    out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
+    check_file_path("out", out)  # before the evaluation, not after it
+    if cfg.png:
+        check_file_path("png", Path(cfg.png))
     ds = Dataset(cfg.data)
     device = pick_device(cfg.device)
     set_threads(cfg.threads, device)
@@ -99,7 +103,6 @@ def _evaluate(cfg: EvalConfig) -> dict:
                                                    progress=cfg.progress)
     if dcfg is not None:
         res["dynamic_eval"] = _dynamic(model, ds, cfg, dcfg)
-    out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
     if prompts is not None:
         with torch.inference_mode():
             res["passkey"] = passkey_eval(model, tok, val, cfg.passkey_lengths, cfg.passkey_depths,

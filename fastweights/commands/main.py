@@ -13,6 +13,7 @@ the size's default (``fastweights.commands.main.DEFAULTS``).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch
 from fastweights.commands.eval import EvalConfig, evaluate
 from fastweights.commands.prepare import PrepareConfig, prepare
 from fastweights.config import option, parse
-from fastweights.errors import FastWeightsError
+from fastweights.errors import FastWeightsError, check_at_least
+from fastweights.eval.passkey import check_passkey_settings
 from fastweights.eval.plot import plot_position_losses
 from fastweights.models.presets import SIZES
 from fastweights.train.trainer import TrainConfig, train
@@ -79,11 +81,30 @@ def _setting(cfg: MainConfig, name: str):
     return value or default
 
 
+def _check(cfg: MainConfig, s: dict) -> None:
+    """The flags that training and evaluation would check only after the corpus is prepared."""
+    for name in ("steps", "batch_size", "seq_len", "warmup", "vocab_size", "eval_length", "first_bucket",
+                 "max_docs", "ppl_rows", "threads", "seed"):
+        check_at_least(name, getattr(cfg, name), 0)
+    for name in ("max_mb", "max_doc_kb"):
+        check_at_least(name, getattr(cfg, name), -1)
+    for name in ("lr", "ttt_lr"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            raise FastWeightsError(f"{name} must be a finite number >= 0 (lr 0: the size's default), got {value}")
+    if s["passkey_lengths"]:
+        try:
+            check_passkey_settings(s["passkey_lengths"], [0.0, 0.25, 0.5, 0.75, 1.0], 4, cfg.seed)
+        except ValueError as err:
+            raise FastWeightsError(f"--passkey-lengths: {err}") from None
+
+
 def run(cfg: MainConfig) -> dict:
     """The main job; returns the summary that it also writes to ``<out>/summary.json``."""
     if cfg.size not in DEFAULTS:
         raise FastWeightsError(f"unknown size {cfg.size!r}: expected one of {', '.join(DEFAULTS)}")
     s = {k: _setting(cfg, k) for k in DEFAULTS[cfg.size]}
+    _check(cfg, s)  # before the corpus is built and tokenised, not after
     out = Path(cfg.out)
     t0 = time.perf_counter()
     ds = prepare(PrepareConfig(corpus="python", out=str(out / "data"), vocab_size=s["vocab_size"], val_fraction=0.1,

@@ -57,7 +57,15 @@ def plot_position_losses(runs: list[tuple[str, dict]], out: str | os.PathLike, t
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return _save(plt, fig, out)
+
+
+def _save(plt, fig, out: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``out`` and return the path written: matplotlib adds ``.png`` to a
+    name without a suffix, so the returned (and reported) path has it too."""
     out = Path(out)
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
@@ -82,8 +90,4 @@ def plot_passkey(result: dict, out: str | os.PathLike, title: str = "") -> Path:
     fig.colorbar(im, ax=ax, label="accuracy")
     ax.set_title(title or "Passkey retrieval")
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)

@@ -1,7 +1,8 @@
 """Training checkpoints without pickle: tensors in safetensors files, the rest in JSON.
 
 A checkpoint is a directory ``<run>/checkpoints/step-XXXXXXXX/`` holding
-``model.safetensors``, ``optimizer.safetensors`` (optimizer and scheduler state through
+``model.safetensors`` and ``config.json`` (a Hugging Face model directory, which ``eval``
+reads), ``optimizer.safetensors`` (optimizer and scheduler state through
 :mod:`fastweights.optim.state`), ``rng.safetensors`` and ``state.json`` (step, data
 position, Python/NumPy RNG states and anything else the trainer records). It is written
 under a temporary name, flushed to disk (``fsync``) and renamed into place, so neither a killed
@@ -180,8 +181,11 @@ def _write(tmp: Path, plain, fsdp: bool, model_sd, optim_sd, scheduler, rng_tens
     save_state(tmp / "optimizer.safetensors", {"optimizer": optim_sd, "scheduler": sched})
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps(payload))
-    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
-        _fsync(tmp / name)
+    config = getattr(plain, "config", None)
+    if config is not None:  # with model.safetensors, a Hugging Face model directory: `eval --model` reads it
+        config.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        _fsync(f)
 
 
 def _model_tensors(path: Path, plain: nn.Module) -> dict[str, torch.Tensor]:
