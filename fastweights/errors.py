@@ -8,6 +8,14 @@ class FastWeightsError(Exception):
     """A user-facing error: bad input, a missing path, an unsupported model."""
 
 
+def named_by_flag(err: Exception, flags: dict[str, str]) -> FastWeightsError:
+    """The CLI's error for a ValueError that names a parameter (``"alpha must be ..."``), with
+    the parameter replaced by its command-line flag (``flags``: parameter -> flag)."""
+    msg = str(err)
+    name = msg.split(" ", 1)[0]
+    return FastWeightsError(flags[name] + msg[len(name):] if name in flags else msg)
+
+
 def check_positive_int(name: str, value) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is an int >= 1 (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

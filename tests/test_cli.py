@@ -151,7 +151,9 @@ def test_hybrid_model_through_the_cli(workdir, small_data, capsys):
                               "--first-bucket", "16", "--max-docs", "2", "--passkey-lengths", "128",
                               "--passkey-depths", "0", "--passkey-trials", "1"], capsys)
         assert code == 0, err
-        assert json.loads((run_dir / "eval.json").read_text())["perplexity"]["tokens"] > 0
+        res = json.loads((run_dir / "eval.json").read_text())
+        assert res["perplexity"]["tokens"] > 0
+        assert res["model_type"] == "fastweights_hybrid" and res["parameters"] > 0  # what was scored, for comparisons
         code, out, err = run(["generate", "--model", str(run_dir / "model"), "--prompt", "def train",
                               "--max-new-tokens", "5"], capsys)
         assert code == 0, err
@@ -213,9 +215,10 @@ def test_a_model_that_is_not_causal_is_refused_for_losses_and_decodes_without_a_
 
 
 @pytest.mark.parametrize("flag,value,match", [
-    ("--dynamic-rule", "adam", r"rule must be one of \('sgd', 'rms'\), got 'adam'"),
-    ("--dynamic-params", "last:7", r"params 'last:7': the model has 4 decoder layers; K must be in 1..4"),
-    ("--dynamic-lr", "-1", r"lr must be a finite number >= 0, got -1.0"),
+    ("--dynamic-rule", "adam", r"--dynamic-rule must be one of \('sgd', 'rms'\), got 'adam'"),
+    ("--dynamic-params", "last:7", r"--dynamic-params 'last:7': the model has 4 decoder layers; K must be in 1..4"),
+    ("--dynamic-lr", "-1", r"--dynamic-lr must be a finite number >= 0, got -1.0"),
+    ("--dynamic-segment", "0", r"--dynamic-segment must be"),
 ])
 def test_dynamic_eval_settings_fail_before_any_evaluation(workdir, small_data, capsys, flag, value, match):
     from fastweights.models.presets import build_model
@@ -247,6 +250,20 @@ def test_eval_lengths_fail_before_any_evaluation(workdir, small_data, capsys, fl
                           "--ppl-rows", "2", *flags], capsys)
     assert code == 2 and re.search(match, err.strip().splitlines()[-1]), err
     assert "perplexity" not in err and "loss by position" not in err  # nothing was evaluated first
+
+
+def test_lookahead_settings_are_named_by_flag_before_the_model_loads(workdir, small_data, capsys, monkeypatch):
+    """--lookahead-alpha 2 said 'alpha must be in (0, 1]', after the model had loaded."""
+    from fastweights.train import trainer
+
+    monkeypatch.setattr(trainer, "make_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    for flags, match in ((["--lookahead-alpha", "2"], "--lookahead-alpha must be in (0, 1], got 2.0"),
+                         (["--lookahead-k", "0"], "--lookahead-k must be >= 1, got 0"),
+                         (["--optimizer", "slrla_adamw", "--slrla-beta", "-1"],
+                          "--slrla-beta must be a finite number")):
+        argv = ["train", *train_args(small_data, workdir / "la", steps=1), "--optimizer", "lookahead_adamw", *flags]
+        line = _one_line_error(*run(argv, capsys)[::2])
+        assert match in line, line
 
 
 def test_main_job_tiny(workdir, capsys):
@@ -715,3 +732,18 @@ def test_a_training_checkpoint_is_a_model_directory_eval_reads(small_data, tmp_p
                           str(tmp_path / "f.json"), "--no-progress", "--ppl-rows", "1", "--length", "64",
                           "--max-docs", "1", "--seq-len", "32", "--first-bucket", "16"], capsys)
     assert json.loads((tmp_path / "f.json").read_text())["perplexity"]["perplexity"] == final  # same weights
+
+
+def test_main_table_shows_passkey_accuracy_when_it_was_measured():
+    """main computes passkey at 20m and above, but its summary table left it out."""
+    from fastweights.commands.main import table
+
+    def run_result(acc):
+        ev = {"perplexity": {"perplexity": 5.0}, "loss_by_position": {"buckets": [{"start": 0, "end": 8, "loss": 1.0}]}}
+        if acc is not None:
+            ev["passkey"] = {"accuracy": acc}
+        return {"train": {"parameters": 2e6, "loss": 1.5}, "eval": ev}
+
+    lines = table({"runs": {"a": run_result([[1.0, 0.5]]), "b": run_result([[0.0, 0.5]])}}).splitlines()
+    assert lines[0].split()[-2:] == ["passkey", "acc"] and lines[1].endswith("75%") and lines[2].endswith("25%")
+    assert "passkey" not in table({"runs": {"a": run_result(None)}})

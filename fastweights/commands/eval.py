@@ -11,7 +11,7 @@ import torch
 from fastweights.config import option, parse
 from fastweights.data.store import Dataset
 from fastweights.data.tokenizer import check_dataset_tokenizer
-from fastweights.errors import FastWeightsError, check_at_least, check_file_path
+from fastweights.errors import FastWeightsError, check_at_least, check_file_path, named_by_flag
 from fastweights.eval.lm import long_docs_error, loss_by_position, perplexity
 from fastweights.eval.passkey import check_passkey_settings, passkey_eval, passkey_prompts
 from fastweights.eval.plot import plot_passkey
@@ -95,7 +95,9 @@ def _evaluate(cfg: EvalConfig) -> dict:
                                       cfg.seed)
         except ValueError as err:
             raise FastWeightsError(f"--passkey-lengths: {err}") from None
-    res: dict = {"model": str(cfg.model), "data": str(cfg.data)}
+    # what the model is, for comparing runs: its family and size next to the scores
+    res: dict = {"model": str(cfg.model), "data": str(cfg.data), "model_type": model.config.model_type,
+                 "parameters": sum(p.numel() for p in model.parameters())}
     with torch.inference_mode():
         res["perplexity"] = perplexity(model, val, cfg.seq_len, cfg.batch_size, cfg.ppl_rows or None,
                                        progress=cfg.progress)
@@ -142,7 +144,9 @@ def _dynamic_config(model, cfg: EvalConfig):
         dcfg.validate()
         select_parameters(model, dcfg.params)
     except ValueError as err:
-        raise FastWeightsError(str(err)) from None
+        raise named_by_flag(err, {"rule": "--dynamic-rule", "segment_length": "--dynamic-segment",
+                                  "lr": "--dynamic-lr", "decay": "--dynamic-decay", "eps": "--dynamic-eps",
+                                  "params": "--dynamic-params"}) from None
     return dcfg
 
 

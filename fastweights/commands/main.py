@@ -57,7 +57,8 @@ class MainConfig:
     warmup: int = option("warmup steps (0: default)", 0)
     vocab_size: int = option("BPE vocabulary (0: default)", 0)
     ttt_lr: float = option("In-Place TTT inner learning rate eta of the TTT run", 3.0)
-    max_mb: int = option("corpus sample in MB (0: the size's default; -1: the whole corpus)", 0)
+    max_mb: int = option("corpus sample in MB, whole documents until it is reached (0: the size's default; -1: "
+                         "the whole corpus)", 0)
     max_doc_kb: int = option("per-document cap in KB (0: default; -1: none)", 0)
     eval_length: int = option("document length for loss by position (0: default)", 0)
     first_bucket: int = option("first position bucket end (0: default)", 0)
@@ -142,14 +143,18 @@ def table(result: dict) -> str:
     """The summary table: one row per run."""
     names = list(result["runs"])
     buckets = result["runs"][names[0]]["eval"]["loss_by_position"]["buckets"]
-    head = ["run", "params", "train loss", "val ppl"] + [f"{b['start']}-{b['end']}" for b in buckets]
+    passkey = all("passkey" in result["runs"][n]["eval"] for n in names)
+    head = (["run", "params", "train loss", "val ppl"] + [f"{b['start']}-{b['end']}" for b in buckets]
+            + (["passkey acc"] if passkey else []))
     rows = []
     for n in names:
         r = result["runs"][n]
+        acc = [a for row in r["eval"]["passkey"]["accuracy"] for a in row] if passkey else []
         rows.append([n, f"{r['train']['parameters'] / 1e6:.2f}M", f"{r['train']['loss']:.3f}",
                      f"{r['eval']['perplexity']['perplexity']:.2f}"]
                     + ["-" if b["loss"] is None else f"{b['loss']:.3f}"
-                       for b in r["eval"]["loss_by_position"]["buckets"]])
+                       for b in r["eval"]["loss_by_position"]["buckets"]]
+                    + ([f"{sum(acc) / len(acc):.0%}"] if passkey else []))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)) for line in [head, *rows]]
     return "\n".join(lines)

@@ -24,7 +24,8 @@ class PrepareConfig:
     tokenizer_sample_mb: int = option("MB of training text the BPE learns from", 8)
     val_fraction: float = option("fraction of documents (by name hash) in the validation split", 0.05)
     max_doc_kb: int = option("cap each default-corpus document at this many KB (0: no cap)", 0)
-    max_mb: int = option("keep a deterministic sample of documents up to this many MB (0: all)", 0)
+    max_mb: int = option("keep a deterministic sample of whole documents until this many MB are reached (the "
+                         "last one may cross it; 0: all)", 0)
     text_field: str = option("JSONL field / parquet column holding the text", "text")
     shard_tokens: int = option("tokens per shard file", 1 << 28)
     progress: bool = option("show progress bars", True)

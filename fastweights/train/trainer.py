@@ -418,6 +418,13 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
         raise FastWeightsError(f"forgetting must be one of {', '.join(FORGETTING)}, got {cfg.forgetting!r}")
     if cfg.fwl and cfg.ttt:
         raise FastWeightsError("--fwl trains a Fast Weight Layer instead of In-Place TTT: pass --no-ttt with it")
+    if cfg.optimizer.startswith(("lookahead", "slrla")):  # before the model loads, named by flag
+        if cfg.lookahead_k < 1:
+            raise FastWeightsError(f"--lookahead-k must be >= 1, got {cfg.lookahead_k}")
+        if not 0.0 < cfg.lookahead_alpha <= 1.0:
+            raise FastWeightsError(f"--lookahead-alpha must be in (0, 1], got {cfg.lookahead_alpha}")
+    if cfg.optimizer.startswith("slrla") and not (math.isfinite(cfg.slrla_beta) and cfg.slrla_beta >= 0):
+        raise FastWeightsError(f"--slrla-beta must be a finite number >= 0, got {cfg.slrla_beta}")
     if cfg.forgetting == "temporary" and cfg.forgetting_until < 1:
         raise FastWeightsError(f"temporary forgetting needs --forgetting-until >= 1, got {cfg.forgetting_until}")
     if cfg.forgetting == "temporary" and cfg.forgetting_until < cfg.forgetting_every:
