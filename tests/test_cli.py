@@ -90,17 +90,20 @@ def test_pipeline_end_to_end(workdir, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     conv = workdir / "converted"
     code, out, err = run(["convert", "--model", str(workdir / "base" / "model"), "--out", str(conv),
-                          "--layers", "1", "3", "--chunk-size", "8"], capsys)
+                          "--layers", "1", "3", "--chunk-size", "8", "--no-progress"], capsys)
     assert code == 0, err
+    assert "Loading weights" not in err and "Writing model" not in err  # transformers' bars off too
     cfg = json.loads((conv / "config.json").read_text())
     assert cfg["ttt_layers"] == [1, 3] and cfg["ttt_chunk"] == 8 and (conv / "tokenizer.json").exists()
     from fastweights.data.tokenizer import load_tokenizer
     from fastweights.models.presets import load_model
 
     for model in (workdir / "base" / "model", conv):
-        code, out, err = run(["generate", "--model", str(model), "--prompt", "def train", "--max-new-tokens", "5"],
-                             capsys)
+        capsys.readouterr()  # this loop's own loading below
+        code, out, err = run(["generate", "--model", str(model), "--prompt", "def train", "--max-new-tokens", "5",
+                              "--no-progress"], capsys)
         assert code == 0, err
+        assert "Loading weights" not in err, err
         # greedy by full forward passes (no cache), up to 5 tokens or end of text
         m, tok = load_model(str(model)).eval(), load_tokenizer(str(model))
         ids = tok("def train", return_tensors="pt", add_special_tokens=False).input_ids

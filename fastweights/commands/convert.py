@@ -9,6 +9,7 @@ import torch
 
 from fastweights.config import option, parse
 from fastweights.errors import FastWeightsError
+from fastweights.models.compat import hf_progress_bars
 from fastweights.models.presets import load_model
 
 
@@ -22,6 +23,7 @@ class ConvertConfig:
     target: str = option("target source: hidden (continual training) or embed (from scratch)", "hidden")
     proj: bool = option("learn the target projection P", True)
     dtype: str = option("dtype of the saved model: auto (the checkpoint's own), float32, bfloat16 or float16", "auto")
+    progress: bool = option("show transformers' progress bars (loading and saving the model)", True)
 
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,9 +39,10 @@ def main(argv: list[str]) -> int:
         raise FastWeightsError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():  # save_pretrained would only log it and return
         raise FastWeightsError(f"--out {cfg.out} exists and is not a directory")
-    model = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
-    convert(model, layers=cfg.layers, chunk_size=cfg.chunk_size, lr=cfg.lr, target=cfg.target, proj=cfg.proj)
-    model.save_pretrained(cfg.out)
+    with hf_progress_bars(cfg.progress):
+        model = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
+        convert(model, layers=cfg.layers, chunk_size=cfg.chunk_size, lr=cfg.lr, target=cfg.target, proj=cfg.proj)
+        model.save_pretrained(cfg.out)
     src = Path(cfg.model)
     if (src / "tokenizer.json").exists() or (src / "tokenizer_config.json").exists():
         from fastweights.data.tokenizer import load_tokenizer

@@ -11,6 +11,7 @@ from transformers import GenerationConfig
 from fastweights.config import option, parse
 from fastweights.data.tokenizer import load_tokenizer
 from fastweights.errors import FastWeightsError, check_at_least
+from fastweights.models.compat import hf_progress_bars
 from fastweights.models.presets import load_model
 from fastweights.train.trainer import pick_device
 
@@ -25,6 +26,7 @@ class GenerateConfig:
     top_p: float = option("sample from the smallest set of tokens whose probability reaches p (1: all)", 1.0)
     seed: int = option("sampling seed", 0)
     device: str = option("auto, cpu or cuda[:i]", "auto")
+    progress: bool = option("show transformers' progress bar while the model loads", True)
 
 
 def generate(cfg: GenerateConfig) -> str:
@@ -42,7 +44,8 @@ def generate(cfg: GenerateConfig) -> str:
         raise FastWeightsError(f"temperature must be >= 0 (0: greedy), got {cfg.temperature}")
     if not (0 < cfg.top_p <= 1):
         raise FastWeightsError(f"top_p must be in (0, 1] (1: all tokens), got {cfg.top_p}")
-    model = load_model(cfg.model).to(pick_device(cfg.device)).eval()
+    with hf_progress_bars(cfg.progress):
+        model = load_model(cfg.model).to(pick_device(cfg.device)).eval()
     tok = load_tokenizer(cfg.model)
     ids = tok(cfg.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
     if ids.shape[1] == 0:
