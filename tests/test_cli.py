@@ -261,7 +261,7 @@ def test_lookahead_settings_are_named_by_flag_before_the_model_loads(workdir, sm
 
     monkeypatch.setattr(trainer, "make_model", lambda *a, **k: pytest.fail("the model loaded first"))
     for flags, match in ((["--lookahead-alpha", "2"], "--lookahead-alpha must be in (0, 1], got 2.0"),
-                         (["--lookahead-k", "0"], "--lookahead-k must be >= 1, got 0"),
+                         (["--lookahead-k", "0"], "lookahead_k must be >= 1, got 0"),
                          (["--optimizer", "slrla_adamw", "--slrla-beta", "-1"],
                           "--slrla-beta must be a finite number")):
         argv = ["train", *train_args(small_data, workdir / "la", steps=1), "--optimizer", "lookahead_adamw", *flags]

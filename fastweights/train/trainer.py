@@ -419,8 +419,6 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
     if cfg.fwl and cfg.ttt:
         raise FastWeightsError("--fwl trains a Fast Weight Layer instead of In-Place TTT: pass --no-ttt with it")
     if cfg.optimizer.startswith(("lookahead", "slrla")):  # before the model loads, named by flag
-        if cfg.lookahead_k < 1:
-            raise FastWeightsError(f"--lookahead-k must be >= 1, got {cfg.lookahead_k}")
         if not 0.0 < cfg.lookahead_alpha <= 1.0:
             raise FastWeightsError(f"--lookahead-alpha must be in (0, 1], got {cfg.lookahead_alpha}")
     if cfg.optimizer.startswith("slrla") and not (math.isfinite(cfg.slrla_beta) and cfg.slrla_beta >= 0):
