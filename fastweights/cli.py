@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastweights {argv[0]}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = " (`--resume` continues a training run from its last checkpoint)" if argv[0] in ("train", "main") else ""
+        hint = {"train": " (`--resume` continues a training run from its last checkpoint)",
+            "main": " (run it again with the same --out to continue its training runs)"}.get(argv[0], "")
         print(f"\nfastweights {argv[0]}: interrupted{hint}", file=sys.stderr)
         return 130
 

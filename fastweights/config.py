@@ -57,8 +57,18 @@ def load_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise FastWeightsError(f"config file not found: {path}")
+    class _NoDuplicates(yaml.SafeLoader):  # YAML and JSON keep the last of two equal keys silently
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise FastWeightsError(f"{path}: option {key!r} is given twice")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_NoDuplicates)  # noqa: S506  (a SafeLoader)
     except yaml.YAMLError as err:
         raise FastWeightsError(f"{path}: not valid YAML/JSON ({str(err).splitlines()[0]})") from None
     if data is None:

@@ -30,6 +30,15 @@ def check_number(name: str, value, low: float = 0.0, strict: bool = False) -> No
         raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
 
 
+def as_rate(name: str, value) -> float:
+    """``value`` as a float rate >= 0: a real number or a 1-element real tensor (a bool or a
+    string is not one); raises ValueError naming ``name`` otherwise."""
+    if type(value).__name__ == "Tensor" and value.numel() == 1 and value.dtype.is_floating_point:
+        value = value.item()
+    check_number(name, value)
+    return float(value)
+
+
 def check_at_least(name: str, value, low: int) -> None:
     """Raise the CLI's one-line :class:`FastWeightsError` naming ``name`` unless ``value >= low``."""
     if value < low:

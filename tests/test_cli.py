@@ -194,6 +194,32 @@ def test_a_config_alone_trains_from_scratch_with_its_seed(workdir, small_data, c
     assert code == 2 and "holds a config.json but no weights (model.safetensors)" in err
 
 
+def test_a_lact_run_from_before_the_weight_decay_change_resumes_exactly(workdir, small_data, capsys, monkeypatch):
+    """Runs written when LaCT's q/k scale and shift took weight decay could not resume: their
+    optimizer state holds two groups of other sizes ("loaded state dict contains a parameter group
+    that doesn't match"). They resume with the split they were written with."""
+    from fastweights.models.hybrid import HybridForCausalLM
+    from fastweights.train import trainer
+
+    vocab = json.loads((small_data / "meta.json").read_text())["tokenizer"]["vocab_size"]
+    torch.manual_seed(0)
+    HybridForCausalLM(_hybrid_config(vocab, lact_update="momentum")).save_pretrained(workdir / "wd-lact")
+    capsys.readouterr()
+    new_rule = trainer._decays
+    monkeypatch.setattr(trainer, "_decays", lambda model, params: [p.dim() >= 2 for p in params])
+    args = lambda out, steps: ["train", *train_args(small_data, out, steps=steps, model=workdir / "wd-lact"),  # noqa: E731
+                               "--keep", "0", "--weight-decay", "5"]
+    assert run(args(workdir / "wd-straight", 4), capsys)[0] == 0
+    assert run(args(workdir / "wd-resumed", 2), capsys)[0] == 0
+    monkeypatch.setattr(trainer, "_decays", new_rule)
+    code, out, err = run([*args(workdir / "wd-resumed", 4), "--resume"], capsys)
+    assert code == 0, err
+    assert "was written when LaCT's q/k scale and shift took weight decay" in err
+    straight = (workdir / "wd-straight" / "metrics.jsonl").read_text().splitlines()
+    resumed = (workdir / "wd-resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in straight] == [json.loads(x)["loss"] for x in resumed]
+
+
 def test_a_model_that_is_not_causal_is_refused_for_losses_and_decodes_without_a_cache(workdir, small_data, capsys):
     """Found by a review: LaCT with lact_order='update_apply' reads each chunk with its own
     update (token 10 moved the logits of tokens 0..9 by 0.12), yet train and eval scored it as a
@@ -644,6 +670,8 @@ def test_a_model_tokenizer_that_extends_the_datas_is_accepted(small_data, tmp_pa
     ("out:\n", None),  # empty: the default, not the string "None"
     ("prompt: no\n", r"option 'prompt' must be str, got False"),  # YAML's no is a bool
     ("max_new_tokens: 3\nmax-new-tokens: 4\n", r"option 'max_new_tokens' is given twice"),
+    ("max_new_tokens: 3\nmax_new_tokens: 4\n", r"option 'max_new_tokens' is given twice"),
+    ('{"max_new_tokens": 3, "max_new_tokens": 4}', r"option 'max_new_tokens' is given twice"),
 ])
 def test_config_file_values_yaml_would_misread(tmp_path, text, match):
     from fastweights.commands.generate import GenerateConfig
@@ -750,3 +778,16 @@ def test_main_table_shows_passkey_accuracy_when_it_was_measured():
     lines = table({"runs": {"a": run_result([[1.0, 0.5]]), "b": run_result([[0.0, 0.5]])}}).splitlines()
     assert lines[0].split()[-2:] == ["passkey", "acc"] and lines[1].endswith("75%") and lines[2].endswith("25%")
     assert "passkey" not in table({"runs": {"a": run_result(None)}})
+
+
+def test_shards_without_their_index_are_not_taken_for_no_weights(tmp_path):
+    """A directory of model-0000x-of-0000y.safetensors without its index trained from random
+    weights (its shards were not counted as weights); transformers' own error comes instead."""
+    from tiny_models import tiny_model
+
+    from fastweights.models.presets import load_model
+
+    tiny_model("qwen3", layers=1).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "model-00001-of-00002.safetensors")
+    with pytest.raises(OSError):
+        load_model(tmp_path, init_missing=True)

@@ -356,3 +356,18 @@ def test_flattened_rows_in_eval_mode_equal_documents_one_at_a_time():
     assert rel(out, singles) < 1e-5
     with pytest.raises(ValueError, match="pass use_cache=False"), torch.no_grad():
         model(**batch, use_cache=True)
+
+
+def test_a_one_element_tensor_rate_is_a_number():
+    """convert(lr=torch.tensor(3.0)) was refused as 'not a finite number >= 0'."""
+    model = convert(tiny_model("qwen3"), lr=torch.tensor(2.5))
+    assert model.config.ttt_lr == 2.5 and type(model.config.ttt_lr) is float
+
+
+def test_convert_refuses_a_model_that_runs_context_parallel():
+    """TTT layers added after apply_context_parallel stepped locally on each shard (rank 1 off by
+    5e-3); the handle is what marks such a model."""
+    model = tiny_model("qwen3")
+    model._fw_context_parallel = object()
+    with pytest.raises(FastWeightsError, match="this model runs context-parallel: call remove"):
+        convert(model)

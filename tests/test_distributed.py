@@ -684,6 +684,8 @@ def _ckpt_misuse_worker(rank, world, path):
         g["lr"] = torch.tensor(g["lr"])
     save_checkpoint(f"{path}/tensor-lr", model, opt, {"step": 2})
     out["tensor-lr"] = load_checkpoint(f"{path}/tensor-lr", fresh, fresh_opt)["step"]
+    lrs = [g["lr"] for g in fresh_opt.param_groups]
+    out["tensor-lr-back"] = all(torch.is_tensor(x) and torch.equal(x, torch.tensor(1e-2)) for x in lrs)
     # incomplete checkpoints: the error reaches every rank (rank 0 alone read the files, the others hung)
     dist.barrier()
     if rank == 0:
@@ -715,7 +717,7 @@ def test_checkpoints_that_go_wrong_fail_on_every_rank(tmp_path):
     for out in run_world(2, _ckpt_misuse_worker, str(tmp_path), timeout=90):
         assert out["failed-save"].startswith("could not write checkpoint") and "disk full" in out["failed-save"], out
         assert out["kept-step"] == 1 and out.get("kept-weights", True), out
-        assert out["tensor-lr"] == 2, out
+        assert out["tensor-lr"] == 2 and out["tensor-lr-back"], out
         assert "lacks the RNG state of rank(s) [1]" in out["missing-rng"], out
         assert "model.safetensors cannot be read" in out["truncated"], out
 
@@ -742,3 +744,45 @@ def test_checkpoint_without_a_process_group(tmp_path):
     for (n, p), q in zip(model.named_parameters(), other.parameters()):
         assert torch.equal(p, q), n
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_checkpoint_directory_is_replaced_only_when_it_is_a_checkpoint(tmp_path, monkeypatch):
+    """Found by a review of the atomic save: a directory holding other files was deleted; a save
+    stopped between its two renames left no loadable checkpoint; "." raised a raw ValueError (it is
+    now refused: the directory is replaced, and a process's own directory cannot be)."""
+    import os
+
+    from tiny_models import tiny_model
+
+    import fastweights.distributed.data_parallel as dp
+
+    model = tiny_model("qwen3", layers=1)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(RuntimeError, match="holds files but no checkpoint"):
+        dp.save_checkpoint(mine, model)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    ck = tmp_path / "ck"
+    dp.save_checkpoint(ck, model, state={"step": 1})
+    real = os.replace
+    calls = []
+
+    def stop_before_the_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("killed")
+        return real(src, dst)
+
+    monkeypatch.setattr(dp.os, "replace", stop_before_the_second_rename)
+    with pytest.raises(OSError, match="killed"):
+        dp.save_checkpoint(ck, model, state={"step": 2})
+    monkeypatch.setattr(dp.os, "replace", real)
+    assert not ck.exists()
+    assert dp.load_checkpoint(ck, model)["step"] == 1  # the previous checkpoint, from ck.old
+    dp.save_checkpoint(ck, model, state={"step": 3})
+    assert dp.load_checkpoint(ck, model)["step"] == 3 and not (tmp_path / "ck.old").exists()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="is the current directory .*: save_checkpoint replaces its directory"):
+        dp.save_checkpoint(".", model)
+    assert dp.save_checkpoint("ck", model, state={"step": 4}) == ck and dp.load_checkpoint("ck", model)["step"] == 4

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -164,10 +165,17 @@ def _agree(error: str | None, src: int = 0) -> None:
 
 
 def _json_value(x):
-    """JSON for optimizer hyperparameters: tensors (a tensor lr) as numbers, tuples as lists."""
+    """JSON for optimizer hyperparameters: tuples as lists; a tensor (a tensor lr) as
+    ``{"__tensor__": value, "dtype": name}``, which :func:`_from_json` turns back into a tensor."""
     if torch.is_tensor(x):
-        return x.tolist()
+        return {"__tensor__": x.tolist(), "dtype": str(x.dtype).removeprefix("torch.")}
     return list(x)
+
+
+def _from_json(x):
+    if isinstance(x, dict) and set(x) == {"__tensor__", "dtype"}:
+        return torch.tensor(x["__tensor__"], dtype=getattr(torch, x["dtype"]))
+    return x
 
 
 def _fsync(path: Path) -> None:
@@ -184,20 +192,33 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     """Write a world-size independent checkpoint directory (module docstring). Every rank
     calls it (or one process without a process group); rank 0 writes the shared files, each
     rank its RNG state. ``state``: JSON-able values (step, data position, scheduler...) stored
-    in ``state.json``. The files go to ``<path>.tmp`` first, which then replaces ``path``: a
-    crash leaves the previous checkpoint at ``path`` whole."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    in ``state.json``. ``path`` is new, empty or an earlier checkpoint (anything else is
+    refused). The files go to ``<path>.tmp`` (``state.json`` last, once every rank's file is
+    there), which then replaces ``path``; the previous checkpoint stays at ``<path>.old`` until
+    the new one is in place, and :func:`load_checkpoint` falls back to it."""
+    path = Path(os.path.abspath(path))
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     rank, world = _rank_world()
     model_sd = full_state_dict(model)
     optim_sd = (get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
                 if optimizer is not None else None)
     error = None
     if rank == 0:
-        try:
-            _write_shared(tmp, model, model_sd, optim_sd, {**(state or {}), "world_size": world})
-        except (OSError, TypeError, ValueError, RuntimeError) as err:
-            error = f"could not write checkpoint {tmp}: {type(err).__name__}: {err} ({path} is unchanged)"
+        if Path.cwd() == path or path in Path.cwd().parents:
+            error = (f"{path} is the current directory (or holds it): save_checkpoint replaces its directory, so give "
+                     "a subdirectory")
+        elif path.is_dir() and any(path.iterdir()) and not _complete(path):
+            error = (f"{path} holds files but no checkpoint (state.json): save_checkpoint replaces its directory, "
+                     "so give a new or empty one")
+        elif path.exists() and not path.is_dir():
+            error = f"{path} is a file: give a directory for the checkpoint"
+
+        else:
+            try:
+                _write_shared(tmp, model, model_sd, optim_sd)
+            except (OSError, TypeError, ValueError, RuntimeError) as err:
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = f"could not write checkpoint {tmp}: {type(err).__name__}: {err} ({path} is unchanged)"
     _agree(error)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -206,10 +227,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     _fsync(tmp / f"rng-{rank}.safetensors")
     _barrier()
     if rank == 0:
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
+        (tmp / "state.json").write_text(json.dumps({**(state or {}), "world_size": world}, indent=1))
+        _fsync(tmp / "state.json")
+        if _complete(path):  # the previous checkpoint waits at .old until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
+        elif path.exists():
+            shutil.rmtree(path)  # empty, or an unfinished copy
         os.replace(tmp, path)
         _fsync(path.parent)
         shutil.rmtree(old, ignore_errors=True)
@@ -217,8 +241,14 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     return path
 
 
-def _write_shared(tmp: Path, model: nn.Module, model_sd: dict, optim_sd: dict | None, state: dict) -> None:
-    """Rank 0's files of one checkpoint, in the directory ``tmp`` (made anew), each flushed."""
+def _complete(path: Path) -> bool:
+    """A checkpoint directory whose writing finished (``state.json`` is written last)."""
+    return (path / "state.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def _write_shared(tmp: Path, model: nn.Module, model_sd: dict, optim_sd: dict | None) -> None:
+    """Rank 0's tensor files of one checkpoint, in the directory ``tmp`` (made anew), each
+    flushed (``state.json`` comes last, from :func:`save_checkpoint`)."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(_untie(model_sd), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -233,7 +263,6 @@ def _write_shared(tmp: Path, model: nn.Module, model_sd: dict, optim_sd: dict | 
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(
             {"param_groups": optim_sd["param_groups"], "state": other}, indent=1, default=_json_value))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for f in tmp.iterdir():
         _fsync(f)
 
@@ -257,7 +286,8 @@ def _read_shared(path: Path, optimizer) -> tuple[dict, dict]:
     for key, v in tensors("optimizer.safetensors").items():
         name, k = key.rsplit("/", 1)
         st.setdefault(name, {})[k] = v
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    groups = [{k: _from_json(v) for k, v in g.items()} for g in meta["param_groups"]]
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups]
     return model_sd, {"state": st, "param_groups": groups}
 
 
@@ -266,8 +296,13 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     size, or into one process without a process group; restores the per-rank RNG when the
     world size is the one that wrote it. Returns ``state.json``. Every rank calls it; only
     rank 0 reads the tensor files, and an error there is raised on every rank."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     rank, world = _rank_world()
+    old = path.with_name(path.name + ".old")
+    if not _complete(path) and _complete(old):  # a save stopped between its two renames
+        if rank == 0:
+            print(f"warning: {path} is incomplete; loading the previous checkpoint {old}", file=sys.stderr)
+        path = old
     for name in ("model.safetensors", "state.json"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint: {name} is missing")

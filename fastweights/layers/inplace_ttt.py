@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastweights.errors import check_number, check_positive_int
+from fastweights.errors import as_rate, check_positive_int
 from fastweights.layers._weights import weight_of
 from fastweights.ops.inplace_ttt import inplace_ttt
 from fastweights.ops.inplace_ttt_decode import InPlaceTTTState, StepPlan
@@ -84,8 +84,7 @@ class InPlaceTTTMLP(nn.Module):
             raise ValueError(f"{type(mlp).__name__} has no activation attribute (act_fn, activation_fn or act)")
         self.act_fn = act
         check_positive_int("chunk_size", chunk_size)
-        check_number("lr", lr)
-        self.chunk_size, self.lr, self.target = chunk_size, float(lr), normalize_target(target)
+        self.chunk_size, self.lr, self.target = chunk_size, as_rate("lr", lr), normalize_target(target)
         d = self.down_proj.out_features
         w = self.down_proj.weight
         self.ttt_conv = nn.Conv1d(d, d, 5, padding=2, groups=d, bias=False, device=w.device, dtype=w.dtype)

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers import initialization as init
 
-from fastweights.errors import FastWeightsError, check_number
+from fastweights.errors import FastWeightsError, as_rate
 from fastweights.layers.inplace_ttt import OFFICIAL_TARGET, InPlaceTTTMLP, TTTContext, normalize_target, ttt_init_value
 from fastweights.models.cache import InPlaceTTTCache, ttt_settings
 from fastweights.models.compat import (
@@ -312,11 +312,14 @@ def _layer_index(i) -> int:
 
 
 def _validate(model, layers, chunk_size, lr, target, proj):
+    if getattr(model, "_fw_context_parallel", None) is not None:
+        raise FastWeightsError("this model runs context-parallel: call remove() on its apply_context_parallel handle, "
+                               "convert, then apply it again (new TTT layers would step locally on each shard)")
     layers_list = _decoder_layers(model)
     n = len(layers_list)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    check_number("lr", lr)  # a bool or a string is not a rate
+    lr = as_rate("lr", lr)  # a bool or a string is not a rate; a 1-element tensor is
     target = normalize_target(target)
     if layers is not None and (isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__")):
         raise ValueError(f"layers must be a list of decoder layer indices (0..{n - 1}), got {layers!r}")
@@ -345,7 +348,7 @@ def _validate(model, layers, chunk_size, lr, target, proj):
             )
     if not isinstance(proj, bool):
         raise ValueError(f"proj must be True or False, got {proj!r}")
-    return sorted(chosen), chunk_size, float(lr), target
+    return sorted(chosen), chunk_size, lr, target
 
 
 def _install(model: PreTrainedModel, layers: list[int], chunk_size: int, lr: float, target: str,

@@ -89,7 +89,7 @@ def check_vocab(model, vocab_size: int, name) -> None:
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+                "pytorch_model.bin.index.json", "model-*.safetensors", "pytorch_model-*.bin")
 
 
 def check_causal(model, name) -> None:
@@ -119,7 +119,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
         raise FastWeightsError(f"no config.json in model directory {path}{hint}")
     raw = json.loads(cfg_file.read_text())
     converted = raw.get("ttt_layers") is not None
-    weights = any((path / f).exists() for f in WEIGHT_FILES)
+    weights = any(any(path.glob(f)) for f in WEIGHT_FILES)  # shards without their index: transformers says so
     if converted and weights:  # In-Place TTT: registers its inplace_ttt_<family> itself
         from fastweights.models import load_pretrained
 

@@ -198,6 +198,27 @@ def _model_tensors(path: Path, plain: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
+def saved_group_sizes(path) -> list[int] | None:
+    """The parameter count of each optimizer param group stored in checkpoint ``path`` (read from
+    the state's JSON, no tensor loaded), or None when it cannot be read."""
+    from fastweights.optim.state import _META_KEY, unflatten_state
+
+    class _AnyTensor(dict):  # stands for every tensor of the state
+        def __contains__(self, key):
+            return True
+
+        def __missing__(self, key):
+            return None
+
+    try:
+        with safe_open(str(Path(path) / "optimizer.safetensors"), "pt") as fh:
+            meta = (fh.metadata() or {})[_META_KEY]
+        groups = unflatten_state(_AnyTensor(), meta)["optimizer"]["param_groups"]
+        return [len(g["params"]) for g in groups]
+    except (OSError, KeyError, TypeError, ValueError, SafetensorError):
+        return None
+
+
 def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer, scheduler and every RNG from checkpoint ``path``; return
     its ``state.json`` contents. Under data parallelism every rank calls it, at any world size."""

@@ -38,7 +38,13 @@ from fastweights.models.compat import enable_activation_checkpointing, hf_progre
 from fastweights.models.inplace_ttt import HYBRID
 from fastweights.models.presets import SIZES, build_model, check_causal, check_vocab, load_model, resolve_model
 from fastweights.optim import OPTIMIZERS, Lookahead, build_optimizer
-from fastweights.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from fastweights.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    saved_group_sizes,
+)
 from fastweights.train.forgetting import FORGETTING, build_forgetting
 
 __all__ = ["TrainConfig", "causal_lm_loss", "peak_flops", "train", "warmup_cosine"]
@@ -247,6 +253,22 @@ def _decays(model, params: list[torch.nn.Parameter]) -> list[bool]:
     vectors (norms, biases) do not."""
     exempt = {id(getattr(m, n)) for m in model.modules() for n in getattr(m, "NO_WEIGHT_DECAY", ())}
     return [p.dim() >= 2 and id(p) not in exempt for p in params]
+
+
+def _resumed_decays(ckpt, params, decays: list[bool], rank: int) -> list[bool]:
+    """The weight-decay split a resumed run continues with: the one its checkpoint was written
+    with. Runs started before ``NO_WEIGHT_DECAY`` existed decayed every matrix (LaCT's q/k scale
+    and shift too) and keep doing so; their optimizer state is grouped that way."""
+    sizes = saved_group_sizes(ckpt)
+    legacy = [p.dim() >= 2 for p in params]
+    if sizes is None or legacy == decays or sizes == [sum(decays), len(decays) - sum(decays)]:
+        return decays
+    if sizes == [sum(legacy), len(legacy) - sum(legacy)]:
+        if rank == 0:
+            print(f"warning: {ckpt} was written when LaCT's q/k scale and shift took weight decay; the resumed run "
+                  "keeps decaying them (a new run does not)", file=sys.stderr)
+        return legacy
+    return decays
 
 
 PARALLEL = ("none", "ddp", "fsdp")
@@ -493,6 +515,8 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     params = _trainable(model, cfg.trainable)
     decays = _decays(model, params)
+    if cfg.resume and ckpt is not None:
+        decays = _resumed_decays(ckpt, params, decays, rank)
     plain = model
     if world > 1 or cfg.parallel != "none":
         model, params = _wrap(model, cfg, params)
