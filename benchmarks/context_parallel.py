@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -383,6 +384,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-checkpoint", action="store_true", help="no activation checkpointing")
     ap.add_argument("--json", help="write the results to this JSON file (rank 0)")
     args = ap.parse_args(argv)
+    if "RANK" not in os.environ:
+        ap.error("run it under torchrun, e.g. torchrun --nproc-per-node 2 benchmarks/context_parallel.py "
+                 "--tiny (CPU/gloo) or --seq 65536 (GPUs)")
 
     rank, world, device = init_distributed()
     torch.backends.cuda.matmul.allow_tf32 = True

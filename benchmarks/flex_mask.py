@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import sys
 import time
 
 import torch
@@ -61,6 +62,10 @@ def main(argv=None) -> int:
     if args.tiny:
         dev, N, W, docs = torch.device("cpu"), 300, 64, (90, 70, 100)
     else:
+        if not torch.cuda.is_available():
+            print("flex_mask.py times flex attention's block masks on CUDA; --tiny runs a CPU smoke test",
+                  file=sys.stderr)
+            return 2
         dev, N, W = torch.device("cuda"), args.seqlen, args.window
         docs = (N * 9 // 32, N * 7 // 32, N * 12 // 32)
     docs = (*docs, N - sum(docs))

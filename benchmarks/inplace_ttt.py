@@ -281,6 +281,9 @@ def main(argv=None) -> int:
     ap.add_argument("--breakdown", action="store_true", help="profile ours: GEMM vs other kernel time")
     ap.add_argument("--json", default=None, help="write all numbers here")
     args = ap.parse_args(argv)
+    bad = [i for i in args.rows if not 0 <= i < len(ROWS)]
+    if bad:
+        ap.error(f"--rows {bad}: rows are 0..{len(ROWS) - 1} ({', '.join(f'{i}: {r}' for i, r in enumerate(ROWS))})")
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -314,7 +317,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
     print()
-    print("| d | f | N | C | plain fwd+bwd ms | official ms | ours ms | official/plain | ours/plain "
+    print("| d | f | N | C | K | plain fwd+bwd ms | official ms | ours ms | official/plain | ours/plain "
           "| ours/official | plain fwd ms | official fwd ms | ours fwd ms | official fwd/plain "
           "| ours fwd/plain | peak GiB plain / official / ours | official mem/plain | ours mem/plain |")
     print("|" + "---|" * 19)
@@ -322,7 +325,9 @@ def main(argv=None) -> int:
         t = e["times"]
         for name in [k for k in t if k.startswith("ours")]:
             pl, of, us = t["plain"], t["official"], t[name]
-            print(f"| {e['d']} | {e['f']} | {e['N']} | {e['C']}{'' if name == 'ours' else ' ' + name[4:]} "
+            spec = name[5:-1] if name != "ours" else ""  # "ours[K=1+tf=512]"
+            k = next((p[2:] for p in spec.split("+") if p.startswith("K=")), e["K"])  # a variant's own K
+            print(f"| {e['d']} | {e['f']} | {e['N']} | {e['C']}{'' if name == 'ours' else ' ' + name[4:]} | {k} "
                   f"| {pl['fb_ms']:.2f} | {of['fb_ms']:.2f} | {us['fb_ms']:.2f} "
                   f"| {of['fb_ms'] / pl['fb_ms']:.2f}× | **{us['fb_ms'] / pl['fb_ms']:.2f}×** "
                   f"| {us['fb_ms'] / of['fb_ms']:.2f}× "

@@ -313,7 +313,9 @@ def main(argv=None) -> int:
             f"N={shape['seqlen']}, batch {args.batch}, "
             f"{f'documents of {args.doc_len} tokens packed' if args.doc_len else 'one document'}, "
             f"forward+backward, median of {args.iters}; LaCT chunk loop: "
-            f"{COMPILE_ENV}={os.environ.get(COMPILE_ENV, 'auto')} unless the variant sets its own")
+            + (f"{COMPILE_ENV}={os.environ.get(COMPILE_ENV, 'auto')} unless the variant sets its own"
+               if device.type == "cuda" else "eager for every variant (a CPU smoke test: the CUDA-only "
+               "variants run the same eager code, and the timings say nothing)"))
     lines = [head, "", "| variant | ms/step | tokens/s | × SWA | × full attn | peak GiB |",
              "|---|---|---|---|---|---|"]
     for r in rows:

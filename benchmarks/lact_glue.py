@@ -16,6 +16,12 @@ error). ``--tiny`` runs small shapes on CPU (under
 
 from __future__ import annotations
 
+import os
+import sys
+
+if "--tiny" in sys.argv:  # before triton is imported: its kernels run on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import argparse
 
 import torch

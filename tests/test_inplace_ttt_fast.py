@@ -375,3 +375,63 @@ def test_double_backward_is_refused_by_name():
     o = inplace_ttt_chunked(*xs, 0.3, 4)
     gs = torch.autograd.grad(o.square().sum(), xs, create_graph=True)
     assert all(g is not None for g in torch.autograd.grad(sum(g.square().sum() for g in gs), xs))
+
+
+def _lr_case(gen, B=2, N=257, d=64, f=96):
+    """bf16-exact inputs and a plain random ∂L/∂o, for which ∂L/∂η cancels heavily."""
+    x = make_inputs(B, N, d, f, gen)
+    x = {k: v.to(torch.bfloat16).double() for k, v in x.items()}
+    go = torch.randn(B, N, d, generator=gen, dtype=torch.float64).to(torch.bfloat16).double()
+    return x, go
+
+
+def _dlr(fn, x, go, C, dtype, lr_shape=()):
+    xs = [x[k].to(dtype) for k in ("z", "s", "w0", "conv", "proj")]
+    lr = x["lr"].float().reshape(lr_shape).requires_grad_()
+    o = fn(*xs, lr, C)
+    (g,) = torch.autograd.grad(o, lr, go.to(o.dtype))
+    return g
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_learned_rate_gradient_in_low_precision_matches_float64(dtype):
+    """With a plain ∂L/∂o, ∂L/∂η = ⟨v, w⟩ cancels (Σ|terms| ~ 1e3 × |sum|): the fast path formed
+    w in bf16/fp16 and was 1.6e-2 off (bf16; the chunked path 9e-7)."""
+    gen = torch.Generator().manual_seed(11)
+    x, go = _lr_case(gen)
+    lr = x["lr"].clone().requires_grad_()
+    o = inplace_ttt_chunked(*(x[k] for k in ("z", "s", "w0", "conv", "proj")), lr, 7)
+    (want,) = torch.autograd.grad(o, lr, go)
+    got = _dlr(inplace_ttt_fast, x, go, 7, dtype)
+    assert abs(got.double().item() - want.item()) / abs(want.item()) < 1e-5, (got.item(), want.item())
+
+
+def test_a_one_element_rate_gets_a_gradient_of_its_shape():
+    """lr of shape (1,) (accepted as a 1-element tensor) failed in the fast backward: 'got []
+    but expected shape compatible with [1]'; the reference promoted float32 to float64 with a
+    float64 (1,) rate."""
+    gen = torch.Generator().manual_seed(12)
+    x, go = _lr_case(gen, B=1, N=23, d=6, f=10)
+    for fn in (inplace_ttt_fast, inplace_ttt_chunked, inplace_ttt_reference):
+        g = _dlr(fn, x, go, 4, torch.float32, lr_shape=(1,))
+        assert g.shape == (1,) and torch.isfinite(g).all(), fn.__name__
+    xs = [x[k].float() for k in ("z", "s", "w0", "conv", "proj")]
+    o64 = inplace_ttt_reference(*xs, x["lr"].reshape(1), 4)  # a float64 (1,) rate
+    assert o64.dtype == torch.float32
+    assert rel(o64, inplace_ttt_reference(*xs, float(x["lr"]), 4)) < 1e-6
+
+
+def test_fast_path_runs_under_autocast_with_float32_inputs():
+    """Called directly under autocast with float32 inputs, the fast path mixed bf16 matmul
+    outputs with float32 buffers (a dtype error in forward, or in backward with block 1)."""
+    gen = torch.Generator().manual_seed(13)
+    x = make_inputs(1, 29, 6, 10, gen)
+    args = [x[k].float().requires_grad_() for k in ("z", "s", "w0", "conv", "proj")]
+    lr = x["lr"].float()
+    want = inplace_ttt_chunked(*(a.double() for a in args), lr.double(), 4)
+    for block in (1, 2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o = inplace_ttt_fast(*args, lr, 4, block=block)
+            grads = torch.autograd.grad(o.float().sum(), args)
+        assert o.dtype == torch.bfloat16 and rel(o, want) < 3e-2, block
+        assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

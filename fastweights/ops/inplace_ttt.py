@@ -207,6 +207,8 @@ def inplace_ttt_reference(
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     w0a, wa = w0.to(acc), w.to(acc)
     pa = None if proj is None else proj.to(acc)
+    if torch.is_tensor(lr):  # a (1,) float64 rate would promote the float32 state to float64
+        lr = lr.to(acc).reshape(())
     rows = []
     for b in range(B):
         outs = []

@@ -44,6 +44,8 @@ into the float32 state (``out_dtype``), other devices upcast the operands.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastweights.errors import check_positive_int
@@ -257,6 +259,20 @@ def _first_order_only() -> None:
                            "use impl='chunked' for higher-order gradients")
 
 
+def _autocast_off(fn):
+    """Run an autograd.Function's forward or backward with autocast off on its tensors' device:
+    the body mixes ``out=`` buffers and saved tensors whose dtypes autocast would change (its
+    matmuls came out bf16 next to float32 buffers). :func:`inplace_ttt_fast` casts the inputs
+    to the autocast dtype instead."""
+    @functools.wraps(fn)
+    def run(ctx, *args):
+        t = next(a for a in args if torch.is_tensor(a))
+        with torch.autocast(t.device.type, enabled=False):
+            return fn(ctx, *args)
+
+    return run
+
+
 class ChunkConvProj(torch.autograd.Function):
     """``v = ChunkConvProj.apply(s, w, proj, plan)``: v = Conv_K(s) @ P (B, N, d).
 
@@ -268,6 +284,7 @@ class ChunkConvProj(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, s, w, proj, plan):
         t = _conv(s, w, plan)
         ctx.save_for_backward(s, w, proj)
@@ -275,6 +292,7 @@ class ChunkConvProj(torch.autograd.Function):
         return t if proj is None else t @ proj
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dv):
         _first_order_only()
         s, w, proj = ctx.saved_tensors
@@ -345,6 +363,7 @@ class InplaceTTTScan(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, z, v, w0, lr, chunk_size, layout, tile_f, save_state, block=1):
         inner = chunk_size
         chunk_size = chunk_size * block  # the state scan's step: one block
@@ -354,7 +373,7 @@ class InplaceTTTScan(torch.autograd.Function):
         eta = float(lr)
         acc = _acc_dtype(z.dtype)
         w0c = w0.to(z.dtype)
-        v_dtype = v.dtype
+        v_dtype, v_given = v.dtype, v  # a float32 v (learned rate) is saved as it is: see backward
         v = v.to(z.dtype)
         o = torch.empty(B, N, d, dtype=z.dtype, device=z.device)
         state = torch.empty(d, f, dtype=acc, device=z.device)  # W0 + η S_i
@@ -378,14 +397,16 @@ class InplaceTTTScan(torch.autograd.Function):
                         _addmm_into(state, v[b, a:e].t(), zi, beta=1.0, alpha=eta)
                 if save_state and k == len(layout[b]) - 1 and len(chunks) > 1:
                     last_states[b].copy_(state)
-        ctx.save_for_backward(z, v, w0c, last_states)
+        ctx.save_for_backward(z, v_given if v_given.dtype == _acc_dtype(z.dtype) else v, w0c, last_states)
         ctx.eta, ctx.chunk_size, ctx.layout, ctx.tile_f = eta, chunk_size, layout, tile_f
         ctx.inner = inner
         ctx.lr_is_tensor = torch.is_tensor(lr)
+        ctx.lr_shape = lr.shape if torch.is_tensor(lr) else ()
         ctx.w0_dtype, ctx.v_dtype = w0.dtype, v_dtype
         return o
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_o):
         _first_order_only()
         z, v, w0c, last_states = ctx.saved_tensors
@@ -394,6 +415,12 @@ class InplaceTTTScan(torch.autograd.Function):
         d = v.shape[2]
         acc = _acc_dtype(z.dtype)
         dev = z.device
+        z_dtype = z.dtype
+        if ctx.lr_is_tensor and ctx.needs_input_grad[3] and z.dtype != acc:
+            # dL/dη = ⟨v, w⟩ cancels heavily (Σ|terms| ~ 1e3 × |sum|): w in bf16/fp16 gave 2-4 %
+            # errors, so a learned rate takes this backward in float32 (rates given as numbers,
+            # as the layers give them, keep the low-precision path)
+            z, v, w0c = z.to(acc), v.to(acc), w0c.to(acc)
         g = grad_o.to(z.dtype)
         tile_f = min(f, ctx.tile_f) if f else 1
         saved = last_states.shape[0] > 0
@@ -475,10 +502,10 @@ class InplaceTTTScan(torch.autograd.Function):
             dlr = torch.zeros((), dtype=acc, device=dev)
             for a in range(0, N, max(C, 1)):  # ⟨v, w⟩ / σ in float32, a chunk of rows at a time
                 dlr += (v[:, a : a + C].to(acc) * w[:, a : a + C].to(acc)).sum()
-            dlr /= sigma
+            dlr = (dlr / sigma).reshape(ctx.lr_shape)
         dv = w if eta == sigma else w.mul_(eta / sigma)
         dv = dv.to(ctx.v_dtype)
-        return dz, dv, dw0.to(ctx.w0_dtype), dlr, None, None, None, None, None
+        return dz.to(z_dtype), dv, dw0.to(ctx.w0_dtype), dlr, None, None, None, None, None
 
 
 def inplace_ttt_fast(
@@ -507,16 +534,21 @@ def inplace_ttt_fast(
     """
     chunk_size = _check_chunk(chunk_size)
     B, N, d, f, w = _check_inputs(z, s, w0, conv_weight, proj, lr)
+    kind = z.device.type
+    if torch.is_autocast_enabled(kind) and z.dtype == torch.float32:  # as autocast would cast a matmul's inputs
+        z, s = z.to(torch.get_autocast_dtype(kind)), s.to(torch.get_autocast_dtype(kind))
     if tile_f is not None:
         check_positive_int("tile_f", tile_f)
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise ValueError(f"block must be an integer >= 1 (chunks per block), got {block!r}")
     layout = chunk_layout(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids)
     plan = conv_plan(s, layout, chunk_size, cu_seqlens=cu_seqlens, position_ids=position_ids)
-    v = ChunkConvProj.apply(s.to(z.dtype), w.to(z.dtype), None if proj is None else proj.to(z.dtype), plan)
-    tile = default_tile_f(B * N, d, f) if tile_f is None else tile_f
     grads = torch.is_grad_enabled() and any(
-        torch.is_tensor(x) and x.requires_grad for x in (z, v, w0, lr)
+        torch.is_tensor(x) and x.requires_grad for x in (z, s, w, proj, w0, lr)
     )
+    # a learned rate's gradient cancels heavily: its target v is formed and kept in float32
+    vd = _acc_dtype(z.dtype) if grads and torch.is_tensor(lr) and lr.requires_grad else z.dtype
+    v = ChunkConvProj.apply(s.to(vd), w.to(vd), None if proj is None else proj.to(vd), plan)
+    tile = default_tile_f(B * N, d, f) if tile_f is None else tile_f
     K = default_block(chunk_size, d, f, z.dtype) if block is None else block
     return InplaceTTTScan.apply(z, v, w0, lr, chunk_size, layout, tile, save_state and grads, K)
