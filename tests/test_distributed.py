@@ -687,25 +687,24 @@ def _ckpt_misuse_worker(rank, world, path):
     lrs = [g["lr"] for g in fresh_opt.param_groups]
     out["tensor-lr-back"] = all(torch.is_tensor(x) and torch.equal(x, torch.tensor(1e-2)) for x in lrs)
     # incomplete checkpoints: the error reaches every rank (rank 0 alone read the files, the others hung)
-    dist.barrier()
-    if rank == 0:
+    def remove_rng():
         os.remove(f"{ck}/rng-1.safetensors")
-    dist.barrier()
-    try:
-        load_checkpoint(ck, fresh, fresh_opt)
-        out["missing-rng"] = "no error"
-    except FileNotFoundError as err:
-        out["missing-rng"] = str(err)
-    dist.barrier()
-    if rank == 0:
+
+    def truncate_model():
         with open(f"{ck}/model.safetensors", "r+b") as fh:
             fh.truncate(40)
-    dist.barrier()
-    try:
-        load_checkpoint(ck, fresh, fresh_opt)
-        out["truncated"] = "no error"
-    except RuntimeError as err:
-        out["truncated"] = str(err)
+
+    for name, damage, error in (("missing-rng", remove_rng, FileNotFoundError),
+                                ("truncated", truncate_model, RuntimeError)):
+        dist.barrier()
+        if rank == 0:
+            damage()
+        dist.barrier()
+        try:
+            load_checkpoint(ck, fresh, fresh_opt)
+            out[name] = "no error"
+        except error as err:
+            out[name] = str(err)
     return out
 
 

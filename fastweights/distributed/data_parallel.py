@@ -178,7 +178,7 @@ def _from_json(x):
     return x
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """Flush a file or a directory entry to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -224,18 +224,18 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / f"rng-{rank}.safetensors"))
-    _fsync(tmp / f"rng-{rank}.safetensors")
+    fsync(tmp / f"rng-{rank}.safetensors")
     _barrier()
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps({**(state or {}), "world_size": world}, indent=1))
-        _fsync(tmp / "state.json")
+        fsync(tmp / "state.json")
         if _complete(path):  # the previous checkpoint waits at .old until the new one is in place
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         elif path.exists():
             shutil.rmtree(path)  # empty, or an unfinished copy
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return path
@@ -264,7 +264,7 @@ def _write_shared(tmp: Path, model: nn.Module, model_sd: dict, optim_sd: dict | 
         (tmp / "optimizer.json").write_text(json.dumps(
             {"param_groups": optim_sd["param_groups"], "state": other}, indent=1, default=_json_value))
     for f in tmp.iterdir():
-        _fsync(f)
+        fsync(f)
 
 
 def _read_shared(path: Path, optimizer) -> tuple[dict, dict]:

@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
+from fastweights.distributed.data_parallel import fsync as _fsync
 from fastweights.errors import FastWeightsError
 from fastweights.optim.state import load_state, save_state
 
@@ -158,15 +159,6 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, state: dict
             shutil.rmtree(old)
     barrier()
     return final
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a directory entry to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write(tmp: Path, plain, fsdp: bool, model_sd, optim_sd, scheduler, rng_tensors, payload: dict) -> None:
