@@ -61,7 +61,11 @@ def load_config_file(path: str) -> dict:
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, str | int | float | bool | type(None)):
+                    raise FastWeightsError(f"{path}: config keys must be option names, got {key!r}")
                 if key in seen:
                     raise FastWeightsError(f"{path}: option {key!r} is given twice")
                 seen.add(key)

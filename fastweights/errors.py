@@ -33,7 +33,10 @@ def check_number(name: str, value, low: float = 0.0, strict: bool = False) -> No
 def as_rate(name: str, value) -> float:
     """``value`` as a float rate >= 0: a real number or a 1-element real tensor (a bool or a
     string is not one); raises ValueError naming ``name`` otherwise."""
-    if type(value).__name__ == "Tensor" and value.numel() == 1 and value.dtype.is_floating_point:
+    import torch  # here: the CLI imports this module before it needs torch
+
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype not in (torch.bool,) \
+            and not value.dtype.is_complex:
         value = value.item()
     check_number(name, value)
     return float(value)

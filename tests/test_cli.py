@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -194,7 +195,9 @@ def test_a_config_alone_trains_from_scratch_with_its_seed(workdir, small_data, c
     assert code == 2 and "holds a config.json but no weights (model.safetensors)" in err
 
 
-def test_a_lact_run_from_before_the_weight_decay_change_resumes_exactly(workdir, small_data, capsys, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "lookahead_adamw"])
+def test_a_lact_run_from_before_the_weight_decay_change_resumes_exactly(workdir, small_data, capsys, monkeypatch,
+                                                                       optimizer):
     """Runs written when LaCT's q/k scale and shift took weight decay could not resume: their
     optimizer state holds two groups of other sizes ("loaded state dict contains a parameter group
     that doesn't match"). They resume with the split they were written with."""
@@ -208,7 +211,9 @@ def test_a_lact_run_from_before_the_weight_decay_change_resumes_exactly(workdir,
     new_rule = trainer._decays
     monkeypatch.setattr(trainer, "_decays", lambda model, params: [p.dim() >= 2 for p in params])
     args = lambda out, steps: ["train", *train_args(small_data, out, steps=steps, model=workdir / "wd-lact"),  # noqa: E731
-                               "--keep", "0", "--weight-decay", "5"]
+                               "--keep", "0", "--weight-decay", "5", "--optimizer", optimizer]
+    for d in ("wd-straight", "wd-resumed"):
+        shutil.rmtree(workdir / d, ignore_errors=True)
     assert run(args(workdir / "wd-straight", 4), capsys)[0] == 0
     assert run(args(workdir / "wd-resumed", 2), capsys)[0] == 0
     monkeypatch.setattr(trainer, "_decays", new_rule)
@@ -672,6 +677,7 @@ def test_a_model_tokenizer_that_extends_the_datas_is_accepted(small_data, tmp_pa
     ("max_new_tokens: 3\nmax-new-tokens: 4\n", r"option 'max_new_tokens' is given twice"),
     ("max_new_tokens: 3\nmax_new_tokens: 4\n", r"option 'max_new_tokens' is given twice"),
     ('{"max_new_tokens": 3, "max_new_tokens": 4}', r"option 'max_new_tokens' is given twice"),
+    ("? [a, b]\n: 1\n", r"config keys must be option names, got \['a', 'b'\]"),
 ])
 def test_config_file_values_yaml_would_misread(tmp_path, text, match):
     from fastweights.commands.generate import GenerateConfig
@@ -685,6 +691,17 @@ def test_config_file_values_yaml_would_misread(tmp_path, text, match):
     else:
         with pytest.raises(FastWeightsError, match=match):
             parse(GenerateConfig, ["--config", str(path)], "t", "")
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    """The duplicate-key check refused YAML's merge key (<<: *defaults) as an unknown constructor."""
+    from fastweights.commands.generate import GenerateConfig
+    from fastweights.config import parse
+
+    path = tmp_path / "m.yaml"
+    path.write_text("<<: {max_new_tokens: 3, prompt: a}\nprompt: b\n")  # an explicit key overrides a merged one
+    cfg = parse(GenerateConfig, ["--config", str(path)], "t", "")
+    assert (cfg.max_new_tokens, cfg.prompt) == (3, "b")
 
 
 def test_a_prefix_of_config_is_refused_not_ignored(tmp_path, capsys):

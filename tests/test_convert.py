@@ -371,3 +371,9 @@ def test_convert_refuses_a_model_that_runs_context_parallel():
     model._fw_context_parallel = object()
     with pytest.raises(FastWeightsError, match="this model runs context-parallel: call remove"):
         convert(model)
+
+
+def test_rates_given_as_parameters_or_integer_tensors():
+    """as_rate took only plain float tensors: an nn.Parameter rate and torch.tensor(1) were refused."""
+    assert convert(tiny_model("qwen3"), lr=torch.nn.Parameter(torch.tensor(2.0))).config.ttt_lr == 2.0
+    assert convert(tiny_model("qwen3"), lr=torch.tensor(1)).config.ttt_lr == 1.0

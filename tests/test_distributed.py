@@ -774,7 +774,7 @@ def test_checkpoint_directory_is_replaced_only_when_it_is_a_checkpoint(tmp_path,
         return real(src, dst)
 
     monkeypatch.setattr(dp.os, "replace", stop_before_the_second_rename)
-    with pytest.raises(OSError, match="killed"):
+    with pytest.raises(RuntimeError, match="could not finish checkpoint .*killed"):
         dp.save_checkpoint(ck, model, state={"step": 2})
     monkeypatch.setattr(dp.os, "replace", real)
     assert not ck.exists()
@@ -785,3 +785,19 @@ def test_checkpoint_directory_is_replaced_only_when_it_is_a_checkpoint(tmp_path,
     with pytest.raises(RuntimeError, match="is the current directory .*: save_checkpoint replaces its directory"):
         dp.save_checkpoint(".", model)
     assert dp.save_checkpoint("ck", model, state={"step": 4}) == ck and dp.load_checkpoint("ck", model)["step"] == 4
+    # a file added to a checkpoint (a tokenizer) stays when the checkpoint is saved again
+    (ck / "tokenizer.json").write_text("{}")
+    dp.save_checkpoint(ck, model, state={"step": 5})
+    assert (ck / "tokenizer.json").read_text() == "{}" and dp.load_checkpoint(ck, model)["step"] == 5
+    # a state that JSON cannot hold fails before anything is written (it was found after the barrier)
+    with pytest.raises(RuntimeError, match="could not write checkpoint .*int64 is not JSON serializable"):
+        dp.save_checkpoint(ck, model, state={"step": __import__("numpy").int64(6)})
+    assert dp.load_checkpoint(ck, model)["step"] == 5 and not (tmp_path / "ck.tmp").exists()
+    # tensor betas (inside a list) come back as tensors
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3), betas=(torch.tensor(0.9), torch.tensor(0.95)))
+    model(torch.randint(0, 50, (1, 5)), labels=torch.randint(0, 50, (1, 5))).loss.backward()
+    opt.step()
+    dp.save_checkpoint(ck, model, opt, {"step": 7})
+    again = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3), betas=(torch.tensor(0.9), torch.tensor(0.95)))
+    assert dp.load_checkpoint(ck, model, again)["step"] == 7
+    assert all(torch.is_tensor(b) for b in again.param_groups[0]["betas"])

@@ -173,8 +173,11 @@ def _json_value(x):
 
 
 def _from_json(x):
+    """Inverse of :func:`_json_value`, also inside lists (tensor betas)."""
     if isinstance(x, dict) and set(x) == {"__tensor__", "dtype"}:
         return torch.tensor(x["__tensor__"], dtype=getattr(torch, x["dtype"]))
+    if isinstance(x, list):
+        return [_from_json(v) for v in x]
     return x
 
 
@@ -202,7 +205,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     model_sd = full_state_dict(model)
     optim_sd = (get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
                 if optimizer is not None else None)
-    error = None
+    error, state_text = None, ""
     if rank == 0:
         if Path.cwd() == path or path in Path.cwd().parents:
             error = (f"{path} is the current directory (or holds it): save_checkpoint replaces its directory, so give "
@@ -212,9 +215,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
                      "so give a new or empty one")
         elif path.exists() and not path.is_dir():
             error = f"{path} is a file: give a directory for the checkpoint"
-
         else:
             try:
+                state_text = json.dumps({**(state or {}), "world_size": world}, indent=1)  # fails before any write
                 _write_shared(tmp, model, model_sd, optim_sd)
             except (OSError, TypeError, ValueError, RuntimeError) as err:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -227,18 +230,35 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     fsync(tmp / f"rng-{rank}.safetensors")
     _barrier()
     if rank == 0:
-        (tmp / "state.json").write_text(json.dumps({**(state or {}), "world_size": world}, indent=1))
-        fsync(tmp / "state.json")
-        if _complete(path):  # the previous checkpoint waits at .old until the new one is in place
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        elif path.exists():
-            shutil.rmtree(path)  # empty, or an unfinished copy
-        os.replace(tmp, path)
-        fsync(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        try:
+            (tmp / "state.json").write_text(state_text)
+            fsync(tmp / "state.json")
+            _put_in_place(tmp, path, old)
+        except OSError as err:
+            error = f"could not finish checkpoint {path}: {type(err).__name__}: {err}"
+    _agree(error)
     return path
+
+
+# the files save_checkpoint writes; anything else in a checkpoint (a tokenizer added to it) is kept
+_OWN_FILES = ("model.safetensors", "config.json", "generation_config.json", "optimizer.safetensors",
+              "optimizer.json", "state.json")
+
+
+def _put_in_place(tmp: Path, path: Path, old: Path) -> None:
+    """Replace ``path`` by the finished checkpoint ``tmp``; the previous checkpoint waits at ``old``
+    until the new one is in place, and files a user added to it move over to the new one."""
+    if _complete(path):
+        for f in path.iterdir():
+            if f.name not in _OWN_FILES and not f.name.startswith("rng-") and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name) if f.is_file() else shutil.copytree(f, tmp / f.name)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    elif path.exists():
+        shutil.rmtree(path)  # empty, or an unfinished copy
+    os.replace(tmp, path)
+    fsync(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _complete(path: Path) -> bool:
@@ -331,7 +351,17 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     broadcast = dist.is_initialized()
     set_model_state_dict(model, model_sd, options=_options(broadcast_from_rank0=broadcast))
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, osd, options=_options(broadcast_from_rank0=broadcast))
+        # torch's loader sets up a fresh optimizer's state by a zero step, but skips it (and then
+        # fails: "Expected device to be set") when a parameter already holds a gradient
+        held = {p: p.grad for g in optimizer.param_groups for p in g["params"]
+                if not optimizer.state and p.grad is not None}
+        for p in held:
+            p.grad = None
+        try:
+            set_optimizer_state_dict(model, optimizer, osd, options=_options(broadcast_from_rank0=broadcast))
+        finally:
+            for p, grad in held.items():
+                p.grad = grad
     if same_world:
         rng = load_file(str(rng_file))
         torch.set_rng_state(rng["torch"])

@@ -205,8 +205,10 @@ def saved_group_sizes(path) -> list[int] | None:
     try:
         with safe_open(str(Path(path) / "optimizer.safetensors"), "pt") as fh:
             meta = (fh.metadata() or {})[_META_KEY]
-        groups = unflatten_state(_AnyTensor(), meta)["optimizer"]["param_groups"]
-        return [len(g["params"]) for g in groups]
+        optim = unflatten_state(_AnyTensor(), meta)["optimizer"]
+        while "param_groups" not in optim and "inner" in optim:  # Lookahead/SLRLA wrap the inner optimizer's
+            optim = optim["inner"]
+        return [len(g["params"]) for g in optim["param_groups"]]
     except (OSError, KeyError, TypeError, ValueError, SafetensorError):
         return None
 
