@@ -59,6 +59,16 @@ def load_config_file(path: str) -> dict:
         raise FastWeightsError(f"config file not found: {path}")
     class _NoDuplicates(yaml.SafeLoader):  # YAML and JSON keep the last of two equal keys silently
         def construct_mapping(self, node, deep=False):
+            for key_node, value_node in node.value:  # a merged mapping's own keys are checked too
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    subs = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                    for sub in subs:
+                        if isinstance(sub, yaml.MappingNode):
+                            self._unique_keys(sub, deep)
+            self._unique_keys(node, deep)
+            return super().construct_mapping(node, deep=deep)
+
+        def _unique_keys(self, node, deep):
             seen = set()
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": its keys may be overridden
@@ -69,7 +79,6 @@ def load_config_file(path: str) -> dict:
                 if key in seen:
                     raise FastWeightsError(f"{path}: option {key!r} is given twice")
                 seen.add(key)
-            return super().construct_mapping(node, deep=deep)
 
     try:
         data = yaml.load(p.read_text(), Loader=_NoDuplicates)  # noqa: S506  (a SafeLoader)

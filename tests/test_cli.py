@@ -678,6 +678,7 @@ def test_a_model_tokenizer_that_extends_the_datas_is_accepted(small_data, tmp_pa
     ("max_new_tokens: 3\nmax_new_tokens: 4\n", r"option 'max_new_tokens' is given twice"),
     ('{"max_new_tokens": 3, "max_new_tokens": 4}', r"option 'max_new_tokens' is given twice"),
     ("? [a, b]\n: 1\n", r"config keys must be option names, got \['a', 'b'\]"),
+    ("<<: {max_new_tokens: 3, max_new_tokens: 4}\n", r"option 'max_new_tokens' is given twice"),
 ])
 def test_config_file_values_yaml_would_misread(tmp_path, text, match):
     from fastweights.commands.generate import GenerateConfig

@@ -648,6 +648,7 @@ def test_balanced_split_gives_every_feasible_split():
 # --------------------------------------------------------------------------- checkpoints that go wrong
 def _ckpt_misuse_worker(rank, world, path):
     import os
+    import shutil
 
     import fastweights.distributed.data_parallel as dp
     from fastweights.distributed.data_parallel import full_state_dict, load_checkpoint, save_checkpoint
@@ -694,8 +695,7 @@ def _ckpt_misuse_worker(rank, world, path):
         with open(f"{ck}/model.safetensors", "r+b") as fh:
             fh.truncate(40)
 
-    for name, damage, error in (("missing-rng", remove_rng, FileNotFoundError),
-                                ("truncated", truncate_model, RuntimeError)):
+    for name, damage, error in (("missing-rng", remove_rng, RuntimeError), ("truncated", truncate_model, RuntimeError)):
         dist.barrier()
         if rank == 0:
             damage()
@@ -704,6 +704,41 @@ def _ckpt_misuse_worker(rank, world, path):
             load_checkpoint(ck, fresh, fresh_opt)
             out[name] = "no error"
         except error as err:
+            out[name] = str(err)
+    # one rank's own file fails (its RNG state): every rank raises, none waits in a barrier
+    good = f"{path}/ck2"
+    save_checkpoint(good, model, opt, {"step": 3})
+
+    def rank1_disk_full(tensors, filename, *a, **k):
+        if rank == 1 and "rng-" in filename:
+            raise OSError(28, "No space left on device")
+        return real(tensors, filename, *a, **k)
+
+    dp.save_file = rank1_disk_full
+    try:
+        save_checkpoint(good, model, opt, {"step": 4})
+        out["rng-save"] = "no error"
+    except RuntimeError as err:
+        out["rng-save"] = str(err)
+    dp.save_file = real
+    def truncate_rng():
+        with open(f"{good}/rng-1.safetensors", "r+b") as fh:
+            fh.truncate(10)
+
+    def break_optimizer_json():
+        shutil.copy(f"{good}/rng-0.safetensors", f"{good}/rng-1.safetensors")  # a readable RNG file again
+        with open(f"{good}/optimizer.json", "w") as fh:
+            fh.write("{trunc")
+
+    for name, damage in (("rng-load", truncate_rng), ("optimizer-json", break_optimizer_json)):
+        dist.barrier()
+        if rank == 0:
+            damage()
+        dist.barrier()
+        try:
+            load_checkpoint(good, fresh, fresh_opt)
+            out[name] = "no error"
+        except RuntimeError as err:
             out[name] = str(err)
     return out
 
@@ -717,7 +752,11 @@ def test_checkpoints_that_go_wrong_fail_on_every_rank(tmp_path):
         assert out["failed-save"].startswith("could not write checkpoint") and "disk full" in out["failed-save"], out
         assert out["kept-step"] == 1 and out.get("kept-weights", True), out
         assert out["tensor-lr"] == 2 and out["tensor-lr-back"], out
-        assert "lacks the RNG state of rank(s) [1]" in out["missing-rng"], out
+        assert "rng-1.safetensors is missing: the checkpoint is incomplete" in out["missing-rng"], out
+        assert out["missing-rng"].endswith("(rank 1)"), out
+        assert "rng-1.safetensors: OSError: [Errno 28] No space left on device (rank 1)" in out["rng-save"], out
+        assert "rng-1.safetensors cannot be read" in out["rng-load"], out
+        assert "optimizer.json cannot be read (JSONDecodeError" in out["optimizer-json"], out
         assert "model.safetensors cannot be read" in out["truncated"], out
 
 

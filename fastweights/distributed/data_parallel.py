@@ -148,11 +148,6 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _agree(error: str | None, src: int = 0) -> None:
     """Raise ``error`` (a message from rank ``src``, or None) on every rank: a rank that failed
     alone would leave the others waiting in the next collective."""
@@ -162,6 +157,19 @@ def _agree(error: str | None, src: int = 0) -> None:
         error = box[0]
     if error is not None:
         raise RuntimeError(error)
+
+
+def _agree_all(error: str | None) -> None:
+    """Raise on every rank the first error that any rank met (``error``: this rank's, or None),
+    naming the rank: each rank's own files (its RNG state) can fail on that rank alone."""
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        r, e = failed[0]
+        raise RuntimeError(e if len(errors) == 1 else f"{e} (rank {r})")
 
 
 def _json_value(x):
@@ -226,9 +234,18 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / f"rng-{rank}.safetensors"))
-    fsync(tmp / f"rng-{rank}.safetensors")
-    _barrier()
+    try:
+        save_file(rng, str(tmp / f"rng-{rank}.safetensors"))
+        fsync(tmp / f"rng-{rank}.safetensors")
+        error = None
+    except OSError as err:
+        error = f"could not write checkpoint {tmp / f'rng-{rank}.safetensors'}: {type(err).__name__}: {err}"
+    try:
+        _agree_all(error)  # also the barrier: every rank's file is in before state.json
+    except RuntimeError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if rank == 0:
         try:
             (tmp / "state.json").write_text(state_text)
@@ -301,8 +318,13 @@ def _read_shared(path: Path, optimizer) -> tuple[dict, dict]:
     if not (path / "optimizer.json").is_file():
         raise FileNotFoundError(f"{path} has optimizer.safetensors but no optimizer.json: the checkpoint is "
                                 "incomplete")
-    meta = json.loads((path / "optimizer.json").read_text())
-    st: dict[str, dict] = {name: dict(v) for name, v in meta["state"].items()}
+    try:
+        meta = json.loads((path / "optimizer.json").read_text())
+        st: dict[str, dict] = {name: dict(v) for name, v in meta["state"].items()}
+        meta["param_groups"]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise RuntimeError(f"{path / 'optimizer.json'} cannot be read ({type(err).__name__}: {err}): the "
+                           "checkpoint is incomplete") from None
     for key, v in tensors("optimizer.safetensors").items():
         name, k = key.rsplit("/", 1)
         st.setdefault(name, {})[k] = v
@@ -328,7 +350,10 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             raise FileNotFoundError(f"{path} is not a checkpoint: {name} is missing")
     if optimizer is not None and not (path / "optimizer.safetensors").is_file():
         raise FileNotFoundError(f"{path} has no optimizer state (optimizer.safetensors)")
-    state = json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path / 'state.json'} cannot be read ({err}): the checkpoint is incomplete") from None
     rng_file = path / f"rng-{rank}.safetensors"
     same_world = state.get("world_size") == world
     error, model_sd, osd = None, {}, {}
@@ -338,16 +363,16 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         except (OSError, RuntimeError, ValueError, KeyError) as err:
             error = f"{type(err).__name__}: {err}"
     _agree(error)
-    lacks = same_world and not rng_file.is_file()  # each rank checks its own RNG file; one missing fails all
-    flags = [lacks]
-    if world > 1:
-        flags = [None] * world
-        dist.all_gather_object(flags, lacks)
-    if any(flags):
-        ranks = [r for r, f in enumerate(flags) if f]
-        raise FileNotFoundError(f"{path} lacks the RNG state of rank(s) {ranks} (rng-<rank>.safetensors), "
-                                "written at this world size: the checkpoint is incomplete and resume would not "
-                                "be exact")
+    rng, error = None, None
+    if same_world:  # each rank reads its own RNG state, written at this world size
+        try:
+            rng = load_file(str(rng_file))
+            rng["torch"]
+        except FileNotFoundError:
+            error = f"{rng_file} is missing: the checkpoint is incomplete and resume would not be exact"
+        except (OSError, SafetensorError, KeyError) as err:
+            error = f"{rng_file} cannot be read ({type(err).__name__}: {err}): the checkpoint is incomplete"
+    _agree_all(error)
     broadcast = dist.is_initialized()
     set_model_state_dict(model, model_sd, options=_options(broadcast_from_rank0=broadcast))
     if optimizer is not None:
@@ -362,8 +387,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         finally:
             for p, grad in held.items():
                 p.grad = grad
-    if same_world:
-        rng = load_file(str(rng_file))
+    if rng is not None:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
