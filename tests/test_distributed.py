@@ -692,6 +692,7 @@ def _ckpt_misuse_worker(rank, world, path):
         os.remove(f"{ck}/rng-1.safetensors")
 
     def truncate_model():
+        shutil.copy(f"{ck}/rng-0.safetensors", f"{ck}/rng-1.safetensors")  # a readable RNG file again
         with open(f"{ck}/model.safetensors", "r+b") as fh:
             fh.truncate(40)
 
@@ -730,6 +731,45 @@ def _ckpt_misuse_worker(rank, world, path):
         with open(f"{good}/optimizer.json", "w") as fh:
             fh.write("{trunc")
 
+    # a failure that is not an OSError (safetensors raises its own on a full disk) on one rank
+    from safetensors import SafetensorError
+
+    def rank1_too_large(tensors, filename, *a, **k):
+        if rank == 1 and "rng-" in filename:
+            raise SafetensorError("File too large")
+        return real(tensors, filename, *a, **k)
+
+    dp.save_file = rank1_too_large
+    try:
+        save_checkpoint(good, model, opt, {"step": 4})
+        out["safetensors-error"] = "no error"
+    except RuntimeError as err:
+        out["safetensors-error"] = str(err)
+    dp.save_file = real
+    # a model the checkpoint does not fit (DDP: rank 0 raised inside a broadcast, rank 1 waited)
+    other_model, other_opt = _dp_model("ddp")
+    with torch.no_grad():
+        other_model.module.lm_head.weight.data = torch.zeros(3, 3)  # another shape
+    try:
+        load_checkpoint(good, other_model)
+        out["mismatch"] = "no error"
+    except RuntimeError as err:
+        out["mismatch"] = str(err)
+    # state.json unreadable on one rank only
+    real_read = dp.json.loads
+
+    def rank1_cannot_parse(text, *a, **k):
+        if rank == 1 and '"world_size"' in text:
+            raise ValueError("I/O error")
+        return real_read(text, *a, **k)
+
+    dp.json.loads = rank1_cannot_parse
+    try:
+        load_checkpoint(good, fresh, fresh_opt)
+        out["state-rank1"] = "no error"
+    except RuntimeError as err:
+        out["state-rank1"] = str(err)
+    dp.json.loads = real_read
     for name, damage in (("rng-load", truncate_rng), ("optimizer-json", break_optimizer_json)):
         dist.barrier()
         if rank == 0:
@@ -757,6 +797,9 @@ def test_checkpoints_that_go_wrong_fail_on_every_rank(tmp_path):
         assert "rng-1.safetensors: OSError: [Errno 28] No space left on device (rank 1)" in out["rng-save"], out
         assert "rng-1.safetensors cannot be read" in out["rng-load"], out
         assert "optimizer.json cannot be read (JSONDecodeError" in out["optimizer-json"], out
+        assert "SafetensorError: File too large (rank 1)" in out["safetensors-error"], out
+        assert "model.safetensors does not fit this model: tensors of other shapes" in out["mismatch"], out
+        assert "state.json cannot be read (I/O error)" in out["state-rank1"] and "(rank 1)" in out["state-rank1"], out
         assert "model.safetensors cannot be read" in out["truncated"], out
 
 
@@ -789,6 +832,7 @@ def test_checkpoint_directory_is_replaced_only_when_it_is_a_checkpoint(tmp_path,
     stopped between its two renames left no loadable checkpoint; "." raised a raw ValueError (it is
     now refused: the directory is replaced, and a process's own directory cannot be)."""
     import os
+    import shutil
 
     from tiny_models import tiny_model
 
@@ -832,6 +876,22 @@ def test_checkpoint_directory_is_replaced_only_when_it_is_a_checkpoint(tmp_path,
     with pytest.raises(RuntimeError, match="could not write checkpoint .*int64 is not JSON serializable"):
         dp.save_checkpoint(ck, model, state={"step": __import__("numpy").int64(6)})
     assert dp.load_checkpoint(ck, model)["step"] == 5 and not (tmp_path / "ck.tmp").exists()
+    # a user's own ck.tmp / ck.old next to the checkpoint is not deleted
+    for sibling in ("ck.tmp", "ck.old"):
+        (tmp_path / sibling).mkdir()
+        (tmp_path / sibling / "precious.txt").write_text("x")
+        with pytest.raises(RuntimeError, match=f"{sibling} exists and is not"):
+            dp.save_checkpoint(ck, model, state={"step": 6})
+        assert (tmp_path / sibling / "precious.txt").exists()
+        shutil.rmtree(tmp_path / sibling)
+    # a file added to the checkpoint survives a save stopped between its renames, then a good save
+    monkeypatch.setattr(dp.os, "replace", stop_before_the_second_rename)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="killed"):
+        dp.save_checkpoint(ck, model, state={"step": 6})
+    monkeypatch.setattr(dp.os, "replace", real)
+    dp.save_checkpoint(ck, model, state={"step": 6})
+    assert (ck / "tokenizer.json").read_text() == "{}"
     # tensor betas (inside a list) come back as tensors
     opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3), betas=(torch.tensor(0.9), torch.tensor(0.95)))
     model(torch.randint(0, 50, (1, 5)), labels=torch.randint(0, 50, (1, 5))).loss.backward()

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -148,17 +147,6 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _agree(error: str | None, src: int = 0) -> None:
-    """Raise ``error`` (a message from rank ``src``, or None) on every rank: a rank that failed
-    alone would leave the others waiting in the next collective."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=src)
-        error = box[0]
-    if error is not None:
-        raise RuntimeError(error)
-
-
 def _agree_all(error: str | None) -> None:
     """Raise on every rank the first error that any rank met (``error``: this rank's, or None),
     naming the rank: each rank's own files (its RNG state) can fail on that rank alone."""
@@ -198,15 +186,21 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _failure(err: BaseException, what: str) -> str:
+    return f"{what}: {type(err).__name__}: {err}"
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     state: dict | None = None) -> Path:
     """Write a world-size independent checkpoint directory (module docstring). Every rank
     calls it (or one process without a process group); rank 0 writes the shared files, each
     rank its RNG state. ``state``: JSON-able values (step, data position, scheduler...) stored
-    in ``state.json``. ``path`` is new, empty or an earlier checkpoint (anything else is
-    refused). The files go to ``<path>.tmp`` (``state.json`` last, once every rank's file is
-    there), which then replaces ``path``; the previous checkpoint stays at ``<path>.old`` until
-    the new one is in place, and :func:`load_checkpoint` falls back to it."""
+    in ``state.json`` (``world_size`` is added). ``path`` is new, empty or an earlier checkpoint
+    (anything else is refused, as are ``<path>.tmp`` / ``<path>.old`` directories that are not
+    this function's). The files go to ``<path>.tmp`` (``state.json`` last, once every rank's file
+    is there), which then replaces ``path``; the previous checkpoint stays at ``<path>.old`` until
+    the new one is in place, and :func:`load_checkpoint` falls back to it. Any error, on any
+    rank, is raised on every rank."""
     path = Path(os.path.abspath(path))
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     rank, world = _rank_world()
@@ -215,31 +209,24 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
                 if optimizer is not None else None)
     error, state_text = None, ""
     if rank == 0:
-        if Path.cwd() == path or path in Path.cwd().parents:
-            error = (f"{path} is the current directory (or holds it): save_checkpoint replaces its directory, so give "
-                     "a subdirectory")
-        elif path.is_dir() and any(path.iterdir()) and not _complete(path):
-            error = (f"{path} holds files but no checkpoint (state.json): save_checkpoint replaces its directory, "
-                     "so give a new or empty one")
-        elif path.exists() and not path.is_dir():
-            error = f"{path} is a file: give a directory for the checkpoint"
-        else:
+        error = _unsafe_target(path, tmp, old, state)
+        if error is None:
             try:
                 state_text = json.dumps({**(state or {}), "world_size": world}, indent=1)  # fails before any write
                 _write_shared(tmp, model, model_sd, optim_sd)
-            except (OSError, TypeError, ValueError, RuntimeError) as err:
+            except Exception as err:  # noqa: BLE001  (raised on every rank by _agree_all)
                 shutil.rmtree(tmp, ignore_errors=True)
-                error = f"could not write checkpoint {tmp}: {type(err).__name__}: {err} ({path} is unchanged)"
-    _agree(error)
+                error = _failure(err, f"could not write checkpoint {tmp}") + f" ({path} is unchanged)"
+    _agree_all(error)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
+    error = None
     try:
         save_file(rng, str(tmp / f"rng-{rank}.safetensors"))
         fsync(tmp / f"rng-{rank}.safetensors")
-        error = None
-    except OSError as err:
-        error = f"could not write checkpoint {tmp / f'rng-{rank}.safetensors'}: {type(err).__name__}: {err}"
+    except Exception as err:  # noqa: BLE001
+        error = _failure(err, f"could not write checkpoint {tmp / f'rng-{rank}.safetensors'}")
     try:
         _agree_all(error)  # also the barrier: every rank's file is in before state.json
     except RuntimeError:
@@ -251,10 +238,30 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             (tmp / "state.json").write_text(state_text)
             fsync(tmp / "state.json")
             _put_in_place(tmp, path, old)
-        except OSError as err:
-            error = f"could not finish checkpoint {path}: {type(err).__name__}: {err}"
-    _agree(error)
+        except Exception as err:  # noqa: BLE001
+            error = _failure(err, f"could not finish checkpoint {path}")
+    _agree_all(error)
     return path
+
+
+def _unsafe_target(path: Path, tmp: Path, old: Path, state) -> str | None:
+    """Why ``path`` (and its ``.tmp``/``.old`` siblings) must not be replaced, or None."""
+    if state is not None and "world_size" in state:
+        return "state's key 'world_size' is the one save_checkpoint writes: give it another name"
+    if Path.cwd() == path or path in Path.cwd().parents:
+        return (f"{path} is the current directory (or holds it): save_checkpoint replaces its directory, so give "
+                "a subdirectory")
+    if path.exists() and not path.is_dir():
+        return f"{path} is a file: give a directory for the checkpoint"
+    if path.is_dir() and any(path.iterdir()) and not _complete(path):
+        return (f"{path} holds files but no checkpoint (state.json): save_checkpoint replaces its directory, so "
+                "give a new or empty one")
+    if tmp.exists() and not (tmp.is_dir() and all(f.name in _OWN_FILES or f.name.startswith("rng-")
+                                                   or (tmp / "model.safetensors").exists() for f in tmp.iterdir())):
+        return f"{tmp} exists and is not an unfinished checkpoint: save_checkpoint would delete it; move it away"
+    if old.exists() and not (old.is_dir() and _complete(old)):
+        return f"{old} exists and is not a checkpoint: save_checkpoint would delete it; move it away"
+    return None
 
 
 # the files save_checkpoint writes; anything else in a checkpoint (a tokenizer added to it) is kept
@@ -264,11 +271,14 @@ _OWN_FILES = ("model.safetensors", "config.json", "generation_config.json", "opt
 
 def _put_in_place(tmp: Path, path: Path, old: Path) -> None:
     """Replace ``path`` by the finished checkpoint ``tmp``; the previous checkpoint waits at ``old``
-    until the new one is in place, and files a user added to it move over to the new one."""
-    if _complete(path):
-        for f in path.iterdir():
+    until the new one is in place, and files a user added to it (at ``path``, or at ``old`` after
+    an interrupted save) move over to the new one."""
+    previous = path if _complete(path) else old if _complete(old) else None
+    if previous is not None:
+        for f in previous.iterdir():
             if f.name not in _OWN_FILES and not f.name.startswith("rng-") and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name) if f.is_file() else shutil.copytree(f, tmp / f.name)
+    if previous is path:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     elif path.exists():
@@ -304,15 +314,25 @@ def _write_shared(tmp: Path, model: nn.Module, model_sd: dict, optim_sd: dict | 
         fsync(f)
 
 
-def _read_shared(path: Path, optimizer) -> tuple[dict, dict]:
-    """Rank 0's reads of a checkpoint: (model tensors, optimizer state dict or {})."""
+def _read_shared(path: Path, model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """Rank 0's reads of a checkpoint, checked against ``model`` and ``optimizer`` before any
+    collective: (model tensors, optimizer state dict or {}). Errors name the file."""
     def tensors(name):
         try:
             return load_file(str(path / name))
-        except (OSError, SafetensorError) as err:
+        except Exception as err:  # noqa: BLE001
             raise RuntimeError(f"{path / name} cannot be read ({err}): the checkpoint is incomplete") from err
 
     model_sd = tensors("model.safetensors")
+    want = {k: tuple(v.shape) for k, v in _plain(model).state_dict().items()}
+    missing, extra = sorted(set(want) - set(model_sd)), sorted(set(model_sd) - set(want))
+    shapes = [k for k in want if k in model_sd and tuple(model_sd[k].shape) != want[k]]
+    if missing or extra or shapes:
+        what = (f"{len(missing)} tensors missing (e.g. {missing[0]})" if missing else
+                f"{len(extra)} tensors the model lacks (e.g. {extra[0]})" if extra else
+                f"tensors of other shapes (e.g. {shapes[0]}: {tuple(model_sd[shapes[0]].shape)} here, "
+                f"{want[shapes[0]]} in the model)")
+        raise RuntimeError(f"{path / 'model.safetensors'} does not fit this model: {what}")
     if optimizer is None:
         return model_sd, {}
     if not (path / "optimizer.json").is_file():
@@ -321,30 +341,26 @@ def _read_shared(path: Path, optimizer) -> tuple[dict, dict]:
     try:
         meta = json.loads((path / "optimizer.json").read_text())
         st: dict[str, dict] = {name: dict(v) for name, v in meta["state"].items()}
-        meta["param_groups"]
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        groups = [{k: _from_json(v) for k, v in g.items()} for g in meta["param_groups"]]
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups]
+        sizes = [len(g["params"]) for g in groups]
+    except Exception as err:  # noqa: BLE001
         raise RuntimeError(f"{path / 'optimizer.json'} cannot be read ({type(err).__name__}: {err}): the "
                            "checkpoint is incomplete") from None
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        raise RuntimeError(f"{path / 'optimizer.json'} holds param groups of {sizes} parameters; this optimizer's "
+                           f"have {[len(g['params']) for g in optimizer.param_groups]}")
     for key, v in tensors("optimizer.safetensors").items():
+        if "/" not in key:
+            raise RuntimeError(f"{path / 'optimizer.safetensors'} holds {key!r}, not '<parameter>/<state>'")
         name, k = key.rsplit("/", 1)
         st.setdefault(name, {})[k] = v
-    groups = [{k: _from_json(v) for k, v in g.items()} for g in meta["param_groups"]]
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups]
     return model_sd, {"state": st, "param_groups": groups}
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load a :func:`save_checkpoint` directory into a model wrapped (or not) at any world
-    size, or into one process without a process group; restores the per-rank RNG when the
-    world size is the one that wrote it. Returns ``state.json``. Every rank calls it; only
-    rank 0 reads the tensor files, and an error there is raised on every rank."""
-    path = Path(os.path.abspath(path))
-    rank, world = _rank_world()
-    old = path.with_name(path.name + ".old")
-    if not _complete(path) and _complete(old):  # a save stopped between its two renames
-        if rank == 0:
-            print(f"warning: {path} is incomplete; loading the previous checkpoint {old}", file=sys.stderr)
-        path = old
+def _read_own(path: Path, optimizer, rank: int, world: int) -> tuple[dict, dict | None]:
+    """Every rank's reads before any collective: ``state.json`` and, at the world size that wrote
+    the checkpoint, this rank's RNG state (checked). Errors name the file."""
     for name in ("model.safetensors", "state.json"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a checkpoint: {name} is missing")
@@ -352,26 +368,53 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise FileNotFoundError(f"{path} has no optimizer state (optimizer.safetensors)")
     try:
         state = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as err:
+        if not isinstance(state, dict):
+            raise TypeError(f"a mapping is expected, got {type(state).__name__}")
+    except Exception as err:  # noqa: BLE001
         raise ValueError(f"{path / 'state.json'} cannot be read ({err}): the checkpoint is incomplete") from None
+    if state.get("world_size") != world:
+        return state, None
     rng_file = path / f"rng-{rank}.safetensors"
-    same_world = state.get("world_size") == world
+    if not rng_file.is_file():
+        raise FileNotFoundError(f"{rng_file} is missing: the checkpoint is incomplete and resume would not be exact")
+    try:
+        rng = load_file(str(rng_file))
+        if any(v.dtype != torch.uint8 for v in rng.values()) or "torch" not in rng:
+            raise ValueError("expected uint8 RNG states under 'torch' (and 'cuda')")
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"{rng_file} cannot be read ({type(err).__name__}: {err}): the checkpoint is "
+                         "incomplete") from None
+    return state, rng
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load a :func:`save_checkpoint` directory into a model wrapped (or not) at any world
+    size, or into one process without a process group; restores the per-rank RNG when the
+    world size is the one that wrote it. Returns ``state.json``. Every rank calls it; rank 0
+    reads the tensor files and checks them against the model and optimizer before any
+    collective, and an error on any rank is raised on every rank."""
+    path = Path(os.path.abspath(path))
+    rank, world = _rank_world()
+    old = path.with_name(path.name + ".old")
+    chosen = [str(old if not _complete(path) and _complete(old) else path)]  # rank 0's choice for all
+    if world > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] != str(path):  # a save stopped between its two renames
+        if rank == 0:
+            print(f"warning: {path} is incomplete; loading the previous checkpoint {old}", file=sys.stderr)
+        path = old
+    error, state, rng = None, {}, None
+    try:
+        state, rng = _read_own(path, optimizer, rank, world)
+    except Exception as err:  # noqa: BLE001
+        error = f"{type(err).__name__}: {err}"
+    _agree_all(error)
     error, model_sd, osd = None, {}, {}
     if rank == 0:
         try:
-            model_sd, osd = _read_shared(path, optimizer)
-        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            model_sd, osd = _read_shared(path, model, optimizer)
+        except Exception as err:  # noqa: BLE001
             error = f"{type(err).__name__}: {err}"
-    _agree(error)
-    rng, error = None, None
-    if same_world:  # each rank reads its own RNG state, written at this world size
-        try:
-            rng = load_file(str(rng_file))
-            rng["torch"]
-        except FileNotFoundError:
-            error = f"{rng_file} is missing: the checkpoint is incomplete and resume would not be exact"
-        except (OSError, SafetensorError, KeyError) as err:
-            error = f"{rng_file} cannot be read ({type(err).__name__}: {err}): the checkpoint is incomplete"
     _agree_all(error)
     broadcast = dist.is_initialized()
     set_model_state_dict(model, model_sd, options=_options(broadcast_from_rank0=broadcast))
