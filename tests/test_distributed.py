@@ -650,31 +650,48 @@ def _ckpt_misuse_worker(rank, world, path):
     import os
     import shutil
 
+    from safetensors import SafetensorError
+
     import fastweights.distributed.data_parallel as dp
     from fastweights.distributed.data_parallel import full_state_dict, load_checkpoint, save_checkpoint
 
     out = {}
+    real_save, real_json = dp.save_file, dp.json.loads
+
+    def failing_save(when, error):
+        """dp.save_file raising ``error`` for the files (rank, name) that ``when`` picks."""
+        def save(tensors, filename, *a, **k):
+            if when(filename):
+                raise error
+            return real_save(tensors, filename, *a, **k)
+        return save
+
+    def record(name, fn, damage=None, save=None, loads=None):
+        """Damage files (rank 0, between barriers), patch dp's save_file / json.loads, run ``fn``;
+        record the message of the RuntimeError it raises on this rank ("no error" if none)."""
+        if damage is not None:
+            dist.barrier()
+            if rank == 0:
+                damage()
+            dist.barrier()
+        dp.save_file, dp.json.loads = save or real_save, loads or real_json
+        try:
+            fn()
+            out[name] = "no error"
+        except RuntimeError as err:
+            out[name] = str(err)
+        finally:
+            dp.save_file, dp.json.loads = real_save, real_json
+
     model, opt = _dp_model("ddp")
     _train(model, opt, 1, 0, rank, world)
-    ck = f"{path}/ck"
+    ck, good = f"{path}/ck", f"{path}/ck2"
     save_checkpoint(ck, model, opt, {"step": 1})
     first = full_state_dict(model)
     _train(model, opt, 1, 1, rank, world)
     # a second save into the same directory fails while rank 0 writes the optimizer: the first stays whole
-    real = dp.save_file
-
-    def broken(tensors, filename, *a, **k):
-        if filename.endswith("optimizer.safetensors"):
-            raise OSError("disk full")
-        return real(tensors, filename, *a, **k)
-
-    dp.save_file = broken
-    try:
-        save_checkpoint(ck, model, opt, {"step": 2})
-        out["failed-save"] = "no error"
-    except RuntimeError as err:
-        out["failed-save"] = str(err)
-    dp.save_file = real
+    record("failed-save", lambda: save_checkpoint(ck, model, opt, {"step": 2}),
+           save=failing_save(lambda f: f.endswith("optimizer.safetensors"), OSError("disk full")))
     fresh, fresh_opt = _dp_model("ddp", seed=4)
     out["kept-step"] = load_checkpoint(ck, fresh, fresh_opt)["step"]
     if rank == 0:
@@ -687,99 +704,42 @@ def _ckpt_misuse_worker(rank, world, path):
     out["tensor-lr"] = load_checkpoint(f"{path}/tensor-lr", fresh, fresh_opt)["step"]
     lrs = [g["lr"] for g in fresh_opt.param_groups]
     out["tensor-lr-back"] = all(torch.is_tensor(x) and torch.equal(x, torch.tensor(1e-2)) for x in lrs)
+
+    def truncate(file, size):
+        with open(file, "r+b") as fh:
+            fh.truncate(size)
+
+    def rng1_from_rank0(where):  # a readable RNG file again
+        shutil.copy(f"{where}/rng-0.safetensors", f"{where}/rng-1.safetensors")
+
     # incomplete checkpoints: the error reaches every rank (rank 0 alone read the files, the others hung)
-    def remove_rng():
-        os.remove(f"{ck}/rng-1.safetensors")
-
-    def truncate_model():
-        shutil.copy(f"{ck}/rng-0.safetensors", f"{ck}/rng-1.safetensors")  # a readable RNG file again
-        with open(f"{ck}/model.safetensors", "r+b") as fh:
-            fh.truncate(40)
-
-    for name, damage, error in (("missing-rng", remove_rng, RuntimeError), ("truncated", truncate_model, RuntimeError)):
-        dist.barrier()
-        if rank == 0:
-            damage()
-        dist.barrier()
-        try:
-            load_checkpoint(ck, fresh, fresh_opt)
-            out[name] = "no error"
-        except error as err:
-            out[name] = str(err)
+    load_ck = lambda: load_checkpoint(ck, fresh, fresh_opt)  # noqa: E731
+    record("missing-rng", load_ck, damage=lambda: os.remove(f"{ck}/rng-1.safetensors"))
+    record("truncated", load_ck,
+           damage=lambda: (rng1_from_rank0(ck), truncate(f"{ck}/model.safetensors", 40)))
     # one rank's own file fails (its RNG state): every rank raises, none waits in a barrier
-    good = f"{path}/ck2"
     save_checkpoint(good, model, opt, {"step": 3})
-
-    def rank1_disk_full(tensors, filename, *a, **k):
-        if rank == 1 and "rng-" in filename:
-            raise OSError(28, "No space left on device")
-        return real(tensors, filename, *a, **k)
-
-    dp.save_file = rank1_disk_full
-    try:
-        save_checkpoint(good, model, opt, {"step": 4})
-        out["rng-save"] = "no error"
-    except RuntimeError as err:
-        out["rng-save"] = str(err)
-    dp.save_file = real
-    def truncate_rng():
-        with open(f"{good}/rng-1.safetensors", "r+b") as fh:
-            fh.truncate(10)
-
-    def break_optimizer_json():
-        shutil.copy(f"{good}/rng-0.safetensors", f"{good}/rng-1.safetensors")  # a readable RNG file again
-        with open(f"{good}/optimizer.json", "w") as fh:
-            fh.write("{trunc")
-
+    on_rank1_rng = lambda f: rank == 1 and "rng-" in f  # noqa: E731
+    record("rng-save", lambda: save_checkpoint(good, model, opt, {"step": 4}),
+           save=failing_save(on_rank1_rng, OSError(28, "No space left on device")))
     # a failure that is not an OSError (safetensors raises its own on a full disk) on one rank
-    from safetensors import SafetensorError
-
-    def rank1_too_large(tensors, filename, *a, **k):
-        if rank == 1 and "rng-" in filename:
-            raise SafetensorError("File too large")
-        return real(tensors, filename, *a, **k)
-
-    dp.save_file = rank1_too_large
-    try:
-        save_checkpoint(good, model, opt, {"step": 4})
-        out["safetensors-error"] = "no error"
-    except RuntimeError as err:
-        out["safetensors-error"] = str(err)
-    dp.save_file = real
+    record("safetensors-error", lambda: save_checkpoint(good, model, opt, {"step": 4}),
+           save=failing_save(on_rank1_rng, SafetensorError("File too large")))
     # a model the checkpoint does not fit (DDP: rank 0 raised inside a broadcast, rank 1 waited)
-    other_model, other_opt = _dp_model("ddp")
-    with torch.no_grad():
-        other_model.module.lm_head.weight.data = torch.zeros(3, 3)  # another shape
-    try:
-        load_checkpoint(good, other_model)
-        out["mismatch"] = "no error"
-    except RuntimeError as err:
-        out["mismatch"] = str(err)
-    # state.json unreadable on one rank only
-    real_read = dp.json.loads
+    other_model, _ = _dp_model("ddp")
+    other_model.module.lm_head.weight.data = torch.zeros(3, 3)  # another shape
+    record("mismatch", lambda: load_checkpoint(good, other_model))
 
-    def rank1_cannot_parse(text, *a, **k):
+    def rank1_cannot_parse(text, *a, **k):  # state.json unreadable on one rank only
         if rank == 1 and '"world_size"' in text:
             raise ValueError("I/O error")
-        return real_read(text, *a, **k)
+        return real_json(text, *a, **k)
 
-    dp.json.loads = rank1_cannot_parse
-    try:
-        load_checkpoint(good, fresh, fresh_opt)
-        out["state-rank1"] = "no error"
-    except RuntimeError as err:
-        out["state-rank1"] = str(err)
-    dp.json.loads = real_read
-    for name, damage in (("rng-load", truncate_rng), ("optimizer-json", break_optimizer_json)):
-        dist.barrier()
-        if rank == 0:
-            damage()
-        dist.barrier()
-        try:
-            load_checkpoint(good, fresh, fresh_opt)
-            out[name] = "no error"
-        except RuntimeError as err:
-            out[name] = str(err)
+    load_good = lambda: load_checkpoint(good, fresh, fresh_opt)  # noqa: E731
+    record("state-rank1", load_good, loads=rank1_cannot_parse)
+    record("rng-load", load_good, damage=lambda: truncate(f"{good}/rng-1.safetensors", 10))
+    record("optimizer-json", load_good,
+           damage=lambda: (rng1_from_rank0(good), open(f"{good}/optimizer.json", "w").write("{trunc")))
     return out
 
 
