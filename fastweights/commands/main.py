@@ -13,7 +13,6 @@ the size's default (``fastweights.commands.main.DEFAULTS``).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from fastweights.commands.eval import EvalConfig, evaluate
 from fastweights.commands.prepare import PrepareConfig, prepare
 from fastweights.config import option, parse
-from fastweights.errors import FastWeightsError, check_at_least
+from fastweights.errors import FastWeightsError, check_at_least, check_number
 from fastweights.eval.passkey import check_passkey_settings
 from fastweights.eval.plot import plot_position_losses
 from fastweights.models.presets import SIZES
@@ -89,10 +88,8 @@ def _check(cfg: MainConfig, s: dict) -> None:
         check_at_least(name, getattr(cfg, name), 0)
     for name in ("max_mb", "max_doc_kb"):
         check_at_least(name, getattr(cfg, name), -1)
-    for name in ("lr", "ttt_lr"):
-        value = getattr(cfg, name)
-        if not math.isfinite(value) or value < 0:
-            raise FastWeightsError(f"{name} must be a finite number >= 0 (lr 0: the size's default), got {value}")
+    for name in ("lr", "ttt_lr"):  # lr 0: the size's default
+        check_number(name, getattr(cfg, name))
     if s["passkey_lengths"]:
         try:
             check_passkey_settings(s["passkey_lengths"], [0.0, 0.25, 0.5, 0.75, 1.0], 4, cfg.seed)

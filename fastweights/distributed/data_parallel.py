@@ -256,8 +256,8 @@ def _unsafe_target(path: Path, tmp: Path, old: Path, state) -> str | None:
     if path.is_dir() and any(path.iterdir()) and not _complete(path):
         return (f"{path} holds files but no checkpoint (state.json): save_checkpoint replaces its directory, so "
                 "give a new or empty one")
-    if tmp.exists() and not (tmp.is_dir() and all(f.name in _OWN_FILES or f.name.startswith("rng-")
-                                                   or (tmp / "model.safetensors").exists() for f in tmp.iterdir())):
+    if tmp.exists() and not (tmp.is_dir() and ((tmp / "model.safetensors").exists() or all(
+            f.name in _OWN_FILES or f.name.startswith("rng-") for f in tmp.iterdir()))):
         return f"{tmp} exists and is not an unfinished checkpoint: save_checkpoint would delete it; move it away"
     if old.exists() and not (old.is_dir() and _complete(old)):
         return f"{old} exists and is not a checkpoint: save_checkpoint would delete it; move it away"

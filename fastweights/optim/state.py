@@ -44,8 +44,9 @@ def flatten_state(obj: Any) -> tuple[dict[str, torch.Tensor], str]:
     return tensors, meta
 
 
-def unflatten_state(tensors: dict[str, torch.Tensor], meta: str) -> Any:
-    """Inverse of :func:`flatten_state`."""
+def unflatten_state(tensors: dict[str, torch.Tensor] | None, meta: str) -> Any:
+    """Inverse of :func:`flatten_state`; with ``tensors=None``, every tensor comes back as None
+    (the state's structure alone)."""
 
     def dec(x: Any) -> Any:
         if isinstance(x, list):
@@ -53,6 +54,8 @@ def unflatten_state(tensors: dict[str, torch.Tensor], meta: str) -> Any:
         if isinstance(x, dict):
             ((tag, value),) = x.items()
             if tag == "__tensor__":
+                if tensors is None:
+                    return None
                 if value not in tensors:
                     raise ValueError(f"state refers to tensor {value!r}, which the file does not hold")
                 return tensors[value]
@@ -74,12 +77,13 @@ def save_state(path: str | Path, obj: Any) -> None:
     save_file(tensors, str(path), metadata={_META_KEY: meta})
 
 
-def load_state(path: str | Path, device: str | torch.device = "cpu") -> Any:
-    """Read a state written by :func:`save_state` (no pickle involved)."""
+def load_state(path: str | Path, device: str | torch.device = "cpu", tensors: bool = True) -> Any:
+    """Read a state written by :func:`save_state` (no pickle involved); ``tensors=False`` reads
+    its structure alone, every tensor None (nothing but the file's header is read)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = (f.metadata() or {}).get(_META_KEY)
     if meta is None:
         raise ValueError(f"{path} holds no fastweights state (metadata key {_META_KEY!r} missing)")
-    return unflatten_state(load_file(str(path), device=str(device)), meta)
+    return unflatten_state(load_file(str(path), device=str(device)) if tensors else None, meta)

@@ -193,19 +193,8 @@ def _model_tensors(path: Path, plain: nn.Module) -> dict[str, torch.Tensor]:
 def saved_group_sizes(path) -> list[int] | None:
     """The parameter count of each optimizer param group stored in checkpoint ``path`` (read from
     the state's JSON, no tensor loaded), or None when it cannot be read."""
-    from fastweights.optim.state import _META_KEY, unflatten_state
-
-    class _AnyTensor(dict):  # stands for every tensor of the state
-        def __contains__(self, key):
-            return True
-
-        def __missing__(self, key):
-            return None
-
     try:
-        with safe_open(str(Path(path) / "optimizer.safetensors"), "pt") as fh:
-            meta = (fh.metadata() or {})[_META_KEY]
-        optim = unflatten_state(_AnyTensor(), meta)["optimizer"]
+        optim = load_state(Path(path) / "optimizer.safetensors", tensors=False)["optimizer"]
         while "param_groups" not in optim and "inner" in optim:  # Lookahead/SLRLA wrap the inner optimizer's
             optim = optim["inner"]
         return [len(g["params"]) for g in optim["param_groups"]]
