@@ -1,7 +1,7 @@
 """Errors that the CLI shows as one line, without a traceback, and shared argument checks."""
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 
 class FastWeightsError(Exception):
@@ -19,7 +19,9 @@ def named_by_flag(err: Exception, flags: dict[str, str]) -> FastWeightsError:
 def check_positive_int(name: str, value) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is an int >= 1 (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        hint = (f" (type {type(value).__name__}, not a Python int: pass int({name}))"
+                if isinstance(value, Integral) and not isinstance(value, bool | int) else "")
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}{hint}")
 
 
 def check_number(name: str, value, low: float = 0.0, strict: bool = False) -> None:

@@ -787,6 +787,31 @@ def test_checkpoint_without_a_process_group(tmp_path):
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], other_opt.state_dict()["state"][0]["exp_avg"])
 
 
+def test_checkpoint_refuses_another_optimizer_type_and_keys_json_would_change(tmp_path):
+    """The optimizer's type is stored and checked on load (torch's load_state_dict would put AdamW's
+    hyperparameters into an SGD silently); Lookahead, which torch's distributed state dicts cannot
+    read, is refused by name; a state key JSON would turn into a string is refused at save."""
+    from tiny_models import tiny_model
+
+    from fastweights.distributed.data_parallel import load_checkpoint, save_checkpoint
+    from fastweights.optim import Lookahead
+
+    model = tiny_model("qwen3", layers=1)
+    save_checkpoint(tmp_path / "adamw", model, torch.optim.AdamW(model.parameters()), {"step": 1})
+    with pytest.raises(RuntimeError, match=r"state of a AdamW optimizer; this one is a SGD"):
+        load_checkpoint(tmp_path / "adamw", model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert load_checkpoint(tmp_path / "adamw", model, torch.optim.AdamW(model.parameters()))["step"] == 1
+    for call in (lambda opt: save_checkpoint(tmp_path / "la", model, opt, {"step": 1}),
+                 lambda opt: load_checkpoint(tmp_path / "adamw", model, opt)):  # not a raw KeyError
+        with pytest.raises(ValueError, match="take torch optimizers, not a Lookahead"):
+            call(Lookahead(torch.optim.AdamW(model.parameters())))
+    assert not (tmp_path / "la").exists()
+    assert load_checkpoint(tmp_path / "adamw", model, None)["step"] == 1  # the model alone
+    with pytest.raises(RuntimeError, match=r"state\['data'\] has the key 3 \(int\).*come back as '3'"):
+        save_checkpoint(tmp_path / "keys", model, None, {"step": 1, "data": {3: "x"}})
+    assert not (tmp_path / "keys").exists()
+
+
 def test_checkpoint_directory_is_replaced_only_when_it_is_a_checkpoint(tmp_path, monkeypatch):
     """Found by a review of the atomic save: a directory holding other files was deleted; a save
     stopped between its two renames left no loadable checkpoint; "." raised a raw ValueError (it is

@@ -4,6 +4,7 @@ every gradient against the sequential reference, its dispatch, and its compiled 
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -256,6 +257,8 @@ def test_lanes_errors():
         lact_chunked(*inputs, chunk_size=6, lanes=lact_op.lact_lanes(pos == 0, 6, device="meta"))
     with pytest.raises(ValueError, match="chunk_size must be an integer >= 1, got 0"):
         lact_op.lact_lanes(pos == 0, 0)
+    with pytest.raises(ValueError, match=r"got np.int64\(6\) \(type int64, not a Python int: pass int\(chunk_size\)"):
+        lact_op.lact_lanes(pos == 0, np.int64(6))
     with pytest.raises(ValueError, match="order must be one of .*'sideways'"):
         lact_op.lact_lanes(pos == 0, 6, "sideways")
     huge = torch.zeros(1, 1, dtype=torch.bool).expand(2, 2**30)  # no memory behind it

@@ -9,7 +9,7 @@ Functions the trainer calls under ``torchrun``:
 * :func:`save_checkpoint` / :func:`load_checkpoint`: full (unsharded) tensors in safetensors,
   keyed by parameter name, so a checkpoint written at one world size loads at any other:
   ``model.safetensors`` + ``config.json`` (a Hugging Face model directory),
-  ``optimizer.safetensors`` (state per parameter name) + ``optimizer.json`` (param groups),
+  ``optimizer.safetensors`` (state per parameter name) + ``optimizer.json`` (class, param groups),
   ``rng-<rank>.safetensors`` (per-rank RNG, restored only at the same world size: resume is
   then exact, bit for bit with FSDP2; with DDP at > 2 ranks up to the order of the gradient
   all-reduce sums in the first step, as DDP rebuilds its buckets) and ``state.json`` (step,
@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 
 from fastweights.distributed.context_parallel import apply_context_parallel
+from fastweights.optim.lookahead import Lookahead
 
 __all__ = [
     "MODES",
@@ -204,6 +205,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     path = Path(os.path.abspath(path))
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     rank, world = _rank_world()
+    kind = optimizer and _optimizer_kind(optimizer)  # the same on every rank: raised before any collective
     model_sd = full_state_dict(model)
     optim_sd = (get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
                 if optimizer is not None else None)
@@ -212,8 +214,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         error = _unsafe_target(path, tmp, old, state)
         if error is None:
             try:
+                _string_keys(state or {}, "state")
                 state_text = json.dumps({**(state or {}), "world_size": world}, indent=1)  # fails before any write
-                _write_shared(tmp, model, model_sd, optim_sd)
+                _write_shared(tmp, model, model_sd, optim_sd, kind)
             except Exception as err:  # noqa: BLE001  (raised on every rank by _agree_all)
                 shutil.rmtree(tmp, ignore_errors=True)
                 error = _failure(err, f"could not write checkpoint {tmp}") + f" ({path} is unchanged)"
@@ -293,7 +296,30 @@ def _complete(path: Path) -> bool:
     return (path / "state.json").is_file() and (path / "model.safetensors").is_file()
 
 
-def _write_shared(tmp: Path, model: nn.Module, model_sd: dict, optim_sd: dict | None) -> None:
+def _string_keys(x, where: str) -> None:
+    """Raise on a dict key that is not a string anywhere in ``x``: JSON would turn it into one."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where} has the key {k!r} ({type(k).__name__}): state.json holds string keys "
+                                 f"only, so it would come back as {str(k)!r}; use string keys")
+            _string_keys(v, f"{where}[{k!r}]")
+    elif isinstance(x, list | tuple):
+        for i, v in enumerate(x):
+            _string_keys(v, f"{where}[{i}]")
+
+
+def _optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer's class name, as ``optimizer.json`` records it; a Lookahead/SLRLA is refused (torch's
+    distributed state-dict functions read an optimizer's own per-parameter state only)."""
+    if isinstance(optimizer, Lookahead):
+        raise ValueError(f"save_checkpoint/load_checkpoint take torch optimizers, not a {type(optimizer).__name__} "
+                         "(its slow weights are not per-parameter optimizer state); the trainer checkpoints "
+                         "Lookahead and SLRLA runs: fastweights train --parallel ddp --optimizer lookahead_adamw")
+    return type(optimizer).__qualname__
+
+
+def _write_shared(tmp: Path, model: nn.Module, model_sd: dict, optim_sd: dict | None, kind: str | None) -> None:
     """Rank 0's tensor files of one checkpoint, in the directory ``tmp`` (made anew), each
     flushed (``state.json`` comes last, from :func:`save_checkpoint`)."""
     shutil.rmtree(tmp, ignore_errors=True)
@@ -309,7 +335,8 @@ def _write_shared(tmp: Path, model: nn.Module, model_sd: dict, optim_sd: dict | 
                  for name, st in optim_sd["state"].items()}
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(
-            {"param_groups": optim_sd["param_groups"], "state": other}, indent=1, default=_json_value))
+            {"optimizer": kind, "param_groups": optim_sd["param_groups"], "state": other}, indent=1,
+            default=_json_value))
     for f in tmp.iterdir():
         fsync(f)
 
@@ -347,6 +374,11 @@ def _read_shared(path: Path, model: nn.Module, optimizer) -> tuple[dict, dict]:
     except Exception as err:  # noqa: BLE001
         raise RuntimeError(f"{path / 'optimizer.json'} cannot be read ({type(err).__name__}: {err}): the "
                            "checkpoint is incomplete") from None
+    saved_kind = meta.get("optimizer")  # absent in checkpoints written before it was recorded
+    if saved_kind is not None and saved_kind != _optimizer_kind(optimizer):
+        raise RuntimeError(f"{path / 'optimizer.json'} holds the state of a {saved_kind} optimizer; this one is a "
+                           f"{_optimizer_kind(optimizer)}: build the optimizer the checkpoint was written with, or "
+                           "load the model alone (optimizer=None)")
     if sizes != [len(g["params"]) for g in optimizer.param_groups]:
         raise RuntimeError(f"{path / 'optimizer.json'} holds param groups of {sizes} parameters; this optimizer's "
                            f"have {[len(g['params']) for g in optimizer.param_groups]}")
@@ -395,6 +427,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     collective, and an error on any rank is raised on every rank."""
     path = Path(os.path.abspath(path))
     rank, world = _rank_world()
+    if optimizer is not None:
+        _optimizer_kind(optimizer)  # the same on every rank: raised before any collective
     old = path.with_name(path.name + ".old")
     chosen = [str(old if not _complete(path) and _complete(old) else path)]  # rank 0's choice for all
     if world > 1:
