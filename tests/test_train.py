@@ -70,12 +70,12 @@ def test_resume_after_kill_is_bitwise_exact(data, tmp_path):
 
 
 def test_resume_refuses_other_settings_and_reschedules_new_steps(data, tmp_path, capsys):
-    """--resume with settings that change the computation (row length, learning rate) raises,
-    naming each; more --steps continue on the schedule of the new step count."""
+    """--resume with settings that change the computation (row length, warmup) raises, naming
+    each; more --steps continue on the schedule of the new step count."""
     run = tmp_path / "run"
     _train(train_args(data, run, steps=4))
-    with pytest.raises(FastWeightsError, match=r"these differ: seq_len 48 \(now 32\); lr 0.003 \(now 0.001\); pass"):
-        _train([*train_args(data, run, steps=4, seq_len=32, lr=1e-3), "--resume"])
+    with pytest.raises(FastWeightsError, match=r"these differ: seq_len 48 \(now 32\); warmup 2 \(now 3\); pass"):
+        _train([*train_args(data, run, steps=4, seq_len=32, warmup=3), "--resume"])
     capsys.readouterr()
     _train([*train_args(data, run, steps=8, keep=1), "--resume"])
     assert "with --steps 8 (was 4)" in capsys.readouterr().err
@@ -204,8 +204,8 @@ def test_resume_checks_the_model_by_its_config_and_keeps_the_runs_record(data, t
     with pytest.raises(FastWeightsError, match=r"these differ: the model --model .*m' \(config "):
         _train([*train_args(data, run, steps=4, model=tmp_path / "m"), "--resume"])
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(FastWeightsError, match=r"these differ: lr 0.003 \(now 0.1\)"):
-        _train([*train_args(data, run, steps=4, model=tmp_path / "m"), "--resume", "--lr", "0.1"])
+    with pytest.raises(FastWeightsError, match=r"these differ: warmup 2 \(now 3\)"):
+        _train([*train_args(data, run, steps=4, model=tmp_path / "m"), "--resume", "--warmup", "3"])
     assert (run / "train_config.json").read_text() == record  # the failed resume left it alone
     ckpts = run / "checkpoints"
     broken = ckpts / "step-00000003" / "model.safetensors"
@@ -263,8 +263,92 @@ def test_non_finite_loss_stops_naming_the_step(data, tmp_path):
     with pytest.raises(FastWeightsError) as err:
         _train([*train_args(data, run, steps=6, save_every=1), "--resume"])
     assert err.value.args[0] == (f"non-finite loss (nan) at step 3; training stopped, last good checkpoint: "
-                                 f"{run / 'checkpoints' / 'step-00000002'}")
+                                 f"{run / 'checkpoints' / 'step-00000002'} (--resume goes on from it, also with a "
+                                 f"smaller --lr or --clip)")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+
+def test_a_resume_may_lower_the_learning_rate_and_the_clip(data, tmp_path, capsys):
+    """The usual answer to a loss spike, going on from the last checkpoint with a smaller rate or
+    clip, is a resume (it was refused: a new --out could not start from the checkpoint); the
+    steps after it run on the new base rate's schedule."""
+    run = tmp_path / "lower"
+    _train(train_args(data, run, steps=4, save_every=2))
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    capsys.readouterr()
+    _train([*train_args(data, run, steps=4, lr=1e-3, clip=0.5), "--resume"])
+    assert "with --lr 0.001 (was 0.003), --clip 0.5 (was 1.0)" in capsys.readouterr().err
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    for s in (3, 4):
+        assert lrs[s] == pytest.approx(1e-3 * warmup_cosine(s - 1, 2, 4, 0.1), rel=1e-12), s
+    saved = json.loads((run / "train_config.json").read_text())
+    assert (saved["lr"], saved["clip"]) == (1e-3, 0.5)
+
+
+def test_a_damaged_state_json_names_the_checkpoint_before_it(data, tmp_path):
+    """Like the other files of the newest checkpoint, a truncated state.json names the one to go back to."""
+    run = tmp_path / "state"
+    _train(train_args(data, run, steps=4, save_every=2))
+    state = run / "checkpoints" / "step-00000004" / "state.json"
+    state.write_text(state.read_text()[:10])
+    with pytest.raises(FastWeightsError, match=r"cannot resume from .*step-00000004: JSONDecodeError: .*; move it out "
+                                               r"of .*checkpoints to resume from step-00000002$"):
+        _train([*train_args(data, run, steps=4), "--resume"])
+
+
+def test_a_second_process_cannot_train_into_the_same_out(data, tmp_path, monkeypatch):
+    """A requeued job started beside a running one raced for its checkpoints; the running one holds
+    out/.lock (a lock of another process, as filelock's are per file handle), and it is let go."""
+    from filelock import FileLock, Timeout
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    with FileLock(run / ".lock"):
+        with pytest.raises(FastWeightsError, match=f"{run} is in use by another training process"):
+            _train(train_args(data, run, steps=2))
+    _train(train_args(data, run, steps=2))
+    with FileLock(run / ".lock", timeout=0):  # free again after the run
+        pass
+    import fastweights.train.trainer as trainer
+
+    held, real = [], trainer.save_checkpoint
+
+    def save(out, *a, **k):  # a new --out is locked from when it is made: try it while the run saves
+        try:
+            with FileLock(Path(out) / ".lock", timeout=0):
+                held.append(False)
+        except Timeout:
+            held.append(True)
+        return real(out, *a, **k)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    _train(train_args(data, tmp_path / "fresh", steps=2))
+    assert held == [True]
+
+
+def test_tensorboard_drops_the_events_after_the_step_resumed_at(data, tmp_path, monkeypatch):
+    """A crashed run's events past its last checkpoint were logged again on resume (steps twice in
+    TensorBoard); the writer now purges from the first step it will log."""
+    import types
+
+    made = []
+
+    class Writer:
+        def __init__(self, logdir, **kw):
+            made.append(kw)
+
+        def add_scalar(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    run = tmp_path / "tb"
+    _train(train_args(data, run, steps=4, save_every=2))
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    _train([*train_args(data, run, steps=4), "--resume"])
+    assert made == [{"purge_step": 1}, {"purge_step": 3}]
 
 
 def test_non_finite_gradient_stops_naming_the_step(data, tmp_path):
@@ -273,7 +357,7 @@ def test_non_finite_gradient_stops_naming_the_step(data, tmp_path):
         _train(train_args(data, run, steps=20, save_every=1, lr=1e30, warmup=1, clip=0))
     step = int(err.value.args[0].split("at step ")[1].split(";")[0])
     assert step >= 2
-    assert err.value.args[0].endswith(str(run / "checkpoints" / f"step-{step - 1:08d}"))
+    assert f"last good checkpoint: {run / 'checkpoints' / f'step-{step - 1:08d}'} (--resume" in err.value.args[0]
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == f"step-{step - 1:08d}"
     assert not (run / "model").exists()
 
@@ -338,7 +422,9 @@ def test_bad_optimizer_and_forgetting_are_rejected(data, tmp_path):
 
 def test_train_with_a_fast_weight_layer(data, tmp_path):
     """``--fwl`` trains the preset with an FWL head; its inner loss scale defaults to the
-    reference code's batch mean, 1/(batch_size·seq_len), and survives save/load."""
+    reference code's batch mean, 1/(batch_size·accum·seq_len), and survives save/load; a resumed
+    run keeps the scale its checkpoint was trained with (runs with --accum > 1 from before the
+    default counted the step's tokens had 1/(batch_size·seq_len))."""
     from fastweights.models import fwl_layer
     from fastweights.models.presets import load_model
 
@@ -347,6 +433,14 @@ def test_train_with_a_fast_weight_layer(data, tmp_path):
     _train(args)
     fw = fwl_layer(load_model(run / "model"))
     assert fw.grad_scale == 1.0 / (2 * 48)
+    accum = tmp_path / "accum"
+    _train(train_args(data, accum, steps=4, save_every=2, accum=3) + ["--no-ttt", "--fwl"])
+    assert fwl_layer(load_model(accum / "model")).grad_scale == 1.0 / (2 * 3 * 48)
+    shutil.rmtree(accum / "checkpoints" / "step-00000004")
+    config = accum / "checkpoints" / "step-00000002" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "fwl_grad_scale": 1.0 / (2 * 48)}))
+    _train(train_args(data, accum, steps=4, accum=3) + ["--no-ttt", "--fwl", "--resume"])
+    assert fwl_layer(load_model(accum / "model")).grad_scale == 1.0 / (2 * 48)
     assert not torch.allclose(fw.step_sizes, torch.full((6,), 0.01))  # the step sizes are trained
     with pytest.raises(FastWeightsError, match="fwl_grad_scale"):
         _train(train_args(data, tmp_path / "bad", steps=1) + ["--no-ttt", "--fwl", "--fwl-grad-scale", "-1"])
@@ -433,10 +527,12 @@ def test_causal_lm_loss_keeps_float64_and_scores_half_precision_in_float32():
     assert torch.equal(half, causal_lm_loss(logits.to(torch.bfloat16).float(), targets))
 
 
-def test_gradient_accumulation_takes_the_token_mean_of_the_whole_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fwl", [False, True])
+def test_gradient_accumulation_takes_the_token_mean_of_the_whole_step(tmp_path, monkeypatch, fwl):
     """--batch-size 2 --accum 2 reads the rows of --batch-size 4 --accum 1 and must give the same
     step: the mean over all the step's targets, also when its micro-batches hold different
-    numbers of ignored (-100) targets (before, the micro-batches' means were averaged)."""
+    numbers of ignored (-100) targets (before, the micro-batches' means were averaged). With an
+    FWL head too: its default inner loss scale was per micro-batch, so --accum changed the model."""
     from fastweights.data.packing import PackedRows
     from fastweights.data.store import Dataset
 
@@ -451,8 +547,9 @@ def test_gradient_accumulation_takes_the_token_mean_of_the_whole_step(tmp_path, 
             break
     else:
         pytest.fail("no seed gives micro-batches with different numbers of ignored targets")
-    one = _train(train_args(data, tmp_path / "one", steps=2, seed=seed, batch_size=4, accum=1))
-    two = _train(train_args(data, tmp_path / "two", steps=2, seed=seed, batch_size=2, accum=2))
+    flags = ["--no-ttt", "--fwl", "--clip", "0"] if fwl else []
+    one = _train(train_args(data, tmp_path / "one", steps=2, seed=seed, batch_size=4, accum=1) + flags)
+    two = _train(train_args(data, tmp_path / "two", steps=2, seed=seed, batch_size=2, accum=2) + flags)
     a, b = ([json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
             for r in ("one", "two"))
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]

@@ -18,7 +18,7 @@ import re
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
@@ -64,7 +65,7 @@ class TrainConfig:
     ttt_lr: float = option("TTT inner learning rate eta", 3.0)
     fwl: bool = option("add a Fast Weight Layer before the unembedding (add_fwl, SPEC §3)", False)
     fwl_grad_scale: float = option("FWL: factor on each token's loss before its inner gradient (0: "
-                                   "1/(batch_size·seq_len), the reference code's batch-mean loss)", 0.0)
+                                   "1/(batch_size·accum·seq_len), the reference code's batch-mean loss)", 0.0)
     trainable: str = option("parameters to train: all, or fast (only the fast-weight parameters)", "all")
     steps: int = option("optimiser steps", 200)
     batch_size: int = option("rows per micro-batch", 8)
@@ -157,9 +158,11 @@ def set_threads(threads: int, device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
-def make_model(cfg: TrainConfig, vocab_size: int):
+def make_model(cfg: TrainConfig, vocab_size: int, fwl_grad_scale: float | None = None):
     """The model to train: a preset (optionally converted, target embed) or a local model
-    (optionally converted, target hidden); with ``cfg.fwl``, plus a Fast Weight Layer."""
+    (optionally converted, target hidden); with ``cfg.fwl``, plus a Fast Weight Layer whose
+    ``grad_scale`` is ``cfg.fwl_grad_scale``, else ``fwl_grad_scale`` (a resumed run's), else
+    1/(tokens per optimizer step): the same model whatever the split into micro-batches."""
     kind = resolve_model(cfg.model)
     if cfg.ttt_target not in ("auto", "embed", "hidden"):
         raise FastWeightsError(f"ttt_target must be auto, embed or hidden, got {cfg.ttt_target!r}")
@@ -191,7 +194,8 @@ def make_model(cfg: TrainConfig, vocab_size: int):
         if cfg.fwl_grad_scale < 0:
             raise FastWeightsError(f"fwl_grad_scale must be >= 0 (0: the default), got {cfg.fwl_grad_scale}")
         if not has_fwl(model):
-            add_fwl(model, grad_scale=cfg.fwl_grad_scale or 1.0 / (cfg.batch_size * cfg.seq_len))
+            add_fwl(model, grad_scale=cfg.fwl_grad_scale or fwl_grad_scale
+                    or 1.0 / (cfg.batch_size * cfg.accum * cfg.seq_len))
     return model
 
 
@@ -363,18 +367,30 @@ def model_key(name: str) -> str:
     return "preset " + name
 
 
-# settings that --resume may change: they do not change what the remaining steps compute
-# (``steps`` does: the schedule then ends at the new step count, from the step resumed at)
+# settings that --resume may change: they do not change what the remaining steps compute, but for
+# ``steps`` (the schedule then ends at the new step count, from the step resumed at) and ``lr`` and
+# ``clip`` (a run stopped by a non-finite loss goes on from its last checkpoint with smaller ones)
 RESUMABLE = frozenset({"out", "resume", "progress", "threads", "save_every", "keep", "device", "compile",
-                       "activation_checkpointing", "parallel", "steps"})
+                       "activation_checkpointing", "parallel", "steps", "lr", "clip"})
 
 
-def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str, resumer: str = "--resume") -> None:
+def _unreadable(ckpt: Path, err: Exception) -> FastWeightsError:
+    """The error for a latest checkpoint that cannot be read, naming the one before it."""
+    earlier = [p.name for p in list_checkpoints(ckpt.parent.parent) if p != ckpt]
+    hint = f"; move it out of {ckpt.parent} to resume from {earlier[-1]}" if earlier else ""
+    return FastWeightsError(f"cannot resume from {ckpt}: {type(err).__name__}: {err}{hint}")
+
+
+def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str, resumer: str = "--resume") -> list[str]:
     """Raise unless ``cfg`` continues the run in ``out`` (latest checkpoint ``ckpt``) with its
     settings (those outside RESUMABLE) and its dataset (by the dataset's key: a moved dataset is
     the same one, another dataset at the same path is not), and with ``steps`` at least the
-    steps done. ``resumer`` names what asked to continue it, in the messages."""
-    done = _read_json(ckpt / "state.json").get("step", 0)
+    steps done. ``resumer`` names what asked to continue it, in the messages. Returns notes on
+    the rate settings that change (``lr``, ``clip``)."""
+    try:
+        done = json.loads((ckpt / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _unreadable(ckpt, err) from err
     if cfg.steps < done:
         raise FastWeightsError(f"{ckpt} is at step {done}: {resumer} needs --steps >= {done}, got {cfg.steps}")
     saved_file = out / "train_config.json"
@@ -394,6 +410,7 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str, res
     if diff:
         raise FastWeightsError(f"{resumer} continues {out} with the settings it started with, but these differ: "
                                f"{'; '.join(diff)}; pass the run's values, or train into a new --out")
+    return [f"--{k} {now[k]} (was {saved[k]})" for k in ("lr", "clip") if k in saved and saved[k] != now[k]]
 
 
 def _save_model(model, out: Path, tokenizer, state_dict=None) -> None:
@@ -427,11 +444,30 @@ def train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
     """Run training as configured; return a summary (final loss, steps, tokens, paths).
     ``resumer``: how the messages name what resumes the run (a caller that always resumes, such
     as ``fastweights main``, names itself)."""
-    with hf_progress_bars(cfg.progress):  # transformers' own bars too (loading and saving the model)
-        return _train(cfg, resumer)
+    with hf_progress_bars(cfg.progress), ExitStack() as held:  # transformers' own bars too (loading, saving)
+        return _train(cfg, resumer, held)
 
 
-def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
+def stopped(last_good: Path | None) -> str:
+    """The end of a non-finite-loss message: what was kept and how to go on."""
+    if last_good is None:
+        return "training stopped, last good checkpoint: none (try a smaller --lr or --clip)"
+    return (f"training stopped, last good checkpoint: {last_good} (--resume goes on from it, also with a smaller "
+            f"--lr or --clip)")
+
+
+def _lock_run(out: Path, held: ExitStack) -> None:
+    """Hold ``out/.lock`` until training ends (the OS lets go of it if the process dies): a second
+    process training into ``out`` (a requeued job) is refused instead of racing for its files."""
+    try:
+        held.enter_context(FileLock(out / ".lock", timeout=0))
+    except Timeout:
+        raise FastWeightsError(f"{out} is in use by another training process (it holds {out / '.lock'}): wait for "
+                               f"it to end, or train into another --out") from None
+
+
+def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None = None) -> dict:
+    held = held if held is not None else ExitStack()
     if not cfg.data:
         raise FastWeightsError("no dataset given: pass --data DIR (from `fastweights prepare`)")
     if cfg.optimizer not in OPTIMIZERS:
@@ -479,15 +515,21 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
     ds = Dataset(cfg.data)
     rows = PackedRows(ds.split("train"), cfg.seq_len, seed=cfg.seed)
     out = Path(cfg.out)
+    locked = rank == 0 and out.is_dir()  # an existing run: held before its checkpoints are read
+    if locked:
+        _lock_run(out, held)
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not cfg.resume:
         raise FastWeightsError(f"{out} already has checkpoints ({ckpt.name}): pass --resume or choose another --out")
+    rate_notes, saved_fwl_scale = [], None
     if cfg.resume and ckpt is not None:
-        _check_resume(out, ckpt, cfg, ds.meta["key"], resumer)
+        rate_notes = _check_resume(out, ckpt, cfg, ds.meta["key"], resumer)
+        if cfg.fwl and (ckpt / "config.json").is_file():  # the FWL's scale as the run was trained (it was
+            saved_fwl_scale = _read_json(ckpt / "config.json").get("fwl_grad_scale")  # per micro-batch once)
 
     if resolve_model(cfg.model) == "local":
         check_dataset_tokenizer(cfg.model, ds)
-    model = make_model(cfg, ds.vocab_size).to(device)
+    model = make_model(cfg, ds.vocab_size, saved_fwl_scale).to(device)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if rank == 0 and isinstance(max_pos, int) and cfg.seq_len > max_pos:
         print(f"warning: --seq-len {cfg.seq_len} exceeds the model's max_position_embeddings {max_pos}: positions "
@@ -533,22 +575,27 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
         optimizer, lambda s: warmup_cosine(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     )
     out.mkdir(parents=True, exist_ok=True)  # only once everything is built: a bad setting leaves no run behind
+    if rank == 0 and not locked:
+        _lock_run(out, held)
     step, rows_done = 0, 0
     metrics_path = out / "metrics.jsonl"
     if cfg.resume and ckpt is not None:
+        base_lrs = list(scheduler.base_lrs)  # this run's --lr (loading puts back the saved run's)
         try:
             state = load_checkpoint(ckpt, model, optimizer, scheduler)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
-            earlier = [p.name for p in list_checkpoints(out)[:-1]]
-            hint = f"; move it out of {ckpt.parent} to resume from {earlier[-1]}" if earlier else ""
-            raise FastWeightsError(f"cannot resume from {ckpt}: {type(err).__name__}: {err}{hint}") from err
+            raise _unreadable(ckpt, err) from err
         step, rows_done = state["step"], state["rows"]
+        if rank == 0 and rate_notes:
+            print(f"resuming {out} with {', '.join(rate_notes)}", file=sys.stderr)
         old_steps = state.get("schedule_steps")
         if rank == 0 and old_steps is not None and old_steps != cfg.steps:
             print(f"resuming {out} with --steps {cfg.steps} (was {old_steps}): the learning-rate schedule now ends "
                   f"at step {cfg.steps}", file=sys.stderr)
         # the next step's rate comes from this run's schedule (the optimizer holds the saved one's)
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        scheduler.base_lrs = base_lrs
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["initial_lr"] = base
             group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
         if rank == 0:
             _truncate_metrics(metrics_path, step)
@@ -567,7 +614,8 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
     try:
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(str(out / "tensorboard")) if rank == 0 else None
+        # purge_step: events a crashed run logged after the step resumed at are dropped (metrics.jsonl too)
+        tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1) if rank == 0 else None
     except ImportError:
         pass
 
@@ -606,10 +654,7 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
                         value = value / world
                 if not torch.isfinite(value):
                     bar.close()
-                    raise FastWeightsError(
-                        f"non-finite loss ({value.item()}) at step {step}; training stopped, "
-                        f"last good checkpoint: {last_good if last_good else 'none'}"
-                    )
+                    raise FastWeightsError(f"non-finite loss ({value.item()}) at step {step}; " + stopped(last_good))
                 loss.backward()
                 total += value.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
@@ -617,10 +662,7 @@ def _train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
                 grad_norm = grad_norm.full_tensor()
             if not torch.isfinite(grad_norm):
                 bar.close()
-                raise FastWeightsError(
-                    f"non-finite gradient norm at step {step}; training stopped, "
-                    f"last good checkpoint: {last_good if last_good else 'none'}"
-                )
+                raise FastWeightsError(f"non-finite gradient norm at step {step}; " + stopped(last_good))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
