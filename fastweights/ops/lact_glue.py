@@ -66,10 +66,10 @@ def fast_inputs_reference(q, k, v, lr_raw, beta_raw, cos, sin, scale, shift, hea
     B, N, d = q.shape
     D = d // heads
 
-    def qk(x, which):
+    def qk(x, which):  # float32 cos/sin or scale/shift (autocast) must not promote: back to x's dtype
         x = F.normalize(F.silu(x).view(B, N, heads, D), dim=-1).transpose(1, 2)
         x = apply_rope(x, cos, sin)
-        return x * scale[which].view(heads, 1, D) + shift[which].view(heads, 1, D)
+        return (x * scale[which].view(heads, 1, D) + shift[which].view(heads, 1, D)).to(q.dtype)
 
     vf = F.silu(v).view(B, N, heads, D).transpose(1, 2)
     lr, beta = _rates(lr_raw, beta_raw, heads, q.dtype)
