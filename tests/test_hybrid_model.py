@@ -1025,3 +1025,40 @@ def test_lact_runs_under_cpu_bf16_autocast(glue, mode):
     if mode == "train":
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         assert all(g is not None and g.dtype == torch.float32 and bool(g.isfinite().all()) for g in grads)
+
+
+@pytest.mark.parametrize("via", ["argument", "config"])
+def test_return_dict_false_gives_tuples_as_qwen3(via):
+    """``return_dict=False`` (argument or ``config.return_dict``) gives the outputs' tuples, None
+    fields left out, in Qwen3's order for the same call: (loss, logits, cache, hidden_states)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    model = tiny(["lact", "swa"])
+    torch.manual_seed(0)
+    qwen = Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=6)).eval()
+    ids = torch.randint(0, VOCAB, (2, 5))
+    calls = [{}, {"labels": ids}, {"use_cache": True}, {"labels": ids, "use_cache": True, "output_hidden_states": True}]
+    for kw in calls:
+        kw = {"use_cache": False, **kw}
+        with torch.no_grad():
+            full = model(ids, **kw)
+            theirs = qwen(ids, **kw, return_dict=False)  # (Qwen3 5.24 itself fails with config.return_dict=False)
+            if via == "config":
+                model.config.return_dict = False
+                ours = model(ids, **kw)
+                model.config.return_dict = True
+            else:
+                ours = model(ids, **kw, return_dict=False)
+            base_kw = {k: v for k, v in kw.items() if k != "labels"}
+            base_full = model.model(ids, **base_kw)
+            base = model.model(ids, **base_kw, return_dict=False) if via == "argument" else None
+        assert isinstance(ours, tuple) and len(ours) == len(theirs)
+        for a, b in zip(ours, theirs, strict=True):
+            assert type(a) is type(b) or (hasattr(a, "get_seq_length") and hasattr(b, "get_seq_length"))
+        assert torch.equal(ours[1 if "labels" in kw else 0], full.logits)
+        if "labels" in kw:
+            assert torch.equal(ours[0], full.loss)
+        if base is not None:
+            assert isinstance(base, tuple) and len(base) == 1 + kw["use_cache"] + bool(kw.get("output_hidden_states"))
+            assert torch.equal(base[0], base_full.last_hidden_state)

@@ -173,6 +173,11 @@ def _layout(position_ids, attention_mask, cache: HybridCache | None, B, N, devic
                        key_valid=key_valid, single_doc=single, starts_host=starts_host)
 
 
+def _return_dict(config, return_dict) -> bool:
+    """``return_dict`` as transformers' ``can_return_tuple`` reads it: the argument, else the config's."""
+    return getattr(config, "return_dict", True) if return_dict is None else bool(return_dict)
+
+
 def _check_lact_padding(layout: TokenLayout, N: int, order: str) -> None:
     """LaCT reads every token of a document into its fast weights, masked or not: refuse masked
     tokens that a later token of the same document would read. Left padding (before a row's
@@ -214,15 +219,16 @@ class HybridModel(HybridPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, cache=None, output_hidden_states=None,
-                **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, cache=None, output_hidden_states=None, return_dict=None,
+                **kwargs) -> BaseModelOutputWithPast | tuple:
         """input_ids (B, N) or inputs_embeds (B, N, d); attention_mask (B, M) with M = cached + N;
         position_ids (B, N). Returns last_hidden_state (B, N, d) and, with use_cache, the cache
         (``use_cache`` defaults to ``config.use_cache`` in eval mode and to False in training).
         The cache comes as ``cache`` (the transformers >= 5.24 name) or ``past_key_values``.
         ``output_hidden_states`` (default ``config.output_hidden_states``): also ``hidden_states``,
         the embeddings and each block's output (the last one after the final norm), L + 1 of
-        (B, N, d), as transformers' decoders give them."""
+        (B, N, d), as transformers' decoders give them. ``return_dict=False`` (default
+        ``config.return_dict``): the output's ``to_tuple()``, None fields left out."""
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported by fastweights_hybrid models (LaCT and the "
                              "fla mixers have no attention weights to return)")
@@ -273,8 +279,9 @@ class HybridModel(HybridPreTrainedModel):
         x = self.norm(x)
         if hidden is not None:
             hidden[-1] = x
-        return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=None if hidden is None else tuple(hidden),
-                                       **{CACHE_KWARG: cache})
+        out = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=None if hidden is None else tuple(hidden),
+                                      **{CACHE_KWARG: cache})
+        return out if _return_dict(self.config, return_dict) else out.to_tuple()
 
 
     def _check_checkpointing(self, device: torch.device) -> None:
@@ -318,14 +325,17 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, cache=None,
-                output_hidden_states=None, num_items_in_batch=None, **kwargs) -> CausalLMOutputWithPast:
+                output_hidden_states=None, num_items_in_batch=None, return_dict=None,
+                **kwargs) -> CausalLMOutputWithPast | tuple:
         """Logits (B, N, V) (the last ``logits_to_keep`` positions when > 0); with ``labels``
         (B, N) the next-token cross-entropy (labels are shifted inside; -100 ignored): the mean,
         or the sum over ``num_items_in_batch`` when given (the Hugging Face Trainer passes it under
-        gradient accumulation)."""
+        gradient accumulation). ``return_dict=False`` (default ``config.return_dict``): the
+        output's ``to_tuple()`` ``(loss, logits, cache, hidden_states)``, None fields left out."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
-                         use_cache=use_cache, output_hidden_states=output_hidden_states, **kwargs)
+                         use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
+                         **kwargs)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -340,5 +350,6 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             else:
                 loss = F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum")
                 loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                      **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                     **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
+        return out if _return_dict(self.config, return_dict) else out.to_tuple()
