@@ -1062,3 +1062,16 @@ def test_return_dict_false_gives_tuples_as_qwen3(via):
         if base is not None:
             assert isinstance(base, tuple) and len(base) == 1 + kw["use_cache"] + bool(kw.get("output_hidden_states"))
             assert torch.equal(base[0], base_full.last_hidden_state)
+
+
+def test_logits_to_keep_takes_an_int_or_an_index_tensor():
+    """``logits_to_keep``: an int keeps the last positions, a 1-D tensor selects positions (as
+    transformers' decoders; a tensor once failed on ``if logits_to_keep``)."""
+    model = tiny(["lact", "swa"])
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        assert torch.allclose(model(ids, use_cache=False, logits_to_keep=3).logits, full[:, -3:], atol=1e-6)
+        index = torch.tensor([0, 4, 2])
+        kept = model(ids, use_cache=False, logits_to_keep=index).logits
+    assert kept.shape == (2, 3, VOCAB) and torch.allclose(kept, full[:, index], atol=1e-6)

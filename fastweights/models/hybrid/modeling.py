@@ -17,7 +17,13 @@ from fastweights.errors import FastWeightsError
 from fastweights.layers.attention import Attention, TokenLayout, rope_cos_sin
 from fastweights.layers.inplace_ttt import InPlaceTTTMLP
 from fastweights.layers.lact import LaCTLayer
-from fastweights.models.compat import CACHE_KWARG, check_dynamic_cache, refuse_assisted_decoding, take_cache
+from fastweights.models.compat import (
+    CACHE_KWARG,
+    check_dynamic_cache,
+    keep_positions,
+    refuse_assisted_decoding,
+    take_cache,
+)
 from fastweights.models.hybrid.cache import HybridCache
 from fastweights.models.hybrid.compat import (
     BaseModelOutputWithPast,
@@ -324,10 +330,11 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     _assisted_decoding = refuse_assisted_decoding  # see HybridCache.crop
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, cache=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0, cache=None,
                 output_hidden_states=None, num_items_in_batch=None, return_dict=None,
                 **kwargs) -> CausalLMOutputWithPast | tuple:
-        """Logits (B, N, V) (the last ``logits_to_keep`` positions when > 0); with ``labels``
+        """Logits (B, N, V) (an int ``logits_to_keep`` > 0: the last that many positions; a 1-D
+        tensor: the positions it indexes); with ``labels``
         (B, N) the next-token cross-entropy (labels are shifted inside; -100 ignored): the mean,
         or the sum over ``num_items_in_batch`` when given (the Hugging Face Trainer passes it under
         gradient accumulation). ``return_dict=False`` (default ``config.return_dict``): the
@@ -337,8 +344,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
                          use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
                          **kwargs)
         h = out.last_hidden_state
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
+        h = keep_positions(h, logits_to_keep)
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
