@@ -260,3 +260,31 @@ def test_an_fwl_model_of_another_family_loads_in_a_fresh_process(tmp_path):
     assert name == "FWLGPT2LMHeadModel"
     with torch.no_grad():
         assert torch.allclose(logits, model(torch.arange(12)[None], use_cache=False).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_resize_token_embeddings(tmp_path, tied):
+    """``resize_token_embeddings`` on an FWL model (its head is no nn.Linear, which transformers'
+    resize needed): the unembedding grows, its old rows and the block unchanged (frozen or not),
+    tied weights stay tied, and the model saves, loads and runs."""
+    m = add_fwl(plain(), tied=tied).eval()
+    for p in fwl_layer(m).parameters():
+        p.requires_grad_(False)
+    fwl_layer(m).step_sizes.requires_grad_(True)
+    old = m.lm_head.weight.detach().clone()
+    block = {k: v.clone() for k, v in fwl_layer(m).state_dict().items()}
+    m.resize_token_embeddings(V + 7)
+    w = m.lm_head.weight
+    assert w.shape == (V + 7, 20) and torch.equal(w[:V], old) and m.config.vocab_size == V + 7
+    assert (w is m.model.embed_tokens.weight) == tied
+    assert all(torch.equal(v, fwl_layer(m).state_dict()[k]) for k, v in block.items())
+    assert [p.requires_grad for p in fwl_layer(m).parameters()] == [
+        p is fwl_layer(m).step_sizes for p in fwl_layer(m).parameters()]
+    ids = torch.randint(1, V + 7, (2, 6))
+    with torch.no_grad():
+        logits = m(ids, use_cache=False).logits
+    assert logits.shape == (2, 6, V + 7)
+    m.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, use_cache=False).logits, logits)

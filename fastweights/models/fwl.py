@@ -197,6 +197,32 @@ def _capture_inputs(model: PreTrainedModel, args, kwargs):
     return args, kwargs
 
 
+# --------------------------------------------------------------------------- resizing
+def _resized_head(model, base_model: type, head, *args, **kwargs):
+    """transformers' ``_get_resized_lm_head`` for an :class:`FWLHead` (which needs an
+    ``nn.Linear``): the unembedding resized as the ``nn.Linear`` it stands for (the old rows
+    kept, new ones initialised by transformers), in the same head with the same block."""
+    if not isinstance(head, FWLHead):
+        return base_model._get_resized_lm_head(model, head, *args, **kwargs)
+    V, s = head.weight.shape
+    linear = nn.Linear(s, V, bias=head.bias is not None, device="meta")
+    linear.weight, linear.bias = head.weight, head.bias
+    new = base_model._get_resized_lm_head(model, linear, *args, **kwargs)
+    if new is not linear:
+        head.weight, head.bias = new.weight, new.bias
+    return head
+
+
+def _resize_token_embeddings(model, base_model: type, *args, **kwargs):
+    """transformers' ``_resize_token_embeddings``, which sets the head's ``requires_grad`` to its
+    weight's: the FWL block keeps its own."""
+    block = [(p, p.requires_grad) for p in model.lm_head.fwl.parameters()] if has_fwl(model) else []
+    out = base_model._resize_token_embeddings(model, *args, **kwargs)
+    for p, grad in block:
+        p.requires_grad_(grad)
+    return out
+
+
 # --------------------------------------------------------------------------- registry
 _REGISTERED: dict[str, tuple[type, type]] = {}
 
@@ -227,9 +253,16 @@ def register_fwl_family(model_type: str) -> tuple[type, type]:
         check_dynamic_cache(generation_config, "the FWL state")
         base_model._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
 
+    def _get_resized_lm_head(self, old_lm_head, *args, **kwargs):
+        return _resized_head(self, base_model, old_lm_head, *args, **kwargs)
+
+    def _resize_token_embeddings_fwl(self, *args, **kwargs):
+        return _resize_token_embeddings(self, base_model, *args, **kwargs)
+
     model_cls = type("FWL" + base_model.__name__, (base_model,), {
         "config_class": cfg_cls, "__init__": __init__, "__module__": __name__,
         "_prepare_cache_for_generation": _prepare_cache_for_generation, "_assisted_decoding": refuse_assisted_decoding,
+        "_get_resized_lm_head": _get_resized_lm_head, "_resize_token_embeddings": _resize_token_embeddings_fwl,
         "__doc__": f"{base_model.__name__} with a Fast Weight Layer before the unembedding (see add_fwl).",
     })
     setattr(mod, cfg_cls.__name__, cfg_cls)
