@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import json.decoder
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -1075,3 +1076,30 @@ def test_logits_to_keep_takes_an_int_or_an_index_tensor():
         index = torch.tensor([0, 4, 2])
         kept = model(ids, use_cache=False, logits_to_keep=index).logits
     assert kept.shape == (2, 3, VOCAB) and torch.allclose(kept, full[:, index], atol=1e-6)
+
+
+def test_attention_mask_must_cover_the_cache_and_the_input():
+    """attention_mask (B, M) needs M = cached + N (transformers' meaning). Longer without a cache
+    once took positions from the missing columns and changed the output silently; it is refused,
+    naming M, N and the missing cache."""
+    model = tiny(["lact", "swa"])
+    ids = torch.randint(0, VOCAB, (2, 6))
+    ones = torch.ones(2, 8, dtype=torch.long)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"\(2, 6\).*got \(2, 8\): no cache holds the 2 tokens"):
+            model(ids, attention_mask=ones, use_cache=False)
+        with pytest.raises(ValueError, match=r"\(2, 6\).*got \(2, 8\): no cache"):
+            model(ids, attention_mask=ones, past_key_values=HybridCache(model.config))
+        cache = model(ids[:, :4], attention_mask=ones[:, :4], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"\(2, 6\), M = 4 cached tokens \+ N=2 new ones, got \(2, 5\)"):
+            model(ids[:, 4:], attention_mask=ones[:, :5], past_key_values=cache)
+        assert torch.equal(model(ids, attention_mask=ones[:, :6], use_cache=False).logits,
+                           model(ids, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (3, 6), (2, 6, 1), (7,)])
+def test_position_ids_of_another_shape_are_refused_by_name(shape):
+    model = tiny(["lact", "swa"])
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with pytest.raises(ValueError, match=re.escape(f"position_ids must be (B, N) = (2, 6) or (1, N), got {shape}")):
+        model(ids, position_ids=torch.zeros(shape, dtype=torch.long))

@@ -148,8 +148,12 @@ def _layout(position_ids, attention_mask, cache: HybridCache | None, B, N, devic
     past = 0 if cache is None else cache.seen
     valid_new = torch.ones(B, N, dtype=torch.bool, device=device)
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < N:
-            raise ValueError(f"attention_mask must be (B, M) with M >= N={N}, got {tuple(attention_mask.shape)}")
+        shape = tuple(attention_mask.shape)
+        if attention_mask.dim() != 2 or shape[0] != B or shape[1] != past + N:
+            missing = (f": no cache holds the {shape[1] - N} tokens of its first columns (pass the cache, or only "
+                       "the mask's last N columns)" if attention_mask.dim() == 2 and shape[1] > N and not past else "")
+            raise ValueError(f"attention_mask must be (B, M) = ({B}, {past + N}), M = {past} cached tokens + N={N} "
+                             f"new ones, got {shape}{missing}")
         valid_new = attention_mask[:, -N:].bool()
     if position_ids is None:
         if attention_mask is not None:
@@ -157,6 +161,9 @@ def _layout(position_ids, attention_mask, cache: HybridCache | None, B, N, devic
             position_ids = pos[:, -N:]
         else:
             position_ids = torch.arange(past, past + N, device=device).expand(B, N)
+    if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != N or (
+            position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
+        raise ValueError(f"position_ids must be (B, N) = ({B}, {N}) or (1, N), got {tuple(position_ids.shape)}")
     position_ids = position_ids.to(device).expand(B, N)
     starts = position_ids == 0
     if cache is None or cache.key_doc is None:
