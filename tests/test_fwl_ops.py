@@ -228,3 +228,15 @@ def test_bad_inputs_raise():
                 fn(h, torch.where(torch.arange(4) == 2, bad, y), p, eta, E, eb)
         with pytest.raises(ValueError, match="inputs must lie on one device, .*unembed_weight on meta"):
             fn(h, y, p, eta, E.to("meta"), eb)
+
+
+def test_an_empty_batch_gives_empty_logits_and_state():
+    """B = 0: the reference (once a raw error from stack) and the parallel form give logits and
+    states of one row's shapes with no rows."""
+    h, y, p, eta, E, eb = make(1, 5, 7, 5, 11)
+    want, want_state = fwl_reference(h, y, p, eta, E, eb)
+    for fn in (fwl_reference, fwl_chunked):
+        out, state = fn(h[:0], y[:0], p, eta, E, eb)
+        assert out.shape == (0, *want.shape[1:]) and out.dtype == want.dtype
+        for a, b in zip(state, want_state, strict=True):
+            assert a.shape == (0, *b.shape[1:]) and a.dtype == b.dtype

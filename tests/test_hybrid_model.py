@@ -1103,3 +1103,20 @@ def test_position_ids_of_another_shape_are_refused_by_name(shape):
     ids = torch.randint(0, VOCAB, (2, 6))
     with pytest.raises(ValueError, match=re.escape(f"position_ids must be (B, N) = (2, 6) or (1, N), got {shape}")):
         model(ids, position_ids=torch.zeros(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mixers,mlps", [(["lact", "swa"], "swiglu"), (["attention", "lact"], "inplace_ttt")])
+def test_an_empty_batch_runs_and_an_empty_sequence_is_refused(mixers, mlps):
+    """B = 0 gives empty logits, with or without a cache and through a cached step (once raw
+    reshape/max errors); N = 0 is refused by name (once an IndexError)."""
+    model = tiny(mixers, mlps)
+    ids = torch.randint(0, VOCAB, (0, 6))
+    with torch.no_grad():
+        assert model(ids, use_cache=False).logits.shape == (0, 6, VOCAB)
+        out = model(ids, attention_mask=torch.ones(0, 6, dtype=torch.long), use_cache=True)
+        assert out.logits.shape == (0, 6, VOCAB)
+        step = model(ids[:, :1], attention_mask=torch.ones(0, 7, dtype=torch.long), past_key_values=out.past_key_values)
+        assert step.logits.shape == (0, 1, VOCAB)
+        for kw in ({"use_cache": False}, {"use_cache": True}):
+            with pytest.raises(ValueError, match=r"no tokens: \(B, N\) = \(2, 0\)"):
+                model(torch.zeros(2, 0, dtype=torch.long), **kw)

@@ -235,3 +235,25 @@ def test_a_state_from_another_call_is_refused(update):
         with pytest.raises(ValueError, match=f"state was made with update='{update}', this call has update='{other}'"):
             lact_chunked(*x, chunk_size=4, update=other, state=state)
     assert state.select(torch.tensor([1, 0])).update == update
+
+
+@pytest.mark.parametrize("update", ["gd", "momentum", "muon"])
+def test_an_empty_batch_gives_empty_outputs_and_states(update):
+    """B = 0: the reference, the training form and streaming (a state out, then in) give the
+    outputs and states of one row's shapes and dtypes with no rows (once raw errors from stack
+    and max)."""
+    one = make(B=1, N=7, D=6, Dh=10, D2=4, grad=False)
+    empty = [t[:0] if i < 5 else t for i, t in enumerate(one)]
+    want, want_state = lact_chunked(*one, chunk_size=3, update=update, output_final_state=True)
+    for o in (lact_reference(*empty, chunk_size=3, update=update), lact_chunked(*empty, chunk_size=3, update=update)):
+        assert o.shape == (0, *want.shape[1:]) and o.dtype == want.dtype
+    o, state = lact_chunked(*empty, chunk_size=3, update=update, output_final_state=True)
+    o2, state2 = lact_chunked(*empty, chunk_size=3, update=update, state=state, output_final_state=True)
+    assert o.shape == o2.shape == (0, *want.shape[1:])
+    for s in (state, state2):
+        for name, t in vars(s).items():
+            ref = getattr(want_state, name)
+            if torch.is_tensor(ref):
+                assert t.shape == (0, *ref.shape[1:]) and t.dtype == ref.dtype, name
+            else:
+                assert t == ref, name

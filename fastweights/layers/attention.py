@@ -223,4 +223,5 @@ class Attention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         o = attend(q, k, v, layout, self.window, self.backend)
-        return self.o_proj(o.transpose(1, 2).reshape(B, N, -1)), keep_window(k, v, self.window)
+        o = o.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (no -1: B may be 0)
+        return self.o_proj(o), keep_window(k, v, self.window)

@@ -205,6 +205,9 @@ def fwl_reference(
                 G = tuple(a + g for a, g in zip(G, g_n, strict=True))
         rows.append(torch.stack(outs) if outs else h.new_zeros(0, unembed_weight.shape[0]))
         finals.append(G)
+    if not rows:  # B = 0
+        return (h.new_zeros(0, N, unembed_weight.shape[0]),
+                FWLState(*(t.new_zeros(0, *t.shape) for t in params)))
     logits = torch.stack(rows)
     return logits, FWLState(*(torch.stack([f[i] for f in finals]) for i in range(len(FAST_TENSORS))))
 

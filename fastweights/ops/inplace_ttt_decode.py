@@ -263,6 +263,8 @@ class InPlaceTTTState:
         d = s.shape[2]
         if B != plan.batch or N != plan.length:
             raise ValueError(f"inputs of shape {tuple(z.shape[:2])} do not match the step plan ({plan.batch}, {N})")
+        if B == 0:  # no rows: nothing to read or keep
+            return z.new_zeros(0, N, d)
         fresh = [b for b in range(B) if plan.fresh[b] and plan.before[b] > 0]
         self._zero_rows(fresh)
         # the state's arithmetic picks its own precisions (the accumulators are float32 or float64):

@@ -278,7 +278,7 @@ def lact_reference(
                     ws, ms = new_ws, new_ms
             heads.append(torch.cat(outs))
         rows.append(torch.stack(heads))
-    return torch.stack(rows).to(q.dtype)
+    return torch.stack(rows).to(q.dtype) if rows else q.new_zeros(0, H, N, v.shape[-1])
 
 
 # --------------------------------------------------------------------------- state
@@ -961,6 +961,8 @@ def lact_chunked(
                                  "default" if mode == "graphs" else mode, _resolve_scope(compile_scope, training),
                                  **extra)
         return o if lanes is None else lanes.tokens(o, o_first)
+    if B == 0:  # no rows: an empty output and state (the grid below needs a row)
+        return _empty_rows(q, k, v, lr, beta, w1, w2, w3, C, update)
     if state is not None:
         explicit0 = torch.zeros(B, dtype=torch.bool, device=dev)
         if position_ids is not None:
@@ -1048,6 +1050,18 @@ def lact_chunked(
         buf_len=n_open.long(), update=update,
     )
     return o, new_state
+
+
+def _empty_rows(q, k, v, lr, beta, w1, w2, w3, C: int, update: str):
+    """:func:`lact_chunked`'s ``(o, state)`` for a batch of no rows."""
+    _, H, N, D = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    ws = tuple(q.new_zeros(0, *w.shape, dtype=acc) for w in (w1, w2, w3))
+    ms = (None,) * 3 if update == "gd" else tuple(torch.zeros_like(w) for w in ws)
+    state = LaCTState(*ws, *ms, buf_k=k.new_zeros(0, H, C, D), buf_v=v.new_zeros(0, H, C, v.shape[-1]),
+                      buf_lr=lr.new_zeros(0, H, C, 3), buf_beta=None if beta is None else beta.new_zeros(0, H, C),
+                      buf_len=torch.zeros(0, dtype=torch.long, device=q.device), update=update)
+    return q.new_zeros(0, H, N, v.shape[-1]), state
 
 
 # --------------------------------------------------------------------------- dispatch

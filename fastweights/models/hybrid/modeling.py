@@ -254,6 +254,8 @@ class HybridModel(HybridPreTrainedModel):
             raise ValueError(f"past_key_values must be a HybridCache, got {type(past_key_values).__name__}")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, N, _ = x.shape
+        if N == 0:
+            raise ValueError(f"the input has no tokens: (B, N) = ({B}, 0); a fastweights_hybrid model needs N >= 1")
         if use_cache is None:  # no cache while training unless asked for
             use_cache = self.config.use_cache and not self.training
         use_cache = bool(use_cache) or past_key_values is not None
