@@ -435,3 +435,13 @@ def test_fast_path_runs_under_autocast_with_float32_inputs():
             grads = torch.autograd.grad(o.float().sum(), args)
         assert o.dtype == torch.bfloat16 and rel(o, want) < 3e-2, block
         assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_the_scan_refuses_a_rate_that_is_not_finite_where_it_reads_it():
+    """The scan reads the rate on the host anyway: a GPU tensor rate (which the op's input check
+    leaves unread, to cost no device sync) is checked there (called directly here, on CPU)."""
+    gen = torch.Generator().manual_seed(5)
+    x = make_inputs(1, 10, 3, 4, gen)
+    z, v, w0 = x["z"], x["s"], x["w0"]
+    with pytest.raises(ValueError, match=r"lr must be finite: .* got tensor\(nan"):
+        fast.InplaceTTTScan.apply(z, v, w0, torch.tensor(float("nan")), 4, chunk_layout(1, 10), 4, False, 1)

@@ -258,3 +258,14 @@ def test_layer_refuses_a_rate_that_is_not_a_number(lr):
 
     with pytest.raises(ValueError, match=r"lr must be a finite number >= 0, got "):
         InPlaceTTTMLP(tiny_model("qwen3", layers=1).model.layers[0].mlp, chunk_size=4, lr=lr)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("impl", ["chunked", "reference", "fast"])
+def test_a_tensor_rate_that_is_not_finite_is_refused(impl, value):
+    """A CPU tensor rate is checked as a number rate is (NaN as a tensor once gave NaN outputs)."""
+    x = make_inputs(1, 6, 3, 4)
+    args = [x[k] for k in ("z", "s", "w0", "conv", "proj")]
+    for lr in (value, torch.tensor(value, dtype=torch.float64), torch.tensor([value], dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"lr must be finite: a real number or a 1-element tensor, got "):
+            inplace_ttt(*args, lr, 4, impl=impl)

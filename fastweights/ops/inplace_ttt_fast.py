@@ -45,6 +45,7 @@ into the float32 state (``out_dtype``), other devices upcast the operands.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -370,7 +371,9 @@ class InplaceTTTScan(torch.autograd.Function):
         att = {"device": z.device}
         B, N, f = z.shape
         d = v.shape[2]
-        eta = float(lr)
+        eta = float(lr)  # (the rate's one host read: a GPU tensor rate is checked here)
+        if not math.isfinite(eta):
+            raise ValueError(f"lr must be finite: a real number or a 1-element tensor, got {lr!r}")
         acc = _acc_dtype(z.dtype)
         w0c = w0.to(z.dtype)
         v_dtype, v_given = v.dtype, v  # a float32 v (learned rate) is saved as it is: see backward
