@@ -1120,3 +1120,18 @@ def test_an_empty_batch_runs_and_an_empty_sequence_is_refused(mixers, mlps):
         for kw in ({"use_cache": False}, {"use_cache": True}):
             with pytest.raises(ValueError, match=r"no tokens: \(B, N\) = \(2, 0\)"):
                 model(torch.zeros(2, 0, dtype=torch.long), **kw)
+
+
+@pytest.mark.parametrize("mixers", [["swa", "attention"], ["lact", "swa"]])
+def test_flex_backend_on_cpu_refuses_gradients_by_name(mixers):
+    """attn_backend='flex' is accepted at config time (configs are built on CPU before moving to a
+    GPU) and runs on CPU without gradients; a call that takes gradients on CPU is refused naming
+    the backend and the CPU choices (was torch's NotImplementedError from the backward)."""
+    model = tiny(mixers, attn_backend="flex")
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        ref = tiny(mixers)(ids, use_cache=False).logits
+        assert rel(model(ids, use_cache=False).logits, ref) < 1e-5
+    model.train()
+    with pytest.raises(ValueError, match=r"attn_backend='flex' cannot take gradients on CPU.*'auto' or 'sdpa'"):
+        model(ids, labels=ids).loss.backward()

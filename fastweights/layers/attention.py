@@ -173,6 +173,9 @@ def attend(q, k, v, layout: TokenLayout, window: int | None = None, backend: str
         # flex's CUDA kernels need head dims of at least 16
         backend = "flex" if (q.is_cuda and N > 1 and q.shape[-1] >= 16 and v.shape[-1] >= 16) else "sdpa"
     if backend == "flex":
+        if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise ValueError("attn_backend='flex' cannot take gradients on CPU (torch's FlexAttention has no CPU "
+                             "backward): on CPU use attn_backend 'auto' or 'sdpa' (or run without gradients)")
         return _flex(q, k, v, layout, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask(window), enable_gqa=gqa)
 
