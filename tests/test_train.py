@@ -362,6 +362,40 @@ def test_non_finite_gradient_stops_naming_the_step(data, tmp_path):
     assert not (run / "model").exists()
 
 
+def test_entry_points_leave_the_callers_generators_and_threads_alone(data, tmp_path):
+    """train/evaluate/generate seeded the global Python, NumPy and torch generators and set torch's
+    threads for good: a random search in the calling program drew the same rate after each run."""
+    import random
+
+    import numpy as np
+
+    from fastweights.commands.eval import EvalConfig, evaluate
+    from fastweights.commands.generate import GenerateConfig, generate
+
+    run = tmp_path / "calls"
+    calls = [lambda: train(parse(TrainConfig, train_args(data, run, steps=2, seed=5), "t", "")),
+             lambda: evaluate(parse(EvalConfig, [
+                 "--model", str(run / "model"), "--data", str(data), "--out", str(tmp_path / "ev"), "--seq-len", "32",
+                 "--ppl-rows", "2", "--length", "32", "--max-docs", "2", "--passkey-lengths", "128",
+                 "--passkey-trials", "1", "--no-progress", "--threads", "1"], "t", "")),
+             lambda: generate(parse(GenerateConfig, ["--model", str(run / "model"), "--prompt", "def f",
+                                                     "--max-new-tokens", "3", "--seed", "7", "--no-progress",
+                                                     "--temperature", "1"], "t", ""))]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for call in calls:
+            random.seed(1), np.random.seed(2), torch.manual_seed(3)
+            expected = (random.random(), np.random.rand(), torch.rand(2))
+            random.seed(1), np.random.seed(2), torch.manual_seed(3)
+            call()
+            drawn = (random.random(), np.random.rand(), torch.rand(2))
+            assert drawn[:2] == expected[:2] and torch.equal(drawn[2], expected[2])
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_train_only_fast_weights(data, tmp_path):
     run = tmp_path / "fast"
     _train(train_args(data, run, steps=3, trainable="fast", lr=1e-2, ttt_chunk=16))

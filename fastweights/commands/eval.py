@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from fastweights._globals import caller_globals
 from fastweights.config import option, parse
 from fastweights.data.store import Dataset
 from fastweights.data.tokenizer import check_dataset_tokenizer
@@ -54,7 +55,7 @@ class EvalConfig:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run the evaluations of ``cfg`` and write the JSON (and heatmap); return the results."""
-    with hf_progress_bars(cfg.progress):  # transformers' bar of loading the model too
+    with hf_progress_bars(cfg.progress), caller_globals():  # transformers' bar of loading the model too
         return _evaluate(cfg)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from fastweights._globals import caller_globals
 from fastweights.config import option, parse
 from fastweights.data.tokenizer import load_tokenizer
 from fastweights.errors import FastWeightsError, check_at_least
@@ -35,6 +36,11 @@ def generate(cfg: GenerateConfig) -> str:
     with LaCT ``update_apply`` layers, not causal inside a chunk, decodes by full forwards). Decoding follows
     these options alone: the sampling settings saved with the model (e.g. Qwen3's top_p 0.95,
     top_k 20) are not applied; its end-of-text tokens are."""
+    with caller_globals():  # the seed below is this call's; the caller's RNG state comes back
+        return _generate(cfg)
+
+
+def _generate(cfg: GenerateConfig) -> str:
     if not cfg.model:
         raise FastWeightsError("pass --model DIR")
     check_at_least("max_new_tokens", cfg.max_new_tokens, 1)

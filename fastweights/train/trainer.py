@@ -30,6 +30,7 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from fastweights._globals import caller_globals
 from fastweights.config import option
 from fastweights.data.packing import IGNORE, PackedRows
 from fastweights.data.store import Dataset
@@ -96,7 +97,7 @@ class TrainConfig:
     keep: int = option("checkpoints to keep (0: all)", 3)
     resume: bool = option("resume from the latest checkpoint in --out", False)
     progress: bool = option("show a progress bar", True)
-    threads: int = option("torch CPU threads (0: auto, 1 when the load average exceeds the core count, "
+    threads: int = option("torch CPU threads (0: auto, 1 when the load average is at least the core count, "
                         "else torch's default)", 0)
     parallel: str = option("data parallelism under torchrun: none, ddp or fsdp (FSDP2 fully_shard). "
                          "--batch-size is then the global micro-batch, split evenly over the ranks", "none")
@@ -150,7 +151,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def set_threads(threads: int, device: torch.device) -> None:
-    """Set torch's CPU threads: ``threads`` if > 0; else, on a CPU whose load average exceeds
+    """Set torch's CPU threads: ``threads`` if > 0; else, on a CPU whose load average is at least
     its core count (a shared machine), 1, since oversubscribed threads slow every step."""
     if threads > 0:
         torch.set_num_threads(threads)
@@ -444,7 +445,8 @@ def train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
     """Run training as configured; return a summary (final loss, steps, tokens, paths).
     ``resumer``: how the messages name what resumes the run (a caller that always resumes, such
     as ``fastweights main``, names itself)."""
-    with hf_progress_bars(cfg.progress), ExitStack() as held:  # transformers' own bars too (loading, saving)
+    # transformers' own bars too (loading, saving); the caller's RNGs and threads come back after
+    with hf_progress_bars(cfg.progress), caller_globals(), ExitStack() as held:
         return _train(cfg, resumer, held)
 
 
