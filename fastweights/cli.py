@@ -7,8 +7,9 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import warnings
 
-from fastweights.errors import FastWeightsError
+from fastweights.errors import FastWeightsError, FastWeightsWarning
 
 COMMANDS = {
     "main": "the README's main job on the embedded default corpus",
@@ -63,19 +64,32 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in available:
         parser.parse_args(argv[:1])  # prints the usage error and exits 2
     try:
-        if argv[0] == "experiment":
-            return _run_experiment(argv[1:])
-        mod = importlib.import_module("fastweights.commands." + argv[0])
-        return int(mod.main(argv[1:]) or 0)
-    except (FastWeightsError, OSError, ValueError, KeyError) as err:  # OSError: a path that cannot be written
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"fastweights {argv[0]}: error: {msg}", file=sys.stderr)
+        with warnings.catch_warnings():  # the library's warnings as one line each, every time
+            warnings.simplefilter("always", FastWeightsWarning)
+            warnings.showwarning = _show_warning
+            if argv[0] == "experiment":
+                return _run_experiment(argv[1:])
+            mod = importlib.import_module("fastweights.commands." + argv[0])
+            return int(mod.main(argv[1:]) or 0)
+    except (FastWeightsError, OSError, ValueError) as err:  # OSError: a path that cannot be written
+        print(f"fastweights {argv[0]}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = {"train": " (`--resume` continues a training run from its last checkpoint)",
             "main": " (run it again with the same --out to continue its training runs)"}.get(argv[0], "")
         print(f"\nfastweights {argv[0]}: interrupted{hint}", file=sys.stderr)
         return 130
+
+
+_default_show = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """``warning: <message>`` for a :class:`FastWeightsWarning`; Python's format for the others."""
+    if issubclass(category, FastWeightsWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _default_show(message, category, filename, lineno, file, line)
 
 
 def _version() -> str:

@@ -1,11 +1,22 @@
-"""Errors that the CLI shows as one line, without a traceback, and shared argument checks."""
+"""Errors that the CLI shows as one line, without a traceback, warnings, and shared argument checks."""
 
 import math
+import warnings
 from numbers import Integral, Real
 
 
 class FastWeightsError(Exception):
     """A user-facing error: bad input, a missing path, an unsupported model."""
+
+
+class FastWeightsWarning(UserWarning):
+    """A user-facing warning (a setting that does nothing, an ignored flag): a program quiets them with
+    ``warnings.filterwarnings("ignore", category=FastWeightsWarning)``; the CLI prints ``warning: ...``."""
+
+
+def warn(message: str) -> None:
+    """Issue ``message`` as a :class:`FastWeightsWarning`, attributed to the caller's caller."""
+    warnings.warn(message, FastWeightsWarning, stacklevel=3)
 
 
 def named_by_flag(err: Exception, flags: dict[str, str]) -> FastWeightsError:

@@ -478,6 +478,48 @@ def test_plot_labels_name_what_differs_and_mixed_buckets_warn(tmp_path, capsys):
     assert "the inputs use different position buckets" in err
 
 
+def test_plot_names_a_bad_bucket_and_leaves_the_callers_backend(tmp_path, capsys, monkeypatch):
+    """A bucket without its 'end' was one line `error: end` (the CLI turned any KeyError into a user
+    error); the plots switched the process's matplotlib backend to Agg (a notebook lost its
+    inline display). A bug's KeyError now shows as a traceback, not as a user error."""
+    import matplotlib
+
+    bad = tmp_path / "b.json"
+    bad.write_text(json.dumps({"loss_by_position": {"buckets": [{"start": 0}]}}))
+    line = _one_line_error(*run(["plot", "--inputs", str(bad), "--out", str(tmp_path / "x.png")], capsys)[::2])
+    assert f"{bad}: bucket 0 is {{'start': 0}}; each bucket needs integer 'start' and 'end'" in line
+    good = tmp_path / "g.json"
+    good.write_text(json.dumps({"buckets": [{"start": 0, "end": 8, "loss": 2.0}, {"start": 8, "end": 16,
+                                                                                 "loss": None}]}))
+    matplotlib.use("svg")
+    try:
+        assert run(["plot", "--inputs", str(good), "--out", str(tmp_path / "g.png")], capsys)[0] == 0
+        assert matplotlib.get_backend() == "svg" and (tmp_path / "g.png").stat().st_size > 1000
+    finally:
+        matplotlib.use("Agg")
+    from fastweights.commands import plot as plot_cmd
+
+    monkeypatch.setattr(plot_cmd, "default_labels", lambda paths: {}["bug"])
+    with pytest.raises(KeyError):
+        cli.main(["plot", "--inputs", str(good)])
+
+
+def test_a_directory_named_like_a_preset_is_not_taken_silently(tmp_path, monkeypatch):
+    """--model tiny with a model directory ./tiny trains the preset: a warning says the directory is
+    passed over and how to name it."""
+    from fastweights.errors import FastWeightsWarning
+    from fastweights.models.presets import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("tiny") == "preset"
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text("{}")
+    with pytest.warns(FastWeightsWarning, match=r"model 'tiny' is the preset; the model directory ./tiny is not "
+                                                r"used \(name it ./tiny to use it\)"):
+        assert resolve_model("tiny") == "preset"
+    assert resolve_model("./tiny") == "local"
+
+
 @pytest.mark.parametrize("argv", [[], ["experiment"]])
 def test_no_subcommand_prints_usage_and_fails(argv, capsys):
     code, out, err = run(argv, capsys)

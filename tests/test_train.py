@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from pipeline_helpers import prepare_args, train_args, write_corpus
 
 from fastweights.commands.prepare import PrepareConfig, prepare
 from fastweights.config import parse
-from fastweights.errors import FastWeightsError
+from fastweights.errors import FastWeightsError, FastWeightsWarning
 from fastweights.models import convert, ttt_parameters
 from fastweights.models.presets import build_model
 from fastweights.train.trainer import TrainConfig, train, warmup_cosine
@@ -133,9 +134,8 @@ def test_broken_run_files_are_named(data, tmp_path, capsys):
     _train(train_args(data, run, steps=4))
     with (run / "metrics.jsonl").open("a") as fh:
         fh.write('{"step": 5, "loss": 3.9')
-    capsys.readouterr()
-    _train([*train_args(data, run, steps=6), "--resume"])
-    assert "dropped the unfinished last line" in capsys.readouterr().err
+    with pytest.warns(FastWeightsWarning, match="dropped the unfinished last line"):
+        _train([*train_args(data, run, steps=6), "--resume"])
     assert sorted(_losses(run)) == list(range(1, 7))
     model_file = run / "checkpoints" / "step-00000006" / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:1000])
@@ -160,32 +160,40 @@ def test_broken_run_files_are_named(data, tmp_path, capsys):
                                                                        "step-00000006"]
 
 
-def test_rows_longer_than_the_models_positions_warn(data, tmp_path, capsys):
-    """A local model trained on rows longer than its max_position_embeddings says so."""
+def test_rows_longer_than_the_models_positions_warn(data, tmp_path):
+    """A local model trained on rows longer than its max_position_embeddings says so (a warning a
+    program can filter: the library's own category)."""
     model = build_model("tiny", 300, max_position_embeddings=32)
     model.save_pretrained(tmp_path / "short")
-    capsys.readouterr()
-    _train(train_args(data, tmp_path / "run", steps=1, model=tmp_path / "short"))
-    assert "--seq-len 48 exceeds the model's max_position_embeddings 32" in capsys.readouterr().err
-    _train(train_args(data, tmp_path / "run2", steps=1, model=tmp_path / "short", seq_len=32))
-    assert "exceeds" not in capsys.readouterr().err
+    with pytest.warns(FastWeightsWarning, match="--seq-len 48 exceeds the model's max_position_embeddings 32"):
+        _train(train_args(data, tmp_path / "run", steps=1, model=tmp_path / "short"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _train(train_args(data, tmp_path / "run2", steps=1, model=tmp_path / "short", seq_len=32))
+    assert not [w for w in seen if "exceeds" in str(w.message)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=FastWeightsWarning)  # quiets them all
+        _train(train_args(data, tmp_path / "run3", steps=1, model=tmp_path / "short"))
 
 
-def test_a_converted_model_keeps_its_settings_and_says_which_flags_it_ignores(data, tmp_path, capsys):
+def test_a_converted_model_keeps_its_settings_and_says_which_flags_it_ignores(data, tmp_path):
     """--ttt-* flags and --no-ttt cannot change a model that is converted already: each is named."""
     model = convert(build_model("tiny", 300), layers=[1], chunk_size=24, lr=0.5)
     model.save_pretrained(tmp_path / "ttt")
-    capsys.readouterr()
-    _train(train_args(data, tmp_path / "run", steps=1, model=tmp_path / "ttt", ttt_chunk=16, ttt_lr=0.25))
-    err = capsys.readouterr().err
+    with pytest.warns(FastWeightsWarning) as seen:
+        _train(train_args(data, tmp_path / "run", steps=1, model=tmp_path / "ttt", ttt_chunk=16, ttt_lr=0.25))
+    err = " ".join(str(w.message) for w in seen)
     assert "is already converted to In-Place TTT (layers [1], chunk 24, lr 0.5)" in err
     assert "ignored: --ttt-chunk, --ttt-lr" in err
     saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert (saved["ttt_layers"], saved["ttt_chunk"], saved["ttt_lr"]) == ([1], 24, 0.5)
-    _train([*train_args(data, tmp_path / "run2", steps=1, model=tmp_path / "ttt"), "--no-ttt"])
-    assert "--no-ttt: " in capsys.readouterr().err
-    _train(train_args(data, tmp_path / "run3", steps=1, model=tmp_path / "ttt"))
-    assert "already converted" not in capsys.readouterr().err
+    with pytest.warns(FastWeightsWarning, match="--no-ttt: "):
+        _train([*train_args(data, tmp_path / "run2", steps=1, model=tmp_path / "ttt"), "--no-ttt"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _train(train_args(data, tmp_path / "run3", steps=1, model=tmp_path / "ttt"))
+    assert not [w for w in seen if "already converted" in str(w.message)]
 
 
 def test_resume_checks_the_model_by_its_config_and_keeps_the_runs_record(data, tmp_path, capsys):
@@ -219,9 +227,8 @@ def test_resume_checks_the_model_by_its_config_and_keeps_the_runs_record(data, t
     HybridForCausalLM(HybridConfig(vocab_size=300, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, mixers="swa", mlps="inplace_ttt",
                                    sliding_window=8, ttt_chunk=8)).save_pretrained(tmp_path / "h")
-    capsys.readouterr()
-    _train([*train_args(data, tmp_path / "hrun", steps=1, model=tmp_path / "h"), "--no-ttt"])
-    assert "ignored: --no-ttt" in capsys.readouterr().err
+    with pytest.warns(FastWeightsWarning, match="ignored: --no-ttt"):
+        _train([*train_args(data, tmp_path / "hrun", steps=1, model=tmp_path / "h"), "--no-ttt"])
 
 
 def test_a_model_setting_that_fails_leaves_no_run_directory(data, tmp_path):
@@ -509,7 +516,7 @@ def test_model_flops_per_token_counts_each_matrix_once():
             assert abs(dense - counted(model)) <= 0.01 * dense, (tied, mixers, dense, counted(model))
 
 
-def test_rows_within_one_fast_weight_chunk_warn(capsys):
+def test_rows_within_one_fast_weight_chunk_warn():
     """A row no longer than a chunk never reads a fast-weight update: the trainer says so."""
     from fastweights.models.hybrid import HybridConfig, HybridForCausalLM
     from fastweights.train.trainer import _warn_short_rows
@@ -518,14 +525,17 @@ def test_rows_within_one_fast_weight_chunk_warn(capsys):
                                            num_attention_heads=4, num_key_value_heads=4, vocab_size=97,
                                            mixers=["lact", "swa"], mlps=["swiglu", "inplace_ttt"],
                                            lact_chunk_size=64, ttt_chunk=32, sliding_window=64))
-    _warn_short_rows(model, 64)
-    err = capsys.readouterr().err
+    def said(n):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _warn_short_rows(model, n)
+        return " ".join(str(w.message) for w in seen if w.category is FastWeightsWarning)
+
+    err = said(64)
     assert "--seq-len 64 fits in one fast-weight chunk (InPlaceTTTMLP chunk 32" not in err
     assert "(LaCTLayer chunk 64)" in err and "do nothing" in err
-    _warn_short_rows(model, 65)
-    assert capsys.readouterr().err == ""
-    _warn_short_rows(model, 32)
-    assert "InPlaceTTTMLP chunk 32, LaCTLayer chunk 64" in capsys.readouterr().err
+    assert said(65) == ""
+    assert "InPlaceTTTMLP chunk 32, LaCTLayer chunk 64" in said(32)
 
 
 def test_two_identical_runs_write_identical_checkpoints(data, tmp_path):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastweights.config import parse
-from fastweights.errors import FastWeightsError
+from fastweights.errors import FastWeightsError, warn
 from fastweights.eval.plot import plot_position_losses
 
 
@@ -32,8 +31,15 @@ def load_result(path: str) -> dict:
         raise FastWeightsError(f"{path}: not JSON ({err.msg})") from None
     if isinstance(data, dict):
         data = data.get("loss_by_position", data)
-    if not isinstance(data, dict) or "buckets" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("buckets"), list):
         raise FastWeightsError(f"{path}: no loss-by-position result (expected a 'buckets' list)")
+    for i, b in enumerate(data["buckets"]):
+        ok = isinstance(b, dict) and all(isinstance(b.get(k), int) and not isinstance(b.get(k), bool)
+                                         for k in ("start", "end"))
+        loss = b.get("loss") if isinstance(b, dict) else None
+        if not ok or not (loss is None or isinstance(loss, int | float) and not isinstance(loss, bool)):
+            raise FastWeightsError(f"{path}: bucket {i} is {b!r}; each bucket needs integer 'start' and 'end' and "
+                                   f"a 'loss' (a number or null)")
     return data
 
 
@@ -62,8 +68,8 @@ def main(argv: list[str]) -> int:
     curves = [(lab, load_result(p)) for lab, p in zip(labels, cfg.inputs, strict=True)]
     schemes = {tuple((x["start"], x["end"]) for x in res["buckets"]) for _, res in curves}
     if len(schemes) > 1:
-        print("warning: the inputs use different position buckets (eval --length/--first-bucket differ); "
-              "each loss is drawn on its own bucket, on one axis", file=sys.stderr)
+        warn("the inputs use different position buckets (eval --length/--first-bucket differ); "
+             "each loss is drawn on its own bucket, on one axis")
     out = plot_position_losses(curves, cfg.out, cfg.title)
     print(f"wrote {out}")
     return 0

@@ -11,7 +11,7 @@ from fastweights.config import option, parse
 from fastweights.data.corpus import build_corpus
 from fastweights.data.store import Dataset, dataset_key, tokenize_corpus
 from fastweights.data.tokenizer import cache_dir, load_tokenizer, train_bpe
-from fastweights.errors import check_at_least
+from fastweights.errors import check_at_least, warn
 
 
 @dataclass
@@ -39,22 +39,22 @@ def prepare(cfg: PrepareConfig) -> Dataset:
         print("note: --corpus python is the built-in corpus (this interpreter's sources), not the directory "
               "./python; pass --corpus ./python for that", file=sys.stderr)
     if cfg.max_doc_kb and cfg.corpus != "python":
-        print(f"warning: --max-doc-kb caps the default corpus's documents (Python packages) only; "
-              f"ignored for {cfg.corpus}", file=sys.stderr)
+        warn(f"--max-doc-kb caps the default corpus's documents (Python packages) only; "
+             f"ignored for {cfg.corpus}")
     corpus = build_corpus(cfg.corpus, cfg.val_fraction, max_doc_bytes=cfg.max_doc_kb << 10,
                           max_bytes=cfg.max_mb << 20, text_field=cfg.text_field, progress=cfg.progress)
     m = corpus.manifest
     if m["not_utf8_files"]:
-        print(f"warning: {m['not_utf8_files']} .txt files are not valid UTF-8 and were read with U+FFFD for their "
-              f"bad bytes, e.g. {m['not_utf8'][0]} (the manifest lists up to 20)", file=sys.stderr)
+        warn(f"{m['not_utf8_files']} .txt files are not valid UTF-8 and were read with U+FFFD for their "
+             f"bad bytes, e.g. {m['not_utf8'][0]} (the manifest lists up to 20)")
     if m["duplicates_dropped"]:
         print(f"note: dropped {m['duplicates_dropped']} documents that repeat an earlier document's text "
               f"(a copy could otherwise land in the other split)", file=sys.stderr)
     for split, n in (("validation", m["val_documents"]), ("training", m["train_documents"])):
         if n == 0:
-            print(f"warning: the {split} split is empty: {m['documents']} documents with --val-fraction "
-                  f"{cfg.val_fraction} (documents go by a hash of their name); add documents or change "
-                  f"--val-fraction", file=sys.stderr)
+            warn(f"the {split} split is empty: {m['documents']} documents with --val-fraction "
+                 f"{cfg.val_fraction} (documents go by a hash of their name); add documents or change "
+                 f"--val-fraction")
     if cfg.tokenizer == "bpe":
         tok = train_bpe(corpus, cfg.vocab_size, sample_bytes=cfg.tokenizer_sample_mb << 20, progress=cfg.progress)
     else:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 
 from fastweights.distributed.context_parallel import apply_context_parallel
+from fastweights.errors import warn
 from fastweights.optim.lookahead import Lookahead
 
 __all__ = [
@@ -435,7 +435,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         dist.broadcast_object_list(chosen, src=0)
     if chosen[0] != str(path):  # a save stopped between its two renames
         if rank == 0:
-            print(f"warning: {path} is incomplete; loading the previous checkpoint {old}", file=sys.stderr)
+            warn(f"{path} is incomplete; loading the previous checkpoint {old}")
         path = old
     error, state, rng = None, {}, None
     try:

@@ -1,21 +1,21 @@
-"""PNG charts (matplotlib, Agg backend): loss by position for several runs, and the
-passkey accuracy heatmap."""
+"""PNG charts (matplotlib figures outside pyplot: the caller's backend is left alone): loss by
+position for several runs, and the passkey accuracy heatmap."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-__all__ = ["plot_passkey", "plot_position_losses"]
+__all__ = ["figure", "plot_passkey", "plot_position_losses"]
 
 
-def _pyplot():
-    import matplotlib
+def figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], dpi: float = 100, **subplots):
+    """``(fig, axes)`` as pyplot's ``subplots`` returns them, made without pyplot: nothing changes the
+    process's backend (a notebook's inline display stays) and nothing stays registered."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(nrows, ncols, **subplots)
 
 
 def _bucket_label(start: int, end: int) -> str:
@@ -45,8 +45,7 @@ def plot_position_losses(runs: list[tuple[str, dict]], out: str | os.PathLike, t
 
     ``runs``: (label, result of :func:`fastweights.eval.lm.loss_by_position`)."""
     spans, lines = bucket_axis(runs)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = figure(figsize=(7, 4.2), dpi=120)
     for label, xs, ys in lines:
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_xticks(range(len(spans)))
@@ -57,10 +56,10 @@ def plot_position_losses(runs: list[tuple[str, dict]], out: str | os.PathLike, t
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return _save(plt, fig, out)
+    return _save(fig, out)
 
 
-def _save(plt, fig, out: str | os.PathLike) -> Path:
+def _save(fig, out: str | os.PathLike) -> Path:
     """Write ``fig`` to ``out`` and return the path written: matplotlib adds ``.png`` to a
     name without a suffix, so the returned (and reported) path has it too."""
     out = Path(out)
@@ -68,15 +67,13 @@ def _save(plt, fig, out: str | os.PathLike) -> Path:
         out = out.with_name(out.name + ".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return out
 
 
 def plot_passkey(result: dict, out: str | os.PathLike, title: str = "") -> Path:
     """Heatmap of passkey accuracy: context length (rows) by needle depth (columns)."""
-    plt = _pyplot()
     acc = result["accuracy"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(result["depths"]), 1.2 + 0.6 * len(result["lengths"])), dpi=120)
+    fig, ax = figure(figsize=(1.2 + 0.9 * len(result["depths"]), 1.2 + 0.6 * len(result["lengths"])), dpi=120)
     im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(result["depths"])))
     ax.set_xticklabels([f"{d:.0%}" for d in result["depths"]])
@@ -90,4 +87,4 @@ def plot_passkey(result: dict, out: str | os.PathLike, title: str = "") -> Path:
     fig.colorbar(im, ax=ax, label="accuracy")
     ax.set_title(title or "Passkey retrieval")
     fig.tight_layout()
-    return _save(plt, fig, out)
+    return _save(fig, out)

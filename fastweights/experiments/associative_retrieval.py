@@ -330,12 +330,9 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
 
 
 def _plot(results: list[dict], hs: list[int], kinds: list[str], path: Path) -> None:
-    import matplotlib
+    from fastweights.eval.plot import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(hs), figsize=(5 * len(hs), 4), squeeze=False)
+    fig, axes = figure(1, len(hs), figsize=(5 * len(hs), 4), squeeze=False)
     for ax, h in zip(axes[0], hs, strict=True):
         for i, k in enumerate(kinds):
             runs = [r for r in results if r["model"] == k and r["hidden"] == h]
@@ -350,7 +347,6 @@ def _plot(results: list[dict], hs: list[int], kinds: list[str], path: Path) -> N
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -119,12 +119,9 @@ def train_run(method: str, task: DualProcessTask, sets, args) -> dict:
 
 def plot(results: dict, path: Path, title: str) -> None:
     """Curves per metric; with several seeds, the mean and a ± one-std band."""
-    import matplotlib
+    from fastweights.eval.plot import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7), sharex=True)
+    fig, axes = figure(2, 4, figsize=(17, 7), sharex=True)
     panels = [*METRICS, "loss"]
     labels = {
         "val": "val (training distribution)",
@@ -153,7 +150,6 @@ def plot(results: dict, path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def summary_table(results: dict) -> str:

@@ -402,13 +402,10 @@ def report(res: dict, png: str, raw: str = "results.json") -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fastweights.eval.plot import figure
 
     k = max(1, res["setting"]["doc_length"] // 64)  # moving mean over positions, for readability
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = figure(figsize=(7, 4.2), dpi=120)
     for r in res["rows"]:
         y = torch.tensor(r["loss_by_position"], dtype=torch.float64)
         w = min(k, y.numel())
@@ -421,7 +418,6 @@ def plot(res: dict, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- main

@@ -172,12 +172,9 @@ def summary_table(results: dict, metrics: list[str]) -> str:
 
 
 def plot(results: dict, path: Path, x_key: str, y_key: str, title: str) -> None:
-    import matplotlib
+    from fastweights.eval.plot import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure(figsize=(7, 4.5))
     for method, runs in results.items():
         xs = runs[0]["curve"][x_key]
         ys = torch.tensor([r["curve"][y_key] for r in runs])
@@ -191,7 +188,6 @@ def plot(results: dict, path: Path, x_key: str, y_key: str, title: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -220,12 +220,9 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
 
 
 def _plot(results: list[dict], tasks: list[str], rules: list[str], path: Path) -> None:
-    import matplotlib
+    from fastweights.eval.plot import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    fig, axes = figure(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, t in zip(axes[0], tasks, strict=True):
         for i, rule in enumerate(rules):
             runs = [r for r in results if r["task"] == t and r["rule"] == rule]
@@ -242,7 +239,6 @@ def _plot(results: list[dict], tasks: list[str], rules: list[str], path: Path) -
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
 
 import torch
 
-from fastweights.errors import FastWeightsError
+from fastweights.errors import FastWeightsError, warn
 
 __all__ = ["SIZES", "ModelSize", "build_model", "check_vocab", "load_model", "resolve_model"]
 
@@ -43,9 +42,13 @@ SIZES = {
 
 
 def resolve_model(name: str) -> str:
-    """``"preset"`` if ``name`` is a size in :data:`SIZES`, ``"local"`` if it is a local model
+    """``"preset"`` if ``name`` is a size in :data:`SIZES` (a directory of that name is then
+    passed over with a warning: ``./tiny`` names it), ``"local"`` if it is a local model
     directory; otherwise a :class:`FastWeightsError` naming the sizes and close matches."""
     if name in SIZES:
+        if (Path(name) / "config.json").is_file():
+            warn(f"model {name!r} is the preset; the model directory ./{name} is not used (name it ./{name} to "
+                 "use it)")
         return "preset"
     if Path(name).is_dir():
         if not (Path(name) / "config.json").exists():
@@ -147,7 +150,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
             config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
         except (ValueError, KeyError) as err:
             raise FastWeightsError(f"cannot build a model from {cfg_file}: {err}") from None
-        print(f"{path} holds no weights: a model initialised from its config.json", file=sys.stderr)
+        warn(f"{path} holds no weights: a model initialised from its config.json")
         model = AutoModelForCausalLM.from_config(config)
         return model.to(dtype) if isinstance(dtype, torch.dtype) else model
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, local_files_only=True)

@@ -35,7 +35,7 @@ from fastweights.config import option
 from fastweights.data.packing import IGNORE, PackedRows
 from fastweights.data.store import Dataset
 from fastweights.data.tokenizer import check_dataset_tokenizer
-from fastweights.errors import FastWeightsError, check_at_least
+from fastweights.errors import FastWeightsError, check_at_least, warn
 from fastweights.models.compat import enable_activation_checkpointing, hf_progress_bars
 from fastweights.models.inplace_ttt import HYBRID
 from fastweights.models.presets import SIZES, build_model, check_causal, check_vocab, load_model, resolve_model
@@ -230,9 +230,9 @@ def _warn_short_rows(model, seq_len: int) -> None:
     chunks = {f"{type(m).__name__} chunk {m.chunk_size}" for m in model.modules()
               if isinstance(m, (InPlaceTTTMLP, LaCTLayer)) and m.chunk_size >= seq_len}
     if chunks:
-        print(f"warning: --seq-len {seq_len} fits in one fast-weight chunk ({', '.join(sorted(chunks))}): no token of "
-              f"a row reads an update, so these fast weights do nothing and their parameters get no gradient; "
-              f"train on longer rows or use a smaller chunk", file=sys.stderr)
+        warn(f"--seq-len {seq_len} fits in one fast-weight chunk ({', '.join(sorted(chunks))}): no token of "
+             f"a row reads an update, so these fast weights do nothing and their parameters get no gradient; "
+             f"train on longer rows or use a smaller chunk")
 
 
 def _trainable(model, mode: str) -> list[torch.nn.Parameter]:
@@ -270,8 +270,8 @@ def _resumed_decays(ckpt, params, decays: list[bool], rank: int) -> list[bool]:
         return decays
     if sizes == [sum(legacy), len(legacy) - sum(legacy)]:
         if rank == 0:
-            print(f"warning: {ckpt} was written when LaCT's q/k scale and shift took weight decay; the resumed run "
-                  "keeps decaying them (a new run does not)", file=sys.stderr)
+            warn(f"{ckpt} was written when LaCT's q/k scale and shift took weight decay; the resumed run "
+                 "keeps decaying them (a new run does not)")
         return legacy
     return decays
 
@@ -341,7 +341,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except json.JSONDecodeError as err:
             if i < len(lines) - 1:
                 raise FastWeightsError(f"{path}:{i + 1} is not a JSON record: {err}") from err
-            print(f"warning: dropped the unfinished last line of {path}", file=sys.stderr)
+            warn(f"dropped the unfinished last line of {path}")
             continue
         if rec.get("step", 0) <= step:
             kept.append(line)
@@ -534,26 +534,26 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
     model = make_model(cfg, ds.vocab_size, saved_fwl_scale).to(device)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if rank == 0 and isinstance(max_pos, int) and cfg.seq_len > max_pos:
-        print(f"warning: --seq-len {cfg.seq_len} exceeds the model's max_position_embeddings {max_pos}: positions "
-              f"past it were never trained, and memory grows with the row length", file=sys.stderr)
+        warn(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings {max_pos}: positions "
+             f"past it were never trained, and memory grows with the row length")
     if rank == 0:
         _warn_short_rows(model, cfg.seq_len)
         ttt_flags = ["--" + f.name.replace("_", "-") for f in fields(TrainConfig)
                      if f.name.startswith("ttt_") and getattr(cfg, f.name) != f.default]
         if model.config.model_type == HYBRID and (ttt_flags or not cfg.ttt):
             ignored = ttt_flags + ([] if cfg.ttt else ["--no-ttt"])
-            print(f"warning: a fastweights_hybrid model takes its In-Place TTT settings from its config (mlps, "
-                  f"ttt_chunk, ttt_lr, ttt_target); ignored: {', '.join(ignored)}", file=sys.stderr)
+            warn(f"a fastweights_hybrid model takes its In-Place TTT settings from its config (mlps, "
+                 f"ttt_chunk, ttt_lr, ttt_target); ignored: {', '.join(ignored)}")
         given = (_read_json(Path(cfg.model) / "config.json").get("ttt_layers")
                  if resolve_model(cfg.model) == "local" else None)
         if given is not None:  # the model was converted before: its settings stay
             if ttt_flags:
-                print(f"warning: {cfg.model} is already converted to In-Place TTT (layers {given}, chunk "
-                      f"{model.config.ttt_chunk}, lr {model.config.ttt_lr}); its settings are kept; ignored: "
-                      f"{', '.join(ttt_flags)}", file=sys.stderr)
+                warn(f"{cfg.model} is already converted to In-Place TTT (layers {given}, chunk "
+                     f"{model.config.ttt_chunk}, lr {model.config.ttt_lr}); its settings are kept; ignored: "
+                     f"{', '.join(ttt_flags)}")
             if not cfg.ttt:
-                print(f"warning: --no-ttt: {cfg.model} is already converted to In-Place TTT (layers {given}); it "
-                      f"trains with its fast weights (train its base model for a run without them)", file=sys.stderr)
+                warn(f"--no-ttt: {cfg.model} is already converted to In-Place TTT (layers {given}); it "
+                     f"trains with its fast weights (train its base model for a run without them)")
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())
