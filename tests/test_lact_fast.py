@@ -280,6 +280,21 @@ def test_bf16_fast_path_close_to_float32_path():
     assert rel(out.float(), ref) < 3e-2
 
 
+def test_compiled_calls_raise_the_recompile_limit_only_while_they_run(monkeypatch):
+    """The op raised dynamo's recompile limit for the whole process (the user's own torch.compile
+    code too); now only its compiled calls run with it."""
+    import torch._dynamo.config as dynamo_config
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda *a: seen.append(dynamo_config.recompile_limit)
+                        or fn(*a))
+    monkeypatch.setattr(lact_op, "_COMPILED", {})
+    with dynamo_config.patch(recompile_limit=8):  # (monkeypatch's undo would break torch's config module)
+        f = lact_op._compiled(lambda x: x + 1, "step", "default")
+        assert dynamo_config.recompile_limit == 8
+        assert f(1) == 2 and seen == [64] and dynamo_config.recompile_limit == 8
+
+
 def test_resolve_compile(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv(lact_op.COMPILE_ENV, raising=False)

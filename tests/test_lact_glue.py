@@ -12,6 +12,7 @@ import torch
 
 from fastweights.layers.lact import LaCTLayer
 from fastweights.ops import lact_glue
+from fastweights.ops.inplace_ttt_triton import HAVE_TRITON
 
 
 def test_pick_impl_errors():
@@ -21,8 +22,19 @@ def test_pick_impl_errors():
     with pytest.raises(ValueError, match="impl must be one of .*'cuda'"):
         lact_glue.pick_impl("cuda", x)
     if os.environ.get("TRITON_INTERPRET") != "1":
-        with pytest.raises(ValueError, match="needs the triton package and a CUDA tensor"):
+        with pytest.raises(ValueError, match=r"needs a CUDA tensor \(or TRITON_INTERPRET=1 on CPU\), got one on cpu"
+                           if HAVE_TRITON else r"pip install 'fastweights\[triton\]'"):
             lact_glue.pick_impl("triton", x)
+
+
+def test_triton_impl_without_triton_names_the_install(monkeypatch):
+    """Without triton, impl='triton' named neither the package to install nor the way out."""
+    import fastweights.ops.inplace_ttt_triton as tt
+
+    monkeypatch.setattr(tt, "HAVE_TRITON", False)
+    with pytest.raises(ValueError, match=r"needs the triton package: pip install 'fastweights\[triton\]' \(or use "
+                                         r"impl='auto' or 'torch'\)"):
+        lact_glue.pick_impl("triton", torch.zeros(1))
     with pytest.raises(ValueError, match="glue must be one of .*'fast'"):
         LaCTLayer(32, 2, glue="fast")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastweights.ops import rows
+from fastweights.ops.inplace_ttt_triton import HAVE_TRITON
 
 
 def random_map(n_out, n_a, n_b, gen):
@@ -89,7 +90,7 @@ def test_errors():
     with pytest.raises(ValueError, match="contiguous=False"):
         rows.move_rows(a, idx, inv, (2, 3), out=torch.zeros(2, 3, 5, 3).mT)
     if os.environ.get("TRITON_INTERPRET") != "1":
-        with pytest.raises(ValueError, match="needs the triton package and a CUDA tensor"):
+        with pytest.raises(ValueError, match="needs a CUDA tensor" if HAVE_TRITON else "pip install"):
             rows.move_rows(a, idx, inv, (2, 3), impl="triton")
     assert rows.pick_impl("auto", a) == "torch"  # CPU
 

@@ -22,8 +22,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from fastweights._progress import progress_bar
 from fastweights.errors import FastWeightsError
 
 __all__ = ["Corpus", "Document", "build_corpus", "python_sources", "split_of"]
@@ -135,7 +134,7 @@ def _user_documents(root: Path, text_field: str, progress: bool = True) -> tuple
     if not files:
         raise FastWeightsError(f"no .txt, .jsonl or .parquet files under {root}")
     docs, replaced = [], []
-    for f in tqdm(files, desc="reading corpus", unit="file", disable=len(files) < 20 or not progress):
+    for f in progress_bar(files, desc="reading corpus", unit="file", disable=len(files) < 20 or not progress):
         rel = f.relative_to(root).as_posix()
         if f.suffix == ".txt":
             raw = f.read_bytes()
@@ -250,7 +249,7 @@ def build_corpus(
                 total += min(size, max_doc_bytes) if max_doc_bytes else size
             units = [u for u in units if u[0] in keep]
         docs = []
-        for name, root, files in tqdm(units, desc="reading Python sources", unit="doc", disable=not progress):
+        for name, root, files in progress_bar(units, desc="reading Python sources", unit="doc", disable=not progress):
             text, nfiles = _read_python_doc(root, files, max_doc_bytes)
             docs.append(Document(name, text, nfiles))
         nfiles, replaced = None, []  # each document counts its files

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
-from tqdm.auto import tqdm
 
+from fastweights._progress import progress_bar
 from fastweights.data.corpus import Corpus
 from fastweights.data.tokenizer import load_tokenizer
 from fastweights.errors import FastWeightsError
@@ -233,7 +233,7 @@ def _tokenize_locked(corpus: Corpus, tokenizer, out: Path, shard_tokens: int, pr
     tmp.mkdir(parents=True)
     tokenizer.save_pretrained(tmp / "tokenizer")
     splits = {}
-    with tqdm(total=corpus.manifest["bytes"], desc="tokenising", unit="B", unit_scale=True,
+    with progress_bar(total=corpus.manifest["bytes"], desc="tokenising", unit="B", unit_scale=True,
               disable=not progress) as bar:
         for name in ("train", "val"):
             splits[name] = _write_split(corpus.split(name), tokenizer, dtype, tmp / name, shard_tokens, bar)

@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from fastweights._progress import progress_bar
 from fastweights.errors import check_number
 from fastweights.eval.flops import flop_counter
 from fastweights.train.trainer import causal_lm_loss
@@ -320,7 +320,7 @@ def dynamic_eval(
         for mode in ("static", "dynamic"):
             per_doc = []
             t0 = time.perf_counter()
-            for doc in tqdm(docs, desc=f"{mode} eval", disable=not progress, leave=False):
+            for doc in progress_bar(docs, desc=f"{mode} eval", disable=not progress, leave=False):
                 losses: list[torch.Tensor] = []
                 _run_doc(model, doc, cfg, context, _Updater(params, cfg, ms) if mode == "dynamic" else None, losses)
                 per_doc.append([t.cpu() for t in losses])

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
+from fastweights._progress import progress_bar
 from fastweights.data.packing import PackedRows, long_rows
 from fastweights.data.store import TokenStore
 from fastweights.errors import FastWeightsError
@@ -43,7 +43,7 @@ def perplexity(model, store: TokenStore, seq_len: int, batch_size: int = 8, max_
         raise FastWeightsError(f"the split has fewer than {seq_len + 1} tokens: lower --seq-len")
     total, count = 0.0, 0
     model.eval()
-    for start in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress):
+    for start in progress_bar(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress):
         batch = rows.batch(start, min(batch_size, n - start))
         losses = token_losses(model, batch)
         valid = batch["targets"] != -100
@@ -93,7 +93,7 @@ def loss_by_position(model, store: TokenStore, length: int, first_bucket: int = 
     ndocs = 0
     model.eval()
     docs = long_rows(store, length, min_length=min_length, max_docs=max_docs)
-    for _, fields in tqdm(docs, desc="loss by position", unit="doc", disable=not progress,
+    for _, fields in progress_bar(docs, desc="loss by position", unit="doc", disable=not progress,
                           total=max_docs):
         losses = token_losses(model, fields)[0].double().cpu()
         valid = (fields["targets"][0] != -100).double()

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from fastweights._progress import progress_bar
 from fastweights.data.store import TokenStore
 
 __all__ = ["haystack", "passkey_eval", "passkey_prompts", "passkey_sample"]
@@ -114,7 +114,7 @@ def passkey_eval(model, tokenizer, store: TokenStore, lengths: list[int], depths
     device = next(model.parameters()).device
     model.eval()
     hits = []
-    for s in tqdm(prompts, desc="passkey", unit="trial", disable=not progress):
+    for s in progress_bar(prompts, desc="passkey", unit="trial", disable=not progress):
         # the whole prompt, answer included: a causal model's logits before the last token do
         # not see it, and one forward scores every answer token
         ids = s["input_ids"][None].to(device)

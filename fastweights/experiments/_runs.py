@@ -12,7 +12,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+from fastweights._progress import progress_bar
 
 __all__ = ["group_runs", "merge_reports", "run_in_workers"]
 
@@ -28,7 +29,7 @@ def run_in_workers(fn: Callable[..., dict], jobs: Iterable[tuple], workers: int,
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_init, initargs=(threads,)) as pool:
         futures = [pool.submit(fn, *job) for job in jobs]
-        for f in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=quiet):
+        for f in progress_bar(as_completed(futures), total=len(futures), desc=desc, disable=quiet):
             done(f.result())
 
 

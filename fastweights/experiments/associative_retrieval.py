@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
+from fastweights._progress import progress_bar
 from fastweights.data.associative_retrieval import VOCAB, associative_retrieval_splits
 from fastweights.experiments._runs import apply_quick, merge_reports, run_in_workers
 from fastweights.layers.fast_weights_rnn import IRNN, LSTM, AttentionLSTM, FastWeightsRNN
@@ -442,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"at step {r['steps']} ({r['seconds']:.0f}s)")
 
     if args.jobs == 1:
-        for k, h, s in tqdm(jobs, desc="associative retrieval", disable=args.quick):
+        for k, h, s in progress_bar(jobs, desc="associative retrieval", disable=args.quick):
             done(train_one(k, h, s, _data(args), args, deadline))
         return 0
     # Biggest runs first, so that with fewer workers than runs the long ones are not left last.

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from transformers import BertConfig, BertForMaskedLM
 
+from fastweights._progress import progress_bar
 from fastweights.data.dual_process import COP, N_TARGETS, PAD, DualProcessTask
 from fastweights.experiments._runs import apply_quick, group_runs
 from fastweights.train.forgetting import build_forgetting
@@ -97,7 +97,7 @@ def train_run(method: str, task: DualProcessTask, sets, args) -> dict:
     gen = torch.Generator().manual_seed(args.seed + 1)
     curves: dict[str, list] = {"step": [], "loss": [], **{m: [] for m in METRICS}}
     running = 0.0
-    for step in tqdm(range(1, args.steps + 1), desc=method, disable=args.quiet, mininterval=5):
+    for step in progress_bar(range(1, args.steps + 1), desc=method, disable=args.quiet, mininterval=5):
         batch = task.sample("train", args.batch_size, gen)
         logits = target_logits(model, batch["input_ids"])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
+from fastweights._progress import progress_bar
 from fastweights.data.plasticity_tasks import TaskBatch, copy_task, digits_few_shot, regression_task
 from fastweights.experiments._runs import apply_quick, merge_reports, run_in_workers
 from fastweights.experiments.associative_retrieval import host
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.jobs == 1:
         tests = {t: make_batch(t, args.test_size, 0, "test") for t in args.tasks}
-        for t, r, s in tqdm(jobs, desc="plasticity", disable=args.quick):
+        for t, r, s in progress_bar(jobs, desc="plasticity", disable=args.quick):
             done(train_one(t, r, s, tests[t], args, deadline))
         return 0
     run_in_workers(_worker_run, [(t, r, s, args, deadline) for t, r, s in jobs], args.jobs, args.threads, done,

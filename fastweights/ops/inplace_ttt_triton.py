@@ -53,8 +53,11 @@ def pick_impl(impl: str, x: torch.Tensor, dtypes: tuple | None = None) -> str:
     if impl == "auto":
         fast = x.is_cuda and (dtypes is None or x.dtype in dtypes) and usable(x) and not torch.compiler.is_compiling()
         return "triton" if fast else "torch"
+    if impl == "triton" and not HAVE_TRITON:
+        raise ValueError("impl='triton' needs the triton package: pip install 'fastweights[triton]' (or use "
+                         "impl='auto' or 'torch')")
     if impl == "triton" and not usable(x):
-        raise ValueError("impl='triton' needs the triton package and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+        raise ValueError(f"impl='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU), got one on {x.device}")
     return impl
 
 

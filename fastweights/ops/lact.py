@@ -54,6 +54,7 @@ Two implementations compute the same function:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -419,16 +420,25 @@ SCOPES = ("step", "loop")
 
 
 def _compiled(fn, scope: str, compile_mode: str):
-    """``fn`` compiled with torch.compile in ``compile_mode``, once per (scope, mode)."""
+    """``fn`` compiled with torch.compile in ``compile_mode``, once per (scope, mode). Its calls run
+    with dynamo's recompile limit at 64 at least (one graph per update, order, shapes and dtype:
+    several layers' configurations); the process's own setting stays as it is outside them."""
     key = (scope, compile_mode)
     if key not in _COMPILED:
         import torch._dynamo.config as dynamo_config
 
-        # one graph per (update, order, do_update, shapes, dtype): several layers' configurations
         limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
         kw = {} if compile_mode == "default" else {"mode": compile_mode}
-        _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True, **kw)
+        compiled = torch.compile(fn, dynamic=False, fullgraph=True, **kw)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if torch.compiler.is_compiling():  # traced inside another compiled region: no config change
+                return compiled(*args, **kwargs)
+            with dynamo_config.patch(**{limit: max(getattr(dynamo_config, limit), 64)}):
+                return compiled(*args, **kwargs)
+
+        _COMPILED[key] = call
     return _COMPILED[key]
 
 

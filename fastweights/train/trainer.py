@@ -28,9 +28,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError
-from tqdm.auto import tqdm
 
 from fastweights._globals import caller_globals
+from fastweights._progress import progress_bar
 from fastweights.config import option
 from fastweights.data.packing import IGNORE, PackedRows
 from fastweights.data.store import Dataset
@@ -624,7 +624,7 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
     model.train()
     last_good = ckpt if cfg.resume else None
     loss_value = float("nan")
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {out.name}", unit="step",
+    bar = progress_bar(total=cfg.steps, initial=step, desc=f"train {out.name}", unit="step",
                disable=not cfg.progress or rank != 0)
     local = cfg.batch_size // world
     with metrics_path.open("a") if rank == 0 else nullcontext() as log:
