@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -985,6 +986,33 @@ def test_generate_with_chunked_prefill_equals_plain_generate():
             model.generate(x, max_new_tokens=2, cache_implementation="static")
 
 
+def test_generate_continues_from_its_returned_cache_on_the_uncached_tokens():
+    """Hugging Face's cache re-use: generate(sequences, full mask, past_key_values=returned cache).
+    The cache's empty layer list made ``all(cache.is_linear)`` true, so transformers fed the whole
+    prompt again: refused by the mask check (left padding), or the prefix read twice (a prompt
+    cache filled by hand). Only the uncached tokens go in now, and the result is one-shot's."""
+    model = tiny(["attention", "lact"], mlps="inplace_ttt", pad_token_id=0)
+    _perturb_fast_params(model)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, VOCAB, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # left padding
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        part = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        assert part.past_key_values.seen == 11
+        mask2 = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], 1)
+        out = model.generate(part.sequences, attention_mask=mask2, past_key_values=part.past_key_values,
+                             max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, ref) and out.past_key_values.seen == 14
+        prompt = ids[:1]  # a prompt cache filled by hand, then generate from the whole prompt
+        cache = model(prompt[:, :6], use_cache=True).past_key_values
+        out = model.generate(prompt, past_key_values=cache, max_new_tokens=4, do_sample=False,
+                             return_dict_in_generate=True)
+        assert torch.equal(out.sequences, model.generate(prompt, max_new_tokens=4, do_sample=False))
+        assert out.past_key_values.seen == 9 + 3
+
+
 @pytest.mark.parametrize("name", ["qkv_proj", "gate_proj", "lr_proj"])
 def test_an_adapter_on_a_lact_weight_read_directly_is_refused(name):
     """LaCT stacks or splits these weights itself: an adapter wrapping them would be ignored."""
@@ -1075,7 +1103,32 @@ def test_logits_to_keep_takes_an_int_or_an_index_tensor():
         assert torch.allclose(model(ids, use_cache=False, logits_to_keep=3).logits, full[:, -3:], atol=1e-6)
         index = torch.tensor([0, 4, 2])
         kept = model(ids, use_cache=False, logits_to_keep=index).logits
+        per_row = torch.tensor([[0, 6], [3, 1]])  # (B, K) positions of each row (gave (B, B, K, V))
+        rows = model(ids, use_cache=False, logits_to_keep=per_row).logits
+        mask = torch.tensor([[True, False, False, True, False, False, True], [False] * 6 + [True]])
+        flat = model(ids, use_cache=False, logits_to_keep=mask).logits  # (count, V) (was an IndexError)
     assert kept.shape == (2, 3, VOCAB) and torch.allclose(kept, full[:, index], atol=1e-6)
+    assert rows.shape == (2, 2, VOCAB) and torch.allclose(rows, torch.stack([full[0, [0, 6]], full[1, [3, 1]]]),
+                                                          atol=1e-6)
+    assert flat.shape == (4, VOCAB) and torch.allclose(flat, full[mask], atol=1e-6)
+    from fastweights.models import compat
+
+    x = torch.randn(2, 7, 5)
+    for keep in (0, 3, index, per_row, mask):  # without transformers' own function (5.17): the same
+        with mock.patch.object(compat, "_slice_logits_to_keep", None):
+            ours = compat.keep_positions(x, keep)
+        assert torch.equal(ours, compat.keep_positions(x, keep) if compat._slice_logits_to_keep else ours)
+    assert torch.equal(compat.keep_positions(x, per_row), torch.stack([x[0, [0, 6]], x[1, [3, 1]]]))
+
+
+def test_the_trainers_prediction_step_leaves_the_cache_out():
+    """HF Trainer.predict/evaluate keep the output fields not in config.keys_to_ignore_at_inference:
+    'past_key_values' alone left transformers 5.24's 'cache' in, and the Trainer could not pad it."""
+    model = tiny(["lact", "swa"])
+    with torch.no_grad():
+        out = model(torch.randint(0, VOCAB, (2, 7)), use_cache=True)
+    kept = [k for k in out.keys() if k not in model.config.keys_to_ignore_at_inference + ["loss"]]
+    assert kept == ["logits"], kept
 
 
 def test_attention_mask_must_cover_the_cache_and_the_input():
@@ -1101,7 +1154,8 @@ def test_attention_mask_must_cover_the_cache_and_the_input():
 def test_position_ids_of_another_shape_are_refused_by_name(shape):
     model = tiny(["lact", "swa"])
     ids = torch.randint(0, VOCAB, (2, 6))
-    with pytest.raises(ValueError, match=re.escape(f"position_ids must be (B, N) = (2, 6) or (1, N), got {shape}")):
+    msg = f"position_ids must be (B, N) = (2, 6), (1, N) or (N,), got {shape}"
+    with pytest.raises(ValueError, match=re.escape(msg)):
         model(ids, position_ids=torch.zeros(shape, dtype=torch.long))
 
 

@@ -1,6 +1,8 @@
 """The In-Place TTT op: sequential reference, chunked form and an independent per-chunk-weight
 formula agree in the forward pass and in every gradient (SPEC §1)."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -269,3 +271,8 @@ def test_a_tensor_rate_that_is_not_finite_is_refused(impl, value):
     for lr in (value, torch.tensor(value, dtype=torch.float64), torch.tensor([value], dtype=torch.float64)):
         with pytest.raises(ValueError, match=r"lr must be finite: a real number or a 1-element tensor, got "):
             inplace_ttt(*args, lr, 4, impl=impl)
+    learned = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)  # the check reads it without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inplace_ttt(*args, learned, 4, impl=impl).sum().backward()
+    assert learned.grad is not None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 
+import torch
 import transformers
 from packaging.version import Version
 from torch import nn
@@ -35,6 +36,11 @@ __all__ = ["CACHE_KWARG", "TRANSFORMERS_VERSION", "DynamicCache", "cache_impleme
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):
     raise ImportError(f"fastweights needs transformers >= 5.17, found {transformers.__version__}")
+
+try:  # transformers >= 5.23
+    from transformers.modeling_utils import slice_logits_to_keep as _slice_logits_to_keep
+except ImportError:
+    _slice_logits_to_keep = None
 
 
 # 5.24 renamed the models' cache argument (and generate's model_kwargs key) from
@@ -125,10 +131,16 @@ def crop_length(seen: int, tokens_to_remove: int) -> int:
 
 
 def keep_positions(x, keep):
-    """Slice (B, N, ...) as a causal LM's ``logits_to_keep`` does: an int keeps the last ``keep``
-    positions (0: all), a tensor selects positions. 5.17 slices inline with ``slice(-keep, None)``;
-    5.23 calls ``modeling_utils.slice_logits_to_keep``; both mean this (used by the FWL head,
-    which makes the model compute every position and slices afterwards)."""
+    """Slice (B, N, d) as a causal LM's ``logits_to_keep`` does: an int keeps the last ``keep``
+    positions (0: all), a 1-D tensor selects positions, a 2-D integer tensor (B, K) positions per
+    row, a 2-D bool (B, N) mask the True positions (flattened to (count, d)). transformers >= 5.23
+    has it as ``modeling_utils.slice_logits_to_keep``, used when there; 5.17 slices inline (used by
+    the FWL head, which makes the model compute every position and slices afterwards, and by the
+    hybrid model)."""
+    if _slice_logits_to_keep is not None:
+        return _slice_logits_to_keep(x, keep)
+    if torch.is_tensor(keep) and keep.ndim == 2:
+        return x[keep] if keep.dtype == torch.bool else torch.take_along_dim(x, keep[..., None], dim=1)
     if isinstance(keep, int):
         return x if keep == 0 else x[:, -keep:]
     return x[:, keep]

@@ -86,7 +86,7 @@ def _check_inputs(z, s, w0, conv_weight, proj, lr):
             raise ValueError(f"lr must be a number or a 1-element tensor, got shape {tuple(lr.shape)}")
         # checked where it costs no device sync: a CPU tensor here (the fast path checks a GPU
         # rate where it reads it anyway); a GPU rate of the chunked form is not read on the host
-        if lr.device.type == "cpu" and not math.isfinite(float(lr)):
+        if lr.device.type == "cpu" and not math.isfinite(float(lr.detach())):
             raise ValueError(f"lr must be finite: a real number or a 1-element tensor, got {lr!r}")
     elif isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr):
         raise ValueError(f"lr must be finite: a real number or a 1-element tensor, got {lr!r}")

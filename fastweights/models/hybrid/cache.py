@@ -94,6 +94,13 @@ class HybridCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    @property
+    def is_linear(self) -> list[bool]:
+        """No layer is a linear-attention cache alone (transformers reads ``all(is_linear)`` to decide
+        whether a continued ``generate`` can skip the cached tokens: it can, ``seen`` counts them;
+        with the base class's empty layer list, ``all([])`` made it re-run the whole prompt)."""
+        return [False] * len(self.states)
+
     def __len__(self) -> int:
         return len(self.states)
 

@@ -85,7 +85,7 @@ class HybridConfig(PreTrainedConfig):
     """
 
     model_type = HYBRID
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache field's name before and from 5.24
 
     def __init__(
         self,

@@ -163,7 +163,7 @@ def _layout(position_ids, attention_mask, cache: HybridCache | None, B, N, devic
             position_ids = torch.arange(past, past + N, device=device).expand(B, N)
     if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != N or (
             position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
-        raise ValueError(f"position_ids must be (B, N) = ({B}, {N}) or (1, N), got {tuple(position_ids.shape)}")
+        raise ValueError(f"position_ids must be (B, N) = ({B}, {N}), (1, N) or (N,), got {tuple(position_ids.shape)}")
     position_ids = position_ids.to(device).expand(B, N)
     starts = position_ids == 0
     if cache is None or cache.key_doc is None:
