@@ -488,6 +488,9 @@ def test_plot_names_a_bad_bucket_and_leaves_the_callers_backend(tmp_path, capsys
     bad.write_text(json.dumps({"loss_by_position": {"buckets": [{"start": 0}]}}))
     line = _one_line_error(*run(["plot", "--inputs", str(bad), "--out", str(tmp_path / "x.png")], capsys)[::2])
     assert f"{bad}: bucket 0 is {{'start': 0}}; each bucket needs integer 'start' and 'end'" in line
+    bad.write_text(json.dumps({"buckets": [{"start": 0, "end": 8}]}))  # no loss: KeyError when drawn
+    line = _one_line_error(*run(["plot", "--inputs", str(bad), "--out", str(tmp_path / "x.png")], capsys)[::2])
+    assert "bucket 0 is {'start': 0, 'end': 8}; each bucket needs" in line and "a 'loss' (a number or null)" in line
     good = tmp_path / "g.json"
     good.write_text(json.dumps({"buckets": [{"start": 0, "end": 8, "loss": 2.0}, {"start": 8, "end": 16,
                                                                                  "loss": None}]}))
@@ -504,11 +507,13 @@ def test_plot_names_a_bad_bucket_and_leaves_the_callers_backend(tmp_path, capsys
         cli.main(["plot", "--inputs", str(good)])
 
 
-def test_a_directory_named_like_a_preset_is_not_taken_silently(tmp_path, monkeypatch):
-    """--model tiny with a model directory ./tiny trains the preset: a warning says the directory is
-    passed over and how to name it."""
+def test_a_directory_named_like_a_preset_is_not_taken_silently(tmp_path, monkeypatch, small_data, capsys):
+    """--model tiny with a model directory ./tiny trains the preset: a warning (once per run) says the
+    directory is passed over and how to name it, and the run records the preset, so a resume does
+    not depend on the directory."""
     from fastweights.errors import FastWeightsWarning
     from fastweights.models.presets import resolve_model
+    from fastweights.train.trainer import model_key
 
     monkeypatch.chdir(tmp_path)
     assert resolve_model("tiny") == "preset"
@@ -518,6 +523,13 @@ def test_a_directory_named_like_a_preset_is_not_taken_silently(tmp_path, monkeyp
                                                 r"used \(name it ./tiny to use it\)"):
         assert resolve_model("tiny") == "preset"
     assert resolve_model("./tiny") == "local"
+    assert model_key("tiny") == "preset tiny" and model_key("./tiny").startswith("config ")
+    argv = ["train", "--data", str(small_data), "--out", str(tmp_path / "run"), "--steps", "1", "--seq-len",
+            "32", "--batch-size", "2", "--no-ttt", "--no-progress", "--threads", "1"]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert err.count("warning: model 'tiny' is the preset") == 1, err
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["model_key"] == "preset tiny"
 
 
 @pytest.mark.parametrize("argv", [[], ["experiment"]])

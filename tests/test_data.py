@@ -396,3 +396,30 @@ def test_progress_bars_update_sparingly_in_a_log_file(monkeypatch):
         assert list(bar) == [0, 1, 2]
     monkeypatch.setattr("sys.stderr", io.StringIO())
     assert _progress.progress_bar(range(3), mininterval=60).mininterval == 60
+
+
+def test_a_damaged_meta_json_is_named(tmp_path):
+    """A dataset's meta.json without its key or splits ended in a raw KeyError in train/eval."""
+    from fastweights.data.store import Dataset
+    from fastweights.errors import FastWeightsError
+
+    (tmp_path / "meta.json").write_text(json.dumps({"splits": {}, "dtype": "uint16"}))
+    with pytest.raises(FastWeightsError, match=r"meta.json lacks the fields of a prepared dataset \(key, splits, "
+                                               r"dtype, tokenizer.vocab_size\): prepare the dataset again"):
+        Dataset(tmp_path)
+    (tmp_path / "meta.json").write_text("{")
+    with pytest.raises(FastWeightsError, match="meta.json is not JSON"):
+        Dataset(tmp_path)
+
+
+def test_progress_bars_keep_their_pace_in_a_notebook(monkeypatch):
+    """A Jupyter kernel's stderr is no terminal, but tqdm.auto draws a widget there: no 30 s pace."""
+    import io
+    import sys
+    import types
+
+    from fastweights import _progress
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    assert _progress.progress_bar(range(2)).mininterval == 0.1

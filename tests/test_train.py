@@ -269,38 +269,55 @@ def test_non_finite_loss_stops_naming_the_step(data, tmp_path):
     save_file(weights, ckpt)
     with pytest.raises(FastWeightsError) as err:
         _train([*train_args(data, run, steps=6, save_every=1), "--resume"])
-    assert err.value.args[0] == (f"non-finite loss (nan) at step 3; training stopped, last good checkpoint: "
-                                 f"{run / 'checkpoints' / 'step-00000002'} (--resume goes on from it, also with a "
-                                 f"smaller --lr or --clip)")
+    assert err.value.args[0] == (  # the weights of step 2 give the NaN: resuming there would stop again
+        f"non-finite loss (nan) at step 3; training stopped; the weights of the last checkpoint, "
+        f"{run / 'checkpoints' / 'step-00000002'}, gave it, so a resume from there would stop again: move "
+        f"step-00000002 out of {run / 'checkpoints'} and --resume from step-00000001, with a smaller --lr or --clip")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
 
 
 def test_a_resume_may_lower_the_learning_rate_and_the_clip(data, tmp_path, capsys):
     """The usual answer to a loss spike, going on from the last checkpoint with a smaller rate or
     clip, is a resume (it was refused: a new --out could not start from the checkpoint); the
-    steps after it run on the new base rate's schedule."""
+    steps after it run on the new base rate's schedule, and train_config.json records from which
+    step. With no step left to train, or from a caller that always resumes (main), it is refused."""
     run = tmp_path / "lower"
     _train(train_args(data, run, steps=4, save_every=2))
+    with pytest.raises(FastWeightsError, match=r"--resume with --lr 0.001 \(was 0.003\): .*step-00000004 is at step "
+                                               r"4 of --steps 4, so no step would train at it; pass more --steps"):
+        _train([*train_args(data, run, steps=4, lr=1e-3), "--resume"])
+    with pytest.raises(FastWeightsError, match=r"these differ: lr 0.003 \(now 0.001\)"):
+        train(parse(TrainConfig, train_args(data, run, steps=6, lr=1e-3) + ["--resume"], "t", ""),
+              resumer="fastweights main")
     shutil.rmtree(run / "checkpoints" / "step-00000004")
     capsys.readouterr()
     _train([*train_args(data, run, steps=4, lr=1e-3, clip=0.5), "--resume"])
-    assert "with --lr 0.001 (was 0.003), --clip 0.5 (was 1.0)" in capsys.readouterr().err
+    assert "with --clip 0.5 (was 1.0), --lr 0.001 (was 0.003)" in capsys.readouterr().err
     lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     for s in (3, 4):
         assert lrs[s] == pytest.approx(1e-3 * warmup_cosine(s - 1, 2, 4, 0.1), rel=1e-12), s
     saved = json.loads((run / "train_config.json").read_text())
     assert (saved["lr"], saved["clip"]) == (1e-3, 0.5)
+    assert saved["rate_changes"] == [{"step": 2, "clip": 0.5, "lr": 1e-3}]
+    _train([*train_args(data, run, steps=6, lr=1e-3, clip=0.5), "--resume"])  # history kept
+    assert json.loads((run / "train_config.json").read_text())["rate_changes"] == saved["rate_changes"]
 
 
 def test_a_damaged_state_json_names_the_checkpoint_before_it(data, tmp_path):
-    """Like the other files of the newest checkpoint, a truncated state.json names the one to go back to."""
+    """Like the other files of the newest checkpoint, a truncated state.json, or one without its
+    counts (a raw KeyError/TypeError before), names the one to go back to."""
     run = tmp_path / "state"
     _train(train_args(data, run, steps=4, save_every=2))
     state = run / "checkpoints" / "step-00000004" / "state.json"
-    state.write_text(state.read_text()[:10])
-    with pytest.raises(FastWeightsError, match=r"cannot resume from .*step-00000004: JSONDecodeError: .*; move it out "
-                                               r"of .*checkpoints to resume from step-00000002$"):
-        _train([*train_args(data, run, steps=4), "--resume"])
+    good = state.read_text()
+    for text, why in ((good[:10], "JSONDecodeError: .*"), (json.dumps({**json.loads(good), "step": None}),
+                                                           "ValueError: its step is None, not a count"),
+                      (json.dumps({k: v for k, v in json.loads(good).items() if k != "rows"}),
+                       "ValueError: its rows is None, not a count"), ("[]", "AttributeError: .*")):
+        state.write_text(text)
+        with pytest.raises(FastWeightsError, match=rf"cannot resume from .*step-00000004: {why}; move it out of "
+                                                   r".*checkpoints to resume from step-00000002$"):
+            _train([*train_args(data, run, steps=4), "--resume"])
 
 
 def test_a_second_process_cannot_train_into_the_same_out(data, tmp_path, monkeypatch):
@@ -364,7 +381,9 @@ def test_non_finite_gradient_stops_naming_the_step(data, tmp_path):
         _train(train_args(data, run, steps=20, save_every=1, lr=1e30, warmup=1, clip=0))
     step = int(err.value.args[0].split("at step ")[1].split(";")[0])
     assert step >= 2
-    assert f"last good checkpoint: {run / 'checkpoints' / f'step-{step - 1:08d}'} (--resume" in err.value.args[0]
+    msg = err.value.args[0]
+    assert f"the weights of the last checkpoint, {run / 'checkpoints' / f'step-{step - 1:08d}'}, gave it" in msg
+    assert (f"--resume from step-{step - 2:08d}" if step > 2 else "no checkpoint comes before it") in msg
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == f"step-{step - 1:08d}"
     assert not (run / "model").exists()
 
@@ -613,3 +632,12 @@ def test_peak_flops_by_whole_gpu_names(name, peak):
     from fastweights.train.trainer import peak_flops_of
 
     assert peak_flops_of(name) == peak
+
+
+def test_the_training_bar_updates_sparingly_in_a_log_file(data, tmp_path, capsys):
+    """With stderr redirected, the bar's loss/tokens postfix forced a redraw every step (42 lines
+    for 40 steps), past the 30 s interval that the other bars keep there."""
+    run = tmp_path / "bar"
+    _train([a for a in train_args(data, run, steps=8, save_every=8) if a != "--no-progress"])
+    err = capsys.readouterr().err
+    assert 1 <= err.count(f"train {run.name}") <= 3, err

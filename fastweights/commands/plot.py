@@ -36,6 +36,7 @@ def load_result(path: str) -> dict:
     for i, b in enumerate(data["buckets"]):
         ok = isinstance(b, dict) and all(isinstance(b.get(k), int) and not isinstance(b.get(k), bool)
                                          for k in ("start", "end"))
+        ok = ok and "loss" in b
         loss = b.get("loss") if isinstance(b, dict) else None
         if not ok or not (loss is None or isinstance(loss, int | float) and not isinstance(loss, bool)):
             raise FastWeightsError(f"{path}: bucket {i} is {b!r}; each bucket needs integer 'start' and 'end' and "

@@ -81,7 +81,17 @@ class Dataset:
             raise FastWeightsError(f"dataset directory not found: {self.path}")
         if not (self.path / "meta.json").exists():
             raise FastWeightsError(f"not a prepared dataset (no meta.json): {self.path}; run `fastweights prepare`")
-        self.meta = json.loads((self.path / "meta.json").read_text())
+        try:
+            self.meta = json.loads((self.path / "meta.json").read_text())
+            ok = (isinstance(self.meta, dict) and isinstance(self.meta.get("key"), str)
+                  and isinstance(self.meta.get("splits"), dict) and isinstance(self.meta.get("dtype"), str)
+                  and isinstance(self.meta.get("tokenizer"), dict) and "vocab_size" in self.meta["tokenizer"])
+        except json.JSONDecodeError as err:
+            raise FastWeightsError(f"{self.path / 'meta.json'} is not JSON ({err}): prepare the dataset "
+                                   "again") from None
+        if not ok:
+            raise FastWeightsError(f"{self.path / 'meta.json'} lacks the fields of a prepared dataset (key, splits, "
+                                   "dtype, tokenizer.vocab_size): prepare the dataset again")
 
     def split(self, name: str) -> TokenStore:
         if name not in self.meta["splits"]:

@@ -187,8 +187,10 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _failure(err: BaseException, what: str) -> str:
-    return f"{what}: {type(err).__name__}: {err}"
+def _failure(err: BaseException, what: str | None = None) -> str:
+    """``err`` as the message :func:`_agree_all` raises (a RuntimeError: its own type not repeated)."""
+    text = str(err) if type(err) is RuntimeError else f"{type(err).__name__}: {err}"
+    return text if what is None else f"{what}: {text}"
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -301,8 +303,8 @@ def _string_keys(x, where: str) -> None:
     if isinstance(x, dict):
         for k, v in x.items():
             if not isinstance(k, str):
-                raise ValueError(f"{where} has the key {k!r} ({type(k).__name__}): state.json holds string keys "
-                                 f"only, so it would come back as {str(k)!r}; use string keys")
+                raise ValueError(f"{where} has the key {k!r} ({type(k).__name__}): state.json (JSON) holds string "
+                                 "keys only, so it would not come back as it went in; use string keys")
             _string_keys(v, f"{where}[{k!r}]")
     elif isinstance(x, list | tuple):
         for i, v in enumerate(x):
@@ -376,7 +378,7 @@ def _read_shared(path: Path, model: nn.Module, optimizer) -> tuple[dict, dict]:
                            "checkpoint is incomplete") from None
     saved_kind = meta.get("optimizer")  # absent in checkpoints written before it was recorded
     if saved_kind is not None and saved_kind != _optimizer_kind(optimizer):
-        raise RuntimeError(f"{path / 'optimizer.json'} holds the state of a {saved_kind} optimizer; this one is a "
+        raise RuntimeError(f"{path / 'optimizer.json'} holds the state of optimizer {saved_kind}; this one is "
                            f"{_optimizer_kind(optimizer)}: build the optimizer the checkpoint was written with, or "
                            "load the model alone (optimizer=None)")
     if sizes != [len(g["params"]) for g in optimizer.param_groups]:
@@ -441,14 +443,14 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     try:
         state, rng = _read_own(path, optimizer, rank, world)
     except Exception as err:  # noqa: BLE001
-        error = f"{type(err).__name__}: {err}"
+        error = _failure(err)
     _agree_all(error)
     error, model_sd, osd = None, {}, {}
     if rank == 0:
         try:
             model_sd, osd = _read_shared(path, model, optimizer)
         except Exception as err:  # noqa: BLE001
-            error = f"{type(err).__name__}: {err}"
+            error = _failure(err)
     _agree_all(error)
     broadcast = dist.is_initialized()
     set_model_state_dict(model, model_sd, options=_options(broadcast_from_rank0=broadcast))

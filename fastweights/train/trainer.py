@@ -159,12 +159,13 @@ def set_threads(threads: int, device: torch.device) -> None:
         torch.set_num_threads(1)
 
 
-def make_model(cfg: TrainConfig, vocab_size: int, fwl_grad_scale: float | None = None):
+def make_model(cfg: TrainConfig, vocab_size: int, fwl_grad_scale: float | None = None, kind: str | None = None):
     """The model to train: a preset (optionally converted, target embed) or a local model
     (optionally converted, target hidden); with ``cfg.fwl``, plus a Fast Weight Layer whose
     ``grad_scale`` is ``cfg.fwl_grad_scale``, else ``fwl_grad_scale`` (a resumed run's), else
-    1/(tokens per optimizer step): the same model whatever the split into micro-batches."""
-    kind = resolve_model(cfg.model)
+    1/(tokens per optimizer step): the same model whatever the split into micro-batches. ``kind``:
+    :func:`resolve_model`'s answer for ``cfg.model`` when the caller has it."""
+    kind = kind or resolve_model(cfg.model)
     if cfg.ttt_target not in ("auto", "embed", "hidden"):
         raise FastWeightsError(f"ttt_target must be auto, embed or hidden, got {cfg.ttt_target!r}")
     if kind == "preset":
@@ -360,19 +361,23 @@ def _replace_text(path: Path, text: str) -> None:
 def model_key(name: str) -> str:
     """What ``--model`` names, for a resume to compare: a local directory by its config.json (keys
     sorted, transformers' version left out; a moved or re-saved directory is the same model, an
-    edited config is not), a preset by its name."""
+    edited config is not), a preset by its name (a preset's name is the preset, as in
+    :func:`resolve_model`)."""
     path = Path(name) / "config.json"
-    if path.is_file():
+    if name not in SIZES and path.is_file():
         config = {k: v for k, v in _read_json(path).items() if k != "transformers_version"}
         return "config " + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     return "preset " + name
 
 
 # settings that --resume may change: they do not change what the remaining steps compute, but for
-# ``steps`` (the schedule then ends at the new step count, from the step resumed at) and ``lr`` and
-# ``clip`` (a run stopped by a non-finite loss goes on from its last checkpoint with smaller ones)
+# ``steps`` (the schedule then ends at the new step count, from the step resumed at)
 RESUMABLE = frozenset({"out", "resume", "progress", "threads", "save_every", "keep", "device", "compile",
-                       "activation_checkpointing", "parallel", "steps", "lr", "clip"})
+                       "activation_checkpointing", "parallel", "steps"})
+# and those `train --resume` may change with steps left to train (a run stopped by a non-finite loss
+# goes on from a checkpoint with smaller ones), recorded in train_config.json's "rate_changes"; a
+# caller that always resumes (``fastweights main``) keeps them fixed
+RATE_SETTINGS = ("lr", "clip")
 
 
 def _unreadable(ckpt: Path, err: Exception) -> FastWeightsError:
@@ -382,15 +387,21 @@ def _unreadable(ckpt: Path, err: Exception) -> FastWeightsError:
     return FastWeightsError(f"cannot resume from {ckpt}: {type(err).__name__}: {err}{hint}")
 
 
-def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str, resumer: str = "--resume") -> list[str]:
+def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
+                  resumer: str = "--resume") -> dict[str, tuple]:
     """Raise unless ``cfg`` continues the run in ``out`` (latest checkpoint ``ckpt``) with its
-    settings (those outside RESUMABLE) and its dataset (by the dataset's key: a moved dataset is
-    the same one, another dataset at the same path is not), and with ``steps`` at least the
-    steps done. ``resumer`` names what asked to continue it, in the messages. Returns notes on
-    the rate settings that change (``lr``, ``clip``)."""
+    settings (those outside RESUMABLE; RATE_SETTINGS too unless ``resumer`` is ``--resume``) and
+    its dataset (by the dataset's key: a moved dataset is the same one, another dataset at the
+    same path is not), and with ``steps`` at least the steps done. ``resumer`` names what asked
+    to continue it, in the messages. Returns the rate settings that change, {name: (was, now)}."""
     try:
-        done = json.loads((ckpt / "state.json").read_text())["step"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        state = json.loads((ckpt / "state.json").read_text())
+        for key in ("step", "rows"):  # counts, as the trainer writes them
+            value = state.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"its {key} is {value!r}, not a count")
+        done = state["step"]
+    except (OSError, ValueError, AttributeError) as err:
         raise _unreadable(ckpt, err) from err
     if cfg.steps < done:
         raise FastWeightsError(f"{ckpt} is at step {done}: {resumer} needs --steps >= {done}, got {cfg.steps}")
@@ -401,7 +412,8 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str, res
                                f"new --out")
     saved, now = _read_json(saved_file), asdict(cfg)
     same_data, same_model = saved.get("dataset_key"), saved.get("model_key")
-    skip = RESUMABLE | ({"data"} if same_data else set()) | ({"model"} if same_model else set())
+    rates = set(RATE_SETTINGS) if resumer == "--resume" else set()
+    skip = RESUMABLE | rates | ({"data"} if same_data else set()) | ({"model"} if same_model else set())
     diff = [f"{k} {saved[k]!r} (now {now[k]!r})" for k in now if k in saved and k not in skip and saved[k] != now[k]]
     if same_data and same_data != dataset_key:
         diff.insert(0, f"the dataset at --data {cfg.data!r} (key {dataset_key[:12]}…, the run's: {same_data[:12]}…)")
@@ -411,7 +423,15 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str, res
     if diff:
         raise FastWeightsError(f"{resumer} continues {out} with the settings it started with, but these differ: "
                                f"{'; '.join(diff)}; pass the run's values, or train into a new --out")
-    return [f"--{k} {now[k]} (was {saved[k]})" for k in ("lr", "clip") if k in saved and saved[k] != now[k]]
+    changed = {k: (saved[k], now[k]) for k in sorted(rates) if k in saved and saved[k] != now[k]}
+    if changed and done >= cfg.steps:
+        raise FastWeightsError(f"{resumer} with {_rate_notes(changed)}: {ckpt} is at step {done} of --steps "
+                               f"{cfg.steps}, so no step would train at it; pass more --steps")
+    return changed
+
+
+def _rate_notes(changed: dict[str, tuple]) -> str:
+    return ", ".join(f"--{k} {now} (was {was})" for k, (was, now) in changed.items())
 
 
 def _save_model(model, out: Path, tokenizer, state_dict=None) -> None:
@@ -450,10 +470,18 @@ def train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
         return _train(cfg, resumer, held)
 
 
-def stopped(last_good: Path | None) -> str:
-    """The end of a non-finite-loss message: what was kept and how to go on."""
+def stopped(last_good: Path | None, step: int) -> str:
+    """The end of the message for a non-finite loss or gradient at ``step``: what was kept and how
+    to go on. When ``last_good`` holds the weights of step - 1, those weights gave the non-finite
+    value, so resuming from it would stop again: the message names the checkpoint before it."""
     if last_good is None:
         return "training stopped, last good checkpoint: none (try a smaller --lr or --clip)"
+    if int(last_good.name[5:]) == step - 1:
+        earlier = [p for p in list_checkpoints(last_good.parent.parent) if int(p.name[5:]) < step - 1]
+        where = (f"move {last_good.name} out of {last_good.parent} and --resume from {earlier[-1].name}" if earlier
+                 else "no checkpoint comes before it: train into a new --out")
+        return (f"training stopped; the weights of the last checkpoint, {last_good}, gave it, so a resume from "
+                f"there would stop again: {where}, with a smaller --lr or --clip")
     return (f"training stopped, last good checkpoint: {last_good} (--resume goes on from it, also with a smaller "
             f"--lr or --clip)")
 
@@ -513,7 +541,7 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
     set_threads(cfg.threads, device)
     random.seed(cfg.seed)  # nothing draws from the global Python/NumPy generators, but checkpoints
     np.random.seed(cfg.seed % 2**32)  # save their states: seeded, two identical runs save identical files
-    resolve_model(cfg.model)  # a bad model name fails before any work
+    kind = resolve_model(cfg.model)  # a bad model name fails before any work
     ds = Dataset(cfg.data)
     rows = PackedRows(ds.split("train"), cfg.seq_len, seed=cfg.seed)
     out = Path(cfg.out)
@@ -523,15 +551,15 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not cfg.resume:
         raise FastWeightsError(f"{out} already has checkpoints ({ckpt.name}): pass --resume or choose another --out")
-    rate_notes, saved_fwl_scale = [], None
+    rate_changes, saved_fwl_scale = {}, None
     if cfg.resume and ckpt is not None:
-        rate_notes = _check_resume(out, ckpt, cfg, ds.meta["key"], resumer)
+        rate_changes = _check_resume(out, ckpt, cfg, ds.meta["key"], resumer)
         if cfg.fwl and (ckpt / "config.json").is_file():  # the FWL's scale as the run was trained (it was
             saved_fwl_scale = _read_json(ckpt / "config.json").get("fwl_grad_scale")  # per micro-batch once)
 
-    if resolve_model(cfg.model) == "local":
+    if kind == "local":
         check_dataset_tokenizer(cfg.model, ds)
-    model = make_model(cfg, ds.vocab_size, saved_fwl_scale).to(device)
+    model = make_model(cfg, ds.vocab_size, saved_fwl_scale, kind).to(device)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if rank == 0 and isinstance(max_pos, int) and cfg.seq_len > max_pos:
         warn(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings {max_pos}: positions "
@@ -545,7 +573,7 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
             warn(f"a fastweights_hybrid model takes its In-Place TTT settings from its config (mlps, "
                  f"ttt_chunk, ttt_lr, ttt_target); ignored: {', '.join(ignored)}")
         given = (_read_json(Path(cfg.model) / "config.json").get("ttt_layers")
-                 if resolve_model(cfg.model) == "local" else None)
+                 if kind == "local" else None)
         if given is not None:  # the model was converted before: its settings stay
             if ttt_flags:
                 warn(f"{cfg.model} is already converted to In-Place TTT (layers {given}, chunk "
@@ -588,8 +616,8 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
             raise _unreadable(ckpt, err) from err
         step, rows_done = state["step"], state["rows"]
-        if rank == 0 and rate_notes:
-            print(f"resuming {out} with {', '.join(rate_notes)}", file=sys.stderr)
+        if rank == 0 and rate_changes:
+            print(f"resuming {out} with {_rate_notes(rate_changes)}", file=sys.stderr)
         old_steps = state.get("schedule_steps")
         if rank == 0 and old_steps is not None and old_steps != cfg.steps:
             print(f"resuming {out} with --steps {cfg.steps} (was {old_steps}): the learning-rate schedule now ends "
@@ -604,8 +632,13 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
     elif metrics_path.exists() and rank == 0:
         metrics_path.unlink()
     if rank == 0:  # after a resume has loaded: a failed one leaves the run's record as it was
+        resumed = cfg.resume and ckpt is not None
+        history = _read_json(out / "train_config.json").get("rate_changes", []) if resumed else []
+        if rate_changes:  # the steps after ``step`` ran at the new settings
+            history = [*history, {"step": step, **{k: now for k, (_, now) in rate_changes.items()}}]
         _replace_text(out / "train_config.json", json.dumps(
-            {**asdict(cfg), "dataset_key": ds.meta["key"], "model_key": model_key(cfg.model)}, indent=2))
+            {**asdict(cfg), "dataset_key": ds.meta["key"], "model_key": model_key(cfg.model),
+             **({"rate_changes": history} if history else {})}, indent=2))
 
     fwd = torch.compile(model) if cfg.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -656,7 +689,8 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
                         value = value / world
                 if not torch.isfinite(value):
                     bar.close()
-                    raise FastWeightsError(f"non-finite loss ({value.item()}) at step {step}; " + stopped(last_good))
+                    raise FastWeightsError(f"non-finite loss ({value.item()}) at step {step}; "
+                                           + stopped(last_good, step))
                 loss.backward()
                 total += value.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
@@ -664,7 +698,7 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
                 grad_norm = grad_norm.full_tensor()
             if not torch.isfinite(grad_norm):
                 bar.close()
-                raise FastWeightsError(f"non-finite gradient norm at step {step}; " + stopped(last_good))
+                raise FastWeightsError(f"non-finite gradient norm at step {step}; " + stopped(last_good, step))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -693,7 +727,8 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
                     if k in rec:
                         tb.add_scalar(f"train/{k}", rec[k], step)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            # no forced redraw: the bar's own interval holds (a log file gets an update every 30 s)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 last_good = save_checkpoint(out, step, model, optimizer, scheduler,
                                             {"rows": rows_done, "schedule_steps": cfg.steps}, keep=cfg.keep)
