@@ -863,3 +863,14 @@ def test_shards_without_their_index_are_not_taken_for_no_weights(tmp_path):
     (tmp_path / "model.safetensors").rename(tmp_path / "model-00001-of-00002.safetensors")
     with pytest.raises(OSError):
         load_model(tmp_path, init_missing=True)
+
+
+def test_prepare_into_a_directory_with_a_damaged_meta_json(tmp_path, capsys):
+    """prepare told to 'prepare the dataset again', which it was doing: it names the way out."""
+    corpus = write_corpus(tmp_path / "corpus", docs=4)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "meta.json").write_text('{"key": "x", "splits": {}}')
+    line = _one_line_error(*run(["prepare", *prepare_args(corpus, bad)], capsys)[::2])
+    assert f"{bad} holds no dataset this prepare can check; remove it or pick another --out" in line
+    assert "prepare the dataset again" not in line

@@ -9,7 +9,7 @@ from pipeline_helpers import write_corpus
 from fastweights.cli import main as cli_main
 
 
-def test_quick_run(tmp_path, monkeypatch):
+def test_quick_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
     corpus = write_corpus(tmp_path / "corpus", docs=30)
     out, page = tmp_path / "out", tmp_path / "docs" / "results" / "fwl.md"
@@ -43,6 +43,18 @@ def test_quick_run(tmp_path, monkeypatch):
     assert (page.parent / link).read_bytes() == (out / "loss_by_position.png").read_bytes()
     assert json.loads(page.with_suffix(".json").read_text())["table"] == res["table"]
     assert "](loss_by_position.png)" in (out / "report.md").read_text()
+    # a re-run resumes the runs in --out with the settings they started with (not as `train --resume`,
+    # which may change the rate: the report would name a rate its first steps did not run at)
+    capsys.readouterr()
+    try:
+        rc = cli_main(["experiment", "fwl-dynamic-eval", "--quick", "--no-progress", "--threads", "1",
+                       "--corpus", str(corpus), "--val-fraction", "0.4", "--out", str(out), "--report", str(page),
+                       "--lr", "0.001"])
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert rc == 2 and "fastweights experiment fwl-dynamic-eval (which resumes the runs in its --out) continues" in err
+    assert "these differ: lr" in err
 
 
 def test_bad_options_are_rejected(tmp_path, capsys):

@@ -1172,8 +1172,13 @@ def test_an_empty_batch_runs_and_an_empty_sequence_is_refused(mixers, mlps):
         step = model(ids[:, :1], attention_mask=torch.ones(0, 7, dtype=torch.long), past_key_values=out.past_key_values)
         assert step.logits.shape == (0, 1, VOCAB)
         for kw in ({"use_cache": False}, {"use_cache": True}):
-            with pytest.raises(ValueError, match=r"no tokens: \(B, N\) = \(2, 0\)"):
+            with pytest.raises(ValueError, match=r"no tokens: \(B, N\) = \(2, 0\); a fastweights_hybrid model needs "
+                                                 r"N >= 1$"):
                 model(torch.zeros(2, 0, dtype=torch.long), **kw)
+        cache = model(torch.zeros(1, 4, dtype=torch.long), use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"generate\(\) with a returned cache takes the whole sequence, or the "
+                                             r"new tokens with the full attention_mask"):  # what generate slices to
+            model(torch.zeros(1, 0, dtype=torch.long), past_key_values=cache)
 
 
 @pytest.mark.parametrize("mixers", [["swa", "attention"], ["lact", "swa"]])

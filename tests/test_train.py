@@ -298,9 +298,21 @@ def test_a_resume_may_lower_the_learning_rate_and_the_clip(data, tmp_path, capsy
         assert lrs[s] == pytest.approx(1e-3 * warmup_cosine(s - 1, 2, 4, 0.1), rel=1e-12), s
     saved = json.loads((run / "train_config.json").read_text())
     assert (saved["lr"], saved["clip"]) == (1e-3, 0.5)
-    assert saved["rate_changes"] == [{"step": 2, "clip": 0.5, "lr": 1e-3}]
-    _train([*train_args(data, run, steps=6, lr=1e-3, clip=0.5), "--resume"])  # history kept
+    first = {"step": 0, "lr": 3e-3, "clip": 1.0}
+    assert saved["rate_changes"] == [first, {"step": 2, "lr": 1e-3, "clip": 0.5}]
+    _train([*train_args(data, run, steps=6, lr=1e-3, clip=0.5, keep=0), "--resume"])  # history kept
     assert json.loads((run / "train_config.json").read_text())["rate_changes"] == saved["rate_changes"]
+    for name in ("step-00000006", "step-00000004"):  # back to step 2, as a stop message may say
+        shutil.rmtree(run / "checkpoints" / name)
+    capsys.readouterr()
+    _train([*train_args(data, run, steps=6, lr=2e-3, clip=0.5, keep=0), "--resume"])
+    assert "with --clip 0.5 (was 1.0), --lr 0.002 (was 0.003)" in capsys.readouterr().err  # against step 2's own
+    assert json.loads((run / "train_config.json").read_text())["rate_changes"] == [first, {"step": 2, "lr": 2e-3,
+                                                                                            "clip": 0.5}]
+    for name in ("step-00000006", "step-00000004"):
+        shutil.rmtree(run / "checkpoints" / name)
+    _train([*train_args(data, run, steps=6, keep=0), "--resume"])  # the run's own rates again: no change left
+    assert "rate_changes" not in json.loads((run / "train_config.json").read_text())
 
 
 def test_a_damaged_state_json_names_the_checkpoint_before_it(data, tmp_path):
@@ -313,7 +325,8 @@ def test_a_damaged_state_json_names_the_checkpoint_before_it(data, tmp_path):
     for text, why in ((good[:10], "JSONDecodeError: .*"), (json.dumps({**json.loads(good), "step": None}),
                                                            "ValueError: its step is None, not a count"),
                       (json.dumps({k: v for k, v in json.loads(good).items() if k != "rows"}),
-                       "ValueError: its rows is None, not a count"), ("[]", "AttributeError: .*")):
+                       "ValueError: its rows is None, not a count"),
+                      ("[]", "ValueError: it holds a list, not the trainer's record")):
         state.write_text(text)
         with pytest.raises(FastWeightsError, match=rf"cannot resume from .*step-00000004: {why}; move it out of "
                                                    r".*checkpoints to resume from step-00000002$"):
@@ -373,6 +386,15 @@ def test_tensorboard_drops_the_events_after_the_step_resumed_at(data, tmp_path, 
     shutil.rmtree(run / "checkpoints" / "step-00000004")
     _train([*train_args(data, run, steps=4), "--resume"])
     assert made == [{"purge_step": 1}, {"purge_step": 3}]
+
+
+def test_a_caller_that_keeps_the_settings_is_told_to_start_anew(data, tmp_path):
+    """fastweights main cannot resume with a smaller rate (it keeps a run's settings): its stop
+    message says to run again into a new --out, not to --resume (main has no such flag)."""
+    with pytest.raises(FastWeightsError, match=r"training stopped \(fastweights main goes on with the settings a "
+                                               r"run started with\): run it again into a new --out"):
+        train(parse(TrainConfig, train_args(data, tmp_path / "m", steps=20, save_every=1, lr=1e30, warmup=1, clip=0),
+                    "t", ""), resumer="fastweights main")
 
 
 def test_non_finite_gradient_stops_naming_the_step(data, tmp_path):

@@ -222,7 +222,11 @@ def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tok
 def _tokenize_locked(corpus: Corpus, tokenizer, out: Path, shard_tokens: int, progress: bool, key: str,
                      earlier: str) -> Dataset:
     if (out / "meta.json").exists():
-        ds = Dataset(out)
+        try:
+            ds = Dataset(out)
+        except FastWeightsError as err:
+            raise FastWeightsError(f"{err.args[0].split(': prepare the dataset again')[0]}: {out} holds no dataset "
+                                   f"this prepare can check; remove it or pick another --out") from None
         if ds.meta.get("key") == key:
             return ds
         if ds.meta.get("key") != earlier:

@@ -208,7 +208,7 @@ def run(st: Setting, out: Path, *, seed: int = 0, device_name: str = "auto", thr
                          seq_len=st.seq_len, lr=st.lr, warmup=st.warmup, seed=seed, device=device_name,
                          save_every=max(1, st.steps // 4), keep=1, resume=True, progress=progress, threads=threads)
         t = time.perf_counter()
-        summary = train(tc)
+        summary = train(tc, resumer="fastweights experiment fwl-dynamic-eval (which resumes the runs in its --out)")
         summary["wall_seconds"] = time.perf_counter() - t
         summary["tokens_per_s"] = train_throughput(out / kind)
         res["training"][kind] = summary

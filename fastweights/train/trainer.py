@@ -388,14 +388,17 @@ def _unreadable(ckpt: Path, err: Exception) -> FastWeightsError:
 
 
 def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
-                  resumer: str = "--resume") -> dict[str, tuple]:
+                  resumer: str = "--resume") -> tuple[dict[str, tuple], list[dict]]:
     """Raise unless ``cfg`` continues the run in ``out`` (latest checkpoint ``ckpt``) with its
     settings (those outside RESUMABLE; RATE_SETTINGS too unless ``resumer`` is ``--resume``) and
     its dataset (by the dataset's key: a moved dataset is the same one, another dataset at the
     same path is not), and with ``steps`` at least the steps done. ``resumer`` names what asked
-    to continue it, in the messages. Returns the rate settings that change, {name: (was, now)}."""
+    to continue it, in the messages. Returns the rate settings that change against those the
+    checkpoint's steps ran at, {name: (was, now)}, and the run's ``rate_changes`` up to it."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
+        if not isinstance(state, dict):
+            raise ValueError(f"it holds a {type(state).__name__}, not the trainer's record")
         for key in ("step", "rows"):  # counts, as the trainer writes them
             value = state.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -411,6 +414,11 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
                                f"{resumer} cannot check that they still hold; restore the file, or train into a "
                                f"new --out")
     saved, now = _read_json(saved_file), asdict(cfg)
+    # rate_changes: [{"step": s, **settings}], the settings the steps after s ran at (the first
+    # entry, step 0, the run's own); those at or after the checkpoint's step are undone by this resume
+    history = [h for h in saved.get("rate_changes", []) if h["step"] < done]
+    inforce = {k: saved[k] for k in RATE_SETTINGS if k in saved} | ({k: history[-1][k] for k in RATE_SETTINGS}
+                                                                   if history else {})
     same_data, same_model = saved.get("dataset_key"), saved.get("model_key")
     rates = set(RATE_SETTINGS) if resumer == "--resume" else set()
     skip = RESUMABLE | rates | ({"data"} if same_data else set()) | ({"model"} if same_model else set())
@@ -423,11 +431,15 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
     if diff:
         raise FastWeightsError(f"{resumer} continues {out} with the settings it started with, but these differ: "
                                f"{'; '.join(diff)}; pass the run's values, or train into a new --out")
-    changed = {k: (saved[k], now[k]) for k in sorted(rates) if k in saved and saved[k] != now[k]}
+    changed = {k: (inforce[k], now[k]) for k in sorted(rates) if k in inforce and inforce[k] != now[k]}
     if changed and done >= cfg.steps:
         raise FastWeightsError(f"{resumer} with {_rate_notes(changed)}: {ckpt} is at step {done} of --steps "
                                f"{cfg.steps}, so no step would train at it; pass more --steps")
-    return changed
+    if changed and not history:
+        history = [{"step": 0, **{k: inforce[k] for k in RATE_SETTINGS}}]
+    if changed:
+        history = [*history, {"step": done, **{k: now[k] for k in RATE_SETTINGS}}]
+    return changed, history if len(history) > 1 else []  # the run's own settings alone: no change
 
 
 def _rate_notes(changed: dict[str, tuple]) -> str:
@@ -470,10 +482,15 @@ def train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
         return _train(cfg, resumer, held)
 
 
-def stopped(last_good: Path | None, step: int) -> str:
+def stopped(last_good: Path | None, step: int, resumer: str = "--resume") -> str:
     """The end of the message for a non-finite loss or gradient at ``step``: what was kept and how
     to go on. When ``last_good`` holds the weights of step - 1, those weights gave the non-finite
-    value, so resuming from it would stop again: the message names the checkpoint before it."""
+    value, so resuming from it would stop again: the message names the checkpoint before it. A
+    caller that resumes with fixed settings (``resumer``, e.g. ``fastweights main``) cannot lower
+    the rate: a new --out can."""
+    if resumer != "--resume":
+        return (f"training stopped ({resumer} goes on with the settings a run started with): run it again into a "
+                f"new --out with a smaller --lr")
     if last_good is None:
         return "training stopped, last good checkpoint: none (try a smaller --lr or --clip)"
     if int(last_good.name[5:]) == step - 1:
@@ -551,9 +568,9 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not cfg.resume:
         raise FastWeightsError(f"{out} already has checkpoints ({ckpt.name}): pass --resume or choose another --out")
-    rate_changes, saved_fwl_scale = {}, None
+    rate_changes, history, saved_fwl_scale = {}, [], None
     if cfg.resume and ckpt is not None:
-        rate_changes = _check_resume(out, ckpt, cfg, ds.meta["key"], resumer)
+        rate_changes, history = _check_resume(out, ckpt, cfg, ds.meta["key"], resumer)
         if cfg.fwl and (ckpt / "config.json").is_file():  # the FWL's scale as the run was trained (it was
             saved_fwl_scale = _read_json(ckpt / "config.json").get("fwl_grad_scale")  # per micro-batch once)
 
@@ -632,10 +649,6 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
     elif metrics_path.exists() and rank == 0:
         metrics_path.unlink()
     if rank == 0:  # after a resume has loaded: a failed one leaves the run's record as it was
-        resumed = cfg.resume and ckpt is not None
-        history = _read_json(out / "train_config.json").get("rate_changes", []) if resumed else []
-        if rate_changes:  # the steps after ``step`` ran at the new settings
-            history = [*history, {"step": step, **{k: now for k, (_, now) in rate_changes.items()}}]
         _replace_text(out / "train_config.json", json.dumps(
             {**asdict(cfg), "dataset_key": ds.meta["key"], "model_key": model_key(cfg.model),
              **({"rate_changes": history} if history else {})}, indent=2))
@@ -690,7 +703,7 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
                 if not torch.isfinite(value):
                     bar.close()
                     raise FastWeightsError(f"non-finite loss ({value.item()}) at step {step}; "
-                                           + stopped(last_good, step))
+                                           + stopped(last_good, step, resumer))
                 loss.backward()
                 total += value.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
@@ -698,7 +711,7 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
                 grad_norm = grad_norm.full_tensor()
             if not torch.isfinite(grad_norm):
                 bar.close()
-                raise FastWeightsError(f"non-finite gradient norm at step {step}; " + stopped(last_good, step))
+                raise FastWeightsError(f"non-finite gradient norm at step {step}; " + stopped(last_good, step, resumer))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()

@@ -255,7 +255,10 @@ class HybridModel(HybridPreTrainedModel):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, N, _ = x.shape
         if N == 0:
-            raise ValueError(f"the input has no tokens: (B, N) = ({B}, 0); a fastweights_hybrid model needs N >= 1")
+            hint = ("; generate() with a returned cache takes the whole sequence, or the new tokens with the full "
+                    "attention_mask" if past_key_values is not None else "")
+            raise ValueError(f"the input has no tokens: (B, N) = ({B}, 0); a fastweights_hybrid model needs N >= 1"
+                             f"{hint}")
         if use_cache is None:  # no cache while training unless asked for
             use_cache = self.config.use_cache and not self.training
         use_cache = bool(use_cache) or past_key_values is not None
