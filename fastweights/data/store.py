@@ -248,7 +248,7 @@ def _tokenize_locked(corpus: Corpus, tokenizer, out: Path, shard_tokens: int, pr
     tokenizer.save_pretrained(tmp / "tokenizer")
     splits = {}
     with progress_bar(total=corpus.manifest["bytes"], desc="tokenising", unit="B", unit_scale=True,
-              disable=not progress) as bar:
+                      disable=not progress) as bar:
         for name in ("train", "val"):
             splits[name] = _write_split(corpus.split(name), tokenizer, dtype, tmp / name, shard_tokens, bar)
     meta = {

@@ -94,7 +94,7 @@ def loss_by_position(model, store: TokenStore, length: int, first_bucket: int = 
     model.eval()
     docs = long_rows(store, length, min_length=min_length, max_docs=max_docs)
     for _, fields in progress_bar(docs, desc="loss by position", unit="doc", disable=not progress,
-                          total=max_docs):
+                                  total=max_docs):
         losses = token_losses(model, fields)[0].double().cpu()
         valid = (fields["targets"][0] != -100).double()
         for b in range(len(edges) - 1):

@@ -671,7 +671,7 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
     last_good = ckpt if cfg.resume else None
     loss_value = float("nan")
     bar = progress_bar(total=cfg.steps, initial=step, desc=f"train {out.name}", unit="step",
-               disable=not cfg.progress or rank != 0)
+                       disable=not cfg.progress or rank != 0)
     local = cfg.batch_size // world
     with metrics_path.open("a") if rank == 0 else nullcontext() as log:
         while step < cfg.steps:
