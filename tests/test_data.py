@@ -410,6 +410,13 @@ def test_a_damaged_meta_json_is_named(tmp_path):
     (tmp_path / "meta.json").write_text("{")
     with pytest.raises(FastWeightsError, match="meta.json is not JSON"):
         Dataset(tmp_path)
+    (tmp_path / "meta.json").write_bytes(b"\xff\xfe")  # not UTF-8: a decode error that named no file
+    with pytest.raises(FastWeightsError, match="meta.json is not JSON"):
+        Dataset(tmp_path)
+    meta = {"key": "k", "splits": {}, "dtype": "uint16", "tokenizer": {"vocab_size": "abc"}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(FastWeightsError, match="lacks the fields of a prepared dataset"):
+        Dataset(tmp_path)
 
 
 def test_progress_bars_keep_their_pace_in_a_notebook(monkeypatch):

@@ -812,6 +812,8 @@ def test_checkpoint_refuses_another_optimizer_type_and_keys_json_would_change(tm
         with pytest.raises(RuntimeError, match=rf"state\['data'\] has the key {re.escape(repr(key))} \("
                                                r"(int|tuple)\): state.json \(JSON\) holds string keys only"):
             save_checkpoint(tmp_path / "keys", model, None, {"step": 1, "data": {key: "x"}})
+    with pytest.raises(RuntimeError, match="Out of range float values are not JSON compliant"):  # was written as NaN
+        save_checkpoint(tmp_path / "keys", model, None, {"step": 1, "loss": float("nan")})
     assert not (tmp_path / "keys").exists()
 
 

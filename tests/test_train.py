@@ -3,6 +3,7 @@ fast-weight-only training."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -389,12 +390,36 @@ def test_tensorboard_drops_the_events_after_the_step_resumed_at(data, tmp_path, 
 
 
 def test_a_caller_that_keeps_the_settings_is_told_to_start_anew(data, tmp_path):
-    """fastweights main cannot resume with a smaller rate (it keeps a run's settings): its stop
-    message says to run again into a new --out, not to --resume (main has no such flag)."""
-    with pytest.raises(FastWeightsError, match=r"training stopped \(fastweights main goes on with the settings a "
-                                               r"run started with\): run it again into a new --out"):
-        train(parse(TrainConfig, train_args(data, tmp_path / "m", steps=20, save_every=1, lr=1e30, warmup=1, clip=0),
+    """fastweights main and the experiments cannot resume with a smaller rate (they keep a run's
+    settings) and have no --resume or --clip: their messages say to remove the run or use
+    another --out."""
+    run = tmp_path / "m"
+    with pytest.raises(FastWeightsError, match=rf"training stopped; fastweights main keeps a run's settings, so "
+                                               rf"remove {re.escape(str(run))} \(or choose another --out\) and run it "
+                                               r"again with a smaller --lr$"):
+        train(parse(TrainConfig, train_args(data, run, steps=20, save_every=1, lr=1e30, warmup=1, clip=0),
                     "t", ""), resumer="fastweights main")
+    with pytest.raises(FastWeightsError, match=r"already has checkpoints \(step-\d+\): remove it or choose another "
+                                               r"--out$"):
+        train(parse(TrainConfig, train_args(data, run, steps=20), "t", ""), resumer="fastweights experiment lookahead")
+
+
+def test_a_damaged_run_record_is_named(data, tmp_path):
+    """train_config.json (the run's settings and rate history) of another shape raised raw
+    TypeErrors/KeyErrors on --resume; a history that does not start at step 0 was misread."""
+    run = tmp_path / "rec"
+    _train(train_args(data, run, steps=2, save_every=2))
+    path = run / "train_config.json"
+    good = json.loads(path.read_text())
+    entry = {"step": 0, "lr": 3e-3, "clip": 1.0}
+    for bad in ([], {**good, "rate_changes": None}, {**good, "rate_changes": [1, 2]},
+                {**good, "rate_changes": [{"step": 1, "lr": 1e-3, "clip": 1.0}, {"step": 2, "lr": 1e-3, "clip": 1.0}]},
+                {**good, "rate_changes": [entry, {"lr": 1e-3, "clip": 1.0}]}, {**good, "lr": "x"},
+                {k: v for k, v in good.items() if k != "clip"}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(FastWeightsError, match=rf"{re.escape(str(path))} is damaged \(.*\): --resume cannot "
+                                                   r"check the run's settings; restore the file, or train into a new"):
+            _train([*train_args(data, run, steps=4, save_every=2), "--resume"])
 
 
 def test_non_finite_gradient_stops_naming_the_step(data, tmp_path):

@@ -85,8 +85,9 @@ class Dataset:
             self.meta = json.loads((self.path / "meta.json").read_text())
             ok = (isinstance(self.meta, dict) and isinstance(self.meta.get("key"), str)
                   and isinstance(self.meta.get("splits"), dict) and isinstance(self.meta.get("dtype"), str)
-                  and isinstance(self.meta.get("tokenizer"), dict) and "vocab_size" in self.meta["tokenizer"])
-        except json.JSONDecodeError as err:
+                  and isinstance(self.meta.get("tokenizer"), dict)
+                  and type(self.meta["tokenizer"].get("vocab_size")) is int)
+        except ValueError as err:  # not JSON, or not UTF-8
             raise FastWeightsError(f"{self.path / 'meta.json'} is not JSON ({err}): prepare the dataset "
                                    "again") from None
         if not ok:

@@ -217,7 +217,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         if error is None:
             try:
                 _string_keys(state or {}, "state")
-                state_text = json.dumps({**(state or {}), "world_size": world}, indent=1)  # fails before any write
+                # fails before any write; NaN/inf are not JSON (strict readers refuse them)
+                state_text = json.dumps({**(state or {}), "world_size": world}, indent=1, allow_nan=False)
                 _write_shared(tmp, model, model_sd, optim_sd, kind)
             except Exception as err:  # noqa: BLE001  (raised on every rank by _agree_all)
                 shutil.rmtree(tmp, ignore_errors=True)

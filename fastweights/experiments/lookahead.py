@@ -129,7 +129,7 @@ def run_lm(method: str, seed: int, args, data: str) -> dict:
         keep=1, progress=not args.quiet, threads=args.threads,
     )
     start = time.time()
-    summary = train(cfg)
+    summary = train(cfg, resumer="fastweights experiment lookahead")
     seconds = time.time() - start
     device = pick_device("auto")
     model = load_model(summary["model"]).to(device)

@@ -95,7 +95,8 @@ class TrainConfig:
                                             "less memory for long rows, one more forward of the layers", False)
     save_every: int = option("checkpoint every K steps (and at the end)", 100)
     keep: int = option("checkpoints to keep (0: all)", 3)
-    resume: bool = option("resume from the latest checkpoint in --out", False)
+    resume: bool = option("resume from the latest checkpoint in --out (with the run's settings; --steps, and "
+                          "--lr/--clip while steps are left, may change)", False)
     progress: bool = option("show a progress bar", True)
     threads: int = option("torch CPU threads (0: auto, 1 when the load average is at least the core count, "
                         "else torch's default)", 0)
@@ -414,6 +415,7 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
                                f"{resumer} cannot check that they still hold; restore the file, or train into a "
                                f"new --out")
     saved, now = _read_json(saved_file), asdict(cfg)
+    _check_record(saved_file, saved, resumer)
     # rate_changes: [{"step": s, **settings}], the settings the steps after s ran at (the first
     # entry, step 0, the run's own); those at or after the checkpoint's step are undone by this resume
     history = [h for h in saved.get("rate_changes", []) if h["step"] < done]
@@ -440,6 +442,29 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
     if changed:
         history = [*history, {"step": done, **{k: now[k] for k in RATE_SETTINGS}}]
     return changed, history if len(history) > 1 else []  # the run's own settings alone: no change
+
+
+def _check_record(path: Path, saved, resumer: str) -> None:
+    """Raise naming ``path`` unless ``saved`` has the shape the trainer writes: an object with numbers
+    for RATE_SETTINGS and, if any, ``rate_changes`` as [{"step": 0, ...}, {"step": s, ...}, ...] with
+    rising steps and a number for each setting."""
+    def number(x):
+        return isinstance(x, int | float) and not isinstance(x, bool)
+
+    bad = None
+    if not isinstance(saved, dict):
+        bad = f"it holds a {type(saved).__name__}, not the run's settings"
+    elif not all(number(saved.get(k)) for k in RATE_SETTINGS):
+        bad = f"its {', '.join(RATE_SETTINGS)} are not all numbers"
+    elif "rate_changes" in saved:
+        h = saved["rate_changes"]
+        ok = (isinstance(h, list) and len(h) >= 2 and all(isinstance(e, dict) for e in h)
+              and all(type(e.get("step")) is int and all(number(e.get(k)) for k in RATE_SETTINGS) for e in h)
+              and h[0]["step"] == 0 and all(a["step"] < b["step"] for a, b in zip(h, h[1:])))
+        bad = None if ok else f"its rate_changes is {h!r}, not [{{\"step\": 0, ...}}, ...] with rising steps"
+    if bad:
+        raise FastWeightsError(f"{path} is damaged ({bad}): {resumer} cannot check the run's settings; restore the "
+                               f"file, or train into a new --out")
 
 
 def _rate_notes(changed: dict[str, tuple]) -> str:
@@ -482,15 +507,15 @@ def train(cfg: TrainConfig, resumer: str = "--resume") -> dict:
         return _train(cfg, resumer, held)
 
 
-def stopped(last_good: Path | None, step: int, resumer: str = "--resume") -> str:
+def stopped(last_good: Path | None, step: int, resumer: str = "--resume", out: Path | None = None) -> str:
     """The end of the message for a non-finite loss or gradient at ``step``: what was kept and how
     to go on. When ``last_good`` holds the weights of step - 1, those weights gave the non-finite
     value, so resuming from it would stop again: the message names the checkpoint before it. A
-    caller that resumes with fixed settings (``resumer``, e.g. ``fastweights main``) cannot lower
-    the rate: a new --out can."""
+    caller that keeps a run's settings (``resumer``, e.g. ``fastweights main``) cannot lower the
+    rate: the run in ``out`` has to go."""
     if resumer != "--resume":
-        return (f"training stopped ({resumer} goes on with the settings a run started with): run it again into a "
-                f"new --out with a smaller --lr")
+        return (f"training stopped; {resumer} keeps a run's settings, so remove {out} (or choose another --out) "
+                f"and run it again with a smaller --lr")
     if last_good is None:
         return "training stopped, last good checkpoint: none (try a smaller --lr or --clip)"
     if int(last_good.name[5:]) == step - 1:
@@ -567,7 +592,8 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
         _lock_run(out, held)
     ckpt = latest_checkpoint(out)
     if ckpt is not None and not cfg.resume:
-        raise FastWeightsError(f"{out} already has checkpoints ({ckpt.name}): pass --resume or choose another --out")
+        way = "pass --resume or choose another --out" if resumer == "--resume" else "remove it or choose another --out"
+        raise FastWeightsError(f"{out} already has checkpoints ({ckpt.name}): {way}")
     rate_changes, history, saved_fwl_scale = {}, [], None
     if cfg.resume and ckpt is not None:
         rate_changes, history = _check_resume(out, ckpt, cfg, ds.meta["key"], resumer)
@@ -703,7 +729,7 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
                 if not torch.isfinite(value):
                     bar.close()
                     raise FastWeightsError(f"non-finite loss ({value.item()}) at step {step}; "
-                                           + stopped(last_good, step, resumer))
+                                           + stopped(last_good, step, resumer, out))
                 loss.backward()
                 total += value.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
@@ -711,7 +737,8 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
                 grad_norm = grad_norm.full_tensor()
             if not torch.isfinite(grad_norm):
                 bar.close()
-                raise FastWeightsError(f"non-finite gradient norm at step {step}; " + stopped(last_good, step, resumer))
+                raise FastWeightsError(f"non-finite gradient norm at step {step}; "
+                                       + stopped(last_good, step, resumer, out))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
