@@ -207,7 +207,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     path = Path(os.path.abspath(path))
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     rank, world = _rank_world()
-    kind = optimizer and _optimizer_kind(optimizer)  # the same on every rank: raised before any collective
+    kind = None if optimizer is None else _optimizer_kind(optimizer)  # the same on every rank: checked first
     model_sd = full_state_dict(model)
     optim_sd = (get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
                 if optimizer is not None else None)
