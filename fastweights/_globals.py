@@ -24,4 +24,5 @@ def caller_globals() -> Iterator[None]:
     finally:
         random.setstate(py)
         np.random.set_state(npy)
-        torch.set_num_threads(threads)
+        if torch.get_num_threads() != threads:  # only when changed: setting even the same count reconfigures
+            torch.set_num_threads(threads)      # the thread pool (a default pool and a set one sum differently)
