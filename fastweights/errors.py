@@ -35,10 +35,20 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}{hint}")
 
 
+def is_real(value) -> bool:
+    """A real number that is not a bool (JSON's and YAML's true/false are not numbers here)."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def is_int(value) -> bool:
+    """A Python int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_number(name: str, value, low: float = 0.0, strict: bool = False) -> None:
     """Raise ValueError naming ``name`` unless ``value`` is a finite real number ``>= low``
     (``> low`` with ``strict``; a bool is not a number here)."""
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_real(value) and math.isfinite(value)
     if not ok or value < low or (strict and value == low):
         raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
 

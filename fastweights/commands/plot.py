@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastweights.config import parse
-from fastweights.errors import FastWeightsError, warn
+from fastweights.errors import FastWeightsError, is_int, is_real, warn
 from fastweights.eval.plot import plot_position_losses
 
 
@@ -34,11 +34,8 @@ def load_result(path: str) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("buckets"), list):
         raise FastWeightsError(f"{path}: no loss-by-position result (expected a 'buckets' list)")
     for i, b in enumerate(data["buckets"]):
-        ok = isinstance(b, dict) and all(isinstance(b.get(k), int) and not isinstance(b.get(k), bool)
-                                         for k in ("start", "end"))
-        ok = ok and "loss" in b
-        loss = b.get("loss") if isinstance(b, dict) else None
-        if not ok or not (loss is None or isinstance(loss, int | float) and not isinstance(loss, bool)):
+        if not (isinstance(b, dict) and is_int(b.get("start")) and is_int(b.get("end")) and "loss" in b
+                and (b["loss"] is None or is_real(b["loss"]))):
             raise FastWeightsError(f"{path}: bucket {i} is {b!r}; each bucket needs integer 'start' and 'end' and "
                                    f"a 'loss' (a number or null)")
     return data

@@ -29,7 +29,7 @@ from filelock import FileLock
 from fastweights._progress import progress_bar
 from fastweights.data.corpus import Corpus
 from fastweights.data.tokenizer import load_tokenizer
-from fastweights.errors import FastWeightsError
+from fastweights.errors import FastWeightsError, is_int
 
 __all__ = ["Dataset", "TokenStore", "dataset_key", "tokenize_corpus"]
 
@@ -81,18 +81,7 @@ class Dataset:
             raise FastWeightsError(f"dataset directory not found: {self.path}")
         if not (self.path / "meta.json").exists():
             raise FastWeightsError(f"not a prepared dataset (no meta.json): {self.path}; run `fastweights prepare`")
-        try:
-            self.meta = json.loads((self.path / "meta.json").read_text())
-            ok = (isinstance(self.meta, dict) and isinstance(self.meta.get("key"), str)
-                  and isinstance(self.meta.get("splits"), dict) and isinstance(self.meta.get("dtype"), str)
-                  and isinstance(self.meta.get("tokenizer"), dict)
-                  and type(self.meta["tokenizer"].get("vocab_size")) is int)
-        except ValueError as err:  # not JSON, or not UTF-8
-            raise FastWeightsError(f"{self.path / 'meta.json'} is not JSON ({err}): prepare the dataset "
-                                   "again") from None
-        if not ok:
-            raise FastWeightsError(f"{self.path / 'meta.json'} lacks the fields of a prepared dataset (key, splits, "
-                                   "dtype, tokenizer.vocab_size): prepare the dataset again")
+        self.meta = _read_meta(self.path, "prepare the dataset again")
 
     def split(self, name: str) -> TokenStore:
         if name not in self.meta["splits"]:
@@ -105,6 +94,20 @@ class Dataset:
     @property
     def vocab_size(self) -> int:
         return int(self.meta["tokenizer"]["vocab_size"])
+
+
+def _read_meta(path: Path, advice: str) -> dict:
+    """``path/meta.json``, checked to have a prepared dataset's fields; an error names the file and ``advice``."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise FastWeightsError(f"{path / 'meta.json'} is not JSON ({err}): {advice}") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("key"), str) and isinstance(meta.get("splits"), dict)
+            and isinstance(meta.get("dtype"), str) and isinstance(meta.get("tokenizer"), dict)
+            and is_int(meta["tokenizer"].get("vocab_size"))):
+        raise FastWeightsError(f"{path / 'meta.json'} lacks the fields of a prepared dataset (key, splits, dtype, "
+                               f"tokenizer.vocab_size): {advice}")
+    return meta
 
 
 def _tokenizer_hash(tokenizer) -> str:
@@ -223,11 +226,8 @@ def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tok
 def _tokenize_locked(corpus: Corpus, tokenizer, out: Path, shard_tokens: int, progress: bool, key: str,
                      earlier: str) -> Dataset:
     if (out / "meta.json").exists():
-        try:
-            ds = Dataset(out)
-        except FastWeightsError as err:
-            raise FastWeightsError(f"{err.args[0].split(': prepare the dataset again')[0]}: {out} holds no dataset "
-                                   f"this prepare can check; remove it or pick another --out") from None
+        _read_meta(out, f"{out} holds no dataset this prepare can check; remove it or pick another --out")
+        ds = Dataset(out)
         if ds.meta.get("key") == key:
             return ds
         if ds.meta.get("key") != earlier:

@@ -35,7 +35,7 @@ from fastweights.config import option
 from fastweights.data.packing import IGNORE, PackedRows
 from fastweights.data.store import Dataset
 from fastweights.data.tokenizer import check_dataset_tokenizer
-from fastweights.errors import FastWeightsError, check_at_least, warn
+from fastweights.errors import FastWeightsError, check_at_least, is_int, is_real, warn
 from fastweights.models.compat import enable_activation_checkpointing, hf_progress_bars
 from fastweights.models.inplace_ttt import HYBRID
 from fastweights.models.presets import SIZES, build_model, check_causal, check_vocab, load_model, resolve_model
@@ -402,7 +402,7 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
             raise ValueError(f"it holds a {type(state).__name__}, not the trainer's record")
         for key in ("step", "rows"):  # counts, as the trainer writes them
             value = state.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"its {key} is {value!r}, not a count")
         done = state["step"]
     except (OSError, ValueError, AttributeError) as err:
@@ -419,8 +419,7 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
     # rate_changes: [{"step": s, **settings}], the settings the steps after s ran at (the first
     # entry, step 0, the run's own); those at or after the checkpoint's step are undone by this resume
     history = [h for h in saved.get("rate_changes", []) if h["step"] < done]
-    inforce = {k: saved[k] for k in RATE_SETTINGS if k in saved} | ({k: history[-1][k] for k in RATE_SETTINGS}
-                                                                   if history else {})
+    inforce = history[-1] if history else saved  # the settings the checkpoint's last steps ran at
     same_data, same_model = saved.get("dataset_key"), saved.get("model_key")
     rates = set(RATE_SETTINGS) if resumer == "--resume" else set()
     skip = RESUMABLE | rates | ({"data"} if same_data else set()) | ({"model"} if same_model else set())
@@ -433,14 +432,13 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
     if diff:
         raise FastWeightsError(f"{resumer} continues {out} with the settings it started with, but these differ: "
                                f"{'; '.join(diff)}; pass the run's values, or train into a new --out")
-    changed = {k: (inforce[k], now[k]) for k in sorted(rates) if k in inforce and inforce[k] != now[k]}
+    changed = {k: (inforce[k], now[k]) for k in sorted(rates) if inforce[k] != now[k]}
     if changed and done >= cfg.steps:
         raise FastWeightsError(f"{resumer} with {_rate_notes(changed)}: {ckpt} is at step {done} of --steps "
                                f"{cfg.steps}, so no step would train at it; pass more --steps")
-    if changed and not history:
-        history = [{"step": 0, **{k: inforce[k] for k in RATE_SETTINGS}}]
-    if changed:
-        history = [*history, {"step": done, **{k: now[k] for k in RATE_SETTINGS}}]
+    if changed:  # the run's own settings first, as step 0's entry
+        start = history or [{"step": 0, **{k: inforce[k] for k in RATE_SETTINGS}}]
+        history = [*start, {"step": done, **{k: now[k] for k in RATE_SETTINGS}}]
     return changed, history if len(history) > 1 else []  # the run's own settings alone: no change
 
 
@@ -448,18 +446,15 @@ def _check_record(path: Path, saved, resumer: str) -> None:
     """Raise naming ``path`` unless ``saved`` has the shape the trainer writes: an object with numbers
     for RATE_SETTINGS and, if any, ``rate_changes`` as [{"step": 0, ...}, {"step": s, ...}, ...] with
     rising steps and a number for each setting."""
-    def number(x):
-        return isinstance(x, int | float) and not isinstance(x, bool)
-
     bad = None
     if not isinstance(saved, dict):
         bad = f"it holds a {type(saved).__name__}, not the run's settings"
-    elif not all(number(saved.get(k)) for k in RATE_SETTINGS):
+    elif not all(is_real(saved.get(k)) for k in RATE_SETTINGS):
         bad = f"its {', '.join(RATE_SETTINGS)} are not all numbers"
     elif "rate_changes" in saved:
         h = saved["rate_changes"]
         ok = (isinstance(h, list) and len(h) >= 2 and all(isinstance(e, dict) for e in h)
-              and all(type(e.get("step")) is int and all(number(e.get(k)) for k in RATE_SETTINGS) for e in h)
+              and all(is_int(e.get("step")) and all(is_real(e.get(k)) for k in RATE_SETTINGS) for e in h)
               and h[0]["step"] == 0 and all(a["step"] < b["step"] for a, b in zip(h, h[1:])))
         bad = None if ok else f"its rate_changes is {h!r}, not [{{\"step\": 0, ...}}, ...] with rising steps"
     if bad:
