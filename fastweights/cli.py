@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 import warnings
@@ -85,9 +86,11 @@ _default_show = warnings.showwarning
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """``warning: <message>`` for a :class:`FastWeightsWarning`; Python's format for the others."""
+    """``warning: <message>`` for a :class:`FastWeightsWarning` (under torchrun, from rank 0 only:
+    every rank runs the same command); Python's format for the others."""
     if issubclass(category, FastWeightsWarning):
-        print(f"warning: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"warning: {message}", file=sys.stderr)
     else:
         _default_show(message, category, filename, lineno, file, line)
 

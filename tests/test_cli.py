@@ -874,3 +874,33 @@ def test_prepare_into_a_directory_with_a_damaged_meta_json(tmp_path, capsys):
     line = _one_line_error(*run(["prepare", *prepare_args(corpus, bad)], capsys)[::2])
     assert f"{bad} holds no dataset this prepare can check; remove it or pick another --out" in line
     assert "prepare the dataset again" not in line
+
+
+def test_main_checks_the_evaluation_data_before_training(tmp_path, capsys, monkeypatch):
+    """A passkey length too short for the needle, or an evaluation length that no validation
+    document reaches, failed only in evaluation, after both models had trained."""
+    from fastweights.commands import main as main_cmd
+
+    monkeypatch.setattr(main_cmd, "train", lambda *a, **k: pytest.fail("trained before checking the evaluation data"))
+    base = ["main", "--out", str(tmp_path / "m"), "--steps", "1", "--max-mb", "1", "--max-doc-kb", "24",
+            "--vocab-size", "300", "--seq-len", "32", "--no-progress"]
+    for flags, match in ((["--eval-length", "128", "--passkey-lengths", "5"],
+                          r"--passkey-lengths: length 5 is too short for a passkey prompt \(needs > \d+\)"),
+                         (["--eval-length", "10000000"], r"no validation document has 10000000 tokens")):
+        line = _one_line_error(*run(base + flags, capsys)[::2])
+        assert re.search(match, line), line
+    assert not (tmp_path / "m" / "baseline").exists()
+
+
+def test_cli_warnings_come_from_rank_0_only(monkeypatch, capsys):
+    """Under torchrun every rank runs the same command, and each printed the same warning."""
+    from fastweights.cli import _show_warning
+    from fastweights.errors import FastWeightsWarning
+
+    for rank, shown in ((None, True), ("0", True), ("1", False), ("3", False)):
+        if rank is None:
+            monkeypatch.delenv("RANK", raising=False)
+        else:
+            monkeypatch.setenv("RANK", rank)
+        _show_warning(FastWeightsWarning("same on every rank"), FastWeightsWarning, "f.py", 1)
+        assert ("warning: same on every rank" in capsys.readouterr().err) == shown, rank

@@ -59,6 +59,27 @@ def evaluate(cfg: EvalConfig) -> dict:
         return _evaluate(cfg)
 
 
+def eval_inputs(cfg: EvalConfig, ds: Dataset) -> tuple:
+    """``(val, tokenizer, prompts)`` for :func:`evaluate` on ``ds``, or a FastWeightsError for data that
+    cannot serve ``cfg``: an empty validation split, no document of ``--length`` tokens, a passkey
+    length too short for the needle (tokenisation only; ``tokenizer`` and ``prompts`` are None without
+    passkey lengths). ``fastweights main`` calls it before training."""
+    val = ds.split("val")
+    if val.total_tokens == 0:
+        raise FastWeightsError(f"the validation split of {ds.path} is empty: prepare it with more documents or a "
+                               "larger --val-fraction")
+    if err := long_docs_error(val, cfg.length):
+        raise FastWeightsError(err)
+    if not cfg.passkey_lengths:
+        return val, None, None
+    try:
+        tok = ds.tokenizer()
+        return val, tok, passkey_prompts(tok, val, cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_trials,
+                                         cfg.seed)
+    except ValueError as err:
+        raise FastWeightsError(f"--passkey-lengths: {err}") from None
+
+
 def _evaluate(cfg: EvalConfig) -> dict:
     if not cfg.model or not cfg.data:
         raise FastWeightsError("pass --model DIR and --data DIR")
@@ -82,20 +103,7 @@ def _evaluate(cfg: EvalConfig) -> dict:
     check_vocab(model, ds.vocab_size, cfg.model)
     check_causal(model, cfg.model)
     dcfg = _dynamic_config(model, cfg) if cfg.dynamic else None  # bad settings fail before any evaluation
-    val = ds.split("val")
-    if val.total_tokens == 0:
-        raise FastWeightsError(f"the validation split of {cfg.data} is empty: prepare it with more documents or a "
-                               "larger --val-fraction")
-    if err := long_docs_error(val, cfg.length):  # before perplexity runs, not after
-        raise FastWeightsError(err)
-    prompts = None
-    if cfg.passkey_lengths:  # the prompts (tokenisation only): a length too short for the needle fails now
-        try:
-            tok = ds.tokenizer()
-            prompts = passkey_prompts(tok, val, cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_trials,
-                                      cfg.seed)
-        except ValueError as err:
-            raise FastWeightsError(f"--passkey-lengths: {err}") from None
+    val, tok, prompts = eval_inputs(cfg, ds)  # before perplexity runs, not after
     # what the model is, for comparing runs: its family and size next to the scores
     res: dict = {"model": str(cfg.model), "data": str(cfg.data), "model_type": model.config.model_type,
                  "parameters": sum(p.numel() for p in model.parameters())}

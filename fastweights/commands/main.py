@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastweights.commands.eval import EvalConfig, evaluate
+from fastweights.commands.eval import EvalConfig, eval_inputs, evaluate
 from fastweights.commands.prepare import PrepareConfig, prepare
 from fastweights.config import option, parse
 from fastweights.errors import FastWeightsError, check_at_least, check_number
@@ -111,6 +111,14 @@ def run(cfg: MainConfig) -> dict:
     print(f"corpus: {m['manifest']['documents']} documents, {m['manifest']['files']} files, "
           f"{m['manifest']['bytes'] / 1e6:.1f} MB, sha256 {m['manifest']['sha256'][:12]}; "
           f"tokens: train {m['splits']['train']['tokens']}, val {m['splits']['val']['tokens']}")
+    def eval_config(model: str, name: str) -> EvalConfig:
+        return EvalConfig(model=model, data=str(ds.path), out=str(out / name / "eval.json"),
+                          seq_len=s["seq_len"], ppl_rows=s["ppl_rows"], length=s["eval_length"],
+                          first_bucket=s["first_bucket"], max_docs=s["max_docs"],
+                          passkey_lengths=s["passkey_lengths"], device=cfg.device, seed=cfg.seed,
+                          threads=cfg.threads, progress=cfg.progress)
+
+    eval_inputs(eval_config("", ""), ds)  # data that evaluation cannot use fails before training, not after it
     runs = {}
     for name, ttt in (("baseline", False), ("inplace-ttt", True)):
         tc = TrainConfig(data=str(ds.path), out=str(out / name), model=cfg.size, ttt=ttt, ttt_lr=cfg.ttt_lr,
@@ -121,13 +129,8 @@ def run(cfg: MainConfig) -> dict:
         t = time.perf_counter()
         summary = train(tc, resumer="fastweights main (which resumes the runs in its --out)")
         summary["train_seconds"] = time.perf_counter() - t
-        ec = EvalConfig(model=summary["model"], data=str(ds.path), out=str(out / name / "eval.json"),
-                        seq_len=s["seq_len"], ppl_rows=s["ppl_rows"], length=s["eval_length"],
-                        first_bucket=s["first_bucket"], max_docs=s["max_docs"],
-                        passkey_lengths=s["passkey_lengths"], device=cfg.device, seed=cfg.seed,
-                        threads=cfg.threads, progress=cfg.progress)
         with torch.inference_mode():
-            runs[name] = {"train": summary, "eval": evaluate(ec)}
+            runs[name] = {"train": summary, "eval": evaluate(eval_config(summary["model"], name))}
     curves = [(k, v["eval"]["loss_by_position"]) for k, v in runs.items()]
     png = plot_position_losses(curves, out / "loss_by_position.png",
                                title=f"{cfg.size}: loss by position, with and without In-Place TTT")
