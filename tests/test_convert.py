@@ -377,3 +377,20 @@ def test_rates_given_as_parameters_or_integer_tensors():
     """as_rate took only plain float tensors: an nn.Parameter rate and torch.tensor(1) were refused."""
     assert convert(tiny_model("qwen3"), lr=torch.nn.Parameter(torch.tensor(2.0))).config.ttt_lr == 2.0
     assert convert(tiny_model("qwen3"), lr=torch.tensor(1)).config.ttt_lr == 1.0
+
+
+def test_cu_seqlens_and_position_ids_that_disagree_are_refused():
+    """The TTT MLPs followed cu_seq_lens_q and attention position_ids: boundaries that disagree ran
+    silently, each part of the model on its own documents."""
+    from transformers import DataCollatorWithFlattening
+
+    model = convert(tiny_model("llama"), layers=[0, 3], chunk_size=4).eval()
+    docs = [ids(1, n, seed=i)[0].tolist() for i, n in enumerate([9, 4, 11])]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": d} for d in docs])
+    batch.pop("labels")
+    with torch.no_grad():
+        model(**batch)  # the collator's boundaries agree
+        wrong = dict(batch, cu_seq_lens_q=torch.tensor([0, 9, 12, 24], dtype=torch.int32))
+        with pytest.raises(FastWeightsError, match=r"cu_seq_lens_q \[0, 9, 12, 24\] and position_ids \(documents "
+                                                   r"starting at \[0, 9, 13\]\) describe different documents"):
+            model(**wrong)

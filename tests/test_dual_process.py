@@ -181,3 +181,13 @@ def test_every_panel_of_the_forgetting_plot_names_its_y_axis(tmp_path, monkeypat
     panels = [ax for ax in seen[0].axes if ax.axison]
     assert len(panels) == len(forgetting.METRICS) + 1
     assert all(ax.get_ylabel() and ax.get_xlabel() == "step" for ax in panels)
+
+
+def test_an_until_that_never_resets_fails_before_any_run_trains(tmp_path, monkeypatch):
+    """`--until 5` (< --every) failed only when the temporary run started, after the vanilla and
+    active runs had trained, and nothing was written."""
+    monkeypatch.setattr(forgetting, "train_run", lambda *a, **k: pytest.fail("trained before the check"))
+    for until in ("5", "-5"):
+        with pytest.raises(ValueError, match=rf"--until {until} < --every 10: temporary forgetting would never reset"):
+            forgetting.main(["--quick", "--quiet", "--until", until, "--out", str(tmp_path)])
+    assert forgetting.parse_args(["--quick", "--until", "5", "--methods", "vanilla", "active"]).until == 5

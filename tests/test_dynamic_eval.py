@@ -175,3 +175,30 @@ def test_bad_values_are_refused():
     with pytest.raises(ValueError, match=r"eps must be a finite number > 0, got 0.0"):
         dynamic_eval(model, docs(), DynamicEvalConfig(rule="rms", eps=0.0))
     DynamicEvalConfig(rule="sgd", eps=0.0).validate()  # sgd does not read eps
+
+
+def test_parameter_subsets_follow_the_decoder_stack_of_other_families():
+    """'last:K' and 'mlp_down' looked for names `layers.N.` and `mlp.down_proj` only: on GPT-2
+    they said the model had 0 decoder layers, or selected nothing."""
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=30, n_embd=8, n_layer=3, n_head=2, bos_token_id=0, eos_token_id=0))
+    opt = OPTForCausalLM(OPTConfig(vocab_size=30, hidden_size=8, num_hidden_layers=3, num_attention_heads=2,
+                                   ffn_dim=16, word_embed_proj_dim=8, pad_token_id=1, bos_token_id=0, eos_token_id=0))
+    for model, stack, down in ((gpt2, "transformer.h", "mlp.c_proj.weight"),
+                               (opt, "model.decoder.layers", "fc2.weight")):
+        named = dict(model.named_parameters())
+        last = {n for n, _ in select_parameters(model, "last:2")}
+        assert last == {n for n in named if n.startswith((f"{stack}.1.", f"{stack}.2."))} and last
+        assert [n for n, _ in select_parameters(model, "mlp_down")] == [f"{stack}.{i}.{down}" for i in range(3)]
+        with pytest.raises(ValueError, match=r"the model has 3 decoder layers; K must be in 1\.\.3"):
+            select_parameters(model, "last:4")
+    # a model of a family whose MLP output is named otherwise: the error names what it looks for
+    class Other(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({"ffn_out": torch.nn.Linear(2, 2)}) for _ in range(2))
+
+    with pytest.raises(ValueError, match=r"selects no parameters of this Other: .*mlp\.down_proj\.weight.*predicate"):
+        select_parameters(Other(), "mlp_down")
+    assert [n for n, _ in select_parameters(Other(), "last:1")] == ["blocks.1.ffn_out.weight", "blocks.1.ffn_out.bias"]

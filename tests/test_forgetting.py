@@ -1,5 +1,7 @@
 """Active and temporary forgetting callbacks (SPEC §7)."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -136,3 +138,18 @@ def test_build_forgetting_from_a_config_name():
         build_forgetting("sometimes", model, opt)
     with pytest.raises(ValueError, match="until=3 < every=5 never resets"):
         build_forgetting("temporary", model, opt, every=5, until=3)
+
+
+def test_bad_values_are_named_before_any_reset():
+    """A NaN init_std passed the `<= 0` check and failed in torch's normal_ at the first reset; a
+    bool `every` and a float `until` were taken as numbers."""
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for kwargs, match in ((dict(init_std=float("nan")), "init_std must be a finite number > 0, got nan"),
+                          (dict(init_std=0.0), "init_std must be a finite number > 0, got 0.0"),
+                          (dict(init_std=float("inf")), "init_std must be a finite number > 0, got inf"),
+                          (dict(every=True), "every must be an integer >= 1, got True"),
+                          (dict(until=2.5), "until must be None or an integer >= 0, got 2.5"),
+                          (dict(until=-1), "until must be None or an integer >= 0, got -1")):
+        with pytest.raises(ValueError, match=re.escape(match)):
+            EmbeddingForgetting(model.embed, opt, **{"every": 1, **kwargs})

@@ -110,8 +110,25 @@ class DynamicEvalResult:
 
 
 # --------------------------------------------------------------------------- parameters
-def _layer_index(name: str) -> int | None:
-    m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+# the MLP output projection in the decoder layers of Llama-like models, GPT-2, GPT-NeoX/Falcon, OPT/Phi
+DOWN_NAMES = ("mlp.down_proj.weight", "mlp.c_proj.weight", "mlp.dense_4h_to_h.weight", "fc2.weight")
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, int]:
+    """``(prefix, count)`` of the model's stack of decoder layers: the ``nn.ModuleList`` with
+    ``config.num_hidden_layers`` entries (the longest list without that number). Its layers'
+    parameters are named ``<prefix>.<i>.*`` (``model.layers`` in Llama, ``transformer.h`` in
+    GPT-2, ``model.decoder.layers`` in OPT)."""
+    lists = [(n, len(m)) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    exact = [x for x in lists if x[1] == n_layers]
+    if exact:
+        return exact[0]
+    return max(lists, key=lambda x: x[1]) if lists else ("", 0)
+
+
+def _layer_index(name: str, prefix: str) -> int | None:
+    m = re.match(re.escape(prefix) + r"\.(\d+)\.", name) if prefix else None
     return None if m is None else int(m.group(1))
 
 
@@ -124,14 +141,19 @@ def select_parameters(model: nn.Module, spec) -> list[tuple[str, nn.Parameter]]:
     elif spec == "all":
         chosen = named
     elif spec == "mlp_down":
-        chosen = [(n, p) for n, p in named if n.endswith("mlp.down_proj.weight")]
+        prefix, _ = decoder_layers(model)
+        chosen = [(n, p) for n, p in named if _layer_index(n, prefix) is not None
+                  and any(n.endswith("." + d) for d in DOWN_NAMES)]
+        if not chosen:
+            raise ValueError(f"params 'mlp_down' selects no parameters of this {type(model).__name__}: it takes the "
+                             f"decoder layers' MLP output weights named {', '.join(DOWN_NAMES)}; pass a predicate "
+                             "(name, param) -> bool for other names")
     elif isinstance(spec, str) and re.fullmatch(r"last:\d+", spec):
         k = int(spec.split(":")[1])
-        idx = sorted({i for n, _ in named if (i := _layer_index(n)) is not None})
-        if not 1 <= k <= len(idx):
-            raise ValueError(f"params {spec!r}: the model has {len(idx)} decoder layers; K must be in 1..{len(idx)}")
-        keep = set(idx[-k:])
-        chosen = [(n, p) for n, p in named if _layer_index(n) in keep]
+        prefix, count = decoder_layers(model)
+        if not 1 <= k <= count:
+            raise ValueError(f"params {spec!r}: the model has {count} decoder layers; K must be in 1..{count}")
+        chosen = [(n, p) for n, p in named if (i := _layer_index(n, prefix)) is not None and i >= count - k]
     else:
         raise ValueError(f"params must be 'all', 'last:K', 'mlp_down' or a callable, got {spec!r}")
     if not chosen:

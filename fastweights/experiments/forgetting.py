@@ -215,6 +215,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("steps", "batch_size", "every", "eval_every", "eval_size", "hidden", "layers", "heads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if "temporary" in args.methods and args.until < args.every:  # before the other methods train, not after
+        raise ValueError(f"--until {args.until} < --every {args.every}: temporary forgetting would never reset "
+                         f"(its first reset is at step {args.every}); give --until >= --every")
     return args
 
 

@@ -38,6 +38,7 @@ from fastweights.models.compat import (
     take_cache,
 )
 from fastweights.models.fwl import has_fwl
+from fastweights.ops.inplace_ttt import doc_starts
 from fastweights.ops.inplace_ttt_decode import StepPlan
 
 __all__ = [
@@ -150,6 +151,18 @@ def _generation_cache(model, generation_config, model_kwargs) -> bool:
 CALL_KEY = "_fastweights_ttt_call"
 
 
+def _check_same_documents(cu_seqlens, position_ids, B: int, N: int) -> None:
+    """Both kinds of document boundaries (transformers' flattening collator gives both): the TTT
+    MLPs follow ``cu_seq_lens_q`` and attention and RoPE ``position_ids``, so they must agree."""
+    by_cu = doc_starts(B, N, cu_seqlens=cu_seqlens, device=cu_seqlens.device)
+    by_pos = doc_starts(B, N, position_ids=position_ids, device=cu_seqlens.device)
+    if not torch.equal(by_cu, by_pos):
+        raise FastWeightsError(
+            f"cu_seq_lens_q {cu_seqlens.tolist()} and position_ids (documents starting at "
+            f"{by_pos[0].nonzero().flatten().tolist()}) describe different documents: the fast weights would reset "
+            "at the first and attention at the second; pass boundaries that agree, or only one of them")
+
+
 def _capture_model_inputs(module: nn.Module, args, kwargs):
     """Base-model pre-hook: a new :class:`TTTContext` for this call (embeddings, document
     boundaries, padding, and the fast-weight cache), passed down in the decoder layers' kwargs.
@@ -177,6 +190,8 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
     if x is None:
         return args, kwargs  # the model's own forward reports the missing input
     B, N = x.shape[:2]
+    if ctx.cu_seqlens is not None and ctx.position_ids is not None:
+        _check_same_documents(ctx.cu_seqlens, ctx.position_ids, B, N)
     cache = take_cache(kwargs)
     if cache is None and kwargs.get("use_cache") is None and (module.training or ctx.cu_seqlens is not None):
         # a training forward, or packed rows given by cu_seqlens (transformers' flattening

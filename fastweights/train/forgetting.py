@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastweights.errors import check_number, check_positive_int, is_int
 from fastweights.optim.lookahead import Lookahead
 
 
@@ -58,12 +59,10 @@ class EmbeddingForgetting:
     ) -> None:
         if not isinstance(embedding, nn.Embedding):
             raise ValueError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
-        if until is not None and until < 0:
-            raise ValueError(f"until must be None or >= 0, got {until!r}")
-        if init_std <= 0:
-            raise ValueError(f"init_std must be > 0, got {init_std!r}")
+        check_positive_int("every", every)
+        if until is not None and (not is_int(until) or until < 0):
+            raise ValueError(f"until must be None or an integer >= 0, got {until!r}")
+        check_number("init_std", init_std, strict=True)
         weight = embedding.weight
         if rows is not None:
             rows = torch.as_tensor(rows, dtype=torch.long).flatten().unique()
