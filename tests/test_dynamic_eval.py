@@ -1,6 +1,7 @@
 """Dynamic evaluation: score-then-update order, update rules against hand-written loops, restore."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -202,3 +203,12 @@ def test_parameter_subsets_follow_the_decoder_stack_of_other_families():
     with pytest.raises(ValueError, match=r"selects no parameters of this Other: .*mlp\.down_proj\.weight.*predicate"):
         select_parameters(Other(), "mlp_down")
     assert [n for n, _ in select_parameters(Other(), "last:1")] == ["blocks.1.ffn_out.weight", "blocks.1.ffn_out.bias"]
+
+
+@pytest.mark.parametrize("context", [True, False, 2.0, -1])
+def test_context_must_be_an_integer(context):
+    """context=True was accepted as context 1 (a bool is not an integer here)."""
+    with pytest.raises(ValueError, match=re.escape(f"context must be None or an integer >= 0, got {context!r}")):
+        DynamicEvalConfig(context=context).validate()
+    for good in (None, 0, 1, 64):
+        DynamicEvalConfig(context=good).validate()

@@ -220,3 +220,12 @@ def test_layers_on_cuda_match_cpu_float64(cls, monkeypatch):
         got.append([last.detach().cpu().double()] + [p.grad.cpu().double() for p in layer.parameters()])
     for g, r in zip(got[1], got[0], strict=True):
         assert rel_err(g, r) < 1e-4
+
+
+@pytest.mark.parametrize("lam", ["0.9", True, None, torch.tensor([0.5, 0.5]), float("nan"), -0.1])
+def test_lam_that_is_not_a_number_in_0_1_is_named(lam):
+    """lam="0.9" failed with a raw TypeError ('<=' not supported between float and str)."""
+    with pytest.raises(ValueError, match=re.escape(f"lam must be in [0, 1], got {lam!r}")):
+        FastWeightsRNN(2, 3, lam=lam)
+    for good in (0, 1, 0.9, torch.tensor(0.9, dtype=torch.float64)):  # a 1-element tensor, as before
+        assert FastWeightsRNN(2, 3, lam=good).lam == float(good)

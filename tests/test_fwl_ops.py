@@ -1,5 +1,7 @@
 """FWL op: the parallel linear-attention form against explicit per-token gradient steps."""
 
+import re
+
 import pytest
 import torch
 
@@ -240,3 +242,15 @@ def test_an_empty_batch_gives_empty_logits_and_state():
         assert out.shape == (0, *want.shape[1:]) and out.dtype == want.dtype
         for a, b in zip(state, want_state, strict=True):
             assert a.shape == (0, *b.shape[1:]) and a.dtype == b.dtype
+
+
+@pytest.mark.parametrize("step_size", ["0.1", True, None, float("nan"), float("inf")])
+def test_layer_names_a_step_size_that_is_not_a_finite_number(step_size):
+    """step_size="0.1" failed with a raw TypeError (must be real number, not str)."""
+    from fastweights.layers.fwl import FastWeightLayer
+
+    with pytest.raises(ValueError, match=re.escape(f"step_size must be a finite number, got {step_size!r}")):
+        FastWeightLayer(4, step_size=step_size)
+    for good in (-0.5, 0, 0.25, torch.tensor(0.25)):  # any sign; a 1-element tensor, as before
+        layer = FastWeightLayer(4, step_size=good)
+        assert layer.step_size_init == float(good) and bool((layer.step_sizes.detach() == float(good)).all())

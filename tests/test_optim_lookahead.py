@@ -1,6 +1,7 @@
 """Lookahead and SLRLA against plain references (SPEC §6)."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -306,3 +307,25 @@ def test_stagewise_lr_refuses_a_gamma_that_is_not_positive(gamma):
     opt = build_optimizer("slrla_sgd", _model().parameters(), lr=1.0)
     with pytest.raises(ValueError, match=r"gamma must be a finite number > 0"):
         stagewise_lr(opt, total_steps=10, gamma=gamma)
+
+
+@pytest.mark.parametrize("alpha", ["x", "0.5", True, None, torch.tensor([0.5, 0.5])])
+def test_lookahead_names_an_alpha_that_is_not_a_number(alpha):
+    """alpha="x" said only "could not convert string to float"; alpha="0.5" was taken as 0.5."""
+    params = list(_model().parameters())
+    for cls in (Lookahead, SLRLA):
+        with pytest.raises(ValueError, match=re.escape(f"alpha must be in (0, 1], got {alpha!r}")):
+            cls(torch.optim.SGD(params, lr=1.0), alpha=alpha)
+    with pytest.raises(ValueError, match=re.escape("beta must be a finite number >= 0, got 'x'")):
+        SLRLA(torch.optim.SGD(params, lr=1.0), beta="x")
+    for good in (1, 0.25, torch.tensor(0.25)):  # a 1-element tensor, as before
+        assert Lookahead(torch.optim.SGD(params, lr=1.0), alpha=good).alpha == float(good)
+
+
+@pytest.mark.parametrize("total", [2.5, 0, True, "10"])
+def test_stagewise_lr_refuses_a_total_that_is_not_a_positive_integer(total):
+    """total_steps=2.5 was accepted (milestones from fractions of a non-integer step count)."""
+    opt = build_optimizer("slrla_sgd", _model().parameters(), lr=1.0)
+    with pytest.raises(ValueError, match=re.escape(f"total_steps must be an integer >= 1, got {total!r}")):
+        stagewise_lr(opt, total_steps=total)
+    assert stagewise_lr(opt, total_steps=10).milestones == {3: 1, 6: 1, 8: 1}

@@ -1,6 +1,8 @@
 """Plastic Transformer (SPEC §5): update rules, forms, trainable plasticity, state resets,
 KV-cache decoding and the task generators."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -168,7 +170,7 @@ def test_plastic_linear_bad_arguments_raise():
         PlasticLinear(0, 4)
     with pytest.raises(ValueError, match="out_features must be an integer >= 1, got -2"):
         PlasticLinear(4, -2)
-    with pytest.raises(ValueError, match="alpha_init must be a number, got 'x'"):
+    with pytest.raises(ValueError, match="alpha_init must be a finite number, got 'x'"):
         PlasticLinear(4, 4, alpha_init="x")
     layer = PlasticLinear(4, 3, alpha_init=-1)  # an integer initial α is taken as a float
     assert layer.alpha.dtype == torch.float32 and bool((layer.alpha.detach() == -1.0).all())
@@ -244,3 +246,51 @@ def test_frozen_model_gives_the_same_outputs(rule):
     if rule == "gradient":
         with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.no_grad"):
             model(x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_plastic_linear_refuses_a_non_finite_alpha_init(bad):
+    """A NaN/inf α was accepted and turned the output into NaN after one update."""
+    with pytest.raises(ValueError, match=re.escape(f"alpha_init must be a finite number, got {bad!r}")):
+        PlasticLinear(3, 2, alpha_init=bad)
+    layer = PlasticLinear(3, 2, alpha_init=0.5)
+    assert bool((layer.alpha.detach() == 0.5).all()) and bool((layer.beta.detach() == 0.5).all())
+
+
+@pytest.mark.parametrize("n_aux,match", [(-1, "n_aux must be an integer >= 0, got -1"),
+                                         (2.0, "n_aux must be an integer >= 0, got 2.0"),
+                                         (True, "n_aux must be an integer >= 0, got True")])
+def test_plastic_config_refuses_a_bad_n_aux(n_aux, match):
+    """n_aux=-1 was accepted, then the first step failed with an IndexError."""
+    with pytest.raises(ValueError, match=re.escape(match)):
+        PlasticConfig(3, 2, n_aux=n_aux)
+    for good in (0, 3):  # no auxiliary outputs is fine: the head is [logits; η̃]
+        model = PlasticTransformer(PlasticConfig(3, 2, d_model=8, d_ff=8, n_heads=2, n_layers=1, n_aux=good))
+        assert model.d_out == 2 + 1 + good and model(torch.randn(1, 3, 3)).shape == (1, 3, 2)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, -1.0, float("nan"), None])
+def test_plastic_config_refuses_a_max_norm_that_is_not_positive(max_norm):
+    """max_norm=0 scaled every plastic step to 0: the model silently equalled rule="none"."""
+    with pytest.raises(ValueError, match=re.escape(f"max_norm must be a finite number > 0, got {max_norm!r}")):
+        PlasticConfig(3, 2, max_norm=max_norm)
+    assert PlasticConfig(3, 2, max_norm=0.5).max_norm == 0.5
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: copy_task(3, num_symbols=0), "num_symbols must be an integer >= 1, got 0"),
+    (lambda: copy_task(3, num_tokens=0), "num_tokens must be an integer >= 1, got 0"),
+    (lambda: copy_task(3, num_tokens=2.0), "num_tokens must be an integer >= 1, got 2.0"),
+    (lambda: copy_task(3, blanks=-1), "blanks must be an integer >= 0, got -1"),
+    (lambda: copy_task(True), "n must be an integer >= 1, got True"),
+    (lambda: regression_task(3, dim=0), "dim must be an integer >= 1, got 0"),
+    (lambda: regression_task(3, support=0), "support must be an integer >= 1, got 0"),
+    (lambda: regression_task(3, query=0), "query must be an integer >= 1, got 0"),
+])
+def test_task_generators_refuse_bad_sizes(call, match):
+    """num_symbols=0 failed in numpy ("low >= high"); num_tokens=0 and dim=0 were accepted."""
+    with pytest.raises(ValueError, match=re.escape(match)):
+        call()
+    batch = copy_task(2, num_tokens=1, num_symbols=1, blanks=0)  # the smallest copy task
+    assert batch.inputs.shape == (2, 3, 3) and batch.targets[:, -1].tolist() == [0, 0]
+    assert regression_task(2, dim=1, support=1, query=1).inputs.shape == (2, 2, 3)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from fastweights.errors import FastWeightsError
+from fastweights.errors import FastWeightsError, check_positive_int, is_int
 
 __all__ = ["TaskBatch", "copy_task", "digits_few_shot", "regression_task", "DELIMITER", "BLANK"]
 
@@ -38,15 +38,21 @@ class TaskBatch(NamedTuple):
 
 
 def _check_n(n) -> None:
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    check_positive_int("n", n)
 
 
 def copy_task(
     n: int, seed: int = 0, num_tokens: int = 5, num_symbols: int = 8, blanks: int = 20
 ) -> TaskBatch:
-    """Copy episodes. Returns inputs (n, T, num_symbols+2), targets in 0..num_symbols−1."""
+    """Copy episodes. Returns inputs (n, T, num_symbols+2), targets in 0..num_symbols−1.
+
+    ``num_tokens`` (tokens to recall) and ``num_symbols`` (the token alphabet) are integers >= 1,
+    ``blanks`` an integer >= 0; T = 2·num_tokens + blanks + 1."""
     _check_n(n)
+    check_positive_int("num_tokens", num_tokens)  # 0: no scored step
+    check_positive_int("num_symbols", num_symbols)  # 0: no token to draw
+    if not is_int(blanks) or blanks < 0:  # negative: the delimiter overwrote a token
+        raise ValueError(f"blanks must be an integer >= 0, got {blanks!r}")
     rng = np.random.default_rng(seed)
     tokens = rng.integers(1, num_symbols + 1, size=(n, num_tokens))
     T = 2 * num_tokens + blanks + 1
@@ -62,8 +68,13 @@ def copy_task(
 
 
 def regression_task(n: int, seed: int = 0, dim: int = 3, support: int = 10, query: int = 10) -> TaskBatch:
-    """In-context linear regression. Returns inputs (n, support+query, dim+2), float targets."""
+    """In-context linear regression. Returns inputs (n, support+query, dim+2), float targets.
+
+    ``dim``, ``support`` and ``query`` are integers >= 1."""
     _check_n(n)
+    check_positive_int("dim", dim)  # 0: w and x empty, every target 0
+    check_positive_int("support", support)  # 0: nothing to infer w from
+    check_positive_int("query", query)  # 0: no scored step
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, dim))
     x = rng.standard_normal((n, support + query, dim))

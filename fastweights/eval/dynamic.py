@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from fastweights._progress import progress_bar
-from fastweights.errors import check_number
+from fastweights.errors import check_number, is_int
 from fastweights.eval.flops import flop_counter
 from fastweights.train.trainer import causal_lm_loss
 
@@ -67,7 +67,7 @@ class DynamicEvalConfig:
             check_number(name, getattr(self, name))
         # rms divides by sqrt(mean g²) + eps: a parameter entry with no calibration gradient is 0/0
         check_number("eps", self.eps, strict=self.rule == "rms")
-        if self.context is not None and (not isinstance(self.context, int) or self.context < 0):
+        if self.context is not None and (not is_int(self.context) or self.context < 0):  # True is not 1
             raise ValueError(f"context must be None or an integer >= 0, got {self.context!r}")
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastweights.errors import check_number, check_positive_int
+from fastweights.errors import as_rate, check_number, check_positive_int, is_int
 from fastweights.ops.hebbian import decay_weights, hebbian_read, hebbian_read_attention, hebbian_update
 
 __all__ = ["AttentionLSTM", "FastWeightsRNN", "IRNN", "LSTM", "last_valid"]
@@ -65,8 +65,9 @@ def _check_sizes(input_size, hidden_size) -> None:
 class FastWeightsRNN(nn.Module):
     """Fast-weights RNN layer (Ba et al. 2016), f = ReLU, A reset to 0 for each sequence.
 
-    Args: input_size I, hidden_size R, eta η (0.5), lam λ (0.95), inner_steps S (1),
-    layer_norm (True), form ("matrix" | "attention" | "auto"), fast_weights (False: A ≡ 0).
+    Args: input_size I, hidden_size R (integers >= 1), eta η (0.5, a finite number >= 0),
+    lam λ (0.95, a number in [0, 1]), inner_steps S (1, an integer >= 0), layer_norm (True),
+    form ("matrix" | "attention" | "auto"), fast_weights (False: A ≡ 0).
     """
 
     def __init__(
@@ -84,13 +85,17 @@ class FastWeightsRNN(nn.Module):
         _check_sizes(input_size, hidden_size)
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 0:
+        if not is_int(inner_steps) or inner_steps < 0:
             raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
         check_number("eta", eta)
-        if not 0.0 <= lam <= 1.0:
+        try:  # a number or a 1-element tensor, as before; a string or a bool is not one
+            lam_value = as_rate("lam", lam)
+        except ValueError:
+            lam_value = math.nan
+        if not 0.0 <= lam_value <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam!r}")
         self.input_size, self.hidden_size = input_size, hidden_size
-        self.eta, self.lam, self.inner_steps = float(eta), float(lam), inner_steps
+        self.eta, self.lam, self.inner_steps = float(eta), lam_value, inner_steps
         self.form, self.fast_weights = form, fast_weights
         self.W = nn.Parameter(0.05 * torch.eye(hidden_size))
         self.C = nn.Linear(input_size, hidden_size)

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from fastweights.errors import check_number
+from fastweights.errors import check_number, is_real
 from fastweights.ops.fwl import FAST_TENSORS, FWLParams, FWLState, fwl
 
 __all__ = ["DEFAULT_GRAD_SCALE", "DEFAULT_STEP_SIZE", "FastWeightLayer"]
@@ -33,7 +33,7 @@ class FastWeightLayer(nn.Module):
         width: s, the unembedding's input width (usually d).
         expansion: the hidden width is ``expansion * s`` (4 in the paper).
         eps: LayerNorm epsilon.
-        step_size: initial value of every per-tensor step size.
+        step_size: initial value of every per-tensor step size (any finite number).
         block_size: chunk length of the parallel form.
         grad_scale: constant factor on each token's loss before its gradient is taken (the
             reference code's batch-mean loss is 1/(tokens per batch)). With ``step_size`` it
@@ -56,12 +56,14 @@ class FastWeightLayer(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
         if residual and width != hidden_size:
             raise ValueError(f"residual needs width == hidden_size, got {width} and {hidden_size}")
-        if not math.isfinite(step_size):
-            raise ValueError(f"step_size must be finite, got {step_size!r}")
+        # any sign; a 1-element tensor is taken as its value, as before (a string or a bool is not a number)
+        step = step_size.item() if isinstance(step_size, torch.Tensor) and step_size.numel() == 1 else step_size
+        if not is_real(step) or not math.isfinite(step):
+            raise ValueError(f"step_size must be a finite number, got {step_size!r}")
         check_number("eps", eps, strict=True)
         check_number("grad_scale", grad_scale, strict=True)
         self.hidden_size, self.width, self.expansion = hidden_size, width, expansion
-        self.eps, self.block_size, self.step_size_init = float(eps), block_size, float(step_size)
+        self.eps, self.block_size, self.step_size_init = float(eps), block_size, float(step)
         self.residual, self.grad_scale = bool(residual), float(grad_scale)
         inner = expansion * width
         self.w1 = nn.Parameter(torch.empty(inner, hidden_size))

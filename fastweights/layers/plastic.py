@@ -14,11 +14,13 @@ for the short sequences of SPEC §5.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastweights.errors import check_positive_int
+from fastweights.errors import check_positive_int, is_real
 from fastweights.ops.hebbian import plastic_read_attention, plastic_update, plastic_update_attention
 
 __all__ = ["PlasticFFN", "PlasticLinear"]
@@ -27,7 +29,10 @@ FORMS = ("matrix", "attention")
 
 
 class PlasticLinear(nn.Module):
-    """``q = (W̃ + w) p + b̃ + b`` with fast ``(w, b)`` passed in and returned by :meth:`update`."""
+    """``q = (W̃ + w) p + b̃ + b`` with fast ``(w, b)`` passed in and returned by :meth:`update`.
+
+    ``alpha_init`` (any finite number, 0.02 by default) is the initial value of every entry of
+    the plasticity coefficients α and β."""
 
     def __init__(
         self, in_features: int, out_features: int, alpha_init: float = 0.02, form: str = "attention"
@@ -37,8 +42,8 @@ class PlasticLinear(nn.Module):
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         check_positive_int("in_features", in_features)
         check_positive_int("out_features", out_features)
-        if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)):
-            raise ValueError(f"alpha_init must be a number, got {alpha_init!r}")
+        if not is_real(alpha_init) or not math.isfinite(alpha_init):  # NaN/inf α: NaN after one update
+            raise ValueError(f"alpha_init must be a finite number, got {alpha_init!r}")
         self.in_features, self.out_features, self.form = in_features, out_features, form
         self.slow = nn.Linear(in_features, out_features)
         self.alpha = nn.Parameter(torch.full((out_features, in_features), float(alpha_init)))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastweights.errors import check_number, check_positive_int
+from fastweights.errors import check_number, check_positive_int, is_int
 from fastweights.layers.plastic import PlasticFFN
 
 __all__ = ["PlasticConfig", "PlasticState", "PlasticTransformer", "RULES"]
@@ -41,9 +41,9 @@ class PlasticConfig:
     n_heads: int = 4
     n_layers: int = 2
     max_len: int = 64
-    n_aux: int = 4
-    eta0: float = 0.2
-    max_norm: float = 1.0
+    n_aux: int = 4  # auxiliary head outputs y_aux, >= 0
+    eta0: float = 0.2  # >= 0
+    max_norm: float = 1.0  # > 0: the clip of each plastic step (see the module docstring)
     form: str = "attention"  # how plastic linears hold their fast weights (same function)
 
     def __post_init__(self):
@@ -51,8 +51,11 @@ class PlasticConfig:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
         for name in ("input_size", "output_size", "d_model", "d_ff", "n_heads", "n_layers", "max_len"):
             check_positive_int(name, getattr(self, name))
-        for name in ("eta0", "max_norm"):
-            check_number(name, getattr(self, name))
+        if not is_int(self.n_aux) or self.n_aux < 0:  # a negative count shrank the head below its η̃ column
+            raise ValueError(f"n_aux must be an integer >= 0, got {self.n_aux!r}")
+        check_number("eta0", self.eta0)
+        # η is scaled by min(1, max_norm / ||δ||): max_norm 0 turned every plastic update off
+        check_number("max_norm", self.max_norm, strict=True)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
 

@@ -12,6 +12,7 @@ Equations (docs: ``../shared/SPEC.md`` §6):
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import MultiStepLR
 
-from fastweights.errors import check_number, check_positive_int
+from fastweights.errors import as_rate, check_number, check_positive_int
 
 _SLOW = "slow_param"
 
@@ -45,11 +46,15 @@ class Lookahead(Optimizer):
         if isinstance(optimizer, Lookahead):
             raise ValueError("optimizer is already a Lookahead; wrap its inner optimiser instead")
         check_positive_int("k", k)
-        if not 0.0 < float(alpha) <= 1.0:
+        try:  # a number or a 1-element tensor, as before; a string or a bool is not one
+            alpha_value = as_rate("alpha", alpha)
+        except ValueError:
+            alpha_value = math.nan
+        if not 0.0 < alpha_value <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
         self.optimizer = optimizer
         self.k = k
-        self.alpha = float(alpha)
+        self.alpha = alpha_value
         self.fast_steps = 0  # inner steps taken since construction (a sync every k of them)
         self._wrapping = True  # Optimizer.__init__ sets up hooks; the groups stay the inner ones
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -228,11 +233,10 @@ def stagewise_lr(
 ) -> MultiStepLR:
     """Stagewise schedule (SLRLA): multiply the LR by ``gamma`` at these fractions of training.
 
-    Call ``scheduler.step()`` once per optimiser step; milestones are ``max(1, int(f * total_steps))``
-    (the first step always runs at the base rate).
+    Call ``scheduler.step()`` once per optimiser step; ``total_steps`` is an integer >= 1 and the
+    milestones are ``max(1, int(f * total_steps))`` (the first step always runs at the base rate).
     """
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    check_positive_int("total_steps", total_steps)
     if not all(0.0 < f < 1.0 for f in milestones) or list(milestones) != sorted(milestones):
         raise ValueError(f"milestones must be increasing fractions in (0, 1), got {list(milestones)}")
     check_number("gamma", gamma, strict=True)  # <= 0 would zero the rate or turn descent into ascent
