@@ -431,7 +431,11 @@ def _shard_layout(group, split: bool, module, args, kwargs):
 
 
 # --------------------------------------------------------------------------- apply
-def _ttt_op(group, z, s, w0, conv_weight, proj, lr, chunk_size, *, cu_seqlens=None, position_ids=None):
+def _ttt_op(group, z, s, w0, conv_weight, proj, lr, chunk_size, *, cu_seqlens=None, position_ids=None,
+            max_update_norm=None):
+    if max_update_norm is not None:  # a chunk may span ranks: its norm would need its own all-reduce
+        raise ValueError(f"max_update_norm={max_update_norm!r} is not supported under context parallelism; set the "
+                         "In-Place TTT layers' max_update_norm to None")
     if cu_seqlens is not None:
         raise ValueError("under context parallelism give documents as position_ids (cp_batch converts cu_seqlens)")
     return inplace_ttt_cp(z, s, w0, conv_weight, proj, lr, chunk_size, position_ids=position_ids, group=group)

@@ -17,7 +17,7 @@ from torch import nn
 
 from fastweights.errors import as_rate, check_positive_int
 from fastweights.layers._weights import weight_of
-from fastweights.ops.inplace_ttt import inplace_ttt
+from fastweights.ops.inplace_ttt import check_max_update_norm, inplace_ttt
 from fastweights.ops.inplace_ttt_decode import InPlaceTTTState, StepPlan
 
 __all__ = ["TARGETS", "InPlaceTTTMLP", "TTTContext", "normalize_target", "ttt_init_value"]
@@ -73,10 +73,13 @@ class InPlaceTTTMLP(nn.Module):
         lr: inner learning rate η.
         target: ``"hidden"`` (the MLP input) or ``"embed"`` (token embeddings).
         proj: whether the target has the projection P (else P = I).
+        max_update_norm: τ > 0 bounds each chunk's update ``η ΔW_i`` in Frobenius norm (SPEC §1:
+            the paper's appendix clips at inference); None (default): no clipping. An attribute:
+            it may be changed at any time.
     """
 
     def __init__(self, mlp: nn.Module, chunk_size: int = 4096, lr: float = 3.0, target: str = "hidden",
-                 proj: bool = True):
+                 proj: bool = True, max_update_norm: float | None = None):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         act = next((getattr(mlp, n) for n in ("act_fn", "activation_fn", "act") if hasattr(mlp, n)), None)
@@ -85,6 +88,7 @@ class InPlaceTTTMLP(nn.Module):
         self.act_fn = act
         check_positive_int("chunk_size", chunk_size)
         self.chunk_size, self.lr, self.target = chunk_size, as_rate("lr", lr), normalize_target(target)
+        self.max_update_norm = check_max_update_norm(max_update_norm)
         d = self.down_proj.out_features
         w = self.down_proj.weight
         self.ttt_conv = nn.Conv1d(d, d, 5, padding=2, groups=d, bias=False, device=w.device, dtype=w.dtype)
@@ -113,7 +117,13 @@ class InPlaceTTTMLP(nn.Module):
                 weight_of(self.ttt_conv, "ttt_conv of an In-Place TTT MLP"), proj)
 
     def extra_repr(self) -> str:
-        return f"chunk_size={self.chunk_size}, lr={self.lr}, target={self.target!r}"
+        clip = "" if self.max_update_norm is None else f", max_update_norm={self.max_update_norm}"
+        return f"chunk_size={self.chunk_size}, lr={self.lr}, target={self.target!r}{clip}"
+
+    def _clip(self) -> dict:
+        """The op's clipping keyword: none when off, so that a replacement op (``ttt_op``) without it runs."""
+        tau = check_max_update_norm(self.max_update_norm)
+        return {} if tau is None else {"max_update_norm": tau}
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """z = act(x W_gateᵀ) * (x W_upᵀ): (B, N, d) → (B, N, f)."""
@@ -139,7 +149,7 @@ class InPlaceTTTMLP(nn.Module):
         and document starts (shared by all TTT layers of one model call)."""
         s = self.target_source(x, target_source)
         z = self.hidden(x)
-        o = state.step(z, s, *self._fast_weights(), self.lr, plan)
+        o = state.step(z, s, *self._fast_weights(), self.lr, plan, **self._clip())
         return o if self.down_proj.bias is None else o + self.down_proj.bias
 
     def forward(
@@ -175,7 +185,8 @@ class InPlaceTTTMLP(nn.Module):
         s = self.target_source(x, target_source)
         z = self.hidden(x)
         op = inplace_ttt if self.ttt_op is None else self.ttt_op
-        o = op(z, s, *self._fast_weights(), self.lr, self.chunk_size, cu_seqlens=cu_seqlens, position_ids=position_ids)
+        o = op(z, s, *self._fast_weights(), self.lr, self.chunk_size, cu_seqlens=cu_seqlens, position_ids=position_ids,
+               **self._clip())
         if self.down_proj.bias is not None:
             o = o + self.down_proj.bias
         return o

@@ -30,7 +30,8 @@ def ttt_settings(config) -> dict:
     for one model is wrong for a model whose settings differ)."""
     target = getattr(config, "ttt_target", "hidden")
     return {"ttt_chunk": int(config.ttt_chunk), "ttt_lr": float(config.ttt_lr),
-            "ttt_target": normalize_target(target), "ttt_proj": bool(getattr(config, "ttt_proj", True))}
+            "ttt_target": normalize_target(target), "ttt_proj": bool(getattr(config, "ttt_proj", True)),
+            "ttt_max_update_norm": getattr(config, "ttt_max_update_norm", None)}
 
 
 class InPlaceTTTCache(DynamicCache):

@@ -38,7 +38,7 @@ from fastweights.models.compat import (
     take_cache,
 )
 from fastweights.models.fwl import has_fwl
-from fastweights.ops.inplace_ttt import doc_starts
+from fastweights.ops.inplace_ttt import check_max_update_norm, doc_starts
 from fastweights.ops.inplace_ttt_decode import StepPlan
 
 __all__ = [
@@ -89,7 +89,10 @@ def register_family(model_type: str) -> tuple[type, type]:
     base_cfg, base_model = _family_classes(model_type)
     mod = sys.modules[__name__]
     cfg_name = "InPlaceTTT" + base_cfg.__name__
-    cfg_cls = type(cfg_name, (base_cfg,), {"model_type": PREFIX + model_type, "__module__": __name__})
+    # ttt_max_update_norm: a class default, so that from_pretrained(path, ttt_max_update_norm=τ)
+    # sets it on a checkpoint whose config.json lacks the key
+    cfg_cls = type(cfg_name, (base_cfg,), {"model_type": PREFIX + model_type, "__module__": __name__,
+                                           "ttt_max_update_norm": None})
     model_name = "InPlaceTTT" + base_model.__name__
 
     def __init__(self, config, *args, **kwargs):
@@ -367,11 +370,12 @@ def _validate(model, layers, chunk_size, lr, target, proj):
 
 
 def _install(model: PreTrainedModel, layers: list[int], chunk_size: int, lr: float, target: str,
-             proj: bool) -> None:
+             proj: bool, max_update_norm: float | None = None) -> None:
     layers_list = _decoder_layers(model)
     for i, layer in enumerate(layers_list):
         if i in layers:
-            layer.mlp = InPlaceTTTMLP(layer.mlp, chunk_size=chunk_size, lr=lr, target=target, proj=proj)
+            layer.mlp = InPlaceTTTMLP(layer.mlp, chunk_size=chunk_size, lr=lr, target=target, proj=proj,
+                                      max_update_norm=max_update_norm)
             hook = partial(_route_call, mlp=layer.mlp, layer_idx=i)
             layer.mlp.register_forward_hook(_forget_call, always_call=True)
         else:
@@ -388,7 +392,8 @@ def _install(model: PreTrainedModel, layers: list[int], chunk_size: int, lr: flo
         _hook_embeddings(base)
 
 
-def _write_config(config, layers, chunk_size, lr, target, proj):
+def _write_config(config, layers, chunk_size, lr, target, proj, max_update_norm=None):
+    config.ttt_max_update_norm = max_update_norm
     config.ttt_layers = list(layers)
     config.ttt_lr = lr
     config.ttt_chunk = chunk_size
@@ -404,7 +409,8 @@ def _convert_from_config(model: PreTrainedModel, config) -> None:
     layers, chunk, lr, target = _validate(
         model, config.ttt_layers, int(config.ttt_chunk), config.ttt_lr, getattr(config, "ttt_target", "hidden"), proj
     )
-    _install(model, layers, chunk, lr, target, proj)
+    tau = check_max_update_norm(getattr(config, "ttt_max_update_norm", None))
+    _install(model, layers, chunk, lr, target, proj, tau)
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -429,6 +435,7 @@ def convert(
     lr: float = DEFAULT_LR,
     target: str = "hidden",
     proj: bool = True,
+    max_update_norm: float | None = None,
 ) -> PreTrainedModel:
     """Switch In-Place TTT on in a Hugging Face causal LM, in place, and return it.
 
@@ -442,6 +449,10 @@ def convert(
         target: ``"hidden"`` (the MLP input; for continual training of a pretrained model)
             or ``"embed"`` (the token embeddings; for pretraining from scratch).
         proj: learn the target projection P (official default True).
+        max_update_norm: τ > 0 bounds each chunk's update ``η ΔW_i`` in Frobenius norm (SPEC §1:
+            the paper's appendix clips at inference; the official code does not); None: no
+            clipping. Stored as ``config.ttt_max_update_norm``; a saved model takes another with
+            ``from_pretrained(path, ttt_max_update_norm=τ)``.
 
     The conv starts at zero, so the converted model's outputs equal the base model's.
     """
@@ -456,6 +467,7 @@ def convert(
         raise FastWeightsError("a model with an FWL head cannot also be converted to In-Place TTT: each needs its "
                                "own generation cache (FWLCache, InPlaceTTTCache)")
     layers, chunk_size, lr, target = _validate(model, layers, chunk_size, lr, target, proj)
+    max_update_norm = check_max_update_norm(max_update_norm)
     causal_lm = _family_classes(model.config.model_type)[1]
     if not isinstance(model, causal_lm):
         raise FastWeightsError(f"convert needs the causal LM ({causal_lm.__name__}, e.g. from AutoModelForCausalLM), "
@@ -468,10 +480,10 @@ def convert(
             f"fastweights.load_pretrained (or call fastweights.models.register_family("
             f"{model.config.model_type!r}) before AutoModelForCausalLM.from_pretrained)", stacklevel=2)
     own_config(model)
-    _install(model, layers, chunk_size, lr, target, proj)
+    _install(model, layers, chunk_size, lr, target, proj, max_update_norm)
     model.config.__class__ = cfg_cls
     model.config.__dict__.pop("model_type", None)  # a loaded config's own copy would hide the new type
-    _write_config(model.config, layers, chunk_size, lr, target, proj)
+    _write_config(model.config, layers, chunk_size, lr, target, proj, max_update_norm)
     model.__class__ = model_cls
     return model
 

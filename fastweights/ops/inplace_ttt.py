@@ -21,6 +21,11 @@ Two implementations compute the same function:
   the same document; between blocks a float32 (d, f) state is carried. Gradients come from
   autograd.
 
+``max_update_norm`` τ (SPEC §1; the paper's appendix clips at inference, off by default)
+bounds each chunk's update: ``η ΔW_i`` is scaled by ``min(1, τ / ‖η ΔW_i‖_F)``. As
+``ΔW_i = v_iᵀ z_i`` is linear in ``v_i``, every implementation scales the chunk's targets
+``v_i`` by that factor (:func:`clip_targets`); gradients flow through the factor.
+
 Document boundaries are given either as ``cu_seqlens`` (K+1,) over the N tokens of a single
 row (B must be 1, the flash-attention convention) or as ``position_ids`` (B, N) that restart
 at 0 at each document start. Position 0 of every row always starts a document.
@@ -40,6 +45,7 @@ __all__ = [
     "KERNEL_SIZE",
     "chunk_ids",
     "chunked_scan",
+    "clip_targets",
     "doc_starts",
     "inplace_ttt",
     "inplace_ttt_chunked",
@@ -91,6 +97,16 @@ def _check_inputs(z, s, w0, conv_weight, proj, lr):
     elif isinstance(lr, bool) or not isinstance(lr, Real) or not math.isfinite(lr):
         raise ValueError(f"lr must be finite: a real number or a 1-element tensor, got {lr!r}")
     return B, N, d, f, _conv_2d(conv_weight, d)
+
+
+def check_max_update_norm(max_update_norm) -> float | None:
+    """``max_update_norm`` as a float τ > 0, or None (no clipping); ValueError otherwise."""
+    if max_update_norm is None:
+        return None
+    if isinstance(max_update_norm, bool) or not isinstance(max_update_norm, Real) \
+            or not math.isfinite(max_update_norm) or max_update_norm <= 0:
+        raise ValueError(f"max_update_norm must be None (no clipping) or a finite number > 0, got {max_update_norm!r}")
+    return float(max_update_norm)
 
 
 # --------------------------------------------------------------------------- documents
@@ -185,6 +201,40 @@ def ttt_target(s: torch.Tensor, conv_weight: torch.Tensor, proj: torch.Tensor | 
     return t if proj is None else t @ proj.to(t.dtype)
 
 
+def clip_targets(v: torch.Tensor, z: torch.Tensor, g: torch.Tensor, lr, max_norm: float | None) -> torch.Tensor:
+    """``v`` (B, N, d) with each chunk's targets scaled so that its update ``η Σ_t v_tᵀ z_t``
+    (z (B, N, f)) has Frobenius norm at most ``max_norm``; chunks are the runs of equal ``g``
+    (B, N) (:func:`chunk_ids`). The squared norm of a chunk's ``VᵀZ`` is ``Σ (V Vᵀ) ⊙ (Z Zᵀ)``
+    (C × C products) when that is cheaper than the (d, f) product, computed in float32 (float64
+    for float64) one chunk at a time; a chunk within the bound keeps factor 1 exactly. Autograd
+    differentiates the factor."""
+    B, N, d = v.shape
+    if max_norm is None or N == 0:
+        return v
+    f = z.shape[2]
+    acc = torch.float64 if v.dtype == torch.float64 or z.dtype == torch.float64 else torch.float32
+    new = torch.ones(B, N, dtype=torch.bool, device=g.device)
+    new[:, 1:] = g[:, 1:] != g[:, :-1]
+    firsts = [row.nonzero().flatten().tolist() for row in new.cpu()]
+    sq, lengths = [], []
+    for b in range(B):
+        for a, e in zip(firsts[b], firsts[b][1:] + [N], strict=True):
+            vc, zc = v[b, a:e].to(acc), z[b, a:e].to(acc)
+            if (e - a) * (d + f) < d * f:
+                sq.append(((vc @ vc.T) * (zc @ zc.T)).sum())
+            else:
+                sq.append((vc.T @ zc).square().sum())
+            lengths.append(e - a)
+    sq = torch.stack(sq)
+    eta = lr.to(acc).reshape(()) if torch.is_tensor(lr) else float(lr)
+    # factor τ / (η ‖ΔW‖) where η²‖ΔW‖² > τ², else 1; the unused branch divides by 1, never by 0
+    big = sq * eta * eta > max_norm * max_norm
+    safe = torch.where(big, sq, torch.ones_like(sq))
+    factor = torch.where(big, max_norm / (eta * safe.sqrt()), torch.ones_like(sq))
+    per_token = factor.repeat_interleave(torch.tensor(lengths, device=factor.device)).view(B, N, 1)
+    return v * per_token.to(v.dtype)
+
+
 # --------------------------------------------------------------------------- reference
 def inplace_ttt_reference(
     z: torch.Tensor,
@@ -197,15 +247,18 @@ def inplace_ttt_reference(
     *,
     cu_seqlens: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    max_update_norm: float | None = None,
 ) -> torch.Tensor:
     """Sequential In-Place TTT, one token at a time, as in generation. Returns o (B, N, d).
 
     Each row keeps one (d, f) state (float64 for float64 inputs, else float32). A token is
     multiplied by the current weights on arrival; its ``z`` and ``s`` are buffered; when the
     chunk is full, or the document ends, the chunk's target is computed from the buffer and
-    ``W += η vᵀ z``. A document start resets the state to ``W0``.
+    ``W += η vᵀ z`` (scaled down to Frobenius norm ``max_update_norm`` if it is larger). A
+    document start resets the state to ``W0``.
     """
     chunk_size = _check_chunk(chunk_size)
+    tau = check_max_update_norm(max_update_norm)
     B, N, d, f, w = _check_inputs(z, s, w0, conv_weight, proj, lr)
     starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=z.device)
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
@@ -238,7 +291,10 @@ def inplace_ttt_reference(
                     t_rows.append(tc)
                 t = torch.stack(t_rows)
                 v = t if pa is None else t @ pa
-                W = W + lr * (v.T @ torch.stack(buf_z))
+                step = lr * (v.T @ torch.stack(buf_z))
+                if tau is not None and float(torch.linalg.matrix_norm(step.detach())) > tau:
+                    step = step * (tau / torch.linalg.matrix_norm(step))
+                W = W + step
                 buf_z, buf_s = [], []
         rows.append(torch.stack(outs) if outs else z.new_zeros(0, d, dtype=acc))
     return torch.stack(rows).to(z.dtype) if rows else z.new_zeros(0, N, d)
@@ -308,6 +364,7 @@ def inplace_ttt_chunked(
     cu_seqlens: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     block_size: int | None = None,
+    max_update_norm: float | None = None,
 ) -> torch.Tensor:
     """Parallel In-Place TTT for training; autograd gives every gradient. Returns o (B, N, d).
 
@@ -319,8 +376,10 @@ def inplace_ttt_chunked(
                 first chunk; S_open: the part of the straddling chunk read so far.
 
     Memory: two (B, d, f) states per block and one (B, L, L) score matrix, never per chunk.
+    ``max_update_norm``: :func:`clip_targets` scales the targets first.
     """
     chunk_size = _check_chunk(chunk_size)
+    tau = check_max_update_norm(max_update_norm)
     B, N, d, f, w = _check_inputs(z, s, w0, conv_weight, proj, lr)
     starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=z.device)
     g, g0 = chunk_ids(starts, chunk_size)
@@ -331,6 +390,7 @@ def inplace_ttt_chunked(
         return base
     v = ttt_target(s.to(acc), w.to(acc), None if proj is None else proj.to(acc), g)
     za = z.to(acc)
+    v = clip_targets(v, za, g, lr, tau)
     L = default_block_size(d, f, chunk_size) if block_size is None else int(block_size)
     if L < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size!r}")
@@ -352,6 +412,7 @@ def inplace_ttt(
     cu_seqlens: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     impl: str = "auto",
+    max_update_norm: float | None = None,
 ) -> torch.Tensor:
     """In-Place TTT MLP output o (B, N, d); see the module docstring for the equations.
 
@@ -367,6 +428,8 @@ def inplace_ttt(
         impl: ``"auto"`` (CUDA tensors: ``"fast"``, else ``"chunked"``) | ``"fast"``
             (:func:`fastweights.ops.inplace_ttt_fast.inplace_ttt_fast`) | ``"chunked"`` |
             ``"reference"``.
+        max_update_norm: τ > 0 bounds each chunk's update ``η ΔW_i`` in Frobenius norm
+            (SPEC §1; None, the default: no clipping).
     """
     if impl == "auto":
         impl = "fast" if z.is_cuda else "chunked"
@@ -378,4 +441,5 @@ def inplace_ttt(
         fn = inplace_ttt_reference
     else:
         raise ValueError(f"impl must be 'auto', 'fast', 'chunked' or 'reference', got {impl!r}")
-    return fn(z, s, w0, conv_weight, proj, lr, chunk_size, cu_seqlens=cu_seqlens, position_ids=position_ids)
+    return fn(z, s, w0, conv_weight, proj, lr, chunk_size, cu_seqlens=cu_seqlens, position_ids=position_ids,
+              max_update_norm=max_update_norm)

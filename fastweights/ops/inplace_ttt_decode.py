@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fastweights.ops.inplace_ttt import chunk_ids, inplace_ttt, ttt_target
+from fastweights.ops.inplace_ttt import check_max_update_norm, chunk_ids, clip_targets, inplace_ttt, ttt_target
 from fastweights.ops.inplace_ttt_fast import _addmm_into
 
 __all__ = ["STATE_FORMS", "InPlaceTTTState", "StepPlan"]
@@ -253,12 +253,15 @@ class InPlaceTTTState:
 
     # ---------------------------------------------------------------- one call
     def step(self, z: torch.Tensor, s: torch.Tensor, w0: torch.Tensor, conv_weight: torch.Tensor,
-             proj: torch.Tensor | None, lr: float, plan: StepPlan) -> torch.Tensor:
+             proj: torch.Tensor | None, lr: float, plan: StepPlan, max_update_norm: float | None = None
+             ) -> torch.Tensor:
         """Advance by one model call and return the TTT MLP output o (B, N, d).
 
         ``z`` (B, N, f) MLP hidden and ``s`` (B, N, d) target source of the call's tokens;
-        ``w0`` (d, f), ``conv_weight`` (d, 1, 5), ``proj`` (d, d) or None, ``lr`` η.
+        ``w0`` (d, f), ``conv_weight`` (d, 1, 5), ``proj`` (d, d) or None, ``lr`` η;
+        ``max_update_norm`` τ bounds each completed chunk's update (``clip_targets``).
         """
+        tau = check_max_update_norm(max_update_norm)
         B, N, f = z.shape
         d = s.shape[2]
         if B != plan.batch or N != plan.length:
@@ -272,14 +275,14 @@ class InPlaceTTTState:
         with torch.autocast(z.device.type, enabled=False):
             w0 = w0.to(z.dtype)
             if plan.decode:
-                return self._decode(z, s, w0, conv_weight, proj, lr, plan, d, f)
-            return self._window(z, s, w0, conv_weight, proj, lr, plan, d, f)
+                return self._decode(z, s, w0, conv_weight, proj, lr, plan, d, f, tau)
+            return self._window(z, s, w0, conv_weight, proj, lr, plan, d, f, tau)
 
     def _targets(self, s: torch.Tensor, conv_weight, proj, g: torch.Tensor) -> torch.Tensor:
         acc = _acc(s.dtype)
         return ttt_target(s.to(acc), conv_weight.to(acc), None if proj is None else proj.to(acc), g)
 
-    def _decode(self, z, s, w0, conv_weight, proj, lr, plan, d, f):
+    def _decode(self, z, s, w0, conv_weight, proj, lr, plan, d, f, tau):
         """One real token per row, no document start: apply, buffer, update completed rows."""
         B, C = z.shape[0], self.chunk_size
         lay = plan.layout(C)
@@ -303,8 +306,9 @@ class InPlaceTTTState:
             acc = _acc(z.dtype)
             rows = torch.tensor(done, device=z.device)
             zc = self.buf_z[rows, :C]
-            v = self._targets(self.buf_s[rows, :C], conv_weight, proj,
-                              torch.zeros(len(done), C, dtype=torch.long, device=z.device))
+            one_chunk = torch.zeros(len(done), C, dtype=torch.long, device=z.device)
+            v = clip_targets(self._targets(self.buf_s[rows, :C], conv_weight, proj, one_chunk), zc, one_chunk, lr,
+                             tau)
 
             def entries():
                 dst = torch.tensor([lay.full[b] + i for b in done for i in range(C)], device=z.device)
@@ -317,7 +321,7 @@ class InPlaceTTTState:
             self._add(entries, delta, new_full, [True] * B, d, f)
         return o
 
-    def _window(self, z, s, w0, conv_weight, proj, lr, plan, d, f):
+    def _window(self, z, s, w0, conv_weight, proj, lr, plan, d, f, tau):
         """General call: per row, the open chunk's buffer followed by the real new tokens."""
         B, N = z.shape[:2]
         C, lay, dev = self.chunk_size, plan.layout(self.chunk_size), z.device
@@ -347,7 +351,7 @@ class InPlaceTTTState:
             pos = (~starts[:, :Lmax]).long().to(dev)
         if Lmax == 0:
             return F.linear(z, w0)
-        oc = inplace_ttt(zc, sc, w0, conv_weight, proj, lr, C, position_ids=pos)
+        oc = inplace_ttt(zc, sc, w0, conv_weight, proj, lr, C, position_ids=pos, max_update_norm=tau)
         u = self.read(zc)
         if u is not None:
             cont = torch.arange(Lmax, device=dev).unsqueeze(0) < torch.tensor(lay.cont_end, device=dev).unsqueeze(1)
@@ -357,7 +361,10 @@ class InPlaceTTTState:
         keep = [lay.last[b] == 0 for b in range(B)]
         if any(lay.done) or not all(keep):
             starts = torch.zeros(B, Lmax, dtype=torch.bool, device=dev) if pos is None else pos == 0
-            v = self._targets(sc, conv_weight, proj, chunk_ids(starts, C)[0]) if any(lay.done) else None
+            v = None
+            if any(lay.done):
+                g = chunk_ids(starts, C)[0]
+                v = clip_targets(self._targets(sc, conv_weight, proj, g), zc, g, lr, tau)
 
             def entries():
                 rows_h, dst_h, src_h = [], [], []

@@ -51,7 +51,14 @@ import torch
 
 from fastweights.errors import check_positive_int
 from fastweights.ops import inplace_ttt_triton
-from fastweights.ops.inplace_ttt import _check_chunk, _check_inputs, chunk_ids, doc_starts
+from fastweights.ops.inplace_ttt import (
+    _check_chunk,
+    _check_inputs,
+    check_max_update_norm,
+    chunk_ids,
+    clip_targets,
+    doc_starts,
+)
 
 __all__ = [
     "ChunkConvProj",
@@ -525,6 +532,7 @@ def inplace_ttt_fast(
     tile_f: int | None = None,
     save_state: bool = True,
     block: int | None = None,
+    max_update_norm: float | None = None,
 ) -> torch.Tensor:
     """In-Place TTT with the scan :class:`InplaceTTTScan`; same arguments and result (B, N, d)
     as :func:`fastweights.ops.inplace_ttt.inplace_ttt`.
@@ -533,9 +541,11 @@ def inplace_ttt_fast(
     :func:`default_tile_f`). ``save_state``: keep the last chunk's float32 state (B, d, f)
     from the forward pass instead of recomputing it in the backward (one extra GEMM pass).
     ``block``: chunks per block K of the two-level form (default :func:`default_block`;
-    1 = a state step per chunk; float16 defaults to 1).
+    1 = a state step per chunk; float16 defaults to 1). ``max_update_norm``: the targets are
+    scaled by :func:`~fastweights.ops.inplace_ttt.clip_targets` before the scan.
     """
     chunk_size = _check_chunk(chunk_size)
+    tau = check_max_update_norm(max_update_norm)
     B, N, d, f, w = _check_inputs(z, s, w0, conv_weight, proj, lr)
     kind = z.device.type
     if torch.is_autocast_enabled(kind) and z.dtype == torch.float32:  # as autocast would cast a matmul's inputs
@@ -552,6 +562,9 @@ def inplace_ttt_fast(
     # a learned rate's gradient cancels heavily: its target v is formed and kept in float32
     vd = _acc_dtype(z.dtype) if grads and torch.is_tensor(lr) and lr.requires_grad else z.dtype
     v = ChunkConvProj.apply(s.to(vd), w.to(vd), None if proj is None else proj.to(vd), plan)
+    if tau is not None:
+        starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=z.device)
+        v = clip_targets(v, z, chunk_ids(starts, chunk_size)[0], lr, tau)
     tile = default_tile_f(B * N, d, f) if tile_f is None else tile_f
     K = default_block(chunk_size, d, f, z.dtype) if block is None else block
     return InplaceTTTScan.apply(z, v, w0, lr, chunk_size, layout, tile, save_state and grads, K)

@@ -13,6 +13,7 @@ from fastweights.layers.attention import BACKENDS
 from fastweights.layers.inplace_ttt import TARGETS
 from fastweights.models.hybrid.compat import PreTrainedConfig
 from fastweights.models.inplace_ttt import HYBRID
+from fastweights.ops.inplace_ttt import check_max_update_norm
 from fastweights.ops.lact import ORDERS, UPDATES
 from fastweights.ops.lact_glue import IMPLS as GLUE_IMPLS
 
@@ -51,6 +52,7 @@ def _check(cfg: HybridConfig) -> None:
     for key, low, strict in (("rms_norm_eps", 0, True), ("rope_base", 0, True), ("initializer_range", 0, False),
                              ("lact_lr_init", 0, True), ("ttt_lr", 0, False)):
         check_number(key, getattr(cfg, key), low, strict)
+    check_max_update_norm(getattr(cfg, "ttt_max_update_norm", None))
     if not isinstance(cfg.ttt_proj, bool):
         raise ValueError(f"ttt_proj must be True or False, got {cfg.ttt_proj!r}")
     if any(m in ("attention", "swa") for m in cfg.mixers) and cfg.num_attention_heads % cfg.num_key_value_heads:
@@ -81,7 +83,8 @@ class HybridConfig(PreTrainedConfig):
     ``swa`` and LaCT's SWA. LaCT layers share one q/k/v projection between the SWA and the fast
     branch (SPEC §2), with ``num_attention_heads`` heads for k and v too: ``num_key_value_heads``
     (GQA) applies to the ``attention`` and ``swa`` mixers only. In-Place TTT keys (``inplace_ttt`` MLPs): ``ttt_chunk``,
-    ``ttt_lr``, ``ttt_target`` (``embed`` | ``hidden``), ``ttt_proj``.
+    ``ttt_lr``, ``ttt_target`` (``embed`` | ``hidden``), ``ttt_proj``, ``ttt_max_update_norm`` (τ
+    bounding each chunk's update in Frobenius norm; None: no clipping).
     """
 
     model_type = HYBRID
@@ -115,6 +118,7 @@ class HybridConfig(PreTrainedConfig):
         ttt_lr: float = 3.0,
         ttt_target: str = "embed",
         ttt_proj: bool = True,
+        ttt_max_update_norm: float | None = None,
         attn_backend: str = "auto",
         use_cache: bool = True,
         **kwargs,
@@ -146,6 +150,7 @@ class HybridConfig(PreTrainedConfig):
         self.ttt_lr = ttt_lr
         self.ttt_target = ttt_target
         self.ttt_proj = ttt_proj
+        self.ttt_max_update_norm = ttt_max_update_norm
         self.attn_backend = attn_backend
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -95,7 +95,7 @@ class HybridBlock(GradientCheckpointingLayer):
         mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
         if self.mlp_type == "inplace_ttt":
             mlp = InPlaceTTTMLP(mlp, chunk_size=config.ttt_chunk, lr=config.ttt_lr, target=config.ttt_target,
-                                proj=config.ttt_proj)
+                                proj=config.ttt_proj, max_update_norm=getattr(config, "ttt_max_update_norm", None))
         self.mlp = mlp
 
     def forward(self, x, layout, embeds, past=None, use_cache=False, ttt_plan: StepPlan | None = None):
