@@ -426,3 +426,26 @@ def test_the_cache_under_either_name_and_no_context_left_after_an_error():
     with torch.no_grad(), pytest.raises(ZeroDivisionError):
         model(ids)
     assert all(m.ctx is None for m in ttt_modules(model))
+
+
+def test_generating_from_a_checkpointed_model_in_training_mode():
+    """An RL-style loop samples from the policy it trains (training mode, gradient checkpointing
+    on): generate() runs without gradients, and transformers keeps the cache then (from 5.24);
+    the converted model raised, and a no-grad forward with use_cache=True returned a plain
+    DynamicCache without the fast weights. On releases that drop the cache here, the refusal stays."""
+    from fastweights.models.compat import _checkpointing_keeps_cache_without_grad
+
+    model = ttt_model(chunk=4)
+    ids = torch.randint(1, VOCAB, (1, 6))
+    want = model.eval().generate(ids, max_new_tokens=9, do_sample=False)
+    model.train()
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    if _checkpointing_keeps_cache_without_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=9, do_sample=False), want)
+        with torch.no_grad():
+            assert isinstance(model(input_ids=ids, use_cache=True).past_key_values, InPlaceTTTCache)
+    else:
+        with pytest.raises(FastWeightsError, match="gradient checkpointing"):
+            model.generate(ids, max_new_tokens=9, do_sample=False)
+    with pytest.raises(FastWeightsError, match="gradient checkpointing"):  # with gradients: still refused
+        model(input_ids=ids, past_key_values=InPlaceTTTCache(model.config), use_cache=True)

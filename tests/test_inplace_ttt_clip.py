@@ -192,3 +192,33 @@ def test_a_cache_made_under_another_tau_is_refused():
     model.config.ttt_max_update_norm = 2.0
     with pytest.raises(FastWeightsError, match=r"ttt_max_update_norm 1\.0 \(the model: 2\.0\)"), torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_fast_path_with_clipping_matches_the_cpu_reference_form(dtype):
+    """The CUDA fast path with τ (half the chunks clipped) against the chunked form in float64 on
+    the CPU, forward and every gradient; packed documents, N % C != 0, odd widths."""
+    B, N, d, f, C = 2, 1001, 96, 333, 128
+    x = inputs(B, N, d, f, seed=5, lr=1.0)
+    x["w0"] = x["w0"] * f**-0.5
+    x["z"] = x["z"] * 0.2
+    pos = torch.tensor([list(range(600)) + list(range(401)), list(range(1001))])
+    srt = chunk_norms(x, C, pos).sort().values
+    tau = float(srt[len(srt) // 2 - 1: len(srt) // 2 + 1].mean())
+    gen = torch.Generator().manual_seed(9)
+    go = torch.randn(B, N, d, generator=gen, dtype=F64)
+
+    def run(fn, device, dt):
+        leaves = {k: t.to(device, dt if k != "lr" else torch.float32).requires_grad_(True) for k, t in x.items()}
+        o = fn(leaves["z"], leaves["s"], leaves["w0"], leaves["conv"], leaves["proj"], leaves["lr"], C,
+               position_ids=pos.to(device), max_update_norm=tau)
+        (o.double() * go.to(device)).sum().backward()
+        return [o.detach().cpu().double()] + [leaves[k].grad.cpu().double() for k in x]
+
+    ref = run(inplace_ttt_chunked, "cpu", F64)
+    out = run(inplace_ttt_fast, "cuda", dtype)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    for name, a, b in zip(["o", *x], out, ref, strict=True):
+        assert ((a - b).norm() / b.norm()).item() < tol, name

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 
 import torch
 import transformers
@@ -31,7 +33,8 @@ from transformers.cache_utils import DynamicCache
 
 __all__ = ["CACHE_KWARG", "TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "check_dynamic_cache",
            "crop_length", "enable_activation_checkpointing", "hf_progress_bars", "keep_positions",
-           "own_config", "refuse_assisted_decoding", "resolve_use_cache", "take_cache"]
+           "own_config", "refuse_assisted_decoding", "resolve_use_cache", "take_cache",
+           "checkpointing_drops_cache"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):
@@ -77,16 +80,37 @@ def own_config(model: nn.Module) -> None:
             m.config = new
 
 
+@functools.cache
+def _checkpointing_keeps_cache_without_grad() -> bool:
+    """Whether gradient checkpointing leaves the cache alone when gradients are off (generating
+    from a model in training mode): transformers 5.24 checks ``torch.is_grad_enabled()`` in
+    ``GradientCheckpointingLayer.__call__`` and ``merge_with_config_defaults``; 5.17 drops the
+    cache in training mode whatever the grad mode."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    try:
+        return "is_grad_enabled" in inspect.getsource(GradientCheckpointingLayer.__call__)
+    except (OSError, TypeError):  # no source (a frozen install): the older, stricter rule
+        return False
+
+
+def checkpointing_drops_cache(base_model: nn.Module) -> bool:
+    """Whether transformers drops a cache in this call of ``base_model``: gradient checkpointing in
+    training mode (with gradients on, in the releases that check them)."""
+    return bool(base_model.training and getattr(base_model, "gradient_checkpointing", False)
+                and (torch.is_grad_enabled() or not _checkpointing_keeps_cache_without_grad()))
+
+
 def resolve_use_cache(base_model: nn.Module, kwargs: dict) -> bool:
     """The ``use_cache`` a base model's forward will use, as seen from a forward pre-hook.
 
     ``use_cache=None`` falls back to ``config.use_cache``; gradient checkpointing in training
-    switches it off (transformers' ``merge_with_config_defaults``).
+    switches it off (transformers' ``merge_with_config_defaults``; :func:`checkpointing_drops_cache`).
     """
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
         use_cache = getattr(base_model.config, "use_cache", False)
-    if use_cache and base_model.training and getattr(base_model, "gradient_checkpointing", False):
+    if use_cache and checkpointing_drops_cache(base_model):
         return False
     return bool(use_cache)
 

@@ -32,6 +32,7 @@ from fastweights.models.cache import InPlaceTTTCache, ttt_settings
 from fastweights.models.compat import (
     CACHE_KWARG,
     check_dynamic_cache,
+    checkpointing_drops_cache,
     own_config,
     refuse_assisted_decoding,
     resolve_use_cache,
@@ -202,7 +203,7 @@ def _capture_model_inputs(module: nn.Module, args, kwargs):
         kwargs["use_cache"] = False
     if cache is None and resolve_use_cache(module, kwargs):
         cache = kwargs[CACHE_KWARG] = InPlaceTTTCache(config=module.config)
-    if cache is not None and module.training and getattr(module, "gradient_checkpointing", False):
+    if cache is not None and checkpointing_drops_cache(module):
         raise FastWeightsError(
             "gradient checkpointing cannot be combined with a cache on an In-Place TTT model: the recomputation "
             "would update the fast weights twice (transformers drops the attention cache here instead)"
