@@ -211,7 +211,8 @@ def test_gpu_fast_path_with_clipping_matches_the_cpu_reference_form(dtype):
     go = torch.randn(B, N, d, generator=gen, dtype=F64)
 
     def run(fn, device, dt):
-        leaves = {k: t.to(device, dt if k != "lr" else torch.float32).requires_grad_(True) for k, t in x.items()}
+        leaves = {k: t.detach().to(device, dt if k != "lr" or dt == F64 else torch.float32).clone().requires_grad_(True)
+                  for k, t in x.items()}
         o = fn(leaves["z"], leaves["s"], leaves["w0"], leaves["conv"], leaves["proj"], leaves["lr"], C,
                position_ids=pos.to(device), max_update_norm=tau)
         (o.double() * go.to(device)).sum().backward()
