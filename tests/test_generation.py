@@ -433,8 +433,12 @@ def test_generating_from_a_checkpointed_model_in_training_mode():
     on): generate() runs without gradients, and transformers keeps the cache then (from 5.24);
     the converted model raised, and a no-grad forward with use_cache=True returned a plain
     DynamicCache without the fast weights. On releases that drop the cache here, the refusal stays."""
-    from fastweights.models.compat import _checkpointing_keeps_cache_without_grad
+    from packaging.version import Version
 
+    from fastweights.models.compat import TRANSFORMERS_VERSION, _checkpointing_keeps_cache_without_grad
+
+    # 5.24 keeps the cache without gradients (in GradientCheckpointingLayer and merge_with_config_defaults)
+    assert _checkpointing_keeps_cache_without_grad() == (TRANSFORMERS_VERSION >= Version("5.24"))
     model = ttt_model(chunk=4)
     ids = torch.randint(1, VOCAB, (1, 6))
     want = model.eval().generate(ids, max_new_tokens=9, do_sample=False)

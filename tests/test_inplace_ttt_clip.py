@@ -223,3 +223,20 @@ def test_gpu_fast_path_with_clipping_matches_the_cpu_reference_form(dtype):
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
     for name, a, b in zip(["o", *x], out, ref, strict=True):
         assert ((a - b).norm() / b.norm()).item() < tol, name
+
+
+def test_a_negative_or_zero_learned_rate():
+    """The factor divided by η: a negative η flipped the clipped update's sign in the chunked and
+    fast forms (0.46 off the reference), and η = 0 gave η a NaN gradient (0 · inf)."""
+    x = inputs(1, 11, 4, 6, seed=7)
+    tau = float(chunk_norms(x, 4, None).min()) * 0.5
+    for lr in (-0.7, 0.0):
+        grads = []
+        for impl in ("reference", "chunked", "fast"):
+            rate = torch.tensor(lr, dtype=F64, requires_grad=True)
+            o = inplace_ttt(x["z"], x["s"], x["w0"], x["conv"], x["proj"], rate, 4, impl=impl, max_update_norm=tau)
+            (o * torch.linspace(-1, 1, o.numel(), dtype=F64).view_as(o)).sum().backward()
+            grads.append((o.detach(), rate.grad))
+        for o, g in grads[1:]:
+            assert (o - grads[0][0]).abs().max() < 1e-10 and torch.isfinite(g), lr
+            assert abs(float(g - grads[0][1])) < 1e-9 * (1 + abs(float(grads[0][1]))), lr

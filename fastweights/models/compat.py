@@ -86,10 +86,10 @@ def _checkpointing_keeps_cache_without_grad() -> bool:
     from a model in training mode): transformers 5.24 checks ``torch.is_grad_enabled()`` in
     ``GradientCheckpointingLayer.__call__`` and ``merge_with_config_defaults``; 5.17 drops the
     cache in training mode whatever the grad mode."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers import modeling_layers
 
-    try:
-        return "is_grad_enabled" in inspect.getsource(GradientCheckpointingLayer.__call__)
+    try:  # the class wraps __call__ in 5.17 and forward (through __init_subclass__) in 5.24: read the module
+        return "is_grad_enabled" in inspect.getsource(modeling_layers)
     except (OSError, TypeError):  # no source (a frozen install): the older, stricter rule
         return False
 

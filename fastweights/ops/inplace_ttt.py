@@ -226,11 +226,12 @@ def clip_targets(v: torch.Tensor, z: torch.Tensor, g: torch.Tensor, lr, max_norm
                 sq.append((vc.T @ zc).square().sum())
             lengths.append(e - a)
     sq = torch.stack(sq)
-    eta = lr.to(acc).reshape(()) if torch.is_tensor(lr) else float(lr)
-    # factor τ / (η ‖ΔW‖) where η²‖ΔW‖² > τ², else 1; the unused branch divides by 1, never by 0
+    eta = lr.to(acc).reshape(()).abs() if torch.is_tensor(lr) else abs(float(lr))  # |η|: the update keeps its sign
+    # factor τ / (|η| ‖ΔW‖) where η²‖ΔW‖² > τ², else 1; the unused branch divides by 1, never by 0
+    # (nor by η = 0, whose gradient would be NaN)
     big = sq * eta * eta > max_norm * max_norm
-    safe = torch.where(big, sq, torch.ones_like(sq))
-    factor = torch.where(big, max_norm / (eta * safe.sqrt()), torch.ones_like(sq))
+    one = torch.ones_like(sq)
+    factor = torch.where(big, max_norm / torch.where(big, eta * torch.where(big, sq, one).sqrt(), one), one)
     per_token = factor.repeat_interleave(torch.tensor(lengths, device=factor.device)).view(B, N, 1)
     return v * per_token.to(v.dtype)
 
