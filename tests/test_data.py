@@ -360,22 +360,61 @@ def test_concurrent_prepares_take_turns_and_a_cut_shard_is_named(dataset, tmp_pa
         results[0].split("val")
 
 
-def test_tokenising_in_bounded_batches_gives_each_documents_pieces(dataset, monkeypatch):
-    """A long document used to be tokenised in one batch (its encodings took ~15 bytes per
-    byte of text); pieces now go in bounded batches that cut across documents."""
-    from fastweights.data import store as store_mod
+def test_long_documents_are_stored_as_the_tokenizer_encodes_them(tmp_path):
+    """Documents were tokenised in pieces of about 64k characters cut after a newline: a
+    SentencePiece (Metaspace) tokenizer then added a word-start "▁" at each piece, and a
+    byte-level one split the newline from the indentation after it. The stored ids are now
+    exactly tokenizer(text), in batches that also hold several small documents."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    corpus, ds = dataset
-    tok = ds.tokenizer()
-    monkeypatch.setattr(store_mod, "_PIECE", 40)  # many pieces per document
-    docs = corpus.split("train")[:6]
-    got = list(store_mod._tokenized(docs, tok, np.uint16, batch_chars=150))
-    assert [d.name for d, _ in got] == [d.name for d in docs]
-    for doc, ids in got:
-        pieces = store_mod._pieces(doc.text)
-        assert len(pieces) > 3 and "".join(pieces) == doc.text
-        want = [t for p in pieces for t in tok(p, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
-        assert ids.dtype == np.uint16 and ids.tolist() == want
+    from fastweights.data.corpus import Document
+    from fastweights.data.store import _tokenized
+
+    rng = np.random.default_rng(0)
+    words = "def class return import self value data model".split()
+    lines = [("    " * int(rng.integers(0, 3))) + " ".join(rng.choice(words, 5)) for _ in range(14000)]
+    long_text = "\n".join(lines)  # > 64k characters, indented lines
+    docs = [Document("small-a", "x = 1\n    return x"), Document("long", long_text), Document("small-b", "pass")]
+    metaspace = Tokenizer(models.BPE(unk_token="<unk>"))
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    metaspace.decoder = decoders.Metaspace(prepend_scheme="first")
+    metaspace.train_from_iterator([long_text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"]))
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.train_from_iterator([long_text], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    for backend in (metaspace, byte_level):
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+        got = list(_tokenized(docs, tok, np.uint16, batch_chars=200))
+        assert [d.name for d, _ in got] == ["small-a", "long", "small-b"]
+        for doc, ids in got:
+            assert ids.tolist() == tok(doc.text, add_special_tokens=False)["input_ids"], doc.name
+        # and through prepare's own path
+        root = tmp_path / type(backend.pre_tokenizer).__name__
+        root.mkdir()
+        for doc in docs:
+            (root / f"{doc.name}.txt").write_text(doc.text)
+        ds = tokenize_corpus(build_corpus(str(root), val_fraction=0.01), tok, root / "data", progress=False)
+        stores = [ds.split(name) for name in ("train", "val")]
+        store = next(st for st in stores if "long.txt" in st.names)
+        i = store.names.index("long.txt")
+        assert store.doc(i)[:-1].tolist() == tok(long_text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_dataset_of_the_pieces_encoding_is_rebuilt(tmp_path):
+    """Datasets prepared with the pieces (encoding 2) are rebuilt in the same --out."""
+    from fastweights.data import store
+
+    root = write_corpus(tmp_path / "corpus", docs=6)
+    corpus = build_corpus(str(root), val_fraction=0.25)
+    tok = train_bpe(corpus, 300)
+    tokenize_corpus(corpus, tok, tmp_path / "a", progress=False)
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["key"].endswith(f"-e{store.ENCODING}") and store.ENCODING == 3
+    meta["key"] = meta["key"][:-len("-e3")] + "-e2"
+    (tmp_path / "a" / "meta.json").write_text(json.dumps(meta))
+    assert tokenize_corpus(corpus, tok, tmp_path / "a", progress=False).meta["key"].endswith("-e3")
 
 
 def test_progress_bars_update_sparingly_in_a_log_file(monkeypatch):

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import sys
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,6 @@ from fastweights.errors import FastWeightsError, is_int
 
 __all__ = ["Dataset", "TokenStore", "dataset_key", "tokenize_corpus"]
 
-_PIECE = 1 << 16  # characters per tokenised piece (pieces are cut after a newline)
 
 
 class TokenStore:
@@ -115,8 +113,9 @@ def _tokenizer_hash(tokenizer) -> str:
 
 
 # how documents become tokens; a change here makes earlier datasets rebuild (2: a literal EOS
-# string inside a document is text, not the EOS id)
-ENCODING = 2
+# string inside a document is text, not the EOS id; 3: documents are tokenised whole, not in
+# pieces of 64k characters, whose starts changed the tokens)
+ENCODING = 3
 
 
 def _earlier_key(corpus: Corpus, tokenizer) -> str:
@@ -131,56 +130,31 @@ def dataset_key(corpus: Corpus, tokenizer, earlier: str | None = None) -> str:
     return f"{earlier or _earlier_key(corpus, tokenizer)}-val{corpus.val_fraction:g}-e{ENCODING}"
 
 
-def _pieces(text: str) -> list[str]:
-    out, i = [], 0
-    while i < len(text):
-        j = text.find("\n", i + _PIECE)
-        j = len(text) if j < 0 else j + 1
-        out.append(text[i:j])
-        i = j
-    return out
-
-
 def _tokenized(docs, tokenizer, dtype, batch_chars: int = 4 << 20):
-    """Yield ``(doc, ids)`` for each of ``docs`` in order, ids (L,) in ``dtype`` without the EOS.
-
-    Documents are cut into pieces (:func:`_pieces`) that are tokenised in batches of about
-    ``batch_chars`` characters, so a batch's encodings stay bounded however long a document is
-    (a long one spans batches; a piece's ids do not depend on its batch)."""
-    queue: deque = deque()  # [doc, ids of its pieces so far, pieces not yet tokenised, all pieces listed]
-    batch, owners, size = [], [], 0
+    """Yield ``(doc, ids)`` for each of ``docs`` in order, ids (L,) in ``dtype`` without the EOS:
+    exactly ``tokenizer(doc.text)``. Whole documents are tokenised in batches of about
+    ``batch_chars`` characters (a longer document alone): cutting a document into pieces changes
+    its tokens where a piece starts (a SentencePiece tokenizer adds a word-start "▁"; a
+    byte-level one splits a newline from the indentation after it)."""
+    batch: list = []
+    size = 0
 
     def run():
         # split_special_tokens: a document's own "<|endoftext|>" is text; only the EOS appended
         # by the caller ends a document
-        for entry, ids in zip(owners, tokenizer(batch, add_special_tokens=False, split_special_tokens=True)[
-                "input_ids"], strict=True):
-            entry[1].append(np.asarray(ids, dtype=dtype))
-            entry[2] -= 1
+        encoded = tokenizer([d.text for d in batch], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        for doc, ids in zip(batch, encoded, strict=True):
+            yield doc, np.asarray(ids, dtype=dtype)
         batch.clear()
-        owners.clear()
-
-    def ready():
-        while queue and queue[0][3] and queue[0][2] == 0:
-            doc, parts, _, _ = queue.popleft()
-            yield doc, np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
     for doc in docs:
-        entry = [doc, [], 0, False]
-        queue.append(entry)
-        for piece in _pieces(doc.text):
-            batch.append(piece)
-            owners.append(entry)
-            entry[2] += 1
-            size += len(piece)
-            if size >= batch_chars:
-                run()
-                size = 0
-                yield from ready()
-        entry[3] = True
+        batch.append(doc)
+        size += len(doc.text)
+        if size >= batch_chars:
+            yield from run()
+            size = 0
     if batch:
-        run()
-    yield from ready()
+        yield from run()
 
 
 def _write_split(docs, tokenizer, dtype, out: Path, shard_tokens: int, bar) -> dict:
@@ -230,12 +204,14 @@ def _tokenize_locked(corpus: Corpus, tokenizer, out: Path, shard_tokens: int, pr
         ds = Dataset(out)
         if ds.meta.get("key") == key:
             return ds
-        if ds.meta.get("key") != earlier:
+        old_encoding = str(ds.meta.get("key")).rsplit("-e", 1)[0] == key.rsplit("-e", 1)[0]  # only "-e<N>" differs
+        if ds.meta.get("key") != earlier and not old_encoding:
             raise FastWeightsError(
                 f"{out} holds another dataset (key {ds.meta.get('key')}, want {key}); pick another --out"
             )
         # the same documents and tokenizer, prepared by an earlier fastweights (its split may
-        # have had another val_fraction, its encoding an EOS inside a document): built anew
+        # have had another val_fraction, its encoding an EOS inside a document or documents cut
+        # into pieces): built anew
         print(f"rebuilding {out}: prepared by an earlier fastweights (key {ds.meta['key']})", file=sys.stderr)
         shutil.rmtree(out)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
