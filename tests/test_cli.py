@@ -904,3 +904,13 @@ def test_cli_warnings_come_from_rank_0_only(monkeypatch, capsys):
             monkeypatch.setenv("RANK", rank)
         _show_warning(FastWeightsWarning("same on every rank"), FastWeightsWarning, "f.py", 1)
         assert ("warning: same on every rank" in capsys.readouterr().err) == shown, rank
+
+
+def test_resume_without_a_checkpoint_says_the_run_starts_anew(small_data, tmp_path, capsys):
+    """`train --resume` into an --out without checkpoints (a mistyped path) trained from step 0
+    without a word."""
+    code, _, err = run(["train", *train_args(small_data, tmp_path / "typo", steps=1), "--resume"], capsys)
+    assert code == 0, err
+    assert f"warning: --resume: {tmp_path / 'typo'} holds no checkpoint, so this run starts from step 0" in err
+    code, _, err = run(["train", *train_args(small_data, tmp_path / "fresh", steps=1)], capsys)
+    assert code == 0 and "holds no checkpoint" not in err

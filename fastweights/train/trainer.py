@@ -590,6 +590,8 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
         way = "pass --resume or choose another --out" if resumer == "--resume" else "remove it or choose another --out"
         raise FastWeightsError(f"{out} already has checkpoints ({ckpt.name}): {way}")
     rate_changes, history, saved_fwl_scale = {}, [], None
+    if cfg.resume and ckpt is None and resumer == "--resume":  # a mistyped --out would train anew unnoticed
+        warn(f"--resume: {out} holds no checkpoint, so this run starts from step 0")
     if cfg.resume and ckpt is not None:
         rate_changes, history = _check_resume(out, ckpt, cfg, ds.meta["key"], resumer)
         if cfg.fwl and (ckpt / "config.json").is_file():  # the FWL's scale as the run was trained (it was
