@@ -914,3 +914,121 @@ def test_resume_without_a_checkpoint_says_the_run_starts_anew(small_data, tmp_pa
     assert f"warning: --resume: {tmp_path / 'typo'} holds no checkpoint, so this run starts from step 0" in err
     code, _, err = run(["train", *train_args(small_data, tmp_path / "fresh", steps=1)], capsys)
     assert code == 0 and "holds no checkpoint" not in err
+
+
+def test_generate_keeps_the_space_a_sentencepiece_tokenizer_puts_before_the_continuation(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """The new tokens were decoded alone: a Metaspace tokenizer (Llama-2, Mistral) then dropped the
+    word-start space, and `--prompt "def return"` printed "def returnmodel ...". Greedy decoding
+    with --top-k set now says that the flag does nothing."""
+    from tiny_models import tiny_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "def class return import self value data model".split()
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    backend.train_from_iterator([" ".join(words[(i * 7) % 8:] + words[:(i * 7) % 8]) for i in range(50)],
+                                trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    from fastweights.commands import generate as gen_cmd
+
+    tiny_model("llama", layers=1, vocab_size=len(tok)).save_pretrained(tmp_path / "sp")
+    tok.save_pretrained(tmp_path / "sp")
+    real = gen_cmd.load_model
+    word = tok.convert_tokens_to_ids("▁model")  # the word "model" with its word-start space, one token
+
+    def load(path):  # a model that continues with that token three times
+        m = real(path)
+        m.generate = lambda ids, **kw: torch.cat([ids, torch.full((1, 3), word)], 1)
+        return m
+
+    monkeypatch.setattr(gen_cmd, "load_model", load)
+    code, out, err = run(["generate", "--model", str(tmp_path / "sp"), "--prompt", "def return", "--max-new-tokens",
+                          "3", "--no-progress", "--top-k", "5"], capsys)
+    assert code == 0, err
+    assert out.strip() == "def return model model model", out
+    assert "warning: --top-k 5 and --top-p 1 apply to sampling: with --temperature 0 decoding is greedy" in err
+
+
+def test_prepare_reads_the_tokenizer_first_and_counts_bad_bytes_from_the_files_start(tmp_path, capsys, monkeypatch):
+    """A bad --tokenizer failed only after the whole corpus was read (a file path was said to hold
+    no tokenizer files); a BOM made the reported offset of a bad byte 3 short; main printed
+    prepare's ./python note although it has no --corpus."""
+    from fastweights.commands import prepare as prepare_cmd
+
+    monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "corpus", docs=6)
+    monkeypatch.setattr(prepare_cmd, "build_corpus", lambda *a, **k: pytest.fail("read the corpus first"))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    for given, match in ((tmp_path / "none", "tokenizer directory not found"),
+                         (tmp_path / "tok" / "tokenizer.json", "a tokenizer is read from its directory .*got the "
+                                                               f"file {tmp_path / 'tok' / 'tokenizer.json'}: pass "
+                                                               f"{tmp_path / 'tok'}")):
+        line = _one_line_error(*run(["prepare", "--corpus", str(corpus), "--tokenizer", str(given), "--out",
+                                     str(tmp_path / "d")], capsys)[::2])
+        assert re.search(match, line), line
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
+    (corpus / "bom.txt").write_bytes(b"\xef\xbb\xbfhello\r\nworld \xff")
+    code, _, err = run(["prepare", "--corpus", str(corpus), "--out", str(tmp_path / "data"), "--vocab-size", "300",
+                        "--no-progress"], capsys)
+    assert code == 0 and "e.g. bom.txt (byte 16)" in err, err
+    (tmp_path / "python").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare_cmd, "build_corpus", lambda *a, **k: (_ for _ in ()).throw(FastWeightsError("stop")))
+    with pytest.raises(FastWeightsError, match="stop"):  # the function main calls says nothing of ./python
+        prepare_cmd.prepare(prepare_cmd.PrepareConfig(corpus="python", progress=False))
+    assert "built-in corpus" not in capsys.readouterr().err  # (the prepare command does: the test above)
+
+
+def test_evaluation_functions_leave_the_model_in_its_mode_and_take_a_split(small_data):
+    """perplexity and loss_by_position left a training model in eval mode (dynamic_eval gave its
+    mode back); perplexity(batch_size=0) raised range()'s error; dynamic_eval refused a split
+    (a TokenStore: 'not iterable') where loss_by_position takes one."""
+    from tiny_models import tiny_model
+
+    from fastweights.data import Dataset
+    from fastweights.eval import loss_by_position, perplexity
+    from fastweights.eval.dynamic import DynamicEvalConfig, dynamic_eval
+
+    val = Dataset(small_data).split("val")
+    model = tiny_model("qwen3", layers=1, vocab_size=300).train()
+    perplexity(model, val, seq_len=16, max_rows=2, progress=False)
+    loss_by_position(model, val, length=32, first_bucket=8, max_docs=1, progress=False)
+    assert model.training
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        perplexity(model, val, seq_len=16, batch_size=0, progress=False)
+    docs = [torch.tensor(val.doc(i)[:20].astype("int64")) for i in range(2)]
+    cfg = DynamicEvalConfig(segment_length=8, lr=0.01, params="last:1")
+
+    class First2:  # the split's first two documents, cut as above, through its iteration
+        def __iter__(self):
+            return (d[:20] for _, d in zip(range(2), val, strict=False))
+
+    a = dynamic_eval(model, docs, cfg, count_flops=False, progress=False)
+    b = dynamic_eval(model, First2(), cfg, count_flops=False, progress=False)
+    assert a.dynamic.loss == b.dynamic.loss and a.static.loss == b.static.loss
+    assert len(list(val)) == len(val) and all((x == val.doc(i)).all() for i, x in enumerate(val))
+
+
+def test_a_warmup_longer_than_the_run_is_named(small_data, tmp_path, capsys):
+    """--warmup 10 with --steps 5 trained without ever reaching --lr, silently."""
+    code, _, err = run(["train", *train_args(small_data, tmp_path / "w", steps=2), "--warmup", "5"], capsys)
+    assert code == 0 and "warning: --warmup 5 >= --steps 2: the learning rate never reaches its peak" in err, err
+    code, _, err = run(["train", *train_args(small_data, tmp_path / "v", steps=2), "--warmup", "1"], capsys)
+    assert code == 0 and "never reaches its peak" not in err
+
+
+def test_generate_from_a_checkpoint_says_where_the_tokenizer_is(small_data, tmp_path, capsys):
+    """A checkpoint is a model directory eval reads, but it holds no tokenizer: generate said only
+    that there were no tokenizer files."""
+    assert run(["train", *train_args(small_data, tmp_path / "r", steps=2)], capsys)[0] == 0
+    ckpt = tmp_path / "r" / "checkpoints" / "step-00000002"
+    line = _one_line_error(*run(["generate", "--model", str(ckpt), "--no-progress"], capsys)[::2])
+    assert "is a training checkpoint, which holds no tokenizer; generate from the run's model directory" in line
+    code, out, err = run(["generate", "--model", str(tmp_path / "r" / "model"), "--max-new-tokens", "2",
+                          "--no-progress"], capsys)
+    assert code == 0, err

@@ -316,6 +316,31 @@ def test_a_resume_may_lower_the_learning_rate_and_the_clip(data, tmp_path, capsy
     assert "rate_changes" not in json.loads((run / "train_config.json").read_text())
 
 
+def test_a_resume_without_lr_or_clip_keeps_the_runs_own(data, tmp_path, capsys):
+    """A resume command that left out --lr took the default 3e-3 as a change of rate (the README's
+    run at 1e-5 would have gone on at 300 times its rate, with one line on stderr); left out, the
+    rate and the clip are those the run's last steps ran at, also after an earlier change."""
+    run = tmp_path / "keep"
+    _train(train_args(data, run, steps=4, save_every=2, lr=1e-3, clip=0.5))
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    capsys.readouterr()
+    _train([*train_args(data, run, steps=4), "--resume"])
+    assert "resuming" not in capsys.readouterr().err
+    saved = json.loads((run / "train_config.json").read_text())
+    assert (saved["lr"], saved["clip"]) == (1e-3, 0.5) and "rate_changes" not in saved
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    for s in (3, 4):
+        assert lrs[s] == pytest.approx(1e-3 * warmup_cosine(s - 1, 2, 4, 0.1), rel=1e-12), s
+    _train([*train_args(data, run, steps=6, lr=5e-4), "--resume"])  # a change, then a resume without --lr
+    _train([*train_args(data, run, steps=8), "--resume"])
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["lr"] == 5e-4 and saved["rate_changes"][-1] == {"step": 4, "lr": 5e-4, "clip": 0.5}
+    fresh = tmp_path / "fresh"  # a new run without them: the defaults
+    _train(train_args(data, fresh, steps=2))
+    assert (json.loads((fresh / "train_config.json").read_text())["lr"],
+            json.loads((fresh / "train_config.json").read_text())["clip"]) == (3e-3, 1.0)
+
+
 def test_a_damaged_state_json_names_the_checkpoint_before_it(data, tmp_path):
     """Like the other files of the newest checkpoint, a truncated state.json, or one without its
     counts (a raw KeyError/TypeError before), names the one to go back to."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
@@ -11,7 +12,7 @@ from transformers import GenerationConfig
 from fastweights._globals import caller_globals
 from fastweights.config import option, parse
 from fastweights.data.tokenizer import load_tokenizer
-from fastweights.errors import FastWeightsError, check_at_least
+from fastweights.errors import FastWeightsError, check_at_least, warn
 from fastweights.models.compat import hf_progress_bars
 from fastweights.models.presets import load_model
 from fastweights.train.trainer import pick_device
@@ -52,7 +53,14 @@ def _generate(cfg: GenerateConfig) -> str:
         raise FastWeightsError(f"top_p must be in (0, 1] (1: all tokens), got {cfg.top_p}")
     with hf_progress_bars(cfg.progress):
         model = load_model(cfg.model).to(pick_device(cfg.device)).eval()
-    tok = load_tokenizer(cfg.model)
+    try:
+        tok = load_tokenizer(cfg.model)
+    except FastWeightsError as err:
+        if (Path(cfg.model) / "state.json").is_file():  # a training checkpoint: its run's model has the tokenizer
+            raise FastWeightsError(f"{err}: {cfg.model} is a training checkpoint, which holds no tokenizer; generate "
+                                   f"from the run's model directory (<run>/model), or copy the tokenizer files of "
+                                   f"the run's dataset (<data>/tokenizer) into it") from None
+        raise
     ids = tok(cfg.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
     if ids.shape[1] == 0:
         raise FastWeightsError("the prompt is empty")
@@ -65,7 +73,16 @@ def _generate(cfg: GenerateConfig) -> str:
                            bos_token_id=saved.bos_token_id, pad_token_id=tok.eos_token_id)
     if cfg.temperature > 0:
         gen.temperature, gen.top_k, gen.top_p = cfg.temperature, cfg.top_k, cfg.top_p
+    elif cfg.top_k or cfg.top_p < 1:
+        warn(f"--top-k {cfg.top_k} and --top-p {cfg.top_p:g} apply to sampling: with --temperature 0 decoding is "
+             "greedy and ignores them (give a temperature > 0 to sample)")
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+    # the continuation as it reads after the prompt: decoded together with the prompt (a
+    # SentencePiece tokenizer drops a word-start space when the new tokens are decoded alone)
+    full = tok.decode(out[0], skip_special_tokens=True)
+    prompt = tok.decode(out[0, :ids.shape[1]], skip_special_tokens=True)
+    if full.startswith(prompt):
+        return full[len(prompt):]
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

@@ -35,12 +35,11 @@ def prepare(cfg: PrepareConfig) -> Dataset:
     """Build, tokenise (unless already done) and return the dataset."""
     for name, low in (("max_mb", 0), ("max_doc_kb", 0), ("tokenizer_sample_mb", 1), ("shard_tokens", 1)):
         check_at_least(name, getattr(cfg, name), low)
-    if cfg.corpus == "python" and Path("python").is_dir():
-        print("note: --corpus python is the built-in corpus (this interpreter's sources), not the directory "
-              "./python; pass --corpus ./python for that", file=sys.stderr)
     if cfg.max_doc_kb and cfg.corpus != "python":
         warn(f"--max-doc-kb caps the default corpus's documents (Python packages) only; "
              f"ignored for {cfg.corpus}")
+    # a bad --tokenizer fails before the corpus is read
+    tok = None if cfg.tokenizer == "bpe" else load_tokenizer(cfg.tokenizer)
     corpus = build_corpus(cfg.corpus, cfg.val_fraction, max_doc_bytes=cfg.max_doc_kb << 10,
                           max_bytes=cfg.max_mb << 20, text_field=cfg.text_field, progress=cfg.progress)
     m = corpus.manifest
@@ -55,16 +54,17 @@ def prepare(cfg: PrepareConfig) -> Dataset:
             warn(f"the {split} split is empty: {m['documents']} documents with --val-fraction "
                  f"{cfg.val_fraction} (documents go by a hash of their name); add documents or change "
                  f"--val-fraction")
-    if cfg.tokenizer == "bpe":
+    if tok is None:
         tok = train_bpe(corpus, cfg.vocab_size, sample_bytes=cfg.tokenizer_sample_mb << 20, progress=cfg.progress)
-    else:
-        tok = load_tokenizer(cfg.tokenizer)
     out = Path(cfg.out) if cfg.out else cache_dir() / "datasets" / dataset_key(corpus, tok)
     return tokenize_corpus(corpus, tok, out, shard_tokens=cfg.shard_tokens, progress=cfg.progress)
 
 
 def main(argv: list[str]) -> int:
     cfg = parse(PrepareConfig, argv, "fastweights prepare", __doc__)
+    if cfg.corpus == "python" and Path("python").is_dir():  # (main, which has no --corpus, does not say it)
+        print("note: --corpus python is the built-in corpus (this interpreter's sources), not the directory "
+              "./python; pass --corpus ./python for that", file=sys.stderr)
     ds = prepare(cfg)
     m = ds.meta
     print(f"dataset: {ds.path}")

@@ -142,7 +142,8 @@ def _user_documents(root: Path, text_field: str, progress: bool = True) -> tuple
                 text = raw.decode("utf-8-sig")
             except UnicodeDecodeError as err:  # kept, with U+FFFD for the bad bytes: prepare says so
                 text = raw.decode("utf-8-sig", errors="replace")
-                replaced.append(f"{rel} (byte {err.start})")
+                bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # the decoder counts from after a BOM
+                replaced.append(f"{rel} (byte {err.start + bom})")
             # as a text-mode read would (JSONL and parquet texts keep theirs: "\r\n" is in their strings)
             docs.append(Document(rel, text.replace("\r\n", "\n").replace("\r", "\n")))
         elif f.suffix == ".jsonl":
@@ -151,7 +152,9 @@ def _user_documents(root: Path, text_field: str, progress: bool = True) -> tuple
                     try:
                         line = raw.decode("utf-8-sig" if i == 0 else "utf-8")  # a BOM may open the file
                     except UnicodeDecodeError as err:
-                        raise FastWeightsError(f"{f}:{i + 1}: not UTF-8 ({err.reason} at byte {err.start})") from None
+                        bom = 3 if i == 0 and raw.startswith(b"\xef\xbb\xbf") else 0
+                        raise FastWeightsError(f"{f}:{i + 1}: not UTF-8 ({err.reason} at byte {err.start + bom})"
+                                               ) from None
                     if not line.strip():
                         continue
                     try:

@@ -63,6 +63,11 @@ class TokenStore:
     def total_tokens(self) -> int:
         return int(self.lengths.sum())
 
+    def __iter__(self):
+        """The documents in order, as :meth:`doc` gives them (so a split serves wherever documents do,
+        e.g. ``dynamic_eval(model, dataset.split("val"))``)."""
+        return (self.doc(i) for i in range(len(self)))
+
     def doc(self, i: int) -> np.ndarray:
         shard, start, length = (int(v) for v in self.index[i])
         if shard not in self._shards:

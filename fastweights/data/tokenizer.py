@@ -85,6 +85,9 @@ def load_tokenizer(path: str | os.PathLike):
     path = Path(path)
     if not path.exists():
         raise FastWeightsError(f"tokenizer directory not found: {path}")
+    if path.is_file():
+        raise FastWeightsError(f"a tokenizer is read from its directory (tokenizer.json, tokenizer_config.json), "
+                               f"got the file {path}: pass {path.parent}")
     if not any((path / f).exists() for f in TOKENIZER_FILES):
         raise FastWeightsError(f"no tokenizer files (tokenizer.json, tokenizer_config.json) in {path}")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)

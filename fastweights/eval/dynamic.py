@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -269,7 +270,8 @@ def _summarise(per_doc: list[list[torch.Tensor]], seconds: float, flops: float |
 def _token_docs(seqs: Iterable, what: str, device) -> list[torch.Tensor]:
     """``seqs`` as 1-D long tensors on ``device``; a negative id (an ignored target, -100,
     appended as a token, say) raises: it would be scored as a loss of 0."""
-    docs = [torch.as_tensor(d).flatten().long() for d in seqs]
+    # a TokenStore's documents are read-only arrays (with their EOS): copied
+    docs = [(d if isinstance(d, torch.Tensor) else torch.tensor(np.asarray(d))).flatten().long() for d in seqs]
     for i, d in enumerate(docs):
         if d.numel() and int(d.min()) < 0:
             raise ValueError(f"{what} {i} holds token id {int(d.min())}; token ids must be >= 0")

@@ -4,6 +4,7 @@ next-token loss by position over long documents."""
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -30,19 +31,37 @@ def token_losses(model, fields: dict[str, torch.Tensor]) -> torch.Tensor:
     return causal_lm_loss(logits, f["targets"], reduction="none")
 
 
+@contextmanager
+def evaluating(model):
+    """``model`` in eval mode inside the block; its own mode (train or eval) after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def perplexity(model, store: TokenStore, seq_len: int, batch_size: int = 8, max_rows: int | None = None,
                progress: bool = True) -> dict:
     """Mean loss and perplexity over packed rows of ``store`` in corpus order (no shuffle);
     ``max_rows`` None (or more rows than the split has): the whole split, its last partial
     row included (every target once).
 
-    Returns ``{"loss", "perplexity", "tokens", "rows"}``."""
+    Returns ``{"loss", "perplexity", "tokens", "rows"}``. The model is evaluated in eval mode and
+    left in its own mode."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    with evaluating(model):
+        return _perplexity(model, store, seq_len, batch_size, max_rows, progress)
+
+
+def _perplexity(model, store, seq_len, batch_size, max_rows, progress) -> dict:
     rows = PackedRows(store, seq_len, shuffle=False)
     n = len(rows) if max_rows is None else min(len(rows), max_rows)
     if n == 0:
         raise FastWeightsError(f"the split has fewer than {seq_len + 1} tokens: lower --seq-len")
     total, count = 0.0, 0
-    model.eval()
     for start in progress_bar(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress):
         batch = rows.batch(start, min(batch_size, n - start))
         losses = token_losses(model, batch)
@@ -86,12 +105,17 @@ def loss_by_position(model, store: TokenStore, length: int, first_bucket: int = 
     per row, cut to ``length`` tokens. Buckets are ``[0, first)``, ``[first, 2·first)``,
     ``[2·first, 4·first)``, ... (position = index of the predicting token).
 
-    Returns ``{"length", "documents", "buckets": [{"start", "end", "loss", "tokens"}], "loss"}``."""
+    Returns ``{"length", "documents", "buckets": [{"start", "end", "loss", "tokens"}], "loss"}``.
+    The model is evaluated in eval mode and left in its own mode."""
+    with evaluating(model):
+        return _loss_by_position(model, store, length, first_bucket, max_docs, min_length, progress)
+
+
+def _loss_by_position(model, store, length, first_bucket, max_docs, min_length, progress) -> dict:
     edges = position_edges(length, first_bucket)
     sums = torch.zeros(len(edges) - 1, dtype=torch.float64)
     counts = torch.zeros(len(edges) - 1, dtype=torch.float64)
     ndocs = 0
-    model.eval()
     docs = long_rows(store, length, min_length=min_length, max_docs=max_docs)
     for _, fields in progress_bar(docs, desc="loss by position", unit="doc", disable=not progress,
                                   total=max_docs):

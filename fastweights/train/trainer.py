@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -81,12 +81,14 @@ class TrainConfig:
                            "(also only up to --forgetting-until)", "none")
     forgetting_every: int = option("forgetting: steps between re-initialisations of the token embeddings", 1000)
     forgetting_until: int = option("temporary forgetting: last step with a re-initialisation", 0)
-    lr: float = option("peak learning rate", 3e-3)
+    lr: float | None = option("peak learning rate (default 3e-3; with --resume, the rate the run's last steps ran "
+                              "at unless given)", None)
     min_lr_ratio: float = option("the floor the cosine decays toward, as a fraction of the peak (reached at step "
                                  "--steps, one past the last)", 0.1)
     warmup: int = option("linear warmup steps", 20)
     weight_decay: float = option("AdamW weight decay (matrices only)", 0.1)
-    clip: float = option("gradient-norm clipping threshold (0: off)", 1.0)
+    clip: float | None = option("gradient-norm clipping threshold, 0: off (default 1.0; with --resume, the run's "
+                                "unless given)", None)
     seed: int = option("seed for the data order and the model init of a preset --model or of a --model DIR "
                        "that holds a config.json alone (a DIR with weights brings its own)", 0)
     device: str = option("auto, cpu or cuda[:i]", "auto")
@@ -379,6 +381,8 @@ RESUMABLE = frozenset({"out", "resume", "progress", "threads", "save_every", "ke
 # goes on from a checkpoint with smaller ones), recorded in train_config.json's "rate_changes"; a
 # caller that always resumes (``fastweights main``) keeps them fixed
 RATE_SETTINGS = ("lr", "clip")
+# their values when not given (None): a new run's; a resumed run keeps the ones its last steps ran at
+DEFAULT_RATES = {"lr": 3e-3, "clip": 1.0}
 
 
 def _unreadable(ckpt: Path, err: Exception) -> FastWeightsError:
@@ -395,7 +399,8 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
     its dataset (by the dataset's key: a moved dataset is the same one, another dataset at the
     same path is not), and with ``steps`` at least the steps done. ``resumer`` names what asked
     to continue it, in the messages. Returns the rate settings that change against those the
-    checkpoint's steps ran at, {name: (was, now)}, and the run's ``rate_changes`` up to it."""
+    checkpoint's steps ran at, {name: (was, now)}, the run's ``rate_changes`` up to it, and the
+    rate settings to train with (a rate left None takes the one the checkpoint's steps ran at)."""
     try:
         state = json.loads((ckpt / "state.json").read_text())
         if not isinstance(state, dict):
@@ -420,6 +425,9 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
     # entry, step 0, the run's own); those at or after the checkpoint's step are undone by this resume
     history = [h for h in saved.get("rate_changes", []) if h["step"] < done]
     inforce = history[-1] if history else saved  # the settings the checkpoint's last steps ran at
+    for k in RATE_SETTINGS:  # not given: the run's own
+        if now[k] is None:
+            now[k] = inforce[k]
     same_data, same_model = saved.get("dataset_key"), saved.get("model_key")
     rates = set(RATE_SETTINGS) if resumer == "--resume" else set()
     skip = RESUMABLE | rates | ({"data"} if same_data else set()) | ({"model"} if same_model else set())
@@ -439,7 +447,8 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
     if changed:  # the run's own settings first, as step 0's entry
         start = history or [{"step": 0, **{k: inforce[k] for k in RATE_SETTINGS}}]
         history = [*start, {"step": done, **{k: now[k] for k in RATE_SETTINGS}}]
-    return changed, history if len(history) > 1 else []  # the run's own settings alone: no change
+    rates = {k: now[k] for k in RATE_SETTINGS}
+    return changed, history if len(history) > 1 else [], rates  # the run's own settings alone: no change
 
 
 def _check_record(path: Path, saved, resumer: str) -> None:
@@ -564,11 +573,12 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
     check_at_least("ttt_chunk", cfg.ttt_chunk, 0)  # 0: the model's default
     check_at_least("seed", cfg.seed, 0)
     check_at_least("threads", cfg.threads, 0)  # 0: auto
-    for name, ok, allowed in (("lr", cfg.lr > 0, "> 0"), ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+    for name, ok, allowed in (("lr", cfg.lr is None or cfg.lr > 0, "> 0"),
+                              ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
                               ("warmup", cfg.warmup >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-                              ("clip", cfg.clip >= 0, ">= 0 (0: off)"), ("keep", cfg.keep >= 0, ">= 0 (0: all)"),
-                              ("ttt_lr", cfg.ttt_lr >= 0, ">= 0")):
-        if not ok or not math.isfinite(getattr(cfg, name)):
+                              ("clip", cfg.clip is None or cfg.clip >= 0, ">= 0 (0: off)"),
+                              ("keep", cfg.keep >= 0, ">= 0 (0: all)"), ("ttt_lr", cfg.ttt_lr >= 0, ">= 0")):
+        if not ok or not math.isfinite(getattr(cfg, name) if getattr(cfg, name) is not None else 0.0):
             raise FastWeightsError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
     rank, world, dp_device, created = _setup_parallel(cfg)
     if cfg.batch_size % world:
@@ -593,9 +603,11 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
     if cfg.resume and ckpt is None and resumer == "--resume":  # a mistyped --out would train anew unnoticed
         warn(f"--resume: {out} holds no checkpoint, so this run starts from step 0")
     if cfg.resume and ckpt is not None:
-        rate_changes, history = _check_resume(out, ckpt, cfg, ds.meta["key"], resumer)
+        rate_changes, history, rates = _check_resume(out, ckpt, cfg, ds.meta["key"], resumer)
+        cfg = replace(cfg, **rates)
         if cfg.fwl and (ckpt / "config.json").is_file():  # the FWL's scale as the run was trained (it was
             saved_fwl_scale = _read_json(ckpt / "config.json").get("fwl_grad_scale")  # per micro-batch once)
+    cfg = replace(cfg, **{k: DEFAULT_RATES[k] for k in RATE_SETTINGS if getattr(cfg, k) is None})  # a new run
 
     if kind == "local":
         check_dataset_tokenizer(cfg.model, ds)
@@ -675,6 +687,9 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
         _replace_text(out / "train_config.json", json.dumps(
             {**asdict(cfg), "dataset_key": ds.meta["key"], "model_key": model_key(cfg.model),
              **({"rate_changes": history} if history else {})}, indent=2))
+        if cfg.warmup >= cfg.steps > step:  # a short trial run with the default warmup: never at the peak rate
+            warn(f"--warmup {cfg.warmup} >= --steps {cfg.steps}: the learning rate never reaches its peak (--lr); "
+                 f"lower --warmup for a run this short")
 
     fwd = torch.compile(model) if cfg.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
