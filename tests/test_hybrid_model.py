@@ -1194,3 +1194,14 @@ def test_flex_backend_on_cpu_refuses_gradients_by_name(mixers):
     model.train()
     with pytest.raises(ValueError, match=r"attn_backend='flex' cannot take gradients on CPU.*'auto' or 'sdpa'"):
         model(ids, labels=ids).loss.backward()
+
+
+def test_labels_with_a_cut_logits_to_keep_are_named():
+    """labels with logits_to_keep=1 failed inside cross_entropy ("Expected input batch_size (0) to
+    match target batch_size (12)")."""
+    model = tiny(["lact", "swa"])
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with pytest.raises(ValueError, match=r"labels \(2, 7\) need the logits of every position, got logits for 1 of "
+                                         r"them: pass logits_to_keep=0"):
+        model(ids, labels=ids, logits_to_keep=1)
+    assert torch.isfinite(model(ids, labels=ids).loss)

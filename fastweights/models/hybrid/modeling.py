@@ -360,6 +360,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
+            if logits.shape[:2] != labels.shape[:2]:
+                raise ValueError(f"labels {tuple(labels.shape)} need the logits of every position, got logits for "
+                                 f"{logits.shape[1]} of them: pass logits_to_keep=0 (the default) with labels")
             flat = logits[:, :-1].flatten(0, 1)
             flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
             targets = labels[:, 1:].flatten().to(logits.device)
