@@ -240,3 +240,11 @@ def test_a_negative_or_zero_learned_rate():
         for o, g in grads[1:]:
             assert (o - grads[0][0]).abs().max() < 1e-10 and torch.isfinite(g), lr
             assert abs(float(g - grads[0][1])) < 1e-9 * (1 + abs(float(grads[0][1]))), lr
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "fast"])
+def test_empty_batches_and_sequences_with_tau(impl):
+    for B, N in ((0, 5), (2, 0)):
+        x = inputs(B, N, 2, 3, seed=0)
+        o = inplace_ttt(x["z"], x["s"], x["w0"], x["conv"], None, 1.0, 2, impl=impl, max_update_norm=1.0)
+        assert o.shape == (B, N, 2)

@@ -209,7 +209,7 @@ def clip_targets(v: torch.Tensor, z: torch.Tensor, g: torch.Tensor, lr, max_norm
     for float64) one chunk at a time; a chunk within the bound keeps factor 1 exactly. Autograd
     differentiates the factor."""
     B, N, d = v.shape
-    if max_norm is None or N == 0:
+    if max_norm is None or N == 0 or B == 0:
         return v
     f = z.shape[2]
     acc = torch.float64 if v.dtype == torch.float64 or z.dtype == torch.float64 else torch.float32
@@ -231,7 +231,8 @@ def clip_targets(v: torch.Tensor, z: torch.Tensor, g: torch.Tensor, lr, max_norm
     # (nor by η = 0, whose gradient would be NaN)
     big = sq * eta * eta > max_norm * max_norm
     one = torch.ones_like(sq)
-    factor = torch.where(big, max_norm / torch.where(big, eta * torch.where(big, sq, one).sqrt(), one), one)
+    norm = torch.where(big, eta * torch.where(big, sq, one).sqrt(), one)  # 1 where unused: never 0 or inf
+    factor = torch.where(big, max_norm / norm, one)
     per_token = factor.repeat_interleave(torch.tensor(lengths, device=factor.device)).view(B, N, 1)
     return v * per_token.to(v.dtype)
 
