@@ -1032,3 +1032,45 @@ def test_generate_from_a_checkpoint_says_where_the_tokenizer_is(small_data, tmp_
     code, out, err = run(["generate", "--model", str(tmp_path / "r" / "model"), "--max-new-tokens", "2",
                           "--no-progress"], capsys)
     assert code == 0, err
+
+
+def test_max_update_norm_through_convert_eval_and_generate(small_data, tmp_path, capsys, monkeypatch):
+    """SPEC's clipping is an inference option: convert records it, and eval and generate set it on a
+    saved model for their run (the layers and the config), refusing a model without TTT layers."""
+    from tiny_models import tiny_model
+
+    from fastweights.commands import eval as eval_cmd
+    from fastweights.commands import generate as gen_cmd
+    from fastweights.data.tokenizer import load_tokenizer
+
+    src = tmp_path / "src"
+    tiny_model("qwen3", layers=2, vocab_size=300).save_pretrained(src)
+    load_tokenizer(small_data / "tokenizer").save_pretrained(src)
+    code, _, err = run(["convert", "--model", str(src), "--out", str(tmp_path / "c"), "--layers", "1",
+                        "--chunk-size", "8", "--max-update-norm", "0.5", "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["ttt_max_update_norm"] == 0.5
+    seen = {}
+    for cmd, mod in (("eval", eval_cmd), ("generate", gen_cmd)):
+        real = mod.load_model
+
+        def spy(path, _real=real, _cmd=cmd, **kw):
+            seen[_cmd] = m = _real(path, **kw)
+            return m
+
+        monkeypatch.setattr(mod, "load_model", spy)
+    argv = ["eval", "--model", str(tmp_path / "c"), "--data", str(small_data), "--out", str(tmp_path / "e.json"),
+            "--no-progress", "--ppl-rows", "1", "--length", "64", "--max-docs", "1", "--seq-len", "32",
+            "--first-bucket", "16", "--max-update-norm", "0.25"]
+    assert run(argv, capsys)[0] == 0
+    assert run(["generate", "--model", str(tmp_path / "c"), "--max-new-tokens", "2", "--no-progress",
+                "--max-update-norm", "0.125"], capsys)[0] == 0
+    for cmd, tau in (("eval", 0.25), ("generate", 0.125)):
+        m = seen[cmd]
+        assert m.config.ttt_max_update_norm == tau
+        assert [x.max_update_norm for x in m.modules() if hasattr(x, "ttt_conv")] == [tau]
+    line = _one_line_error(*run(["generate", "--model", str(src), "--max-update-norm", "1", "--no-progress"],
+                                capsys)[::2])
+    assert "has no In-Place TTT MLPs: max_update_norm applies to them" in line
+    line = _one_line_error(*run(["generate", "--model", str(tmp_path / "c"), "--max-update-norm", "-1"], capsys)[::2])
+    assert "max_update_norm must be None (no clipping) or a finite number > 0, got -1.0" in line

@@ -22,6 +22,8 @@ class ConvertConfig:
     lr: float = option("inner learning rate eta", 3.0)
     target: str = option("target source: hidden (continual training) or embed (from scratch)", "hidden")
     proj: bool = option("learn the target projection P", True)
+    max_update_norm: float | None = option("clip each chunk's fast-weight update to this Frobenius norm (default: "
+                                           "no clipping)", None)
     dtype: str = option("dtype of the saved model: auto (the checkpoint's own), float32, bfloat16 or float16", "auto")
     progress: bool = option("show transformers' progress bars (loading and saving the model)", True)
 
@@ -41,7 +43,8 @@ def main(argv: list[str]) -> int:
         raise FastWeightsError(f"--out {cfg.out} exists and is not a directory")
     with hf_progress_bars(cfg.progress):
         model = load_model(cfg.model, dtype=DTYPES[cfg.dtype])
-        convert(model, layers=cfg.layers, chunk_size=cfg.chunk_size, lr=cfg.lr, target=cfg.target, proj=cfg.proj)
+        convert(model, layers=cfg.layers, chunk_size=cfg.chunk_size, lr=cfg.lr, target=cfg.target, proj=cfg.proj,
+                max_update_norm=cfg.max_update_norm)
         model.save_pretrained(cfg.out)
     src = Path(cfg.model)
     if (src / "tokenizer.json").exists() or (src / "tokenizer_config.json").exists():

@@ -17,7 +17,9 @@ from fastweights.eval.lm import long_docs_error, loss_by_position, perplexity
 from fastweights.eval.passkey import check_passkey_settings, passkey_eval, passkey_prompts
 from fastweights.eval.plot import plot_passkey
 from fastweights.models.compat import hf_progress_bars
+from fastweights.models.inplace_ttt import set_max_update_norm
 from fastweights.models.presets import check_causal, check_vocab, load_model
+from fastweights.ops.inplace_ttt import check_max_update_norm
 from fastweights.train.trainer import pick_device, set_threads
 
 
@@ -38,6 +40,8 @@ class EvalConfig:
     png: str = option("passkey heatmap PNG (default: next to --out)", "")
     device: str = option("auto, cpu or cuda[:i]", "auto")
     seed: int = option("seed for passkey sampling", 0)
+    max_update_norm: float | None = option("In-Place TTT models: clip each chunk's fast-weight update to this "
+                                           "Frobenius norm (default: the model's config, ttt_max_update_norm)", None)
     threads: int = option("torch CPU threads (0: auto, see `fastweights train --help`)", 0)
     progress: bool = option("show progress bars", True)
     dynamic: bool = option("also run dynamic evaluation (fastweights.eval.dynamic) next to static evaluation", False)
@@ -91,6 +95,7 @@ def _evaluate(cfg: EvalConfig) -> dict:
             check_passkey_settings(cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_trials, cfg.seed)
         except ValueError as err:
             raise FastWeightsError(f"--passkey-*: {err}") from None
+    check_max_update_norm(cfg.max_update_norm)
     out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
     check_file_path("out", out)  # before the evaluation, not after it
     if cfg.png:
@@ -100,6 +105,8 @@ def _evaluate(cfg: EvalConfig) -> dict:
     set_threads(cfg.threads, device)
     check_dataset_tokenizer(cfg.model, ds)
     model = load_model(cfg.model).to(device)
+    if cfg.max_update_norm is not None:
+        set_max_update_norm(model, cfg.max_update_norm)
     check_vocab(model, ds.vocab_size, cfg.model)
     check_causal(model, cfg.model)
     dcfg = _dynamic_config(model, cfg) if cfg.dynamic else None  # bad settings fail before any evaluation

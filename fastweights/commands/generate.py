@@ -14,7 +14,9 @@ from fastweights.config import option, parse
 from fastweights.data.tokenizer import load_tokenizer
 from fastweights.errors import FastWeightsError, check_at_least, warn
 from fastweights.models.compat import hf_progress_bars
+from fastweights.models.inplace_ttt import set_max_update_norm
 from fastweights.models.presets import load_model
+from fastweights.ops.inplace_ttt import check_max_update_norm
 from fastweights.train.trainer import pick_device
 
 
@@ -27,6 +29,8 @@ class GenerateConfig:
     top_k: int = option("sample from the k most likely tokens (0: all)", 0)
     top_p: float = option("sample from the smallest set of tokens whose probability reaches p (1: all)", 1.0)
     seed: int = option("sampling seed", 0)
+    max_update_norm: float | None = option("In-Place TTT models: clip each chunk's fast-weight update to this "
+                                           "Frobenius norm (default: the model's config, ttt_max_update_norm)", None)
     device: str = option("auto, cpu or cuda[:i]", "auto")
     progress: bool = option("show transformers' progress bar while the model loads", True)
 
@@ -51,8 +55,11 @@ def _generate(cfg: GenerateConfig) -> str:
         raise FastWeightsError(f"temperature must be >= 0 (0: greedy), got {cfg.temperature}")
     if not (0 < cfg.top_p <= 1):
         raise FastWeightsError(f"top_p must be in (0, 1] (1: all tokens), got {cfg.top_p}")
+    check_max_update_norm(cfg.max_update_norm)
     with hf_progress_bars(cfg.progress):
         model = load_model(cfg.model).to(pick_device(cfg.device)).eval()
+        if cfg.max_update_norm is not None:
+            set_max_update_norm(model, cfg.max_update_norm)
     try:
         tok = load_tokenizer(cfg.model)
     except FastWeightsError as err:

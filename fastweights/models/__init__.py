@@ -9,6 +9,7 @@ from fastweights.models.inplace_ttt import (
     is_converted,
     load_pretrained,
     register_family,
+    set_max_update_norm,
     ttt_modules,
     ttt_parameters,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "is_converted",
     "load_pretrained",
     "register_family",
+    "set_max_update_norm",
     "ttt_modules",
     "ttt_parameters",
 ]

@@ -52,6 +52,7 @@ __all__ = [
     "is_converted",
     "load_pretrained",
     "register_family",
+    "set_max_update_norm",
     "ttt_modules",
     "ttt_parameters",
 ]
@@ -412,6 +413,20 @@ def _convert_from_config(model: PreTrainedModel, config) -> None:
     )
     tau = check_max_update_norm(getattr(config, "ttt_max_update_norm", None))
     _install(model, layers, chunk, lr, target, proj, tau)
+
+
+def set_max_update_norm(model: nn.Module, max_update_norm: float | None) -> None:
+    """Clip each chunk's update of every In-Place TTT MLP of ``model`` (converted or hybrid) to
+    Frobenius norm ``max_update_norm`` (None: no clipping), and record it in ``model.config``
+    (``ttt_max_update_norm``, which ``save_pretrained`` keeps and a new cache checks)."""
+    tau = check_max_update_norm(max_update_norm)
+    mlps = ttt_modules(model)
+    if not mlps:
+        raise FastWeightsError(f"{type(model).__name__} has no In-Place TTT MLPs: max_update_norm applies to them")
+    for m in mlps:
+        m.max_update_norm = tau
+    if getattr(model, "config", None) is not None:
+        model.config.ttt_max_update_norm = tau
 
 
 def is_converted(model: nn.Module) -> bool:
