@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from pipeline_helpers import prepare_args, train_args, write_corpus
@@ -996,11 +997,14 @@ def test_evaluation_functions_leave_the_model_in_its_mode_and_take_a_split(small
 
     val = Dataset(small_data).split("val")
     model = tiny_model("qwen3", layers=1, vocab_size=300).train()
+    model.model.layers[0].eval()  # a mixed model: each submodule keeps its own mode
+    modes = [m.training for m in model.modules()]
     perplexity(model, val, seq_len=16, max_rows=2, progress=False)
     loss_by_position(model, val, length=32, first_bucket=8, max_docs=1, progress=False)
-    assert model.training
+    assert [m.training for m in model.modules()] == modes and model.training
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         perplexity(model, val, seq_len=16, batch_size=0, progress=False)
+    assert perplexity(model, val, seq_len=16, batch_size=np.int64(2), max_rows=2, progress=False)["rows"] == 2
     docs = [torch.tensor(val.doc(i)[:20].astype("int64")) for i in range(2)]
     cfg = DynamicEvalConfig(segment_length=8, lr=0.01, params="last:1")
 
@@ -1015,11 +1019,14 @@ def test_evaluation_functions_leave_the_model_in_its_mode_and_take_a_split(small
 
 
 def test_a_warmup_longer_than_the_run_is_named(small_data, tmp_path, capsys):
-    """--warmup 10 with --steps 5 trained without ever reaching --lr, silently."""
+    """--warmup 10 with --steps 5 trained without ever reaching --lr, silently (the warmup's last
+    step is the first at the peak: --warmup equal to --steps reaches it)."""
     code, _, err = run(["train", *train_args(small_data, tmp_path / "w", steps=2), "--warmup", "5"], capsys)
-    assert code == 0 and "warning: --warmup 5 >= --steps 2: the learning rate never reaches its peak" in err, err
-    code, _, err = run(["train", *train_args(small_data, tmp_path / "v", steps=2), "--warmup", "1"], capsys)
+    assert code == 0 and "warning: --warmup 5 > --steps 2: the learning rate never reaches its peak" in err, err
+    code, _, err = run(["train", *train_args(small_data, tmp_path / "v", steps=2), "--warmup", "2"], capsys)
     assert code == 0 and "never reaches its peak" not in err
+    lrs = [json.loads(r)["lr"] for r in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[-1] == pytest.approx(3e-3)  # the peak, at the last step
 
 
 def test_generate_from_a_checkpoint_says_where_the_tokenizer_is(small_data, tmp_path, capsys):

@@ -469,3 +469,30 @@ def test_progress_bars_keep_their_pace_in_a_notebook(monkeypatch):
     monkeypatch.setattr("sys.stderr", io.StringIO())
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     assert _progress.progress_bar(range(2)).mininterval == 0.1
+
+
+def test_long_documents_raise_no_model_max_length_warning(tmp_path):
+    """Whole documents longer than the tokenizer's model_max_length made transformers warn of
+    "indexing errors" (rows are cut to --seq-len later); the limit is kept as it was."""
+    import logging
+
+    from fastweights.data.corpus import Document
+    from fastweights.data.store import _tokenized
+
+    root = write_corpus(tmp_path / "corpus", docs=6)
+    tok = train_bpe(build_corpus(str(root), val_fraction=0.25), 300)
+    tok.model_max_length = 16
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        [(_, ids)] = list(_tokenized([Document("long", "def f(x):\n    return x\n" * 50)], tok, np.uint16))
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert len(ids) > 16 and not [r for r in records if "model_max_length" in r or "maximum sequence" in r], records
+    assert tok.model_max_length == 16

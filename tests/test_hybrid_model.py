@@ -1201,7 +1201,10 @@ def test_labels_with_a_cut_logits_to_keep_are_named():
     match target batch_size (12)")."""
     model = tiny(["lact", "swa"])
     ids = torch.randint(0, VOCAB, (2, 7))
-    with pytest.raises(ValueError, match=r"labels \(2, 7\) need the logits of every position, got logits for 1 of "
-                                         r"them: pass logits_to_keep=0"):
-        model(ids, labels=ids, logits_to_keep=1)
+    for keep in (1, torch.arange(7).flip(0)):  # positions cut, or all of them in another order
+        with pytest.raises(ValueError, match=r"labels need the logits of every position, in order: pass "
+                                             r"logits_to_keep=0"):
+            model(ids, labels=ids, logits_to_keep=keep)
+    with pytest.raises(ValueError, match=r"labels must be \(B, N\) = \(2, 7\), as the input, got \(2, 3\)"):
+        model(ids, labels=ids[:, :3])
     assert torch.isfinite(model(ids, labels=ids).loss)

@@ -316,6 +316,19 @@ def test_a_resume_may_lower_the_learning_rate_and_the_clip(data, tmp_path, capsy
     assert "rate_changes" not in json.loads((run / "train_config.json").read_text())
 
 
+def test_a_run_on_a_dataset_encoded_anew_cannot_resume_and_says_why(data, tmp_path):
+    """After prepare rebuilt a dataset with the new encoding (its key differs only in "-e<N>"), a
+    resume said the dataset differed, printing two identical 12-character keys."""
+    run = tmp_path / "enc"
+    _train(train_args(data, run, steps=2))
+    cfg = json.loads((run / "train_config.json").read_text())
+    old = cfg["dataset_key"].rsplit("-e", 1)[0] + "-e2"
+    (run / "train_config.json").write_text(json.dumps({**cfg, "dataset_key": old}))
+    with pytest.raises(FastWeightsError, match=rf"as it was encoded before \(key {old}\); `prepare` has since rebuilt "
+                                               rf"it .*key {cfg['dataset_key']}.*train into a new --out"):
+        _train([*train_args(data, run, steps=4), "--resume"])
+
+
 def test_a_resume_without_lr_or_clip_keeps_the_runs_own(data, tmp_path, capsys):
     """A resume command that left out --lr took the default 3e-3 as a change of rate (the README's
     run at 1e-5 would have gone on at 300 times its rate, with one line on stderr); left out, the

@@ -146,8 +146,15 @@ def _tokenized(docs, tokenizer, dtype, batch_chars: int = 4 << 20):
 
     def run():
         # split_special_tokens: a document's own "<|endoftext|>" is text; only the EOS appended
-        # by the caller ends a document
-        encoded = tokenizer([d.text for d in batch], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        # by the caller ends a document. A document longer than the model's context is stored
+        # whole (rows are cut later): transformers' warning about model_max_length does not apply.
+        limit = tokenizer.model_max_length
+        tokenizer.model_max_length = int(1e30)
+        try:
+            encoded = tokenizer([d.text for d in batch], add_special_tokens=False,
+                                split_special_tokens=True)["input_ids"]
+        finally:
+            tokenizer.model_max_length = limit
         for doc, ids in zip(batch, encoded, strict=True):
             yield doc, np.asarray(ids, dtype=dtype)
         batch.clear()
@@ -217,7 +224,8 @@ def _tokenize_locked(corpus: Corpus, tokenizer, out: Path, shard_tokens: int, pr
         # the same documents and tokenizer, prepared by an earlier fastweights (its split may
         # have had another val_fraction, its encoding an EOS inside a document or documents cut
         # into pieces): built anew
-        print(f"rebuilding {out}: prepared by an earlier fastweights (key {ds.meta['key']})", file=sys.stderr)
+        print(f"rebuilding {out}: prepared by an earlier fastweights (key {ds.meta['key']}); training runs that read "
+              f"it cannot resume on the rebuilt one", file=sys.stderr)
         shutil.rmtree(out)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FastWeightsError(f"{out} exists and is not a dataset directory: pick another --out (an empty or new "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from numbers import Integral
 
 import torch
 
@@ -33,13 +34,14 @@ def token_losses(model, fields: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @contextmanager
 def evaluating(model):
-    """``model`` in eval mode inside the block; its own mode (train or eval) after it."""
-    was_training = model.training
+    """``model`` in eval mode inside the block; after it, every submodule in the mode it had."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def perplexity(model, store: TokenStore, seq_len: int, batch_size: int = 8, max_rows: int | None = None,
@@ -50,10 +52,10 @@ def perplexity(model, store: TokenStore, seq_len: int, batch_size: int = 8, max_
 
     Returns ``{"loss", "perplexity", "tokens", "rows"}``. The model is evaluated in eval mode and
     left in its own mode."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     with evaluating(model):
-        return _perplexity(model, store, seq_len, batch_size, max_rows, progress)
+        return _perplexity(model, store, seq_len, int(batch_size), max_rows, progress)
 
 
 def _perplexity(model, store, seq_len, batch_size, max_rows, progress) -> dict:

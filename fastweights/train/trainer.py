@@ -433,7 +433,13 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
     skip = RESUMABLE | rates | ({"data"} if same_data else set()) | ({"model"} if same_model else set())
     diff = [f"{k} {saved[k]!r} (now {now[k]!r})" for k in now if k in saved and k not in skip and saved[k] != now[k]]
     if same_data and same_data != dataset_key:
-        diff.insert(0, f"the dataset at --data {cfg.data!r} (key {dataset_key[:12]}…, the run's: {same_data[:12]}…)")
+        if same_data.rsplit("-e", 1)[0] == dataset_key.rsplit("-e", 1)[0]:  # the same documents, encoded anew
+            raise FastWeightsError(
+                f"{resumer} continues {out}, whose steps read the dataset at --data {cfg.data!r} as it was encoded "
+                f"before (key {same_data}); `prepare` has since rebuilt it with this fastweights' encoding (key "
+                f"{dataset_key}: each document tokenised whole), so the run's rows no longer exist: train into a "
+                f"new --out (from the run's model directory, to keep its training)")
+        diff.insert(0, f"the dataset at --data {cfg.data!r} (key {dataset_key}, the run's: {same_data})")
     if same_model and same_model != model_key(cfg.model):
         diff.insert(0, f"the model --model {cfg.model!r} ({model_key(cfg.model)[:20]}…, the run's: "
                        f"{same_model[:20]}…)")
@@ -687,9 +693,9 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
         _replace_text(out / "train_config.json", json.dumps(
             {**asdict(cfg), "dataset_key": ds.meta["key"], "model_key": model_key(cfg.model),
              **({"rate_changes": history} if history else {})}, indent=2))
-        if cfg.warmup >= cfg.steps > step:  # a short trial run with the default warmup: never at the peak rate
-            warn(f"--warmup {cfg.warmup} >= --steps {cfg.steps}: the learning rate never reaches its peak (--lr); "
-                 f"lower --warmup for a run this short")
+        if cfg.warmup > cfg.steps > step:  # a short trial run with the default warmup: never at the peak rate
+            warn(f"--warmup {cfg.warmup} > --steps {cfg.steps}: the learning rate never reaches its peak (--lr; the "
+                 f"warmup's last step, {cfg.warmup}, is the first at it); lower --warmup for a run this short")
 
     fwd = torch.compile(model) if cfg.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()

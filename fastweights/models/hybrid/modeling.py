@@ -360,9 +360,12 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            if logits.shape[:2] != labels.shape[:2]:
-                raise ValueError(f"labels {tuple(labels.shape)} need the logits of every position, got logits for "
-                                 f"{logits.shape[1]} of them: pass logits_to_keep=0 (the default) with labels")
+            if tuple(labels.shape) != tuple(out.last_hidden_state.shape[:2]):
+                raise ValueError(f"labels must be (B, N) = {tuple(out.last_hidden_state.shape[:2])}, as the input, "
+                                 f"got {tuple(labels.shape)}")
+            if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):  # positions cut or reordered
+                raise ValueError("labels need the logits of every position, in order: pass logits_to_keep=0 (the "
+                                 f"default) with labels, got {logits_to_keep!r}")
             flat = logits[:, :-1].flatten(0, 1)
             flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
             targets = labels[:, 1:].flatten().to(logits.device)
