@@ -111,6 +111,7 @@ def run(cfg: MainConfig) -> dict:
     print(f"corpus: {m['manifest']['documents']} documents, {m['manifest']['files']} files, "
           f"{m['manifest']['bytes'] / 1e6:.1f} MB, sha256 {m['manifest']['sha256'][:12]}; "
           f"tokens: train {m['splits']['train']['tokens']}, val {m['splits']['val']['tokens']}")
+
     def eval_config(model: str, name: str) -> EvalConfig:
         return EvalConfig(model=model, data=str(ds.path), out=str(out / name / "eval.json"),
                           seq_len=s["seq_len"], ppl_rows=s["ppl_rows"], length=s["eval_length"],

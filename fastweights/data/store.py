@@ -128,6 +128,12 @@ def _earlier_key(corpus: Corpus, tokenizer) -> str:
     return f"{corpus.manifest['sha256'][:16]}-{_tokenizer_hash(tokenizer)[:16]}"
 
 
+def same_documents(key: str, other: str) -> bool:
+    """Whether two dataset keys differ at most in their encoding (``-e<N>``, the last part): the
+    same documents, tokenizer and split."""
+    return str(key).rsplit("-e", 1)[0] == str(other).rsplit("-e", 1)[0]
+
+
 def dataset_key(corpus: Corpus, tokenizer, earlier: str | None = None) -> str:
     """``<corpus sha256[:16]>-<tokenizer sha256[:16]>-val<val_fraction>-e<ENCODING>``: what the
     documents are, how they split and how they are encoded (``earlier``: the first two parts,
@@ -216,8 +222,7 @@ def _tokenize_locked(corpus: Corpus, tokenizer, out: Path, shard_tokens: int, pr
         ds = Dataset(out)
         if ds.meta.get("key") == key:
             return ds
-        old_encoding = str(ds.meta.get("key")).rsplit("-e", 1)[0] == key.rsplit("-e", 1)[0]  # only "-e<N>" differs
-        if ds.meta.get("key") != earlier and not old_encoding:
+        if ds.meta.get("key") != earlier and not same_documents(ds.meta.get("key"), key):
             raise FastWeightsError(
                 f"{out} holds another dataset (key {ds.meta.get('key')}, want {key}); pick another --out"
             )

@@ -32,9 +32,8 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 __all__ = ["CACHE_KWARG", "TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "check_dynamic_cache",
-           "crop_length", "enable_activation_checkpointing", "hf_progress_bars", "keep_positions",
-           "own_config", "refuse_assisted_decoding", "resolve_use_cache", "take_cache",
-           "checkpointing_drops_cache"]
+           "checkpointing_drops_cache", "crop_length", "enable_activation_checkpointing", "hf_progress_bars",
+           "keep_positions", "own_config", "refuse_assisted_decoding", "resolve_use_cache", "take_cache"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):

@@ -33,7 +33,7 @@ from fastweights._globals import caller_globals
 from fastweights._progress import progress_bar
 from fastweights.config import option
 from fastweights.data.packing import IGNORE, PackedRows
-from fastweights.data.store import Dataset
+from fastweights.data.store import Dataset, same_documents
 from fastweights.data.tokenizer import check_dataset_tokenizer
 from fastweights.errors import FastWeightsError, check_at_least, is_int, is_real, warn
 from fastweights.models.compat import enable_activation_checkpointing, hf_progress_bars
@@ -393,7 +393,7 @@ def _unreadable(ckpt: Path, err: Exception) -> FastWeightsError:
 
 
 def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
-                  resumer: str = "--resume") -> tuple[dict[str, tuple], list[dict]]:
+                  resumer: str = "--resume") -> tuple[dict[str, tuple], list[dict], dict]:
     """Raise unless ``cfg`` continues the run in ``out`` (latest checkpoint ``ckpt``) with its
     settings (those outside RESUMABLE; RATE_SETTINGS too unless ``resumer`` is ``--resume``) and
     its dataset (by the dataset's key: a moved dataset is the same one, another dataset at the
@@ -433,7 +433,7 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
     skip = RESUMABLE | rates | ({"data"} if same_data else set()) | ({"model"} if same_model else set())
     diff = [f"{k} {saved[k]!r} (now {now[k]!r})" for k in now if k in saved and k not in skip and saved[k] != now[k]]
     if same_data and same_data != dataset_key:
-        if same_data.rsplit("-e", 1)[0] == dataset_key.rsplit("-e", 1)[0]:  # the same documents, encoded anew
+        if same_documents(same_data, dataset_key):  # the same documents, encoded anew
             raise FastWeightsError(
                 f"{resumer} continues {out}, whose steps read the dataset at --data {cfg.data!r} as it was encoded "
                 f"before (key {same_data}); `prepare` has since rebuilt it with this fastweights' encoding (key "
@@ -584,8 +584,9 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
                               ("warmup", cfg.warmup >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
                               ("clip", cfg.clip is None or cfg.clip >= 0, ">= 0 (0: off)"),
                               ("keep", cfg.keep >= 0, ">= 0 (0: all)"), ("ttt_lr", cfg.ttt_lr >= 0, ">= 0")):
-        if not ok or not math.isfinite(getattr(cfg, name) if getattr(cfg, name) is not None else 0.0):
-            raise FastWeightsError(f"{name} must be {allowed}, got {getattr(cfg, name)}")
+        value = getattr(cfg, name)  # None: lr and clip not given
+        if not ok or (value is not None and not math.isfinite(value)):
+            raise FastWeightsError(f"{name} must be {allowed}, got {value}")
     rank, world, dp_device, created = _setup_parallel(cfg)
     if cfg.batch_size % world:
         raise FastWeightsError(f"--batch-size {cfg.batch_size} (the global micro-batch) must be divisible by the "
