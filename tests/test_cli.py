@@ -1015,6 +1015,7 @@ def test_evaluation_functions_leave_the_model_in_its_mode_and_take_a_split(small
     a = dynamic_eval(model, docs, cfg, count_flops=False, progress=False)
     b = dynamic_eval(model, First2(), cfg, count_flops=False, progress=False)
     assert a.dynamic.loss == b.dynamic.loss and a.static.loss == b.static.loss
+    assert [m.training for m in model.modules()] == modes and model.training  # dynamic_eval's too
     assert len(list(val)) == len(val) and all((x == val.doc(i)).all() for i, x in enumerate(val))
 
 

@@ -82,6 +82,18 @@ def test_passkey_eval_scores_hits(tokenizer):
     assert bad["accuracy"] == [[0.0, 0.0], [0.0, 0.0]]
 
 
+def test_passkey_eval_gives_each_submodule_its_mode_back(tokenizer):
+    """passkey_eval left the whole model in eval mode (a training run's later steps then ran
+    without dropout); now every submodule gets the mode it had."""
+    store = _Store([np.asarray(tokenizer("a = 1\n" * 100, add_special_tokens=False)["input_ids"])])
+    model = _Oracle(len(tokenizer)).train()
+    model.inner = torch.nn.Linear(1, 1).eval()  # a mixed model
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    passkey_eval(model, tokenizer, store, [150], [0.5], trials=1, progress=False)
+    assert seen == [False] and model.training and not model.inner.training
+
+
 def test_passkey_eval_bad_arguments(tokenizer):
     store = _Store([np.asarray(tokenizer("a = 1\n" * 100, add_special_tokens=False)["input_ids"])])
     model = _Oracle(len(tokenizer))

@@ -39,6 +39,7 @@ from torch import nn
 from fastweights._progress import progress_bar
 from fastweights.errors import check_number, is_int
 from fastweights.eval.flops import flop_counter
+from fastweights.eval.lm import evaluating
 from fastweights.train.trainer import causal_lm_loss
 
 __all__ = ["DynamicEvalConfig", "DynamicEvalResult", "ModeResult", "dynamic_eval", "select_parameters"]
@@ -302,7 +303,7 @@ def dynamic_eval(
     Returns:
         :class:`DynamicEvalResult`: perplexity, mean loss and loss by position of both modes,
         their wall-clock seconds and FLOPs per token, and the overhead ratios.
-    The model's weights, ``requires_grad`` flags and train/eval mode are as before on return.
+    The model's weights, ``requires_grad`` flags and every submodule's train/eval mode are as before on return.
     """
     cfg = config or DynamicEvalConfig()
     cfg.validate()
@@ -321,38 +322,36 @@ def dynamic_eval(
     params = [p for _, p in chosen]
     chosen_ids = {id(p) for p in params}
     flags = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in chosen_ids)
-        ms = None
-        if cfg.rule == "rms" and calibration is not None:
-            cal = _token_docs(calibration, "calibration", device)
-            ms = _mean_square_gradients(model, cal, cfg, context, params)
+    with evaluating(model):
+        try:
+            for p in model.parameters():
+                p.requires_grad_(id(p) in chosen_ids)
+            ms = None
+            if cfg.rule == "rms" and calibration is not None:
+                cal = _token_docs(calibration, "calibration", device)
+                ms = _mean_square_gradients(model, cal, cfg, context, params)
 
-        flops = {"static": None, "dynamic": None}
-        if count_flops:
-            n_pred = docs[0].numel() - 1
-            for mode in flops:
-                with flop_counter(model) as counter:
-                    _run_doc(model, docs[0], cfg, context, _Updater(params, cfg, ms) if mode == "dynamic" else None,
-                             [])
-                flops[mode] = counter.get_total_flops() / n_pred
+            flops = {"static": None, "dynamic": None}
+            if count_flops:
+                n_pred = docs[0].numel() - 1
+                for mode in flops:
+                    with flop_counter(model) as counter:
+                        _run_doc(model, docs[0], cfg, context, _Updater(params, cfg, ms) if mode == "dynamic" else None,
+                                 [])
+                    flops[mode] = counter.get_total_flops() / n_pred
 
-        results = {}
-        for mode in ("static", "dynamic"):
-            per_doc = []
-            t0 = time.perf_counter()
-            for doc in progress_bar(docs, desc=f"{mode} eval", disable=not progress, leave=False):
-                losses: list[torch.Tensor] = []
-                _run_doc(model, doc, cfg, context, _Updater(params, cfg, ms) if mode == "dynamic" else None, losses)
-                per_doc.append([t.cpu() for t in losses])
-            results[mode] = _summarise(per_doc, time.perf_counter() - t0, flops[mode])
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
-            p.grad = None
-        model.train(was_training)
+            results = {}
+            for mode in ("static", "dynamic"):
+                per_doc = []
+                t0 = time.perf_counter()
+                for doc in progress_bar(docs, desc=f"{mode} eval", disable=not progress, leave=False):
+                    losses: list[torch.Tensor] = []
+                    _run_doc(model, doc, cfg, context, _Updater(params, cfg, ms) if mode == "dynamic" else None, losses)
+                    per_doc.append([t.cpu() for t in losses])
+                results[mode] = _summarise(per_doc, time.perf_counter() - t0, flops[mode])
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(flags[id(p)])
+                p.grad = None
     return DynamicEvalResult(static=results["static"], dynamic=results["dynamic"], config=cfg,
                              adapted_parameters=sum(p.numel() for p in params))

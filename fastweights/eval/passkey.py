@@ -9,6 +9,7 @@ import torch
 
 from fastweights._progress import progress_bar
 from fastweights.data.store import TokenStore
+from fastweights.eval.lm import evaluating
 
 __all__ = ["haystack", "passkey_eval", "passkey_prompts", "passkey_sample"]
 
@@ -112,17 +113,17 @@ def passkey_eval(model, tokenizer, store: TokenStore, lengths: list[int], depths
     if prompts is None:
         prompts = passkey_prompts(tokenizer, store, lengths, depths, trials, seed)
     device = next(model.parameters()).device
-    model.eval()
     hits = []
-    for s in progress_bar(prompts, desc="passkey", unit="trial", disable=not progress):
-        # the whole prompt, answer included: a causal model's logits before the last token do
-        # not see it, and one forward scores every answer token
-        ids = s["input_ids"][None].to(device)
-        pos = torch.arange(ids.shape[1], device=device)[None]
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
-        a = s["answer_start"]
-        pred = logits[a - 1 : a - 1 + len(s["answer_ids"])].argmax(-1).cpu()
-        hits.append(bool((pred == s["answer_ids"]).all()))
+    with evaluating(model):
+        for s in progress_bar(prompts, desc="passkey", unit="trial", disable=not progress):
+            # the whole prompt, answer included: a causal model's logits before the last token do
+            # not see it, and one forward scores every answer token
+            ids = s["input_ids"][None].to(device)
+            pos = torch.arange(ids.shape[1], device=device)[None]
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+            a = s["answer_start"]
+            pred = logits[a - 1 : a - 1 + len(s["answer_ids"])].argmax(-1).cpu()
+            hits.append(bool((pred == s["answer_ids"]).all()))
     per = np.array(hits, dtype=np.float64).reshape(len(lengths), len(depths), trials)  # the prompts' order
     acc = per.mean(-1).tolist()
     return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "accuracy": acc}
