@@ -578,6 +578,39 @@ def test_lookahead_and_forgetting_from_the_config_resume_exactly(data, tmp_path,
     assert plain["loss"] != full[7]  # the choices change the run
 
 
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of the model directory ``path`` (tied weights under both names)."""
+    from fastweights.models.presets import load_model
+
+    return load_model(path).state_dict()
+
+
+def test_no_forgetting_reset_follows_the_last_step_and_a_longer_resume_makes_it(data, tmp_path):
+    """A reset due at the run's last step re-drew the exported model's embeddings (with tied
+    embeddings, its output layer too): a model at chance, with nothing said. It is now left out,
+    and a --resume with more --steps makes it first, so the longer run equals an uninterrupted one."""
+    forget = dict(forgetting="active", forgetting_every=4, min_lr_ratio=1.0)  # a rate that --steps leaves alone
+    _train(train_args(data, tmp_path / "f", steps=4, save_every=4, **forget))
+    _train(train_args(data, tmp_path / "none", steps=4, save_every=4, min_lr_ratio=1.0))
+    got, plain = _weights(tmp_path / "f" / "model"), _weights(tmp_path / "none" / "model")
+    assert got.keys() == plain.keys() and all(torch.equal(got[k], plain[k]) for k in got)
+    _train([*train_args(data, tmp_path / "f", steps=8, save_every=4, **forget), "--resume"])
+    _train(train_args(data, tmp_path / "full", steps=8, save_every=4, **forget))
+    assert _losses(tmp_path / "f") == _losses(tmp_path / "full")
+    a, b = _weights(tmp_path / "f" / "model"), _weights(tmp_path / "full" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.embed_tokens.weight"], got["model.embed_tokens.weight"])
+
+
+def test_a_lookahead_checkpoint_holds_the_slow_weights_as_the_export_does(data, tmp_path):
+    """`eval --model <checkpoint>` scored the fast weights θ of a Lookahead run, its export the
+    slow weights φ: two models for one step. The checkpoint now holds φ (θ is in the optimizer
+    file, and a resume in the middle of a k-cycle stays exact: the test above)."""
+    _train(train_args(data, tmp_path / "la", steps=4, save_every=4, optimizer="lookahead_adamw", lookahead_k=3))
+    ckpt, export = _weights(tmp_path / "la" / "checkpoints" / "step-00000004"), _weights(tmp_path / "la" / "model")
+    assert ckpt.keys() == export.keys() and all(torch.equal(ckpt[k], export[k]) for k in ckpt)
+
+
 def test_bad_optimizer_and_forgetting_are_rejected(data, tmp_path):
     with pytest.raises(FastWeightsError, match="optimizer must be one of adamw, sgd"):
         _train(train_args(data, tmp_path / "a", optimizer="adam"))

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory ``<run>/checkpoints/step-XXXXXXXX/`` holding
 ``model.safetensors`` and ``config.json`` (a Hugging Face model directory, which ``eval``
-reads), ``optimizer.safetensors`` (optimizer and scheduler state through
+reads; with Lookahead/SLRLA its slow weights φ, as the run's exported model, and the fast
+weights θ go in the optimizer file), ``optimizer.safetensors`` (optimizer and scheduler state through
 :mod:`fastweights.optim.state`), ``rng.safetensors`` and ``state.json`` (step, data
 position, Python/NumPy RNG states and anything else the trainer records). It is written
 under a temporary name, flushed to disk (``fsync``) and renamed into place, so neither a killed
@@ -38,6 +39,7 @@ from torch import nn
 
 from fastweights.distributed.data_parallel import fsync as _fsync
 from fastweights.errors import FastWeightsError
+from fastweights.optim.lookahead import Lookahead
 from fastweights.optim.state import load_state, save_state
 
 __all__ = ["latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
@@ -140,7 +142,8 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, state: dict
         try:
             _write(tmp, plain, fsdp, model_sd if fsdp else None, optim_sd if fsdp else optimizer.state_dict(),
                    scheduler, rng_tensors, {"step": step, "rng": rng_meta, **state,
-                                            **({"world_size": world} if world > 1 else {})})
+                                            **({"world_size": world} if world > 1 else {})},
+                   optimizer if isinstance(optimizer, Lookahead) else None)
         except (OSError, RuntimeError, SafetensorError) as err:
             raise FastWeightsError(f"could not write checkpoint {tmp}: {err} (the older checkpoints are "
                                    f"unchanged)") from err
@@ -161,16 +164,25 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, state: dict
     return final
 
 
-def _write(tmp: Path, plain, fsdp: bool, model_sd, optim_sd, scheduler, rng_tensors, payload: dict) -> None:
-    """Rank 0's files of one checkpoint, each flushed to disk."""
+def _write(tmp: Path, plain, fsdp: bool, model_sd, optim_sd, scheduler, rng_tensors, payload: dict,
+           lookahead: Lookahead | None = None) -> None:
+    """Rank 0's files of one checkpoint, each flushed to disk. ``lookahead``: the model file
+    holds its slow weights φ (what the run exports and is evaluated with), and the optimizer
+    file the fast weights θ that training resumes from."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    extra = {}
     if fsdp:
         save_file(model_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    elif lookahead is not None:
+        params = [p for g in lookahead.param_groups for p in g["params"]]
+        extra["fast"] = {i: p.detach().clone() for i, p in enumerate(params)}
+        with lookahead.slow_weights():
+            save_model(plain, str(tmp / "model.safetensors"))
     else:
         save_model(plain, str(tmp / "model.safetensors"))
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    save_state(tmp / "optimizer.safetensors", {"optimizer": optim_sd, "scheduler": sched})
+    save_state(tmp / "optimizer.safetensors", {"optimizer": optim_sd, "scheduler": sched, **extra})
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps(payload))
     config = getattr(plain, "config", None)
@@ -220,6 +232,14 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
         _load_full_optimizer_state(model, optimizer, state["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])
+    if "fast" in state:  # Lookahead/SLRLA: the model file held φ; training resumes from θ
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        fast = {int(i): t for i, t in state["fast"].items()}
+        if sorted(fast) != list(range(len(params))):
+            raise ValueError(f"checkpoint has fast weights for {len(fast)} parameters, the optimizer has {len(params)}")
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(fast[i])
     sched = dict(state["scheduler"])
     sched["lr_lambdas"] = [None] * len(optimizer.param_groups)
     scheduler.load_state_dict(sched)

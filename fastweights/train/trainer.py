@@ -675,6 +675,8 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
             raise _unreadable(ckpt, err) from err
         step, rows_done = state["step"], state["rows"]
+        if forgetting is not None and state.get("forgetting_deferred") and step < cfg.steps:
+            forgetting.on_step_end(step)  # the reset that the saved run's last step left out: it now trains on
         if rank == 0 and rate_changes:
             print(f"resuming {out} with {_rate_notes(rate_changes)}", file=sys.stderr)
         old_steps = state.get("schedule_steps")
@@ -762,7 +764,7 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if forgetting is not None:
+            if forgetting is not None and step < cfg.steps:  # no reset after the last step: nothing trains after it
                 forgetting.on_step_end(step)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -789,8 +791,10 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
             # no forced redraw: the bar's own interval holds (a log file gets an update every 30 s)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
             if step % cfg.save_every == 0 or step == cfg.steps:
+                deferred = forgetting is not None and step == cfg.steps and forgetting.active(step)
                 last_good = save_checkpoint(out, step, model, optimizer, scheduler,
-                                            {"rows": rows_done, "schedule_steps": cfg.steps}, keep=cfg.keep)
+                                            {"rows": rows_done, "schedule_steps": cfg.steps,
+                                             **({"forgetting_deferred": True} if deferred else {})}, keep=cfg.keep)
     bar.close()
     if tb is not None:
         tb.close()
