@@ -5,7 +5,8 @@ Mask of query i over key j: ``doc[j] == doc[i]`` and ``index[j] <= index[i]`` an
 ``index[i] - index[j] < window`` (when a window is set) and ``valid[j]``. ``index`` counts
 tokens of a row in stream order (prefix plus new tokens), ``doc`` numbers documents.
 
-Backends: ``sdpa`` (a dense boolean mask; CPU, decoding, small sizes), ``causal`` (SDPA
+Backends: ``sdpa`` (dense boolean masks, by blocks of queries with a window; CPU, decoding,
+small sizes), ``causal`` (SDPA
 ``is_causal``, for one document per row without a window or padding), ``flex``
 (``torch.nn.attention.flex_attention`` with a block mask; the CUDA training path).
 """
@@ -69,13 +70,18 @@ class TokenLayout:
                 starts_host=self.starts_host)
         return self.shared[key]
 
-    def dense_mask(self, window: int | None) -> torch.Tensor:
-        """(B, 1, N, M) boolean mask."""
-        qi, ki = self.index.unsqueeze(-1), self.key_index.unsqueeze(-2)
-        m = (self.doc.unsqueeze(-1) == self.key_doc.unsqueeze(-2)) & (ki <= qi) & self.key_valid.unsqueeze(-2)
-        if window is not None:
-            m &= qi - ki < window
-        return m.unsqueeze(1)
+    def dense_mask(self, window: int | None, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+        """(B, 1, N, M) boolean mask; ``rows``/``cols``: of those queries and keys only. Built
+        once per layout, window and shape (the layers of a forward pass share it)."""
+        key = ("dense", window, self.key_doc.shape[1], rows.start, rows.stop, cols.start, cols.stop)
+        if key not in self.shared:
+            qi, ki = self.index[:, rows].unsqueeze(-1), self.key_index[:, cols].unsqueeze(-2)
+            m = ((self.doc[:, rows].unsqueeze(-1) == self.key_doc[:, cols].unsqueeze(-2)) & (ki <= qi)
+                 & self.key_valid[:, cols].unsqueeze(-2))
+            if window is not None:
+                m &= ki > qi - window  # i - j < window, with no (N, M) tensor of differences
+            self.shared[key] = m.unsqueeze(1)
+        return self.shared[key]
 
 
 @functools.cache
@@ -177,7 +183,28 @@ def attend(q, k, v, layout: TokenLayout, window: int | None = None, backend: str
             raise ValueError("attn_backend='flex' cannot take gradients on CPU (torch's FlexAttention has no CPU "
                              "backward): on CPU use attn_backend 'auto' or 'sdpa' (or run without gradients)")
         return _flex(q, k, v, layout, window)
+    if window is not None and N > max(window, _BAND_ROWS):
+        return _banded(q, k, v, layout, window, gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask(window), enable_gqa=gqa)
+
+
+_BAND_ROWS = 512  # queries per block of the dense path's sliding window
+
+
+def _banded(q, k, v, layout: TokenLayout, window: int, gqa: bool) -> torch.Tensor:
+    """Sliding-window attention through dense masks, one block of queries at a time, each over
+    the keys its window can reach: memory and time linear in N (one (N, M) mask is quadratic).
+    The layout's stream indices are consecutive, and the keys end with the N queries' own."""
+    N, M = q.shape[2], k.shape[2]
+    rows = max(window, _BAND_ROWS)
+    out = []
+    for s in range(0, N, rows):
+        e = min(s + rows, N)
+        lo, hi = max(0, M - N + s - window + 1), M - N + e
+        mask = layout.dense_mask(window, slice(s, e), slice(lo, hi))
+        out.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask,
+                                                  enable_gqa=gqa))
+    return torch.cat(out, dim=2)
 
 
 def keep_window(k: torch.Tensor, v: torch.Tensor, window: int | None):
