@@ -805,6 +805,56 @@ def test_the_dense_sliding_window_goes_by_blocks_of_queries(monkeypatch, window)
     assert any(key[0] == "dense" and key[3] not in (None, 0) for key in lay.last_keys(M).shared)  # by blocks
 
 
+def test_a_cache_with_gradient_checkpointing_is_refused_for_ttt_mlps():
+    """Training that continues a cache under gradient checkpointing raised torch's raw
+    CheckpointError (the In-Place TTT state advances in place, so the recomputation saw other
+    shapes); it is now refused by name, as for converted models. LaCT and attention states are
+    not advanced in place: with them it trains, and equals the run without checkpointing."""
+    from fastweights.errors import FastWeightsError
+
+    ids, nxt = torch.randint(0, VOCAB, (2, 13)), torch.randint(0, VOCAB, (2, 9))
+    model = tiny(["swa", "lact"], "inplace_ttt").train()
+    model.gradient_checkpointing_enable()
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    with pytest.raises(FastWeightsError, match="gradient checkpointing cannot be combined with a cache"):
+        model(nxt, past_key_values=cache, use_cache=True, labels=nxt)
+    grads = []
+    for checkpointing in (True, False):
+        model = tiny(["swa", "lact"]).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        with torch.no_grad():
+            cache = model(ids, use_cache=True).past_key_values
+        model(nxt, past_key_values=cache, use_cache=True, labels=nxt).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_config_keys_that_would_be_ignored_are_named(monkeypatch):
+    """Keys that PreTrainedConfig keeps and the model ignores were taken silently: Qwen3's
+    rope_theta (the model ran at rope_base 1e6), typos of this family's keys (lact_chunk, mixer).
+    rope_theta is now read as rope_base, the others are refused; τ's error names its config key,
+    and lact_glue='triton' without CUDA names itself at the first forward."""
+    kw = dict(vocab_size=VOCAB, num_hidden_layers=1, hidden_size=24, intermediate_size=40, num_attention_heads=4,
+              num_key_value_heads=2, lact_heads=2, lact_chunk_size=5, sliding_window=7)
+    cfg = HybridConfig(rope_theta=1e4, **kw)
+    assert cfg.rope_base == 1e4 and "rope_theta" not in cfg.to_dict()
+    assert HybridConfig.from_dict(cfg.to_dict()).rope_base == 1e4
+    for bad, match in ((dict(lact_chunk=64), r"unknown config keys \['lact_chunk'\].*'lact_chunk_size'"),
+                       (dict(mixer="swa"), r"unknown config keys \['mixer'\].*'mixers'"),
+                       (dict(ttt_max_update_norm=-1.0), "ttt_max_update_norm must be None"),
+                       (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling is not supported"),
+                       (dict(rope_theta=1e4, rope_base=5e5), "rope_theta 10000.0 and rope_base 500000.0 disagree")):
+        with pytest.raises(ValueError, match=match):
+            HybridConfig(**kw, **bad)
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        model = HybridForCausalLM(HybridConfig(lact_glue="triton", **kw))
+        with pytest.raises(ValueError, match="LaCT glue='triton' \\(a hybrid config's lact_glue\\).*'auto' or 'torch'"):
+            model(torch.zeros(1, 5, dtype=torch.long))
+
+
 def test_beam_search_with_cache_equals_without():
     """Beam search reorders the cache (fast weights included): cached equals uncached."""
     model = tiny(["lact", "swa"], "inplace_ttt")

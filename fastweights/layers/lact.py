@@ -213,6 +213,12 @@ class LaCTLayer(nn.Module):
         else None."""
         B, N, d = x.shape
         H, D = self.fw_heads, self.fw_dim
+        if self.glue == "triton":
+            try:
+                pick_impl(self.glue, x)
+            except ValueError as err:
+                raise ValueError(f"LaCT glue='triton' (a hybrid config's lact_glue) cannot run here: {err}; use "
+                                 f"'auto' or 'torch'") from err
         # three products from the one stored weight, as the SWA layer's three projections: q, k, v
         # come out contiguous (chunks of one product are strided views, which RMSNorm copies)
         q, k, v = (F.linear(x, w) for w in weight_of(self.qkv_proj, "qkv_proj of a LaCT layer").split(d))

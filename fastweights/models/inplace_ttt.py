@@ -411,7 +411,7 @@ def _convert_from_config(model: PreTrainedModel, config) -> None:
     layers, chunk, lr, target = _validate(
         model, config.ttt_layers, int(config.ttt_chunk), config.ttt_lr, getattr(config, "ttt_target", "hidden"), proj
     )
-    tau = check_max_update_norm(getattr(config, "ttt_max_update_norm", None))
+    tau = check_max_update_norm(getattr(config, "ttt_max_update_norm", None), "ttt_max_update_norm")
     _install(model, layers, chunk, lr, target, proj, tau)
 
 

@@ -88,7 +88,8 @@ def check_vocab(model, vocab_size: int, name) -> None:
     would index past the embedding)."""
     if model.config.vocab_size < vocab_size:
         raise FastWeightsError(f"the dataset's tokenizer has {vocab_size} tokens but {name} has vocab_size "
-                               f"{model.config.vocab_size}: prepare the data with --tokenizer {name}")
+                               f"{model.config.vocab_size}: prepare the data with --tokenizer {name} (if it has "
+                               f"a tokenizer), or give the model a vocab_size of at least {vocab_size}")
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

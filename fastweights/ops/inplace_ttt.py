@@ -99,13 +99,13 @@ def _check_inputs(z, s, w0, conv_weight, proj, lr):
     return B, N, d, f, _conv_2d(conv_weight, d)
 
 
-def check_max_update_norm(max_update_norm) -> float | None:
-    """``max_update_norm`` as a float τ > 0, or None (no clipping); ValueError otherwise."""
+def check_max_update_norm(max_update_norm, name: str = "max_update_norm") -> float | None:
+    """``max_update_norm`` as a float τ > 0, or None (no clipping); ValueError naming ``name`` otherwise."""
     if max_update_norm is None:
         return None
     if isinstance(max_update_norm, bool) or not isinstance(max_update_norm, Real) \
             or not math.isfinite(max_update_norm) or max_update_norm <= 0:
-        raise ValueError(f"max_update_norm must be None (no clipping) or a finite number > 0, got {max_update_norm!r}")
+        raise ValueError(f"{name} must be None (no clipping) or a finite number > 0, got {max_update_norm!r}")
     return float(max_update_norm)
 
 

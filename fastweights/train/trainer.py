@@ -67,7 +67,8 @@ class TrainConfig:
     fwl: bool = option("add a Fast Weight Layer before the unembedding (add_fwl, SPEC §3)", False)
     fwl_grad_scale: float = option("FWL: factor on each token's loss before its inner gradient (0: "
                                    "1/(batch_size·accum·seq_len), the reference code's batch-mean loss)", 0.0)
-    trainable: str = option("parameters to train: all, or fast (only the fast-weight parameters)", "all")
+    trainable: str = option("parameters to train: all, or fast (only the In-Place TTT parameters ttt_conv and "
+                            "ttt_proj)", "all")
     steps: int = option("optimiser steps", 200)
     batch_size: int = option("rows per micro-batch", 8)
     seq_len: int = option("tokens per row", 512)

@@ -52,7 +52,7 @@ def _check(cfg: HybridConfig) -> None:
     for key, low, strict in (("rms_norm_eps", 0, True), ("rope_base", 0, True), ("initializer_range", 0, False),
                              ("lact_lr_init", 0, True), ("ttt_lr", 0, False)):
         check_number(key, getattr(cfg, key), low, strict)
-    check_max_update_norm(getattr(cfg, "ttt_max_update_norm", None))
+    check_max_update_norm(getattr(cfg, "ttt_max_update_norm", None), "ttt_max_update_norm")
     if not isinstance(cfg.ttt_proj, bool):
         raise ValueError(f"ttt_proj must be True or False, got {cfg.ttt_proj!r}")
     if any(m in ("attention", "swa") for m in cfg.mixers) and cfg.num_attention_heads % cfg.num_key_value_heads:
@@ -74,6 +74,31 @@ def _check(cfg: HybridConfig) -> None:
         raise ValueError(f"RoPE needs even head widths: head_dim {cfg.head_dim}")
 
 
+_OWN_KEYS = ("mixers", "mlps", "sliding_window", "lact_heads", "lact_chunk_size", "lact_update", "lact_order",
+             "lact_lr_init", "lact_init_rank", "lact_glue", "ttt_chunk", "ttt_lr", "ttt_target", "ttt_proj",
+             "ttt_max_update_norm", "attn_backend", "rope_base")
+_DEFAULT_ROPE_BASE = 1e6
+
+
+def _unknown_keys(kwargs: dict, rope_base: float) -> float:
+    """Refuse keys that look like this family's but are not (``PreTrainedConfig`` would keep them
+    and the model would ignore them); read Qwen3's ``rope_theta`` as ``rope_base``. Returns the
+    RoPE base."""
+    unknown = [k for k in kwargs if k.startswith(("lact_", "ttt_")) or k in ("mixer", "mlp", "window")]
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}: this family's own keys are {list(_OWN_KEYS)}")
+    if kwargs.get("rope_scaling") is not None:
+        raise ValueError(f"rope_scaling is not supported by this family (plain RoPE of base rope_base), got "
+                         f"{kwargs['rope_scaling']!r}")
+    if "rope_theta" in kwargs:
+        theta = kwargs.pop("rope_theta")
+        if rope_base != _DEFAULT_ROPE_BASE and theta != rope_base:
+            raise ValueError(f"rope_theta {theta!r} and rope_base {rope_base!r} disagree (rope_theta, Qwen3's "
+                             f"name, is read as rope_base)")
+        return theta
+    return rope_base
+
+
 class HybridConfig(PreTrainedConfig):
     """Qwen3-style decoder (RMSNorm, RoPE, GQA, SwiGLU) with per-layer mixers and MLPs.
 
@@ -84,7 +109,8 @@ class HybridConfig(PreTrainedConfig):
     branch (SPEC §2), with ``num_attention_heads`` heads for k and v too: ``num_key_value_heads``
     (GQA) applies to the ``attention`` and ``swa`` mixers only. In-Place TTT keys (``inplace_ttt`` MLPs): ``ttt_chunk``,
     ``ttt_lr``, ``ttt_target`` (``embed`` | ``hidden``), ``ttt_proj``, ``ttt_max_update_norm`` (τ
-    bounding each chunk's update in Frobenius norm; None: no clipping).
+    bounding each chunk's update in Frobenius norm; None: no clipping). ``rope_theta`` (Qwen3's
+    name) is read as ``rope_base``; unknown ``lact_*``/``ttt_*`` keys are refused.
     """
 
     model_type = HYBRID
@@ -100,7 +126,7 @@ class HybridConfig(PreTrainedConfig):
         num_key_value_heads: int = 12,
         head_dim: int | None = None,
         rms_norm_eps: float = 1e-6,
-        rope_base: float = 1e6,
+        rope_base: float = _DEFAULT_ROPE_BASE,
         max_position_embeddings: int = 32768,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = False,
@@ -126,6 +152,7 @@ class HybridConfig(PreTrainedConfig):
         for key, value in (("num_hidden_layers", num_hidden_layers), ("hidden_size", hidden_size),
                            ("num_attention_heads", num_attention_heads)):  # used below
             check_positive_int(key, value)
+        rope_base = _unknown_keys(kwargs, rope_base)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size

@@ -267,7 +267,7 @@ class HybridModel(HybridPreTrainedModel):
             cache = HybridCache(self.config)
         elif cache is not None:
             cache.check(self.config, B)
-        self._check_checkpointing(x.device)
+        self._check_checkpointing(x.device, cache)
         layout = _layout(position_ids, attention_mask, cache if (cache is not None and cache.seen) else None,
                          B, N, x.device)
         if "lact" in self.config.mixers and attention_mask is not None:
@@ -302,13 +302,22 @@ class HybridModel(HybridPreTrainedModel):
         return out if _return_dict(self.config, return_dict) else out.to_tuple()
 
 
-    def _check_checkpointing(self, device: torch.device) -> None:
-        """CUDA-graph capture of LaCT's chunk loop fails inside activation checkpointing (H100,
-        torch 2.11): refuse the combination by name instead."""
-        if (self.training and torch.is_grad_enabled() and any(b.gradient_checkpointing for b in self.layers)
-                and "lact" in self.config.mixers and _resolve_compile(None, device) == "graphs"):
+    def _check_checkpointing(self, device: torch.device, cache: HybridCache | None) -> None:
+        """Refuse by name what fails inside activation checkpointing: CUDA-graph capture of LaCT's
+        chunk loop (H100, torch 2.11), and a cache's In-Place TTT state, which the forward advances
+        in place (the recomputation would start from the advanced state)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        blocks = [b for b in self.layers if b.gradient_checkpointing]
+        if blocks and "lact" in self.config.mixers and _resolve_compile(None, device) == "graphs":
             raise ValueError(f"{COMPILE_ENV}=graphs cannot be combined with activation checkpointing (CUDA-graph "
                              f"capture fails under torch.utils.checkpoint); unset it to use the compiled chunk loop")
+        if cache is not None and any(b.mlp_type == "inplace_ttt" for b in blocks):
+            raise FastWeightsError(
+                "gradient checkpointing cannot be combined with a cache on a model with inplace_ttt MLPs: the "
+                "forward advances the cache's fast weights in place, and the recomputation would start from the "
+                "advanced state. Train without the cache (past_key_values=None, use_cache=False) or without "
+                "gradient checkpointing")
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
