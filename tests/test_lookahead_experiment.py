@@ -73,3 +73,13 @@ def test_combine_merges_method_and_seed_subsets(tmp_path):
     assert [r["val_acc"] for r in record["results"]["sgd"]] == [0.9, 0.91] and record["seconds"] == 4.0
     with pytest.raises(ValueError, match="same seeds"):
         lookahead.main(["--combine", *dirs[:3], "--out", str(out)])
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--batch-size", "-1"), ("--epochs", "0"),
+                                        ("--steps", "0"), ("--seq-len", "0"), ("--val-tokens", "-5"),
+                                        ("--threads", "0"), ("--k", "0")])
+def test_bad_sizes_are_refused_naming_the_flag(flag, value):
+    """--batch-size 0 used to become 32 silently and -1 failed later as total_steps -1347."""
+    with pytest.raises(ValueError, match=f"^{flag} must be >= 1, got {value}$"):
+        lookahead.parse_args([flag, value])
+    assert lookahead.parse_args([]).batch_size == 32

@@ -205,7 +205,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default: 0.05 (digits), 3e-3 (lm)")
     p.add_argument("--weight-decay", type=float, default=None, help="default: 5e-4 (digits), 0.1 (lm)")
     p.add_argument("--epochs", type=int, default=30, help="digits: epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 32 (digits), 32 (lm)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 (both tasks)")
     p.add_argument("--data", default="", help="lm: prepared dataset directory (`fastweights prepare`)")
     p.add_argument("--model", default="20m", help="lm: a preset size of fastweights.models.presets")
     p.add_argument(
@@ -221,7 +221,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     lm = args.task == "lm"
     args.lr = args.lr if args.lr is not None else (3e-3 if lm else 0.05)
     args.weight_decay = args.weight_decay if args.weight_decay is not None else (0.1 if lm else 5e-4)
-    args.batch_size = args.batch_size or 32
+    args.batch_size = 32 if args.batch_size is None else args.batch_size
     args.methods = args.methods or list(METHODS[args.task])
     bad = [m for m in args.methods if m not in METHODS[args.task]]
     if bad:
@@ -229,6 +229,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.quick:
         apply_quick(p, argv, args, epochs=1, seeds=args.seeds[:2], steps=12, seq_len=64, model="tiny", batch_size=4,
                     val_tokens=4096)
+    for name in ("batch_size", "epochs", "steps", "seq_len", "val_tokens", "threads", "k"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if lm and not args.combine and not args.data:
         p.error("--task lm needs --data DIR: a dataset from `fastweights prepare` (the default corpus: "
                 "`fastweights prepare --out DIR`)")
