@@ -329,3 +329,13 @@ def test_stagewise_lr_refuses_a_total_that_is_not_a_positive_integer(total):
     with pytest.raises(ValueError, match=re.escape(f"total_steps must be an integer >= 1, got {total!r}")):
         stagewise_lr(opt, total_steps=total)
     assert stagewise_lr(opt, total_steps=10).milestones == {3: 1, 6: 1, 8: 1}
+
+
+@pytest.mark.parametrize("milestones", [("a",), 0.5, "0.5", (True,), (0.3, float("nan")), (0.6, 0.3), (0.5, 1.0)])
+def test_stagewise_lr_names_milestones_that_are_not_increasing_fractions(milestones):
+    """milestones=("a",) and milestones=0.5 raised raw TypeErrors from the comparison."""
+    opt = build_optimizer("slrla_sgd", _model().parameters(), lr=1.0)
+    with pytest.raises(ValueError, match=re.escape(
+            f"milestones must be a sequence of increasing fractions in (0, 1), got {milestones!r}")):
+        stagewise_lr(opt, total_steps=10, milestones=milestones)
+    assert stagewise_lr(opt, total_steps=10, milestones=[0.5]).milestones == {5: 1}

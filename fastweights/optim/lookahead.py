@@ -20,7 +20,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import MultiStepLR
 
-from fastweights.errors import as_rate, check_number, check_positive_int
+from fastweights.errors import as_rate, check_number, check_positive_int, is_real
 
 _SLOW = "slow_param"
 
@@ -237,8 +237,12 @@ def stagewise_lr(
     milestones are ``max(1, int(f * total_steps))`` (the first step always runs at the base rate).
     """
     check_positive_int("total_steps", total_steps)
-    if not all(0.0 < f < 1.0 for f in milestones) or list(milestones) != sorted(milestones):
-        raise ValueError(f"milestones must be increasing fractions in (0, 1), got {list(milestones)}")
+    bad = ValueError(f"milestones must be a sequence of increasing fractions in (0, 1), got {milestones!r}")
+    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
+        raise bad
+    fractions = list(milestones)
+    if not all(is_real(f) and 0.0 < f < 1.0 for f in fractions) or fractions != sorted(fractions):
+        raise bad
     check_number("gamma", gamma, strict=True)  # <= 0 would zero the rate or turn descent into ascent
     # at least step 1: with few steps a milestone rounded to 0 lowered the rate before the first step
-    return MultiStepLR(optimizer, milestones=[max(1, int(f * total_steps)) for f in milestones], gamma=gamma)
+    return MultiStepLR(optimizer, milestones=[max(1, int(f * total_steps)) for f in fractions], gamma=gamma)
