@@ -153,3 +153,25 @@ def test_bad_values_are_named_before_any_reset():
                           (dict(until=-1), "until must be None or an integer >= 0, got -1")):
         with pytest.raises(ValueError, match=re.escape(match)):
             EmbeddingForgetting(model.embed, opt, **{"every": 1, **kwargs})
+
+
+def test_an_embedding_the_optimizer_does_not_train_is_refused():
+    """EmbeddingForgetting with an optimiser of other parameters reset the weights at every step
+    with no optimiser state to reset (plain) or failed there with a raw KeyError 'slow_param'
+    (Lookahead); now both are refused at construction, and Lookahead names the missing parameter."""
+    other = nn.Linear(2, 2)
+    for opt in (torch.optim.SGD(other.parameters(), lr=0.1), Lookahead(torch.optim.SGD(other.parameters(), lr=0.1))):
+        with pytest.raises(ValueError, match=re.escape("the embedding weight (shape (4, 2)) is not trained by the "
+                                                       f"optimizer ({type(opt).__name__})")):
+            EmbeddingForgetting(nn.Embedding(4, 2), opt, every=1)
+    model = TinyLM(tied=True)
+    opt = Lookahead(torch.optim.SGD([model.embed.weight, model.body.weight], lr=0.1))
+    with pytest.raises(ValueError, match=re.escape("the tied output bias (shape (23,)) is not trained")):
+        EmbeddingForgetting(model.embed, opt, every=1, output=model.head)
+    with pytest.raises(ValueError, match=re.escape("a parameter of shape (23,) is not in this Lookahead's "
+                                                   "param_groups: it has no slow weights")):
+        opt.slow_param(model.head.bias)
+    assert model.head.bias not in opt.state  # asking added no empty state entry
+    with pytest.raises(ValueError, match="optimizer must be a torch.optim.Optimizer, got dict"):
+        EmbeddingForgetting(model.embed, {}, every=1)
+    EmbeddingForgetting(model.embed, opt, every=1, output=model.body)  # untied: the bias is not reset

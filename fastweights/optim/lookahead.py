@@ -94,7 +94,11 @@ class Lookahead(Optimizer):
 
     def slow_param(self, p: torch.Tensor) -> torch.Tensor:
         """The slow weights φ of parameter ``p`` (same shape; edit in place to change them)."""
-        return self.state[p][_SLOW]
+        state = self.state.get(p)
+        if not state or _SLOW not in state:
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} is not in this {type(self).__name__}'s "
+                             "param_groups: it has no slow weights")
+        return state[_SLOW]
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]

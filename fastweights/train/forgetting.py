@@ -35,7 +35,8 @@ class EmbeddingForgetting:
 
     Args:
         embedding: the input embedding, weight ``[V, d]``.
-        optimizer: the optimiser training it (plain or :class:`Lookahead`).
+        optimizer: the optimiser training it (plain or :class:`Lookahead`); its param_groups must
+            hold the embedding weight (and a tied output's bias).
         every: steps between resets, ``>= 1``.
         until: last step at which a reset may happen (``None``: active forgetting, forever).
         output: the output projection (weight ``[V, d]``, bias ``[V]``); only used when tied.
@@ -59,6 +60,8 @@ class EmbeddingForgetting:
     ) -> None:
         if not isinstance(embedding, nn.Embedding):
             raise ValueError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         check_positive_int("every", every)
         if until is not None and (not is_int(until) or until < 0):
             raise ValueError(f"until must be None or an integer >= 0, got {until!r}")
@@ -68,13 +71,18 @@ class EmbeddingForgetting:
             rows = torch.as_tensor(rows, dtype=torch.long).flatten().unique()
             if rows.numel() and (rows.min() < 0 or rows.max() >= weight.shape[0]):
                 raise ValueError(f"rows must be token ids in [0, {weight.shape[0]}), got {rows.min()}..{rows.max()}")
+        self.tied = output is not None and getattr(output, "weight", None) is weight
+        self.output_bias = output.bias if self.tied and getattr(output, "bias", None) is not None else None
+        trained = {id(q) for group in optimizer.param_groups for q in group["params"]}
+        for name, param in (("embedding weight", weight), ("tied output bias", self.output_bias)):
+            if param is not None and id(param) not in trained:
+                raise ValueError(f"the {name} (shape {tuple(param.shape)}) is not trained by the optimizer "
+                                 f"({type(optimizer).__name__}): pass the optimizer whose param_groups hold it")
         self.embedding = embedding
         self.optimizer = optimizer
         self.every = every
         self.until = until
         self.rows = rows
-        self.tied = output is not None and getattr(output, "weight", None) is weight
-        self.output_bias = output.bias if self.tied and getattr(output, "bias", None) is not None else None
         self.init_std = float(init_std)
         self.padding_idx = embedding.padding_idx if padding_idx_zero else None
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
