@@ -254,6 +254,9 @@ def test_a_model_that_is_not_causal_is_refused_for_losses_and_decodes_without_a_
     ("--dynamic-params", "last:7", r"--dynamic-params 'last:7': the model has 4 decoder layers; K must be in 1..4"),
     ("--dynamic-lr", "-1", r"--dynamic-lr must be a finite number >= 0, got -1.0"),
     ("--dynamic-segment", "0", r"--dynamic-segment must be"),
+    # every document one segment: no update scored, and dynamic printed equal to static without a word
+    ("--dynamic-segment", "63", r"--dynamic-segment 63 >= --length 64 - 1: every document is one segment, so no "
+                                r"update is ever scored"),
 ])
 def test_dynamic_eval_settings_fail_before_any_evaluation(workdir, small_data, capsys, flag, value, match):
     from fastweights.models.presets import build_model
@@ -1082,3 +1085,11 @@ def test_max_update_norm_through_convert_eval_and_generate(small_data, tmp_path,
     assert "has no In-Place TTT MLPs: max_update_norm applies to them" in line
     line = _one_line_error(*run(["generate", "--model", str(tmp_path / "c"), "--max-update-norm", "-1"], capsys)[::2])
     assert "max_update_norm must be None (no clipping) or a finite number > 0, got -1.0" in line
+
+
+def test_dynamic_decay_help_names_both_rules(capsys):
+    """--dynamic-decay's help said "(rms)", but the sgd rule decays toward θ0 with it too."""
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "dynamic evaluation (sgd and rms): decay lambda toward the original weights" in help_text

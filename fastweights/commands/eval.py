@@ -48,7 +48,7 @@ class EvalConfig:
     dynamic_rule: str = option("dynamic evaluation rule: sgd, or rms (Krause et al., decay toward the original)", "rms")
     dynamic_segment: int = option("dynamic evaluation: tokens scored, then updated on, per step", 64)
     dynamic_lr: float = option("dynamic evaluation step size eta", 1e-4)
-    dynamic_decay: float = option("dynamic evaluation (rms): decay lambda toward the original weights", 0.0)
+    dynamic_decay: float = option("dynamic evaluation (sgd and rms): decay lambda toward the original weights", 0.0)
     dynamic_eps: float = option("dynamic evaluation (rms): epsilon", 1e-8)
     dynamic_params: str = option("parameters to adapt: all, last:K (last K layers) or mlp_down", "all")
     dynamic_docs: int = option("validation documents for dynamic evaluation, cut to --length tokens", 8)
@@ -163,6 +163,10 @@ def _dynamic_config(model, cfg: EvalConfig):
         raise named_by_flag(err, {"rule": "--dynamic-rule", "segment_length": "--dynamic-segment",
                                   "lr": "--dynamic-lr", "decay": "--dynamic-decay", "eps": "--dynamic-eps",
                                   "params": "--dynamic-params"}) from None
+    if cfg.dynamic_segment >= cfg.length - 1:  # a document of --length tokens predicts length - 1 of them
+        raise FastWeightsError(f"--dynamic-segment {cfg.dynamic_segment} >= --length {cfg.length} - 1: every "
+                               "document is one segment, so no update is ever scored (dynamic equals static); "
+                               "give a --dynamic-segment below --length - 1")
     return dcfg
 
 
