@@ -100,3 +100,17 @@ def test_scored_documents_have_a_target_at_every_position():
         assert f["input_ids"].shape == (1, 8) and bool((f["targets"] >= 0).all())
         seq = as_sequence(f)
         assert seq.tolist() == list(range(1, 10))  # 8 inputs and the last target
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--lr-grid", "1e-4", "-1"], "--lr-grid entry must be a finite number >= 0, got -1.0"),
+    (["--lr-grid", "nan"], "--lr-grid entry must be a finite number >= 0, got nan"),
+    (["--calib-docs", "-1"], "--calib-docs must be >= 0, got -1"),
+    (["--tune-docs", "-2", "--methods", "static"], "--tune-docs must be >= 0, got -2"),
+])
+def test_dynamic_settings_are_checked_before_any_work(tmp_path, capsys, flags, match):
+    """--lr-grid -1 failed only after the corpus was prepared and the static model trained, naming lr."""
+    assert cli_main(["experiment", "fwl-dynamic-eval", "--quick", "--no-progress", "--out", str(tmp_path),
+                     *flags]) != 0
+    assert match in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # rejected before any work

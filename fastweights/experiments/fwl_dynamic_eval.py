@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from fastweights.commands.prepare import PrepareConfig, prepare
 from fastweights.data.packing import long_rows
-from fastweights.errors import FastWeightsError
+from fastweights.errors import FastWeightsError, named_by_flag
 from fastweights.eval.dynamic import DynamicEvalConfig, dynamic_eval
 from fastweights.eval.flops import flop_counter
 from fastweights.eval.lm import perplexity, position_edges, token_losses
@@ -458,6 +458,15 @@ def main(argv: list[str] | None = None) -> int:
         raise FastWeightsError(f"--methods: need static plus any of {list(METHODS[1:])}, got {list(methods)}")
     if "dynamic" in methods and st.tune_docs < 1:
         raise FastWeightsError("dynamic evaluation needs --tune-docs >= 1 to pick its η")
+    for name in ("tune_docs", "calib_docs"):
+        if getattr(st, name) < 0:
+            raise FastWeightsError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(st, name)}")
+    if "dynamic" in methods:  # before the corpus is prepared and the static model trained, not after
+        try:
+            for lr in st.lr_grid:
+                DynamicEvalConfig(rule="rms", segment_length=st.segment, lr=lr, decay=0.0, params="all").validate()
+        except ValueError as err:
+            raise named_by_flag(err, {"lr": "--lr-grid entry", "segment_length": "--segment"}) from None
     res = run(st, args.out, seed=args.seed, device_name=args.device, threads=args.threads, methods=methods,
               progress=not args.no_progress, command="fastweights experiment fwl-dynamic-eval " + shlex.join(argv))
     page = report(res, "loss_by_position.png")
