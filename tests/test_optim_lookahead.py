@@ -339,3 +339,28 @@ def test_stagewise_lr_names_milestones_that_are_not_increasing_fractions(milesto
             f"milestones must be a sequence of increasing fractions in (0, 1), got {milestones!r}")):
         stagewise_lr(opt, total_steps=10, milestones=milestones)
     assert stagewise_lr(opt, total_steps=10, milestones=[0.5]).milestones == {5: 1}
+
+
+@pytest.mark.parametrize("cls", [Lookahead, SLRLA])
+def test_state_dict_hooks_run_as_in_torch(cls):
+    """state_dict/load_state_dict are overridden, and skipped the hooks torch's Optimizer runs:
+    pre hooks get the optimiser, a state_dict post hook and a load pre hook may return a
+    replacement dict, a load post hook gets the optimiser."""
+    model = _model()
+    opt = cls(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("pre", o)))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    sd = opt.state_dict()
+    assert calls == [("pre", opt)] and sd["extra"] == 1
+
+    def load_pre(o, sd):
+        calls.append(("load_pre", o, sd.pop("extra")))
+        fast = dict(sd["lookahead"], fast_steps=7)
+        return {**sd, "lookahead": fast}
+
+    opt.register_load_state_dict_pre_hook(load_pre)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load_post", o.fast_steps)))
+    opt.load_state_dict(sd)
+    assert calls[1:] == [("load_pre", opt, 1), ("load_post", 7)]
+    assert opt.fast_steps == 7 and sd["extra"] == 1  # the caller's dict is not edited (shallow copy)

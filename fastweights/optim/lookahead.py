@@ -147,11 +147,27 @@ class Lookahead(Optimizer):
         """``{"inner": inner.state_dict(), "slow": {index: φ}, "lookahead": {k, alpha, ...}}``.
 
         Indices follow the order of parameters in ``param_groups`` (as torch's own optimisers).
+        The hooks of ``register_state_dict_pre_hook``/``_post_hook`` run as in torch's: a post
+        hook may return a replacement dict.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         slow = {i: self.state[p][_SLOW].clone() for i, p in enumerate(self._params())}
-        return {"inner": self.optimizer.state_dict(), "slow": slow, "lookahead": self._meta()}
+        state_dict = {"inner": self.optimizer.state_dict(), "slow": slow, "lookahead": self._meta()}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`; the hooks of ``register_load_state_dict_pre_hook`` (which
+        may return a replacement dict) and ``_post_hook`` run as in torch's."""
+        state_dict = state_dict.copy()  # shallow, as torch's: a pre hook may edit its keys
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         for key in ("inner", "slow", "lookahead"):
             if key not in state_dict:
                 raise ValueError(f"not a {type(self).__name__} state dict: missing key {key!r}")
@@ -176,6 +192,8 @@ class Lookahead(Optimizer):
                 self.state[p][_SLOW].copy_(slow[i])
         for name, value in meta.items():
             setattr(self, name, value)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 class SLRLA(Lookahead):
