@@ -364,3 +364,39 @@ def test_state_dict_hooks_run_as_in_torch(cls):
     opt.load_state_dict(sd)
     assert calls[1:] == [("load_pre", opt, 1), ("load_post", 7)]
     assert opt.fast_steps == 7 and sd["extra"] == 1  # the caller's dict is not edited (shallow copy)
+
+
+@pytest.mark.parametrize("line_search", [None, "strong_wolfe"])
+def test_slrla_over_lbfgs_minimises_the_regularised_loss(line_search):
+    """SLRLA over an optimiser that evaluates the closure itself (LBFGS) raised a raw TypeError;
+    now every evaluation sees F(θ) = loss(θ) + β‖θ − φ‖² and its gradient, so one step equals
+    LBFGS on F written out by hand (φ: the slow weights, the initial ones before any sync)."""
+    x, y = next(iter(_batches(1)))
+    a, b = _model(), _model()
+    phi = [p.detach().clone() for p in b.parameters()]
+    beta = 0.3
+    opt_a = SLRLA(torch.optim.LBFGS(a.parameters(), lr=0.5, max_iter=6, line_search_fn=line_search),
+                  k=10, beta=beta)
+    opt_b = torch.optim.LBFGS(b.parameters(), lr=0.5, max_iter=6, line_search_fn=line_search)
+    evaluations = []
+
+    def closure_a():
+        opt_a.zero_grad()
+        loss = _loss(a, x, y)
+        loss.backward()
+        evaluations.append(loss.item())
+        return loss
+
+    def closure_b():
+        opt_b.zero_grad()
+        f = _loss(b, x, y) + beta * sum(((p - q) ** 2).sum() for p, q in zip(b.parameters(), phi, strict=True))
+        f.backward()
+        return f
+
+    loss = opt_a.step(closure_a)
+    opt_b.step(closure_b)
+    assert len(evaluations) > 1 and loss.item() == evaluations[0]  # the loss of the first evaluation
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    for p, q in zip(a.parameters(), phi, strict=True):
+        assert not torch.equal(p, q)

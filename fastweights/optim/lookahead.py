@@ -201,7 +201,9 @@ class SLRLA(Lookahead):
 
     :meth:`step` adds ``2β(θ − φ)`` to each parameter's gradient for the inner step only
     (``p.grad`` is restored afterwards); parameters without a gradient are skipped, as the
-    inner optimiser skips them. Use :func:`stagewise_lr` for the stagewise schedule.
+    inner optimiser skips them. With a closure, each of the inner optimiser's evaluations gets
+    the pull and returns ``F(θ)`` (LBFGS and its line search). Use :func:`stagewise_lr` for the
+    stagewise schedule.
 
     Args:
         optimizer, k, alpha: as :class:`Lookahead`.
@@ -222,26 +224,50 @@ class SLRLA(Lookahead):
         total = sum(((p - self.state[p][_SLOW]) ** 2).sum() for p in params)
         return self.beta * total
 
+    @torch.no_grad()
+    def _pull(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Add ``2β(θ − φ)`` to every gradient; return the ``(param, original grad)`` pairs."""
+        originals = []
+        for p in self._params():
+            if p.grad is None:
+                continue
+            originals.append((p, p.grad))
+            # the pull toward φ is dense, so a sparse gradient (nn.Embedding(sparse=True)) becomes dense
+            g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+            p.grad = g + (2.0 * self.beta) * (p.detach() - self.state[p][_SLOW])
+        return originals
+
     def _inner_step(self, closure):
-        loss = None
-        if closure is not None:  # gradients first; the inner step must not recompute them
+        """The inner step on ``F``'s gradient. With a closure, the inner optimiser calls a wrapped
+        one, so every evaluation (LBFGS makes several) gets the pull and returns ``F(θ)``; the
+        step returns the first evaluation's loss, as the closure gave it."""
+        originals: list[tuple[torch.Tensor, torch.Tensor]] = []
+        losses = []
+
+        def regularised():
+            for p, grad in originals:  # the previous evaluation's gradients, as the closure left them
+                p.grad = grad
+            originals.clear()
             with torch.enable_grad():
                 loss = closure()
-        originals = []
-        with torch.no_grad():
-            for p in self._params():
-                if p.grad is None:
-                    continue
-                originals.append((p, p.grad))
-                # the pull toward φ is dense, so a sparse gradient (nn.Embedding(sparse=True)) becomes dense
-                g = p.grad.to_dense() if p.grad.is_sparse else p.grad
-                p.grad = g + (2.0 * self.beta) * (p.detach() - self.state[p][_SLOW])
+            losses.append(loss)
+            originals.extend(self._pull())
+            if loss is None:
+                return None
+            with torch.no_grad():
+                reg = sum(((p - self.state[p][_SLOW]) ** 2).sum() for p, _ in originals)
+                return (loss.detach() if torch.is_tensor(loss) else loss) + self.beta * reg
+
         try:
-            self.optimizer.step()
+            if closure is None:
+                originals.extend(self._pull())
+                self.optimizer.step()
+            else:
+                self.optimizer.step(regularised)
         finally:
             for p, grad in originals:
                 p.grad = grad
-        return loss
+        return losses[0] if losses else None
 
     def _meta(self) -> dict[str, Any]:
         return {**super()._meta(), "beta": self.beta}
