@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import time
 
 import pytest
@@ -187,3 +188,39 @@ def test_quick_keeps_the_flags_given_with_it(module, argv, expect):
 
     args = importlib.import_module(f"fastweights.experiments.{module}").parse_args(argv)
     assert {k: getattr(args, k) for k in expect} == expect
+
+
+@pytest.mark.parametrize("experiment", ["associative-retrieval", "plasticity"])
+def test_report_from_refuses_runs_with_different_settings(tmp_path, experiment):
+    """--report-from merged runs of different settings and reported the first file's; now it
+    refuses them as --combine does, and still merges runs that differ only in what selects
+    them, how they ran, or a value the report gives per run."""
+    if experiment == "plasticity":
+        common = ["--quick", "--tasks", "copy"]
+        runs = {"a": ["--rules", "none"], "b": ["--rules", "hebbian", "--eta0", "0.9", "--d-model", "32"],
+                "c": ["--rules", "gradient", "--steps", "3", "--jobs", "2", "--time-budget-s", "600"]}
+        diff = "d_model, eta0"
+    else:
+        common = ["--hidden-sizes", "20", "--seeds", "0", "--train-size", "200", "--valid-size", "50",
+                  "--test-size", "50", "--steps", "2", "--eval-every", "2"]
+        runs = {"a": ["--models", "irnn"], "b": ["--models", "fw", "--eta", "0.3", "--batch-size", "8"],
+                "c": ["--models", "lstm", "--lr-for", "lstm=3e-3", "--threads", "2"]}
+        diff = "batch_size, eta"
+    name = experiment.replace("-", "_") + ".json"
+    for d, flags in runs.items():
+        assert main(["experiment", experiment, *common, *flags, "--out-dir", str(tmp_path / d)]) == 0
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'b' / name} was run with different settings "
+                                                   f"({diff}); cannot combine")):
+        (pl if experiment == "plasticity" else ar).main(
+            ["--report-from", str(tmp_path / "a" / name), str(tmp_path / "b" / name), "--out-dir", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
+    assert main(["experiment", experiment, "--report-from", str(tmp_path / "a" / name), str(tmp_path / "c" / name),
+                 "--out-dir", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / name).read_text())
+    assert len(merged["results"]) == 2
+    md = (tmp_path / "m" / name.replace(".json", ".md")).read_text()
+    if experiment == "plasticity":  # the steps differ: given per run, and not as the first file's
+        assert merged["args"]["steps"] is None and "copy [2, 3]" in md
+    else:
+        assert merged["args"]["threads"] is None and "--threads threads each as in the commands above" in md
+        assert "LSTM [0.003]" in md and "IRNN [0.001]" in md

@@ -15,7 +15,7 @@ import torch
 
 from fastweights._progress import progress_bar
 
-__all__ = ["group_runs", "merge_reports", "run_in_workers"]
+__all__ = ["check_settings", "group_runs", "merge_reports", "run_in_workers"]
 
 
 def _worker_init(threads: int) -> None:
@@ -33,16 +33,38 @@ def run_in_workers(fn: Callable[..., dict], jobs: Iterable[tuple], workers: int,
             done(f.result())
 
 
-def merge_reports(paths: Iterable[Path], key: Callable[[dict], tuple]) -> tuple[list[dict], dict, list[list[str]]]:
+def check_settings(named: Iterable[tuple[object, dict]], ignore: set[str]) -> dict:
+    """The settings of every ``(name, settings)`` pair but the keys in ``ignore``, which must
+    agree; a ValueError names the first that differs and the keys."""
+    named = list(named)
+    first = {k: v for k, v in named[0][1].items() if k not in ignore}
+    for name, settings in named:
+        other = {k: v for k, v in settings.items() if k not in ignore}
+        if other != first:
+            diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+            raise ValueError(f"{name} was run with different settings ({', '.join(diff)}); cannot combine")
+    return first
+
+
+def merge_reports(paths: Iterable[Path], key: Callable[[dict], tuple], ignore: set[str],
+                  defaults: dict) -> tuple[list[dict], dict, list[list[str]]]:
     """Read result files ``{"args", "argv"/"commands", "results"}``; return the results (a run
-    present in several files, by ``key(result)``, counted once: the first file's), the first
-    file's ``args`` and every file's commands."""
+    present in several files, by ``key(result)``, counted once: the first file's), the shared
+    ``args`` and every file's commands. Each file's ``args`` are completed from ``defaults`` (an
+    option added since it ran) and must agree but for the keys in ``ignore``; such a key whose
+    values differ is None in the returned ``args``."""
+    paths = list(paths)
     runs = [json.loads(Path(p).read_text()) for p in paths]
+    settings = [{**defaults, **run["args"]} for run in runs]
+    args = check_settings(zip(paths, settings, strict=True), ignore) | {k: settings[0][k] for k in ignore}
+    for k in ignore:
+        if any(s[k] != args[k] for s in settings):
+            args[k] = None
     unique: dict[tuple, dict] = {}
     for r in (r for run in runs for r in run["results"]):
         unique.setdefault(key(r), r)
     commands = [c for run in runs for c in run.get("commands", [run["argv"]])]
-    return list(unique.values()), runs[0]["args"], commands
+    return list(unique.values()), args, commands
 
 
 def group_runs(
@@ -53,13 +75,9 @@ def group_runs(
     Every record's ``settings`` must agree except for the keys in ``ignore``; ``items(record)``
     yields its ``(method, seed, result)``. Every method must have the same seeds. Returns the
     shared settings, ``{method: {seed: result}}`` and the sorted seeds."""
-    first = {k: v for k, v in records[0]["settings"].items() if k not in ignore}
+    first = check_settings(((d, rec["settings"]) for d, rec in zip(dirs, records, strict=True)), ignore)
     runs: dict[str, dict[int, dict]] = {}
-    for d, rec in zip(dirs, records, strict=True):
-        other = {k: v for k, v in rec["settings"].items() if k not in ignore}
-        if other != first:
-            diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
-            raise ValueError(f"{d} was run with different settings ({', '.join(diff)}); cannot combine")
+    for rec in records:
         for method, seed, result in items(rec):
             runs.setdefault(method, {})[seed] = result
     seed_sets = {m: sorted(r) for m, r in runs.items()}

@@ -43,6 +43,10 @@ MODELS = {
     "fw-control": "Inner loop S, A ≡ 0 (control)",
     "fw": "Fast weights",
 }
+# --report-from: settings that may differ between the merged files (what selects the runs, how they
+# ran, and the learning rate and device, which the report gives per run); the others must agree
+MERGE_FREE = {"models", "hidden_sizes", "seeds", "lr", "lr_for", "device", "threads", "jobs", "time_budget_s",
+              "out_dir", "report_from", "quick"}
 PUBLISHED = {  # test error (%), Ba et al. 2016 Table 1 via SPEC §4 (unverified there)
     "irnn": {20: 62.11, 50: 60.23, 100: 0.34},
     "lstm": {20: 60.81, 50: 1.85, 100: 0.0},
@@ -286,8 +290,10 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
         "```", "",
         f"- Hardware: {'; '.join(sorted({r.get('host', 'not recorded') for r in results}))}, "
         f"device(s) {sorted({r.get('device', 'cpu') for r in results})}, "
-        f"{getattr(args, 'jobs', 1)} run(s) at once with {args.threads} thread(s) "
-        f"each; summed wall-clock training time {secs / 60:.1f} min.",
+        + (f"{getattr(args, 'jobs', 1)} run(s) at once with {args.threads} thread(s) each"
+           if args.threads is not None and getattr(args, "jobs", 1) is not None
+           else "--jobs runs at once with --threads threads each as in the commands above")
+        + f"; summed wall-clock training time {secs / 60:.1f} min.",
         f"- Scale: up to {args.steps} {optimiser} steps "
         f"of batch {args.batch_size} per run "
         f"(learning rate: {lrs}; schedule {getattr(args, 'lr_schedule', 'constant')} with "
@@ -423,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.report_from:
         # a run present in several files (same configuration and seed) is counted once
-        results, first_args, commands = merge_reports(args.report_from, lambda r: (r["model"], r["hidden"], r["seed"]))
+        results, first_args, commands = merge_reports(
+            args.report_from, lambda r: (r["model"], r["hidden"], r["seed"]), MERGE_FREE, vars(args))
         first = argparse.Namespace(**{**vars(args), **first_args})
         write_report(results, first, [*commands, argv], args.out_dir)
         return 0

@@ -42,6 +42,12 @@ PUBLISHED = {  # Chaudhary 2025 via SPEC §5, mean over 3 seeds; the few-shot ro
 }
 
 
+# --report-from: settings that may differ between the merged files (what selects the runs, how they
+# ran, and the step count and device, which the report gives per run); the others must agree
+MERGE_FREE = {"tasks", "rules", "seeds", "steps", "device", "form", "threads", "jobs", "time_budget_s", "out_dir",
+              "report_from", "quick"}
+
+
 def make_batch(task: str, n: int, seed: int, split: str) -> TaskBatch:
     """Episodes of ``task``; train and test episodes come from disjoint seed ranges (and, for
     digits, disjoint image pools)."""
@@ -186,7 +192,8 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
         f"- Hardware: {'; '.join(sorted({x.get('host', 'not recorded') for x in results}))}; devices " + ", ".join(
             f"{t} {sorted({x.get('device', 'cpu') for x in results if x['task'] == t})}" for t in tasks)
         + ", "
-        f"{args.threads} thread(s) per run, --jobs runs at once as in the commands above; summed wall-clock "
+        f"{'--threads' if args.threads is None else args.threads} thread(s) per run, --jobs runs at once as in "
+        "the commands above; summed wall-clock "
         f"training time {secs / 60:.1f} min.",
         "- Scale: AdamW steps per run: " + ", ".join(
             f"{t} {sorted({len(r['curve']) for r in results if r['task'] == t})}" for t in tasks)
@@ -198,7 +205,8 @@ def write_report(results: list[dict], args: argparse.Namespace, commands: list[l
     if cut_runs:
         budget = getattr(args, "time_budget_s", None)
         lines.append(f"- Time budget{f' {budget:.0f} s' if budget else ''}: {len(cut_runs)} of {len(results)} runs "
-                     f"were stopped by it before their {args.steps} steps (marked † above); steps reached: "
+                     f"were stopped by it before their {args.steps or '--steps'} steps (marked † above); steps "
+                     "reached: "
                      + ", ".join(f"{x['task']} {x['rule']} seed {x['seed']}: {x['steps']}"
                                  for x in sorted(cut_runs, key=lambda x: (x["task"], x["rule"], x["seed"]))) + ".")
     lines += [
@@ -289,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.report_from:
         # a run present in several files (same configuration and seed) is counted once
-        results, first_args, commands = merge_reports(args.report_from, lambda r: (r["task"], r["rule"], r["seed"]))
+        results, first_args, commands = merge_reports(args.report_from, lambda r: (r["task"], r["rule"], r["seed"]),
+                                                      MERGE_FREE, vars(args))
         first = argparse.Namespace(**{**vars(args), **first_args})
         write_report(results, first, [*commands, argv], args.out_dir)
         return 0
