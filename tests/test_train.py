@@ -611,6 +611,28 @@ def test_a_lookahead_checkpoint_holds_the_slow_weights_as_the_export_does(data, 
     assert ckpt.keys() == export.keys() and all(torch.equal(ckpt[k], export[k]) for k in ckpt)
 
 
+def test_eval_every_logs_the_validation_loss_and_leaves_training_alone(data, tmp_path):
+    """--eval-every K adds val_loss/val_ppl to the metrics of every K-th step and the last: the
+    loss of the model at that step on the validation split's first --eval-rows rows (here
+    against the exported model scored by fastweights.eval); the training itself is unchanged."""
+    from fastweights.data import Dataset
+    from fastweights.eval import perplexity
+    from fastweights.models.presets import load_model
+
+    _train(train_args(data, tmp_path / "plain", steps=5))
+    _train(train_args(data, tmp_path / "ev", steps=5, eval_every=2, eval_rows=3))
+    recs = [json.loads(line) for line in (tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "val_loss" in r] == [2, 4, 5]
+    assert _losses(tmp_path / "ev") == _losses(tmp_path / "plain")
+    ref = perplexity(load_model(tmp_path / "ev" / "model"), Dataset(data).split("val"), 48, batch_size=2, max_rows=3,
+                     progress=False)
+    assert recs[-1]["val_loss"] == pytest.approx(ref["loss"], rel=1e-6) and recs[-1]["val_tokens"] == ref["tokens"]
+    assert recs[-1]["val_ppl"] == pytest.approx(ref["perplexity"], rel=1e-6)
+    for flag, value, match in (("eval_every", -1, "eval_every must be >= 0"), ("eval_rows", 0, "eval_rows must be")):
+        with pytest.raises(FastWeightsError, match=match):
+            _train(train_args(data, tmp_path / "bad", **{flag: value}))
+
+
 def test_bad_optimizer_and_forgetting_are_rejected(data, tmp_path):
     with pytest.raises(FastWeightsError, match="optimizer must be one of adamw, sgd"):
         _train(train_args(data, tmp_path / "a", optimizer="adam"))

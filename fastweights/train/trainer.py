@@ -4,7 +4,8 @@ FSDP2) under ``torchrun`` with ``parallel`` (docs/distributed.md).
 
 One plain loop (nanoGPT-style). Rows come from :class:`~fastweights.data.packing.PackedRows`,
 so the data position is a row count and resuming needs no data-loader state. Metrics go to
-``<out>/metrics.jsonl`` (one line per optimiser step) and to TensorBoard if installed.
+``<out>/metrics.jsonl`` (one line per optimiser step; with ``eval_every``, the validation loss in
+the lines of those steps) and to TensorBoard if installed.
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ class TrainConfig:
     activation_checkpointing: bool = option("recompute each decoder layer's activations in the backward pass: "
                                             "less memory for long rows, one more forward of the layers", False)
     save_every: int = option("checkpoint every K steps (and at the end)", 100)
+    eval_every: int = option("every K steps (and at the end), the loss on --eval-rows rows of the dataset's "
+                             "validation split, as val_loss/val_ppl in that step's metrics (0: never)", 0)
+    eval_rows: int = option("--eval-every: validation rows of --seq-len tokens, the split's first", 16)
     keep: int = option("checkpoints to keep (0: all)", 3)
     resume: bool = option("resume from the latest checkpoint in --out (with the run's settings; --steps, and "
                           "--lr/--clip while steps are left, may change)", False)
@@ -333,6 +337,30 @@ def _read_json(path: Path):
         raise FastWeightsError(f"cannot read {path}: {err}") from err
 
 
+def _eval_split(ds: Dataset, cfg: TrainConfig):
+    """The validation split that ``--eval-every`` scores, checked before any training."""
+    try:
+        val = ds.split("val")
+    except FastWeightsError as err:
+        raise FastWeightsError(f"--eval-every {cfg.eval_every} needs a validation split in {cfg.data}: {err}") from err
+    if val.total_tokens < 2:
+        raise FastWeightsError(f"--eval-every {cfg.eval_every}: the validation split of {cfg.data} has "
+                               f"{val.total_tokens} tokens (prepare the data with a --val-fraction > 0)")
+    return val
+
+
+def _validate(model, plain, optimizer, val, cfg: TrainConfig, world: int) -> dict:
+    """``val_loss``/``val_ppl``/``val_tokens`` of the first ``cfg.eval_rows`` validation rows, with
+    Lookahead's slow weights (as the export). Every rank scores the same rows (FSDP's forward is
+    a collective); nothing draws random numbers, so a resumed run stays exact."""
+    from fastweights.eval.lm import perplexity
+
+    scored = model if cfg.parallel == "fsdp" else plain  # DDP's forward would sync buffers
+    with torch.no_grad(), optimizer.slow_weights() if isinstance(optimizer, Lookahead) else nullcontext():
+        res = perplexity(scored, val, cfg.seq_len, max(1, cfg.batch_size // world), cfg.eval_rows, progress=False)
+    return {"val_loss": res["loss"], "val_ppl": res["perplexity"], "val_tokens": res["tokens"]}
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the records of steps <= ``step``, replacing the file atomically. A last line that is
     not JSON (a write cut short) is dropped with a warning; a broken line before it raises."""
@@ -377,7 +405,7 @@ def model_key(name: str) -> str:
 # settings that --resume may change: they do not change what the remaining steps compute, but for
 # ``steps`` (the schedule then ends at the new step count, from the step resumed at)
 RESUMABLE = frozenset({"out", "resume", "progress", "threads", "save_every", "keep", "device", "compile",
-                       "activation_checkpointing", "parallel", "steps"})
+                       "activation_checkpointing", "parallel", "steps", "eval_every", "eval_rows"})
 # and those `train --resume` may change with steps left to train (a run stopped by a non-finite loss
 # goes on from a checkpoint with smaller ones), recorded in train_config.json's "rate_changes"; a
 # caller that always resumes (``fastweights main``) keeps them fixed
@@ -575,8 +603,10 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
     if cfg.forgetting != "none" and cfg.trainable == "fast":
         raise FastWeightsError("forgetting re-initialises the token embeddings, which --trainable fast freezes: "
                                "use --trainable all with it")
-    for name in ("steps", "batch_size", "seq_len", "accum", "save_every", "lookahead_k", "forgetting_every"):
+    for name in ("steps", "batch_size", "seq_len", "accum", "save_every", "lookahead_k", "forgetting_every",
+                 "eval_rows"):
         check_at_least(name, getattr(cfg, name), 1)
+    check_at_least("eval_every", cfg.eval_every, 0)  # 0: never
     check_at_least("ttt_chunk", cfg.ttt_chunk, 0)  # 0: the model's default
     check_at_least("seed", cfg.seed, 0)
     check_at_least("threads", cfg.threads, 0)  # 0: auto
@@ -599,6 +629,7 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
     kind = resolve_model(cfg.model)  # a bad model name fails before any work
     ds = Dataset(cfg.data)
     rows = PackedRows(ds.split("train"), cfg.seq_len, seed=cfg.seed)
+    val = _eval_split(ds, cfg) if cfg.eval_every else None
     out = Path(cfg.out)
     locked = rank == 0 and out.is_dir()  # an existing run: held before its checkpoints are read
     if locked:
@@ -765,8 +796,6 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if forgetting is not None and step < cfg.steps:  # no reset after the last step: nothing trains after it
-                forgetting.on_step_end(step)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -781,6 +810,10 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
             }
             if peak:
                 rec["mfu"] = flops_per_token * tokens_per_step / dt / (peak * world)  # per GPU
+            if val is not None and (step % cfg.eval_every == 0 or step == cfg.steps):  # before a forgetting reset
+                rec.update(_validate(model, plain, optimizer, val, cfg, world))
+            if forgetting is not None and step < cfg.steps:  # no reset after the last step: nothing trains after it
+                forgetting.on_step_end(step)
             if log is not None:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
@@ -788,6 +821,9 @@ def _train(cfg: TrainConfig, resumer: str = "--resume", held: ExitStack | None =
                 for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
                     if k in rec:
                         tb.add_scalar(f"train/{k}", rec[k], step)
+                for k in ("val_loss", "val_ppl"):
+                    if k in rec:
+                        tb.add_scalar(f"val/{k[4:]}", rec[k], step)
             bar.update(1)
             # no forced redraw: the bar's own interval holds (a log file gets an update every 30 s)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
