@@ -428,6 +428,60 @@ def test_the_cache_under_either_name_and_no_context_left_after_an_error():
     assert all(m.ctx is None for m in ttt_modules(model))
 
 
+def _raise(error):
+    def hook(*args):
+        raise error
+    return hook
+
+
+@pytest.mark.parametrize("form", ["auto", "dense", "factored"])
+def test_a_failed_call_leaves_the_cache_as_it_was(form):
+    """A call that raised (RoPE refusing position_ids of the wrong length, before any update) moved
+    the cache's fast-weight token count on, and the retry's logits were silently wrong. Now every
+    failed call puts the cache back, also one failing after TTT layers and attention layers had
+    written to it (in layer 1, after layer 0; after layer 2, the second TTT layer; an interrupt,
+    which skips torch's always-called hooks, is undone at the next call): the retries, through
+    decoding, chunks completing at different steps per row and a document restart, equal one full
+    forward."""
+    model = ttt_model(chunk=4).double()
+    ids, mask, pos = left_padded(2, 14, [0, 3], seed=5)
+    pos[0, 10:] = torch.arange(4)  # row 0 starts a new document at column 10
+
+    def tokens(t):  # each row's real tokens of its open document after t columns
+        return [t if t <= 10 else t - 10, t - 3]
+
+    failures = [(model.model.layers[1], "register_forward_pre_hook", RuntimeError("injected")),
+                (model.model.layers[2], "register_forward_hook", RuntimeError("injected")),
+                (model.model.layers[2], "register_forward_hook", KeyboardInterrupt())]
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        cache = InPlaceTTTCache(model.config, state_form=form)
+        got = [model(input_ids=ids[:, :6], attention_mask=mask[:, :6], position_ids=pos[:, :6],
+                     past_key_values=cache).logits]
+        for t0, t1 in ((6, 7), (7, 10), (10, 11), (11, 14)):
+            call = dict(input_ids=ids[:, t0:t1], attention_mask=mask[:, :t1], past_key_values=cache)
+            if t1 - t0 > 1:
+                with pytest.raises(RuntimeError, match="must match"):
+                    model(**call, position_ids=pos[:, t0:t1 - 1])
+            restart = pos[:, t0:t1].clone()
+            restart[0] = torch.arange(t1 - t0)  # a mistaken document start, which clears row 0's fast weights
+            for module, kind, error in failures:
+                handle = getattr(module, kind)(_raise(error))
+                with pytest.raises(type(error)):
+                    model(**call, position_ids=restart)
+                handle.remove()
+                if not isinstance(error, KeyboardInterrupt):
+                    assert cache.ttt_tokens == tokens(t0) and cache.get_seq_length() == t0
+            got.append(model(**call, position_ids=pos[:, t0:t1]).logits)
+            assert cache.ttt_tokens == tokens(t1)
+        assert cache.get_seq_length() == 14
+        assert (torch.cat(got, 1) - want).abs().max() < 1e-12
+        cache.ttt_tokens = [4, 15]
+        with pytest.raises(FastWeightsError, match="inconsistent: its fast weights have read 15 tokens, "
+                                                   "its attention only 14"):
+            model(input_ids=ids[:, :1], past_key_values=cache)
+
+
 def test_generating_from_a_checkpointed_model_in_training_mode():
     """An RL-style loop samples from the policy it trains (training mode, gradient checkpointing
     on): generate() runs without gradients, and transformers keeps the cache then (from 5.24);

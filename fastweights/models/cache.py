@@ -8,6 +8,9 @@ chunks of the open document, factored or dense, plus the open chunk's buffer) an
 number of real tokens of its open document. Beam search's ``reorder_cache`` and the batch
 ``select``/``repeat`` operations of transformers act on both, so they stay consistent.
 
+A model call that raises leaves the cache as it was before the call (attention and fast weights
+alike; :meth:`InPlaceTTTCache.ttt_end`), so that the call can be retried.
+
 Misuse fails loudly: a plain cache (e.g. from an unconverted model) given to a converted model, this
 cache given to an unconverted model, a batch-size change in the middle of a cache, and a rollback
 (``crop``) that would have to undo fast-weight updates.
@@ -19,7 +22,7 @@ import torch
 
 from fastweights.errors import FastWeightsError
 from fastweights.layers.inplace_ttt import normalize_target
-from fastweights.models.compat import DynamicCache, crop_length
+from fastweights.models.compat import DynamicCache, DynamicLayer, crop_length
 from fastweights.ops.inplace_ttt_decode import STATE_FORMS, InPlaceTTTState, StepPlan
 
 __all__ = ["InPlaceTTTCache", "ttt_settings"]
@@ -60,6 +63,7 @@ class InPlaceTTTCache(DynamicCache):
         self.ttt_states: dict[int, InPlaceTTTState] = {}
         self.ttt_tokens: list[int] | None = None  # per row: real tokens of its open document
         self._ttt_expect: int | None = None
+        self._ttt_saved: tuple | None = None  # the cache before the model call under way (ttt_end)
 
     # ------------------------------------------------------------------ use by the model
     def ttt_begin(self, batch: int, length: int, real: torch.Tensor | None, starts: torch.Tensor | None,
@@ -68,7 +72,10 @@ class InPlaceTTTCache(DynamicCache):
 
         ``real`` (B, N) is False on padding, ``starts`` (B, N) True where a document starts;
         ``settings``: the calling model's :func:`ttt_settings`, which must be the cache's.
+        Until :meth:`ttt_end`, the cache keeps what it needs to undo the call.
         """
+        if self._ttt_saved is not None:  # an earlier call was interrupted without reaching ttt_end
+            self.ttt_end(ok=False)
         if tuple(layers) != self.ttt_layers:
             raise FastWeightsError(
                 f"this InPlaceTTTCache holds fast weights for layers {list(self.ttt_layers)}, "
@@ -90,9 +97,47 @@ class InPlaceTTTCache(DynamicCache):
                     f"sequences, the input has {batch}; start a new cache for a new batch"
                 )
             before = self.ttt_tokens
+            seen = self.get_seq_length()
+            if max(before, default=0) > seen:
+                raise FastWeightsError(
+                    f"this InPlaceTTTCache is inconsistent: its fast weights have read {max(before)} tokens, its "
+                    f"attention only {seen}; start a new cache")
         plan = StepPlan(before, length, real, starts)
+        self._ttt_saved = self._save()
         self.ttt_tokens = plan.after
         return plan
+
+    def ttt_end(self, ok: bool) -> None:
+        """Finish the model call begun by :meth:`ttt_begin`: keep what it wrote, or (``ok`` False: it
+        raised) put the cache back as it was before the call, so that a retry gives what it would have."""
+        saved, self._ttt_saved = self._ttt_saved, None
+        self._ttt_expect = None
+        if saved is not None and not ok:
+            self._restore(saved)
+
+    def _save(self) -> tuple:
+        # references, not copies: dynamic layers replace their tensors when they grow (torch.cat), and
+        # the fast-weight states never write into a tensor they found (InPlaceTTTState.save); a full
+        # attention layer keeps only its length, since holding its old tensors would double its memory
+        layers = [(layer.get_seq_length(), None) if type(layer) is DynamicLayer and layer.is_initialized
+                  else (None, dict(layer.__dict__)) for layer in self.layers]
+        states = {i: state.save() for i, state in self.ttt_states.items()}
+        return self.ttt_tokens, states, layers
+
+    def _restore(self, saved: tuple) -> None:
+        tokens, states, layers = saved
+        self.ttt_tokens = tokens
+        self.ttt_states = {i: self.ttt_states[i] for i in states}
+        for i, state in self.ttt_states.items():
+            state.restore(states[i])
+        del self.layers[len(layers):]
+        for layer, (length, attrs) in zip(self.layers, layers, strict=True):
+            if attrs is not None:
+                layer.__dict__.clear()
+                layer.__dict__.update(attrs)
+            elif layer.get_seq_length() > length:
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
 
     def ttt_layer(self, layer_idx: int, chunk_size: int) -> InPlaceTTTState:
         """The state of TTT layer ``layer_idx``; arms the check in :meth:`update` for that layer."""
@@ -139,6 +184,7 @@ class InPlaceTTTCache(DynamicCache):
         super().reset()
         self.ttt_states.clear()
         self.ttt_tokens = None
+        self._ttt_saved = None
 
     def crop(self, tokens_to_remove: int) -> None:
         """Only a no-op crop is possible: fast-weight updates cannot be undone."""

@@ -29,11 +29,12 @@ import torch
 import transformers
 from packaging.version import Version
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
-__all__ = ["CACHE_KWARG", "TRANSFORMERS_VERSION", "DynamicCache", "cache_implementation", "check_dynamic_cache",
-           "checkpointing_drops_cache", "crop_length", "enable_activation_checkpointing", "hf_progress_bars",
-           "keep_positions", "own_config", "refuse_assisted_decoding", "resolve_use_cache", "take_cache"]
+__all__ = ["CACHE_KWARG", "TRANSFORMERS_VERSION", "DynamicCache", "DynamicLayer", "cache_implementation",
+           "check_dynamic_cache", "checkpointing_drops_cache", "crop_length", "enable_activation_checkpointing",
+           "hf_progress_bars", "keep_positions", "own_config", "refuse_assisted_decoding", "resolve_use_cache",
+           "take_cache"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):

@@ -273,11 +273,13 @@ def _drop_call(module: nn.Module, args, kwargs):
 
 def _release_model_inputs(module: nn.Module, args, kwargs, output):
     """Base-model forward hook (always called): let go of this call's context and its cache (a
-    checkpointed layer's recomputation gets the context back from its kwargs)."""
+    checkpointed layer's recomputation gets the context back from its kwargs). After an error
+    (torch then passes ``output=None``), the cache goes back to what it held before the call."""
     ctx = module._ttt_ctx
     if ctx is not None:
         ctx.state = None
         if ctx.cache is not None:
+            ctx.cache.ttt_end(ok=output is not None)
             ctx.cache = ctx.plan = None
     module._ttt_ctx = None
     for mlp in module._ttt_mlps:  # also where an error stopped a layer between its attention and MLP

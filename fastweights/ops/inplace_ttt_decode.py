@@ -37,6 +37,7 @@ from fastweights.ops.inplace_ttt_fast import _addmm_into
 __all__ = ["STATE_FORMS", "InPlaceTTTState", "StepPlan"]
 
 STATE_FORMS = ("auto", "dense", "factored")
+_STATE_TENSORS = ("dense", "past_z", "past_v", "buf_z", "buf_s")
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -172,13 +173,23 @@ class InPlaceTTTState:
         self.buf_s: torch.Tensor | None = None
 
     def _tensors(self) -> list[str]:
-        return [n for n in ("dense", "past_z", "past_v", "buf_z", "buf_s") if getattr(self, n) is not None]
+        return [n for n in _STATE_TENSORS if getattr(self, n) is not None]
 
     def select(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` (1-D long), in that order: beam reorder, repeat, select."""
         for n in self._tensors():
             t = getattr(self, n)
             setattr(self, n, t.index_select(0, index.to(t.device)))
+
+    def save(self) -> tuple:
+        """The state as it is now, for :meth:`restore` (references: a call never writes into a tensor
+        it found, except the buffer past its tokens, which nothing reads)."""
+        return tuple(getattr(self, n) for n in _STATE_TENSORS)
+
+    def restore(self, saved: tuple) -> None:
+        """Go back to what :meth:`save` returned (a model call that failed)."""
+        for n, t in zip(_STATE_TENSORS, saved, strict=True):
+            setattr(self, n, t)
 
     def numel(self) -> int:
         """Numbers held for the completed chunks (the dense or factored state, not the buffer)."""
@@ -198,18 +209,20 @@ class InPlaceTTTState:
     def _zero_rows(self, rows: list[int]) -> None:
         for n in ("dense", "past_z", "past_v"):
             t = getattr(self, n)
-            if t is not None and rows:
-                t[rows] = 0
+            if t is not None and rows:  # a new tensor: the old one may be restored (save)
+                setattr(self, n, t.index_fill(0, torch.tensor(rows, device=t.device), 0))
 
-    def _ensure_buffer(self, B: int, need: int, f: int, d: int, z: torch.Tensor, s: torch.Tensor) -> None:
-        """Room for ``need`` open-chunk tokens per row: z's buffer in z's dtype, s's in s's."""
+    def _ensure_buffer(self, B: int, need: int, f: int, d: int, z: torch.Tensor, s: torch.Tensor,
+                       fresh: bool = False) -> None:
+        """Room for ``need`` open-chunk tokens per row: z's buffer in z's dtype, s's in s's.
+        ``fresh``: new, empty tensors even where the old ones have room (they are to be rewritten)."""
         cap = 0 if self.buf_z is None else self.buf_z.shape[1]
-        if need <= cap:
+        if need <= cap and not fresh:
             return
-        new_cap = min(self.chunk_size, max(need, 2 * cap))
+        new_cap = cap if need <= cap else min(self.chunk_size, max(need, 2 * cap))
         bz = z.new_zeros(B, new_cap, f)
         bs = s.new_zeros(B, new_cap, d)
-        if cap:
+        if cap and not fresh:
             bz[:, :cap] = self.buf_z
             bs[:, :cap] = self.buf_s
         self.buf_z, self.buf_s = bz, bs
@@ -246,7 +259,10 @@ class InPlaceTTTState:
             self.past_z = torch.cat([self.past_z, self.past_z.new_zeros(B, n - old, f)], 1)
             self.past_v = torch.cat([self.past_v, self.past_v.new_zeros(B, n - old, d)], 1)
         elif n < old:  # rows restarted: nothing lives past n any more
-            self.past_z, self.past_v = self.past_z[:, :n].contiguous(), self.past_v[:, :n].contiguous()
+            self.past_z = self.past_z[:, :n].clone(memory_format=torch.contiguous_format)
+            self.past_v = self.past_v[:, :n].clone(memory_format=torch.contiguous_format)
+        elif rows.numel():  # written below: a new tensor, the old one may be restored (save)
+            self.past_z, self.past_v = self.past_z.clone(), self.past_v.clone()
         if rows.numel():
             self.past_z[rows, dst] = z
             self.past_v[rows, dst] = v
@@ -391,8 +407,8 @@ class InPlaceTTTState:
 
         # the open chunk of each row's last document becomes the buffer
         bufs = [lay.length[b] - lay.last[b] - lay.done[b] for b in range(B)]
-        if any(bufs):
-            self._ensure_buffer(B, max(bufs), f, d, z, s)
+        if any(bufs):  # new tensors: these rows' old buffers may be overwritten, and may be restored (save)
+            self._ensure_buffer(B, max(bufs), f, d, z, s, fresh=True)
             rows_h = [b for b in range(B) for _ in range(bufs[b])]
             dst_h = [i for b in range(B) for i in range(bufs[b])]
             src_h = [lay.last[b] + lay.done[b] + i for b in range(B) for i in range(bufs[b])]
