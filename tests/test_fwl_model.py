@@ -210,6 +210,8 @@ def test_errors():
     m.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static", pad_token_id=0, use_cache=False)
     with pytest.raises(FastWeightsError, match=r"assisted or speculative decoding .* not supported by FWLQwen3"):
         m.generate(ids[:1], max_new_tokens=2, do_sample=False, prompt_lookup_num_tokens=2, pad_token_id=0)
+    with pytest.raises(FastWeightsError, match=r"continuous batching .* not supported by FWLQwen3"):
+        m.init_continuous_batching()  # the entry of generate_batch and cache_implementation="paged"
     cache = FWLCache(config=m.config)
     m(ids, past_key_values=cache, use_cache=True)
     with pytest.raises(FastWeightsError, match="batch size changed .* holds 2 sequences, the input has 3"):

@@ -312,6 +312,29 @@ def test_assisted_decoding_is_refused_up_front_and_a_static_cache_without_a_cach
     assert torch.equal(plain, static)
 
 
+def test_continuous_batching_is_refused_up_front():
+    """generate(cache_implementation="paged") returned the prompts alone (the refusal was only logged
+    by transformers' background thread) and generate_batch returned failed requests; every entry to
+    continuous batching now raises by name, before any thread starts or any forward pass runs."""
+    import threading
+
+    model = ttt_model(chunk=4)
+    ids = torch.randint(1, VOCAB, (2, 6))
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    threads = [t for t in threading.enumerate() if not t.daemon]  # the generation loop's is not (tqdm's monitor is)
+    refused = r"continuous batching .* is not supported by InPlaceTTTQwen3ForCausalLM: its paged cache"
+    with pytest.raises(FastWeightsError, match=refused):
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="paged")
+    with pytest.raises(FastWeightsError, match=refused):
+        model.generate_batch(ids.tolist(), max_new_tokens=3)
+    with pytest.raises(FastWeightsError, match=refused), model.continuous_batching_context_manager():
+        pass
+    with pytest.raises(FastWeightsError, match=refused):
+        model.init_continuous_batching()
+    assert not calls and [t for t in threading.enumerate() if not t.daemon] == threads
+
+
 @pytest.mark.parametrize("other", [dict(chunk=4), dict(target="embed"), dict(chunk=8, target="embed")])
 def test_a_cache_of_a_model_with_other_ttt_settings_is_refused(other):
     """Same TTT layers, another chunk or target: the cache's fast weights would be read wrongly."""

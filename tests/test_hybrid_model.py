@@ -420,7 +420,8 @@ def test_update_apply_runs_without_a_state_and_refuses_to_continue():
 
 def test_cache_refuses_another_model_another_batch_cropping_and_assisted_decoding():
     """A HybridCache continues only with the configuration and batch that filled it; it cannot be
-    cropped, so generate's assisted and prompt-lookup decoding raise by name."""
+    cropped, so generate's assisted and prompt-lookup decoding raise by name, as does continuous
+    batching (its paged cache has no room for the states)."""
     model = tiny(["swa", "swa"], "swiglu")
     ids = torch.randint(0, VOCAB, (2, 12))
     with torch.no_grad():
@@ -447,6 +448,8 @@ def test_cache_refuses_another_model_another_batch_cropping_and_assisted_decodin
             with pytest.raises(FastWeightsError, match="assisted or speculative decoding"):
                 model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=4,
                                do_sample=False, **kw)
+        with pytest.raises(FastWeightsError, match="continuous batching .* is not supported"):
+            model.init_continuous_batching()  # the entry of generate_batch and cache_implementation="paged"
         # no cache at all: transformers ignores the cache kind, and so does the hybrid model
         kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, use_cache=False)
         assert torch.equal(model.generate(ids, **kw), model.generate(ids, cache_implementation="static", **kw))

@@ -33,8 +33,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 __all__ = ["CACHE_KWARG", "TRANSFORMERS_VERSION", "DynamicCache", "DynamicLayer", "cache_implementation",
            "check_dynamic_cache", "checkpointing_drops_cache", "crop_length", "enable_activation_checkpointing",
-           "hf_progress_bars", "keep_positions", "own_config", "refuse_assisted_decoding", "resolve_use_cache",
-           "take_cache"]
+           "hf_progress_bars", "keep_positions", "own_config", "refuse_assisted_decoding",
+           "refuse_continuous_batching", "resolve_use_cache", "take_cache"]
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 if TRANSFORMERS_VERSION < Version("5.17"):
@@ -143,6 +143,19 @@ def refuse_assisted_decoding(self, *args, **kwargs):
     raise FastWeightsError(f"assisted or speculative decoding (assistant_model, prompt_lookup_num_tokens) is not "
                            f"supported by {type(self).__name__}: its fast weights cannot be rolled back when a "
                            "candidate token is rejected")
+
+
+def refuse_continuous_batching(self, *args, **kwargs):
+    """``ContinuousMixin.init_continuous_batching`` (all 5.x releases) for a fast-weight model: the
+    entry of ``generate_batch``, ``continuous_batching_context_manager`` and
+    ``generate(cache_implementation="paged")``, refused by name before its background thread starts.
+    The paged cache has no room for fast weights; without this the model's refusal was only logged by
+    that thread, ``generate`` returned the prompts alone and ``generate_batch`` failed requests."""
+    from fastweights.errors import FastWeightsError
+
+    raise FastWeightsError(f"continuous batching (generate_batch, init_continuous_batching, "
+                           f"cache_implementation='paged') is not supported by {type(self).__name__}: its paged "
+                           "cache cannot carry fast weights; use generate() with the default (dynamic) cache")
 
 
 def crop_length(seen: int, tokens_to_remove: int) -> int:

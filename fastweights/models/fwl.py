@@ -41,6 +41,7 @@ from fastweights.models.compat import (
     keep_positions,
     own_config,
     refuse_assisted_decoding,
+    refuse_continuous_batching,
     resolve_use_cache,
     take_cache,
 )
@@ -262,6 +263,7 @@ def register_fwl_family(model_type: str) -> tuple[type, type]:
     model_cls = type("FWL" + base_model.__name__, (base_model,), {
         "config_class": cfg_cls, "__init__": __init__, "__module__": __name__,
         "_prepare_cache_for_generation": _prepare_cache_for_generation, "_assisted_decoding": refuse_assisted_decoding,
+        "init_continuous_batching": refuse_continuous_batching,
         "_get_resized_lm_head": _get_resized_lm_head, "_resize_token_embeddings": _resize_token_embeddings_fwl,
         "__doc__": f"{base_model.__name__} with a Fast Weight Layer before the unembedding (see add_fwl).",
     })

@@ -35,6 +35,7 @@ from fastweights.models.compat import (
     checkpointing_drops_cache,
     own_config,
     refuse_assisted_decoding,
+    refuse_continuous_batching,
     resolve_use_cache,
     take_cache,
 )
@@ -116,7 +117,7 @@ def register_family(model_type: str) -> tuple[type, type]:
     model_cls = type(model_name, (base_model,), {
         "config_class": cfg_cls, "__init__": __init__, "__module__": __name__,
         "_prepare_cache_for_generation": _prepare_cache_for_generation, "initialize_weights": initialize_weights,
-        "_assisted_decoding": refuse_assisted_decoding,
+        "_assisted_decoding": refuse_assisted_decoding, "init_continuous_batching": refuse_continuous_batching,
         "__doc__": f"{base_model.__name__} with In-Place TTT MLPs (created by fastweights.convert).",
     })
     setattr(mod, cfg_name, cfg_cls)

@@ -22,6 +22,7 @@ from fastweights.models.compat import (
     check_dynamic_cache,
     keep_positions,
     refuse_assisted_decoding,
+    refuse_continuous_batching,
     take_cache,
 )
 from fastweights.models.hybrid.cache import HybridCache
@@ -349,6 +350,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             model_kwargs[CACHE_KWARG] = HybridCache(self.config)
 
     _assisted_decoding = refuse_assisted_decoding  # see HybridCache.crop
+    init_continuous_batching = refuse_continuous_batching  # its paged cache has no room for the states
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0, cache=None,
