@@ -140,6 +140,34 @@ def test_a_checkpoint_without_ttt_weights_loads_as_its_base_model(family, tmp_pa
         assert a[0] == b[0] and torch.equal(a[1], b[1])
 
 
+def test_load_pretrained_takes_config_keywords_as_from_pretrained_does(tmp_path):
+    """load_pretrained(path, ttt_max_update_norm=τ) raised a TypeError from the model's __init__
+    (transformers passes the keywords there when a config is given): keywords that are config
+    attributes now update the config, in our layout and the official one, and are checked as
+    AutoModelForCausalLM.from_pretrained checks them; loading options (dtype) still reach loading."""
+    model = convert(tiny_model("llama", layers=2), layers=[1], chunk_size=4)
+    perturb(model)
+    model.save_pretrained(tmp_path / "ours")
+    official = tmp_path / "official"
+    tiny_model("llama", layers=2).save_pretrained(official)
+    cfg = json.loads((official / "config.json").read_text())
+    cfg.update(ttt_layers=[1], ttt_lr=3.0, ttt_chunk=4, ttt_proj=True, ttt_target="hidden_states")
+    (official / "config.json").write_text(json.dumps(cfg))
+    kw = dict(ttt_max_update_norm=1.0, ttt_lr=0.25, dtype=torch.float64)
+    loaded = [load_pretrained(tmp_path / "ours", **kw), AutoModelForCausalLM.from_pretrained(tmp_path / "ours", **kw),
+              load_pretrained(official, **kw)]
+    for m in loaded:
+        assert m.config.ttt_max_update_norm == 1.0 and m.config.ttt_lr == 0.25 and m.dtype == torch.float64
+        assert [(mlp.max_update_norm, mlp.lr) for mlp in ttt_modules(m)] == [(1.0, 0.25)]
+    assert torch.equal(logits(loaded[0], ids()), logits(loaded[1], ids()))
+    for load in (load_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=r"max_update_norm must be None \(no clipping\) or a finite number > 0, "
+                                             r"got -1\.0"):
+            load(tmp_path / "ours", ttt_max_update_norm=-1.0)
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+            load(tmp_path / "ours", ttt_chunk=0)
+
+
 def test_loading_never_unpickles(tmp_path):
     model = convert(tiny_model("llama", layers=2), chunk_size=4)
     model.save_pretrained(tmp_path)

@@ -513,7 +513,9 @@ def load_pretrained(path: str | Path, **kwargs) -> PreTrainedModel:
 
     Reads both our layout (model_type ``inplace_ttt_<family>``) and the official release's
     (a base model_type plus ``ttt_*`` config keys and ``mlp.ttt_conv``/``mlp.ttt_proj``
-    weights). Only safetensors are read and no remote code runs.
+    weights). Only safetensors are read and no remote code runs. As with
+    ``from_pretrained``, keywords that are config attributes (``ttt_max_update_norm=τ``,
+    ``ttt_lr``, ...) update the config, and the model is built, and its settings checked, from it.
     """
     path = Path(path)
     cfg_file = path / "config.json"
@@ -527,10 +529,20 @@ def load_pretrained(path: str | Path, **kwargs) -> PreTrainedModel:
         raise FastWeightsError(f"{cfg_file} has no ttt_layers: not an In-Place TTT checkpoint")
     cfg_cls, model_cls = register_family(model_type)
     raw.pop("model_type", None)
-    config = cfg_cls.from_dict(raw)
+    # from_pretrained(path, **kwargs) gives the config the keywords that are its attributes (from_dict);
+    # given a config, it would pass them all to the model's __init__, which refuses them
+    given = {k: v for k, v in kwargs.items() if k not in _LOADING_OPTIONS}
+    config, unused = cfg_cls.from_dict(raw, return_unused_kwargs=True, **given)
+    kwargs = {k: v for k, v in kwargs.items() if k not in given or k in unused or k in _CONFIG_AND_LOADING}
     kwargs.setdefault("use_safetensors", True)
     kwargs["trust_remote_code"] = False
     return model_cls.from_pretrained(path, config=config, **kwargs)
+
+
+# from_pretrained's own keywords that are also config attributes: it takes them before reading the config
+_LOADING_OPTIONS = ("dtype", "torch_dtype")
+# keywords that from_pretrained applies to a given config as well (from_dict takes them too)
+_CONFIG_AND_LOADING = ("attn_implementation", "experts_implementation")
 
 
 def _register_supported() -> None:
