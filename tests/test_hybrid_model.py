@@ -858,6 +858,36 @@ def test_config_keys_that_would_be_ignored_are_named(monkeypatch):
             model(torch.zeros(1, 5, dtype=torch.long))
 
 
+@pytest.mark.parametrize("error", [RuntimeError("injected"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_a_failed_call_leaves_the_hybrid_cache_as_it_was(error):
+    """The cache's In-Place TTT token count moved on before the layers ran, and the layers before
+    a failing one had stored their new states: a retry after an error gave wrong logits. Now a
+    forward that raises (in a later layer, after LaCT, SWA, attention and TTT states advanced)
+    leaves the cache as it was, and the retries, across LaCT and TTT chunk ends, equal one full
+    forward."""
+    model = tiny(["lact", "swa", "attention"], "inplace_ttt").double()
+    _perturb_fast_params(model)
+    torch.manual_seed(2)
+    ids = torch.randint(0, VOCAB, (2, 17))
+
+    def fail(*args):
+        raise error
+
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        out = model(ids[:, :6], use_cache=True)
+        cache, got = out.past_key_values, [out.logits]
+        for t0, t1 in ((6, 7), (7, 12), (12, 13), (13, 17)):
+            for layer in (1, 2):
+                handle = model.model.layers[layer].register_forward_hook(fail)
+                with pytest.raises(type(error)):
+                    model(ids[:, t0:t1], past_key_values=cache)
+                handle.remove()
+                assert cache.get_seq_length() == t0 and cache.ttt_tokens == [t0, t0]
+            got.append(model(ids[:, t0:t1], past_key_values=cache).logits)
+    assert (torch.cat(got, 1) - want).abs().max() < 1e-10
+
+
 def test_beam_search_with_cache_equals_without():
     """Beam search reorders the cache (fast weights included): cached equals uncached."""
     model = tiny(["lact", "swa"], "inplace_ttt")

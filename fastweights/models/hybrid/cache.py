@@ -15,7 +15,8 @@ Shared across layers: ``key_doc`` (B, M) document ids and ``key_valid`` (B, M) p
 all earlier tokens, ``seen`` (M), and ``ttt_tokens`` (per row, real tokens of its open document,
 for the In-Place TTT step plans).
 
-A cache belongs to the model configuration that filled it (:data:`STATE_KEYS`); another model,
+A forward that raises leaves the cache as it was before the call (:meth:`HybridCache.save`),
+so a retry is exact. A cache belongs to the model configuration that filled it (:data:`STATE_KEYS`); another model,
 another batch size, and cropping (fast-weight updates cannot be undone, so assisted and
 speculative decoding are unsupported) raise :class:`~fastweights.errors.FastWeightsError`.
 """
@@ -70,6 +71,21 @@ class HybridCache(Cache):
         self.key_valid: torch.Tensor | None = None
         self.seen = 0
         self.ttt_tokens: list[int] | None = None
+
+    def save(self) -> tuple:
+        """The cache as it is now, for :meth:`restore`. References, not copies: the layers build new
+        tensors and states, and In-Place TTT states write into no tensor they found (their save)."""
+        ttt = [s["mlp"].save() if s and isinstance(s.get("mlp"), InPlaceTTTState) else None for s in self.states]
+        tokens = None if self.ttt_tokens is None else list(self.ttt_tokens)
+        return list(self.states), ttt, self.key_doc, self.key_valid, self.seen, tokens
+
+    def restore(self, saved: tuple) -> None:
+        """Go back to what :meth:`save` returned (a forward that raised: a retry is then exact)."""
+        states, ttt, self.key_doc, self.key_valid, self.seen, self.ttt_tokens = saved
+        for state, held in zip(states, ttt, strict=True):
+            if held is not None:
+                state["mlp"].restore(held)
+        self.states = states
 
     def check(self, config, batch: int) -> None:
         """Raise unless a model of ``config`` may continue this cache with ``batch`` rows."""

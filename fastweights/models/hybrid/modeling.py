@@ -273,6 +273,24 @@ class HybridModel(HybridPreTrainedModel):
                          B, N, x.device)
         if "lact" in self.config.mixers and attention_mask is not None:
             _check_lact_padding(layout, N, self.config.lact_order)
+        saved = None if cache is None else cache.save()
+        try:
+            hidden, x = self._layers(x, layout, cache, use_cache, output_hidden_states, attention_mask)
+        except BaseException:  # KeyboardInterrupt too: the cache goes back to what it held
+            if saved is not None:
+                cache.restore(saved)
+            raise
+        x = self.norm(x)
+        if hidden is not None:
+            hidden[-1] = x
+        out = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=None if hidden is None else tuple(hidden),
+                                      **{CACHE_KWARG: cache})
+        return out if _return_dict(self.config, return_dict) else out.to_tuple()
+
+    def _layers(self, x, layout: TokenLayout, cache: HybridCache | None, use_cache: bool, output_hidden_states,
+                attention_mask):
+        """The decoder layers over x (B, N, d), advancing ``cache``; returns (hidden states or None, x)."""
+        B, N, _ = x.shape
         embeds = x
         plan = None
         real = layout.key_valid[:, -N:]
@@ -295,13 +313,7 @@ class HybridModel(HybridPreTrainedModel):
                 hidden.append(x)
         if cache is not None:
             cache.key_doc, cache.key_valid, cache.seen = layout.key_doc, layout.key_valid, cache.seen + N
-        x = self.norm(x)
-        if hidden is not None:
-            hidden[-1] = x
-        out = BaseModelOutputWithPast(last_hidden_state=x, hidden_states=None if hidden is None else tuple(hidden),
-                                      **{CACHE_KWARG: cache})
-        return out if _return_dict(self.config, return_dict) else out.to_tuple()
-
+        return hidden, x
 
     def _check_checkpointing(self, device: torch.device, cache: HybridCache | None) -> None:
         """Refuse by name what fails inside activation checkpointing: CUDA-graph capture of LaCT's
