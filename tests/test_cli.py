@@ -956,6 +956,34 @@ def test_generate_keeps_the_space_a_sentencepiece_tokenizer_puts_before_the_cont
     assert "warning: --top-k 5 and --top-p 1 apply to sampling: with --temperature 0 decoding is greedy" in err
 
 
+def test_generate_starts_the_prompt_as_the_tokenizer_starts_a_text(tmp_path, capsys, monkeypatch):
+    """The prompt was encoded without the BOS that Llama and Mistral tokenizers put before every
+    text (and that prepared data now starts with): the model generated from an input unlike any
+    it was trained on. The BOS is now there, and not printed."""
+    from test_data import _bos_tokenizer
+    from tiny_models import tiny_model
+
+    from fastweights.commands import generate as gen_cmd
+
+    words = "def class return import self value data model".split()
+    tok = _bos_tokenizer([" ".join(words[(i * 7) % 8:] + words[:(i * 7) % 8]) for i in range(50)])
+    tiny_model("llama", layers=1, vocab_size=len(tok)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    real, seen = gen_cmd.load_model, []
+
+    def load(path):
+        m = real(path)
+        m.generate = lambda ids, **kw: seen.append(ids.tolist()) or torch.cat([ids, ids[:, -1:]], 1)
+        return m
+
+    monkeypatch.setattr(gen_cmd, "load_model", load)
+    code, out, err = run(["generate", "--model", str(tmp_path / "m"), "--prompt", "def return", "--max-new-tokens",
+                          "1", "--no-progress"], capsys)
+    assert code == 0, err
+    assert seen == [[tok("def return")["input_ids"]]] and seen[0][0][0] == tok.bos_token_id
+    assert out.strip() == "def return return", out
+
+
 def test_prepare_reads_the_tokenizer_first_and_counts_bad_bytes_from_the_files_start(tmp_path, capsys, monkeypatch):
     """A bad --tokenizer failed only after the whole corpus was read (a file path was said to hold
     no tokenizer files); a BOM made the reported offset of a bad byte 3 short; main printed

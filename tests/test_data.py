@@ -411,10 +411,48 @@ def test_a_dataset_of_the_pieces_encoding_is_rebuilt(tmp_path):
     tok = train_bpe(corpus, 300)
     tokenize_corpus(corpus, tok, tmp_path / "a", progress=False)
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
-    assert meta["key"].endswith(f"-e{store.ENCODING}") and store.ENCODING == 3
-    meta["key"] = meta["key"][:-len("-e3")] + "-e2"
+    now = f"-e{store.ENCODING}"
+    assert meta["key"].endswith(now) and store.ENCODING >= 3
+    meta["key"] = meta["key"][:-len(now)] + "-e2"
     (tmp_path / "a" / "meta.json").write_text(json.dumps(meta))
-    assert tokenize_corpus(corpus, tok, tmp_path / "a", progress=False).meta["key"].endswith("-e3")
+    assert tokenize_corpus(corpus, tok, tmp_path / "a", progress=False).meta["key"].endswith(now)
+
+
+def _bos_tokenizer(texts):
+    """A Llama-like tokenizer: SentencePiece-style pieces, "<s>" before every text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_documents_start_as_the_tokenizer_starts_a_text(tmp_path):
+    """Documents were stored as tokenizer(text, add_special_tokens=False): without the BOS that
+    Llama and Mistral tokenizers put before every text, which those models saw in pretraining.
+    Each document is now tokenizer(text) (its BOS included) and the EOS; passkey prompts start
+    the same way; a tokenizer without a BOS (the trained BPE, Qwen, GPT-2) stores what it did."""
+    from fastweights.data.tokenizer import text_prefix
+    from fastweights.eval.passkey import passkey_sample
+
+    root = write_corpus(tmp_path / "corpus", docs=6)
+    corpus = build_corpus(str(root), val_fraction=0.25)
+    tok = _bos_tokenizer([d.text for d in corpus.split("train")])
+    assert text_prefix(tok) == [tok.bos_token_id] and text_prefix(train_bpe(corpus, 300)) == []
+    store = tokenize_corpus(corpus, tok, tmp_path / "data", progress=False).split("train")
+    texts = {d.name: d.text for d in corpus.split("train")}
+    assert len(store) == len(texts)
+    for i, name in enumerate(store.names):
+        assert store.doc(i).tolist() == tok(texts[name])["input_ids"] + [tok.eos_token_id], name
+        assert store.doc(i)[0] == tok.bos_token_id
+    s = passkey_sample(tok, store.doc(0)[1:-1], 120, 0.5, np.random.default_rng(0))
+    ids = s["input_ids"].tolist()
+    assert len(ids) == 120 and ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert "he pass key is" in tok.decode(ids[s["needle_start"]:s["needle_start"] + s["needle_len"]])  # T: unknown
 
 
 def test_progress_bars_update_sparingly_in_a_log_file(monkeypatch):

@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 
 from fastweights._globals import caller_globals
 from fastweights.config import option, parse
-from fastweights.data.tokenizer import load_tokenizer
+from fastweights.data.tokenizer import load_tokenizer, text_prefix
 from fastweights.errors import FastWeightsError, check_at_least, warn
 from fastweights.models.compat import hf_progress_bars
 from fastweights.models.inplace_ttt import set_max_update_norm
@@ -68,9 +68,11 @@ def _generate(cfg: GenerateConfig) -> str:
                                    f"from the run's model directory (<run>/model), or copy the tokenizer files of "
                                    f"the run's dataset (<data>/tokenizer) into it") from None
         raise
-    ids = tok(cfg.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
-    if ids.shape[1] == 0:
+    text = tok(cfg.prompt, add_special_tokens=False)["input_ids"]
+    if not text:
         raise FastWeightsError("the prompt is empty")
+    # the BOS of tokenizers that start texts with one (Llama, Mistral), as training data starts
+    ids = torch.tensor([text_prefix(tok) + text], device=model.device)
     torch.manual_seed(cfg.seed)
     saved = model.generation_config
     # a model that is not causal inside a chunk (LaCT update_apply) decodes by full forwards

@@ -27,7 +27,7 @@ from filelock import FileLock
 
 from fastweights._progress import progress_bar
 from fastweights.data.corpus import Corpus
-from fastweights.data.tokenizer import load_tokenizer
+from fastweights.data.tokenizer import load_tokenizer, text_prefix
 from fastweights.errors import FastWeightsError, is_int
 
 __all__ = ["Dataset", "TokenStore", "dataset_key", "tokenize_corpus"]
@@ -119,8 +119,9 @@ def _tokenizer_hash(tokenizer) -> str:
 
 # how documents become tokens; a change here makes earlier datasets rebuild (2: a literal EOS
 # string inside a document is text, not the EOS id; 3: documents are tokenised whole, not in
-# pieces of 64k characters, whose starts changed the tokens)
-ENCODING = 3
+# pieces of 64k characters, whose starts changed the tokens; 4: a document starts with the ids
+# the tokenizer puts before a text, e.g. Llama's BOS)
+ENCODING = 4
 
 
 def _earlier_key(corpus: Corpus, tokenizer) -> str:
@@ -143,12 +144,14 @@ def dataset_key(corpus: Corpus, tokenizer, earlier: str | None = None) -> str:
 
 def _tokenized(docs, tokenizer, dtype, batch_chars: int = 4 << 20):
     """Yield ``(doc, ids)`` for each of ``docs`` in order, ids (L,) in ``dtype`` without the EOS:
-    exactly ``tokenizer(doc.text)``. Whole documents are tokenised in batches of about
+    exactly ``tokenizer(doc.text)``, its BOS included where it adds one (:func:`text_prefix`; an EOS
+    it would append is the caller's). Whole documents are tokenised in batches of about
     ``batch_chars`` characters (a longer document alone): cutting a document into pieces changes
     its tokens where a piece starts (a SentencePiece tokenizer adds a word-start "▁"; a
     byte-level one splits a newline from the indentation after it)."""
     batch: list = []
     size = 0
+    prefix = text_prefix(tokenizer)
 
     def run():
         # split_special_tokens: a document's own "<|endoftext|>" is text; only the EOS appended
@@ -162,7 +165,7 @@ def _tokenized(docs, tokenizer, dtype, batch_chars: int = 4 << 20):
         finally:
             tokenizer.model_max_length = limit
         for doc, ids in zip(batch, encoded, strict=True):
-            yield doc, np.asarray(ids, dtype=dtype)
+            yield doc, np.asarray(prefix + ids, dtype=dtype)
         batch.clear()
 
     for doc in docs:

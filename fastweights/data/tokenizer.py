@@ -12,7 +12,7 @@ from pathlib import Path
 from fastweights.data.corpus import Corpus
 from fastweights.errors import FastWeightsError
 
-__all__ = ["EOS", "cache_dir", "load_tokenizer", "train_bpe"]
+__all__ = ["EOS", "cache_dir", "load_tokenizer", "text_prefix", "train_bpe"]
 
 EOS = "<|endoftext|>"
 
@@ -94,6 +94,16 @@ def load_tokenizer(path: str | os.PathLike):
     if tok.eos_token_id is None:
         raise FastWeightsError(f"the tokenizer in {path} has no EOS token")
     return tok
+
+
+def text_prefix(tokenizer) -> list[int]:
+    """The ids ``tokenizer`` puts before a text: Llama's and Mistral's BOS, none for Qwen or GPT-2
+    (``tokenizer("")`` without an EOS it may append). Documents, passkey prompts and generation
+    prompts start with them, as the model saw its texts in pretraining."""
+    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return ids
 
 
 def check_dataset_tokenizer(model_dir: str | os.PathLike, dataset) -> None:

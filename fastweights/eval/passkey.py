@@ -9,6 +9,7 @@ import torch
 
 from fastweights._progress import progress_bar
 from fastweights.data.store import TokenStore
+from fastweights.data.tokenizer import text_prefix
 from fastweights.eval.lm import evaluating
 
 __all__ = ["haystack", "passkey_eval", "passkey_prompts", "passkey_sample"]
@@ -43,9 +44,11 @@ def haystack(store: TokenStore, tokens: int, eos_id: int | None = None, sep: lis
 def passkey_sample(tokenizer, hay: np.ndarray, length: int, depth: float, rng: np.random.Generator) -> dict:
     """One retrieval prompt of exactly ``length`` tokens, answer included.
 
-    The needle starts at token ``needle_start = round(depth · H)`` of the ``H`` haystack
-    tokens (depth 0 = start, 1 = just before the question). Returns ``input_ids`` (length,)
-    int64, ``needle_start``, ``needle_len``, ``answer_start``, ``answer_ids``, ``key``."""
+    The prompt starts with the tokenizer's BOS where it puts one before a text
+    (:func:`~fastweights.data.tokenizer.text_prefix`, P tokens); the needle starts at token
+    ``round(depth · H)`` of the ``H`` haystack tokens (depth 0 = start, 1 = just before the
+    question), at ``needle_start = P + round(depth · H)`` of the prompt. Returns ``input_ids``
+    (length,) int64, ``needle_start``, ``needle_len``, ``answer_start``, ``answer_ids``, ``key``."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     key = int(rng.integers(10000, 100000))
@@ -54,7 +57,8 @@ def passkey_sample(tokenizer, hay: np.ndarray, length: int, depth: float, rng: n
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     needle, question, answer = enc(NEEDLE.format(key=key)), enc(QUESTION), enc(ANSWER.format(key=key))
-    h = length - len(needle) - len(question) - len(answer)
+    prefix = text_prefix(tokenizer)  # a BOS, for the tokenizers that start texts with one
+    h = length - len(prefix) - len(needle) - len(question) - len(answer)
     if h < 1:
         raise ValueError(f"length {length} is too short for a passkey prompt (needs > {length - h})")
     if len(hay) < h:
@@ -62,10 +66,10 @@ def passkey_sample(tokenizer, hay: np.ndarray, length: int, depth: float, rng: n
     start = int(rng.integers(0, len(hay) - h + 1))
     filler = [int(t) for t in hay[start : start + h]]
     pos = round(depth * h)
-    ids = filler[:pos] + needle + filler[pos:] + question + answer
+    ids = prefix + filler[:pos] + needle + filler[pos:] + question + answer
     return {
         "input_ids": torch.tensor(ids, dtype=torch.long),
-        "needle_start": pos,
+        "needle_start": len(prefix) + pos,
         "needle_len": len(needle),
         "answer_start": len(ids) - len(answer),
         "answer_ids": torch.tensor(answer, dtype=torch.long),
