@@ -505,6 +505,37 @@ def test_a_failed_call_leaves_the_cache_as_it_was(form):
             model(input_ids=ids[:, :1], past_key_values=cache)
 
 
+def test_an_interrupted_call_or_a_failed_loss_is_undone_at_once():
+    """A KeyboardInterrupt skips the decoder's always-called hook: the cache held the interrupted
+    call's tokens until its next use, so its length was wrong, and a beam reorder in between
+    mixed old fast weights with reordered attention (the retry off by 0.31). A call whose loss
+    failed after the decoder kept its changes (the retry off by 0.43). The causal LM's forward
+    now puts the cache back before the error leaves it."""
+    model = ttt_model(chunk=4).double()
+    ids = torch.randint(1, VOCAB, (2, 17), generator=torch.Generator().manual_seed(3))
+    order = torch.tensor([1, 0])
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    with torch.no_grad():
+        want = model(input_ids=ids[order], use_cache=False).logits[:, 10:]
+        for fail in ("interrupt", "loss"):
+            cache = model(input_ids=ids[:, :10], use_cache=True).past_key_values
+            if fail == "interrupt":
+                handle = model.model.layers[2].register_forward_hook(interrupt)
+                with pytest.raises(KeyboardInterrupt):
+                    model(input_ids=ids[:, 10:], past_key_values=cache)
+                handle.remove()
+            else:
+                with pytest.raises(ValueError):
+                    model(input_ids=ids[:, 10:], past_key_values=cache, labels=ids[:1])
+            assert cache.get_seq_length() == 10 and cache.ttt_tokens == [10, 10], fail
+            cache.reorder_cache(order)
+            got = model(input_ids=ids[order, 10:], past_key_values=cache).logits
+            assert (got - want).abs().max() < 1e-12, fail
+
+
 def test_generating_from_a_checkpointed_model_in_training_mode():
     """An RL-style loop samples from the policy it trains (training mode, gradient checkpointing
     on): generate() runs without gradients, and transformers keeps the cache then (from 5.24);

@@ -64,6 +64,7 @@ class InPlaceTTTCache(DynamicCache):
         self.ttt_tokens: list[int] | None = None  # per row: real tokens of its open document
         self._ttt_expect: int | None = None
         self._ttt_saved: tuple | None = None  # the cache before the model call under way (ttt_end)
+        self._ttt_done: tuple | None = None  # the same for the call that ended, until its caller returns
 
     # ------------------------------------------------------------------ use by the model
     def ttt_begin(self, batch: int, length: int, real: torch.Tensor | None, starts: torch.Tensor | None,
@@ -76,6 +77,7 @@ class InPlaceTTTCache(DynamicCache):
         """
         if self._ttt_saved is not None:  # an earlier call was interrupted without reaching ttt_end
             self.ttt_end(ok=False)
+        self._ttt_done = None
         if tuple(layers) != self.ttt_layers:
             raise FastWeightsError(
                 f"this InPlaceTTTCache holds fast weights for layers {list(self.ttt_layers)}, "
@@ -109,11 +111,26 @@ class InPlaceTTTCache(DynamicCache):
 
     def ttt_end(self, ok: bool) -> None:
         """Finish the model call begun by :meth:`ttt_begin`: keep what it wrote, or (``ok`` False: it
-        raised) put the cache back as it was before the call, so that a retry gives what it would have."""
+        raised) put the cache back as it was before the call, so that a retry gives what it would have.
+        What it wrote can still be undone by :meth:`ttt_abort` until :meth:`ttt_release`."""
         saved, self._ttt_saved = self._ttt_saved, None
         self._ttt_expect = None
         if saved is not None and not ok:
             self._restore(saved)
+        self._ttt_done = saved if ok else None
+
+    def ttt_abort(self) -> None:
+        """The causal-LM call around the model raised (after the model, e.g. its loss; or anything,
+        a KeyboardInterrupt included, which skips the model's own hooks): undo the model call."""
+        saved = self._ttt_saved if self._ttt_saved is not None else self._ttt_done
+        self._ttt_saved = self._ttt_done = None
+        self._ttt_expect = None
+        if saved is not None:
+            self._restore(saved)
+
+    def ttt_release(self) -> None:
+        """The causal-LM call around the model returned: its changes stay."""
+        self._ttt_done = None
 
     def _save(self) -> tuple:
         # references, not copies: dynamic layers replace their tensors when they grow (torch.cat), and

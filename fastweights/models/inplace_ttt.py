@@ -18,7 +18,7 @@ import json
 import operator
 import sys
 import warnings
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 
 import torch
@@ -102,6 +102,10 @@ def register_family(model_type: str) -> tuple[type, type]:
         base_model.__init__(self, config, *args, **kwargs)
         _convert_from_config(self, config)
 
+    @wraps(base_model.forward)  # its signature too: generate() reads it (logits_to_keep, ...)
+    def forward(self, *args, **kwargs):
+        return _undo_on_error(base_model.forward, self, args, kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if not _generation_cache(self, generation_config, model_kwargs):
             base_model._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
@@ -115,7 +119,7 @@ def register_family(model_type: str) -> tuple[type, type]:
             init_ttt_weights(module)
 
     model_cls = type(model_name, (base_model,), {
-        "config_class": cfg_cls, "__init__": __init__, "__module__": __name__,
+        "config_class": cfg_cls, "__init__": __init__, "__module__": __name__, "forward": forward,
         "_prepare_cache_for_generation": _prepare_cache_for_generation, "initialize_weights": initialize_weights,
         "_assisted_decoding": refuse_assisted_decoding, "init_continuous_batching": refuse_continuous_batching,
         "__doc__": f"{base_model.__name__} with In-Place TTT MLPs (created by fastweights.convert).",
@@ -264,6 +268,23 @@ def _route_call(module: nn.Module, args, kwargs, *, mlp: nn.Module, layer_idx: i
 def _forget_call(module: nn.Module, args, output):
     """MLP forward hook (always called): the context is only lent for the layer's own call."""
     module.ctx = None
+
+
+def _undo_on_error(forward, model, args, kwargs):
+    """The causal LM's ``forward`` with its cache put back as it was when the call raises anything,
+    also after the decoder (the loss) and on a KeyboardInterrupt (which skips the decoder's
+    always-called hook: the cache would hold the interrupted call's changes until its next use)."""
+    cache = take_cache(kwargs)  # under either name
+    own = cache if isinstance(cache, InPlaceTTTCache) else None
+    try:
+        out = forward(model, *args, **kwargs)
+    except BaseException:
+        if own is not None:
+            own.ttt_abort()
+        raise
+    if own is not None:
+        own.ttt_release()
+    return out
 
 
 def _drop_call(module: nn.Module, args, kwargs):
