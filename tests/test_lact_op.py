@@ -257,3 +257,30 @@ def test_an_empty_batch_gives_empty_outputs_and_states(update):
                 assert t.shape == (0, *ref.shape[1:]) and t.dtype == ref.dtype, name
             else:
                 assert t == ref, name
+
+
+@pytest.mark.parametrize("path", ["single", "packed", "streaming"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32)])
+def test_learning_rates_wider_than_q_k_v(path, dtypes):
+    """lr of a wider dtype than q, k, v (float32 lr with bf16 activations, float64 with float32):
+    the training form reads them as the reference does, on the single-document, packed and
+    streaming paths (once a raw 'expected scalar type' RuntimeError); lr's gradient keeps its
+    dtype."""
+    low, wide = dtypes
+    q, k, v, lr, beta, w1, w2, w3 = make(B=2, N=29, dtype=torch.float32, seed=3, grad=False)
+    x = [t.to(low) for t in (q, k, v)] + [lr.to(wide).requires_grad_(), beta, w1, w2, w3]
+    pos = torch.stack([torch.arange(29), torch.cat([torch.arange(12), torch.arange(17)])])
+    kw = dict(chunk_size=4, update="momentum", position_ids=pos if path != "single" else None)
+    ref = lact_reference(*x, **kw)
+    if path == "streaming":
+        o1, state = lact_chunked(*[t[:, :, :10] if i < 5 else t for i, t in enumerate(x)], **{
+            **kw, "position_ids": pos[:, :10]}, output_final_state=True)
+        o2, _ = lact_chunked(*[t[:, :, 10:] if i < 5 else t for i, t in enumerate(x)], **{
+            **kw, "position_ids": pos[:, 10:]}, state=state, output_final_state=True)
+        out = torch.cat([o1, o2], 2)
+    else:
+        out = lact_chunked(*x, **kw)
+    assert out.dtype == low
+    assert rel(out.float(), ref.float()) < (2e-2 if low == torch.bfloat16 else 1e-5)
+    (g,) = torch.autograd.grad(out.float().square().sum(), x[3])
+    assert g.dtype == wide and float(g.norm()) > 0

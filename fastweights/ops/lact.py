@@ -920,9 +920,14 @@ def lact_chunked(
     lanes compiles and captures anew). ``lanes``: those lanes, built once by :func:`lact_lanes`
     for every call over the same documents (without it the call copies the document starts to
     the host, which waits for the device); they replace ``cu_seqlens`` and ``position_ids`` and
-    need no state in or out. Returns o (B, H, N, D2), or ``(o, state)``.
+    need no state in or out. ``lr`` of another dtype than q's is cast to q's (the matmul dtype:
+    float32 learning rates with bf16 q, k, v read as bf16, as the reference reads them in
+    float32 with float32 inputs); ``beta`` is read in float32 (float64 for float64 inputs).
+    Returns o (B, H, N, D2), or ``(o, state)``.
     """
     B, H, N, D = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
+    if lr.dtype != q.dtype:  # the learning rates scale the matmuls' operands: the matmul dtype
+        lr = lr.to(q.dtype)
     C = chunk_size
     dev = q.device
     streaming = state is not None or output_final_state
