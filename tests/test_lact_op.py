@@ -284,3 +284,20 @@ def test_learning_rates_wider_than_q_k_v(path, dtypes):
     assert rel(out.float(), ref.float()) < (2e-2 if low == torch.bfloat16 else 1e-5)
     (g,) = torch.autograd.grad(out.float().square().sum(), x[3])
     assert g.dtype == wide and float(g.norm()) > 0
+
+
+def test_a_state_of_other_head_widths_or_type_and_bad_lanes_are_refused():
+    """A state continues only calls of its head widths D, Dh, D2 (once a raw torch.cat error);
+    a state that is not a LaCTState and lanes that are not LaCTLanes are named (once
+    AttributeErrors)."""
+    base = dict(B=1, N=7, D=4, Dh=5, D2=3, grad=False)
+    _, state = lact_chunked(*make(**base), chunk_size=3, update="gd", output_final_state=True)
+    for other, widths in ((dict(D=6), (6, 5, 3)), (dict(Dh=6), (4, 6, 3)), (dict(D2=6), (4, 5, 6))):
+        with pytest.raises(ValueError, match=rf"head widths \(D, Dh, D2\) = \(4, 5, 3\), this call has "
+                                             rf"\({widths[0]}, {widths[1]}, {widths[2]}\)"):
+            lact_chunked(*make(**{**base, **other}), chunk_size=3, update="gd", state=state)
+    x = make(**base)
+    with pytest.raises(ValueError, match="state must be a LaCTState .* got tuple"):
+        lact_chunked(*x, chunk_size=3, update="gd", state=tuple(vars(state).values()))
+    with pytest.raises(ValueError, match="lanes must be a LaCTLanes .* got str"):
+        lact_chunked(*x, chunk_size=3, update="gd", lanes="auto")

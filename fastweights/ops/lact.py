@@ -314,11 +314,20 @@ class LaCTState:
         })
 
 
-def _check_state(state: LaCTState, B: int, H: int, C: int, update: str) -> None:
-    """Raise unless ``state`` was made by a call with this batch, heads, chunk and update."""
+def _check_state(state: LaCTState, B: int, H: int, C: int, update: str, widths: tuple[int, int, int]) -> None:
+    """Raise unless ``state`` is a :class:`LaCTState` made by a call with this batch, heads,
+    chunk, update and head widths ``(D, Dh, D2)`` (q, k (.., D), w1 (H, Dh, D), v (.., D2))."""
+    if not isinstance(state, LaCTState):
+        raise ValueError(f"state must be a LaCTState (from output_final_state=True) or None, "
+                         f"got {type(state).__name__}")
     got = (state.buf_k.shape[0], state.buf_k.shape[1], state.buf_k.shape[2])
     if got != (B, H, C):
         raise ValueError(f"the state holds (batch, heads, chunk_size) = {got}, this call has {(B, H, C)}")
+    D, Dh, D2 = widths
+    held = (state.buf_k.shape[-1], state.w1.shape[-2], state.buf_v.shape[-1])
+    if held != widths or state.w1.shape[-1] != D or state.w2.shape[-2:] != (D2, Dh):
+        raise ValueError(f"the state holds head widths (D, Dh, D2) = {held}, this call has {widths} "
+                         f"(q, k (..., D), w1 (H, Dh, D), v (..., D2))")
     if (state.m1 is None) != (update == "gd") or state.update not in ("", update):
         made = state.update or ("gd" if state.m1 is None else "momentum or muon")
         raise ValueError(f"the state was made with update={made!r}, this call has update={update!r}")
@@ -935,11 +944,13 @@ def lact_chunked(
         raise ValueError("order='update_apply' is not causal inside a chunk; it cannot stream or decode")
     if state is not None and cu_seqlens is not None:
         raise ValueError("continuing a state needs position_ids (cu_seqlens always starts a document at 0)")
+    if state is not None:
+        _check_state(state, B, H, C, update, (D, w1.shape[1], v.shape[-1]))
     if state is not None and (beta is None) != (state.buf_beta is None):
         raise ValueError("beta must be given iff the state was built with beta")
-    if state is not None:
-        _check_state(state, B, H, C, update)
     if lanes is not None:
+        if not isinstance(lanes, LaCTLanes):
+            raise ValueError(f"lanes must be a LaCTLanes (from lact_lanes) or None, got {type(lanes).__name__}")
         if streaming:
             raise ValueError("lanes lay out a whole pass: they take no state in or out")
         if cu_seqlens is not None or position_ids is not None:
