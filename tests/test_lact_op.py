@@ -301,3 +301,21 @@ def test_a_state_of_other_head_widths_or_type_and_bad_lanes_are_refused():
         lact_chunked(*x, chunk_size=3, update="gd", state=tuple(vars(state).values()))
     with pytest.raises(ValueError, match="lanes must be a LaCTLanes .* got str"):
         lact_chunked(*x, chunk_size=3, update="gd", lanes="auto")
+
+
+@pytest.mark.parametrize("update", ["gd", "momentum", "muon"])
+def test_no_heads_give_empty_outputs_on_every_path(update):
+    """H = 0: the reference, the training form (one document per row, packed by position_ids or
+    cu_seqlens, streaming with a state out and in) all give an empty (B, 0, N, D2) output, as
+    the single-document training form did (once a raw error from stack or reshape)."""
+    one = make(B=2, H=1, N=7, D=6, Dh=10, D2=4, grad=False)
+    x = [t[:, :0] if i < 5 else t[:0] for i, t in enumerate(one)]
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]])
+    kw = dict(chunk_size=3, update=update)
+    outs = [lact_reference(*x, **kw), lact_reference(*x, **kw, position_ids=pos), lact_chunked(*x, **kw),
+            lact_chunked(*x, **kw, position_ids=pos),
+            lact_chunked(*(t[:1] if i < 5 else t for i, t in enumerate(x)), **kw, cu_seqlens=torch.tensor([0, 3, 7]))]
+    o, state = lact_chunked(*x, **kw, position_ids=pos, output_final_state=True)
+    outs += [o, lact_chunked(*x, **kw, position_ids=pos, state=state)]
+    for o in outs:
+        assert o.shape[1:] == (0, 7, 4) and o.dtype == torch.float64

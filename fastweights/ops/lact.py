@@ -255,6 +255,8 @@ def lact_reference(
     """
     B, H, N, _ = _check(q, k, v, lr, beta, w1, w2, w3, chunk_size, update, order)
     starts = doc_starts(B, N, cu_seqlens=cu_seqlens, position_ids=position_ids, device=q.device)
+    if B == 0 or H == 0:  # no rows or no heads: an empty output
+        return q.new_zeros(B, H, N, v.shape[-1])
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     rows = []
     for b in range(B):
@@ -279,7 +281,7 @@ def lact_reference(
                     ws, ms = new_ws, new_ms
             heads.append(torch.cat(outs))
         rows.append(torch.stack(heads))
-    return torch.stack(rows).to(q.dtype) if rows else q.new_zeros(0, H, N, v.shape[-1])
+    return torch.stack(rows).to(q.dtype)
 
 
 # --------------------------------------------------------------------------- state
@@ -961,6 +963,8 @@ def lact_chunked(
         if lanes.device != dev:
             raise ValueError(f"lanes are on {lanes.device}, the inputs on {dev}")
     if not streaming:  # the fast path: no state in or out
+        if H == 0:  # no heads: an empty output (lanes would lay out nothing)
+            return q.new_zeros(B, 0, N, v.shape[-1])
         training = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lr, beta, w1, w2, w3))
         extra, loop_order, o_first = {}, order, None
