@@ -489,3 +489,42 @@ def test_packed_fast_path_on_cuda_matches_reference_gpu(monkeypatch, update):
                 continue
             assert rel(a.double().cpu(), b) < 1e-3, (step, name)
     assert len(graphs._entries) == 2
+
+
+@pytest.mark.parametrize("update", ["gd", "momentum", "muon"])
+def test_decoding_skips_the_updates_no_row_keeps(monkeypatch, update):
+    """Decoding one token per call with a carried state runs the chunk update (gradients,
+    momentum, Newton-Schulz) only in the calls where some row completes a chunk (once every
+    call, its result discarded), and gives bitwise the outputs and states of running every
+    update (``SKIP_OPEN_CHUNK_UPDATES = False``) and the full pass's outputs; one row starts a
+    new document mid-stream, so the rows complete chunks at different calls."""
+    inputs = make(B=2, N=15, D=6, Dh=6, seed=17, grad=False)
+    C = 4
+    pos = torch.stack([torch.arange(15), torch.cat([torch.arange(6), torch.arange(9)])])
+    full = lact_reference(*inputs, chunk_size=C, update=update, position_ids=pos)
+    steps = []
+    real_step = lact_op._step
+    monkeypatch.setattr(lact_op, "_step", lambda *a: steps.append(1) or real_step(*a))
+
+    def decode(skip):
+        monkeypatch.setattr(lact_op, "SKIP_OPEN_CHUNK_UPDATES", skip)
+        steps.clear()
+        state, outs, states = None, [], []
+        for n in range(15):
+            piece = [t[:, :, n:n + 1] for t in inputs[:5]] + list(inputs[5:])
+            o, state = lact_chunked(*piece, chunk_size=C, update=update, position_ids=pos[:, n:n + 1],
+                                    state=state, output_final_state=True)
+            outs.append(o)
+            states.append(state)
+        return torch.cat(outs, 2), states, len(steps)
+
+    out, states, n_steps = decode(True)
+    out_all, states_all, n_steps_all = decode(False)
+    # row 0 completes chunks at tokens 3, 7, 11; row 1 at 3 and at 9, 13 (its second document)
+    assert (n_steps, n_steps_all) == (5, 15)
+    assert torch.equal(out, out_all)
+    for s, s_all in zip(states, states_all, strict=True):
+        for name, t in vars(s).items():
+            t_all = getattr(s_all, name)
+            assert (torch.equal(t, t_all) and t.dtype == t_all.dtype) if torch.is_tensor(t) else t == t_all, name
+    assert rel(out, full) < 1e-10

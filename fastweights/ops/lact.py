@@ -907,6 +907,11 @@ def _grid(starts_f, cont, buf_len, chunk_size):
     return flat, inv, valid, reset, G, g[:, -1]
 
 
+# The general loop skips the update of a chunk column that no row completes (apply-then-update:
+# nothing reads it). False runs every update and discards the unused ones (the old path; tests).
+SKIP_OPEN_CHUNK_UPDATES = True
+
+
 def lact_chunked(
     q, k, v, lr, beta, w1, w2, w3, *, chunk_size: int, update: str = "gd", order: str = "apply_update",
     cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -1042,6 +1047,12 @@ def lact_chunked(
         ws = tuple(i.expand(B, -1, -1, -1) for i in init)
         ms = None if not has_m else tuple(torch.zeros_like(w) for w in ws)
 
+    # With apply-then-update a chunk is read with the weights before its update, and only a
+    # complete chunk keeps its update: a chunk column that no row completes changes nothing, so
+    # its gradients, momentum and Newton-Schulz are skipped (decoding one token into an open
+    # chunk then costs no update). Which columns some row completes: one host sync per call.
+    skip = SKIP_OPEN_CHUNK_UPDATES and order == "apply_update"
+    completes = full.any(0).tolist() if skip else [True] * G
     outs = []
     for j in range(G):
         r = reset[:, j].view(B, 1, 1, 1)
@@ -1049,6 +1060,9 @@ def lact_chunked(
         if has_m:
             ms = tuple(torch.where(r, torch.zeros_like(m), m) for m in ms)
         w_mm = tuple(w.to(mm) for w in ws)
+        if not completes[j]:  # no row keeps this chunk's update: read only
+            outs.append(swiglu_fast(*w_mm, qg[:, :, j]))
+            continue
         grads = tuple(g.to(acc) for g in lact_inner_grads(*w_mm, kg[:, :, j], vg[:, :, j], lg[:, :, j]))
         beta_bar = None
         if bg is not None:
