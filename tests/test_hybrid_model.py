@@ -418,6 +418,30 @@ def test_update_apply_runs_without_a_state_and_refuses_to_continue():
     assert torch.equal(out, greedy_by_full_forwards(model, ids, 4))
 
 
+def test_update_apply_loss_from_labels_warns_once_per_model():
+    """A loss from labels on a model with LaCT layers in order='update_apply' leaks later tokens
+    of each chunk into the logits it scores (train and eval refuse such models): forward warns,
+    naming the layers, once per model instance; an apply_update model does not warn."""
+    from fastweights.errors import FastWeightsWarning
+
+    ids = torch.randint(0, VOCAB, (1, 10))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model = tiny(["swa", "lact", "lact"], "swiglu", lact_order="update_apply")
+            with torch.no_grad():
+                model(ids, labels=ids)
+                model(ids, labels=ids)
+                model(ids)
+        with torch.no_grad():
+            tiny(["swa", "lact"], "swiglu")(ids, labels=ids)
+    ours = [w for w in seen if issubclass(w.category, FastWeightsWarning)]
+    assert len(ours) == 2, [str(w.message) for w in seen]
+    for w in ours:
+        assert re.search(r"not a causal-LM loss: its LaCT layers \[1, 2\] use lact_order='update_apply'.*see later "
+                         r"tokens of its chunk", str(w.message))
+
+
 def test_cache_refuses_another_model_another_batch_cropping_and_assisted_decoding():
     """A HybridCache continues only with the configuration and batch that filled it; it cannot be
     cropped, so generate's assisted and prompt-lookup decoding raise by name, as does continuous

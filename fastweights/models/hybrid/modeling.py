@@ -8,12 +8,14 @@ document never sees another's tokens, in attention, LaCT or In-Place TTT. ``atte
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from fastweights.errors import FastWeightsError
+from fastweights.errors import FastWeightsError, FastWeightsWarning
 from fastweights.layers.attention import Attention, TokenLayout, rope_cos_sin
 from fastweights.layers.inplace_ttt import InPlaceTTTMLP
 from fastweights.layers.lact import LaCTLayer
@@ -373,7 +375,10 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         (B, N) the next-token cross-entropy (labels are shifted inside; -100 ignored): the mean,
         or the sum over ``num_items_in_batch`` when given (the Hugging Face Trainer passes it under
         gradient accumulation). ``return_dict=False`` (default ``config.return_dict``): the
-        output's ``to_tuple()`` ``(loss, logits, cache, hidden_states)``, None fields left out."""
+        output's ``to_tuple()`` ``(loss, logits, cache, hidden_states)``, None fields left out.
+        A model with LaCT layers in ``lact_order="update_apply"`` (``config.noncausal_layers``)
+        computes that loss with logits that see later tokens of their chunk: it warns (a
+        :class:`FastWeightsWarning`, once per model)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
                          use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
@@ -383,6 +388,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
+            self._warn_noncausal_loss()
             if tuple(labels.shape) != tuple(out.last_hidden_state.shape[:2]):
                 raise ValueError(f"labels must be (B, N) = {tuple(out.last_hidden_state.shape[:2])}, as the input, "
                                  f"got {tuple(labels.shape)}")
@@ -400,3 +406,18 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                      **{CACHE_KWARG: getattr(out, CACHE_KWARG)})
         return out if _return_dict(self.config, return_dict) else out.to_tuple()
+
+    def _warn_noncausal_loss(self) -> None:
+        """Warn, once per model, that a loss from labels leaks later tokens when LaCT layers read
+        each chunk with their own update (``presets.check_causal`` refuses such models in train
+        and eval)."""
+        layers = self.config.noncausal_layers
+        if not layers or self.__dict__.get("_warned_noncausal_loss"):
+            return
+        self._warned_noncausal_loss = True
+        warnings.warn(
+            f"this model's loss from labels is not a causal-LM loss: its LaCT layers {layers} use "
+            f"lact_order='update_apply' and read each chunk of {self.config.lact_chunk_size} tokens with that chunk's "
+            "own update, so the logits at a position see later tokens of its chunk, including the labels it is "
+            "scored on; train and evaluate with lact_order='apply_update' (fastweights train and eval refuse "
+            "this model)", FastWeightsWarning, stacklevel=2)
