@@ -61,6 +61,44 @@ def layout_for(pos):
                        key_valid=torch.ones(B, N, dtype=torch.bool))
 
 
+def test_token_layout_from_positions_runs_layers_as_the_model_does():
+    """TokenLayout.from_positions, the public layout for a layer called on its own: a LaCT layer
+    and an attention mixer given it equal the hybrid model's own layers (one document per row,
+    packed documents, left padding), and bad arguments are named."""
+    model = tiny(["lact", "swa"], "swiglu")
+    _perturb_fast_params(model)
+    seen = {}
+    hooks = [blk.mixer.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, (a[0], out[0])))
+             for i, blk in enumerate(model.model.layers)]
+    ids = torch.randint(0, VOCAB, (2, 13))
+    packed = torch.stack([torch.cat([torch.arange(6), torch.arange(7)]), torch.arange(13)])
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, :3] = 0
+    cases = [dict(position_ids=torch.arange(13).expand(2, 13)), dict(position_ids=packed),
+             dict(attention_mask=mask)]
+    with torch.no_grad():
+        for kw in cases:
+            model(ids, use_cache=False, **kw)
+            pos = kw.get("position_ids")
+            if pos is None:  # the model's positions for left padding: 0 at each row's first real token
+                pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            for i, blk in enumerate(model.model.layers):
+                layout = TokenLayout.from_positions(pos, kw.get("attention_mask"))
+                x, want = seen[i]
+                got, state = blk.mixer(x, layout)
+                assert state is None and torch.equal(got, want), (kw.keys(), i)
+    for h in hooks:
+        h.remove()
+    assert TokenLayout.from_positions(torch.arange(5).expand(2, 5)).single_doc
+    assert not TokenLayout.from_positions(packed).single_doc
+    with pytest.raises(ValueError, match=r"position_ids must be a \(B, N\) integer tensor, got \(5,\) torch.int64"):
+        TokenLayout.from_positions(torch.arange(5))
+    with pytest.raises(ValueError, match=r"position_ids must be a \(B, N\) integer tensor, got \(1, 5\) torch.float32"):
+        TokenLayout.from_positions(torch.zeros(1, 5))
+    with pytest.raises(ValueError, match=r"attention_mask must be \(B, N\) = \(2, 13\) as position_ids, got \(2, 12\)"):
+        TokenLayout.from_positions(packed, mask[:, 1:])
+
+
 @pytest.mark.parametrize("update", ["gd", "momentum", "muon"])
 def test_lact_layer_init_and_reference_impl(update):
     torch.manual_seed(0)

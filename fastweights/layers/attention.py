@@ -56,6 +56,36 @@ class TokenLayout:
     starts_host: torch.Tensor | None = None
     shared: dict = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def from_positions(cls, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TokenLayout:
+        """The layout of a forward pass without a cached prefix, for a layer called on its own
+        (``LaCTLayer(...)(x, TokenLayout.from_positions(pos))``). ``position_ids`` (B, N)
+        integer: RoPE positions, restarting at 0 at each document start (packed documents;
+        column 0 always starts one); ``attention_mask`` (B, N), nonzero at real tokens, zero at
+        padding (None: no padding). Copies the document starts to the host once."""
+        if not torch.is_tensor(position_ids) or position_ids.dim() != 2 or position_ids.is_floating_point() \
+                or position_ids.is_complex() or position_ids.dtype == torch.bool:
+            got = (f"{tuple(position_ids.shape)} {position_ids.dtype}" if torch.is_tensor(position_ids)
+                   else type(position_ids).__name__)
+            raise ValueError(f"position_ids must be a (B, N) integer tensor, got {got}")
+        B, N = position_ids.shape
+        device = position_ids.device
+        if attention_mask is None:
+            valid = torch.ones(B, N, dtype=torch.bool, device=device)
+        else:
+            if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != (B, N):
+                got = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+                raise ValueError(f"attention_mask must be (B, N) = {(B, N)} as position_ids, got {got}")
+            valid = attention_mask.to(device).bool()
+        starts = (position_ids == 0).clone()
+        starts[:, 0] = True
+        doc = torch.cumsum(starts.long(), 1) - 1
+        index = torch.arange(N, device=device).expand(B, N)
+        host = torch.stack([starts, valid]).cpu()  # the forward pass's one copy to the host
+        single = not bool(host[0, :, 1:].any()) and bool(host[1].all())
+        return cls(position_ids=position_ids, doc=doc, index=index, key_doc=doc, key_index=index, key_valid=valid,
+                   single_doc=single, starts_host=host[0])
+
     def last_keys(self, m: int) -> TokenLayout:
         """The same queries over only the newest ``m`` keys (a cache trimmed to a window)."""
         if m == self.key_doc.shape[1]:

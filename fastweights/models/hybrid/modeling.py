@@ -168,8 +168,10 @@ def _layout(position_ids, attention_mask, cache: HybridCache | None, B, N, devic
             position_ids.dim() == 2 and position_ids.shape[0] not in (1, B)):
         raise ValueError(f"position_ids must be (B, N) = ({B}, {N}), (1, N) or (N,), got {tuple(position_ids.shape)}")
     position_ids = position_ids.to(device).expand(B, N)
+    if cache is None:
+        return TokenLayout.from_positions(position_ids, valid_new)
     starts = position_ids == 0
-    if cache is None or cache.key_doc is None:
+    if cache.key_doc is None:
         starts = starts.clone()
         starts[:, 0] = True
         doc = torch.cumsum(starts.long(), 1) - 1
@@ -179,14 +181,9 @@ def _layout(position_ids, attention_mask, cache: HybridCache | None, B, N, devic
         key_doc = torch.cat([cache.key_doc, doc], 1)
         key_valid = torch.cat([cache.key_valid, valid_new], 1)
     index = torch.arange(past, past + N, device=device).expand(B, N)
-    starts_host, single = None, False
-    if cache is None:
-        host = torch.stack([starts, valid_new]).cpu()  # the forward pass's one copy to the host
-        starts_host = host[0]
-        single = not bool(starts_host[:, 1:].any()) and bool(host[1].all())
     key_index = index if key_doc is doc and past == 0 else torch.arange(past + N, device=device).expand(B, past + N)
     return TokenLayout(position_ids=position_ids, doc=doc, index=index, key_doc=key_doc, key_index=key_index,
-                       key_valid=key_valid, single_doc=single, starts_host=starts_host)
+                       key_valid=key_valid)
 
 
 def _return_dict(config, return_dict) -> bool:
