@@ -905,6 +905,10 @@ def test_config_keys_that_would_be_ignored_are_named(monkeypatch):
               num_key_value_heads=2, lact_heads=2, lact_chunk_size=5, sliding_window=7)
     cfg = HybridConfig(rope_theta=1e4, **kw)
     assert cfg.rope_base == 1e4 and "rope_theta" not in cfg.to_dict()
+    from fastweights.errors import FastWeightsWarning
+
+    with pytest.warns(FastWeightsWarning, match="lact_overlap=True no longer exists"):  # a key of earlier releases
+        assert "lact_overlap" not in HybridConfig(lact_overlap=True, **kw).to_dict()
     assert HybridConfig.from_dict(cfg.to_dict()).rope_base == 1e4
     for bad, match in ((dict(lact_chunk=64), r"unknown config keys \['lact_chunk'\].*'lact_chunk_size'"),
                        (dict(mixer="swa"), r"unknown config keys \['mixer'\].*'mixers'"),
@@ -924,9 +928,9 @@ def test_config_keys_that_would_be_ignored_are_named(monkeypatch):
 def test_a_failed_call_leaves_the_hybrid_cache_as_it_was(error):
     """The cache's In-Place TTT token count moved on before the layers ran, and the layers before
     a failing one had stored their new states: a retry after an error gave wrong logits. Now a
-    forward that raises (in a later layer, after LaCT, SWA, attention and TTT states advanced)
-    leaves the cache as it was, and the retries, across LaCT and TTT chunk ends, equal one full
-    forward."""
+    forward that raises (in a later layer, after LaCT, SWA, attention and TTT states advanced; in
+    the head after the model; labels of a wrong shape) leaves the cache as it was, and the
+    retries, across LaCT and TTT chunk ends, equal one full forward."""
     model = tiny(["lact", "swa", "attention"], "inplace_ttt").double()
     _perturb_fast_params(model)
     torch.manual_seed(2)
@@ -940,12 +944,15 @@ def test_a_failed_call_leaves_the_hybrid_cache_as_it_was(error):
         out = model(ids[:, :6], use_cache=True)
         cache, got = out.past_key_values, [out.logits]
         for t0, t1 in ((6, 7), (7, 12), (12, 13), (13, 17)):
-            for layer in (1, 2):
-                handle = model.model.layers[layer].register_forward_hook(fail)
+            for module in (model.model.layers[1], model.model.layers[2], model.lm_head):  # the head: after the model
+                handle = module.register_forward_hook(fail)
                 with pytest.raises(type(error)):
                     model(ids[:, t0:t1], past_key_values=cache)
                 handle.remove()
                 assert cache.get_seq_length() == t0 and cache.ttt_tokens == [t0, t0]
+            with pytest.raises(ValueError, match="labels must be"):  # refused before the cache moves on
+                model(ids[:, t0:t1], past_key_values=cache, labels=ids[:1, t0:t1])
+            assert cache.get_seq_length() == t0
             got.append(model(ids[:, t0:t1], past_key_values=cache).logits)
     assert (torch.cat(got, 1) - want).abs().max() < 1e-10
 

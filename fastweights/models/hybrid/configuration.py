@@ -8,7 +8,9 @@ One config expresses every row of the fast-weight comparison: each layer picks a
 
 from __future__ import annotations
 
-from fastweights.errors import check_number, check_positive_int
+import warnings
+
+from fastweights.errors import FastWeightsWarning, check_number, check_positive_int
 from fastweights.layers.attention import BACKENDS
 from fastweights.layers.inplace_ttt import TARGETS
 from fastweights.models.hybrid.compat import PreTrainedConfig
@@ -78,12 +80,16 @@ _OWN_KEYS = ("mixers", "mlps", "sliding_window", "lact_heads", "lact_chunk_size"
              "lact_lr_init", "lact_init_rank", "lact_glue", "ttt_chunk", "ttt_lr", "ttt_target", "ttt_proj",
              "ttt_max_update_norm", "attn_backend", "rope_base")
 _DEFAULT_ROPE_BASE = 1e6
+_RETIRED_KEYS = frozenset({"lact_overlap"})  # keys of earlier releases, dropped with a warning
 
 
 def _unknown_keys(kwargs: dict, rope_base: float) -> float:
     """Refuse keys that look like this family's but are not (``PreTrainedConfig`` would keep them
     and the model would ignore them); read Qwen3's ``rope_theta`` as ``rope_base``. Returns the
     RoPE base."""
+    for key in _RETIRED_KEYS.intersection(kwargs):  # configs saved while they existed still load
+        warnings.warn(f"config key {key}={kwargs.pop(key)!r} no longer exists and is ignored", FastWeightsWarning,
+                      stacklevel=4)
     unknown = [k for k in kwargs if k.startswith(("lact_", "ttt_")) or k in ("mixer", "mlp", "window")]
     if unknown:
         raise ValueError(f"unknown config keys {unknown}: this family's own keys are {list(_OWN_KEYS)}")

@@ -375,23 +375,37 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         output's ``to_tuple()`` ``(loss, logits, cache, hidden_states)``, None fields left out.
         A model with LaCT layers in ``lact_order="update_apply"`` (``config.noncausal_layers``)
         computes that loss with logits that see later tokens of their chunk: it warns (a
-        :class:`FastWeightsWarning`, once per model)."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
-                         use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
-                         **kwargs)
+        :class:`FastWeightsWarning`, once per model). A call that raises leaves a given cache as
+        it was."""
+        if labels is not None:  # before the cache moves on
+            self._warn_noncausal_loss()
+            given = input_ids if input_ids is not None else inputs_embeds
+            if given is not None and tuple(labels.shape) != tuple(given.shape[:2]):
+                raise ValueError(f"labels must be (B, N) = {tuple(given.shape[:2])}, as the input, got "
+                                 f"{tuple(labels.shape)}")
+            if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):  # positions cut or reordered
+                raise ValueError("labels need the logits of every position, in order: pass logits_to_keep=0 (the "
+                                 f"default) with labels, got {logits_to_keep!r}")
+        held = next((c for c in (past_key_values, cache) if isinstance(c, HybridCache)), None)
+        saved = None if held is None else held.save()
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
+                             **kwargs)
+            return self._head(out, labels, logits_to_keep, num_items_in_batch, return_dict)
+        except BaseException:  # the loss, an interrupt: the cache goes back to what it held
+            if saved is not None:
+                held.restore(saved)
+            raise
+
+    def _head(self, out, labels, logits_to_keep, num_items_in_batch, return_dict):
+        """Logits and loss from the decoder's output (see :meth:`forward`)."""
         h = out.last_hidden_state
         h = keep_positions(h, logits_to_keep)
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
-            self._warn_noncausal_loss()
-            if tuple(labels.shape) != tuple(out.last_hidden_state.shape[:2]):
-                raise ValueError(f"labels must be (B, N) = {tuple(out.last_hidden_state.shape[:2])}, as the input, "
-                                 f"got {tuple(labels.shape)}")
-            if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):  # positions cut or reordered
-                raise ValueError("labels need the logits of every position, in order: pass logits_to_keep=0 (the "
-                                 f"default) with labels, got {logits_to_keep!r}")
             flat = logits[:, :-1].flatten(0, 1)
             flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
             targets = labels[:, 1:].flatten().to(logits.device)
