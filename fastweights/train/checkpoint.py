@@ -174,11 +174,10 @@ def _write(tmp: Path, plain, fsdp: bool, model_sd, optim_sd, scheduler, rng_tens
     extra = {}
     if fsdp:
         save_file(model_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    elif lookahead is not None:
+    elif lookahead is not None:  # no copy of the model: φ written from the slow weights, θ from the parameters
         params = [p for g in lookahead.param_groups for p in g["params"]]
-        extra["fast"] = {i: p.detach().clone() for i, p in enumerate(params)}
-        with lookahead.slow_weights():
-            save_model(plain, str(tmp / "model.safetensors"))
+        extra["fast"] = {i: p.detach() for i, p in enumerate(params)}
+        save_model(_SlowWeights(plain, lookahead), str(tmp / "model.safetensors"))
     else:
         save_model(plain, str(tmp / "model.safetensors"))
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
@@ -190,6 +189,22 @@ def _write(tmp: Path, plain, fsdp: bool, model_sd, optim_sd, scheduler, rng_tens
         config.save_pretrained(tmp)
     for f in tmp.iterdir():
         _fsync(f)
+
+
+class _SlowWeights:
+    """What ``save_model`` reads of a model trained by Lookahead/SLRLA: its state dict with the slow
+    weights φ in place of each parameter the optimizer holds (tied names share one φ)."""
+
+    def __init__(self, plain: nn.Module, lookahead: Lookahead):
+        self.plain, self.lookahead = plain, lookahead
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        held = {id(p) for g in self.lookahead.param_groups for p in g["params"]}
+        sd = self.plain.state_dict()
+        for name, p in self.plain.named_parameters(remove_duplicate=False):
+            if id(p) in held:
+                sd[name] = self.lookahead.slow_param(p)
+        return sd
 
 
 def _model_tensors(path: Path, plain: nn.Module) -> dict[str, torch.Tensor]:
