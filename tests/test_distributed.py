@@ -630,6 +630,41 @@ def test_context_parallel_refuses_what_it_would_get_wrong():
         assert out["cp_loss-none"] == "cp_loss needs targets: pass labels to cp_batch", out
 
 
+def _cp_labels_worker(rank, world):
+    from tiny_models import VOCAB
+
+    from fastweights.distributed import apply_context_parallel, cp_batch
+
+    ids = torch.randint(0, VOCAB, (2, 26), generator=torch.Generator().manual_seed(5))
+    batch = cp_batch(ids, labels=ids)
+    model = _tiny_converted("hidden")
+    handle = apply_context_parallel(model)
+    out = {}
+    for name, call in (("keyword", lambda: model(batch.input_ids, position_ids=batch.position_ids,
+                                                 labels=batch.input_ids)),
+                       ("positional", lambda: model(batch.input_ids, None, batch.position_ids, None, None,
+                                                    batch.input_ids))):
+        try:
+            call()
+            out[name] = "accepted"
+        except ValueError as err:
+            out[name] = str(err)
+    out["labels-none"] = model(batch.input_ids, position_ids=batch.position_ids, labels=None).loss is None
+    handle.remove()
+    out["removed"] = bool(torch.isfinite(model(ids, labels=ids, use_cache=False).loss))
+    return out
+
+
+def test_context_parallel_refuses_labels():
+    """Found by a review: model(..., labels=) under context parallelism returned a wrong loss
+    (labels shifted inside each shard, a per-shard mean) and wrong gradients, with no error."""
+    for out in run_world(2, _cp_labels_worker):
+        for how in ("keyword", "positional"):
+            assert out[how].startswith("context parallelism does not take labels=:"), out
+            assert "cp_batch" in out[how] and "cp_loss" in out[how], out
+        assert out["labels-none"] and out["removed"], out
+
+
 def test_balanced_split_gives_every_feasible_split():
     from fastweights.distributed import balanced_split
 

@@ -33,6 +33,7 @@ A step on rank r::
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -395,6 +396,18 @@ def _no_cache(module, args, kwargs):
     return args, kwargs
 
 
+def _no_labels(where: int | None, module, args, kwargs):
+    """Causal-LM pre-hook: ``labels=`` is refused. The model's own loss would shift the labels
+    inside each shard (each shard's last target lives on the next rank) and average per shard.
+    ``where``: the position of ``labels`` in the forward's arguments (None: keyword only)."""
+    if kwargs.get("labels") is not None or (where is not None and len(args) > where and args[where] is not None):
+        raise ValueError("context parallelism does not take labels=: the model's loss would shift them inside each "
+                         "shard (losing each shard's last target, which is on the next rank) and average per shard; "
+                         "cut the batch with cp_batch(input_ids, labels=...) and take the loss with "
+                         "cp_loss(logits, batch.targets)")
+    return args, kwargs
+
+
 def _shard_layout(group, split: bool, module, args, kwargs):
     """Base-model pre-hook: learn the shard lengths and, for packed rows, build the mask; the
     layout travels to the attention layers in this call's kwargs (:data:`LAYOUT_KEY`)."""
@@ -488,13 +501,14 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None = N
     """Make a (converted) HF causal LM run context-parallel over ``group``, in place.
 
     Each rank then calls the model on its shard with ``position_ids`` (from :func:`cp_batch`)
-    and ``use_cache=False``. ``attention``: ``"split"`` (default: K/V all-gathered; rows of one
-    document run :func:`prefix_causal_attention`, two cuDNN/flash blocks merged by log-sum-exp;
-    packed rows and attention dropout use the ``"allgather"`` SDPA call), ``"allgather"`` (any
-    device and backend, packed rows, uneven shards; SDPA with a lower-right causal bias) or
-    ``"ring"`` (causal SDPA that PyTorch's context parallelism turns into ring attention; call
-    the model inside :func:`ring_attention_context`; CUDA only, one document per row, equal
-    shard lengths).
+    and ``use_cache=False``; ``labels=`` is refused (take the loss with :func:`cp_loss`).
+    ``attention``: ``"split"`` (default: K/V all-gathered; rows of one document run
+    :func:`prefix_causal_attention`, two cuDNN/flash blocks merged by log-sum-exp; packed rows
+    and attention dropout use the ``"allgather"`` SDPA call), ``"allgather"`` (any device and
+    backend, packed rows, uneven shards; SDPA with a lower-right causal bias) or ``"ring"``
+    (causal SDPA that PyTorch's context parallelism turns into ring attention; call the model
+    inside :func:`ring_attention_context`; CUDA only, one document per row, equal shard
+    lengths).
     """
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
@@ -509,6 +523,11 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None = N
     attn_before = model.config._attn_implementation
     # first of the base model's pre-hooks: the converted model's own hook must not make a cache
     hooks = [base.register_forward_pre_hook(_no_cache, with_kwargs=True, prepend=True)]
+    if model is not base:  # the causal LM: its loss from labels= would be wrong (_no_labels)
+        params = [n for n, p in inspect.signature(model.forward).parameters.items()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        where = params.index("labels") if "labels" in params else None
+        hooks.append(model.register_forward_pre_hook(partial(_no_labels, where), with_kwargs=True, prepend=True))
     if attention != "ring":
         hooks.append(base.register_forward_pre_hook(partial(_shard_layout, group, attention == "split"),
                                                     with_kwargs=True))
