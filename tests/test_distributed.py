@@ -372,6 +372,38 @@ def test_model_step_ring_attention_matches_one_process_on_two_gpus():
     assert "multiple of 32, got 24" in r["refused"], r
 
 
+def _ring_outside_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fastweights.distributed import context_parallel as cp
+    from fastweights.distributed import ring_attention_context
+
+    attn = torch.nn.Module().eval()
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    out = {}
+    try:
+        cp._ring_attention(attn, q, k, v, None)
+        out["outside"] = "accepted"
+    except ValueError as err:
+        out["outside"] = str(err)
+    buffers = [torch.arange(16).unsqueeze(0)]
+    try:  # inside: past the check (PyTorch's ring attention has no CPU kernel: its own error)
+        with ring_attention_context(init_device_mesh("cpu", (world,)), buffers, [1]):
+            cp._ring_attention(attn, q, k, v, None)
+        out["inside"] = "ran"
+    except Exception as err:  # noqa: BLE001
+        out["inside"] = f"{type(err).__name__}: {err}"
+    return out
+
+
+def test_ring_attention_outside_its_context_is_refused():
+    """Found by a review: attention="ring" called outside ring_attention_context ran plain causal
+    SDPA within each rank's shard (a loss 4.5965 for 4.5926), with no error."""
+    for out in run_world(2, _ring_outside_worker):
+        assert out["outside"].startswith("attention='ring' runs inside ring_attention_context"), out
+        assert "ring_attention_context" not in out["inside"], out
+
+
 def _one_rank_fails(rank, world):
     if rank == 1:
         raise RuntimeError("rank 1 broke")

@@ -348,10 +348,20 @@ def _allgather_attention(module, query, key, value, attention_mask, dropout=0.0,
     return out.transpose(1, 2).contiguous(), None
 
 
+# How many ring_attention_context blocks are open (a plain counter, not per thread: a checkpointed
+# layer's recomputation runs on autograd's thread).
+_RING_DEPTH = [0]
+
+
 def _ring_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The attention function registered as :data:`RING_ATTN_NAME`: plain causal SDPA with the
     K/V heads repeated, which ``torch.distributed.tensor.experimental.context_parallel``
-    replaces with ring attention inside :func:`ring_attention_context`."""
+    replaces with ring attention inside :func:`ring_attention_context`; refused outside it."""
+    if not _RING_DEPTH[0]:
+        raise ValueError("attention='ring' runs inside ring_attention_context (PyTorch's ring attention); called "
+                         "outside it, each rank would attend within its own shard only: run the forward and backward "
+                         "inside ring_attention_context(mesh, buffers, seq_dims), or apply_context_parallel with "
+                         "attention='split' or 'allgather'")
     rep = query.shape[1] // key.shape[1]
     if rep > 1:
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
@@ -556,6 +566,10 @@ def ring_attention_context(mesh, buffers: list[torch.Tensor], seq_dims: list[int
     _cp_options.enable_load_balance = False
     try:
         with context_parallel(mesh, buffers=buffers, buffer_seq_dims=seq_dims):
-            yield
+            _RING_DEPTH[0] += 1
+            try:
+                yield
+            finally:
+                _RING_DEPTH[0] -= 1
     finally:
         _cp_options.enable_load_balance = before
