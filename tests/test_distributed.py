@@ -404,6 +404,28 @@ def test_ring_attention_outside_its_context_is_refused():
         assert "ring_attention_context" not in out["inside"], out
 
 
+def _ring_on_cpu_worker(rank, world):
+    from fastweights.distributed import apply_context_parallel
+
+    model = _tiny_converted("hidden")
+    before = model.config._attn_implementation
+    try:
+        apply_context_parallel(model, attention="ring")
+        refused = "accepted"
+    except ValueError as err:
+        refused = str(err)
+    return {"refused": refused, "unchanged": model.config._attn_implementation == before
+            and getattr(model, "_fw_context_parallel", None) is None}
+
+
+def test_ring_attention_on_cpu_is_refused_when_applied():
+    """Found by a review: attention="ring" on a CPU model was accepted and failed at the first
+    forward with PyTorch's NotImplementedError (no sharding strategy for the CPU SDPA kernel)."""
+    for out in run_world(2, _ring_on_cpu_worker):
+        assert out["refused"].startswith("attention='ring' needs a model on CUDA"), out
+        assert "this model is on cpu" in out["refused"] and out["unchanged"], out
+
+
 def _one_rank_fails(rank, world):
     if rank == 1:
         raise RuntimeError("rank 1 broke")

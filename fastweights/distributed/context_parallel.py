@@ -524,6 +524,11 @@ def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup | None = N
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
     if not dist.is_initialized():
         raise ValueError("context parallelism needs an initialised torch.distributed process group")
+    devices = sorted({p.device.type for p in model.parameters()})
+    if attention == "ring" and devices != ["cuda"]:
+        raise ValueError(f"attention='ring' needs a model on CUDA (PyTorch's ring attention runs CUDA SDPA kernels "
+                         f"only); this model is on {', '.join(devices) or 'no device'}: move it to CUDA first, or "
+                         "use attention='split' or 'allgather'")
     base = _check_supported(model)
     ops_before = []
     for m in model.modules():
