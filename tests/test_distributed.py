@@ -320,6 +320,39 @@ def test_data_and_context_parallel_together():
         assert max(errs) <= 1e-5, (mode, errs)
 
 
+def _parallelize_handle_worker(rank, world):
+    """parallelize's model gives its context-parallel handle publicly; remove() restores it."""
+    from tiny_models import VOCAB
+
+    from fastweights.distributed import ContextParallel, context_parallel_of, parallelize
+
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(5))
+    out = {"plain": context_parallel_of(_tiny_converted("hidden")) is None}
+    for mode in ("ddp", "fsdp"):
+        model, cp_group, _ = parallelize(_tiny_converted("hidden"), dp_mode=mode, cp_size=2)
+        handle = context_parallel_of(model)
+        r = {"handle": isinstance(handle, ContextParallel) and handle.group is cp_group}
+        handle.remove()
+        plain = model.module if mode == "ddp" else model
+        r["removed"] = (context_parallel_of(model) is None
+                        and plain.config._attn_implementation != "fastweights_cp_allgather")
+        with torch.no_grad():  # generation's cached call runs on the plain model again
+            r["cached"] = plain(ids, use_cache=True).logits.shape[1]
+        out[mode] = r
+    model, _, _ = parallelize(_tiny_converted("hidden"), dp_mode="ddp", cp_size=1)
+    out["cp1"] = context_parallel_of(model) is None
+    return out
+
+
+def test_parallelize_gives_its_context_parallel_handle():
+    """Found by a review: parallelize returned no way to the handle whose remove() the docs ask
+    for before generating (only the private model._fw_context_parallel)."""
+    for out in run_world(2, _parallelize_handle_worker):
+        assert out["plain"] and out["cp1"], out
+        for mode in ("ddp", "fsdp"):
+            assert out[mode] == {"handle": True, "removed": True, "cached": 9}, (mode, out)
+
+
 def _ring_worker(rank, world):
     """The one-document model step with PyTorch's ring attention, on CUDA."""
     import copy

@@ -61,6 +61,7 @@ __all__ = [
     "apply_context_parallel",
     "balanced_split",
     "cp_batch",
+    "context_parallel_of",
     "cp_loss",
     "prefix_causal_attention",
     "ring_attention_context",
@@ -483,6 +484,18 @@ class ContextParallel:
         self.model.set_attn_implementation(self._attn_before)
         del self.model._fw_context_parallel
         self.model = None
+
+
+def context_parallel_of(model: nn.Module) -> ContextParallel | None:
+    """The :class:`ContextParallel` handle of ``model`` (also through a DDP or ``torch.compile``
+    wrapper, e.g. the model that :func:`~fastweights.distributed.parallelize` returns), or None
+    where context parallelism is not applied. Its ``remove()`` restores the plain model (to
+    generate)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return getattr(model, "_fw_context_parallel", None)
 
 
 def _check_supported(model: nn.Module):

@@ -487,6 +487,8 @@ def parallelize(model: nn.Module, *, dp_mode: str = "fsdp", cp_size: int = 1, at
     context-parallel attention path (:func:`~fastweights.distributed.apply_context_parallel`).
 
     Returns ``(model, cp_group, dp_rank)``; ``cp_group`` is None when ``cp_size == 1``.
+    :func:`~fastweights.distributed.context_parallel_of` ``(model)`` gives the context-parallel
+    handle (None when ``cp_size == 1``), whose ``remove()`` restores the plain model to generate.
     """
     world = dist.get_world_size()
     if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1 or world % cp_size:
