@@ -102,3 +102,33 @@ def test_parallel_option_errors(data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(FastWeightsError, match="--parallel ddp or --parallel fsdp"):
         train(parse(TrainConfig, _args(data, tmp_path / "c"), "t", ""))
+
+
+def _device_worker(rank, world, data, root):
+    out = {}
+    for device, cuda in (("bogus", None), ("cuda", False), ("mps", None), ("cuda:1", True)):
+        run = Path(root) / device.replace(":", "-")
+        available = torch.cuda.is_available
+        if cuda is not None:  # as on a host with or without CUDA (the check comes before any CUDA call)
+            torch.cuda.is_available = lambda cuda=cuda: cuda
+        try:
+            train(parse(TrainConfig, train_args(data, run, steps=1, device=device, parallel="ddp"), "t", ""))
+            out[device] = "trained"
+        except Exception as err:  # noqa: BLE001
+            out[device] = str(err) if isinstance(err, FastWeightsError) else f"{type(err).__name__}: {err}"
+        finally:
+            torch.cuda.is_available = available
+        out[device + " wrote"] = run.exists()
+    return out
+
+
+def test_parallel_train_checks_the_device(data, tmp_path):
+    """Found by a review: under torchrun --device was ignored unless it was cpu (--device bogus
+    and --device cuda on a host without CUDA trained on CPU with gloo, recording the value)."""
+    for out in run_world(2, _device_worker, str(data), str(tmp_path)):
+        assert out["bogus"].startswith("unknown device 'bogus'"), out
+        assert out["cuda"] == "device cuda requested but CUDA is not available", out
+        for device in ("mps", "cuda:1"):
+            assert out[device].startswith(f"--device {device} is not for --parallel ddp: pass auto, cpu (gloo) or "
+                                          "cuda (NCCL); each rank runs on cuda:LOCAL_RANK"), out
+        assert not any(v for k, v in out.items() if k.endswith(" wrote")), out

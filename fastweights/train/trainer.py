@@ -306,13 +306,18 @@ def _setup_parallel(cfg: TrainConfig) -> tuple[int, int, torch.device | None, bo
     if cfg.optimizer not in ("adamw", "sgd") and cfg.parallel == "fsdp":
         raise FastWeightsError(f"optimizer {cfg.optimizer} is not supported with --parallel fsdp (its state is "
                                f"not per-parameter): use --parallel ddp, or adamw/sgd")
+    dev = None if cfg.device == "auto" else pick_device(cfg.device)  # unknown, or CUDA without CUDA: refused
+    if dev is not None and (dev.type not in ("cpu", "cuda") or dev.type == "cuda" and dev.index is not None):
+        raise FastWeightsError(f"--device {cfg.device} is not for --parallel {cfg.parallel}: pass auto, cpu (gloo) or "
+                               f"cuda (NCCL); each rank runs on cuda:LOCAL_RANK (choose the GPUs with "
+                               f"CUDA_VISIBLE_DEVICES)")
     created = not dist.is_initialized()
     if created and "RANK" not in os.environ:
         raise FastWeightsError(f"--parallel {cfg.parallel} needs a torchrun launch, e.g. `torchrun --nproc-per-node 2 "
                                f"-m fastweights train ... --parallel {cfg.parallel}`")
     from fastweights.distributed import init_distributed
 
-    rank, world, device = init_distributed("gloo" if cfg.device == "cpu" else None)
+    rank, world, device = init_distributed("gloo" if dev is not None and dev.type == "cpu" else None)
     return rank, world, device, created
 
 
