@@ -186,6 +186,26 @@ def test_bpe_training_cuts_long_words():
     assert max(len(w) for p in pieces for w in p.split()) == 1024
 
 
+def test_bpe_learns_from_across_the_corpus_counted_in_bytes(tmp_path, monkeypatch):
+    """The BPE's sample is drawn in the order of a hash of the document names, not the first
+    documents in path order: a corpus of en/ then gr/ gets Greek merges; and it holds
+    ``sample_bytes`` bytes of UTF-8, not characters."""
+    from fastweights.data.tokenizer import _sample
+
+    monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
+    for lang, words in (("en", ["the", "fast", "weights", "learn"]), ("gr", ["γάτα", "σκύλος", "νερό", "ήλιος"])):
+        (tmp_path / "c" / lang).mkdir(parents=True)
+        for i in range(20):
+            rng = np.random.default_rng(i)
+            (tmp_path / "c" / lang / f"{i:02d}.txt").write_text(" ".join(rng.choice(words, 500)))
+    corpus = build_corpus(str(tmp_path / "c"), val_fraction=0.1)
+    assert sum(len(d.text.encode()) for d in corpus.split("train") if d.name.startswith("en/")) > 20_000
+    tok = train_bpe(corpus, 300, sample_bytes=20_000, progress=False)
+    word = "σκύλος"
+    assert len(tok(word, add_special_tokens=False)["input_ids"]) < len(word.encode())
+    assert 20_000 - 3 <= len("".join(_sample(corpus, 20_000)).encode()) <= 20_000  # cut at a character
+
+
 def test_tokenised_once_and_cached(dataset, corpus_dir):
     corpus, ds = dataset
     shard = ds.path / "train" / "shard-00000.bin"

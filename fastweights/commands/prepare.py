@@ -21,7 +21,8 @@ class PrepareConfig:
     out: str = option("dataset directory (default: <cache>/datasets/<corpus>-<tokenizer> key)", "")
     tokenizer: str = option("'bpe' (train a byte-level BPE) or a local Hugging Face model/tokenizer directory", "bpe")
     vocab_size: int = option("BPE vocabulary size", 4096)
-    tokenizer_sample_mb: int = option("MB of training text the BPE learns from", 8)
+    tokenizer_sample_mb: int = option("MB (bytes of UTF-8) of train-split text the BPE learns from, from documents "
+                                      "in the order of a hash of their names (as --max-mb samples)", 8)
     val_fraction: float = option("fraction of documents (by name hash) in the validation split", 0.05)
     max_doc_kb: int = option("cap each default-corpus document at this many KB (0: no cap)", 0)
     max_mb: int = option("keep a deterministic sample of whole documents until this many MB are reached (the "

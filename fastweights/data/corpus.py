@@ -25,7 +25,7 @@ from pathlib import Path
 from fastweights._progress import progress_bar
 from fastweights.errors import FastWeightsError
 
-__all__ = ["Corpus", "Document", "build_corpus", "python_sources", "split_of"]
+__all__ = ["Corpus", "Document", "build_corpus", "hash_order", "python_sources", "split_of"]
 
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages"}
 
@@ -118,6 +118,13 @@ def _read_python_doc(root: Path, files: list[Path], max_doc_bytes: int) -> tuple
 
 def _sample_key(name: str) -> bytes:
     return hashlib.sha256(b"sample:" + name.encode()).digest()
+
+
+def hash_order(items: list, name=lambda d: d.name) -> list:
+    """``items`` (documents, or what ``name`` names) in the order of a hash of their names,
+    independent of the split hash: the deterministic sample order of ``--max-mb`` and of the
+    BPE's training text."""
+    return sorted(items, key=lambda d: _sample_key(name(d)))
 
 
 def _record_name(rel: str, text: str) -> str:
@@ -244,7 +251,7 @@ def build_corpus(
         units = _python_documents()
         if max_bytes:  # choose the sample from file sizes, then read only what it keeps
             keep, total = set(), 0
-            for name, _, files in sorted(units, key=lambda u: _sample_key(u[0])):
+            for name, _, files in hash_order(units, name=lambda u: u[0]):
                 if total >= max_bytes:
                     break
                 keep.add(name)
@@ -268,9 +275,8 @@ def build_corpus(
         raise FastWeightsError(f"the corpus {source} has no document with text")
     docs, duplicates = _drop_duplicates(docs)
     if max_bytes and source != "python":
-        by_hash = sorted(docs, key=lambda d: _sample_key(d.name))
         keep, total = set(), 0
-        for d in by_hash:
+        for d in hash_order(docs):
             if total >= max_bytes:
                 break
             keep.add(d.name)

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fastweights.data.corpus import Corpus
+from fastweights.data.corpus import Corpus, hash_order
 from fastweights.errors import FastWeightsError
 
 __all__ = ["EOS", "cache_dir", "load_tokenizer", "text_prefix", "train_bpe"]
@@ -28,30 +28,43 @@ _LONG_WORD = re.compile(r"(\S{1024})")
 
 
 def _sample(corpus: Corpus, sample_bytes: int):
-    """Training text for the BPE: train documents in corpus order, cut into ~1 MB pieces (and
-    words of 1024 characters or more cut into pieces of 1024), up to ``sample_bytes`` in all."""
+    """Training text for the BPE: train documents in the order of a hash of their names (as
+    ``--max-mb`` samples them, so the text comes from across the corpus, not from its first
+    directories), cut into pieces of up to 1M characters (and words of 1024 characters or more
+    into pieces of 1024), until ``sample_bytes`` bytes of UTF-8 (the last piece is cut short)."""
     total = 0
-    for doc in corpus.split("train"):
+    for doc in hash_order(corpus.split("train")):
         for i in range(0, len(doc.text), 1 << 20):
             piece = doc.text[i : i + (1 << 20)]
+            size = len(piece.encode())
+            if total + size > sample_bytes:  # up to the byte budget, not past it (nor into a character)
+                piece = piece.encode()[: sample_bytes - total].decode(errors="ignore")
+                size = sample_bytes
             yield from (p for p in _LONG_WORD.split(piece) if p)  # the piece itself when no word is long
-            total += len(piece)
+            total += size
             if total >= sample_bytes:
                 return
 
 
+# what the BPE learns from; a change makes cached tokenizers train anew (2: documents in the
+# order of a hash of their names, counted in bytes; before, the first in corpus order, in characters)
+SAMPLE_VERSION = 2
+
+
 def train_bpe(corpus: Corpus, vocab_size: int, sample_bytes: int = 8 << 20, progress: bool = True):
     """A byte-level BPE tokenizer for ``corpus`` with ``vocab_size`` entries (``EOS``
-    included), trained on up to ``sample_bytes`` of its train split. Cached under
-    ``cache_dir()/tokenizers/<corpus sha256[:16]>-v<vocab>-s<sample>``: the same corpus and
-    size load the cached one. Returns a ``transformers.PreTrainedTokenizerFast``."""
+    included), trained on up to ``sample_bytes`` bytes of its train split (see :func:`_sample`).
+    Cached under ``cache_dir()/tokenizers/<corpus sha256[:16]>-v<vocab>-s<sample>-val<fraction>
+    -w1024-t<SAMPLE_VERSION>``: the same corpus, split and sizes load the cached one. Returns a
+    ``transformers.PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 257 + 1:
         raise FastWeightsError(f"vocab_size must be >= 258 (256 bytes + EOS + 1 merge), got {vocab_size}")
-    # the split decides the training text, and the long-word cut (w1024) changed it
-    key = f"{corpus.manifest['sha256'][:16]}-v{vocab_size}-s{sample_bytes}-val{corpus.val_fraction:g}-w1024"
+    # the split decides the training text, and the long-word cut (w1024) and the sample (t) changed it
+    key = (f"{corpus.manifest['sha256'][:16]}-v{vocab_size}-s{sample_bytes}-val{corpus.val_fraction:g}-w1024"
+           f"-t{SAMPLE_VERSION}")
     path = cache_dir() / "tokenizers" / key
     if not (path / "tokenizer.json").exists():
         tok = Tokenizer(models.BPE())
