@@ -224,6 +224,22 @@ def test_tokenised_once_and_cached(dataset, corpus_dir):
         assert tok.decode(ids[:-1].tolist()) == docs[train.names[i]].text
 
 
+def test_a_tokenizer_without_a_rust_backend_prepares(corpus_dir, tmp_path):
+    """A Python tokenizer (ByT5's has no ``backend_tokenizer``) is keyed by the files it saves:
+    the dataset's own copy of it gives the same key, and the stored ids are its encoding."""
+    from transformers import ByT5Tokenizer
+
+    ByT5Tokenizer().save_pretrained(tmp_path / "byt5")
+    corpus = build_corpus(str(corpus_dir), val_fraction=0.25)
+    tok = load_tokenizer(tmp_path / "byt5")
+    ds = tokenize_corpus(corpus, tok, tmp_path / "data", progress=False)
+    assert dataset_key(corpus, load_tokenizer(ds.path / "tokenizer")) == ds.meta["key"]
+    assert tokenize_corpus(corpus, load_tokenizer(ds.path / "tokenizer"), ds.path).meta == ds.meta
+    train = ds.split("train")
+    text = {d.name: d.text for d in corpus.documents}[train.names[0]]
+    assert train.doc(0).tolist() == tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
 def _stream_doc_ids(rows: PackedRows, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Ground truth: the stream tokens and their document index, built directly."""
     order = np.random.default_rng([rows.seed, 0]).permutation(len(rows.store))

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,17 @@ def _read_meta(path: Path, advice: str) -> dict:
 
 
 def _tokenizer_hash(tokenizer) -> str:
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    """SHA-256 of a tokenizer: its Rust backend's JSON, or for one without a backend (a Python
+    tokenizer, such as ByT5's) the files ``save_pretrained`` writes for it, names and contents."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return hashlib.sha256(backend.to_str().encode()).hexdigest()
+    digest = hashlib.sha256(b"saved files\0")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for f in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+            digest.update(f.relative_to(tmp).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 # how documents become tokens; a change here makes earlier datasets rebuild (2: a literal EOS
