@@ -173,6 +173,25 @@ def test_val_fraction_and_earlier_datasets(tmp_path, monkeypatch):
     assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
 
 
+def test_a_file_name_that_is_not_utf8_is_hashed_as_its_bytes(tmp_path, monkeypatch):
+    """A corpus file named b"caf\xe9.txt" (Latin-1) is a document: its name's bytes decide its
+    split and the checksum, and the prepared dataset lists it."""
+    import hashlib
+    import os
+
+    monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
+    root = write_corpus(tmp_path / "c", docs=6)
+    with open(os.path.join(os.fsencode(root), b"caf\xe9.txt"), "w") as fh:
+        fh.write("un document au nom latin")
+    corpus = build_corpus(str(root), val_fraction=0.5)
+    name = next(d.name for d in corpus.documents if d.name.startswith("caf"))
+    assert os.fsencode(name) == b"caf\xe9.txt"
+    h = int.from_bytes(hashlib.sha256(b"caf\xe9.txt").digest()[:8], "big") / 2**64
+    assert split_of(name, 0.5) == ("val" if h < 0.5 else "train")
+    ds = tokenize_corpus(corpus, train_bpe(corpus, 300, progress=False), tmp_path / "data", progress=False)
+    assert name in ds.split(split_of(name, 0.5)).names
+
+
 def test_bpe_training_cuts_long_words():
     """The BPE learns from words of at most 1024 characters (its time grows with the square
     of a word's length); the pieces still join to the documents' text."""

@@ -55,10 +55,17 @@ class Corpus:
         return [d for d in self.documents if split_of(d.name, self.val_fraction) == name]
 
 
+def name_bytes(name: str) -> bytes:
+    """A document name as bytes: UTF-8, with a file name's bytes that are not UTF-8 (which
+    Python reads as lone surrogates, U+DC80-U+DCFF) as they were: ``os.fsencode`` on a UTF-8
+    file system, and the same bytes on any machine."""
+    return name.encode("utf-8", "surrogateescape")
+
+
 def split_of(name: str, val_fraction: float) -> str:
     """Deterministic split of a document: "val" if the SHA-256 of its name, read as a
     fraction in [0, 1), is below ``val_fraction``, else "train"."""
-    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+    h = int.from_bytes(hashlib.sha256(name_bytes(name)).digest()[:8], "big") / 2**64
     return "val" if h < val_fraction else "train"
 
 
@@ -117,7 +124,7 @@ def _read_python_doc(root: Path, files: list[Path], max_doc_bytes: int) -> tuple
 
 
 def _sample_key(name: str) -> bytes:
-    return hashlib.sha256(b"sample:" + name.encode()).digest()
+    return hashlib.sha256(b"sample:" + name_bytes(name)).digest()
 
 
 def hash_order(items: list, name=lambda d: d.name) -> list:
@@ -287,7 +294,7 @@ def build_corpus(
         raise FastWeightsError("corpus has duplicate document names")
     digest = hashlib.sha256()
     for d in docs:
-        digest.update(d.name.encode() + b"\0" + d.text.encode() + b"\0")
+        digest.update(name_bytes(d.name) + b"\0" + d.text.encode() + b"\0")
     corpus = Corpus(docs, source, val_fraction)
     n_val = sum(split_of(d.name, val_fraction) == "val" for d in docs)
     corpus.manifest = {
