@@ -192,6 +192,29 @@ def test_a_file_name_that_is_not_utf8_is_hashed_as_its_bytes(tmp_path, monkeypat
     assert name in ds.split(split_of(name, 0.5)).names
 
 
+def test_corpus_discovery_follows_links_any_case_and_skips_hidden(tmp_path):
+    """Symlinked directories are read (a link back up once), upper-case extensions count, and
+    hidden files and directories (.ipynb_checkpoints/, .hidden/, .notes.txt) are skipped."""
+    root, outside = tmp_path / "c", tmp_path / "outside"
+    for d in (root / "a", root / ".hidden", root / ".ipynb_checkpoints", outside):
+        d.mkdir(parents=True)
+    texts = {"a/x.txt": "plain", "UPPER.TXT": "shouting", "b.JSONL": json.dumps({"text": "a record"}),
+             ".hidden/secret.txt": "secret", ".ipynb_checkpoints/x-checkpoint.txt": "stale", ".notes.txt": "mine"}
+    for name, text in texts.items():
+        (root / name).write_text(text)
+    (outside / "y.txt").write_text("linked in")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "a" / "up").symlink_to(root, target_is_directory=True)  # a cycle
+    corpus = build_corpus(str(root), val_fraction=0.5)
+    assert sorted(d.text for d in corpus.documents) == ["a record", "linked in", "plain", "shouting"]
+    assert "linked/y.txt" in {d.name for d in corpus.documents}
+    (root / "UPPER.TXT").unlink()
+    for name in ("a/x.txt", "b.JSONL", "linked"):
+        (root / name).unlink()
+    with pytest.raises(FastWeightsError, match="hidden files and directories"):
+        build_corpus(str(root), val_fraction=0.5)
+
+
 def test_bpe_training_cuts_long_words():
     """The BPE learns from words of at most 1024 characters (its time grows with the square
     of a word's length); the pieces still join to the documents' text."""

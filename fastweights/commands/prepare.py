@@ -17,7 +17,8 @@ from fastweights.errors import check_at_least, warn
 @dataclass
 class PrepareConfig:
     corpus: str = option("'python' (the interpreter's stdlib + site-packages) or a directory of "
-                       ".txt/.jsonl/.parquet files", "python")
+                         ".txt/.jsonl/.parquet files (any case; in subdirectories too, symlinked ones "
+                         "followed; hidden files and directories skipped)", "python")
     out: str = option("dataset directory (default: <cache>/datasets/<corpus>-<tokenizer> key)", "")
     tokenizer: str = option("'bpe' (train a byte-level BPE) or a local Hugging Face model/tokenizer directory", "bpe")
     vocab_size: int = option("BPE vocabulary size", 4096)

@@ -140,17 +140,41 @@ def _record_name(rel: str, text: str) -> str:
     return f"{rel}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
+_EXTENSIONS = (".txt", ".jsonl", ".parquet")
+
+
+def _corpus_files(root: Path) -> list[Path]:
+    """The ``.txt``, ``.jsonl`` and ``.parquet`` files under ``root`` (extensions in any case),
+    in sorted path order: symlinked directories are followed (each real directory is read once,
+    so a link back up ends there), hidden files and directories (names starting with '.') are
+    skipped."""
+    files, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a cycle, or a second link to a directory already read
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted: the first path to a directory wins
+        for name in filenames:
+            f = Path(dirpath) / name
+            if not name.startswith(".") and f.suffix.lower() in _EXTENSIONS and f.is_file():
+                files.append(f)
+    return sorted(files)
+
+
 def _user_documents(root: Path, text_field: str, progress: bool = True) -> tuple[list[Document], int, list[str]]:
     """Documents from a directory of ``.txt``, ``.jsonl`` (one document per line, field
     ``text_field``) and, with pyarrow installed, ``.parquet`` files; the number of files; and
     the ``.txt`` files that are not valid UTF-8 (read with U+FFFD for their bad bytes)."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".parquet"))
+    files = _corpus_files(root)
     if not files:
-        raise FastWeightsError(f"no .txt, .jsonl or .parquet files under {root}")
+        raise FastWeightsError(f"no .txt, .jsonl or .parquet files under {root} (hidden files and directories, "
+                               f"whose names start with '.', are skipped)")
     docs, replaced = [], []
     for f in progress_bar(files, desc="reading corpus", unit="file", disable=len(files) < 20 or not progress):
         rel = f.relative_to(root).as_posix()
-        if f.suffix == ".txt":
+        if f.suffix.lower() == ".txt":
             raw = f.read_bytes()
             try:
                 text = raw.decode("utf-8-sig")
@@ -160,7 +184,7 @@ def _user_documents(root: Path, text_field: str, progress: bool = True) -> tuple
                 replaced.append(f"{rel} (byte {err.start + bom})")
             # as a text-mode read would (JSONL and parquet texts keep theirs: "\r\n" is in their strings)
             docs.append(Document(rel, text.replace("\r\n", "\n").replace("\r", "\n")))
-        elif f.suffix == ".jsonl":
+        elif f.suffix.lower() == ".jsonl":
             with f.open("rb") as fh:
                 for i, raw in enumerate(fh):
                     try:
@@ -238,7 +262,7 @@ def build_corpus(
 
     Args:
         source: ``"python"`` for the default corpus, or a directory of ``.txt``/``.jsonl``/
-            ``.parquet`` files.
+            ``.parquet`` files (see :func:`_corpus_files`).
         val_fraction: fraction of documents (by name hash) in the validation split.
         max_doc_bytes: if > 0, a default-corpus document stops before the file that would
             take it past this many bytes (it keeps at least one file).
