@@ -1121,3 +1121,26 @@ def test_dynamic_decay_help_names_both_rules(capsys):
         cli.main(["eval", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "dynamic evaluation (sgd and rms): decay lambda toward the original weights" in help_text
+
+
+def test_prepare_out_dot_is_the_current_directory_and_a_bad_out_fails_first(tmp_path, capsys, monkeypatch):
+    """--out . failed with "PosixPath('.') has an empty name" after the corpus was read and the BPE
+    trained; it is the current directory by its full path. A root --out, or a directory that is
+    neither empty nor a dataset, is refused before the corpus is read."""
+    from fastweights.commands import prepare as prepare_cmd
+
+    monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "corpus", docs=6)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    code, out, _ = run(["prepare", "--corpus", str(corpus), "--out", ".", "--vocab-size", "300", "--no-progress"],
+                       capsys)
+    assert code == 0 and f"dataset: {tmp_path / 'here'}" in out
+    assert (tmp_path / "here" / "meta.json").exists()
+    monkeypatch.setattr(prepare_cmd, "build_corpus", lambda *a, **k: pytest.fail("read the corpus first"))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "full")
+    for out_dir, match in (("/", "needs a directory with a name"), (".", "exists and is not a dataset directory")):
+        line = _one_line_error(*run(["prepare", "--corpus", str(corpus), "--out", out_dir], capsys)[::2])
+        assert re.search(match, line), line

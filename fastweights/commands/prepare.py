@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fastweights.config import option, parse
 from fastweights.data.corpus import build_corpus
-from fastweights.data.store import Dataset, dataset_key, tokenize_corpus
+from fastweights.data.store import Dataset, dataset_dir, dataset_key, tokenize_corpus
 from fastweights.data.tokenizer import cache_dir, load_tokenizer, train_bpe
 from fastweights.errors import check_at_least, warn
 
@@ -40,7 +40,8 @@ def prepare(cfg: PrepareConfig) -> Dataset:
     if cfg.max_doc_kb and cfg.corpus != "python":
         warn(f"--max-doc-kb caps the default corpus's documents (Python packages) only; "
              f"ignored for {cfg.corpus}")
-    # a bad --tokenizer fails before the corpus is read
+    # a bad --tokenizer or --out fails before the corpus is read
+    out = dataset_dir(cfg.out) if cfg.out else None
     tok = None if cfg.tokenizer == "bpe" else load_tokenizer(cfg.tokenizer)
     corpus = build_corpus(cfg.corpus, cfg.val_fraction, max_doc_bytes=cfg.max_doc_kb << 10,
                           max_bytes=cfg.max_mb << 20, text_field=cfg.text_field, progress=cfg.progress)
@@ -58,7 +59,7 @@ def prepare(cfg: PrepareConfig) -> Dataset:
                  f"--val-fraction")
     if tok is None:
         tok = train_bpe(corpus, cfg.vocab_size, sample_bytes=cfg.tokenizer_sample_mb << 20, progress=cfg.progress)
-    out = Path(cfg.out) if cfg.out else cache_dir() / "datasets" / dataset_key(corpus, tok)
+    out = out or cache_dir() / "datasets" / dataset_key(corpus, tok)
     return tokenize_corpus(corpus, tok, out, shard_tokens=cfg.shard_tokens, progress=cfg.progress)
 
 

@@ -31,7 +31,7 @@ from fastweights.data.corpus import Corpus
 from fastweights.data.tokenizer import load_tokenizer, text_prefix
 from fastweights.errors import FastWeightsError, is_int
 
-__all__ = ["Dataset", "TokenStore", "dataset_key", "tokenize_corpus"]
+__all__ = ["Dataset", "TokenStore", "dataset_dir", "dataset_key", "tokenize_corpus"]
 
 
 
@@ -214,6 +214,23 @@ def _write_split(docs, tokenizer, dtype, out: Path, shard_tokens: int, bar) -> d
     return {"documents": len(index), "tokens": total, "shards": shard + 1}
 
 
+def dataset_dir(out: str | os.PathLike) -> Path:
+    """``out`` checked as the directory to prepare a dataset into, before any work: ``.`` or a
+    path ending in ``..`` made absolute (the lock and temporary directory beside it are named
+    after it), the file system's root refused, and a file or a directory that is neither empty
+    nor a dataset refused (a dataset there is checked once its key is known)."""
+    out = Path(out)
+    if out.name in ("", ".."):
+        out = Path(os.path.abspath(out))
+    if not out.name:
+        raise FastWeightsError(f"cannot prepare a dataset into {out}: it needs a directory with a name (its lock and "
+                               f"temporary directory are <name>.lock and <name>.tmp beside it); pick one below {out}")
+    if out.exists() and not (out / "meta.json").exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FastWeightsError(f"{out} exists and is not a dataset directory: pick another --out (an empty or new "
+                               f"directory)")
+    return out
+
+
 def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tokens: int = 1 << 28,
                     progress: bool = True) -> Dataset:
     """Tokenise ``corpus`` into the dataset directory ``out`` and return it. If ``out``
@@ -221,7 +238,7 @@ def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tok
     directory is built under a temporary name and renamed into place when complete; runs
     preparing the same ``out`` at once take turns (a lock file ``<out>.lock``), so the later
     one finds the dataset done."""
-    out = Path(out)
+    out = dataset_dir(out)
     earlier = _earlier_key(corpus, tokenizer)  # hashes the tokenizer once for both keys
     key = dataset_key(corpus, tokenizer, earlier)
     out.parent.mkdir(parents=True, exist_ok=True)
