@@ -1144,3 +1144,24 @@ def test_prepare_out_dot_is_the_current_directory_and_a_bad_out_fails_first(tmp_
     for out_dir, match in (("/", "needs a directory with a name"), (".", "exists and is not a dataset directory")):
         line = _one_line_error(*run(["prepare", "--corpus", str(corpus), "--out", out_dir], capsys)[::2])
         assert re.search(match, line), line
+
+
+def test_prepare_warns_of_bpe_flags_a_tokenizer_directory_ignores(tmp_path, capsys, monkeypatch):
+    """--vocab-size and --tokenizer-sample-mb set the BPE prepare trains: with --tokenizer DIR they
+    were ignored silently. --help gave the --out default as '<corpus>-<tokenizer> key'."""
+    from transformers import ByT5Tokenizer
+
+    monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "corpus", docs=6)
+    ByT5Tokenizer().save_pretrained(tmp_path / "byt5")
+    code, _, err = run(["prepare", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "byt5"), "--out",
+                        str(tmp_path / "d"), "--vocab-size", "30000", "--tokenizer-sample-mb", "50", "--no-progress"],
+                       capsys)
+    assert code == 0 and "warning: --vocab-size 30000 and --tokenizer-sample-mb 50 set the BPE that prepare " \
+                         f"trains; ignored with --tokenizer {tmp_path / 'byt5'}" in err, err
+    code, _, err = run(["prepare", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "byt5"), "--out",
+                        str(tmp_path / "d"), "--no-progress"], capsys)
+    assert code == 0 and "ignored with --tokenizer" not in err, err
+    with pytest.raises(SystemExit):
+        cli.main(["prepare", "--help"])
+    assert "-val<val fraction>-e<encoding>" in capsys.readouterr().out

@@ -19,9 +19,10 @@ class PrepareConfig:
     corpus: str = option("'python' (the interpreter's stdlib + site-packages) or a directory of "
                          ".txt/.jsonl/.parquet files (any case; in subdirectories too, symlinked ones "
                          "followed; hidden files and directories skipped)", "python")
-    out: str = option("dataset directory (default: <cache>/datasets/<corpus>-<tokenizer> key)", "")
+    out: str = option("dataset directory (default: <cache>/datasets/<key>, the key being <corpus sha256[:16]>-"
+                      "<tokenizer sha256[:16]>-val<val fraction>-e<encoding>)", "")
     tokenizer: str = option("'bpe' (train a byte-level BPE) or a local Hugging Face model/tokenizer directory", "bpe")
-    vocab_size: int = option("BPE vocabulary size", 4096)
+    vocab_size: int = option("BPE vocabulary size (with --tokenizer DIR, the vocabulary is that tokenizer's)", 4096)
     tokenizer_sample_mb: int = option("MB (bytes of UTF-8) of train-split text the BPE learns from, from documents "
                                       "in the order of a hash of their names (as --max-mb samples)", 8)
     val_fraction: float = option("fraction of documents (by name hash) in the validation split", 0.05)
@@ -40,6 +41,13 @@ def prepare(cfg: PrepareConfig) -> Dataset:
     if cfg.max_doc_kb and cfg.corpus != "python":
         warn(f"--max-doc-kb caps the default corpus's documents (Python packages) only; "
              f"ignored for {cfg.corpus}")
+    if cfg.tokenizer != "bpe":
+        default = PrepareConfig()
+        given = [f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in ("vocab_size", "tokenizer_sample_mb")
+                 if getattr(cfg, name) != getattr(default, name)]
+        if given:
+            warn(f"{' and '.join(given)} set the BPE that prepare trains; ignored with --tokenizer {cfg.tokenizer} "
+                 f"(the dataset's vocabulary is that tokenizer's)")
     # a bad --tokenizer or --out fails before the corpus is read
     out = dataset_dir(cfg.out) if cfg.out else None
     tok = None if cfg.tokenizer == "bpe" else load_tokenizer(cfg.tokenizer)
