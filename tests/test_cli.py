@@ -370,7 +370,7 @@ def test_bad_training_numbers_name_their_setting(workdir, capsys, flag, value, m
 @pytest.mark.parametrize("flag,value,match", [
     ("--first-bucket", "0", "first_bucket must be >= 1, got 0"),
     ("--length", "1", "length must be >= 2, got 1"),
-    ("--seq-len", "0", "seq_len must be >= 1, got 0"),
+    ("--seq-len", "1", "seq_len must be >= 2, got 1"),
     ("--ppl-rows", "-1", "ppl_rows must be >= 0, got -1"),
     ("--passkey-trials", "0", "passkey_trials must be >= 1, got 0"),
     ("--seed", "-1", "seed must be >= 0, got -1"),
@@ -1165,3 +1165,22 @@ def test_prepare_warns_of_bpe_flags_a_tokenizer_directory_ignores(tmp_path, caps
     with pytest.raises(SystemExit):
         cli.main(["prepare", "--help"])
     assert "-val<val fraction>-e<encoding>" in capsys.readouterr().out
+
+
+def test_perplexity_max_rows_and_eval_seq_len_are_checked_first(small_data, tmp_path, capsys):
+    """perplexity(max_rows=0) said the split had fewer than seq_len + 1 tokens; eval --seq-len 1
+    passed its check and failed after the model loaded ('seq_len must be >= 2')."""
+    from tiny_models import tiny_model
+
+    from fastweights.data import Dataset
+    from fastweights.eval import perplexity
+
+    val = Dataset(small_data).split("val")
+    model = tiny_model("qwen3", layers=1, vocab_size=300)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=rf"max_rows must be None \(the whole split\) or an integer >= 1, got "
+                                             rf"{bad}"):
+            perplexity(model, val, seq_len=16, max_rows=bad, progress=False)
+    line = _one_line_error(*run(["eval", "--model", str(tmp_path / "none"), "--data", str(small_data),
+                                 "--seq-len", "1"], capsys)[::2])
+    assert "seq_len must be >= 2, got 1" in line, line

@@ -28,7 +28,7 @@ class EvalConfig:
     model: str = option("local Hugging Face model directory (converted or not)", "")
     data: str = option("prepared dataset directory; its validation split is evaluated", "")
     out: str = option("result JSON (default: <model>/eval.json)", "")
-    seq_len: int = option("row length for perplexity", 512)
+    seq_len: int = option("row length for perplexity (>= 2)", 512)
     ppl_rows: int = option("rows for perplexity (0: the whole split, its last partial row included)", 64)
     batch_size: int = option("rows per batch for perplexity", 8)
     length: int = option("document length for loss by position", 4096)
@@ -87,7 +87,7 @@ def eval_inputs(cfg: EvalConfig, ds: Dataset) -> tuple:
 def _evaluate(cfg: EvalConfig) -> dict:
     if not cfg.model or not cfg.data:
         raise FastWeightsError("pass --model DIR and --data DIR")
-    for name, low in (("seq_len", 1), ("batch_size", 1), ("length", 2), ("first_bucket", 1), ("ppl_rows", 0),
+    for name, low in (("seq_len", 2), ("batch_size", 1), ("length", 2), ("first_bucket", 1), ("ppl_rows", 0),
                       ("max_docs", 0), ("passkey_trials", 1), ("seed", 0), ("threads", 0)):
         check_at_least(name, getattr(cfg, name), low)
     if cfg.passkey_lengths:  # before the other evaluations, not after them

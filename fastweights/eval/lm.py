@@ -48,12 +48,14 @@ def perplexity(model, store: TokenStore, seq_len: int, batch_size: int = 8, max_
                progress: bool = True) -> dict:
     """Mean loss and perplexity over packed rows of ``store`` in corpus order (no shuffle);
     ``max_rows`` None (or more rows than the split has): the whole split, its last partial
-    row included (every target once).
+    row included (every target once); else an integer >= 1.
 
     Returns ``{"loss", "perplexity", "tokens", "rows"}``. The model is evaluated in eval mode and
     left in its own mode."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, Integral) or max_rows < 1):
+        raise ValueError(f"max_rows must be None (the whole split) or an integer >= 1, got {max_rows!r}")
     with evaluating(model):
         return _perplexity(model, store, seq_len, int(batch_size), max_rows, progress)
 
