@@ -1184,3 +1184,15 @@ def test_perplexity_max_rows_and_eval_seq_len_are_checked_first(small_data, tmp_
     line = _one_line_error(*run(["eval", "--model", str(tmp_path / "none"), "--data", str(small_data),
                                  "--seq-len", "1"], capsys)[::2])
     assert "seq_len must be >= 2, got 1" in line, line
+
+
+def test_prepare_on_one_document_says_the_split_is_by_document(tmp_path, capsys, monkeypatch):
+    """One input.txt always leaves a split empty; the warning advised changing --val-fraction,
+    which cannot help."""
+    monkeypatch.setenv("FASTWEIGHTS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "input.txt").write_text("one long text\n" * 200)
+    code, _, err = run(["prepare", "--corpus", str(tmp_path / "c"), "--out", str(tmp_path / "d"), "--vocab-size",
+                        "300", "--no-progress"], capsys)
+    assert code == 0 and "split is empty: the corpus is one document, and the split is by document" in err, err
+    assert "so no --val-fraction can help; give the corpus several documents" in err and "change --val" not in err

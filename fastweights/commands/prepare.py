@@ -61,7 +61,11 @@ def prepare(cfg: PrepareConfig) -> Dataset:
         print(f"note: dropped {m['duplicates_dropped']} documents that repeat an earlier document's text "
               f"(a copy could otherwise land in the other split)", file=sys.stderr)
     for split, n in (("validation", m["val_documents"]), ("training", m["train_documents"])):
-        if n == 0:
+        if n == 0 and m["documents"] == 1:
+            warn(f"the {split} split is empty: the corpus is one document, and the split is by document (one is "
+                 f"never divided between the splits), so no --val-fraction can help; give the corpus several "
+                 f"documents (files, or JSONL lines), e.g. its text cut into files")
+        elif n == 0:
             warn(f"the {split} split is empty: {m['documents']} documents with --val-fraction "
                  f"{cfg.val_fraction} (documents go by a hash of their name); add documents or change "
                  f"--val-fraction")
