@@ -143,3 +143,62 @@ def test_haystack_holds_no_eos_and_joins_documents_with_a_blank_line(tokenizer):
         assert eos not in s["input_ids"].tolist()
     with pytest.raises(ValueError, match=r"length 20 is too short for a passkey prompt"):
         passkey_prompts(tokenizer, store, [150, 20], [0.5], trials=1)
+
+
+def _metaspace_tokenizer(split):
+    """A Llama-like SentencePiece-style tokenizer: Metaspace pieces, "<s>" before every text."""
+    from tokenizers import processors
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=split)
+    backend.decoder = decoders.Metaspace(prepend_scheme="first", split=split)
+    text = ("Some text. More text.\nThe pass key is 12345. Remember it. 12345 is the pass key.\n"
+            "What is the pass key? The pass key is 67890.\n\n") * 50
+    backend.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                            show_progress=False))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_passkey_pieces_are_tokenised_as_in_the_prompt_text(tokenizer, split):
+    """The needle, the question and the answer were each encoded alone: a SentencePiece-style
+    (Metaspace) tokenizer then began each with a word-start "▁" that never occurs mid-text, and the
+    scored answer was not how the prompt's own text tokenises. Byte-level BPE prompts are unchanged."""
+    from fastweights.eval.passkey import ANSWER, NEEDLE, QUESTION, passkey_prompts
+
+    tok = _metaspace_tokenizer(split)
+
+    def enc(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    hay = np.asarray(enc("Some text. More text. " * 100))
+    for depth in (0.0, 0.5, 1.0):
+        s = passkey_sample(tok, hay, 150, depth, np.random.default_rng(3))
+        ids, key, ns = s["input_ids"].tolist(), s["key"], s["needle_start"]
+        assert ids[0] == tok.bos_token_id and len(ids) == 150
+        # the same text tokenised whole: its needle, and its question and answer, are the prompt's
+        before, needle = "Some text", NEEDLE.format(key=key)  # no merge across the joins
+        middle = before + needle + "More text"
+        full = enc(middle + QUESTION + ANSWER.format(key=key))
+        assert enc(before + needle)[: len(enc(before))] == enc(before)
+        assert ids[ns : ns + s["needle_len"]] == enc(before + needle)[len(enc(before)) :]
+        assert full[: len(enc(middle))] == enc(middle)
+        tail = full[len(enc(middle)) :]
+        assert ids[-len(tail) :] == tail
+        assert ids[s["answer_start"] :] == s["answer_ids"].tolist() == full[len(full) - len(s["answer_ids"]) :]
+        assert tok.decode(s["answer_ids"]).endswith(str(key))
+        assert tok.decode(ids).endswith(f"pass key is {key}")
+    store = _Store([np.asarray(tok("Some text. More text. " * 20)["input_ids"] + [tok.eos_token_id])] * 2)
+    for s in passkey_prompts(tok, store, [200], [0.5], trials=1):  # the blank line between documents too
+        pieces = tok.convert_ids_to_tokens(s["input_ids"].tolist())
+        assert not [p for p in pieces if p.startswith("▁\n")], pieces
+    # byte-level BPE: each piece encoded alone, as before
+    hay = np.asarray(tokenizer("x = value + 1\n" * 300, add_special_tokens=False)["input_ids"])
+    s = passkey_sample(tokenizer, hay, 200, 0.5, np.random.default_rng(7))
+    ids, key, ns = s["input_ids"].tolist(), s["key"], s["needle_start"]
+    byte_enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert ids[ns : ns + s["needle_len"]] == byte_enc(NEEDLE.format(key=key))
+    assert s["answer_ids"].tolist() == byte_enc(ANSWER.format(key=key))
+    q = byte_enc(QUESTION)
+    assert ids[s["answer_start"] - len(q) : s["answer_start"]] == q

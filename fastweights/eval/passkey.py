@@ -10,6 +10,7 @@ import torch
 from fastweights._progress import progress_bar
 from fastweights.data.store import TokenStore
 from fastweights.data.tokenizer import text_prefix
+from fastweights.errors import warn
 from fastweights.eval.lm import evaluating
 
 __all__ = ["haystack", "passkey_eval", "passkey_prompts", "passkey_sample"]
@@ -17,6 +18,40 @@ __all__ = ["haystack", "passkey_eval", "passkey_prompts", "passkey_sample"]
 NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 ANSWER = " {key}"
+# left contexts tried by :func:`encode_in_text`, in order: the first whose tokens stay whole
+LEFT_CONTEXTS = ("x", ".", "0", "a b")
+
+
+def encode_in_text(tokenizer, text: str) -> list[int]:
+    """The ids of ``text`` as it tokenises after preceding text: ``tokenizer(context + text)``
+    without the tokens of a short fixed left context (:data:`LEFT_CONTEXTS`). Encoded alone, a
+    SentencePiece-style (Metaspace) tokenizer starts ``text`` with a word-start "▁" that never
+    occurs mid-text; a byte-level BPE gives the same ids either way. Where every context's tokens
+    merge with ``text``, warns and returns ``text`` encoded alone."""
+    def enc(s):
+        return list(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    for ctx in LEFT_CONTEXTS:
+        head, ids = enc(ctx), enc(ctx + text)
+        if ids[: len(head)] == head and len(ids) > len(head):
+            return ids[len(head) :]
+    warn(f"the tokenizer merges every left context {LEFT_CONTEXTS} with the passkey text {text[:24]!r}...: "
+         "it is encoded alone, as it may not read mid-text")
+    return enc(text)
+
+
+def question_answer(tokenizer, key: int) -> tuple[list[int], list[int]]:
+    """``(question, answer)`` ids: QUESTION + ANSWER encoded together (:func:`encode_in_text`), the
+    answer being the tokens after their longest common prefix with the question encoded alone. So
+    the scored tokens are those of the prompt's own text; where the tokenizer joins the question's
+    last characters to the key (a SentencePiece "is▁"), they are part of the answer."""
+    both, alone = encode_in_text(tokenizer, QUESTION + ANSWER.format(key=key)), encode_in_text(tokenizer, QUESTION)
+    k = 0
+    while k < min(len(both), len(alone)) and both[k] == alone[k]:
+        k += 1
+    if k == len(both):
+        raise ValueError(f"the tokenizer encodes the question with and without the answer {key} alike")
+    return both[:k], both[k:]
 
 
 def haystack(store: TokenStore, tokens: int, eos_id: int | None = None, sep: list[int] | tuple = ()) -> np.ndarray:
@@ -52,11 +87,9 @@ def passkey_sample(tokenizer, hay: np.ndarray, length: int, depth: float, rng: n
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     key = int(rng.integers(10000, 100000))
-
-    def enc(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    needle, question, answer = enc(NEEDLE.format(key=key)), enc(QUESTION), enc(ANSWER.format(key=key))
+    # each piece as it reads mid-text, the answer as the prompt's own text tokenises it
+    needle = encode_in_text(tokenizer, NEEDLE.format(key=key))
+    question, answer = question_answer(tokenizer, key)
     prefix = text_prefix(tokenizer)  # a BOS, for the tokenizers that start texts with one
     h = length - len(prefix) - len(needle) - len(question) - len(answer)
     if h < 1:
@@ -102,7 +135,7 @@ def passkey_prompts(tokenizer, store: TokenStore, lengths: list[int], depths: li
     before any model runs. The haystack's documents are joined by a blank line."""
     check_passkey_settings(lengths, depths, trials, seed)
     rng = np.random.default_rng(seed)
-    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    sep = encode_in_text(tokenizer, "\n\n")
     hay = haystack(store, max(lengths), tokenizer.eos_token_id, sep)
     return [passkey_sample(tokenizer, hay, length, depth, rng)
             for length in lengths for depth in depths for _ in range(trials)]
