@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1196,3 +1197,44 @@ def test_prepare_on_one_document_says_the_split_is_by_document(tmp_path, capsys,
                         "300", "--no-progress"], capsys)
     assert code == 0 and "split is empty: the corpus is one document, and the split is by document" in err, err
     assert "so no --val-fraction can help; give the corpus several documents" in err and "change --val" not in err
+
+
+def test_eval_and_plot_take_image_names_with_dots(small_data, tmp_path, capsys, monkeypatch):
+    """`eval --png heat_run1.2` ran the whole evaluation, then matplotlib refused the format '2' and
+    no eval.json was written; `plot --out runs/v1.5` failed the same way. A suffix matplotlib does
+    not write gets .png appended, and eval writes its JSON before it plots."""
+    from tiny_models import tiny_model
+
+    from fastweights.commands import eval as eval_cmd
+    from fastweights.data.tokenizer import load_tokenizer
+
+    model_dir = tmp_path / "m"
+    tiny_model("qwen3", layers=1, vocab_size=300).save_pretrained(model_dir)
+    load_tokenizer(small_data / "tokenizer").save_pretrained(model_dir)
+    argv = ["eval", "--model", str(model_dir), "--data", str(small_data), "--out", str(tmp_path / "e.json"),
+            "--no-progress", "--ppl-rows", "1", "--length", "64", "--max-docs", "1", "--seq-len", "32",
+            "--first-bucket", "16", "--passkey-lengths", "128", "--passkey-depths", "0.5", "--passkey-trials", "1",
+            "--png", str(tmp_path / "heat_run1.2")]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    png = tmp_path / "heat_run1.2.png"
+    assert json.loads((tmp_path / "e.json").read_text())["passkey"]["png"] == str(png) and str(png) in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def broken(*args, **kw):
+        raise RuntimeError("plot failed")
+
+    (tmp_path / "e.json").unlink()
+    monkeypatch.setattr(eval_cmd, "plot_passkey", broken)
+    with pytest.raises(RuntimeError, match="plot failed"):
+        run(argv, capsys)
+    assert "passkey" in json.loads((tmp_path / "e.json").read_text())  # the results are kept
+    curve = tmp_path / "c.json"
+    curve.write_text(json.dumps({"buckets": [{"start": 0, "end": 8, "loss": 2.0}]}))
+    code, out, err = run(["plot", "--inputs", str(curve), "--out", str(tmp_path / "runs" / "v1.5")], capsys)
+    assert code == 0, err
+    assert f"wrote {tmp_path / 'runs' / 'v1.5.png'}" in out and (tmp_path / "runs" / "v1.5.png").is_file()
+    from fastweights.eval.plot import image_path
+
+    assert image_path("a/heat_run1.2") == Path("a/heat_run1.2.png") and image_path("x.SVG") == Path("x.SVG")
+    assert image_path("x.pdf") == Path("x.pdf") and image_path("runs") == Path("runs.png")

@@ -15,7 +15,7 @@ from fastweights.data.tokenizer import check_dataset_tokenizer
 from fastweights.errors import FastWeightsError, check_at_least, check_file_path, named_by_flag
 from fastweights.eval.lm import long_docs_error, loss_by_position, perplexity
 from fastweights.eval.passkey import check_passkey_settings, passkey_eval, passkey_prompts
-from fastweights.eval.plot import plot_passkey
+from fastweights.eval.plot import image_path, plot_passkey
 from fastweights.models.compat import hf_progress_bars
 from fastweights.models.inplace_ttt import set_max_update_norm
 from fastweights.models.presets import check_causal, check_vocab, load_model
@@ -98,8 +98,9 @@ def _evaluate(cfg: EvalConfig) -> dict:
     check_max_update_norm(cfg.max_update_norm)
     out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
     check_file_path("out", out)  # before the evaluation, not after it
-    if cfg.png:
-        check_file_path("png", Path(cfg.png))
+    png = image_path(cfg.png) if cfg.png else out.with_name(out.stem + "-passkey.png")  # a known format
+    if cfg.png or cfg.passkey_lengths:
+        check_file_path("png", png)
     ds = Dataset(cfg.data)
     device = pick_device(cfg.device)
     set_threads(cfg.threads, device)
@@ -125,10 +126,11 @@ def _evaluate(cfg: EvalConfig) -> dict:
         with torch.inference_mode():
             res["passkey"] = passkey_eval(model, tok, val, cfg.passkey_lengths, cfg.passkey_depths,
                                           cfg.passkey_trials, cfg.seed, progress=cfg.progress, prompts=prompts)
-        png = Path(cfg.png) if cfg.png else out.with_name(out.stem + "-passkey.png")
-        res["passkey"]["png"] = str(plot_passkey(res["passkey"], png))
+        res["passkey"]["png"] = str(png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    out.write_text(json.dumps(res, indent=2))  # before the plot: a failing plot leaves the results
+    if prompts is not None:
+        plot_passkey(res["passkey"], png)
     res["out"] = str(out)
     return res
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastweights.config import parse
-from fastweights.errors import FastWeightsError, is_int, is_real, warn
-from fastweights.eval.plot import plot_position_losses
+from fastweights.errors import FastWeightsError, check_file_path, is_int, is_real, warn
+from fastweights.eval.plot import image_path, plot_position_losses
 
 
 @dataclass
@@ -62,6 +62,7 @@ def main(argv: list[str]) -> int:
         raise FastWeightsError("pass --inputs FILE [FILE ...]")
     if cfg.labels and len(cfg.labels) != len(cfg.inputs):
         raise FastWeightsError(f"got {len(cfg.labels)} labels for {len(cfg.inputs)} inputs")
+    check_file_path("out", image_path(cfg.out))
     labels = cfg.labels or default_labels(cfg.inputs)
     curves = [(lab, load_result(p)) for lab, p in zip(labels, cfg.inputs, strict=True)]
     schemes = {tuple((x["start"], x["end"]) for x in res["buckets"]) for _, res in curves}

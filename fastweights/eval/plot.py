@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["figure", "plot_passkey", "plot_position_losses"]
+__all__ = ["figure", "image_path", "plot_passkey", "plot_position_losses"]
 
 
 def figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], dpi: float = 100, **subplots):
@@ -59,12 +59,21 @@ def plot_position_losses(runs: list[tuple[str, dict]], out: str | os.PathLike, t
     return _save(fig, out)
 
 
-def _save(fig, out: str | os.PathLike) -> Path:
-    """Write ``fig`` to ``out`` and return the path written: matplotlib adds ``.png`` to a
-    name without a suffix, so the returned (and reported) path has it too."""
+def image_path(out: str | os.PathLike) -> Path:
+    """The path an image for ``out`` is written to: ``out`` where its suffix is a format matplotlib
+    writes (``.png``, ``.svg``, ``.pdf``, ...), else ``out`` with ``.png`` appended (``heat_run1.2``
+    → ``heat_run1.2.png``; matplotlib would read ``2`` as a format and refuse it)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
     out = Path(out)
-    if not out.suffix:
+    if out.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
         out = out.with_name(out.name + ".png")
+    return out
+
+
+def _save(fig, out: str | os.PathLike) -> Path:
+    """Write ``fig`` to :func:`image_path` (``out``) and return the path written."""
+    out = image_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     return out
