@@ -1238,3 +1238,37 @@ def test_eval_and_plot_take_image_names_with_dots(small_data, tmp_path, capsys, 
 
     assert image_path("a/heat_run1.2") == Path("a/heat_run1.2.png") and image_path("x.SVG") == Path("x.SVG")
     assert image_path("x.pdf") == Path("x.pdf") and image_path("runs") == Path("runs.png")
+
+
+def test_eval_writes_strict_json_and_names_non_finite_results(small_data, tmp_path, capsys):
+    """A huge loss raised a raw OverflowError in math.exp (perplexity); a NaN loss went into eval.json
+    as a bare NaN (not JSON) without a word. Perplexity is now inf where exp overflows, and
+    non-finite numbers are written as null and named in a warning."""
+    from tiny_models import tiny_model
+
+    from fastweights.data.tokenizer import load_tokenizer
+    from fastweights.eval.dynamic import _summarise
+
+    def refuse(name):
+        raise AssertionError(f"not strict JSON: {name}")
+
+    for name, scale in (("huge", 1e6), ("nan", float("nan"))):
+        model = tiny_model("qwen3", layers=1, vocab_size=300)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(scale)
+        model.save_pretrained(tmp_path / name)
+        load_tokenizer(small_data / "tokenizer").save_pretrained(tmp_path / name)
+        out = tmp_path / f"{name}.json"
+        code, stdout, err = run(["eval", "--model", str(tmp_path / name), "--data", str(small_data), "--out",
+                                 str(out), "--no-progress", "--ppl-rows", "1", "--length", "64", "--max-docs", "1",
+                                 "--seq-len", "32", "--first-bucket", "16"], capsys)
+        assert code == 0, err
+        res = json.loads(out.read_text(), parse_constant=refuse)
+        if name == "huge":
+            assert res["perplexity"]["loss"] > 1000 and res["perplexity"]["perplexity"] is None
+            assert "perplexity.perplexity = inf" in err and "perplexity inf" in stdout
+        else:
+            assert res["perplexity"]["loss"] is None and res["loss_by_position"]["buckets"][0]["loss"] is None
+            assert "perplexity.loss = nan" in err and "loss_by_position.buckets[0].loss = nan" in err
+        assert f"non-finite results (a diverged or broken model?), written as null to {out}" in err
+    assert _summarise([[torch.tensor([1e4, 1e4])]], 1.0, None).perplexity == float("inf")

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fastweights._globals import caller_globals
+from fastweights._json import strict_dumps
 from fastweights.config import option, parse
 from fastweights.data.store import Dataset
 from fastweights.data.tokenizer import check_dataset_tokenizer
-from fastweights.errors import FastWeightsError, check_at_least, check_file_path, named_by_flag
+from fastweights.errors import FastWeightsError, check_at_least, check_file_path, named_by_flag, warn
 from fastweights.eval.lm import long_docs_error, loss_by_position, perplexity
 from fastweights.eval.passkey import check_passkey_settings, passkey_eval, passkey_prompts
 from fastweights.eval.plot import image_path, plot_passkey
@@ -128,7 +128,10 @@ def _evaluate(cfg: EvalConfig) -> dict:
                                           cfg.passkey_trials, cfg.seed, progress=cfg.progress, prompts=prompts)
         res["passkey"]["png"] = str(png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))  # before the plot: a failing plot leaves the results
+    text, bad = strict_dumps(res, indent=2)  # strict JSON: a non-finite number is written as null
+    if bad:
+        warn(f"non-finite results (a diverged or broken model?), written as null to {out}: {', '.join(bad)}")
+    out.write_text(text)  # before the plot: a failing plot leaves the results
     if prompts is not None:
         plot_passkey(res["passkey"], png)
     res["out"] = str(out)

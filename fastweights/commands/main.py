@@ -12,13 +12,13 @@ the size's default (``fastweights.commands.main.DEFAULTS``).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from fastweights._json import strict_dumps
 from fastweights.commands.eval import EvalConfig, eval_inputs, evaluate
 from fastweights.commands.prepare import PrepareConfig, prepare
 from fastweights.config import option, parse
@@ -136,7 +136,7 @@ def run(cfg: MainConfig) -> dict:
     png = plot_position_losses(curves, out / "loss_by_position.png",
                                title=f"{cfg.size}: loss by position, with and without In-Place TTT")
     result = {"config": asdict(cfg), "settings": s, "plot": str(png), "seconds": time.perf_counter() - t0, "runs": runs}
-    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    (out / "summary.json").write_text(strict_dumps(result, indent=2)[0])  # NaN as null; evaluate warned
     return result
 
 

@@ -26,7 +26,6 @@ and reports perplexity, loss by position, wall-clock and FLOPs of both, and thei
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -39,7 +38,7 @@ from torch import nn
 from fastweights._progress import progress_bar
 from fastweights.errors import check_number, is_int
 from fastweights.eval.flops import flop_counter
-from fastweights.eval.lm import evaluating
+from fastweights.eval.lm import evaluating, exp_loss
 from fastweights.train.trainer import causal_lm_loss
 
 __all__ = ["DynamicEvalConfig", "DynamicEvalResult", "ModeResult", "dynamic_eval", "select_parameters"]
@@ -264,7 +263,7 @@ def _summarise(per_doc: list[list[torch.Tensor]], seconds: float, flops: float |
         tot[: t.numel()] += t.double()
         cnt[: t.numel()] += 1
     loss = allv.double().mean().item()
-    return ModeResult(loss=loss, perplexity=math.exp(loss), tokens=allv.numel(), seconds=seconds,
+    return ModeResult(loss=loss, perplexity=exp_loss(loss), tokens=allv.numel(), seconds=seconds,
                       flops_per_token=flops, loss_by_position=(tot / cnt).tolist())
 
 

@@ -78,7 +78,15 @@ def _perplexity(model, store, seq_len, batch_size, max_rows, progress) -> dict:
         count += int((tail["targets"] != -100).sum())
         n += 1
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "rows": n}
+    return {"loss": loss, "perplexity": exp_loss(loss), "tokens": count, "rows": n}
+
+
+def exp_loss(loss: float) -> float:
+    """The perplexity ``exp(loss)``: inf where it overflows a float (math.exp raises), NaN for NaN."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def position_edges(length: int, first: int = 1024) -> list[int]:
