@@ -1272,3 +1272,37 @@ def test_eval_writes_strict_json_and_names_non_finite_results(small_data, tmp_pa
             assert "perplexity.loss = nan" in err and "loss_by_position.buckets[0].loss = nan" in err
         assert f"non-finite results (a diverged or broken model?), written as null to {out}" in err
     assert _summarise([[torch.tensor([1e4, 1e4])]], 1.0, None).perplexity == float("inf")
+
+
+def test_convert_refuses_a_non_empty_out_and_its_own_model(tmp_path, capsys, monkeypatch):
+    """convert wrote silently into a non-empty --out (a trained model's directory kept its old
+    eval.json next to the new model) and, with --out equal to --model, converted the source in
+    place. A non-empty --out now needs --overwrite (files left from before are named); the source
+    directory is refused; both before the model loads."""
+    from tiny_models import tiny_model
+
+    from fastweights.commands import convert as convert_cmd
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    tiny_model("qwen3", layers=2).save_pretrained(src)
+    capsys.readouterr()  # the save's own progress bar
+    out.mkdir()
+    (out / "eval.json").write_text("{}")
+    real = convert_cmd.load_model
+    monkeypatch.setattr(convert_cmd, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    line = _one_line_error(*run(["convert", "--model", str(src), "--out", str(out), "--layers", "1"], capsys)[::2])
+    assert f"--out {out} is not empty (1 entries: eval.json): give a new or empty directory, or pass " \
+           "--overwrite" in line
+    for flags in ([], ["--overwrite"]):
+        line = _one_line_error(*run(["convert", "--model", str(src), "--out", str(src / "."), *flags], capsys)[::2])
+        assert f"--out {src} is the --model directory: converting in place would overwrite the source" in line
+    assert "ttt_layers" not in json.loads((src / "config.json").read_text())
+    monkeypatch.setattr(convert_cmd, "load_model", real)
+    code, stdout, err = run(["convert", "--model", str(src), "--out", str(out), "--layers", "1", "--overwrite",
+                             "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["ttt_layers"] == [1]
+    assert f"--overwrite: 1 files in {out} are from before and were not rewritten: eval.json" in err
+    code, stdout, err = run(["convert", "--model", str(src), "--out", str(out), "--layers", "0", "--overwrite",
+                             "--no-progress"], capsys)
+    assert code == 0 and "model.safetensors" not in err and "config.json" not in err, err
