@@ -1306,3 +1306,14 @@ def test_convert_refuses_a_non_empty_out_and_its_own_model(tmp_path, capsys, mon
     code, stdout, err = run(["convert", "--model", str(src), "--out", str(out), "--layers", "0", "--overwrite",
                              "--no-progress"], capsys)
     assert code == 0 and "model.safetensors" not in err and "config.json" not in err, err
+
+
+def test_plot_names_an_input_that_is_binary_or_a_directory(tmp_path, capsys):
+    """A PNG given as input said only "'utf-8' codec can't decode byte 0x89 ..." without the file;
+    a directory said "file not found"."""
+    png = tmp_path / "heat.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(16))
+    line = _one_line_error(*run(["plot", "--inputs", str(png), "--out", str(tmp_path / "x.png")], capsys)[::2])
+    assert f"{png}: not a UTF-8 text file (byte 0 is 0x89): expected an eval JSON" in line
+    line = _one_line_error(*run(["plot", "--inputs", str(tmp_path), "--out", str(tmp_path / "x.png")], capsys)[::2])
+    assert f"{tmp_path} is a directory: pass an eval JSON file (e.g. {tmp_path / 'eval.json'})" in line

@@ -23,10 +23,15 @@ class PlotConfig:
 def load_result(path: str) -> dict:
     """The loss-by-position result in an eval JSON (or a bare loss-by-position JSON)."""
     p = Path(path)
+    if p.is_dir():
+        raise FastWeightsError(f"{path} is a directory: pass an eval JSON file (e.g. {p / 'eval.json'})")
     if not p.is_file():
         raise FastWeightsError(f"file not found: {path}")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise FastWeightsError(f"{path}: not a UTF-8 text file (byte {err.start} is 0x{err.object[err.start]:02x}): "
+                               "expected an eval JSON") from None
     except json.JSONDecodeError as err:
         raise FastWeightsError(f"{path}: not JSON ({err.msg})") from None
     if isinstance(data, dict):
