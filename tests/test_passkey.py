@@ -193,6 +193,7 @@ def test_passkey_pieces_are_tokenised_as_in_the_prompt_text(tokenizer, split):
     for s in passkey_prompts(tok, store, [200], [0.5], trials=1):  # the blank line between documents too
         pieces = tok.convert_ids_to_tokens(s["input_ids"].tolist())
         assert not [p for p in pieces if p.startswith("▁\n")], pieces
+        assert pieces.count("<s>") == 1 and pieces[0] == "<s>"  # the documents' own BOS are not kept
     # byte-level BPE: each piece encoded alone, as before
     hay = np.asarray(tokenizer("x = value + 1\n" * 300, add_special_tokens=False)["input_ids"])
     s = passkey_sample(tokenizer, hay, 200, 0.5, np.random.default_rng(7))

@@ -54,15 +54,19 @@ def question_answer(tokenizer, key: int) -> tuple[list[int], list[int]]:
     return both[:k], both[k:]
 
 
-def haystack(store: TokenStore, tokens: int, eos_id: int | None = None, sep: list[int] | tuple = ()) -> np.ndarray:
+def haystack(store: TokenStore, tokens: int, eos_id: int | None = None, sep: list[int] | tuple = (),
+             prefix: list[int] | tuple = ()) -> np.ndarray:
     """``tokens`` haystack token ids: the split's documents in order (repeated if the split is
-    shorter), each without its closing ``eos_id`` and followed by ``sep``. A model trained on
-    packed documents never reads past an EOS within one sequence, so the prompt holds none."""
+    shorter), each without its opening ``prefix`` (the BOS that :func:`text_prefix` gives) and its
+    closing ``eos_id``, and followed by ``sep``. A model trained on packed documents never reads
+    past an EOS or a BOS within one sequence, so the prompt holds none but its own first BOS."""
     parts, n = [], 0
     sep = np.asarray(sep, dtype=np.int64)
     while n < tokens:
         for i in range(len(store)):
             doc = np.asarray(store.doc(i), dtype=np.int64)
+            if len(prefix) and doc[:len(prefix)].tolist() == list(prefix):
+                doc = doc[len(prefix):]
             if eos_id is not None and len(doc) and doc[-1] == eos_id:
                 doc = doc[:-1]
             if not len(doc):
@@ -136,7 +140,7 @@ def passkey_prompts(tokenizer, store: TokenStore, lengths: list[int], depths: li
     check_passkey_settings(lengths, depths, trials, seed)
     rng = np.random.default_rng(seed)
     sep = encode_in_text(tokenizer, "\n\n")
-    hay = haystack(store, max(lengths), tokenizer.eos_token_id, sep)
+    hay = haystack(store, max(lengths), tokenizer.eos_token_id, sep, text_prefix(tokenizer))
     return [passkey_sample(tokenizer, hay, length, depth, rng)
             for length in lengths for depth in depths for _ in range(trials)]
 
