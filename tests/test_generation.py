@@ -534,6 +534,19 @@ def test_an_interrupted_call_or_a_failed_loss_is_undone_at_once():
             cache.reorder_cache(order)
             got = model(input_ids=ids[order, 10:], past_key_values=cache).logits
             assert (got - want).abs().max() < 1e-12, fail
+        # the cache given by position (the 4th argument of the base signature)
+        cache = model(input_ids=ids[:, :10], use_cache=True).past_key_values
+        with pytest.raises(ValueError):
+            model(ids[:, 10:], None, None, cache, None, ids[:1])
+        assert cache.get_seq_length() == 10 and cache.ttt_tokens == [10, 10]
+        # a decoder called alone, then a causal-LM call refused before the decoder ran: the
+        # first call's tokens stay (the refusal has nothing of its own to undo)
+        cache = InPlaceTTTCache(model.config)
+        model.model(input_ids=ids[:1, :10], past_key_values=cache, use_cache=True)
+        with pytest.raises(FastWeightsError, match="cu_seq_lens_q"):
+            model(input_ids=ids[:1, 10:], past_key_values=cache, position_ids=torch.arange(10, 17)[None],
+                  cu_seq_lens_q=torch.tensor([0, 3, 7]))
+        assert cache.get_seq_length() == 10 and cache.ttt_tokens == [10]
 
 
 def test_generating_from_a_checkpointed_model_in_training_mode():

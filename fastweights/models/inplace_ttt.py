@@ -14,6 +14,8 @@ the official release (a base model_type plus those keys).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import operator
 import sys
@@ -275,7 +277,12 @@ def _undo_on_error(forward, model, args, kwargs):
     also after the decoder (the loss) and on a KeyboardInterrupt (which skips the decoder's
     always-called hook: the cache would hold the interrupted call's changes until its next use)."""
     cache = take_cache(kwargs)  # under either name
+    if cache is None:  # or given by position
+        index = _cache_position(forward)
+        cache = args[index] if index is not None and len(args) > index else None
     own = cache if isinstance(cache, InPlaceTTTCache) else None
+    if own is not None:
+        own.ttt_release()  # an earlier decoder-only call's changes are not this call's to undo
     try:
         out = forward(model, *args, **kwargs)
     except BaseException:
@@ -285,6 +292,13 @@ def _undo_on_error(forward, model, args, kwargs):
     if own is not None:
         own.ttt_release()
     return out
+
+
+@functools.cache
+def _cache_position(forward) -> int | None:
+    """Where ``forward`` (unbound) takes its cache among the positional arguments after ``self``."""
+    names = list(inspect.signature(forward).parameters)[1:]
+    return next((names.index(n) for n in ("past_key_values", "cache") if n in names), None)
 
 
 def _drop_call(module: nn.Module, args, kwargs):
