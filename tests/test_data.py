@@ -496,6 +496,24 @@ def test_a_dataset_of_the_pieces_encoding_is_rebuilt(tmp_path):
     assert tokenize_corpus(corpus, tok, tmp_path / "a", progress=False).meta["key"].endswith(now)
 
 
+def test_a_dataset_whose_bpe_an_earlier_version_trained_otherwise_is_rebuilt(tmp_path):
+    """prepare's BPE changed how it samples the corpus, so re-running prepare (or main) into a
+    dataset of an earlier version met another tokenizer and refused: "holds another dataset ...
+    pick another --out". A tokenizer that prepare trains on the same corpus and split, at the same
+    vocabulary size, now rebuilds it; a tokenizer the user gives, or another size, is still refused."""
+    root = write_corpus(tmp_path / "corpus", docs=8)
+    corpus = build_corpus(str(root), val_fraction=0.25)
+    first, other = train_bpe(corpus, 300, sample_bytes=1 << 10), train_bpe(corpus, 300)
+    assert first.backend_tokenizer.to_str() != other.backend_tokenizer.to_str()
+    old = tokenize_corpus(corpus, first, tmp_path / "a", progress=False).meta["key"]
+    with pytest.raises(FastWeightsError, match="holds another dataset"):
+        tokenize_corpus(corpus, other, tmp_path / "a", progress=False)  # a tokenizer of the user's
+    with pytest.raises(FastWeightsError, match="holds another dataset"):
+        tokenize_corpus(corpus, train_bpe(corpus, 280), tmp_path / "a", progress=False, trained=True)
+    new = tokenize_corpus(corpus, other, tmp_path / "a", progress=False, trained=True).meta["key"]
+    assert new != old and new == dataset_key(corpus, other)
+
+
 def _bos_tokenizer(texts):
     """A Llama-like tokenizer: SentencePiece-style pieces, "<s>" before every text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers

@@ -72,7 +72,8 @@ def prepare(cfg: PrepareConfig) -> Dataset:
     if tok is None:
         tok = train_bpe(corpus, cfg.vocab_size, sample_bytes=cfg.tokenizer_sample_mb << 20, progress=cfg.progress)
     out = out or cache_dir() / "datasets" / dataset_key(corpus, tok)
-    return tokenize_corpus(corpus, tok, out, shard_tokens=cfg.shard_tokens, progress=cfg.progress)
+    return tokenize_corpus(corpus, tok, out, shard_tokens=cfg.shard_tokens, progress=cfg.progress,
+                           trained=cfg.tokenizer == "bpe")
 
 
 def main(argv: list[str]) -> int:

@@ -146,6 +146,15 @@ def same_documents(key: str, other: str) -> bool:
     return str(key).rsplit("-e", 1)[0] == str(other).rsplit("-e", 1)[0]
 
 
+def _same_corpus_and_split(key: str, other: str) -> bool:
+    """Whether two dataset keys name the same corpus and split (their tokenizers may differ)."""
+    def parts(k):
+        corpus, _, rest = str(k).partition("-")
+        return corpus, rest.partition("-")[2].rsplit("-e", 1)[0]
+
+    return parts(key) == parts(other)
+
+
 def dataset_key(corpus: Corpus, tokenizer, earlier: str | None = None) -> str:
     """``<corpus sha256[:16]>-<tokenizer sha256[:16]>-val<val_fraction>-e<ENCODING>``: what the
     documents are, how they split and how they are encoded (``earlier``: the first two parts,
@@ -232,9 +241,11 @@ def dataset_dir(out: str | os.PathLike) -> Path:
 
 
 def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tokens: int = 1 << 28,
-                    progress: bool = True) -> Dataset:
+                    progress: bool = True, trained: bool = False) -> Dataset:
     """Tokenise ``corpus`` into the dataset directory ``out`` and return it. If ``out``
-    already holds this corpus tokenised with this tokenizer, nothing is redone. The
+    already holds this corpus tokenised with this tokenizer, nothing is redone. ``trained``: the
+    tokenizer was trained on this corpus by ``prepare``, so a dataset of the same corpus, split and
+    vocabulary size whose tokenizer an earlier fastweights trained otherwise is rebuilt, not refused. The
     directory is built under a temporary name and renamed into place when complete; runs
     preparing the same ``out`` at once take turns (a lock file ``<out>.lock``), so the later
     one finds the dataset done."""
@@ -243,23 +254,25 @@ def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tok
     key = dataset_key(corpus, tokenizer, earlier)
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(out.with_name(out.name + ".lock")):
-        return _tokenize_locked(corpus, tokenizer, out, shard_tokens, progress, key, earlier)
+        return _tokenize_locked(corpus, tokenizer, out, shard_tokens, progress, key, earlier, trained)
 
 
 def _tokenize_locked(corpus: Corpus, tokenizer, out: Path, shard_tokens: int, progress: bool, key: str,
-                     earlier: str) -> Dataset:
+                     earlier: str, trained: bool = False) -> Dataset:
     if (out / "meta.json").exists():
         _read_meta(out, f"{out} holds no dataset this prepare can check; remove it or pick another --out")
         ds = Dataset(out)
         if ds.meta.get("key") == key:
             return ds
-        if ds.meta.get("key") != earlier and not same_documents(ds.meta.get("key"), key):
+        if (ds.meta.get("key") != earlier and not same_documents(ds.meta.get("key"), key)
+                and not (trained and _same_corpus_and_split(ds.meta.get("key"), key)
+                         and ds.vocab_size == len(tokenizer))):
             raise FastWeightsError(
                 f"{out} holds another dataset (key {ds.meta.get('key')}, want {key}); pick another --out"
             )
         # the same documents and tokenizer, prepared by an earlier fastweights (its split may
         # have had another val_fraction, its encoding an EOS inside a document or documents cut
-        # into pieces): built anew
+        # into pieces; or, with a tokenizer prepare trained, an earlier way of training it): built anew
         print(f"rebuilding {out}: prepared by an earlier fastweights (key {ds.meta['key']}); training runs that read "
               f"it cannot resume on the rebuilt one", file=sys.stderr)
         shutil.rmtree(out)
