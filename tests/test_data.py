@@ -193,8 +193,9 @@ def test_a_file_name_that_is_not_utf8_is_hashed_as_its_bytes(tmp_path, monkeypat
 
 
 def test_corpus_discovery_follows_links_any_case_and_skips_hidden(tmp_path):
-    """Symlinked directories are read (a link back up once), upper-case extensions count, and
-    hidden files and directories (.ipynb_checkpoints/, .hidden/, .notes.txt) are skipped."""
+    """Symlinked directories are read (not a link to the corpus or above it, which read files
+    outside the corpus), upper-case extensions count, and hidden files and directories
+    (.ipynb_checkpoints/, .hidden/, .notes.txt) are skipped."""
     root, outside = tmp_path / "c", tmp_path / "outside"
     for d in (root / "a", root / ".hidden", root / ".ipynb_checkpoints", outside):
         d.mkdir(parents=True)
@@ -205,11 +206,13 @@ def test_corpus_discovery_follows_links_any_case_and_skips_hidden(tmp_path):
     (outside / "y.txt").write_text("linked in")
     (root / "linked").symlink_to(outside, target_is_directory=True)
     (root / "a" / "up").symlink_to(root, target_is_directory=True)  # a cycle
+    (tmp_path / "above.txt").write_text("above the corpus")
+    (root / "a" / "parent").symlink_to(tmp_path, target_is_directory=True)  # up: it would read outside
     corpus = build_corpus(str(root), val_fraction=0.5)
     assert sorted(d.text for d in corpus.documents) == ["a record", "linked in", "plain", "shouting"]
     assert "linked/y.txt" in {d.name for d in corpus.documents}
     (root / "UPPER.TXT").unlink()
-    for name in ("a/x.txt", "b.JSONL", "linked"):
+    for name in ("a/x.txt", "b.JSONL", "linked", "a/parent"):
         (root / name).unlink()
     with pytest.raises(FastWeightsError, match="hidden files and directories"):
         build_corpus(str(root), val_fraction=0.5)

@@ -146,12 +146,14 @@ _EXTENSIONS = (".txt", ".jsonl", ".parquet")
 def _corpus_files(root: Path) -> list[Path]:
     """The ``.txt``, ``.jsonl`` and ``.parquet`` files under ``root`` (extensions in any case),
     in sorted path order: symlinked directories are followed (each real directory is read once,
-    so a link back up ends there), hidden files and directories (names starting with '.') are
-    skipped."""
+    so a link back up ends there; a link to ``root`` itself or to a directory above it is not
+    followed, which would read files outside the corpus), hidden files and directories (names
+    starting with '.') are skipped."""
     files, seen = [], set()
+    top = os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:  # a cycle, or a second link to a directory already read
+        if real in seen or (dirpath != str(root) and _contains(real, top)):  # a cycle, a second link, a link up
             dirnames[:] = []
             continue
         seen.add(real)
@@ -161,6 +163,11 @@ def _corpus_files(root: Path) -> list[Path]:
             if not name.startswith(".") and f.suffix.lower() in _EXTENSIONS and f.is_file():
                 files.append(f)
     return sorted(files)
+
+
+def _contains(outer: str, inner: str) -> bool:
+    """Whether the real directory ``outer`` is ``inner`` or one of its parents."""
+    return os.path.commonpath([outer, inner]) == outer
 
 
 def _user_documents(root: Path, text_field: str, progress: bool = True) -> tuple[list[Document], int, list[str]]:
