@@ -1,11 +1,14 @@
 """The passkey generator: the answer is present at the stated depth; the scorer counts hits."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from fastweights.errors import FastWeightsWarning
 from fastweights.eval.passkey import passkey_eval, passkey_sample
 
 
@@ -135,8 +138,12 @@ def test_haystack_holds_no_eos_and_joins_documents_with_a_blank_line(tokenizer):
 
     store = _Store([doc("a = 1\n" * 20), doc(""), doc("def f():\n    return 2\n" * 20)])
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    hay = haystack(store, 400, eos, sep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hay = haystack(store, 400, eos, sep)  # one pass over the split (400 of its 402 tokens): no warning
     assert len(hay) == 400 and eos not in hay.tolist()
+    with pytest.warns(FastWeightsWarning, match="fewer than the 1000 tokens .*documents repeat"):
+        assert haystack(store, 1000, eos, sep)[:400].tolist() == hay.tolist()  # about 2.5 passes
     expect = (tokenizer.decode(store.doc(0)[:-1]) + "\n\n" + tokenizer.decode(store.doc(2)[:-1]) + "\n\n") * 3
     assert tokenizer.decode(hay) == tokenizer.decode(tokenizer(expect, add_special_tokens=False)["input_ids"][:400])
     for s in passkey_prompts(tokenizer, store, [150, 333], [0.0, 0.5, 1.0], trials=2):

@@ -56,13 +56,14 @@ def question_answer(tokenizer, key: int) -> tuple[list[int], list[int]]:
 
 def haystack(store: TokenStore, tokens: int, eos_id: int | None = None, sep: list[int] | tuple = (),
              prefix: list[int] | tuple = ()) -> np.ndarray:
-    """``tokens`` haystack token ids: the split's documents in order (repeated if the split is
-    shorter), each without its opening ``prefix`` (the BOS that :func:`text_prefix` gives) and its
+    """``tokens`` haystack token ids: the split's documents in order (repeated, with a warning, if
+    the split is shorter), each without its opening ``prefix`` (the BOS that :func:`text_prefix` gives) and its
     closing ``eos_id``, and followed by ``sep``. A model trained on packed documents never reads
     past an EOS or a BOS within one sequence, so the prompt holds none but its own first BOS."""
-    parts, n = [], 0
+    parts, n, rounds = [], 0, 0
     sep = np.asarray(sep, dtype=np.int64)
     while n < tokens:
+        rounds += 1
         for i in range(len(store)):
             doc = np.asarray(store.doc(i), dtype=np.int64)
             if len(prefix) and doc[:len(prefix)].tolist() == list(prefix):
@@ -77,6 +78,10 @@ def haystack(store: TokenStore, tokens: int, eos_id: int | None = None, sep: lis
                 break
         if n == 0:
             raise ValueError("the haystack split has no tokens")
+    if rounds > 1:
+        warn(f"the haystack split holds fewer than the {tokens} tokens a passkey prompt needs: its documents repeat "
+             "in the haystack, and a model can copy the repeated text (a larger validation split, or shorter "
+             "--passkey-lengths, avoid it)")
     return np.concatenate(parts)[:tokens]
 
 
