@@ -515,6 +515,15 @@ def test_a_dataset_whose_bpe_an_earlier_version_trained_otherwise_is_rebuilt(tmp
         tokenize_corpus(corpus, train_bpe(corpus, 280), tmp_path / "a", progress=False, trained=True)
     new = tokenize_corpus(corpus, other, tmp_path / "a", progress=False, trained=True).meta["key"]
     assert new != old and new == dataset_key(corpus, other)
+    # a dataset this version made, whose BPE another setting trained (--tokenizer-sample-mb): refused
+    with pytest.raises(FastWeightsError, match="holds another dataset"):
+        tokenize_corpus(corpus, first, tmp_path / "a", progress=False, trained=True)
+    # a key from before the split joined it (<corpus>-<tokenizer>), without the BPE's record: rebuilt
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    meta["key"] = old.split("-val")[0][:-16] + "0" * 16
+    del meta["tokenizer"]["bpe_sample"]
+    (tmp_path / "a" / "meta.json").write_text(json.dumps(meta))
+    assert tokenize_corpus(corpus, other, tmp_path / "a", progress=False, trained=True).meta["key"] == new
 
 
 def _bos_tokenizer(texts):

@@ -28,7 +28,7 @@ from filelock import FileLock
 
 from fastweights._progress import progress_bar
 from fastweights.data.corpus import Corpus
-from fastweights.data.tokenizer import load_tokenizer, text_prefix
+from fastweights.data.tokenizer import SAMPLE_VERSION, load_tokenizer, text_prefix
 from fastweights.errors import FastWeightsError, is_int
 
 __all__ = ["Dataset", "TokenStore", "dataset_dir", "dataset_key", "tokenize_corpus"]
@@ -147,12 +147,14 @@ def same_documents(key: str, other: str) -> bool:
 
 
 def _same_corpus_and_split(key: str, other: str) -> bool:
-    """Whether two dataset keys name the same corpus and split (their tokenizers may differ)."""
+    """Whether two dataset keys name the same corpus and split (their tokenizers may differ); a
+    key from before the split joined it (``<corpus>-<tokenizer>``) names the corpus only."""
     def parts(k):
         corpus, _, rest = str(k).partition("-")
         return corpus, rest.partition("-")[2].rsplit("-e", 1)[0]
 
-    return parts(key) == parts(other)
+    (corpus, split), (corpus2, split2) = parts(key), parts(other)
+    return corpus == corpus2 and (split == split2 or not split.startswith("val"))
 
 
 def dataset_key(corpus: Corpus, tokenizer, earlier: str | None = None) -> str:
@@ -244,8 +246,9 @@ def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tok
                     progress: bool = True, trained: bool = False) -> Dataset:
     """Tokenise ``corpus`` into the dataset directory ``out`` and return it. If ``out``
     already holds this corpus tokenised with this tokenizer, nothing is redone. ``trained``: the
-    tokenizer was trained on this corpus by ``prepare``, so a dataset of the same corpus, split and
-    vocabulary size whose tokenizer an earlier fastweights trained otherwise is rebuilt, not refused. The
+    tokenizer was trained on this corpus by ``prepare`` (recorded in the dataset's meta), so a dataset
+    of the same corpus, split and vocabulary size whose BPE an earlier fastweights trained
+    otherwise (its meta records an older sample, or none) is rebuilt, not refused. The
     directory is built under a temporary name and renamed into place when complete; runs
     preparing the same ``out`` at once take turns (a lock file ``<out>.lock``), so the later
     one finds the dataset done."""
@@ -264,9 +267,9 @@ def _tokenize_locked(corpus: Corpus, tokenizer, out: Path, shard_tokens: int, pr
         ds = Dataset(out)
         if ds.meta.get("key") == key:
             return ds
-        if (ds.meta.get("key") != earlier and not same_documents(ds.meta.get("key"), key)
-                and not (trained and _same_corpus_and_split(ds.meta.get("key"), key)
-                         and ds.vocab_size == len(tokenizer))):
+        older_bpe = (trained and ds.meta["tokenizer"].get("bpe_sample", 1) < SAMPLE_VERSION
+                     and _same_corpus_and_split(ds.meta.get("key"), key) and ds.vocab_size == len(tokenizer))
+        if ds.meta.get("key") != earlier and not same_documents(ds.meta.get("key"), key) and not older_bpe:
             raise FastWeightsError(
                 f"{out} holds another dataset (key {ds.meta.get('key')}, want {key}); pick another --out"
             )
@@ -293,7 +296,8 @@ def _tokenize_locked(corpus: Corpus, tokenizer, out: Path, shard_tokens: int, pr
     meta = {
         "key": key,
         "manifest": corpus.manifest,
-        "tokenizer": {"name": tokenizer.name_or_path, "vocab_size": vocab, "eos_token_id": tokenizer.eos_token_id},
+        "tokenizer": {"name": tokenizer.name_or_path, "vocab_size": vocab, "eos_token_id": tokenizer.eos_token_id,
+                      **({"bpe_sample": SAMPLE_VERSION} if trained else {})},
         "dtype": dtype,
         "splits": splits,
     }
