@@ -236,10 +236,16 @@ def dataset_dir(out: str | os.PathLike) -> Path:
     if not out.name:
         raise FastWeightsError(f"cannot prepare a dataset into {out}: it needs a directory with a name (its lock and "
                                f"temporary directory are <name>.lock and <name>.tmp beside it); pick one below {out}")
-    if out.exists() and not (out / "meta.json").exists() and (not out.is_dir() or any(out.iterdir())):
+    if not (out / "meta.json").exists():
+        _refuse_foreign(out)
+    return out
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Raise unless ``out`` is new or an empty directory (it holds no dataset)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FastWeightsError(f"{out} exists and is not a dataset directory: pick another --out (an empty or new "
                                f"directory)")
-    return out
 
 
 def tokenize_corpus(corpus: Corpus, tokenizer, out: str | os.PathLike, shard_tokens: int = 1 << 28,
@@ -279,9 +285,8 @@ def _tokenize_locked(corpus: Corpus, tokenizer, out: Path, shard_tokens: int, pr
         print(f"rebuilding {out}: prepared by an earlier fastweights (key {ds.meta['key']}); training runs that read "
               f"it cannot resume on the rebuilt one", file=sys.stderr)
         shutil.rmtree(out)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FastWeightsError(f"{out} exists and is not a dataset directory: pick another --out (an empty or new "
-                               f"directory)")
+    else:  # again under the lock: another process may have written there since dataset_dir
+        _refuse_foreign(out)
     vocab = len(tokenizer)
     dtype = "uint16" if vocab <= 1 << 16 else "uint32"
     tmp = out.with_name(out.name + ".tmp")
