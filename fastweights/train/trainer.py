@@ -471,7 +471,8 @@ def _check_resume(out: Path, ckpt: Path, cfg: TrainConfig, dataset_key: str,
             raise FastWeightsError(
                 f"{resumer} continues {out}, whose steps read the dataset at --data {cfg.data!r} as it was encoded "
                 f"before (key {same_data}); `prepare` has since rebuilt it with this fastweights' encoding (key "
-                f"{dataset_key}: each document tokenised whole), so the run's rows no longer exist: train into a "
+                f"{dataset_key}; the encodings are listed at ENCODING in fastweights.data.store), so the run's rows "
+                f"no longer exist: train into a "
                 f"new --out (from the run's model directory, to keep its training)")
         diff.insert(0, f"the dataset at --data {cfg.data!r} (key {dataset_key}, the run's: {same_data})")
     if same_model and same_model != model_key(cfg.model):
